@@ -1,0 +1,28 @@
+# `make test` and `make bench` set up .venv from scratch when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take this local build; anywhere else pip resolves it as usual
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python scripts/bench.py --architecture vit-b-32 --device cpu
+
+clean:
+	rm -rf $(VENV) build *.egg-info

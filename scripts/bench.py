@@ -1,0 +1,210 @@
+"""Benchmark the attribution engine against plain embedding and the naive (reference-code-like) algorithm.
+
+Builds a randomly initialised model of a real architecture (the cost does not depend on the weights), then
+prints one JSON object: throughput of plain embedding and of contributions, pair maps per second, peak memory,
+completeness errors, the per-pair speed-up over the naive algorithm, and how time scales with caption length,
+patch count and the number of quadrature steps.
+
+    python scripts/bench.py --architecture vit-b-32 --device cpu
+    python scripts/bench.py --architecture vit-b-16 --device cuda --dtype bfloat16 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the naive implementation lives there
+
+from naive import integrated_jacobian, naive_interactions  # noqa: E402
+
+import xclip  # noqa: E402
+from xclip.adapters.base import ImageBatch  # noqa: E402
+from xclip.core.quadrature import quadrature  # noqa: E402
+from xclip.core.transformer import Positions  # noqa: E402
+from xclip.random_models import build_random_model  # noqa: E402
+
+WORDS = "a photo of the red dog and two blue cat on green square next to circle with".split()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def caption(n_words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+
+
+def image_batch(model: xclip.DualEncoderAdapter, n: int, seed: int = 0) -> ImageBatch:
+    config = model.model.config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 3, config.image_size, config.image_size, generator=generator)
+    return ImageBatch(pixel_values=pixels.to(model.device, model.dtype), original_sizes=[(224, 224)] * n, images=[])
+
+
+def load(family: str, architecture: str, device: str, dtype: str, image_size: int | None = None):
+    hf_model, processor = build_random_model(family, architecture, seed=0, image_size=image_size)
+    adapter_cls = xclip.get_adapter_cls(family)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
+    return adapter_cls(hf_model.to(device, torch_dtype), processor, name=f"random {architecture}")
+
+
+def naive_pair_seconds(model, text_caption: str, n_steps: int) -> tuple[float, float]:
+    """Seconds for one pair by the naive algorithm (float32, default layers), and its completeness error."""
+    attributor = xclip.InteractionAttribution(model, n_steps=n_steps, method="riemann-right")
+    alphas, weights = quadrature("riemann-right", n_steps)
+    start = time.perf_counter()
+    text = model.tokenize([text_caption])
+    layer = attributor.text_layer
+    t_hidden = model.text_hidden(text.input_ids, text.positions, layer)
+    t_ref = model.text_hidden(model.text_reference_ids(text), text.positions, layer)
+    images = image_batch(model, 1)
+    i_hidden = model.image_hidden(images.pixel_values, attributor.image_layer)
+    i_ref = model.image_hidden(model.image_reference_pixels(images), attributor.image_layer)
+    i_pos = Positions(pooled_index=model.image_pooled_index(1))
+    j_text = integrated_jacobian(model.text_upper(layer), t_hidden, t_ref, text.positions, alphas, weights)
+    j_image = integrated_jacobian(model.image_upper(attributor.image_layer), i_hidden, i_ref, i_pos, alphas, weights)
+    interactions = naive_interactions(j_text, (t_hidden - t_ref)[0], j_image, (i_hidden - i_ref)[0])
+    seconds = time.perf_counter() - start
+    return seconds, float(interactions.sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="clip", choices=["clip", "siglip"])
+    parser.add_argument("--architecture", default="vit-b-32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-steps", type=int, default=10)
+    parser.add_argument("--internal-batch-size", type=int, default=64)
+    parser.add_argument("--caption-words", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive algorithm")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = load(args.family, args.architecture, args.device, args.dtype)
+    settings = {"n_steps": args.n_steps, "internal_batch_size": args.internal_batch_size}
+    attributor = xclip.InteractionAttribution(model, **settings)
+    n = args.batch_size
+    images = image_batch(model, n)
+    captions = model.tokenize([caption(args.caption_words)] * n)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    with torch.no_grad():
+        plain_image_s = timed(lambda: model.model.get_image_features(pixel_values=images.pixel_values), device, args.repeats)
+        text_kwargs = {"input_ids": captions.input_ids}
+        plain_text_s = timed(lambda: model.model.get_text_features(**text_kwargs), device, args.repeats)
+    image_s = timed(lambda: attributor.image_batch_contributions(images), device, args.repeats)
+    text_s = timed(lambda: attributor.text_batch_contributions(captions), device, args.repeats)
+    text_contributions = attributor.text_batch_contributions(captions)
+    image_contributions = attributor.image_batch_contributions(images)
+    pairs = [(t, i) for t in text_contributions for i in image_contributions]
+    maps_s = timed(lambda: [xclip.interaction_map(t, i) for t, i in pairs], device, args.repeats)
+    maps = [xclip.interaction_map(t, i) for t, i in pairs]
+    relative = [m.completeness_error / max(abs(m.four_term_value), 1e-12) for m in maps]
+    single_caption = caption(args.caption_words)
+    single_image = image_batch(model, 1)
+
+    def one_pair() -> xclip.InteractionMap:
+        (text,) = attributor.text_batch_contributions(model.tokenize([single_caption]))
+        (image,) = attributor.image_batch_contributions(single_image)
+        return xclip.interaction_map(text, image)
+
+    pair_s = timed(one_pair, device, args.repeats)
+
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "family": args.family,
+        "architecture": args.architecture,
+        "dtype": args.dtype,
+        "batch_size": n,
+        "n_steps": args.n_steps,
+        "rule": "gauss-legendre",
+        "caption_tokens": len(captions.tokens[0]),
+        "image_positions": int(image_contributions[0].values.shape[0]),
+        "plain_images_per_s": n / plain_image_s,
+        "plain_captions_per_s": n / plain_text_s,
+        "images_per_s": n / image_s,
+        "captions_per_s": n / text_s,
+        "image_ratio_to_plain": plain_image_s / image_s,
+        "caption_ratio_to_plain": plain_text_s / text_s,
+        "pair_maps_per_s": len(pairs) / maps_s,
+        "engine_seconds_per_pair_unbatched": pair_s,
+        "completeness_error_relative_mean": sum(relative) / len(relative),
+        "completeness_error_relative_max": max(relative),
+    }
+    if device.type == "cuda":
+        report["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    if not args.no_naive:
+        naive_s, _ = naive_pair_seconds(model, single_caption, args.n_steps)
+        report["naive_seconds_per_pair"] = naive_s
+        report["speedup_vs_naive_unbatched"] = naive_s / pair_s
+        report["speedup_vs_naive_batched"] = naive_s / (image_s / n + text_s / n + maps_s / len(pairs))
+
+    if not args.no_scaling:
+        report["scaling"] = scaling(model, attributor, args, device)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+def scaling(model, attributor, args, device) -> dict[str, dict[str, float]]:
+    """Seconds per input as caption length, quadrature steps and patch count grow."""
+    n = max(1, args.batch_size // 2)
+    out: dict[str, dict[str, float]] = {"caption_seconds_by_tokens": {}, "image_seconds_by_steps": {}, "image_seconds_by_patches": {}}
+    for words in (4, 16, 32, 64):
+        batch = model.tokenize([caption(words)] * n)
+        seconds = timed(lambda: attributor.text_batch_contributions(batch), device, 1)
+        out["caption_seconds_by_tokens"][str(len(batch.tokens[0]))] = seconds / n
+    images = image_batch(model, n)
+    for n_steps in (2, 5, 10, 20):
+        stepped = xclip.InteractionAttribution(model, n_steps=n_steps, internal_batch_size=args.internal_batch_size)
+        out["image_seconds_by_steps"][str(n_steps)] = timed(lambda: stepped.image_batch_contributions(images), device, 1) / n
+    base = model.model.config.vision_config
+    for factor in (1, 2):
+        size = base.image_size * factor
+        resized = load(args.family, args.architecture, args.device, args.dtype, image_size=size)
+        sized = xclip.InteractionAttribution(resized, n_steps=args.n_steps, internal_batch_size=args.internal_batch_size)
+        batch = image_batch(resized, n)
+        patches = (size // base.patch_size) ** 2
+        out["image_seconds_by_patches"][str(patches)] = timed(lambda: sized.image_batch_contributions(batch), device, 1) / n
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Fixtures: tiny random CLIP and SigLIP checkpoints saved to disk and loaded through ``xclip.load_model``."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import xclip
+from xclip.random_models import save_random_model
+
+# smaller initial weights keep the tiny random towers close to the smoothness of trained ones, so that the
+# quadrature error at N = 16 is far below the tolerances the tests assert
+SMOOTH = 0.5
+CAPTIONS = ["a red dog", "two blue circle and a square on the cat"]
+
+
+@pytest.fixture(scope="session", params=["clip", "siglip"])
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        name: str(save_random_model(root / name, name, "tiny", seed=0, initializer_factor=SMOOTH))
+        for name in ("clip", "siglip")
+    }
+
+
+@pytest.fixture(scope="session")
+def model64(model_dirs: dict[str, str], family: str) -> xclip.DualEncoderAdapter:
+    return xclip.load_model(model_dirs[family], dtype="float64", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def model32(model_dirs: dict[str, str], family: str) -> xclip.DualEncoderAdapter:
+    return xclip.load_model(model_dirs[family], dtype="float32", device="cpu")
+
+
+def make_images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 50), (32, 32), (64, 48), (50, 40)]
+    return [Image.fromarray((rng.random((*sizes[i % 4], 3)) * 255).astype("uint8")) for i in range(n)]
+
+
+@pytest.fixture()
+def images() -> list[Image.Image]:
+    return make_images(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,30 @@
+"""The public surface and the import boundary of the math."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import xclip
+
+
+def test_public_names():
+    assert sorted(xclip.__all__) == sorted(
+        [
+            "ConfigError", "Contributions", "DualEncoderAdapter", "InputError", "InteractionAttribution",
+            "InteractionMap", "ModelFamilyError", "StoreError", "XclipError", "__version__", "get_adapter_cls",
+            "interaction_map", "list_families", "load_model", "quadrature",
+        ]
+    )
+    for name in xclip.__all__:
+        assert hasattr(xclip, name)
+    assert xclip.list_families() == ["clip", "siglip"]
+
+
+def test_core_imports_no_model_family_or_io_library():
+    code = (
+        "import sys, xclip.core.interaction, xclip.core.quadrature, xclip.core.transformer; "
+        "print(sorted(m for m in ('transformers', 'h5py', 'matplotlib', 'rich', 'typer') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

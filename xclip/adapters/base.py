@@ -1,0 +1,280 @@
+"""What every model family provides to the engine: token geometry, references and the split at a layer.
+
+A family adapter turns captions and images into hidden states at a layer (the part of the encoder below the
+cut) and describes the part above it as an :class:`~xclip.core.transformer.UpperEncoder`. It knows nothing
+about quadrature or interactions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from PIL import Image, ImageFilter, UnidentifiedImageError
+from torch import Tensor, nn
+
+from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward
+from xclip.errors import ConfigError, InputError
+
+ImageReference = Literal["zeros", "black", "blur", "noise"]
+IMAGE_REFERENCES: tuple[str, ...] = get_args(ImageReference)
+ImageLike = Image.Image | str | Path
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """Tokenised captions, padded to a common length S.
+
+    Attributes:
+        input_ids: ``(B, S)`` token ids.
+        positions: attention mask and pooled position of each caption.
+        eos_index: ``(B,)`` position of each caption's EOS token.
+        n_positions: positions per caption that carry contributions (BOS..EOS for causal towers, all S for
+            bidirectional ones, whose padding tokens take part in attention).
+        tokens: token strings per caption, ``n_positions[b]`` of them.
+        is_truncated: whether a caption was cut to the model's context length.
+    """
+
+    input_ids: Tensor
+    positions: Positions
+    eos_index: Tensor
+    n_positions: list[int]
+    tokens: list[list[str]]
+    is_truncated: list[bool]
+
+
+@dataclass(frozen=True)
+class ImageBatch:
+    """Preprocessed images: ``pixel_values`` ``(B, 3, H, W)`` in normalised pixel space."""
+
+    pixel_values: Tensor
+    original_sizes: list[tuple[int, int]]  # (width, height) before preprocessing
+    images: list[Image.Image]
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """An RGB PIL image from a PIL image or a path; raises :class:`InputError` naming the problem."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except FileNotFoundError as e:
+            msg = f"image file not found: {image}"
+            raise InputError(msg) from e
+        except (UnidentifiedImageError, OSError) as e:
+            msg = f"cannot read image {image}: {e}"
+            raise InputError(msg) from e
+    msg = f"images must be PIL images or paths, got {type(image).__name__}"
+    raise InputError(msg)
+
+
+def resolve_layer(layer: int, n_layers: int, tower: str) -> int:
+    """A block index in ``[0, n_layers)``; negative indices count from the end."""
+    resolved = layer + n_layers if layer < 0 else layer
+    if not 0 <= resolved < n_layers:
+        msg = f"{tower} layer {layer} is out of range: the {tower} encoder has {n_layers} blocks, so use 0..{n_layers - 1} or -{n_layers}..-1"
+        raise ConfigError(msg)
+    return resolved
+
+
+def hf_block(layer: nn.Module) -> Block:
+    """A :class:`Block` view of an HF CLIP/SigLIP encoder layer (same attribute names in both families)."""
+    attn = layer.self_attn
+    return Block(
+        ln1=layer.layer_norm1,
+        q_proj=attn.q_proj,
+        k_proj=attn.k_proj,
+        v_proj=attn.v_proj,
+        out_proj=attn.out_proj,
+        n_heads=attn.num_heads,
+        ln2=layer.layer_norm2,
+        fc1=layer.mlp.fc1,
+        activation=layer.mlp.activation_fn,
+        fc2=layer.mlp.fc2,
+    )
+
+
+class DualEncoderAdapter:
+    """Shared machinery of HF dual encoders; a family subclass fills in embeddings, readouts and tokens.
+
+    Subclasses set ``family`` and implement the methods that raise ``NotImplementedError``.
+    """
+
+    family: str = ""
+    n_image_prefix: int = 0  # positions before the patches (CLS); dropped from image maps
+
+    def __init__(self, model: nn.Module, processor: Any, *, name: str = "", revision: str | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.name = name
+        self.revision = revision
+        self.text_blocks = tuple(hf_block(layer) for layer in self._text_layers())
+        self.image_blocks = tuple(hf_block(layer) for layer in self._image_layers())
+
+    # --- family-specific pieces ----------------------------------------------------------------------
+    def _text_layers(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def _image_layers(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def _tokenize(self, captions: list[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _text_positions(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Positions, Tensor, list[int]]:
+        """(positions, eos_index, n_positions) of tokenised captions."""
+        raise NotImplementedError
+
+    def pooled_index(self, input_ids: Tensor) -> Tensor:
+        """``(B,)`` position the text readout pools, by the family's rule."""
+        raise NotImplementedError
+
+    def image_pooled_index(self, n_images: int) -> Tensor | None:
+        """``(B,)`` position the image readout pools, or None for a readout over all positions."""
+        raise NotImplementedError
+
+    def _text_embeddings(self, input_ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _image_embeddings(self, pixel_values: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def text_upper(self, layer: int) -> UpperEncoder:
+        """The text encoder above block ``layer`` (resolved), ending in the unnormalised embedding."""
+        raise NotImplementedError
+
+    def image_upper(self, layer: int) -> UpperEncoder:
+        """The image encoder above block ``layer`` (resolved), ending in the unnormalised embedding."""
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp())
+
+    # --- shared ---------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        config = self.model.config.vision_config
+        side = config.image_size // config.patch_size
+        return side, side
+
+    def tokenize(self, captions: Sequence[str]) -> TextBatch:
+        """Tokenise captions the way the family was trained; raises :class:`InputError` for empty ones."""
+        captions = list(captions)
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                msg = f"caption {i} must be a string, got {type(caption).__name__}"
+                raise InputError(msg)
+            if not caption.strip():
+                msg = f"caption {i} is empty: there is nothing to attribute"
+                raise InputError(msg)
+        if not captions:
+            msg = "no captions given"
+            raise InputError(msg)
+        encoded = self._tokenize(captions)
+        input_ids = encoded["input_ids"].to(self.device)
+        attention_mask = encoded["attention_mask"].to(self.device)
+        positions, eos_index, n_positions = self._text_positions(input_ids, attention_mask)
+        max_length = input_ids.shape[1]
+        untruncated = self.tokenizer(captions, truncation=False)["input_ids"]
+        return TextBatch(
+            input_ids=input_ids,
+            positions=positions,
+            eos_index=eos_index,
+            n_positions=n_positions,
+            tokens=[self.tokenizer.convert_ids_to_tokens(ids[:n]) for ids, n in zip(input_ids.tolist(), n_positions)],
+            is_truncated=[len(ids) > max_length for ids in untruncated],
+        )
+
+    def preprocess(self, images: Sequence[ImageLike]) -> ImageBatch:
+        """Load and preprocess images with the model's own image processor."""
+        loaded = [load_image(image) for image in images]
+        if not loaded:
+            msg = "no images given"
+            raise InputError(msg)
+        pixel_values = self.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
+        return ImageBatch(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            original_sizes=[image.size for image in loaded],
+            images=loaded,
+        )
+
+    def text_reference_ids(self, batch: TextBatch, filler_id: int | None = None) -> Tensor:
+        """Reference captions: every content token replaced by ``filler_id`` (default: the pad token).
+
+        Special tokens (BOS, EOS) and everything from EOS on stay, so the reference has the caption's length
+        and EOS position.
+        """
+        filler = self.tokenizer.pad_token_id if filler_id is None else filler_id
+        if filler is None:
+            msg = "the tokenizer has no pad token; set a text reference filler token"
+            raise ConfigError(msg)
+        ids = batch.input_ids
+        index = torch.arange(ids.shape[1], device=ids.device)
+        special = torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids, device=ids.device))
+        content = (index[None, :] < batch.eos_index[:, None]) & ~special
+        return torch.where(content, torch.full_like(ids, filler), ids)
+
+    def reference_code_text_ids(self, batch: TextBatch) -> Tensor:
+        """The public reference code's text reference: [BOS,] id 0, EOS, then id 0 up to the caption's length."""
+        ids = torch.zeros_like(batch.input_ids)
+        bos = self.tokenizer.bos_token_id
+        first = 0
+        if bos is not None and bool((batch.input_ids[:, 0] == bos).all()):
+            ids[:, 0] = bos
+            first = 1
+        ids[:, first + 1] = self.tokenizer.eos_token_id
+        return ids
+
+    def image_reference_pixels(
+        self, batch: ImageBatch, reference: ImageReference = "zeros", *, seed: int = 0, blur_radius: float = 16.0
+    ) -> Tensor:
+        """Reference pixel values ``(1 or B, 3, H, W)``: zeros = the normalised mean colour; black; a blurred
+        copy of each image; or Gaussian noise from a fixed seed."""
+        shape = (1, *batch.pixel_values.shape[1:])
+        if reference == "zeros":
+            return torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if reference == "black":
+            mean = torch.tensor(self.image_processor.image_mean, device=self.device, dtype=self.dtype)
+            std = torch.tensor(self.image_processor.image_std, device=self.device, dtype=self.dtype)
+            return (-mean / std)[None, :, None, None].expand(shape).clone()
+        if reference == "blur":
+            blurred = [image.filter(ImageFilter.GaussianBlur(blur_radius)) for image in batch.images]
+            pixel_values = self.image_processor(images=blurred, return_tensors="pt")["pixel_values"]
+            return pixel_values.to(self.device, self.dtype)
+        if reference == "noise":
+            generator = torch.Generator().manual_seed(seed)
+            return torch.randn(shape, generator=generator, dtype=torch.float64).to(self.device, self.dtype)
+        msg = f"unknown image reference {reference!r}; choose one of {', '.join(IMAGE_REFERENCES)}"
+        raise ConfigError(msg)
+
+    @torch.no_grad()
+    def text_hidden(self, input_ids: Tensor, positions: Positions, layer: int) -> Tensor:
+        """Hidden states ``(B, S, d)`` entering text block ``layer`` (resolved)."""
+        hidden = self._text_embeddings(input_ids)
+        for block in self.text_blocks[:layer]:
+            hidden = block_forward(block, hidden, positions.mask, fused=True)
+        return hidden
+
+    @torch.no_grad()
+    def image_hidden(self, pixel_values: Tensor, layer: int) -> Tensor:
+        """Hidden states ``(B, S, d)`` entering image block ``layer`` (resolved)."""
+        hidden = self._image_embeddings(pixel_values)
+        for block in self.image_blocks[:layer]:
+            hidden = block_forward(block, hidden, None, fused=True)
+        return hidden

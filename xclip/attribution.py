@@ -1,0 +1,239 @@
+"""The public façade: ``InteractionAttribution(model).attribute(captions, images)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from xclip.adapters.base import DualEncoderAdapter, ImageBatch, ImageLike, ImageReference, TextBatch, resolve_layer
+from xclip.core.interaction import Mode, contributions, four_term_value, four_terms, interactions
+from xclip.core.quadrature import RULES, Rule, quadrature
+from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
+from xclip.errors import ConfigError
+from xclip.result import Contributions, InteractionMap
+
+Convention = Literal["exact", "reference"]
+CONVENTIONS: tuple[str, ...] = get_args(Convention)
+
+
+class InteractionAttribution:
+    """Second-order caption-token x image-patch attributions of a dual encoder.
+
+    Args:
+        model: a family adapter from :func:`xclip.load_model`.
+        text_layer, image_layer: block whose input is the cut (default -1: the input of the last block).
+        n_steps: quadrature nodes N.
+        method: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right`` (the reference code's rule).
+        convention: ``exact`` (normalisation inside g, one pooled position: maps sum to the four-term
+            value up to quadrature error) or ``reference`` (reproduces the paper's public code).
+        text_filler: token id that replaces caption tokens in the text reference (default: pad token).
+        image_reference: ``zeros`` (mean colour), ``black``, ``blur`` or ``noise``.
+        scale_by_logit: multiply maps and scores by the model's logit scale.
+        mode: ``auto``, ``forward`` or ``reverse`` differentiation.
+        internal_batch_size: sequences pushed through the upper encoder at once (memory knob).
+    """
+
+    def __init__(
+        self,
+        model: DualEncoderAdapter,
+        *,
+        text_layer: int = -1,
+        image_layer: int = -1,
+        n_steps: int = 10,
+        method: Rule = "gauss-legendre",
+        convention: Convention = "exact",
+        text_filler: int | None = None,
+        image_reference: ImageReference = "zeros",
+        reference_seed: int = 0,
+        blur_radius: float = 16.0,
+        scale_by_logit: bool = False,
+        mode: Mode = "auto",
+        internal_batch_size: int = 64,
+    ) -> None:
+        if convention not in CONVENTIONS:
+            msg = f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}"
+            raise ConfigError(msg)
+        if method not in RULES:
+            msg = f"unknown method {method!r}; choose one of {', '.join(RULES)}"
+            raise ConfigError(msg)
+        self.model = model
+        self.text_layer = resolve_layer(text_layer, len(model.text_blocks), "text")
+        self.image_layer = resolve_layer(image_layer, len(model.image_blocks), "image")
+        self.n_steps = n_steps
+        self.method = method
+        self.convention = convention
+        self.text_filler = text_filler
+        self.image_reference = image_reference
+        self.reference_seed = reference_seed
+        self.blur_radius = blur_radius
+        self.scale_by_logit = scale_by_logit
+        self.mode = mode
+        self.internal_batch_size = internal_batch_size
+        self._alphas, self._weights = quadrature(method, n_steps)
+        self._image_reference_cache: dict[tuple[int, ...], Tensor] = {}
+
+    @property
+    def logit_scale(self) -> float:
+        return self.model.logit_scale if self.scale_by_logit else 1.0
+
+    def text_contributions(self, captions: Sequence[str]) -> list[Contributions]:
+        """Contribution vectors of each caption, BOS..EOS (SigLIP: all context positions)."""
+        return self.text_batch_contributions(self.model.tokenize(captions))
+
+    def image_contributions(self, images: Sequence[ImageLike]) -> list[Contributions]:
+        """Contribution vectors of each image: prefix (CLS) positions, then patches row by row."""
+        return self.image_batch_contributions(self.model.preprocess(images))
+
+    def text_batch_contributions(self, batch: TextBatch) -> list[Contributions]:
+        """:meth:`text_contributions` of captions already tokenised by ``model.tokenize``."""
+        layer = self.text_layer
+        hidden = self.model.text_hidden(batch.input_ids, batch.positions, layer)
+        if self.convention == "exact":
+            reference_ids = self.model.text_reference_ids(batch, self.text_filler)
+            reference_positions = batch.positions
+        else:
+            reference_ids = self.model.reference_code_text_ids(batch)
+            reference_positions = Positions(batch.positions.mask, self.model.pooled_index(reference_ids))
+        reference = self.model.text_hidden(reference_ids, batch.positions, layer)
+        values, embedding, reference_embedding, errors = self._attribute_tower(
+            self.model.text_upper(layer), hidden, reference, batch.positions, reference_positions
+        )
+        return [
+            Contributions(
+                modality="text",
+                values=values[b, :n],
+                embedding=embedding[b],
+                reference_embedding=reference_embedding[b],
+                labels=batch.tokens[b],
+                completeness_error=errors[b],
+                is_truncated=batch.is_truncated[b],
+            )
+            for b, n in enumerate(batch.n_positions)
+        ]
+
+    def image_batch_contributions(self, batch: ImageBatch) -> list[Contributions]:
+        """:meth:`image_contributions` of images already preprocessed by ``model.preprocess``."""
+        layer = self.image_layer
+        hidden = self.model.image_hidden(batch.pixel_values, layer)
+        reference = self._image_reference_hidden(batch)
+        positions = Positions(pooled_index=self.model.image_pooled_index(hidden.shape[0]))
+        values, embedding, reference_embedding, errors = self._attribute_tower(
+            self.model.image_upper(layer), hidden, reference, positions, positions
+        )
+        n_prefix = self.model.n_image_prefix
+        grid = self.model.patch_grid
+        labels = ["cls"] * n_prefix + [f"patch({r},{c})" for r in range(grid[0]) for c in range(grid[1])]
+        return [
+            Contributions(
+                modality="image",
+                values=values[b],
+                embedding=embedding[b],
+                reference_embedding=reference_embedding[b],
+                labels=labels,
+                grid=grid,
+                n_prefix=n_prefix,
+                completeness_error=errors[b],
+            )
+            for b in range(hidden.shape[0])
+        ]
+
+    def attribute(
+        self,
+        captions: Sequence[str],
+        images: Sequence[ImageLike],
+        *,
+        pairs: Sequence[tuple[int, int]] | None = None,
+    ) -> list[InteractionMap]:
+        """Interaction maps of caption-image pairs.
+
+        Each caption and each image is encoded once, so M captions x K images cost M + K attributions.
+
+        Args:
+            pairs: ``(caption index, image index)`` pairs to map; default every caption with every image,
+                caption-major.
+        """
+        text = self.text_contributions(captions)
+        image = self.image_contributions(images)
+        if pairs is None:
+            pairs = [(i, j) for i in range(len(text)) for j in range(len(image))]
+        return [interaction_map(text[i], image[j], logit_scale=self.logit_scale) for i, j in pairs]
+
+    # --- internals -----------------------------------------------------------------------------------
+    def _attribute_tower(
+        self,
+        upper: UpperEncoder,
+        hidden: Tensor,
+        reference: Tensor,
+        positions: Positions,
+        reference_positions: Positions,
+    ) -> tuple[Tensor, Tensor, Tensor, list[float]]:
+        """(contributions, embedding, reference embedding, per-input completeness errors) of one tower."""
+        is_exact = self.convention == "exact"
+        reference = reference.expand_as(hidden)
+        values = contributions(
+            upper,
+            hidden,
+            reference,
+            positions,
+            alphas=self._alphas,
+            weights=self._weights,
+            normalize=is_exact,
+            mode=self.mode,
+            internal_batch_size=self.internal_batch_size,
+        )
+        with torch.no_grad():
+            integrand_end = embed_from_hidden(upper, hidden, positions, normalize=is_exact).to(values.dtype)
+            integrand_start = embed_from_hidden(upper, reference, positions, normalize=is_exact).to(values.dtype)
+            if is_exact:  # the path starts at the reference: same pooling, same embedding
+                reference_embedding = integrand_start
+            else:
+                reference_embedding = embed_from_hidden(upper, reference, reference_positions, normalize=True)
+        target = integrand_end - integrand_start
+        if not is_exact:
+            # the reference code divides by the input's embedding norm outside the Jacobian
+            scale = integrand_end.norm(dim=-1, keepdim=True)
+            values, target = values / scale[:, :, None], target / scale
+        errors = (values.sum(1) - target).norm(dim=-1).tolist()
+        embedding = torch.nn.functional.normalize(integrand_end, dim=-1)
+        return values, embedding, reference_embedding.to(values.dtype), errors
+
+    def _image_reference_hidden(self, batch: ImageBatch) -> Tensor:
+        """Reference hidden states; shared references are computed once per image shape and reused."""
+        is_shared = self.image_reference != "blur"
+        key = (self.image_layer, *batch.pixel_values.shape[1:])
+        if is_shared and key in self._image_reference_cache:
+            return self._image_reference_cache[key]
+        pixels = self.model.image_reference_pixels(
+            batch, self.image_reference, seed=self.reference_seed, blur_radius=self.blur_radius
+        )
+        reference = self.model.image_hidden(pixels, self.image_layer)
+        if is_shared:
+            self._image_reference_cache[key] = reference
+        return reference
+
+
+def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 1.0) -> InteractionMap:
+    """The interaction map of two inputs from their stored contributions (caption-image, or same modality).
+
+    Args:
+        a: rows (usually the caption); b: columns (usually the image).
+        logit_scale: factor for interactions and terms (the model's ``logit_scale.exp()``, or 1).
+    """
+    values = interactions(a.values, b.values) * logit_scale
+    terms = four_terms(a.embedding, a.reference_embedding, b.embedding, b.reference_embedding) * logit_scale
+    value = float(four_term_value(terms))
+    return InteractionMap(
+        interactions=values,
+        score=float(terms[0]),
+        terms=terms,
+        four_term_value=value,
+        completeness_error=abs(float(values.sum()) - value),
+        row_labels=a.labels,
+        column_labels=b.labels,
+        grid=b.grid,
+        n_prefix=b.n_prefix,
+        logit_scale=logit_scale,
+    )

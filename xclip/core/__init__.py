@@ -1,0 +1,1 @@
+"""Family-agnostic attribution math: quadrature rules, transformer blocks and the interaction engine."""

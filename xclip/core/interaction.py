@@ -1,0 +1,235 @@
+"""Second-order (caption token x image patch) interaction attributions via integrated Jacobians.
+
+Method: Moeller, Tilli, Vu, Pado, "Explaining Caption-Image Interactions in CLIP Models with Second-Order
+Attributions", TMLR 2025 (arXiv 2408.14153), Sec. 3. Cut each encoder at a layer; ``x`` are the hidden states
+entering it, ``r`` those of a reference input and ``g`` the rest of the encoder, L2 normalisation included. By
+the fundamental theorem of calculus ``g(x) - g(r) = Jbar (x - r)`` exactly, with the integrated Jacobian
+``Jbar = int_0^1 dg(r + a (x - r))/dx da`` (their Eq. 4). Splitting ``Jbar (x - r)`` by input position gives the
+contribution vectors, and the product of two towers' contributions is the interaction matrix whose sum is the
+four-term difference of cosines (their Eq. 6-7).
+
+Symbols and their names here:
+    x -> ``hidden`` (B, S, d);  r -> ``reference``;  x - r -> ``delta``;  g -> ``embed_from_hidden``;
+    a -> ``alphas`` (quadrature nodes);  C[s] = (Jbar (x - r))[s] -> ``contributions`` (B, S, E);
+    A = C_a C_b^T -> ``interactions`` (S_a, S_b).
+
+Cost. ``Jbar (x - r)`` restricted to position s is a Jacobian-vector product with a tangent that is
+``delta[s]`` on row s and zero elsewhere: S tangents per node (forward mode), or E cotangents (reverse mode).
+When the cut is the last block and the readout reads one pooled position, the block's output is needed at
+that position only, and a tangent on token s moves only row s of K and V: all S tangents then cost about
+one block pass (:func:`_pooled_block_tangents`). The feature-pair matrix of the reference code is never built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
+
+Mode = Literal["auto", "forward", "reverse"]
+TangentFn = Callable[[Tensor, Tensor, Positions], Tensor]
+
+
+def contributions(
+    upper: UpperEncoder,
+    hidden: Tensor,
+    reference: Tensor,
+    positions: Positions,
+    *,
+    alphas: Tensor,
+    weights: Tensor,
+    normalize: bool = True,
+    mode: Mode = "auto",
+    internal_batch_size: int = 64,
+) -> Tensor:
+    """Contribution vectors ``C`` of every input position, ``(B, S, E)``.
+
+    ``C[b].sum(0)`` equals ``g(hidden[b]) - g(reference[b])`` up to the quadrature error.
+
+    Args:
+        hidden: hidden states entering the cut layer, ``(B, S, d)``.
+        reference: the reference's hidden states, ``(B, S, d)`` or ``(1, S, d)``.
+        positions: masks and pooled positions of the inputs (shared by the reference and the path).
+        alphas, weights: quadrature nodes and weights on [0, 1].
+        normalize: put the L2 normalisation inside g (the exact convention).
+        mode: "forward" (S tangents per node), "reverse" (E cotangents) or "auto" (the fast pooled-block
+            path where it applies, else the cheaper of the two).
+        internal_batch_size: how many sequences of S hidden states go through the upper encoder at once;
+            the memory knob.
+
+    Returns:
+        float64 for float64 inputs, else float32 (the quadrature sum is accumulated in float32).
+    """
+    if internal_batch_size < 1:
+        msg = f"internal_batch_size must be at least 1, got {internal_batch_size}"
+        raise ValueError(msg)
+    n_inputs, n_positions, _ = hidden.shape
+    reference = reference.expand_as(hidden)
+    delta = hidden - reference
+
+    def embed(h: Tensor, pos: Positions) -> Tensor:
+        return embed_from_hidden(upper, h, pos, normalize=normalize)
+
+    n_directions, tangent_fn = _choose_tangents(upper, embed, n_positions, mode, normalize)
+    accumulate_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    alphas = alphas.to(hidden.device, hidden.dtype)
+    weights = weights.to(hidden.device, accumulate_dtype)
+    n_alphas = alphas.shape[0]
+    point_node = torch.arange(n_alphas, device=hidden.device).repeat_interleave(n_inputs)
+    point_input = torch.arange(n_inputs, device=hidden.device).repeat(n_alphas)
+    points_per_call = max(1, internal_batch_size // n_directions)
+
+    result: Tensor | None = None
+    with torch.no_grad():
+        for chunk in torch.arange(n_alphas * n_inputs, device=hidden.device).split(points_per_call):
+            node, item = point_node[chunk], point_input[chunk]
+            path_point = reference[item] + alphas[node, None, None] * delta[item]
+            tangents = tangent_fn(path_point, delta[item], positions.select(item), internal_batch_size)
+            weighted = tangents.to(accumulate_dtype) * weights[node, None, None]
+            if result is None:
+                result = torch.zeros((n_inputs, *weighted.shape[1:]), dtype=accumulate_dtype, device=hidden.device)
+            result.index_add_(0, item, weighted)
+    assert result is not None
+    return result
+
+
+def _choose_tangents(
+    upper: UpperEncoder, embed: Callable[[Tensor, Positions], Tensor], n_positions: int, mode: Mode, normalize: bool
+) -> tuple[int, Callable[[Tensor, Tensor, Positions, int], Tensor]]:
+    """Pick the cheapest way to get all per-position directional derivatives; returns (directions, fn)."""
+    if mode == "auto" and len(upper.blocks) == 1 and upper.pooled_readout is not None:
+        pooled_readout = upper.pooled_readout
+
+        def readout(y: Tensor) -> Tensor:
+            e = pooled_readout(y)
+            return F.normalize(e, dim=-1) if normalize else e
+
+        return 1, lambda z, d, pos, _ibs: _pooled_block_tangents(upper, readout, z, d, pos)
+    if mode == "forward" or (mode == "auto" and n_positions <= _embedding_dim_hint(upper)):
+        return n_positions, lambda z, d, pos, ibs: _forward_tangents(embed, z, d, pos, ibs)
+    if mode not in ("auto", "reverse"):
+        msg = f"unknown mode {mode!r}; choose auto, forward or reverse"
+        raise ValueError(msg)
+    return _embedding_dim_hint(upper), lambda z, d, pos, ibs: _reverse_tangents(embed, z, d, pos, ibs)
+
+
+def _embedding_dim_hint(upper: UpperEncoder) -> int:
+    # the embedding width is not known before a forward pass; the hidden width is a close proxy for CLIP/SigLIP
+    return upper.blocks[-1].fc2.out_features if upper.blocks else 1 << 30
+
+
+def _forward_tangents(
+    embed: Callable[[Tensor, Positions], Tensor], path_point: Tensor, delta: Tensor, positions: Positions, ibs: int
+) -> Tensor:
+    """``J(path_point)`` applied to ``delta`` restricted to each position, by forward mode: ``(P, S, E)``."""
+    n_points, n_positions, _ = path_point.shape
+
+    def directional(tangent: Tensor) -> Tensor:
+        return jvp(lambda h: embed(h, positions), (path_point,), (tangent,))[1]
+
+    outputs = []
+    per_call = max(1, ibs // n_points)
+    for start in range(0, n_positions, per_call):
+        index = torch.arange(start, min(start + per_call, n_positions), device=delta.device)
+        # tangents[i] is delta on row index[i] and zero elsewhere: (m, P, S, d)
+        one_hot = F.one_hot(index, n_positions).to(delta.dtype)
+        tangents = one_hot[:, None, :, None] * delta[None]
+        outputs.append(vmap(directional)(tangents))  # primal is shared, only tangents are batched
+    return torch.cat(outputs).permute(1, 0, 2)
+
+
+def _reverse_tangents(
+    embed: Callable[[Tensor, Positions], Tensor], path_point: Tensor, delta: Tensor, positions: Positions, ibs: int
+) -> Tensor:
+    """The same as :func:`_forward_tangents` by reverse mode: one cotangent per embedding dimension."""
+    with torch.enable_grad():
+        embedding, pullback = vjp(lambda h: embed(h, positions), path_point)
+    n_points, n_dims = embedding.shape
+    columns = []
+    per_call = max(1, ibs // n_points)
+    for start in range(0, n_dims, per_call):
+        index = torch.arange(start, min(start + per_call, n_dims), device=delta.device)
+        cotangents = F.one_hot(index, n_dims).to(embedding.dtype)[:, None, :].expand(-1, n_points, -1)
+        (jacobian_rows,) = vmap(pullback)(cotangents)  # (m, P, S, d)
+        columns.append(torch.einsum("mpsd,psd->psm", jacobian_rows, delta))
+    return torch.cat(columns, dim=-1)
+
+
+def _pooled_block_tangents(
+    upper: UpperEncoder, readout: Callable[[Tensor], Tensor], path_point: Tensor, delta: Tensor, positions: Positions
+) -> Tensor:
+    """All S directional derivatives of a last block read at one position, linearised by hand: ``(P, S, E)``.
+
+    With p the pooled position, the output is ``readout(mlp_residual(z_p + Attn(q_p, K, V)))``. A tangent
+    on row s changes LN1(z_s), hence only row s of K and V (and q when s = p), so its effect on the
+    attention output is ``a_s * (dlogit_s * (v_s - o) + dv_s)`` per head, plus the query term for s = p.
+    """
+    (block,) = upper.blocks
+    assert positions.pooled_index is not None
+    n_points, n_positions, width = path_point.shape
+    rows = torch.arange(n_points, device=path_point.device)
+    pooled = positions.pooled_index
+    normed, normed_tangent = jvp(block.ln1, (path_point,), (delta,))  # LN acts per row: all S tangents at once
+
+    query = block.split_heads(block.q_proj(normed[rows, pooled]).unsqueeze(1)).squeeze(-2)  # (P, H, dh)
+    keys = block.split_heads(block.k_proj(normed))  # (P, H, S, dh)
+    values = block.split_heads(block.v_proj(normed))
+    scale = query.shape[-1] ** -0.5
+    logits = torch.einsum("phd,phsd->phs", query, keys) * scale
+    if positions.mask is not None:
+        key_mask = positions.mask[rows, 0, pooled]  # (P, S): the pooled query's row of the mask
+        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+    attn = torch.softmax(logits, dim=-1)  # (P, H, S)
+    attended = torch.einsum("phs,phsd->phd", attn, values)
+    pooled_state = path_point[rows, pooled] + block.out_proj(attended.flatten(1))  # (P, d)
+
+    # tangent s through its own key and value
+    d_keys = block.split_heads(F.linear(normed_tangent, block.k_proj.weight))
+    d_values = block.split_heads(F.linear(normed_tangent, block.v_proj.weight))
+    own_d_logit = torch.einsum("phd,phsd->phs", query, d_keys) * scale
+    d_attended = attn[..., None] * (own_d_logit[..., None] * (values - attended[:, :, None]) + d_values)
+    # the pooled token's tangent also moves the query, and so every attention weight
+    d_query = block.split_heads(F.linear(normed_tangent[rows, pooled], block.q_proj.weight).unsqueeze(1))
+    d_logits = torch.einsum("phd,phsd->phs", d_query.squeeze(-2), keys) * scale
+    d_attn = attn * (d_logits - (attn * d_logits).sum(-1, keepdim=True))
+    d_attended[rows, :, pooled] += torch.einsum("phs,phsd->phd", d_attn, values)
+
+    d_pooled_state = F.linear(d_attended.transpose(1, 2).flatten(2), block.out_proj.weight)  # (P, S, d)
+    d_pooled_state[rows, pooled] += delta[rows, pooled]  # the residual path of the pooled token
+
+    def head(y: Tensor) -> Tensor:
+        return readout(block.mlp_residual(y))
+
+    def directional(tangent: Tensor) -> Tensor:
+        return jvp(head, (pooled_state,), (tangent,))[1]
+
+    return vmap(directional, in_dims=1, out_dims=1)(d_pooled_state)
+
+
+def interactions(text_contributions: Tensor, image_contributions: Tensor) -> Tensor:
+    """Interaction matrix ``A = C_text C_image^T``: ``(S_t, E), (S_i, E) -> (S_t, S_i)``; batched over leading dims."""
+    return text_contributions @ image_contributions.transpose(-1, -2)
+
+
+def four_terms(text_embedding: Tensor, text_reference: Tensor, image_embedding: Tensor, image_reference: Tensor) -> Tensor:
+    """``[cos(a, b), cos(r_a, b), cos(a, r_b), cos(r_a, r_b)]`` from normalised embeddings ``(..., E)``."""
+    return torch.stack(
+        [
+            (text_embedding * image_embedding).sum(-1),
+            (text_reference * image_embedding).sum(-1),
+            (text_embedding * image_reference).sum(-1),
+            (text_reference * image_reference).sum(-1),
+        ],
+        dim=-1,
+    )
+
+
+def four_term_value(terms: Tensor) -> Tensor:
+    """``cos(a,b) - cos(r_a,b) - cos(a,r_b) + cos(r_a,r_b)``: what an exact interaction matrix sums to."""
+    return terms[..., 0] - terms[..., 1] - terms[..., 2] + terms[..., 3]

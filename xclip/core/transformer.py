@@ -1,0 +1,114 @@
+"""A pre-LayerNorm transformer block and the part of an encoder above a cut, written without model families.
+
+CLIP and SigLIP towers are stacks of the same block: ``x + Attn(LN1(x))`` then ``y + MLP(LN2(y))``. The
+adapters lend their modules to :class:`Block`; this module runs them with plain tensor ops so that forward-
+and reverse-mode AD work through every piece (the fused attention kernels have no forward-AD formulas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Block:
+    """One pre-LN transformer block, holding (not copying) a model's modules."""
+
+    ln1: nn.LayerNorm
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    out_proj: nn.Linear
+    n_heads: int
+    ln2: nn.LayerNorm
+    fc1: nn.Linear
+    activation: Callable[[Tensor], Tensor]
+    fc2: nn.Linear
+
+    def mlp_residual(self, y: Tensor) -> Tensor:
+        """``y + MLP(LN2(y))``; acts on the last dimension only."""
+        return y + self.fc2(self.activation(self.fc1(self.ln2(y))))
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``(..., S, d)`` -> ``(..., n_heads, S, d / n_heads)``."""
+        *lead, n_positions, width = x.shape
+        return x.reshape(*lead, n_positions, self.n_heads, width // self.n_heads).transpose(-3, -2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax attention per head; ``mask`` is boolean, True where a query may attend to a key.
+
+    Written out rather than calling ``scaled_dot_product_attention`` so that forward-mode AD runs on every
+    backend and float64 stays float64 (HF's eager path upcasts only to float32).
+    """
+    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def block_forward(block: Block, x: Tensor, mask: Tensor | None, *, fused: bool = False) -> Tensor:
+    """Run one block on ``x`` of shape ``(B, S, d)``; ``mask`` broadcasts to ``(B, 1, S, S)``.
+
+    ``fused=True`` uses ``scaled_dot_product_attention`` (fast, no forward AD): for the layers below the cut.
+    """
+    h = block.ln1(x)
+    q, k, v = (block.split_heads(proj(h)) for proj in (block.q_proj, block.k_proj, block.v_proj))
+    if fused:
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        attended = attention(q, k, v, mask)
+    y = x + block.out_proj(attended.transpose(-3, -2).flatten(-2))
+    return block.mlp_residual(y)
+
+
+@dataclass(frozen=True)
+class UpperEncoder:
+    """Everything of one encoder above the cut layer, ending in the (unnormalised) embedding.
+
+    Either ``pooled_readout`` is set, and the embedding is ``pooled_readout(hidden[b, pooled_index[b]])``
+    (CLIP towers, SigLIP text), or ``readout`` reads all positions (SigLIP's attention-pooling head).
+    """
+
+    blocks: tuple[Block, ...]
+    pooled_readout: Callable[[Tensor], Tensor] | None = None
+    readout: Callable[[Tensor], Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Per-input structure of a batch at the cut layer.
+
+    Attributes:
+        mask: boolean attention mask ``(B, 1, S, S)`` (True = may attend), or None for full attention.
+        pooled_index: ``(B,)`` position that a pooled readout reads, or None.
+    """
+
+    mask: Tensor | None = None
+    pooled_index: Tensor | None = None
+
+    def select(self, index: Tensor) -> Positions:
+        """The structure of the batch ``inputs[index]``."""
+        return Positions(
+            mask=None if self.mask is None else self.mask[index],
+            pooled_index=None if self.pooled_index is None else self.pooled_index[index],
+        )
+
+
+def embed_from_hidden(upper: UpperEncoder, hidden: Tensor, positions: Positions, *, normalize: bool) -> Tensor:
+    """The encoder's embedding ``(B, E)`` from hidden states ``(B, S, d)`` entering the cut layer."""
+    for block in upper.blocks:
+        hidden = block_forward(block, hidden, positions.mask)
+    if upper.pooled_readout is not None:
+        assert positions.pooled_index is not None, "a pooled readout needs pooled_index"
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        embedding = upper.pooled_readout(hidden[rows, positions.pooled_index])
+    else:
+        assert upper.readout is not None
+        embedding = upper.readout(hidden)
+    return F.normalize(embedding, dim=-1) if normalize else embedding

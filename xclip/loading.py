@@ -1,0 +1,81 @@
+"""Load an HF CLIP or SigLIP checkpoint (hub id or local directory) into its family adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from xclip.adapters import DualEncoderAdapter, get_adapter_cls
+from xclip.errors import ConfigError, ModelFamilyError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; raises :class:`ConfigError` for an unusable device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        msg = f"invalid device {device!r}: {e}"
+        raise ConfigError(msg) from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {device!r} was requested but CUDA is not available; use device 'cpu' or 'auto'"
+        raise ConfigError(msg)
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        msg = f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}"
+        raise ConfigError(msg) from None
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "auto",
+    local_files_only: bool = False,
+) -> DualEncoderAdapter:
+    """Load a dual encoder and its processor through ``from_pretrained`` and wrap it in its family adapter.
+
+    Args:
+        name_or_path: a hub id (``openai/clip-vit-base-patch32``) or a local directory.
+        revision: a branch, tag or commit hash to pin (hub ids only).
+        dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``float64``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        ModelFamilyError: the checkpoint cannot be loaded or its family has no adapter.
+        ConfigError: bad dtype or device.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    source = str(name_or_path)
+    options = {"revision": revision, "local_files_only": local_files_only, "trust_remote_code": False}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # loading chatter (missing torchvision, unused weights) is not for batch logs
+    try:
+        config = AutoConfig.from_pretrained(source, **options)
+        adapter_cls = get_adapter_cls(config.model_type)
+        model = AutoModel.from_pretrained(source, dtype=torch_dtype, **options)
+        processor = AutoProcessor.from_pretrained(source, **options)
+    except (OSError, ValueError) as e:
+        msg = f"cannot load model {source!r}: {e}"
+        raise ModelFamilyError(msg) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return adapter_cls(model.to(torch_device), processor, name=source, revision=revision)

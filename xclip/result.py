@@ -1,0 +1,78 @@
+"""Result types: contribution vectors of one input and the interaction map of one pair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+Modality = Literal["text", "image"]
+
+
+@dataclass(frozen=True)
+class Contributions:
+    """Contribution vectors of one caption or image at the cut layer.
+
+    Attributes:
+        values: ``(S, E)``; row s is what position s adds to the embedding difference ``g(x) - g(r)``.
+        embedding: ``(E,)`` the input's L2-normalised embedding (the model's own feature, normalised).
+        reference_embedding: ``(E,)`` the reference's normalised embedding.
+        labels: one label per position: token strings, or ``cls`` / ``patch(row,col)`` for images.
+        grid: ``(H, W)`` patch grid for images, None for captions.
+        n_prefix: positions before the patches (CLIP's CLS); 0 for captions.
+        completeness_error: ``|values.sum(0) - (g(x) - g(r))|``, the quadrature error of this input.
+        is_truncated: the caption was cut to the model's context length.
+    """
+
+    modality: Modality
+    values: Tensor
+    embedding: Tensor
+    reference_embedding: Tensor
+    labels: list[str]
+    grid: tuple[int, int] | None = None
+    n_prefix: int = 0
+    completeness_error: float = 0.0
+    is_truncated: bool = False
+
+
+@dataclass(frozen=True)
+class InteractionMap:
+    """Second-order attributions of one pair: how much each (row position, column position) interaction adds
+    to the similarity.
+
+    Attributes:
+        interactions: ``(S_a, S_b)`` over every position of both inputs, prefix tokens included; its sum is
+            ``four_term_value`` up to ``completeness_error``.
+        score: the model's cosine similarity of the pair (times the logit scale if the map is scaled).
+        terms: ``[cos(a,b), cos(r_a,b), cos(a,r_b), cos(r_a,r_b)]``.
+        four_term_value: ``terms[0] - terms[1] - terms[2] + terms[3]``.
+        completeness_error: ``|interactions.sum() - four_term_value|``.
+        row_labels, column_labels: position labels of the two inputs (tokens, patches).
+        grid: ``(H, W)`` when the columns are an image's patches.
+        n_prefix: leading column positions that are not patches (CLS).
+        logit_scale: factor applied to interactions and terms (1.0 = plain cosine).
+    """
+
+    interactions: Tensor
+    score: float
+    terms: Tensor
+    four_term_value: float
+    completeness_error: float
+    row_labels: list[str]
+    column_labels: list[str]
+    grid: tuple[int, int] | None = None
+    n_prefix: int = 0
+    logit_scale: float = 1.0
+
+    @property
+    def interaction_map(self) -> Tensor:
+        """``(S_t, H, W)`` for a caption-image pair (prefix columns dropped), else ``interactions``."""
+        if self.grid is None:
+            return self.interactions
+        return self.interactions[:, self.n_prefix :].reshape(self.interactions.shape[0], *self.grid)
+
+    @property
+    def prefix_interactions(self) -> Tensor:
+        """``(S_t, n_prefix)``: interactions with the CLS/prefix positions left out of ``interaction_map``."""
+        return self.interactions[:, : self.n_prefix]
