@@ -155,8 +155,23 @@ class DualEncoderAdapter:
         raise NotImplementedError
 
     @property
+    def embedding_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_text_positions(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def preprocessing_geometry(self) -> dict[str, Any]:
+        """How the image processor maps an original image onto the model's input: for boxes and overlays."""
+        processor = self.image_processor
+        size = dict(processor.size) if getattr(processor, "do_resize", True) else None
+        crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
+        return {"resize": size, "center_crop": crop}
+
+    @property
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     # --- shared ---------------------------------------------------------------------------------------
     @property

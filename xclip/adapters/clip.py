@@ -15,6 +15,10 @@ class ClipAdapter(DualEncoderAdapter):
     family = "clip"
     n_image_prefix = 1  # CLS
 
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
     def _text_layers(self) -> Sequence[nn.Module]:
         return self.model.text_model.encoder.layers
 

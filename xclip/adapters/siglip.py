@@ -16,6 +16,10 @@ class SiglipAdapter(DualEncoderAdapter):
     family = "siglip"
     n_image_prefix = 0
 
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.vision_config.hidden_size)
+
     def _text_layers(self) -> Sequence[nn.Module]:
         return self.model.text_model.encoder.layers
 
@@ -62,7 +66,7 @@ class SiglipAdapter(DualEncoderAdapter):
 
     @property
     def logit_bias(self) -> float:
-        return float(self.model.logit_bias)
+        return float(self.model.logit_bias.detach())
 
 
 def _attention_pool(vision: nn.Module, hidden: Tensor) -> Tensor:

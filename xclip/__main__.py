@@ -1,0 +1,5 @@
+"""``python -m xclip``."""
+
+from xclip.cli import main
+
+main()

@@ -1,0 +1,213 @@
+"""The ``xclip`` command line: ``attribute``, ``render`` and ``inspect``. Results go to files and stdout;
+progress, logs and errors go to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from xclip.errors import ConfigError, XclipError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+
+app = typer.Typer(
+    help="Second-order caption-token x image-patch attributions for CLIP-style models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stderr = Console(stderr=True)
+
+
+class _StopFlag:
+    """SIGTERM, SIGUSR1 (Slurm's warning signals) and SIGINT ask the run to stop at the next batch boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        stderr.print(f"[yellow]signal {signal.Signals(signum).name}: finishing the current batch, then stopping[/]")
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def _progress_callback(quiet: bool):  # type: ignore[no-untyped-def]
+    """A Rich bar on a terminal; plain lines every 10% in logs (Slurm, cron); nothing when quiet."""
+    if quiet:
+        return None, None
+    if stderr.is_terminal:
+        bar = Progress(
+            TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=stderr,
+        )
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, rate="")
+            task = bar.tasks[tasks[stage]]
+            speed = task.speed
+            bar.update(tasks[stage], completed=done, total=total, rate=f"{speed:.1f} items/s" if speed else "")
+
+        return bar, update
+    last: dict[str, int] = {}
+
+    def log(stage: str, done: int, total: int) -> None:
+        step = max(1, total // 10)
+        if done == total or done - last.get(stage, 0) >= step:
+            last[stage] = done
+            print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return None, log
+
+
+@app.command()
+def attribute(
+    config: Annotated[Path, typer.Argument(help="YAML run config")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value overrides")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run made with other settings")] = False,
+    json_summary: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="list every failed item")] = False,
+) -> None:
+    """Attribute every image-caption pair of a run config into an HDF5 run directory (resumable)."""
+    from xclip import runner
+    from xclip.config import load_config
+
+    stop = _StopFlag()
+    stop.install()
+    bar, update = _progress_callback(quiet)
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    with _errors():
+        run_config = load_config(config, overrides or [])
+        with bar or nullcontext():
+            summary = runner.run(run_config, overwrite=overwrite, on_progress=update, should_stop=stop, command=command)
+    result = {
+        "directory": str(summary.directory),
+        "pairs": summary.n_pairs,
+        "done": summary.n_done,
+        "skipped": summary.n_skipped,
+        "failed": summary.n_failed,
+        "mean_completeness_error": summary.mean_completeness_error,
+        "seconds": round(summary.seconds, 3),
+        "pairs_per_second": round(summary.pairs_per_second, 3),
+        "interrupted": summary.is_interrupted,
+    }
+    if json_summary:
+        print(json.dumps(result))
+    else:
+        print(summary.directory / "run.h5")
+    if not quiet:
+        table = Table(title="xclip attribute", show_header=False)
+        for key, value in result.items():
+            table.add_row(key.replace("_", " "), f"{value:.3g}" if isinstance(value, float) else str(value))
+        stderr.print(table)
+        for failure in summary.failures[: None if verbose else 5]:
+            stderr.print(f"[red]failed[/] {failure}")
+        if len(summary.failures) > 5 and not verbose:
+            stderr.print(f"... and {len(summary.failures) - 5} more (--verbose lists all, `xclip inspect` too)")
+    if summary.is_interrupted:
+        stderr.print("[yellow]interrupted: rerun the same command to finish the remaining pairs[/]")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.n_failed:
+        raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
+@app.command()
+def render(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
+    pair: Annotated[list[int] | None, typer.Option("--pair", "-p", help="pair index; repeat for several (default: all finished)")] = None,
+    span: Annotated[str | None, typer.Option(help="caption span: a substring such as 'black dog', or token indices '2:4'")] = None,
+    box: Annotated[str | None, typer.Option(help="image box x0,y0,x1,y1 in original-image pixels")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default RUN_DIR/heatmaps)")] = None,
+    upsample: Annotated[str, typer.Option(help="bilinear or nearest")] = "bilinear",
+    limit: Annotated[int, typer.Option(help="render at most this many pairs")] = 100,
+) -> None:
+    """Draw heatmap PNGs of finished pairs: per-word panels, a caption span's image map, or a box's tokens."""
+    from xclip.render import parse_box, render_run
+
+    with _errors():
+        written = render_run(
+            run_dir, pairs=pair, span=span, box=parse_box(box) if box else None, out=out, upsample=upsample, limit=limit
+        )
+    for path in written:
+        print(path)
+    if not written:
+        stderr.print("no finished pairs to render yet")
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable JSON with every pair")] = False,
+    top: Annotated[int, typer.Option(help="pairs to list by score")] = 10,
+) -> None:
+    """Show what a run holds: config, counts, failures, completeness statistics, top pairs."""
+    from xclip.inspection import describe_run
+
+    with _errors():
+        report = describe_run(run_dir)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]{report['file']}[/]  model {report['model']}  created {report['created']}")
+    counts = Table("group", "total", "done", "failed", "pending", title="items")
+    for group, c in report["counts"].items():
+        counts.add_row(group, *(str(c[k]) for k in ("total", "done", "failed", "pending")))
+    console.print(counts)
+    stats = report["completeness_error"]
+    console.print(f"completeness error over finished pairs: mean {stats['mean']:.3g}, max {stats['max']:.3g}, "
+                  f"mean relative {stats['mean_relative']:.3g}")
+    ranked = Table("pair", "score", "caption", "image", "completeness error", title=f"top {top} pairs by score")
+    for row in sorted((p for p in report["pairs"] if p["status"] == "done"), key=lambda p: -p["score"])[:top]:
+        ranked.add_row(str(row["index"]), f"{row['score']:.4f}", row["caption"], row["image"], f"{row['completeness_error']:.2e}")
+    console.print(ranked)
+    for failure in report["failures"]:
+        console.print(f"[red]failed[/] {failure}")
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """xclip's errors as one message on stderr and an exit code: 2 for config and usage, 1 at runtime."""
+    try:
+        yield
+    except ConfigError as e:
+        stderr.print(f"[red]Error:[/] {e}", highlight=False, markup=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except XclipError as e:
+        if os.environ.get("XCLIP_DEBUG"):
+            raise
+        stderr.print(f"[red]Error:[/] {e}", highlight=False)
+        stderr.print("(set XCLIP_DEBUG=1 for a traceback)")
+        raise typer.Exit(EXIT_ERROR) from None
+    except RuntimeError as e:
+        if "out of memory" not in str(e):
+            raise
+        stderr.print(f"[red]Error:[/] out of memory: lower runtime.internal_batch_size or runtime.batch_size ({e})")
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,274 @@
+"""Heatmap PNGs from a run file: a caption span's map over the image, a box's scores over the caption tokens.
+
+Signed values use a diverging colour map centred at zero (red: the pair raises the score, blue: it lowers it);
+the patch grid is upsampled as a float map before colouring, so no hue outside the colour map appears. Each
+PNG records the colour scale it used in a text chunk (``xclip:halfrange``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from xclip.errors import ConfigError
+from xclip.store import DONE, open_run_file
+
+COLORMAP = "RdBu_r"
+ALPHA = 0.55
+SPECIAL = {"<|startoftext|>", "<|endoftext|>", "</s>", "<s>", "<pad>", "[CLS]", "[SEP]", "[PAD]"}
+
+
+@dataclass(frozen=True)
+class PairView:
+    """What the figures of one pair need, read from the run file."""
+
+    index: int
+    caption: str
+    tokens: list[str]
+    interactions: np.ndarray  # (n_tokens, n_image_positions)
+    grid: tuple[int, int]
+    n_prefix: int
+    image: Image.Image  # the model's view: the original resized and cropped as the processor did
+    to_view: Any  # maps original (x, y) to view pixels
+    score: float
+
+    def patch_map(self, token_rows: list[int]) -> np.ndarray:
+        """``(H, W)``: the summed interactions of the given caption positions with every patch."""
+        summed = self.interactions[token_rows].sum(0)[self.n_prefix :]
+        return summed.reshape(self.grid)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"--box must be x0,y0,x1,y1 in pixels, got {text!r}"
+        raise ConfigError(msg) from None
+    if x1 <= x0 or y1 <= y0:
+        msg = f"--box {text!r}: need x0 < x1 and y0 < y1"
+        raise ConfigError(msg)
+    return x0, y0, x1, y1
+
+
+def model_view(image: Image.Image, geometry: dict[str, Any]) -> tuple[Image.Image, Any]:
+    """Apply the processor's resize and centre crop; returns the view and a map of original (x, y) onto it."""
+    width, height = image.size
+    resize, crop = geometry.get("resize"), geometry.get("center_crop")
+    sx = sy = 1.0
+    if resize and "shortest_edge" in resize:
+        sx = sy = resize["shortest_edge"] / min(width, height)
+    elif resize and "height" in resize:
+        sx, sy = resize["width"] / width, resize["height"] / height
+    new_w, new_h = max(1, round(width * sx)), max(1, round(height * sy))
+    view = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left = top = 0
+    if crop:
+        left, top = (new_w - crop["width"]) // 2, (new_h - crop["height"]) // 2
+        view = view.crop((left, top, left + crop["width"], top + crop["height"]))
+
+    def to_view(x: float, y: float) -> tuple[float, float]:
+        return x * sx - left, y * sy - top
+
+    return view, to_view
+
+
+def box_patches(box: tuple[float, float, float, float], view: PairView) -> list[int]:
+    """Patch indices (row-major, without prefix) whose centres fall in an original-pixel box; at least one."""
+    (x0, y0), (x1, y1) = view.to_view(box[0], box[1]), view.to_view(box[2], box[3])
+    rows, cols = view.grid
+    cell_w, cell_h = view.image.size[0] / cols, view.image.size[1] / rows
+    inside = [
+        r * cols + c
+        for r in range(rows)
+        for c in range(cols)
+        if x0 <= (c + 0.5) * cell_w <= x1 and y0 <= (r + 0.5) * cell_h <= y1
+    ]
+    if inside:
+        return inside
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    r = min(rows - 1, max(0, int(cy / cell_h)))
+    c = min(cols - 1, max(0, int(cx / cell_w)))
+    return [r * cols + c]
+
+
+def heatmap_overlay(image: Image.Image, patch_map: np.ndarray, halfrange: float, upsample: str = "bilinear") -> Image.Image:
+    """The image with a signed patch map upsampled onto it and blended in ``RdBu_r`` (zero = white)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import CenteredNorm
+
+    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}.get(upsample)
+    if resample is None:
+        msg = f"upsample must be bilinear or nearest, got {upsample!r}"
+        raise ConfigError(msg)
+    field = Image.fromarray(patch_map.astype(np.float32), mode="F").resize(image.size, resample)
+    norm = CenteredNorm(vcenter=0.0, halfrange=halfrange or 1.0)
+    colours = colormaps[COLORMAP](norm(np.asarray(field)), bytes=True)[..., :3].astype(np.float32)
+    blended = (1 - ALPHA) * np.asarray(image.convert("RGB"), dtype=np.float32) + ALPHA * colours
+    return Image.fromarray(blended.round().astype(np.uint8))
+
+
+def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    """Caption words and their token rows, special tokens left out."""
+    groups: list[tuple[str, list[int]]] = []
+    starts_word = True
+    for row, token in enumerate(tokens):
+        if token in SPECIAL or not token:
+            starts_word = True
+            continue
+        clean = token.replace("</w>", "").lstrip("▁Ġ")
+        if starts_word or token.startswith(("▁", "Ġ")) or not groups:
+            groups.append((clean, [row]))
+        else:
+            word, rows = groups[-1]
+            groups[-1] = (word + clean, [*rows, row])
+        starts_word = token.endswith("</w>") or not token.strip()
+    return groups
+
+
+def span_rows(span: str, tokens: list[str]) -> list[int]:
+    """Token rows of a span: ``"2:4"`` / ``"3"`` (indices) or a substring of the caption's words."""
+    if re.fullmatch(r"\d+(:\d+)?", span):
+        first, _, last = span.partition(":")
+        rows = list(range(int(first), int(last) if last else int(first) + 1))
+        if not rows or rows[-1] >= len(tokens):
+            msg = f"span {span!r} is outside the caption's {len(tokens)} tokens"
+            raise ConfigError(msg)
+        return rows
+    words = _word_groups(tokens)
+    text, starts = "", []
+    for word, _ in words:
+        starts.append(len(text))
+        text += word + " "
+    begin = text.lower().find(span.lower())
+    if begin < 0:
+        msg = f"span {span!r} does not occur in the caption {text.strip()!r}"
+        raise ConfigError(msg)
+    end = begin + len(span)
+    return [row for (word, rows), s in zip(words, starts) if s < end and s + len(word) > begin for row in rows]
+
+
+def _figure(view: PairView, panels: list[tuple[str, np.ndarray]], token_scores: np.ndarray | None,
+            highlight_rows: list[int], box: tuple[float, float, float, float] | None, upsample: str, path: Path) -> Path:
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import CenteredNorm
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    values = [m for _, m in panels] + ([token_scores] if token_scores is not None else [])
+    halfrange = float(max(np.abs(v).max() for v in values)) or 1.0
+    norm, cmap = CenteredNorm(vcenter=0.0, halfrange=halfrange), colormaps[COLORMAP]
+    n = len(panels)
+    columns = min(n, 4)
+    rows = -(-n // columns)
+    fig = Figure(figsize=(max(3.2 * columns + 1.4, 6.0), 3.2 * rows + 1.4), dpi=100, layout="constrained")
+    grid = fig.add_gridspec(rows + 1, columns + 1, height_ratios=[*[1.0] * rows, 0.28], width_ratios=[*[1.0] * columns, 0.06])
+    for k, (title, patch_map) in enumerate(panels):
+        ax = fig.add_subplot(grid[k // columns, k % columns])
+        ax.imshow(heatmap_overlay(view.image, patch_map, halfrange, upsample))
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+        if box is not None:
+            (x0, y0), (x1, y1) = view.to_view(box[0], box[1]), view.to_view(box[2], box[3])
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=2))
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_subplot(grid[:rows, columns]), label="interaction")
+    _token_strip(fig, fig.add_subplot(grid[rows, :]), view.tokens, token_scores, highlight_rows, norm, cmap)
+    fig.suptitle(f"pair {view.index}: {view.caption!r}  (score {view.score:.4f})", fontsize=11)
+    metadata = PngInfo()
+    metadata.add_text("xclip:halfrange", f"{halfrange:.6g}")
+    metadata.add_text("xclip:colormap", COLORMAP)
+    metadata.add_text("xclip:upsample", upsample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, pil_kwargs={"pnginfo": metadata})
+    return path
+
+
+def _token_strip(fig: Any, strip: Any, tokens: list[str], token_scores: np.ndarray | None,
+                 highlight_rows: list[int], norm: Any, cmap: Any) -> None:
+    """The caption's words left to right, wrapped, each on its summed score's colour; the span outlined."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    strip.set_axis_off()
+    width = strip.get_window_extent(renderer).width
+    x, y = 0.0, 0.75
+    for word, rows in _word_groups(tokens):
+        score = float(token_scores[rows].sum()) if token_scores is not None else None
+        face = cmap(norm(score)) if score is not None else "white"
+        is_highlighted = any(r in highlight_rows for r in rows)
+        text = strip.text(x, y, word, fontsize=11, va="center", transform=strip.transAxes,
+                          fontweight="bold" if is_highlighted else "normal",
+                          bbox={"facecolor": face, "edgecolor": "black" if is_highlighted else "0.8",
+                                "boxstyle": "round,pad=0.3"})
+        x += text.get_window_extent(renderer).width / width + 0.03
+        if x > 0.92:
+            x, y = 0.0, y - 0.45
+
+
+def load_pair_view(f: Any, index: int, data_root: Path, geometry: dict[str, Any]) -> PairView:
+    captions, images, pairs = f["captions"], f["images"], f["pairs"]
+    c, i = int(pairs["caption_index"][index]), int(pairs["image_index"][index])
+    n_tokens = int(captions["n_positions"][c])
+    tokens = list(captions["tokens"].asstr()[c, :n_tokens])
+    image_path = data_root / images["path"].asstr()[i]
+    view, to_view = model_view(Image.open(image_path).convert("RGB"), geometry)
+    return PairView(
+        index=index,
+        caption=captions["text"].asstr()[c],
+        tokens=tokens,
+        interactions=pairs["interactions"][index, :n_tokens],
+        grid=tuple(int(v) for v in images.attrs["grid"]),
+        n_prefix=int(images.attrs["n_prefix"]),
+        image=view,
+        to_view=to_view,
+        score=float(pairs["score"][index]),
+    )
+
+
+def render_pair(view: PairView, out: Path, *, span: str | None = None,
+                box: tuple[float, float, float, float] | None = None, upsample: str = "bilinear") -> Path:
+    """One PNG: the span's map (``span``), the box's token scores (``box``), or per-word panels (neither)."""
+    if span is not None:
+        rows = span_rows(span, view.tokens)
+        label = " ".join(view.tokens[r].replace("</w>", "") for r in rows)
+        return _figure(view, [(f"span: {label}", view.patch_map(rows))], None, rows, box, upsample,
+                       out / f"pair{view.index:06d}_span.png")
+    if box is not None:
+        patches = [view.n_prefix + p for p in box_patches(box, view)]
+        token_scores = view.interactions[:, patches].sum(1)
+        return _figure(view, [("whole caption", view.patch_map(list(range(len(view.tokens)))))], token_scores, [],
+                       box, upsample, out / f"pair{view.index:06d}_box.png")
+    panels = [(word, view.patch_map(rows)) for word, rows in _word_groups(view.tokens)]
+    panels.append(("whole caption", view.patch_map(list(range(len(view.tokens))))))
+    return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png")
+
+
+def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
+               box: tuple[float, float, float, float] | None = None, out: Path | None = None,
+               upsample: str = "bilinear", limit: int = 100) -> list[Path]:
+    """Render finished pairs of a run (also while it is still running); returns the PNG paths."""
+    run_dir = Path(run_dir)
+    run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
+    out = out or run_file.parent / "heatmaps"
+    with open_run_file(run_file) as f:
+        config = json.loads(f.attrs["config"])
+        geometry = json.loads(f.attrs["preprocessing"])
+        status = f["pairs/status"][:]
+        if pairs:
+            for index in pairs:
+                if not 0 <= index < len(status) or status[index] != DONE:
+                    msg = f"pair {index} is not a finished pair of {run_file} (it has {len(status)} pairs)"
+                    raise ConfigError(msg)
+            selected = pairs
+        else:
+            selected = [int(i) for i in np.flatnonzero(status == DONE)[:limit]]
+        root = Path(config["data"]["root"])
+        return [render_pair(load_pair_view(f, index, root, geometry), out, span=span, box=box, upsample=upsample)
+                for index in selected]

@@ -1,0 +1,370 @@
+"""One batch attribution run: config in, HDF5 run directory out. No terminal code here: progress goes to a
+callback, stopping is asked through ``should_stop``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+import xclip
+from xclip.adapters.base import DualEncoderAdapter, ImageBatch, load_image
+from xclip.attribution import InteractionAttribution, interaction_map
+from xclip.config import RunConfig
+from xclip.data import Dataset, read_dataset
+from xclip.errors import ConfigError, XclipError
+from xclip.loading import load_model
+from xclip.store import (
+    DONE,
+    FAILED,
+    create_run_file,
+    mark_failed,
+    open_run_file,
+    pending,
+    read_contributions,
+    write_caption_tokens,
+    write_contributions,
+    write_pair,
+)
+
+RUN_FILE = "run.h5"
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class RunSummary:
+    directory: Path
+    n_pairs: int
+    n_done: int = 0  # pairs finished by this invocation
+    n_skipped: int = 0  # pairs already finished before it
+    n_failed: int = 0
+    mean_completeness_error: float = float("nan")
+    seconds: float = 0.0
+    is_interrupted: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.n_done / self.seconds if self.seconds else 0.0
+
+
+def run(
+    config: RunConfig,
+    *,
+    overwrite: bool = False,
+    on_progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    command: str = "",
+) -> RunSummary:
+    """Attribute every pair of the configured data into ``config.output.directory / run.h5``.
+
+    Rerunning on the same directory resumes: finished items are skipped, failed and pending ones retried.
+
+    Raises:
+        ConfigError: the directory holds a run made with other settings (pass ``overwrite=True``).
+    """
+    start = time.perf_counter()
+    progress = on_progress or (lambda stage, done, total: None)
+    directory = config.output.directory
+    run_path = directory / RUN_FILE
+    if overwrite and directory.exists():
+        run_path.unlink(missing_ok=True)
+        shutil.rmtree(directory / "heatmaps", ignore_errors=True)
+    if run_path.exists():
+        with open_run_file(run_path) as f:
+            if f.attrs["fingerprint"] != config.result_fingerprint():
+                msg = f"{directory} holds a run made with different settings; use --overwrite to replace it"
+                raise ConfigError(msg)
+    dataset = read_dataset(config.data)
+    torch.manual_seed(config.runtime.seed)
+    model = load_model(
+        config.model.name,
+        revision=config.model.revision,
+        dtype=config.model.dtype,
+        device=config.model.device,
+        local_files_only=config.model.local_files_only,
+    )
+    settings = config.attribution
+    attributor = InteractionAttribution(
+        model,
+        text_layer=settings.text_layer,
+        image_layer=settings.image_layer,
+        n_steps=settings.steps,
+        method=settings.rule,
+        convention=settings.convention,
+        text_filler=settings.text_filler,
+        image_reference=settings.image_reference,
+        reference_seed=settings.reference_seed,
+        blur_radius=settings.blur_radius,
+        scale_by_logit=settings.scale_by_logit,
+        mode=settings.mode,
+        internal_batch_size=config.runtime.internal_batch_size,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    if not run_path.exists():
+        pairs = _choose_pairs(config, dataset, attributor, progress)
+        grid = model.patch_grid
+        skeleton = run_path.with_suffix(".h5.tmp")
+        skeleton.unlink(missing_ok=True)  # left by a run killed while creating it: never complete
+        create_run_file(
+            skeleton,
+            attributes=_provenance(config, model, command),
+            captions=dataset.captions,
+            images=[str(p.relative_to(config.data.root.resolve())) for p in dataset.images],
+            pairs=pairs,
+            max_text_positions=model.max_text_positions,
+            n_image_positions=model.n_image_prefix + grid[0] * grid[1],
+            embedding_dim=model.embedding_dim,
+            grid=grid,
+            n_prefix=model.n_image_prefix,
+        )
+        skeleton.replace(run_path)  # so a run.h5 that exists always has every dataset
+
+    summary = RunSummary(directory=directory, n_pairs=0)
+    with open_run_file(run_path, "r+") as f:
+        summary.n_pairs = len(f["pairs/status"])
+        summary.n_skipped = int((f["pairs/status"][:] == DONE).sum())
+        stages = (
+            ("captions", lambda: _attribute_captions(f, attributor, config, progress, should_stop)),
+            ("images", lambda: _attribute_images(f, attributor, config, dataset, progress, should_stop)),
+            ("pairs", lambda: _attribute_pairs(f, attributor, config, progress, should_stop)),
+        )
+        for _, stage in stages:
+            if should_stop():
+                break
+            stage()
+        status = f["pairs/status"][:]
+        summary.n_done = int((status == DONE).sum()) - summary.n_skipped
+        summary.n_failed = int((status == FAILED).sum())
+        summary.is_interrupted = should_stop() or bool((status == 0).any())
+        errors = f["pairs/completeness_error"][status == DONE]
+        summary.mean_completeness_error = float(errors.mean()) if errors.size else float("nan")
+        for group in ("captions", "images"):
+            for index in np.flatnonzero(f[group]["status"][:] == FAILED):
+                summary.failures.append(f"{group[:-1]} {index}: {f[group]['error'][index].decode()}")
+    if config.output.render and not summary.is_interrupted:
+        from xclip.render import render_run
+
+        render_run(directory)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _choose_pairs(
+    config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress
+) -> list[tuple[int, int]]:
+    mode = config.pairing.mode
+    if mode == "given":
+        return dataset.given_pairs
+    every = [(c, i) for c in range(len(dataset.captions)) for i in range(len(dataset.images))]
+    if mode == "all":
+        return every
+    # topk: each image with its k best captions by the model's own score (plain embeddings, cheap)
+    scores = _similarities(attributor.model, dataset, config.runtime.batch_size, progress)
+    k = min(config.pairing.k, len(dataset.captions))
+    best = torch.topk(scores, k, dim=0).indices  # (k, n_images)
+    return sorted((int(best[r, i]), i) for i in range(scores.shape[1]) for r in range(k))
+
+
+@torch.no_grad()
+def _similarities(model: DualEncoderAdapter, dataset: Dataset, batch_size: int, progress: Progress) -> torch.Tensor:
+    """``(n_captions, n_images)`` cosine similarities; unreadable images score -inf."""
+    from xclip.core.transformer import Positions, embed_from_hidden
+
+    text = []
+    for start in range(0, len(dataset.captions), batch_size):
+        batch = model.tokenize(dataset.captions[start : start + batch_size])
+        hidden = model.text_hidden(batch.input_ids, batch.positions, 0)
+        text.append(embed_from_hidden(model.text_upper(0), hidden, batch.positions, normalize=True).float())
+    image = []
+    for index, path in enumerate(dataset.images):
+        try:
+            pixels = model.preprocess([path]).pixel_values
+        except XclipError:
+            image.append(torch.full_like(text[0][:1], float("nan")))
+            continue
+        positions = Positions(pooled_index=model.image_pooled_index(1))
+        hidden = model.image_hidden(pixels, 0)
+        image.append(embed_from_hidden(model.image_upper(0), hidden, positions, normalize=True).float())
+        progress("ranking", index + 1, len(dataset.images))
+    scores = torch.cat(text) @ torch.cat(image).T
+    return scores.nan_to_num(nan=float("-inf"))
+
+
+def _provenance(config: RunConfig, model: DualEncoderAdapter, command: str) -> dict[str, object]:
+    import transformers
+
+    attributes: dict[str, object] = {
+        "xclip_version": xclip.__version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "model_name": config.model.name,
+        "model_revision": config.model.revision or "",
+        "model_family": model.family,
+        "device": str(model.device),
+        "dtype": config.model.dtype,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "config": config.model_dump_json(),
+        "fingerprint": config.result_fingerprint(),
+        "preprocessing": json.dumps(model.preprocessing_geometry()),
+        "logit_scale": model.logit_scale,
+    }
+    weights = Path(config.model.name)
+    if weights.is_dir():  # a local checkpoint has no revision: identify its weights by content
+        digest = hashlib.sha256()
+        for file in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin")):
+            digest.update(file.read_bytes())
+        attributes["model_weights_sha256"] = digest.hexdigest()
+    return attributes
+
+
+def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _attribute_captions(
+    f: h5py.File, attributor: InteractionAttribution, config: RunConfig, progress: Progress, stop: Callable[[], bool]
+) -> None:
+    group = f["captions"]
+    todo = pending(group)
+    texts = group["text"].asstr()
+    for done, batch_indices in enumerate(_batches(todo, config.runtime.batch_size)):
+        if stop():
+            return
+        captions = [texts[int(i)] for i in batch_indices]
+        for indices, batch in _isolate_failures(group, batch_indices, captions, attributor.model.tokenize):
+            for index, ids, result in zip(indices, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
+                write_caption_tokens(group, int(index), ids, result)
+                write_contributions(group, int(index), result)
+        f.flush()
+        progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
+
+
+def _isolate_failures(group, indices, inputs, prepare):  # type: ignore[no-untyped-def]
+    """Prepare a whole batch; if that fails, prepare item by item and mark the bad ones failed."""
+    try:
+        return [(indices, prepare(inputs))]
+    except XclipError:
+        pass
+    prepared = []
+    for index, item in zip(indices, inputs):
+        try:
+            prepared.append((np.array([index]), prepare([item])))
+        except XclipError as e:
+            mark_failed(group, int(index), str(e))
+    return prepared
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes and preprocesses images (in DataLoader workers when ``num_workers > 0``)."""
+
+    def __init__(self, root: Path, paths: list[str], indices: np.ndarray, processor: object) -> None:
+        self.root, self.paths, self.indices, self.processor = root, paths, indices, processor
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, object, str]:
+        index = int(self.indices[position])
+        try:
+            image = load_image(self.root / self.paths[index])
+            pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]  # type: ignore[operator]
+        except XclipError as e:
+            return index, None, str(e)
+        except Exception as e:  # a broken image must not kill the batch: record it
+            return index, None, f"cannot preprocess image {self.paths[index]}: {e}"
+        return index, (pixels, image), ""
+
+
+def _attribute_images(
+    f: h5py.File,
+    attributor: InteractionAttribution,
+    config: RunConfig,
+    dataset: Dataset,
+    progress: Progress,
+    stop: Callable[[], bool],
+) -> None:
+    group = f["images"]
+    todo = pending(group)
+    model = attributor.model
+    paths = list(group["path"].asstr()[:])
+    files = _ImageFiles(config.data.root.resolve(), paths, todo, model.image_processor)
+    loader = torch.utils.data.DataLoader(
+        files, batch_size=config.runtime.batch_size, num_workers=config.runtime.num_workers, collate_fn=list
+    )
+    finished = 0
+    for items in loader:
+        if stop():
+            return
+        good = []
+        for index, loaded, reason in items:
+            if loaded is None:
+                mark_failed(group, index, reason)
+            else:
+                good.append((index, *loaded))
+        if good:
+            batch = ImageBatch(
+                pixel_values=torch.stack([pixels for _, pixels, _ in good]).to(model.device, model.dtype),
+                original_sizes=[image.size for _, _, image in good],
+                images=[image for _, _, image in good],
+            )
+            for (index, _, image), result in zip(good, attributor.image_batch_contributions(batch)):
+                group["original_size"][index] = image.size
+                write_contributions(group, index, result)
+        f.flush()
+        finished += len(items)
+        progress("images", finished, len(todo))
+
+
+def _attribute_pairs(
+    f: h5py.File, attributor: InteractionAttribution, config: RunConfig, progress: Progress, stop: Callable[[], bool]
+) -> None:
+    pairs, captions, images = f["pairs"], f["captions"], f["images"]
+    todo = pending(pairs)
+    caption_index, image_index = pairs["caption_index"][:], pairs["image_index"][:]
+    caption_status, image_status = captions["status"][:], images["status"][:]
+    grid = tuple(int(x) for x in images.attrs["grid"])
+    n_prefix = int(images.attrs["n_prefix"])
+    image_labels = ["cls"] * n_prefix + [f"patch({r},{c})" for r in range(grid[0]) for c in range(grid[1])]
+    scale = attributor.logit_scale
+    cache: dict[tuple[str, int], xclip.Contributions] = {}
+
+    def stored(kind: str, index: int) -> xclip.Contributions:
+        key = (kind, index)
+        if key not in cache:
+            if kind == "caption":
+                n = int(captions["n_positions"][index])
+                labels = list(captions["tokens"].asstr()[index, :n])
+                cache[key] = read_contributions(captions, index, labels=labels, grid=None, n_prefix=0, n_positions=n)
+            else:
+                cache[key] = read_contributions(
+                    images, index, labels=image_labels, grid=grid, n_prefix=n_prefix, n_positions=len(image_labels)
+                )
+        return cache[key]
+
+    for done, batch_indices in enumerate(_batches(todo, max(64, config.runtime.batch_size))):
+        if stop():
+            return
+        for index in batch_indices:
+            c, i = int(caption_index[index]), int(image_index[index])
+            if caption_status[c] != DONE:
+                mark_failed(pairs, int(index), f"caption {c} failed: {captions['error'].asstr()[c]}")
+                continue
+            if image_status[i] != DONE:
+                mark_failed(pairs, int(index), f"image {i} failed: {images['error'].asstr()[i]}")
+                continue
+            write_pair(pairs, int(index), interaction_map(stored("caption", c), stored("image", i), logit_scale=scale))
+        if len(cache) > 4096:
+            cache.clear()
+        f.flush()
+        progress("pairs", min((done + 1) * max(64, config.runtime.batch_size), len(todo)), len(todo))
