@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU machines take this local build; anywhere else pip resolves it as usual
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ install: $(VENV)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
+demo: install
+	$(BIN)/xclip attribute configs/demo.yaml
+	$(BIN)/xclip render runs/demo
+
 bench: install
 	$(BIN)/python scripts/bench.py --architecture vit-b-32 --device cpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info runs

@@ -193,19 +193,23 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as e:
-        stderr.print(f"[red]Error:[/] {e}", highlight=False, markup=True)
+        _print_error(str(e))
         raise typer.Exit(EXIT_USAGE) from None
     except XclipError as e:
         if os.environ.get("XCLIP_DEBUG"):
             raise
-        stderr.print(f"[red]Error:[/] {e}", highlight=False)
-        stderr.print("(set XCLIP_DEBUG=1 for a traceback)")
+        _print_error(f"{e}\n(set XCLIP_DEBUG=1 for a traceback)")
         raise typer.Exit(EXIT_ERROR) from None
     except RuntimeError as e:
         if "out of memory" not in str(e):
             raise
-        stderr.print(f"[red]Error:[/] out of memory: lower runtime.internal_batch_size or runtime.batch_size ({e})")
+        _print_error(f"out of memory: lower runtime.internal_batch_size or runtime.batch_size ({e})")
         raise typer.Exit(EXIT_ERROR) from None
+
+
+def _print_error(message: str) -> None:
+    # plain print: Rich would wrap long paths and file:line locations at the console width
+    print(f"Error: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

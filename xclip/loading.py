@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +40,19 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ConfigError(msg) from None
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading chatter (missing torchvision, unused weights) for batch logs."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -60,22 +75,18 @@ def load_model(
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from transformers import AutoConfig, AutoModel, AutoProcessor
-    from transformers.utils import logging as hf_logging
 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     source = str(name_or_path)
     options = {"revision": revision, "local_files_only": local_files_only, "trust_remote_code": False}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # loading chatter (missing torchvision, unused weights) is not for batch logs
     try:
-        config = AutoConfig.from_pretrained(source, **options)
-        adapter_cls = get_adapter_cls(config.model_type)
-        model = AutoModel.from_pretrained(source, dtype=torch_dtype, **options)
-        processor = AutoProcessor.from_pretrained(source, **options)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(source, **options)
+            adapter_cls = get_adapter_cls(config.model_type)
+            model = AutoModel.from_pretrained(source, dtype=torch_dtype, **options)
+            processor = AutoProcessor.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
         msg = f"cannot load model {source!r}: {e}"
         raise ModelFamilyError(msg) from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
     return adapter_cls(model.to(torch_device), processor, name=source, revision=revision)

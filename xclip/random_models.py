@@ -134,8 +134,11 @@ def build_random_model(
 def save_random_model(directory: str | Path, family: str, architecture: str = "tiny", **options: Any) -> Path:
     """Build a random model (options as :func:`build_random_model`) and ``save_pretrained`` it with its
     processor into ``directory``."""
-    model, processor = build_random_model(family, architecture, **options)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    from xclip.loading import quiet_transformers
+
+    with quiet_transformers():
+        model, processor = build_random_model(family, architecture, **options)
+        directory = Path(directory)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
     return directory

@@ -1,0 +1,349 @@
+"""`xclip attribute`, `render` and `inspect` end to end on tiny local models and generated images."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from conftest import make_images
+from PIL import Image
+from typer.testing import CliRunner
+
+import xclip
+from xclip.cli import app
+from xclip.config import load_config
+from xclip.data import read_dataset
+from xclip.errors import ConfigError
+from xclip.render import heatmap_overlay, span_rows
+from xclip.runner import run
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+runner = CliRunner()
+CAPTIONS = ["a red dog", "two blue circle", "the cat on a green square"]
+
+
+def write_folder(root: Path, n_images: int = 3, *, bad_image: bool = False, empty_caption: bool = False) -> Path:
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, image in enumerate(make_images(n_images)):
+        image.save(images / f"img{i}.png")
+        lines.append({"file_name": f"img{i}.png", "text": CAPTIONS[i % len(CAPTIONS)]})
+    if bad_image:
+        (images / "broken.png").write_bytes(b"not a png")
+        lines.append({"file_name": "broken.png", "text": "a red dog"})
+    if empty_caption:
+        lines.append({"file_name": "img0.png", "text": "  "})
+    (images / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return images
+
+
+def write_config(path: Path, model_dir: str, **sections: dict) -> Path:
+    config = {
+        "model": {"name": model_dir, "device": "cpu", "dtype": "float64"},
+        "attribution": {"steps": 6},
+        "data": {"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl"},
+        "pairing": {"mode": "given"},
+        "output": {"directory": "run"},
+        "runtime": {"batch_size": 2},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def folder_config(tmp_path, model_dirs):
+    write_folder(tmp_path)
+    return write_config(tmp_path / "run.yaml", model_dirs["clip"])
+
+
+# --- config -----------------------------------------------------------------------------------------------
+def test_config_errors_name_key_file_and_line(tmp_path, folder_config):
+    text = folder_config.read_text().replace("steps: 6", "stpes: 6")
+    folder_config.write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), start=1) if "stpes" in row)
+    result = runner.invoke(app, ["attribute", str(folder_config)])
+    assert result.exit_code == 2
+    assert f"{folder_config}:{line}: attribution.stpes: Extra inputs are not permitted" in result.output
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("attribution.steps=abc", "attribution.steps: Input should be a valid integer"),
+        ("attribution.rule=simpson", "attribution.rule: Input should be 'gauss-legendre', 'riemann-right' or 'midpoint'"),
+        ("pairing.mode=every", "pairing.mode: Input should be 'given', 'all' or 'topk'"),
+        ("model.dtype=float8", "model.dtype: Input should be"),
+        ("steps", "override 'steps' must look like section.key=value"),
+        ("data.metadata=", "data.format 'imagefolder' needs data.metadata"),
+    ],
+)
+def test_bad_overrides_exit_2_with_the_problem(folder_config, override, message):
+    result = runner.invoke(app, ["attribute", str(folder_config), override])
+    assert result.exit_code == 2
+    assert message in result.output.replace("\n", " ").replace("  ", " ") or message in result.output
+
+
+def test_missing_section_and_bad_yaml(tmp_path, folder_config):
+    data = yaml.safe_load(folder_config.read_text())
+    del data["model"]
+    folder_config.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["attribute", str(folder_config)])
+    assert result.exit_code == 2 and "model: Field required" in result.output
+    folder_config.write_text("model: [unclosed")
+    result = runner.invoke(app, ["attribute", str(folder_config)])
+    assert result.exit_code == 2 and "invalid YAML" in result.output
+    result = runner.invoke(app, ["attribute", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2 and "cannot read config" in result.output
+
+
+def test_overrides_reach_the_runner(folder_config, monkeypatch):
+    seen = {}
+
+    def fake_run(config, **kwargs):
+        seen["config"] = config
+        raise xclip.StoreError("stop here")
+
+    monkeypatch.setattr("xclip.runner.run", fake_run)
+    result = runner.invoke(app, ["attribute", str(folder_config), "attribution.steps=20", "pairing.mode=all"])
+    assert result.exit_code == 1 and "stop here" in result.output
+    config = seen["config"]
+    assert config.attribution.steps == 20 and config.pairing.mode == "all"
+    assert config.output.directory == (folder_config.parent / "run").resolve()  # relative to the config file
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+def test_every_input_format(tmp_path):
+    images = write_folder(tmp_path)
+    base = {"root": images}
+    folder = read_dataset(load_config(write_config(tmp_path / "a.yaml", "m"), []).data)
+    assert folder.captions == CAPTIONS and [p.name for p in folder.images] == ["img0.png", "img1.png", "img2.png"]
+    assert folder.given_pairs == [(0, 0), (1, 1), (2, 2)]
+
+    (images / "pairs.tsv").write_text("filepath\ttitle\nimg1.png\ta red dog\nimg0.png\ta red dog\n")
+    csv_config = xclip.config.DataConfig(format="csv", metadata=images / "pairs.tsv", csv_separator="\t", **base)
+    tsv = read_dataset(csv_config)
+    assert tsv.captions == ["a red dog"] and [p.name for p in tsv.images] == ["img1.png", "img0.png"]
+    assert tsv.given_pairs == [(0, 0), (0, 1)]
+
+    (images / "img0.txt").write_text("first caption\nsecond caption\n")
+    (images / "img2.txt").write_text("third caption\n")
+    sidecar = read_dataset(xclip.config.DataConfig(format="sidecar", **base))
+    assert sidecar.captions == ["first caption", "second caption", "third caption"]
+    assert sidecar.given_pairs == [(0, 0), (1, 0), (2, 1)] and [p.name for p in sidecar.images] == ["img0.png", "img2.png"]
+
+    coco = {
+        "images": [{"id": 7, "file_name": "img2.png"}, {"id": 3, "file_name": "img0.png"}],
+        "annotations": [{"id": 1, "image_id": 7, "caption": "a cat"}, {"id": 2, "image_id": 3, "caption": "a dog "}],
+    }
+    (images / "coco.json").write_text(json.dumps(coco))
+    from_coco = read_dataset(xclip.config.DataConfig(format="coco", metadata=images / "coco.json", **base))
+    assert from_coco.captions == ["a dog", "a cat"] and [p.name for p in from_coco.images] == ["img0.png", "img2.png"]
+
+    queries = read_dataset(xclip.config.DataConfig(format="queries", queries=["a dog", "a cat"], **base))
+    assert len(queries.given_pairs) == 2 * 3
+
+
+def test_image_paths_may_not_escape_the_root(tmp_path):
+    images = write_folder(tmp_path)
+    (images / "metadata.jsonl").write_text(json.dumps({"file_name": "../../etc/passwd", "text": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="escapes the data root"):
+        read_dataset(xclip.config.DataConfig(format="imagefolder", root=images, metadata=images / "metadata.jsonl"))
+    (images / "metadata.jsonl").write_text('{"file_name": "img0.png"}\n')
+    with pytest.raises(ConfigError, match=r"metadata.jsonl:1: each line needs 'file_name' and 'text'"):
+        read_dataset(xclip.config.DataConfig(format="imagefolder", root=images, metadata=images / "metadata.jsonl"))
+
+
+# --- runs -------------------------------------------------------------------------------------------------
+def read_all(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_run_matches_the_library(tmp_path, model_dirs, family):
+    write_folder(tmp_path)
+    config = load_config(write_config(tmp_path / "run.yaml", model_dirs[family], pairing={"mode": "all"}), [])
+    summary = run(config)
+    assert (summary.n_pairs, summary.n_done, summary.n_failed) == (9, 9, 0)
+    model = xclip.load_model(model_dirs[family], device="cpu", dtype="float64")
+    images = [Image.open(tmp_path / "images" / f"img{i}.png") for i in range(3)]
+    expected = xclip.InteractionAttribution(model, n_steps=6).attribute(CAPTIONS, images)
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        pairs = f["pairs"]
+        for index, m in enumerate(expected):
+            rows, columns = m.interactions.shape
+            stored = pairs["interactions"][index]
+            np.testing.assert_allclose(stored[:rows, :columns], m.interactions.numpy(), rtol=1e-5, atol=1e-9)
+            assert np.isnan(stored[rows:]).all()
+            assert pairs["score"][index] == pytest.approx(m.score, abs=1e-6)
+            assert pairs["completeness_error"][index] == pytest.approx(m.completeness_error, abs=1e-6)
+            assert pairs["four_term_value"][index] == pytest.approx(m.four_term_value, abs=1e-6)
+        n_tokens = f["captions/n_positions"][0]
+        assert list(f["captions/tokens"].asstr()[0, :n_tokens]) == expected[0].row_labels
+        assert tuple(f["images/original_size"][1]) == images[1].size
+        assert json.loads(f.attrs["config"])["attribution"]["steps"] == 6
+        assert f.attrs["model_family"] == family and len(f.attrs["model_weights_sha256"]) == 64
+
+
+def test_topk_pairs_each_image_with_its_best_captions(tmp_path, model_dirs):
+    write_folder(tmp_path)
+    config = load_config(
+        write_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "topk", "k": 2}), []
+    )
+    run(config)
+    model = xclip.load_model(model_dirs["clip"], device="cpu", dtype="float64")
+    images = [Image.open(tmp_path / "images" / f"img{i}.png") for i in range(3)]
+    scores = np.array([[m.score for m in xclip.InteractionAttribution(model, n_steps=1).attribute([c], images)] for c in CAPTIONS])
+    expected = sorted((int(c), i) for i in range(3) for c in np.argsort(-scores[:, i])[:2])
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        stored = sorted(zip(f["pairs/caption_index"][:].tolist(), f["pairs/image_index"][:].tolist()))
+    assert stored == expected
+
+
+def test_bad_items_are_recorded_and_the_rest_finishes(tmp_path, model_dirs):
+    write_folder(tmp_path, bad_image=True, empty_caption=True)
+    config_path = write_config(tmp_path / "run.yaml", model_dirs["clip"])
+    result = runner.invoke(app, ["attribute", str(config_path), "--json", "-q"])
+    assert result.exit_code == 3  # finished, some items failed
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["failed"] == 2 and summary["done"] == 3
+    report = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
+    failures = "\n".join(report["failures"])
+    assert "cannot read image" in failures and "broken.png" in failures
+    assert "is empty" in failures
+    statuses = {(p["caption"], p["image"]): p["status"] for p in report["pairs"]}
+    assert statuses[("a red dog", "broken.png")] == "failed" and statuses[("a red dog", "img0.png")] == "done"
+
+
+def test_resume_after_interruption_gives_the_same_file(tmp_path, model_dirs):
+    write_folder(tmp_path, n_images=4)
+    straight = load_config(write_config(tmp_path / "a.yaml", model_dirs["clip"], pairing={"mode": "all"}), [])
+    run(straight)
+    interrupted = load_config(
+        write_config(tmp_path / "b.yaml", model_dirs["clip"], pairing={"mode": "all"}, output={"directory": "run2"}), []
+    )
+    calls = []
+
+    def stop_after_images() -> bool:
+        calls.append(1)
+        return len(calls) > 4  # stops partway through the images
+
+    first = run(interrupted, should_stop=stop_after_images)
+    assert first.is_interrupted and first.n_done < first.n_pairs
+    second = run(interrupted)
+    assert not second.is_interrupted and second.n_skipped == first.n_done
+    a, b = read_all(tmp_path / "run" / "run.h5"), read_all(tmp_path / "run2" / "run.h5")
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].dtype.kind == "f":
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+        else:
+            assert (a[name] == b[name]).all(), name
+
+
+def test_changed_config_is_refused_unless_overwrite(tmp_path, folder_config):
+    assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["attribute", str(folder_config), "attribution.steps=7", "-q"])
+    assert result.exit_code == 2 and "different settings" in result.output and "--overwrite" in result.output
+    again = runner.invoke(app, ["attribute", str(folder_config), "-q", "--json"])  # same config: nothing to do
+    assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] == 3
+    replaced = runner.invoke(app, ["attribute", str(folder_config), "attribution.steps=7", "-q", "--overwrite"])
+    assert replaced.exit_code == 0
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert json.loads(f.attrs["config"])["attribution"]["steps"] == 7
+
+
+def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
+    assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
+    section = README.read_text().split("### HDF5 layout")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `([\w/]+)` \| `\(([^)]*)\)` \| (\w+) \|", section, flags=re.M)
+    assert len(rows) >= 20
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        sizes = {"C": 3, "I": 3, "P": 3, "L": 77, "S": 17, "E": 16, "4": 4}
+        documented = set()
+        for name, shape, dtype in rows:
+            documented.add(name)
+            expected = tuple(sizes[s.strip()] if not s.strip().isdigit() else int(s) for s in shape.split(",") if s.strip())
+            assert f[name].shape == expected, name
+            kind = {"float32": "f", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
+            assert f[name].dtype.kind == kind, name
+        actual = set()
+        f.visititems(lambda name, obj: actual.add(name) if isinstance(obj, h5py.Dataset) else None)
+        assert actual == documented
+
+
+# --- render and inspect -----------------------------------------------------------------------------------
+def test_render_writes_heatmaps_and_follows_planted_maps(tmp_path, folder_config):
+    assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
+    run_file = tmp_path / "run" / "run.h5"
+    with h5py.File(run_file, "r+") as f:  # plant: the token "red" interacts only with the top-left patches
+        interactions = f["pairs/interactions"][0]
+        tokens = list(f["captions/tokens"].asstr()[0, : f["captions/n_positions"][0]])
+        red = tokens.index("red</w>")
+        planted = np.where(np.isnan(interactions), np.nan, 0.0)
+        planted[red, 1:] = 0.0
+        grid = planted[red, 1:].reshape(4, 4)
+        grid[:2, :2] = 1.0
+        planted[red, 1:] = grid.reshape(-1)
+        f["pairs/interactions"][0] = planted
+    result = runner.invoke(app, ["render", str(tmp_path / "run"), "--pair", "0", "--span", "red"])
+    assert result.exit_code == 0, result.output
+    (path,) = [Path(line) for line in result.stdout.split()]
+    with Image.open(path) as png:
+        assert png.size == (600, 460) and png.text["xclip:halfrange"] == "1"
+    overlay = np.asarray(heatmap_overlay(Image.new("RGB", (32, 32), "white"), grid, 1.0), dtype=float)
+    redness = overlay[..., 0] - overlay[..., 2]
+    # zero is white (no tint); +halfrange is RdBu_r's darkest red blended at alpha 0.55: R - B of about 40
+    assert redness[:12, :12].mean() > 35 and abs(redness[24:, 24:].mean()) < 3
+    default = runner.invoke(app, ["render", str(tmp_path / "run")])
+    written = [Path(line) for line in default.stdout.split()]
+    assert [p.name for p in written] == ["pair000000.png", "pair000001.png", "pair000002.png"]
+    box = runner.invoke(app, ["render", str(tmp_path / "run"), "--pair", "1", "--box", "0,0,20,20"])
+    assert box.exit_code == 0 and Path(box.stdout.strip()).name == "pair000001_box.png"
+    bad = runner.invoke(app, ["render", str(tmp_path / "run"), "--pair", "0", "--span", "zebra"])
+    assert bad.exit_code == 2 and "does not occur in the caption" in bad.output
+
+
+def test_span_selection_by_words_and_indices():
+    tokens = ["<|startoftext|>", "a</w>", "bl", "ack</w>", "dog</w>", "<|endoftext|>"]
+    assert span_rows("black dog", tokens) == [2, 3, 4]
+    assert span_rows("2:4", tokens) == [2, 3]
+    with pytest.raises(ConfigError, match="outside the caption"):
+        span_rows("9", tokens)
+
+
+def test_inspect_json_has_every_pair(tmp_path, folder_config):
+    assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"])
+    report = json.loads(result.stdout)
+    assert report["counts"]["pairs"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        for row in report["pairs"]:
+            assert row["score"] == pytest.approx(float(f["pairs/score"][row["index"]]))
+            assert row["terms"] == pytest.approx(f["pairs/terms"][row["index"]].tolist())
+    text = runner.invoke(app, ["inspect", str(tmp_path / "run")])
+    assert text.exit_code == 0 and "top 10 pairs by score" in text.stdout
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "xclip", "--help"], capture_output=True, text=True, check=True)
+    for command in ("attribute", "render", "inspect"):
+        assert command in result.stdout
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted((README.parent / "configs").glob("*.yaml")):
+        config = load_config(path, [])
+        assert config.output.directory.is_absolute(), path
