@@ -1,0 +1,124 @@
+"""Grounding metrics on hand-made maps with known answers, and `xclip evaluate` on planted run files."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from xclip.cli import app
+from xclip.evaluation import patch_mask, read_annotations
+from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
+from xclip.errors import ConfigError
+
+runner = CliRunner()
+INSIDE = np.zeros((4, 4), dtype=bool)
+INSIDE[:2, :2] = True
+
+
+def test_pointing_game():
+    peaked_inside = np.zeros((4, 4))
+    peaked_inside[1, 1] = 5.0
+    assert pointing_game(peaked_inside, INSIDE) == 1.0
+    peaked_outside = -np.ones((4, 4))
+    peaked_outside[3, 3] = 0.5
+    assert pointing_game(peaked_outside, INSIDE) == 0.0
+
+
+def test_energy_in_box_counts_positive_mass_only():
+    values = np.zeros((4, 4))
+    values[0, 0], values[3, 3], values[2, 2] = 3.0, 1.0, -10.0
+    assert energy_in_box(values, INSIDE) == pytest.approx(0.75)
+    assert energy_in_box(-np.ones((4, 4)), INSIDE) == 0.0
+
+
+def test_mass_ratio_signs():
+    perfect = np.where(INSIDE, 1.0, -1.0)  # positive inside, negative outside: all correct
+    assert mass_ratio(perfect, INSIDE) == 1.0
+    assert mass_ratio(-perfect, INSIDE) == 0.0  # negative inside, positive outside: all wrong
+    uniform = np.ones((4, 4))  # positive everywhere: correct share is the box's share of the area
+    assert mass_ratio(uniform, INSIDE) == pytest.approx(4 / 16)
+    values = np.zeros((4, 4))
+    values[0, 0], values[3, 3] = 2.0, -2.0  # positive in, negative out
+    values[0, 1], values[2, 3] = -1.0, 1.0  # negative in, positive out
+    assert mass_ratio(values, INSIDE) == pytest.approx(4 / 6)
+    assert mass_ratio(np.zeros((4, 4)), INSIDE) == 0.5
+
+
+def test_bootstrap_interval():
+    samples = np.array([0.0, 1.0] * 50)
+    low, high = bootstrap_ci(samples, seed=1)
+    assert low < 0.5 < high and high - low < 0.3
+    assert bootstrap_ci(np.full(10, 0.7)) == pytest.approx((0.7, 0.7))
+
+
+def test_patch_mask_maps_boxes_through_the_preprocessing():
+    # a 64 x 32 image, resized so the short side is 32 and centre-cropped to 32 x 32: x 16..48 stays
+    geometry = {"resize": {"shortest_edge": 32}, "center_crop": {"height": 32, "width": 32}}
+    mask = patch_mask([[16, 0, 32, 32]], (64, 32), geometry, (4, 4))  # the left half of the crop
+    assert mask[:, :2].all() and not mask[:, 2:].any()
+    squash = {"resize": {"height": 32, "width": 32}, "center_crop": None}
+    mask = patch_mask([[0, 0, 32, 16]], (64, 32), squash, (4, 4))  # top-left quarter of the original
+    assert mask[:2, :2].all() and mask.sum() == 4
+
+
+def test_bad_annotations_name_the_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"image": "x.png", "caption": "a red dog", "phrases": [
+        {"text": "red dog", "start": 0, "end": 7, "boxes": [[0, 0, 1, 1]]}]}) + "\n")
+    with pytest.raises(ConfigError, match="a.jsonl:1: span 0:7 of the caption is not 'red dog'"):
+        read_annotations(path)
+
+
+def _synthetic_run(tmp_path, model_dirs):
+    assert runner.invoke(app, ["synth", str(tmp_path / "scenes"), "--n", "6", "--seed", "3", "--size", "32"]).exit_code == 0
+    config = {
+        "model": {"name": model_dirs["clip"], "device": "cpu"},
+        "attribution": {"steps": 2},
+        "data": {"format": "imagefolder", "root": "scenes", "metadata": "scenes/metadata.jsonl"},
+        "output": {"directory": "run"},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert runner.invoke(app, ["attribute", str(tmp_path / "run.yaml"), "-q"]).exit_code == 0
+    return tmp_path / "run" / "run.h5", read_annotations(tmp_path / "scenes" / "annotations.jsonl")
+
+
+def _plant(run_file, annotations, model_dirs, *, correct: bool) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["clip"])
+    geometry = {"resize": {"shortest_edge": 32}, "center_crop": {"height": 32, "width": 32}}
+    with h5py.File(run_file, "r+") as f:
+        for index, record in enumerate(annotations):
+            planted = np.nan_to_num(f["pairs/interactions"][index]) * 0.0
+            offsets = tokenizer(record["caption"], return_offsets_mapping=True)["offset_mapping"]
+            for phrase in record["phrases"]:
+                rows = [r for r, (a, b) in enumerate(offsets) if b > a and a < phrase["end"] and b > phrase["start"]]
+                mask = patch_mask(phrase["boxes"], (32, 32), geometry, (4, 4)).reshape(-1)
+                for row in rows:
+                    planted[row, 1:] = np.where(mask if correct else ~mask, 1.0, 0.0) + planted[row, 1:]
+            f["pairs/interactions"][index] = planted
+
+
+@pytest.mark.parametrize("correct", [True, False])
+def test_evaluate_scores_planted_maps(tmp_path, model_dirs, correct):
+    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
+    _plant(run_file, annotations, model_dirs, correct=correct)
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(tmp_path / "scenes" / "annotations.jsonl")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "evaluation" / "report.json").read_text())
+    overall = report["overall"]
+    assert overall["n_phrases"] == sum(len(r["phrases"]) for r in annotations)
+    if correct:
+        assert overall["phrase_to_image/pointing_game"]["mean"] == 1.0
+        assert overall["phrase_to_image/mass_ratio"]["mean"] == 1.0
+        assert overall["box_to_phrase/pointing_game"]["mean"] >= 0.9  # boxes may share a patch
+    else:
+        assert overall["phrase_to_image/pointing_game"]["mean"] == 0.0
+        assert overall["phrase_to_image/mass_ratio"]["mean"] == 0.0
+    assert set(report["per_class"]) <= {"circle", "square", "triangle", "star", "cross"}
+    assert (tmp_path / "run" / "evaluation" / "phrase_to_image_pointing_game.png").is_file()

@@ -1,0 +1,180 @@
+"""``xclip evaluate``: grounding metrics of a run against phrase annotations with boxes.
+
+Annotations are JSON lines, one per image-caption pair::
+
+    {"image": "scene00001.png", "caption": "a red circle and a blue star",
+     "phrases": [{"text": "red circle", "start": 2, "end": 12, "boxes": [[x0, y0, x1, y1]], "class": "circle"}]}
+
+``image`` is the path relative to the run's ``data.root``, ``start``/``end`` a character span of the caption and
+boxes are in original-image pixels. Each phrase is scored in both directions: phrase -> image (its tokens'
+summed map over the patches, against the patches whose centres lie in its boxes) and box -> phrase (the
+tokens' summed interactions with those patches, against the phrase's tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xclip.errors import ConfigError
+from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
+from xclip.render import model_view
+from xclip.store import DONE, open_run_file
+
+METRICS = ("pointing_game", "energy_in_box", "mass_ratio")
+DIRECTIONS = ("phrase_to_image", "box_to_phrase")
+
+
+@dataclass(frozen=True)
+class PhraseScore:
+    pair: int
+    phrase: str
+    label: str
+    values: dict[str, float]  # "<direction>/<metric>" -> score
+
+
+def read_annotations(path: str | Path) -> list[dict[str, Any]]:
+    """Annotation records; raises :class:`ConfigError` naming the line of a malformed one."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"annotations file {path} does not exist"
+        raise ConfigError(msg)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            for phrase in record["phrases"]:
+                if record["caption"][phrase["start"] : phrase["end"]] != phrase["text"]:
+                    msg = f"{path}:{number}: span {phrase['start']}:{phrase['end']} of the caption is not {phrase['text']!r}"
+                    raise ConfigError(msg)
+                if not phrase["boxes"]:
+                    msg = f"{path}:{number}: phrase {phrase['text']!r} has no box"
+                    raise ConfigError(msg)
+            records.append(record)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            msg = f"{path}:{number}: not an annotation record (image, caption, phrases[text,start,end,boxes]): {e}"
+            raise ConfigError(msg) from e
+    return records
+
+
+def patch_mask(boxes: list[list[float]], original_size: tuple[int, int], geometry: dict[str, Any],
+               grid: tuple[int, int]) -> np.ndarray:
+    """``(H, W)`` boolean: patches whose centres fall inside any box (original-image pixels)."""
+    from PIL import Image
+
+    view, to_view = model_view(Image.new("RGB", original_size), geometry)
+    rows, cols = grid
+    cell_w, cell_h = view.size[0] / cols, view.size[1] / rows
+    centres_x = (np.arange(cols) + 0.5) * cell_w
+    centres_y = (np.arange(rows) + 0.5) * cell_h
+    mask = np.zeros(grid, dtype=bool)
+    for x0, y0, x1, y1 in boxes:
+        (vx0, vy0), (vx1, vy1) = to_view(x0, y0), to_view(x1, y1)
+        mask |= ((centres_y >= vy0) & (centres_y <= vy1))[:, None] & ((centres_x >= vx0) & (centres_x <= vx1))[None, :]
+    return mask
+
+
+def _token_rows(tokenizer: Any, caption: str, start: int, end: int, n_positions: int) -> list[int]:
+    """Token positions whose characters overlap ``caption[start:end]``."""
+    encoded = tokenizer(caption, return_offsets_mapping=True, truncation=True, max_length=n_positions)
+    return [row for row, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < end and b > start]
+
+
+def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseScore]:
+    """Score every annotated phrase of the run's finished pairs."""
+    from transformers import AutoTokenizer
+
+    from xclip.loading import quiet_transformers
+
+    run_dir = Path(run_dir)
+    run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
+    annotations = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)}
+    scores: list[PhraseScore] = []
+    with open_run_file(run_file) as f:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(f.attrs["model_name"], local_files_only=True)
+        geometry = json.loads(f.attrs["preprocessing"])
+        captions, images, pairs = f["captions"], f["images"], f["pairs"]
+        grid = tuple(int(v) for v in images.attrs["grid"])
+        n_prefix = int(images.attrs["n_prefix"])
+        texts, paths = captions["text"].asstr()[:], images["path"].asstr()[:]
+        status = pairs["status"][:]
+        for index in np.flatnonzero(status == DONE):
+            c, i = int(pairs["caption_index"][index]), int(pairs["image_index"][index])
+            record = annotations.get((paths[i], texts[c]))
+            if record is None:
+                continue
+            n_positions = int(captions["n_positions"][c])
+            interactions = pairs["interactions"][index, :n_positions].astype(np.float64)
+            patch_values = interactions[:, n_prefix:]
+            tokens = list(captions["tokens"].asstr()[c, :n_positions])
+            special = np.array([t in tokenizer.all_special_tokens for t in tokens])
+            size = tuple(int(v) for v in images["original_size"][i])
+            for phrase in record["phrases"]:
+                rows = _token_rows(tokenizer, texts[c], phrase["start"], phrase["end"], n_positions)
+                if not rows:
+                    continue
+                inside_image = patch_mask(phrase["boxes"], size, geometry, grid).reshape(-1)
+                phrase_map = patch_values[rows].sum(0)
+                inside_tokens = np.zeros(n_positions, dtype=bool)
+                inside_tokens[rows] = True
+                token_scores = patch_values[:, inside_image].sum(1)[~special]  # special tokens are no phrase
+                inside_tokens = inside_tokens[~special]
+                values = {}
+                for direction, (v, inside) in {
+                    "phrase_to_image": (phrase_map, inside_image),
+                    "box_to_phrase": (token_scores, inside_tokens),
+                }.items():
+                    values[f"{direction}/pointing_game"] = pointing_game(v, inside)
+                    values[f"{direction}/energy_in_box"] = energy_in_box(v, inside)
+                    values[f"{direction}/mass_ratio"] = mass_ratio(v, inside)
+                scores.append(PhraseScore(int(index), phrase["text"], str(phrase.get("class", "all")), values))
+    if not scores:
+        msg = f"no finished pair of {run_file} matches an annotation (same image path and caption) in {annotations_path}"
+        raise ConfigError(msg)
+    return scores
+
+
+def summarize(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, Any]:
+    """Means with 95 % bootstrap intervals, overall and per class."""
+    groups: dict[str, list[PhraseScore]] = defaultdict(list)
+    for score in scores:
+        groups[score.label].append(score)
+
+    def stats(items: list[PhraseScore]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_phrases": len(items)}
+        for key in items[0].values:
+            samples = np.array([s.values[key] for s in items])
+            low, high = bootstrap_ci(samples, seed=seed)
+            out[key] = {"mean": float(samples.mean()), "ci95": [low, high]}
+        return out
+
+    return {"overall": stats(scores), "per_class": {label: stats(items) for label, items in sorted(groups.items())}}
+
+
+def bar_chart(report: dict[str, Any], path: Path, metric: str = "phrase_to_image/pointing_game") -> Path:
+    """A bar per class of one metric, with its 95 % interval; the overall mean as a line."""
+    from matplotlib.figure import Figure
+
+    labels = list(report["per_class"])
+    means = [report["per_class"][k][metric]["mean"] for k in labels]
+    low = [m - report["per_class"][k][metric]["ci95"][0] for m, k in zip(means, labels)]
+    high = [report["per_class"][k][metric]["ci95"][1] - m for m, k in zip(means, labels)]
+    fig = Figure(figsize=(max(4.0, 0.8 * len(labels) + 2), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(labels, means, yerr=[low, high], capsize=4, color="#b2182b")
+    ax.axhline(report["overall"][metric]["mean"], color="black", linestyle="--", linewidth=1, label="overall")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(metric.replace("/", ": ").replace("_", " "))
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(loc="upper right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

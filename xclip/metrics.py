@@ -1,0 +1,42 @@
+"""Grounding metrics for signed attribution maps, pure numpy; every function takes one map and one region.
+
+``values`` is any array of attributions (a patch map or per-token scores) and ``inside`` a boolean array of the
+same shape marking the ground-truth region (patches in the box, or the phrase's tokens).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pointing_game(values: np.ndarray, inside: np.ndarray) -> float:
+    """1.0 when the largest value lies inside the region, else 0.0."""
+    return float(inside.reshape(-1)[int(np.argmax(values.reshape(-1)))])
+
+
+def energy_in_box(values: np.ndarray, inside: np.ndarray) -> float:
+    """Share of the positive mass that lies inside the region (0 when there is no positive mass)."""
+    positive = np.clip(values, 0, None)
+    total = positive.sum()
+    return float(positive[inside].sum() / total) if total > 0 else 0.0
+
+
+def mass_ratio(values: np.ndarray, inside: np.ndarray) -> float:
+    """``correct / (correct + wrong)`` with correct = positive mass inside + negative mass outside and
+    wrong = positive mass outside + negative mass inside; 0.5 is chance (Baniecki et al. 2025)."""
+    positive, negative = np.clip(values, 0, None), np.clip(-values, 0, None)
+    correct = positive[inside].sum() + negative[~inside].sum()
+    wrong = positive[~inside].sum() + negative[inside].sum()
+    total = correct + wrong
+    return float(correct / total) if total > 0 else 0.5
+
+
+def bootstrap_ci(samples: np.ndarray, *, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = samples[rng.integers(0, samples.size, size=(n_resamples, samples.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
