@@ -122,3 +122,45 @@ def test_evaluate_scores_planted_maps(tmp_path, model_dirs, correct):
         assert overall["phrase_to_image/mass_ratio"]["mean"] == 0.0
     assert set(report["per_class"]) <= {"circle", "square", "triangle", "star", "cross"}
     assert (tmp_path / "run" / "evaluation" / "phrase_to_image_pointing_game.png").is_file()
+
+
+def test_flickr30k_entities_converter(tmp_path):
+    (tmp_path / "Sentences").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Sentences" / "42.txt").write_text(
+        "[/EN#1/people A man] in [/EN#2/clothing/other a blue shirt] holds [/EN#0/notvisual something] .\n"
+    )
+    (tmp_path / "Annotations" / "42.xml").write_text(
+        "<annotation><size><width>100</width><height>80</height></size>"
+        "<object><name>1</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>51</xmax><ymax>61</ymax></bndbox></object>"
+        "<object><name>2</name><name>1</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>"
+        "<object><name>3</name><nobndbox>1</nobndbox></object></annotation>"
+    )
+    result = runner.invoke(app, ["convert", "flickr30k-entities", str(tmp_path), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    (record,) = read_annotations(tmp_path / "out" / "annotations.jsonl")
+    assert record["image"] == "42.jpg" and record["caption"] == "A man in a blue shirt holds something ."
+    man, shirt = record["phrases"]
+    assert (man["text"], man["class"], man["boxes"]) == ("A man", "people", [[10, 20, 50, 60], [0, 0, 4, 4]])
+    assert (shirt["text"], shirt["class"], shirt["boxes"]) == ("a blue shirt", "clothing", [[0, 0, 4, 4]])
+    assert json.loads((tmp_path / "out" / "metadata.jsonl").read_text()) == {"file_name": "42.jpg", "text": record["caption"]}
+
+
+def test_coco_instances_converter(tmp_path):
+    instances = {
+        "images": [{"id": 5, "file_name": "5.jpg"}],
+        "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}],
+        "annotations": [{"image_id": 5, "category_id": 1, "bbox": [10, 20, 30, 40]},
+                        {"image_id": 5, "category_id": 1, "bbox": [0, 0, 5, 5]}],
+    }
+    captions = {"annotations": [{"id": 1, "image_id": 5, "caption": "Two dogs and a cat on grass."}]}
+    (tmp_path / "i.json").write_text(json.dumps(instances))
+    (tmp_path / "c.json").write_text(json.dumps(captions))
+    result = runner.invoke(app, ["convert", "coco-instances", str(tmp_path / "i.json"), str(tmp_path / "out"),
+                                 "--captions", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    (record,) = read_annotations(tmp_path / "out" / "annotations.jsonl")
+    (dog,) = record["phrases"]  # no cat instance in the image: no phrase for "cat"
+    assert (dog["text"], dog["start"], dog["boxes"]) == ("dogs", 4, [[10, 20, 40, 60], [0, 0, 5, 5]])
+    missing = runner.invoke(app, ["convert", "coco-instances", str(tmp_path / "i.json"), str(tmp_path / "out")])
+    assert missing.exit_code == 2 and "needs --captions" in missing.output

@@ -230,6 +230,29 @@ def synth(
     print(folder / "annotations.jsonl")
 
 
+@app.command()
+def convert(
+    kind: Annotated[str, typer.Argument(help="flickr30k-entities or coco-instances")],
+    source: Annotated[Path, typer.Argument(help="Flickr30k Entities folder, or COCO instances JSON")],
+    out: Annotated[Path, typer.Argument(help="folder for annotations.jsonl and metadata.jsonl")],
+    captions: Annotated[Path | None, typer.Option(help="COCO captions JSON (coco-instances)")] = None,
+    split: Annotated[str | None, typer.Option(help="Flickr30k split file: train, val or test")] = None,
+) -> None:
+    """Convert grounding annotations to the JSON lines `xclip evaluate` reads."""
+    from xclip.converters import convert_coco_instances, convert_flickr30k_entities
+
+    with _errors():
+        if kind == "flickr30k-entities":
+            written = convert_flickr30k_entities(source, out, split=split)
+        elif kind == "coco-instances":
+            if captions is None:
+                raise ConfigError("coco-instances needs --captions (the COCO captions JSON of the same images)")
+            written = convert_coco_instances(source, captions, out)
+        else:
+            raise ConfigError(f"unknown kind {kind!r}; choose flickr30k-entities or coco-instances")
+    print(written)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """xclip's errors as one message on stderr and an exit code: 2 for config and usage, 1 at runtime."""
