@@ -173,3 +173,13 @@ def test_logit_scale_multiplies_maps_and_terms(model64, images):
     assert factor != pytest.approx(1.0)
     torch.testing.assert_close(scaled.interactions, plain.interactions * factor)
     assert scaled.four_term_value == pytest.approx(plain.four_term_value * factor)
+
+
+def test_bfloat16_model_is_differentiated_in_float32(model_dirs, family, images):
+    """Below the cut the model runs in bfloat16; above it in float32, so completeness stays at float32 level."""
+    model = xclip.load_model(model_dirs[family], dtype="bfloat16", device="cpu")
+    attributor = xclip.InteractionAttribution(model, n_steps=12)
+    assert model.dtype == torch.bfloat16  # the model itself is not converted
+    for m in attributor.attribute(CAPTIONS, images):
+        assert m.interactions.dtype == torch.float32
+        assert m.completeness_error <= 1e-4 * max(abs(m.four_term_value), 1e-2)

@@ -74,6 +74,12 @@ class InteractionAttribution:
         self.internal_batch_size = internal_batch_size
         self._alphas, self._weights = quadrature(method, n_steps)
         self._image_reference_cache: dict[tuple[int, ...], Tensor] = {}
+        # below the cut a low-precision model runs as it is; above it, where the integral is taken, in float32,
+        # so that the completeness error stays at float32 level (the identity holds for any hidden states)
+        is_low_precision = model.dtype in (torch.bfloat16, torch.float16)
+        self._upper_dtype = torch.float32 if is_low_precision else model.dtype
+        self._text_upper = self._in_upper_dtype(model.text_upper(self.text_layer))
+        self._image_upper = self._in_upper_dtype(model.image_upper(self.image_layer))
 
     @property
     def logit_scale(self) -> float:
@@ -99,7 +105,7 @@ class InteractionAttribution:
             reference_positions = Positions(batch.positions.mask, self.model.pooled_index(reference_ids))
         reference = self.model.text_hidden(reference_ids, batch.positions, layer)
         values, embedding, reference_embedding, errors = self._attribute_tower(
-            self.model.text_upper(layer), hidden, reference, batch.positions, reference_positions
+            self._text_upper, hidden, reference, batch.positions, reference_positions
         )
         return [
             Contributions(
@@ -121,7 +127,7 @@ class InteractionAttribution:
         reference = self._image_reference_hidden(batch)
         positions = Positions(pooled_index=self.model.image_pooled_index(hidden.shape[0]))
         values, embedding, reference_embedding, errors = self._attribute_tower(
-            self.model.image_upper(layer), hidden, reference, positions, positions
+            self._image_upper, hidden, reference, positions, positions
         )
         n_prefix = self.model.n_image_prefix
         grid = self.model.patch_grid
@@ -172,7 +178,8 @@ class InteractionAttribution:
     ) -> tuple[Tensor, Tensor, Tensor, list[float]]:
         """(contributions, embedding, reference embedding, per-input completeness errors) of one tower."""
         is_exact = self.convention == "exact"
-        reference = reference.expand_as(hidden)
+        hidden = hidden.to(self._upper_dtype)
+        reference = reference.to(self._upper_dtype).expand_as(hidden)
         values = contributions(
             upper,
             hidden,
@@ -199,6 +206,9 @@ class InteractionAttribution:
         errors = (values.sum(1) - target).norm(dim=-1).tolist()
         embedding = torch.nn.functional.normalize(integrand_end, dim=-1)
         return values, embedding, reference_embedding.to(values.dtype), errors
+
+    def _in_upper_dtype(self, upper: UpperEncoder) -> UpperEncoder:
+        return upper if self._upper_dtype == self.model.dtype else upper.to(self._upper_dtype)
 
     def _image_reference_hidden(self, batch: ImageBatch) -> Tensor:
         """Reference hidden states; shared references are computed once per image shape and reused."""

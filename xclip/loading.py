@@ -46,11 +46,15 @@ def quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    had_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would fill Slurm logs
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if had_bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(

@@ -52,18 +52,12 @@ class ClipAdapter(DualEncoderAdapter):
         return vision.pre_layrnorm(vision.embeddings(pixel_values))
 
     def text_upper(self, layer: int) -> UpperEncoder:
-        text = self.model.text_model
-        return UpperEncoder(
-            blocks=self.text_blocks[layer:],
-            pooled_readout=lambda pooled: self.model.text_projection(text.final_layer_norm(pooled)),
-        )
+        readout = nn.Sequential(self.model.text_model.final_layer_norm, self.model.text_projection)
+        return UpperEncoder(blocks=self.text_blocks[layer:], pooled_readout=readout)
 
     def image_upper(self, layer: int) -> UpperEncoder:
-        vision = self.model.vision_model
-        return UpperEncoder(
-            blocks=self.image_blocks[layer:],
-            pooled_readout=lambda pooled: self.model.visual_projection(vision.post_layernorm(pooled)),
-        )
+        readout = nn.Sequential(self.model.vision_model.post_layernorm, self.model.visual_projection)
+        return UpperEncoder(blocks=self.image_blocks[layer:], pooled_readout=readout)
 
     def image_pooled_index(self, n_images: int) -> Tensor:
         return torch.zeros(n_images, dtype=torch.long, device=self.device)

@@ -53,13 +53,11 @@ class SiglipAdapter(DualEncoderAdapter):
 
     def text_upper(self, layer: int) -> UpperEncoder:
         text = self.model.text_model
-        return UpperEncoder(
-            blocks=self.text_blocks[layer:], pooled_readout=lambda pooled: text.head(text.final_layer_norm(pooled))
-        )
+        return UpperEncoder(blocks=self.text_blocks[layer:], pooled_readout=nn.Sequential(text.final_layer_norm, text.head))
 
     def image_upper(self, layer: int) -> UpperEncoder:
         vision = self.model.vision_model
-        return UpperEncoder(blocks=self.image_blocks[layer:], readout=lambda h: _attention_pool(vision, h))
+        return UpperEncoder(blocks=self.image_blocks[layer:], readout=AttentionPoolReadout(vision.post_layernorm, vision.head))
 
     def image_pooled_index(self, n_images: int) -> Tensor | None:
         return None
@@ -69,26 +67,33 @@ class SiglipAdapter(DualEncoderAdapter):
         return float(self.model.logit_bias.detach())
 
 
-def _attention_pool(vision: nn.Module, hidden: Tensor) -> Tensor:
+class AttentionPoolReadout(nn.Module):
     """SigLIP's ``post_layernorm`` + multihead attention-pooling head, with AD-friendly attention."""
-    head = vision.head
-    mha = head.attention  # nn.MultiheadAttention with packed in-projection
-    hidden = vision.post_layernorm(hidden)
-    width = hidden.shape[-1]
-    w_q, w_k, w_v = mha.in_proj_weight.split(width)
-    b_q, b_k, b_v = mha.in_proj_bias.split(width)
-    n_heads = mha.num_heads
 
-    def split(x: Tensor) -> Tensor:
-        return x.reshape(*x.shape[:-1], n_heads, width // n_heads).transpose(-3, -2)
+    def __init__(self, post_layernorm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.post_layernorm = post_layernorm
+        self.head = head
 
-    probe = head.probe.expand(hidden.shape[0], -1, -1)
-    pooled = attention(
-        split(nn.functional.linear(probe, w_q, b_q)),
-        split(nn.functional.linear(hidden, w_k, b_k)),
-        split(nn.functional.linear(hidden, w_v, b_v)),
-        None,
-    )
-    pooled = mha.out_proj(pooled.transpose(-3, -2).flatten(-2))
-    pooled = pooled + head.mlp(head.layernorm(pooled))
-    return pooled[:, 0]
+    def forward(self, hidden: Tensor) -> Tensor:
+        head = self.head
+        mha = head.attention  # nn.MultiheadAttention with packed in-projection
+        hidden = self.post_layernorm(hidden)
+        width = hidden.shape[-1]
+        w_q, w_k, w_v = mha.in_proj_weight.split(width)
+        b_q, b_k, b_v = mha.in_proj_bias.split(width)
+        n_heads = mha.num_heads
+
+        def split(x: Tensor) -> Tensor:
+            return x.reshape(*x.shape[:-1], n_heads, width // n_heads).transpose(-3, -2)
+
+        probe = head.probe.expand(hidden.shape[0], -1, -1)
+        pooled = attention(
+            split(nn.functional.linear(probe, w_q, b_q)),
+            split(nn.functional.linear(hidden, w_k, b_k)),
+            split(nn.functional.linear(hidden, w_v, b_v)),
+            None,
+        )
+        pooled = mha.out_proj(pooled.transpose(-3, -2).flatten(-2))
+        pooled = pooled + head.mlp(head.layernorm(pooled))
+        return pooled[:, 0]

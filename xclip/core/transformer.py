@@ -7,8 +7,10 @@ and reverse-mode AD work through every piece (the fused attention kernels have n
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,10 @@ class Block:
     fc1: nn.Linear
     activation: Callable[[Tensor], Tensor]
     fc2: nn.Linear
+
+    def to(self, dtype: torch.dtype) -> Block:
+        """A copy whose modules hold ``dtype`` weights (the model's own modules stay as they are)."""
+        return Block(**{name: _cast(value, dtype) for name, value in vars(self).items()})
 
     def mlp_residual(self, y: Tensor) -> Tensor:
         """``y + MLP(LN2(y))``; acts on the last dimension only."""
@@ -78,6 +84,19 @@ class UpperEncoder:
     blocks: tuple[Block, ...]
     pooled_readout: Callable[[Tensor], Tensor] | None = None
     readout: Callable[[Tensor], Tensor] | None = None
+
+    def to(self, dtype: torch.dtype) -> UpperEncoder:
+        """A copy in ``dtype``: a low-precision model can be differentiated above the cut in float32."""
+        return UpperEncoder(
+            blocks=tuple(block.to(dtype) for block in self.blocks),
+            pooled_readout=_cast(self.pooled_readout, dtype),
+            readout=_cast(self.readout, dtype),
+        )
+
+
+def _cast(value: object, dtype: torch.dtype) -> Any:
+    """Modules are copied into ``dtype``; anything else (head counts, plain functions) is kept."""
+    return copy.deepcopy(value).to(dtype) if isinstance(value, nn.Module) else value
 
 
 @dataclass(frozen=True)
