@@ -179,7 +179,8 @@ class InteractionAttribution:
         """(contributions, embedding, reference embedding, per-input completeness errors) of one tower."""
         is_exact = self.convention == "exact"
         hidden = hidden.to(self._upper_dtype)
-        reference = reference.to(self._upper_dtype).expand_as(hidden)
+        shared_reference = reference.to(self._upper_dtype)
+        reference = shared_reference.expand_as(hidden)
         values = contributions(
             upper,
             hidden,
@@ -193,7 +194,14 @@ class InteractionAttribution:
         )
         with torch.no_grad():
             integrand_end = embed_from_hidden(upper, hidden, positions, normalize=is_exact).to(values.dtype)
-            integrand_start = embed_from_hidden(upper, reference, positions, normalize=is_exact).to(values.dtype)
+            pooled = positions.pooled_index
+            if shared_reference.shape[0] == 1 and positions.mask is None and (pooled is None or bool((pooled == pooled[0]).all())):
+                # one reference for every input (images): its embedding once, not once per input
+                first = positions.select(torch.zeros(1, dtype=torch.long, device=hidden.device))
+                start = embed_from_hidden(upper, shared_reference, first, normalize=is_exact)
+                integrand_start = start.to(values.dtype).expand_as(integrand_end)
+            else:
+                integrand_start = embed_from_hidden(upper, reference, positions, normalize=is_exact).to(values.dtype)
             if is_exact:  # the path starts at the reference: same pooling, same embedding
                 reference_embedding = integrand_start
             else:

@@ -166,50 +166,65 @@ def _pooled_block_tangents(
 ) -> Tensor:
     """All S directional derivatives of a last block read at one position, linearised by hand: ``(P, S, E)``.
 
-    With p the pooled position, the output is ``readout(mlp_residual(z_p + Attn(q_p, K, V)))``. A tangent
-    on row s changes LN1(z_s), hence only row s of K and V (and q when s = p), so its effect on the
-    attention output is ``a_s * (dlogit_s * (v_s - o) + dv_s)`` per head, plus the query term for s = p.
+    With p the pooled position and n = LN1(z), the output is ``readout(mlp_residual(z_p + Attn(q_p, K, V)))``.
+    A tangent on row s moves n_s only (LN acts per row), hence row s of K and V (and q when s = p): per head
+    its effect on the attention output is ``a_s (dlogit_s (v_s - o) + dv_s)``, plus, for s = p, the query's
+    effect on every weight. The logits are ``q_h . W_k,h n_j`` up to a constant that softmax ignores, so keys
+    are never formed: the query is folded into ``W_k,h^T q_h``.
     """
     (block,) = upper.blocks
     assert positions.pooled_index is not None
     n_points, n_positions, width = path_point.shape
+    n_heads = block.n_heads
+    head_dim = width // n_heads
     rows = torch.arange(n_points, device=path_point.device)
     pooled = positions.pooled_index
-    normed, normed_tangent = jvp(block.ln1, (path_point,), (delta,))  # LN acts per row: all S tangents at once
+    normed, d_normed = jvp(block.ln1, (path_point,), (delta,))  # (P, S, d) each; row s of d_normed is tangent s
 
-    query = block.split_heads(block.q_proj(normed[rows, pooled]).unsqueeze(1)).squeeze(-2)  # (P, H, dh)
-    keys = block.split_heads(block.k_proj(normed))  # (P, H, S, dh)
-    values = block.split_heads(block.v_proj(normed))
-    scale = query.shape[-1] ** -0.5
-    logits = torch.einsum("phd,phsd->phs", query, keys) * scale
+    w_k = block.k_proj.weight.reshape(n_heads, head_dim, width)
+    scale = head_dim**-0.5
+    query = block.q_proj(normed[rows, pooled]).reshape(n_points, n_heads, head_dim)
+    key_of_query = torch.einsum("phe,hed->phd", query, w_k) * scale  # (P, H, d)
+    logits = torch.einsum("phd,psd->phs", key_of_query, normed)
     if positions.mask is not None:
         key_mask = positions.mask[rows, 0, pooled]  # (P, S): the pooled query's row of the mask
         logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
     attn = torch.softmax(logits, dim=-1)  # (P, H, S)
-    attended = torch.einsum("phs,phsd->phd", attn, values)
+    values = block.split_heads(block.v_proj(normed))  # (P, H, S, dh)
+    d_values = block.split_heads(F.linear(d_normed, block.v_proj.weight))
+    attended = torch.einsum("phs,phse->phe", attn, values)
     pooled_state = path_point[rows, pooled] + block.out_proj(attended.flatten(1))  # (P, d)
 
-    # tangent s through its own key and value
-    d_keys = block.split_heads(F.linear(normed_tangent, block.k_proj.weight))
-    d_values = block.split_heads(F.linear(normed_tangent, block.v_proj.weight))
-    own_d_logit = torch.einsum("phd,phsd->phs", query, d_keys) * scale
+    # tangent s through its own key and value: a_s (dlogit_s (v_s - o) + dv_s) per head
+    own_d_logit = torch.einsum("phd,psd->phs", key_of_query, d_normed)
     d_attended = attn[..., None] * (own_d_logit[..., None] * (values - attended[:, :, None]) + d_values)
     # the pooled token's tangent also moves the query, and so every attention weight
-    d_query = block.split_heads(F.linear(normed_tangent[rows, pooled], block.q_proj.weight).unsqueeze(1))
-    d_logits = torch.einsum("phd,phsd->phs", d_query.squeeze(-2), keys) * scale
+    d_query = F.linear(d_normed[rows, pooled], block.q_proj.weight).reshape(n_points, n_heads, head_dim)
+    d_logits = torch.einsum("phd,psd->phs", torch.einsum("phe,hed->phd", d_query, w_k) * scale, normed)
     d_attn = attn * (d_logits - (attn * d_logits).sum(-1, keepdim=True))
-    d_attended[rows, :, pooled] += torch.einsum("phs,phsd->phd", d_attn, values)
-
-    d_pooled_state = F.linear(d_attended.transpose(1, 2).flatten(2), block.out_proj.weight)  # (P, S, d)
+    d_attended[rows, :, pooled] += torch.einsum("phs,phse->phe", d_attn, values)
+    d_attended = d_attended.transpose(1, 2).flatten(2)  # (P, S, d)
+    d_pooled_state = F.linear(d_attended, block.out_proj.weight)
     d_pooled_state[rows, pooled] += delta[rows, pooled]  # the residual path of the pooled token
 
-    def head(y: Tensor) -> Tensor:
-        return readout(block.mlp_residual(y))
+    # the MLP by hand: its activation is elementwise, so its Jacobian is a diagonal between fc1 and fc2, and
+    # the S tangents cost two matrix products (autograd's jvp would redo the activation's algebra S times)
+    normed2, d_normed2 = _jvp_per_tangent(block.ln2, pooled_state, d_pooled_state)
+    pre_activation = block.fc1(normed2)  # (P, 4d)
+    slope = jvp(block.activation, (pre_activation,), (torch.ones_like(pre_activation),))[1]
+    block_output = pooled_state + block.fc2(block.activation(pre_activation))
+    d_hidden = F.linear(d_normed2, block.fc1.weight) * slope[:, None, :]
+    d_block_output = d_pooled_state + F.linear(d_hidden, block.fc2.weight)
+    return _jvp_per_tangent(readout, block_output, d_block_output)[1]
+
+
+def _jvp_per_tangent(fn: Callable[[Tensor], Tensor], primal: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    """``fn(primal)`` ``(P, ...)`` and its derivative along each of ``tangents`` ``(P, S, ...)``."""
 
     def directional(tangent: Tensor) -> Tensor:
-        return jvp(head, (pooled_state,), (tangent,))[1]
+        return jvp(fn, (primal,), (tangent,))[1]
 
-    return vmap(directional, in_dims=1, out_dims=1)(d_pooled_state)
+    return fn(primal), vmap(directional, in_dims=1, out_dims=1)(tangents)
 
 
 def interactions(text_contributions: Tensor, image_contributions: Tensor) -> Tensor:
