@@ -347,3 +347,36 @@ def test_shipped_configs_are_valid():
     for path in sorted((README.parent / "configs").glob("*.yaml")):
         config = load_config(path, [])
         assert config.output.directory.is_absolute(), path
+
+
+def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, model_dirs):
+    import os
+    import signal
+
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i, image in enumerate(make_images(60, seed=5)):
+        image.save(images / f"img{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"img{i:03d}.png", "text": CAPTIONS[i % 3]}))
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    config = write_config(tmp_path / "run.yaml", model_dirs["clip"], attribution={"steps": 10})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xclip", "attribute", str(config), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # plain progress lines, since stderr is not a terminal
+        if line.startswith("images:"):
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["interrupted"] and summary["done"] < 60
+    rerun = subprocess.run([sys.executable, "-m", "xclip", "attribute", str(config), "--json", "-q"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    final = json.loads(rerun.stdout)
+    assert final["skipped"] == summary["done"] and final["skipped"] + final["done"] == 60
