@@ -194,14 +194,8 @@ class InteractionAttribution:
         )
         with torch.no_grad():
             integrand_end = embed_from_hidden(upper, hidden, positions, normalize=is_exact).to(values.dtype)
-            pooled = positions.pooled_index
-            if shared_reference.shape[0] == 1 and positions.mask is None and (pooled is None or bool((pooled == pooled[0]).all())):
-                # one reference for every input (images): its embedding once, not once per input
-                first = positions.select(torch.zeros(1, dtype=torch.long, device=hidden.device))
-                start = embed_from_hidden(upper, shared_reference, first, normalize=is_exact)
-                integrand_start = start.to(values.dtype).expand_as(integrand_end)
-            else:
-                integrand_start = embed_from_hidden(upper, reference, positions, normalize=is_exact).to(values.dtype)
+            integrand_start = _embed_each(upper, shared_reference, positions, hidden.shape[0], normalize=is_exact)
+            integrand_start = integrand_start.to(values.dtype)
             if is_exact:  # the path starts at the reference: same pooling, same embedding
                 reference_embedding = integrand_start
             else:
@@ -231,6 +225,17 @@ class InteractionAttribution:
         if is_shared:
             self._image_reference_cache[key] = reference
         return reference
+
+
+def _embed_each(upper: UpperEncoder, states: Tensor, positions: Positions, n_inputs: int, *, normalize: bool) -> Tensor:
+    """``(n_inputs, E)`` embeddings of ``states`` ``(1 or n_inputs, S, d)``; a single state shared by inputs of
+    one structure (images) is embedded once, not once per input."""
+    pooled = positions.pooled_index
+    is_uniform = positions.mask is None and (pooled is None or bool((pooled == pooled[0]).all()))
+    if states.shape[0] == 1 and is_uniform:
+        first = positions.select(torch.zeros(1, dtype=torch.long, device=states.device))
+        return embed_from_hidden(upper, states, first, normalize=normalize).expand(n_inputs, -1)
+    return embed_from_hidden(upper, states.expand(n_inputs, -1, -1), positions, normalize=normalize)
 
 
 def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 1.0) -> InteractionMap:
