@@ -177,6 +177,7 @@ def main() -> None:
 
     if not args.no_scaling:
         report["scaling"] = scaling(model, attributor, args, device)
+        report["memory_knob"] = memory_knob(model, args, device)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -203,6 +204,23 @@ def scaling(model, attributor, args, device) -> dict[str, dict[str, float]]:
         batch = image_batch(resized, n)
         patches = (size // base.patch_size) ** 2
         out["image_seconds_by_patches"][str(patches)] = timed(lambda: sized.image_batch_contributions(batch), device, 1) / n
+    return out
+
+
+def memory_knob(model, args, device) -> dict[str, dict[str, float]]:
+    """Seconds per image and peak GPU memory as ``internal_batch_size`` grows (memory is CUDA-only)."""
+    images = image_batch(model, args.batch_size)
+    out: dict[str, dict[str, float]] = {}
+    for size in (8, 16, 32, 64, 128, 256):
+        attributor = xclip.InteractionAttribution(model, n_steps=args.n_steps, internal_batch_size=size)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        seconds = timed(lambda: attributor.image_batch_contributions(images), device, 1) / args.batch_size
+        row = {"image_seconds": seconds}
+        if device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        out[str(size)] = row
     return out
 
 
