@@ -380,3 +380,31 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, mode
     assert rerun.returncode == 0, rerun.stderr
     final = json.loads(rerun.stdout)
     assert final["skipped"] == summary["done"] and final["skipped"] + final["done"] == 60
+
+
+def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
+    write_folder(tmp_path, n_images=4)
+    config = write_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "all"})
+    assert runner.invoke(app, ["attribute", str(config), "-q", "output.directory=whole"]).exit_code == 0
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # --array=1-5:2 -> ids 1, 3, 5 -> shard 1 of 3
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert runner.invoke(app, ["attribute", str(config), "-q", "--shard", "env"]).exit_code == 0
+    assert (tmp_path / "run" / "shard-00001-of-00003" / "run.h5").is_file()
+    incomplete = runner.invoke(app, ["merge", str(tmp_path / "run")])
+    assert incomplete.exit_code == 1 and "1 of 3 shards" in incomplete.output
+    for shard in ("0/3", "2/3"):
+        assert runner.invoke(app, ["attribute", str(config), "-q", "--shard", shard]).exit_code == 0
+    assert runner.invoke(app, ["merge", str(tmp_path / "run")]).exit_code == 0
+    with h5py.File(tmp_path / "whole" / "run.h5", "r") as whole, h5py.File(tmp_path / "run" / "run.h5", "r") as merged:
+        assert len(merged["pairs/status"]) == len(whole["pairs/status"]) == 12
+        np.testing.assert_array_equal(merged["pairs/interactions"][:], whole["pairs/interactions"][:])
+        for side, name in (("caption", "captions/text"), ("image", "images/path")):
+            merged_names = merged[name].asstr()[:][merged[f"pairs/{side}_index"][:]]
+            whole_names = whole[name].asstr()[:][whole[f"pairs/{side}_index"][:]]
+            assert list(merged_names) == list(whole_names)
+    report = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
+    assert report["counts"]["pairs"]["done"] == 12
+    bad = runner.invoke(app, ["attribute", str(config), "--shard", "3/2"])
+    assert bad.exit_code == 2 and "shard_index 3 must be below" in bad.output

@@ -89,6 +89,7 @@ def attribute(
     json_summary: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="list every failed item")] = False,
+    shard: Annotated[str | None, typer.Option(help="I/N: attribute block I of N of the pairs into shard-I-of-N/; 'env' reads Slurm array or torchrun variables")] = None,
 ) -> None:
     """Attribute every image-caption pair of a run config into an HDF5 run directory (resumable)."""
     from xclip import runner
@@ -99,7 +100,7 @@ def attribute(
     bar, update = _progress_callback(quiet)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     with _errors():
-        run_config = load_config(config, overrides or [])
+        run_config = load_config(config, [*(overrides or []), *_shard_overrides(shard)])
         with bar or nullcontext():
             summary = runner.run(run_config, overwrite=overwrite, on_progress=update, should_stop=stop, command=command)
     result = {
@@ -131,6 +132,39 @@ def attribute(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.n_failed:
         raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
+def _shard_overrides(shard: str | None) -> list[str]:
+    """``runtime.shard_index``/``num_shards`` overrides from ``I/N`` or from the environment (``env``)."""
+    if shard is None:
+        return []
+    if shard == "env":
+        env = os.environ
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            # array ids need not start at 0 or be contiguous: --array=1-7:2 gives ids 1, 3, 5, 7
+            low, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+            index, count = (int(env["SLURM_ARRAY_TASK_ID"]) - low) // step, int(env["SLURM_ARRAY_TASK_COUNT"])
+        elif "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or srun with these exported
+            index, count = int(env["RANK"]), int(env["WORLD_SIZE"])
+        elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        else:
+            raise ConfigError("--shard env: none of SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE, SLURM_PROCID/NTASKS is set")
+    else:
+        index_text, _, count_text = shard.partition("/")
+        if not (index_text.isdigit() and count_text.isdigit()):
+            raise ConfigError(f"--shard must be I/N (such as 3/32) or env, got {shard!r}")
+        index, count = int(index_text), int(count_text)
+    return [f"runtime.shard_index={index}", f"runtime.num_shards={count}"]
+
+
+@app.command()
+def merge(run_dir: Annotated[Path, typer.Argument(help="output directory holding shard-*-of-*/run.h5")]) -> None:
+    """Concatenate the shards of a run into RUN_DIR/run.h5, for inspect, render and evaluate."""
+    from xclip.store import merge_shards
+
+    with _errors():
+        print(merge_shards(run_dir))
 
 
 @app.command()

@@ -64,6 +64,15 @@ class RuntimeConfig(_Section):
     internal_batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
+    shard_index: int = Field(0, ge=0, description="this process's block of the pairs")
+    num_shards: int = Field(1, ge=1, description="blocks the pairs are split into (Slurm array tasks, ranks)")
+
+    @model_validator(mode="after")
+    def _check_shard(self) -> RuntimeConfig:
+        if self.shard_index >= self.num_shards:
+            msg = f"runtime.shard_index {self.shard_index} must be below runtime.num_shards {self.num_shards}"
+            raise ValueError(msg)
+        return self
 
 
 class RunConfig(_Section):
@@ -83,6 +92,13 @@ class RunConfig(_Section):
             msg = f"data.format {self.data.format!r} needs data.metadata (the file listing images and captions)"
             raise ValueError(msg)
         return self
+
+    @property
+    def run_directory(self) -> Path:
+        """Where this process writes: ``output.directory``, or its ``shard-IIIII-of-NNNNN`` subfolder."""
+        if self.runtime.num_shards == 1:
+            return self.output.directory
+        return self.output.directory / f"shard-{self.runtime.shard_index:05d}-of-{self.runtime.num_shards:05d}"
 
     def result_fingerprint(self) -> str:
         """The settings that change results; a run directory refuses a config whose fingerprint differs."""

@@ -74,7 +74,7 @@ def run(
     """
     start = time.perf_counter()
     progress = on_progress or (lambda stage, done, total: None)
-    directory = config.output.directory
+    directory = config.run_directory
     run_path = directory / RUN_FILE
     if overwrite and directory.exists():
         run_path.unlink(missing_ok=True)
@@ -111,7 +111,7 @@ def run(
     )
     directory.mkdir(parents=True, exist_ok=True)
     if not run_path.exists():
-        pairs = _choose_pairs(config, dataset, attributor, progress)
+        dataset = _shard(dataset, _choose_pairs(config, dataset, attributor, progress), config)
         grid = model.patch_grid
         skeleton = run_path.with_suffix(".h5.tmp")
         skeleton.unlink(missing_ok=True)  # left by a run killed while creating it: never complete
@@ -120,7 +120,7 @@ def run(
             attributes=_provenance(config, model, command),
             captions=dataset.captions,
             images=[str(p.relative_to(config.data.root.resolve())) for p in dataset.images],
-            pairs=pairs,
+            pairs=dataset.given_pairs,
             max_text_positions=model.max_text_positions,
             n_image_positions=model.n_image_prefix + grid[0] * grid[1],
             embedding_dim=model.embedding_dim,
@@ -135,7 +135,7 @@ def run(
         summary.n_skipped = int((f["pairs/status"][:] == DONE).sum())
         stages = (
             ("captions", lambda: _attribute_captions(f, attributor, config, progress, should_stop)),
-            ("images", lambda: _attribute_images(f, attributor, config, dataset, progress, should_stop)),
+            ("images", lambda: _attribute_images(f, attributor, config, progress, should_stop)),
             ("pairs", lambda: _attribute_pairs(f, attributor, config, progress, should_stop)),
         )
         for _, stage in stages:
@@ -157,6 +157,25 @@ def run(
         render_run(directory)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _shard(dataset: Dataset, pairs: list[tuple[int, int]], config: RunConfig) -> Dataset:
+    """This shard's contiguous block of the pairs, with just the captions and images they use."""
+    index, n_shards = config.runtime.shard_index, config.runtime.num_shards
+    if n_shards == 1:
+        return Dataset(captions=dataset.captions, images=dataset.images, given_pairs=pairs)
+    size, extra = divmod(len(pairs), n_shards)  # the first `extra` shards take one pair more
+    start = index * size + min(index, extra)
+    block = pairs[start : start + size + (index < extra)]
+    captions = sorted({c for c, _ in block})
+    images = sorted({i for _, i in block})
+    caption_row = {c: row for row, c in enumerate(captions)}
+    image_row = {i: row for row, i in enumerate(images)}
+    return Dataset(
+        captions=[dataset.captions[c] for c in captions],
+        images=[dataset.images[i] for i in images],
+        given_pairs=[(caption_row[c], image_row[i]) for c, i in block],
+    )
 
 
 def _choose_pairs(
@@ -290,7 +309,6 @@ def _attribute_images(
     f: h5py.File,
     attributor: InteractionAttribution,
     config: RunConfig,
-    dataset: Dataset,
     progress: Progress,
     stop: Callable[[], bool],
 ) -> None:

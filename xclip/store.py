@@ -165,3 +165,54 @@ def write_pair(group: h5py.Group, index: int, item: InteractionMap) -> None:
     group["completeness_error"][index] = item.completeness_error
     group["error"][index] = ""
     group["status"][index] = DONE
+
+
+def merge_shards(directory: Path, *, block: int = 1024) -> Path:
+    """Concatenate ``directory/shard-*-of-N/run.h5`` into ``directory/run.h5`` (written to a temporary file,
+    then renamed). Pair indices are shifted onto the merged caption and image rows; unfinished items keep
+    their status, so a merge of a partial run is partial too."""
+    shards = sorted(directory.glob("shard-*-of-*/run.h5"))
+    if not shards:
+        msg = f"no shard-*-of-*/run.h5 under {directory}"
+        raise StoreError(msg)
+    expected = int(shards[0].parent.name.rsplit("-", 1)[1])
+    if len(shards) != expected:
+        msg = f"{directory} has {len(shards)} of {expected} shards; run the missing ones first"
+        raise StoreError(msg)
+    target = directory / "run.h5"
+    temporary = target.with_suffix(".h5.tmp")
+    temporary.unlink(missing_ok=True)
+    sources = [open_run_file(path) for path in shards]
+    try:
+        with h5py.File(temporary, "w-") as merged:
+            for key, value in sources[0].attrs.items():
+                merged.attrs[key] = value
+            merged.attrs["merged_from"] = json.dumps([str(p.relative_to(directory)) for p in shards])
+            for group_name in ("captions", "images", "pairs"):
+                first = sources[0][group_name]
+                group = merged.create_group(group_name)
+                for key, value in first.attrs.items():
+                    group.attrs[key] = value
+                totals = [len(src[group_name]["status"]) for src in sources]
+                for name, dataset in first.items():
+                    group.create_dataset(
+                        name, shape=(sum(totals), *dataset.shape[1:]), dtype=dataset.dtype, chunks=dataset.chunks,
+                        compression=dataset.compression, shuffle=dataset.shuffle, fillvalue=dataset.fillvalue,
+                    )
+            offsets = {"captions": 0, "images": 0, "pairs": 0}
+            for src in sources:
+                for group_name in ("captions", "images", "pairs"):
+                    n = len(src[group_name]["status"])
+                    start = offsets[group_name]
+                    for name, dataset in src[group_name].items():
+                        shift = {"caption_index": offsets["captions"], "image_index": offsets["images"]}.get(name, 0)
+                        for row in range(0, n, block):
+                            rows = dataset[row : row + block]
+                            merged[group_name][name][start + row : start + row + len(rows)] = rows + shift if shift else rows
+                for group_name in offsets:
+                    offsets[group_name] += len(src[group_name]["status"])
+    finally:
+        for src in sources:
+            src.close()
+    temporary.replace(target)
+    return target
