@@ -13,7 +13,7 @@ def test_public_names():
         [
             "ConfigError", "Contributions", "DualEncoderAdapter", "InputError", "InteractionAttribution",
             "InteractionMap", "ModelFamilyError", "StoreError", "XclipError", "__version__", "get_adapter_cls",
-            "interaction_map", "list_families", "load_model", "quadrature",
+            "interaction_map", "interaction_maps", "list_families", "load_model", "quadrature",
         ]
     )
     for name in xclip.__all__:

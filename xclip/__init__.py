@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from xclip.adapters import DualEncoderAdapter, get_adapter_cls, list_families
-from xclip.attribution import InteractionAttribution, interaction_map
+from xclip.attribution import InteractionAttribution, interaction_map, interaction_maps
 from xclip.core.quadrature import quadrature
 from xclip.errors import ConfigError, InputError, ModelFamilyError, StoreError, XclipError
 from xclip.loading import load_model
@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "get_adapter_cls",
     "interaction_map",
+    "interaction_maps",
     "list_families",
     "load_model",
     "quadrature",

@@ -165,7 +165,7 @@ class InteractionAttribution:
         image = self.image_contributions(images)
         if pairs is None:
             pairs = [(i, j) for i in range(len(text)) for j in range(len(image))]
-        return [interaction_map(text[i], image[j], logit_scale=self.logit_scale) for i, j in pairs]
+        return interaction_maps(text, image, pairs, logit_scale=self.logit_scale)
 
     # --- internals -----------------------------------------------------------------------------------
     def _attribute_tower(
@@ -245,18 +245,53 @@ def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 
         a: rows (usually the caption); b: columns (usually the image).
         logit_scale: factor for interactions and terms (the model's ``logit_scale.exp()``, or 1).
     """
-    values = interactions(a.values, b.values) * logit_scale
-    terms = four_terms(a.embedding, a.reference_embedding, b.embedding, b.reference_embedding) * logit_scale
-    value = float(four_term_value(terms))
-    return InteractionMap(
-        interactions=values,
-        score=float(terms[0]),
-        terms=terms,
-        four_term_value=value,
-        completeness_error=abs(float(values.sum()) - value),
-        row_labels=a.labels,
-        column_labels=b.labels,
-        grid=b.grid,
-        n_prefix=b.n_prefix,
-        logit_scale=logit_scale,
-    )
+    return interaction_maps([a], [b], [(0, 0)], logit_scale=logit_scale)[0]
+
+
+def interaction_maps(
+    rows: Sequence[Contributions],
+    columns: Sequence[Contributions],
+    pairs: Sequence[tuple[int, int]],
+    *,
+    logit_scale: float = 1.0,
+    block: int = 4096,
+) -> list[InteractionMap]:
+    """Maps of many ``(row index, column index)`` pairs at once: one batched matrix product per ``block`` pairs.
+
+    Inputs are zero-padded to a common length, which adds nothing to any product or sum.
+    """
+    if not pairs:
+        return []
+    row_values = torch.nn.utils.rnn.pad_sequence([r.values for r in rows], batch_first=True)  # (M, L, E)
+    column_values = torch.nn.utils.rnn.pad_sequence([c.values for c in columns], batch_first=True)  # (K, S, E)
+    row_embeddings = torch.stack([torch.stack([r.embedding, r.reference_embedding]) for r in rows])  # (M, 2, E)
+    column_embeddings = torch.stack([torch.stack([c.embedding, c.reference_embedding]) for c in columns])
+    maps: list[InteractionMap] = []
+    for start in range(0, len(pairs), block):
+        index = torch.tensor(pairs[start : start + block], device=row_values.device)
+        a, b = index[:, 0], index[:, 1]
+        values = interactions(row_values[a], column_values[b]) * logit_scale  # (P, L, S)
+        terms = four_terms(
+            row_embeddings[a, 0], row_embeddings[a, 1], column_embeddings[b, 0], column_embeddings[b, 1]
+        ) * logit_scale
+        value = four_term_value(terms)
+        errors = (values.sum(dim=(1, 2)) - value).abs()
+        for k, (i, j), score, total, error in zip(
+            range(len(index)), pairs[start : start + block], terms[:, 0].tolist(), value.tolist(), errors.tolist()
+        ):
+            row, column = rows[i], columns[j]
+            maps.append(
+                InteractionMap(
+                    interactions=values[k, : row.values.shape[0], : column.values.shape[0]],
+                    score=score,
+                    terms=terms[k],
+                    four_term_value=total,
+                    completeness_error=error,
+                    row_labels=row.labels,
+                    column_labels=column.labels,
+                    grid=column.grid,
+                    n_prefix=column.n_prefix,
+                    logit_scale=logit_scale,
+                )
+            )
+    return maps

@@ -18,7 +18,7 @@ import torch
 
 import xclip
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, load_image
-from xclip.attribution import InteractionAttribution, interaction_map
+from xclip.attribution import InteractionAttribution, interaction_maps
 from xclip.config import RunConfig
 from xclip.data import Dataset, read_dataset
 from xclip.errors import ConfigError, XclipError
@@ -373,15 +373,21 @@ def _attribute_pairs(
     for done, batch_indices in enumerate(_batches(todo, max(64, config.runtime.batch_size))):
         if stop():
             return
+        ready = []
         for index in batch_indices:
             c, i = int(caption_index[index]), int(image_index[index])
             if caption_status[c] != DONE:
                 mark_failed(pairs, int(index), f"caption {c} failed: {captions['error'].asstr()[c]}")
-                continue
-            if image_status[i] != DONE:
+            elif image_status[i] != DONE:
                 mark_failed(pairs, int(index), f"image {i} failed: {images['error'].asstr()[i]}")
-                continue
-            write_pair(pairs, int(index), interaction_map(stored("caption", c), stored("image", i), logit_scale=scale))
+            else:
+                ready.append((int(index), c, i))
+        if ready:
+            text = [stored("caption", c) for _, c, _ in ready]
+            image = [stored("image", i) for _, _, i in ready]
+            maps = interaction_maps(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
+            for (index, _, _), result in zip(ready, maps):
+                write_pair(pairs, index, result)
         if len(cache) > 4096:
             cache.clear()
         f.flush()
