@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU machines take this local build; anywhere else pip resolves it as usual
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check xclip tests scripts
 
 demo: install
 	$(BIN)/xclip attribute configs/demo.yaml

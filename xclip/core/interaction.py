@@ -33,7 +33,6 @@ from torch.func import jvp, vjp, vmap
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 
 Mode = Literal["auto", "forward", "reverse"]
-TangentFn = Callable[[Tensor, Tensor, Positions], Tensor]
 
 
 def contributions(
