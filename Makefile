@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU machines take this local build; anywhere else pip resolves it as usual
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo grounding bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: install
 demo: install
 	$(BIN)/xclip attribute configs/demo.yaml
 	$(BIN)/xclip render runs/demo
+
+# held-out grounding figures of the demo model: pointing game and mass ratio, per shape, with intervals
+grounding: install
+	$(BIN)/xclip synth runs/grounding-scenes --n 500 --seed 20000
+	$(BIN)/xclip attribute configs/grounding.yaml --quiet
+	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl
 
 bench: install
 	$(BIN)/python scripts/bench.py --architecture vit-b-32 --device cpu

@@ -21,6 +21,7 @@ from xclip.errors import ConfigError
 from xclip.store import DONE, open_run_file
 
 COLORMAP = "RdBu_r"
+DISPLAY_SIDE = 256  # views smaller than this are enlarged for drawing
 ALPHA = 0.55
 SPECIAL = {"<|startoftext|>", "<|endoftext|>", "</s>", "<s>", "<pad>", "[CLS]", "[SEP]", "[PAD]"}
 
@@ -115,20 +116,36 @@ def heatmap_overlay(image: Image.Image, patch_map: np.ndarray, halfrange: float,
 
 
 def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """Caption words and their token rows, special tokens left out."""
+    """Caption words and their token rows, special tokens left out.
+
+    Word boundaries follow the tokenizer's own marks: CLIP's BPE ends a word with ``</w>``, SentencePiece
+    starts one with ``▁``, byte-level BPE with ``Ġ``, WordPiece continues one with ``##``; a word-level
+    vocabulary has none of these, and then every token is a word.
+    """
+    content = [t for t in tokens if t not in SPECIAL and t]
+    if any(t.endswith("</w>") for t in content):
+        def starts_new(token: str, previous: str | None) -> bool:
+            return previous is None or previous.endswith("</w>")
+    elif any(t.startswith(("▁", "Ġ")) for t in content):
+        def starts_new(token: str, previous: str | None) -> bool:
+            return previous is None or token.startswith(("▁", "Ġ"))
+    else:
+        def starts_new(token: str, previous: str | None) -> bool:
+            return previous is None or not token.startswith("##")
+
     groups: list[tuple[str, list[int]]] = []
-    starts_word = True
+    previous: str | None = None
     for row, token in enumerate(tokens):
         if token in SPECIAL or not token:
-            starts_word = True
+            previous = None
             continue
-        clean = token.replace("</w>", "").lstrip("▁Ġ")
-        if starts_word or token.startswith(("▁", "Ġ")) or not groups:
+        clean = token.replace("</w>", "").lstrip("▁Ġ").removeprefix("##")
+        if starts_new(token, previous) or not groups:
             groups.append((clean, [row]))
         else:
             word, rows = groups[-1]
             groups[-1] = (word + clean, [*rows, row])
-        starts_word = token.endswith("</w>") or not token.strip()
+        previous = token
     return groups
 
 
@@ -155,7 +172,10 @@ def span_rows(span: str, tokens: list[str]) -> list[int]:
 
 
 def _figure(view: PairView, panels: list[tuple[str, np.ndarray]], token_scores: np.ndarray | None,
-            highlight_rows: list[int], box: tuple[float, float, float, float] | None, upsample: str, path: Path) -> Path:
+            highlight_rows: list[int], box: tuple[float, float, float, float] | None, upsample: str, path: Path,
+            context: tuple[str, np.ndarray] | None = None) -> Path:
+    """Panels and token strip on one symmetric colour scale (the colour bar's); ``context``, a map whose
+    magnitude would drown the others (the whole caption, which includes BOS and EOS), gets its own scale."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import CenteredNorm
@@ -165,19 +185,29 @@ def _figure(view: PairView, panels: list[tuple[str, np.ndarray]], token_scores: 
     values = [m for _, m in panels] + ([token_scores] if token_scores is not None else [])
     halfrange = float(max(np.abs(v).max() for v in values)) or 1.0
     norm, cmap = CenteredNorm(vcenter=0.0, halfrange=halfrange), colormaps[COLORMAP]
+    scales = [halfrange] * len(panels)
+    if context is not None:
+        context_range = float(np.abs(context[1]).max()) or 1.0
+        panels = [*panels, (f"{context[0]} (own scale ±{context_range:.2g})", context[1])]
+        scales.append(context_range)
     n = len(panels)
     columns = min(n, 4)
     rows = -(-n // columns)
     fig = Figure(figsize=(max(3.2 * columns + 1.4, 6.0), 3.2 * rows + 1.4), dpi=100, layout="constrained")
     grid = fig.add_gridspec(rows + 1, columns + 1, height_ratios=[*[1.0] * rows, 0.28], width_ratios=[*[1.0] * columns, 0.06])
-    for k, (title, patch_map) in enumerate(panels):
+    # small model inputs (a 64-pixel view) are enlarged before the map is laid on, so the smooth upsampling
+    # happens at display resolution rather than in matplotlib's blur
+    zoom = max(1, -(-DISPLAY_SIDE // max(view.image.size)))
+    display = view.image.resize((view.image.size[0] * zoom, view.image.size[1] * zoom), Image.Resampling.BICUBIC)
+    for k, ((title, patch_map), scale) in enumerate(zip(panels, scales)):
         ax = fig.add_subplot(grid[k // columns, k % columns])
-        ax.imshow(heatmap_overlay(view.image, patch_map, halfrange, upsample))
+        ax.imshow(heatmap_overlay(display, patch_map, scale, upsample))
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
         if box is not None:
             (x0, y0), (x1, y1) = view.to_view(box[0], box[1]), view.to_view(box[2], box[3])
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black", linewidth=2))
+            ax.add_patch(Rectangle((x0 * zoom, y0 * zoom), (x1 - x0) * zoom, (y1 - y0) * zoom, fill=False,
+                                   edgecolor="black", linewidth=2))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_subplot(grid[:rows, columns]), label="interaction")
     _token_strip(fig, fig.add_subplot(grid[rows, :]), view.tokens, token_scores, highlight_rows, norm, cmap)
     fig.suptitle(f"pair {view.index}: {view.caption!r}  (score {view.score:.4f})", fontsize=11)
@@ -243,11 +273,11 @@ def render_pair(view: PairView, out: Path, *, span: str | None = None,
     if box is not None:
         patches = [view.n_prefix + p for p in box_patches(box, view)]
         token_scores = view.interactions[:, patches].sum(1)
-        return _figure(view, [("whole caption", view.patch_map(list(range(len(view.tokens)))))], token_scores, [],
-                       box, upsample, out / f"pair{view.index:06d}_box.png")
+        whole = ("whole caption", view.patch_map(list(range(len(view.tokens)))))
+        return _figure(view, [], token_scores, [], box, upsample, out / f"pair{view.index:06d}_box.png", whole)
     panels = [(word, view.patch_map(rows)) for word, rows in _word_groups(view.tokens)]
-    panels.append(("whole caption", view.patch_map(list(range(len(view.tokens))))))
-    return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png")
+    whole = ("whole caption", view.patch_map(list(range(len(view.tokens)))))
+    return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png", whole)
 
 
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
