@@ -1,0 +1,65 @@
+"""The synthetic world and the shipped demo model trained on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import xclip
+from xclip.synthetic import COLOURS, SHAPES, generate, hard_negative
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
+
+
+def test_scenes_are_deterministic_and_annotated_exactly():
+    first, again = generate(30, seed=7), generate(30, seed=7)
+    assert [s.caption for s in first] == [s.caption for s in again]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(first, again))
+    for scene in first:
+        assert 1 <= len(scene.objects) <= 4
+        assert len({(o.colour, o.shape) for o in scene.objects}) == len(scene.objects)  # no object twice
+        assert scene.phrases
+        for phrase in scene.phrases:
+            assert scene.caption[phrase.start : phrase.end] == phrase.text == f"{phrase.colour} {phrase.shape}"
+            assert phrase.colour in COLOURS and phrase.shape in SHAPES
+            x0, y0, x1, y1 = phrase.box
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            # the object's colour is really drawn inside its box
+            pixels = np.asarray(scene.image)[y0:y1, x0:x1].reshape(-1, 3)
+            assert (np.abs(pixels - np.array(COLOURS[phrase.colour])).sum(1) == 0).any()
+
+
+def test_hard_negatives_rebind_colours_and_keep_shapes():
+    rng = np.random.default_rng(0)
+    for scene in generate(50, seed=11):
+        negative = hard_negative(rng, scene)
+        assert negative != scene.caption
+        for shape in SHAPES:
+            assert negative.count(shape) == scene.caption.count(shape)
+
+
+def test_shipped_demo_model_binds_colour_to_shape():
+    """On held-out scenes the shipped model prefers the true caption over its colour-swapped negative."""
+    model = xclip.load_model(DEMO_MODEL, device="cpu")
+    scenes = generate(100, seed=424242)
+    rng = np.random.default_rng(1)
+    captions = [s.caption for s in scenes] + [hard_negative(rng, s) for s in scenes]
+    attributor = xclip.InteractionAttribution(model, n_steps=1)
+    text = attributor.text_contributions(captions)
+    images = attributor.image_contributions([s.image for s in scenes])
+    true = torch.stack([(t.embedding * i.embedding).sum() for t, i in zip(text[:100], images)])
+    swapped = torch.stack([(t.embedding * i.embedding).sum() for t, i in zip(text[100:], images)])
+    assert (true > swapped).float().mean() >= 0.85
+
+
+def test_processor_sees_scenes_as_the_training_did():
+    """Training normalised 64-pixel scenes directly; the shipped processor must not resample them."""
+    model = xclip.load_model(DEMO_MODEL, device="cpu")
+    (scene,) = generate(1, seed=5)
+    processed = model.preprocess([scene.image]).pixel_values[0]
+    mean = torch.tensor(model.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(model.image_processor.image_std)[:, None, None]
+    manual = (torch.from_numpy(np.asarray(scene.image).copy()).permute(2, 0, 1) / 255 - mean) / std
+    torch.testing.assert_close(processed, manual, rtol=0, atol=1e-5)
