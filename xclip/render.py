@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,8 @@ def _figure(view: PairView, panels: list[tuple[str, np.ndarray]], token_scores: 
                                    edgecolor="black", linewidth=2))
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_subplot(grid[:rows, columns]), label="interaction")
     _token_strip(fig, fig.add_subplot(grid[rows, :]), view.tokens, token_scores, highlight_rows, norm, cmap)
-    fig.suptitle(f"pair {view.index}: {view.caption!r}  (score {view.score:.4f})", fontsize=11)
+    title = f"pair {view.index}: {view.caption!r}  (score {view.score:.4f})"
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=11)  # ~11 characters an inch
     metadata = PngInfo()
     metadata.add_text("xclip:halfrange", f"{halfrange:.6g}")
     metadata.add_text("xclip:colormap", COLORMAP)
@@ -228,7 +230,7 @@ def _token_strip(fig: Any, strip: Any, tokens: list[str], token_scores: np.ndarr
     renderer = FigureCanvasAgg(fig).get_renderer()
     strip.set_axis_off()
     width = strip.get_window_extent(renderer).width
-    x, y = 0.0, 0.75
+    x, y = 0.01, 0.75
     for word, rows in _word_groups(tokens):
         score = float(token_scores[rows].sum()) if token_scores is not None else None
         face = cmap(norm(score)) if score is not None else "white"
@@ -239,7 +241,7 @@ def _token_strip(fig: Any, strip: Any, tokens: list[str], token_scores: np.ndarr
                                 "boxstyle": "round,pad=0.3"})
         x += text.get_window_extent(renderer).width / width + 0.03
         if x > 0.92:
-            x, y = 0.0, y - 0.45
+            x, y = 0.01, y - 0.45
 
 
 def load_pair_view(f: Any, index: int, data_root: Path, geometry: dict[str, Any]) -> PairView:
