@@ -96,14 +96,16 @@ class InteractionAttribution:
     def text_batch_contributions(self, batch: TextBatch) -> list[Contributions]:
         """:meth:`text_contributions` of captions already tokenised by ``model.tokenize``."""
         layer = self.text_layer
-        hidden = self.model.text_hidden(batch.input_ids, batch.positions, layer)
         if self.convention == "exact":
             reference_ids = self.model.text_reference_ids(batch, self.text_filler)
             reference_positions = batch.positions
         else:
             reference_ids = self.model.reference_code_text_ids(batch)
             reference_positions = Positions(batch.positions.mask, self.model.pooled_index(reference_ids))
-        reference = self.model.text_hidden(reference_ids, batch.positions, layer)
+        # captions and their references share length and mask: one pass below the cut for both
+        mask = batch.positions.mask
+        both = Positions(mask=None if mask is None else torch.cat([mask, mask]))
+        hidden, reference = self.model.text_hidden(torch.cat([batch.input_ids, reference_ids]), both, layer).chunk(2)
         values, embedding, reference_embedding, errors = self._attribute_tower(
             self._text_upper, hidden, reference, batch.positions, reference_positions
         )
