@@ -41,7 +41,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
+    """Best (least) seconds of ``repeats`` calls after one warm-up call: on a shared machine the fastest run
+    is the one least disturbed by others."""
     fn()
     synchronize(device)
     times = []
@@ -50,7 +51,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def caption(n_words: int) -> str:
