@@ -27,7 +27,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, also written
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build(seed: int, n_layers: int = 2, width: int = 128):  # type: ignore[no-untyped-def]
+def build(seed: int, n_layers: int = 2, width: int = 128, n_vision_layers: int | None = None):  # type: ignore[no-untyped-def]
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
@@ -45,7 +45,8 @@ def build(seed: int, n_layers: int = 2, width: int = 128):  # type: ignore[no-un
     text = {"vocab_size": len(vocab), "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": n_layers,
             "num_attention_heads": 4, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1,
             "eos_token_id": 3}
-    vision = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": n_layers, "num_attention_heads": 4,
+    vision = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": n_vision_layers or n_layers,
+              "num_attention_heads": 4,
               "image_size": IMAGE_SIZE, "patch_size": PATCH}
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=width))
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--layers", type=int, default=2, help="blocks per tower")
     parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--vision-layers", type=int, help="blocks of the image tower (default: --layers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=30000, help="scenes drawn once; captions are drawn anew")
     parser.add_argument("--out", type=Path, default=ROOT / "xclip" / "models" / "shapes-clip")
@@ -105,7 +107,7 @@ def main() -> None:
         print(json.dumps(evaluate(adapter.model, adapter.processor, seed=10_000 + args.seed, n=1000)))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = build(args.seed, args.layers, args.width)
+    model, processor = build(args.seed, args.layers, args.width, args.vision_layers)
     model.to(device).train()
     rng = np.random.default_rng(args.seed)
     pool = [draw_scene(rng, IMAGE_SIZE) for _ in range(args.pool)]
