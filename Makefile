@@ -31,7 +31,7 @@ demo: install
 # held-out grounding figures of the demo model: pointing game and mass ratio, per shape, with intervals
 grounding: install
 	$(BIN)/xclip synth runs/grounding-scenes --n 500 --seed 20000
-	$(BIN)/xclip attribute configs/grounding.yaml --quiet
+	$(BIN)/xclip attribute configs/grounding.yaml --quiet --overwrite
 	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl
 
 bench: install

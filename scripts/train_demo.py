@@ -2,6 +2,8 @@
 
     python scripts/train_demo.py [--steps 4000] [--batch-size 128] [--seed 0] [--out xclip/models/shapes-clip]
 
+The defaults reproduce the shipped model: 2 text blocks and 1 image block of width 128.
+
 Contrastive (symmetric InfoNCE) training on freshly captioned scenes, with one hard negative per image (the
 caption with colours swapped between objects) added to the text side. Deterministic for a seed on one device;
 runs on CPU in minutes, or on a GPU when one is available. Prints held-out retrieval and binding accuracy.
@@ -93,7 +95,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--layers", type=int, default=2, help="blocks per tower")
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--vision-layers", type=int, help="blocks of the image tower (default: --layers)")
+    parser.add_argument("--vision-layers", type=int, default=1,
+                        help="blocks of the image tower: one keeps the default cut on local patch embeddings")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool", type=int, default=30000, help="scenes drawn once; captions are drawn anew")
     parser.add_argument("--out", type=Path, default=ROOT / "xclip" / "models" / "shapes-clip")

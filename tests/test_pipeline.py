@@ -17,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import xclip
+import xclip.random_models
 from xclip.cli import app
 from xclip.config import load_config
 from xclip.data import read_dataset
@@ -421,3 +422,16 @@ def test_word_groups_follow_each_tokenizers_marks():
     assert [w for w, _ in _word_groups(word_level)] == ["a", "red", "circle", ","]
     wordpiece = ["[CLS]", "a", "bl", "##ack", "dog", "[SEP]"]
     assert _word_groups(wordpiece) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
+
+
+def test_new_weights_at_the_same_path_are_refused(tmp_path, model_dirs):
+    import shutil
+
+    write_folder(tmp_path)
+    local = tmp_path / "model"
+    shutil.copytree(model_dirs["clip"], local)
+    config = write_config(tmp_path / "run.yaml", str(local))
+    assert runner.invoke(app, ["attribute", str(config), "-q"]).exit_code == 0
+    xclip.random_models.save_random_model(local, "clip", seed=1)  # retrained in place
+    result = runner.invoke(app, ["attribute", str(config), "-q"])
+    assert result.exit_code == 2 and "other weights" in result.output

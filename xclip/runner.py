@@ -84,6 +84,9 @@ def run(
             if f.attrs["fingerprint"] != config.result_fingerprint():
                 msg = f"{directory} holds a run made with different settings; use --overwrite to replace it"
                 raise ConfigError(msg)
+            if f.attrs.get("model_weights_sha256", "") != (_weights_digest(config.model.name) or ""):
+                msg = f"{directory} was made with other weights at {config.model.name}; use --overwrite to replace it"
+                raise ConfigError(msg)
     dataset = read_dataset(config.data)
     torch.manual_seed(config.runtime.seed)
     model = load_model(
@@ -238,13 +241,21 @@ def _provenance(config: RunConfig, model: DualEncoderAdapter, command: str) -> d
         "preprocessing": json.dumps(model.preprocessing_geometry()),
         "logit_scale": model.logit_scale,
     }
-    weights = Path(config.model.name)
-    if weights.is_dir():  # a local checkpoint has no revision: identify its weights by content
-        digest = hashlib.sha256()
-        for file in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin")):
-            digest.update(file.read_bytes())
-        attributes["model_weights_sha256"] = digest.hexdigest()
+    digest = _weights_digest(config.model.name)
+    if digest is not None:
+        attributes["model_weights_sha256"] = digest
     return attributes
+
+
+def _weights_digest(name: str) -> str | None:
+    """SHA-256 of a local checkpoint's weight files (it has no revision to pin); None for hub ids."""
+    weights = Path(name)
+    if not weights.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
