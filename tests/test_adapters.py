@@ -26,6 +26,9 @@ def test_split_at_every_layer_reproduces_hf_features(model64):
         hidden = model64.image_hidden(pixels, layer)
         ours = embed_from_hidden(model64.image_upper(layer), hidden, image_positions, normalize=False)
         torch.testing.assert_close(ours, hf_image, rtol=0, atol=1e-12)
+    normalize = torch.nn.functional.normalize
+    torch.testing.assert_close(model64.embed_text(text), normalize(hf_text, dim=-1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(model64.embed_image(pixels), normalize(hf_image, dim=-1), rtol=0, atol=1e-12)
 
 
 def test_caption_geometry(model64):

@@ -200,13 +200,10 @@ def _choose_pairs(
 @torch.no_grad()
 def _similarities(model: DualEncoderAdapter, dataset: Dataset, batch_size: int, progress: Progress) -> torch.Tensor:
     """``(n_captions, n_images)`` cosine similarities; unreadable images score -inf."""
-    from xclip.core.transformer import Positions, embed_from_hidden
-
-    text = []
-    for start in range(0, len(dataset.captions), batch_size):
-        batch = model.tokenize(dataset.captions[start : start + batch_size])
-        hidden = model.text_hidden(batch.input_ids, batch.positions, 0)
-        text.append(embed_from_hidden(model.text_upper(0), hidden, batch.positions, normalize=True).float())
+    text = [
+        model.embed_text(model.tokenize(dataset.captions[start : start + batch_size])).float()
+        for start in range(0, len(dataset.captions), batch_size)
+    ]
     image = []
     for index, path in enumerate(dataset.images):
         try:
@@ -214,9 +211,7 @@ def _similarities(model: DualEncoderAdapter, dataset: Dataset, batch_size: int, 
         except XclipError:
             image.append(torch.full_like(text[0][:1], float("nan")))
             continue
-        positions = Positions(pooled_index=model.image_pooled_index(1))
-        hidden = model.image_hidden(pixels, 0)
-        image.append(embed_from_hidden(model.image_upper(0), hidden, positions, normalize=True).float())
+        image.append(model.embed_image(pixels).float())
         progress("ranking", index + 1, len(dataset.images))
     scores = torch.cat(text) @ torch.cat(image).T
     return scores.nan_to_num(nan=float("-inf"))

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch import Tensor, nn
 
-from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward
+from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward, embed_from_hidden
 from xclip.errors import ConfigError, InputError
 
 ImageReference = Literal["zeros", "black", "blur", "noise"]
@@ -293,3 +293,17 @@ class DualEncoderAdapter:
         for block in self.image_blocks[:layer]:
             hidden = block_forward(block, hidden, None, fused=True)
         return hidden
+
+    @torch.no_grad()
+    def embed_text(self, batch: TextBatch) -> Tensor:
+        """Normalised caption embeddings ``(B, E)``: the fused layers up to the last block, then that block."""
+        layer = len(self.text_blocks) - 1
+        hidden = self.text_hidden(batch.input_ids, batch.positions, layer)
+        return embed_from_hidden(self.text_upper(layer), hidden, batch.positions, normalize=True)
+
+    @torch.no_grad()
+    def embed_image(self, pixel_values: Tensor) -> Tensor:
+        """Normalised image embeddings ``(B, E)`` of preprocessed pixels."""
+        layer = len(self.image_blocks) - 1
+        positions = Positions(pooled_index=self.image_pooled_index(pixel_values.shape[0]))
+        return embed_from_hidden(self.image_upper(layer), self.image_hidden(pixel_values, layer), positions, normalize=True)
