@@ -81,10 +81,9 @@ def patch_mask(boxes: list[list[float]], original_size: tuple[int, int], geometr
     return mask
 
 
-def _token_rows(tokenizer: Any, caption: str, start: int, end: int, n_positions: int) -> list[int]:
-    """Token positions whose characters overlap ``caption[start:end]``."""
-    encoded = tokenizer(caption, return_offsets_mapping=True, truncation=True, max_length=n_positions)
-    return [row for row, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and a < end and b > start]
+def _token_rows(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Token positions whose character offsets overlap ``[start, end)``; special tokens have empty offsets."""
+    return [row for row, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
 
 
 def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseScore]:
@@ -117,8 +116,11 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
             tokens = list(captions["tokens"].asstr()[c, :n_positions])
             special = np.array([t in tokenizer.all_special_tokens for t in tokens])
             size = tuple(int(v) for v in images["original_size"][i])
+            offsets = tokenizer(texts[c], return_offsets_mapping=True, truncation=True, max_length=n_positions)[
+                "offset_mapping"
+            ]
             for phrase in record["phrases"]:
-                rows = _token_rows(tokenizer, texts[c], phrase["start"], phrase["end"], n_positions)
+                rows = _token_rows(offsets, phrase["start"], phrase["end"])
                 if not rows:
                     continue
                 inside_image = patch_mask(phrase["boxes"], size, geometry, grid).reshape(-1)
