@@ -312,7 +312,7 @@ def test_render_writes_heatmaps_and_follows_planted_maps(tmp_path, folder_config
     written = [Path(line) for line in default.stdout.split()]
     assert [p.name for p in written] == ["pair000000.png", "pair000001.png", "pair000002.png"]
     box = runner.invoke(app, ["render", str(tmp_path / "run"), "--pair", "1", "--box", "0,0,20,20"])
-    assert box.exit_code == 0 and Path(box.stdout.strip()).name == "pair000001_box.png"
+    assert box.exit_code == 0 and Path(box.stdout.strip()).name == "pair000001_box-0-0-20-20.png"
     bad = runner.invoke(app, ["render", str(tmp_path / "run"), "--pair", "0", "--span", "zebra"])
     assert bad.exit_code == 2 and "does not occur in the caption" in bad.output
 

@@ -264,6 +264,10 @@ def load_pair_view(f: Any, index: int, data_root: Path, geometry: dict[str, Any]
     )
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-") or "tokens"
+
+
 def render_pair(view: PairView, out: Path, *, span: str | None = None,
                 box: tuple[float, float, float, float] | None = None, upsample: str = "bilinear") -> Path:
     """One PNG: the span's map (``span``), the box's token scores (``box``), or per-word panels (neither)."""
@@ -271,12 +275,12 @@ def render_pair(view: PairView, out: Path, *, span: str | None = None,
         rows = span_rows(span, view.tokens)
         label = " ".join(view.tokens[r].replace("</w>", "") for r in rows)
         return _figure(view, [(f"span: {label}", view.patch_map(rows))], None, rows, box, upsample,
-                       out / f"pair{view.index:06d}_span.png")
+                       out / f"pair{view.index:06d}_span-{_slug(label)}.png")  # one file per span
     if box is not None:
         patches = [view.n_prefix + p for p in box_patches(box, view)]
         token_scores = view.interactions[:, patches].sum(1)
         whole = ("whole caption", view.patch_map(list(range(len(view.tokens)))))
-        return _figure(view, [], token_scores, [], box, upsample, out / f"pair{view.index:06d}_box.png", whole)
+        return _figure(view, [], token_scores, [], box, upsample, out / f"pair{view.index:06d}_box-{_slug(' '.join(f'{v:g}' for v in box))}.png", whole)
     panels = [(word, view.patch_map(rows)) for word, rows in _word_groups(view.tokens)]
     whole = ("whole caption", view.patch_map(list(range(len(view.tokens)))))
     return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png", whole)
