@@ -3,7 +3,8 @@
 Scenes hold 1 to 4 objects (a colour from ``COLOURS`` and a shape from ``SHAPES``) on a plain or textured
 background; captions name some or all of them in varied templates, and every object phrase ("red circle") comes
 with its character span in the caption and its box in the image. ``hard_negative`` swaps colours between
-objects (or recolours a lone one), so a model must bind colour to shape to tell the two captions apart.
+objects (or recolours a lone one), so a model must bind colour to shape to tell the two captions apart;
+``replacement_negative`` names one object the scene does not hold, so it must also tell every object apart.
 """
 
 from __future__ import annotations
@@ -184,19 +185,34 @@ def hard_negative(rng: np.random.Generator, scene: Scene) -> str:
         for j in range(i + 1, len(phrases))
         if phrases[i].colour != phrases[j].colour and phrases[i].shape != phrases[j].shape
     ]
-    colours = [p.colour for p in phrases]
-    if swappable:
-        i, j = swappable[int(rng.integers(len(swappable)))]
-        colours[i], colours[j] = colours[j], colours[i]
-    else:
+    if not swappable:
         present = {o.colour for o in scene.objects}
         k = int(rng.integers(len(phrases)))
-        colours[k] = str(rng.choice([c for c in COLOURS if c not in present]))
+        return _rewrite(scene, {k: (str(rng.choice([c for c in COLOURS if c not in present])), phrases[k].shape)})
+    i, j = swappable[int(rng.integers(len(swappable)))]
+    return _rewrite(scene, {i: (phrases[j].colour, phrases[i].shape), j: (phrases[i].colour, phrases[j].shape)})
+
+
+def replacement_negative(rng: np.random.Generator, scene: Scene) -> str:
+    """The caption with the colour or the shape of one mentioned object replaced, so that it names an object the
+    scene does not hold while naming as many objects as the true caption: no counting shortcut tells them apart."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    k = int(rng.integers(len(scene.phrases)))
+    colour, shape = scene.phrases[k].colour, scene.phrases[k].shape
+    if rng.random() < 0.5:
+        options = [(c, shape) for c in COLOURS if (c, shape) not in present]
+    else:
+        options = [(colour, s) for s in SHAPES if (colour, s) not in present]
+    return _rewrite(scene, {k: options[int(rng.integers(len(options)))]})
+
+
+def _rewrite(scene: Scene, replacements: dict[int, tuple[str, str]]) -> str:
+    """The caption with phrase ``k`` (and its article) naming ``replacements[k]`` = (colour, shape) instead."""
     pieces, cursor = [], 0
-    for phrase, colour in zip(phrases, colours):
+    for k, phrase in enumerate(scene.phrases):
+        colour, shape = replacements.get(k, (phrase.colour, phrase.shape))
         article_start = scene.caption.rfind(" ", 0, phrase.start - 1) + 1  # the word before: "a" or "an"
-        before = scene.caption[cursor:article_start]
-        pieces.append(f"{before}{_article(colour)} {colour} {phrase.shape}")
+        pieces.append(f"{scene.caption[cursor:article_start]}{_article(colour)} {colour} {shape}")
         cursor = phrase.end
     return "".join(pieces) + scene.caption[cursor:]
 
