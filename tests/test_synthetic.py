@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import xclip
-from xclip.synthetic import COLOURS, SHAPES, generate, hard_negative
+from xclip.synthetic import COLOURS, SHAPES, generate, hard_negative, replacement_negative
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 
@@ -38,6 +39,32 @@ def test_hard_negatives_rebind_colours_and_keep_shapes():
         assert negative != scene.caption
         for shape in SHAPES:
             assert negative.count(shape) == scene.caption.count(shape)
+
+
+def test_replacement_negatives_name_one_missing_object_and_keep_the_count():
+    rng = np.random.default_rng(0)
+    for scene in generate(200, seed=12):
+        negative = replacement_negative(rng, scene)
+        true_words, negative_words = re.findall(r"\w+", scene.caption), re.findall(r"\w+", negative)
+        assert len(negative_words) == len(true_words)  # same objects named, same template
+        changed = [(a, b) for a, b in zip(true_words, negative_words) if a != b and a not in ("a", "an")]
+        assert len(changed) == 1
+        named = {tuple(p.text.split()) for p in scene.phrases}
+        present = {(o.colour, o.shape) for o in scene.objects}
+        negative_objects = {(w, negative_words[i + 1]) for i, w in enumerate(negative_words[:-1]) if w in COLOURS}
+        assert len(negative_objects - present) == 1 and len(negative_objects & named) == len(named) - 1
+
+
+def test_shipped_demo_model_text_cut_sees_a_word_and_its_predecessor():
+    """The demo model's first text block attends only to each word and the one before it, so at the default cut
+    a word's state is the same in every caption where it follows the same word at the same position: no
+    position below the last block summarises the caption."""
+    model = xclip.load_model(DEMO_MODEL, device="cpu")
+    batch = model.tokenize(["a red circle and a blue star", "a red circle with a blue star"])
+    hidden = model.text_hidden(batch.input_ids, batch.positions, len(model.text_blocks) - 1)
+    # <sot> a red circle and|with a blue star <eos>: positions 4 and 5 see the differing word
+    torch.testing.assert_close(hidden[0, 6:], hidden[1, 6:])
+    assert (hidden[0, 4:6] - hidden[1, 4:6]).abs().amax(-1).min() > 0.1
 
 
 def test_shipped_demo_model_binds_colour_to_shape():
