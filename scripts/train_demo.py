@@ -73,8 +73,9 @@ def bind_neighbouring_words(model, strength: float = 3.0, gain: float = 2.0) -> 
     with torch.no_grad():
         text.embeddings.position_embedding.weight.copy_(torch.eye(positions, text.config.hidden_size) * strength)
         tokens[:, :positions] = 0
-        attention.q_proj.weight.zero_(), attention.k_proj.weight.zero_()
-        attention.q_proj.bias.zero_(), attention.k_proj.bias.zero_()
+        for projection in (attention.q_proj, attention.k_proj):
+            projection.weight.zero_()
+            projection.bias.zero_()
         for head in range(4):
             rows = slice(head * head_dim, (head + 1) * head_dim)
             attention.q_proj.weight[rows, :positions] = torch.eye(positions) * gain
