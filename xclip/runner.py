@@ -249,7 +249,9 @@ def _weights_digest(name: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for file in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin")):
-        digest.update(file.read_bytes())
+        with file.open("rb") as stream:  # in chunks: a large checkpoint need not fit in memory twice
+            while chunk := stream.read(1 << 24):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
