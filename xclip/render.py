@@ -116,6 +116,11 @@ def heatmap_overlay(image: Image.Image, patch_map: np.ndarray, halfrange: float,
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
+def _token_text(token: str) -> str:
+    """A token as text, without its tokenizer's word marks (see :func:`_word_groups`)."""
+    return token.replace("</w>", "").lstrip("▁Ġ").removeprefix("##")
+
+
 def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
     """Caption words and their token rows, special tokens left out.
 
@@ -140,7 +145,7 @@ def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
         if token in SPECIAL or not token:
             previous = None
             continue
-        clean = token.replace("</w>", "").lstrip("▁Ġ").removeprefix("##")
+        clean = _token_text(token)
         if starts_new(token, previous) or not groups:
             groups.append((clean, [row]))
         else:
@@ -273,7 +278,7 @@ def render_pair(view: PairView, out: Path, *, span: str | None = None,
     """One PNG: the span's map (``span``), the box's token scores (``box``), or per-word panels (neither)."""
     if span is not None:
         rows = span_rows(span, view.tokens)
-        label = " ".join(view.tokens[r].replace("</w>", "") for r in rows)
+        label = " ".join(_token_text(view.tokens[r]) for r in rows)
         return _figure(view, [(f"span: {label}", view.patch_map(rows))], None, rows, box, upsample,
                        out / f"pair{view.index:06d}_span-{_slug(label)}.png")  # one file per span
     if box is not None:
