@@ -31,7 +31,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation, also written
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build(seed: int, n_layers: int = 2, width: int = 128, n_vision_layers: int | None = None):  # type: ignore[no-untyped-def]
+def build(seed: int, n_layers: int, width: int, n_vision_layers: int):  # type: ignore[no-untyped-def]
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
@@ -49,7 +49,7 @@ def build(seed: int, n_layers: int = 2, width: int = 128, n_vision_layers: int |
     text = {"vocab_size": len(vocab), "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": n_layers,
             "num_attention_heads": 4, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1,
             "eos_token_id": 3}
-    vision = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": n_vision_layers or n_layers,
+    vision = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": n_vision_layers,
               "num_attention_heads": 4,
               "image_size": IMAGE_SIZE, "patch_size": PATCH}
     torch.manual_seed(seed)
@@ -62,13 +62,14 @@ def build(seed: int, n_layers: int = 2, width: int = 128, n_vision_layers: int |
 
 
 def bind_neighbouring_words(model, strength: float = 3.0, gain: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    """Fix the first text block's attention to read only each word itself (heads 0, 1) and the word before it
-    (heads 2, 3): position embeddings are frozen one-hot vectors in a subspace that token embeddings never
+    """Fix the first text block's attention to read only each word itself (first half of the heads) and the word
+    before it (second half): position embeddings are frozen one-hot vectors in a subspace that token embeddings never
     enter, and the query and key maps read only that subspace. Colour and shape meet at the shape word, and no
     position below the last block summarises the caption, so the default cut sees one word and its neighbour."""
     text = model.text_model
-    positions, head_dim = text.config.max_position_embeddings, text.config.hidden_size // text.config.num_attention_heads
-    assert head_dim == positions and text.config.num_attention_heads == 4, "needs head width = number of positions"
+    positions, n_heads = text.config.max_position_embeddings, text.config.num_attention_heads
+    head_dim = text.config.hidden_size // n_heads
+    assert head_dim == positions, "each head reads the one-hot positions: head width must equal their number"
     tokens, attention = text.embeddings.token_embedding.weight, text.encoder.layers[0].self_attn
     with torch.no_grad():
         text.embeddings.position_embedding.weight.copy_(torch.eye(positions, text.config.hidden_size) * strength)
@@ -76,10 +77,10 @@ def bind_neighbouring_words(model, strength: float = 3.0, gain: float = 2.0) -> 
         for projection in (attention.q_proj, attention.k_proj):
             projection.weight.zero_()
             projection.bias.zero_()
-        for head in range(4):
+        for head in range(n_heads):
             rows = slice(head * head_dim, (head + 1) * head_dim)
             attention.q_proj.weight[rows, :positions] = torch.eye(positions) * gain
-            shift = 0 if head < 2 else 1  # key of position j answers the query of position j + shift
+            shift = 0 if head < n_heads // 2 else 1  # key of position j answers the query of position j + shift
             attention.k_proj.weight[rows, :positions] = torch.eye(positions).roll(shift, dims=0).tril() * gain
     tokens.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:, :positions]), grad[:, positions:]], 1))
     for frozen in (text.embeddings.position_embedding, attention.q_proj, attention.k_proj, text.encoder.layers[0].layer_norm1):
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--layers", type=int, default=2, help="blocks of the text tower")
-    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--width", type=int, default=128,
+                        help="with --bind-neighbouring-words, 4 heads of width 32 (one per position) need 128")
     parser.add_argument("--vision-layers", type=int, default=1,
                         help="blocks of the image tower: one keeps the default cut on local patch embeddings")
     parser.add_argument("--seed", type=int, default=0)
