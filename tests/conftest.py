@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
 
@@ -18,6 +20,20 @@ from xclip.random_models import save_random_model
 # quadrature error at N = 16 is far below the tolerances the tests assert
 SMOOTH = 0.5
 CAPTIONS = ["a red dog", "two blue circle and a square on the cat"]
+# the shipped demo model and its held-out demo scenes: a trained model, far less smooth than random weights
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
+DEMO_SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
+
+
+def demo_pairs() -> tuple[list[str], list[Path]]:
+    """Captions and image paths of the twelve demo scenes, in file order."""
+    rows = [json.loads(line) for line in (DEMO_SCENES / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    return [row["text"] for row in rows], [DEMO_SCENES / row["file_name"] for row in rows]
+
+
+@pytest.fixture(scope="session", params=["float64", "float32"])
+def demo_model(request: pytest.FixtureRequest) -> xclip.DualEncoderAdapter:
+    return xclip.load_model(DEMO_MODEL, dtype=request.param, device="cpu")
 
 
 @pytest.fixture(scope="session", params=["clip", "siglip"])

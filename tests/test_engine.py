@@ -9,7 +9,7 @@ from naive import integrated_jacobian, naive_interactions
 
 import xclip
 from xclip.core.interaction import contributions
-from xclip.core.quadrature import quadrature
+from xclip.core.quadrature import PathQuadrature, quadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 
 
@@ -42,7 +42,8 @@ def test_completeness_error_falls_with_steps(model64, images, method):
 
 def test_gauss_legendre_beats_reference_rule(model64, images):
     def worst(method: str) -> float:
-        return max(relative_errors(xclip.InteractionAttribution(model64, method=method).attribute(CAPTIONS, images)))
+        attributor = xclip.InteractionAttribution(model64, n_steps=10, method=method)
+        return max(relative_errors(attributor.attribute(CAPTIONS, images)))
 
     assert worst("gauss-legendre") < worst("midpoint") < worst("riemann-right")
 
@@ -84,8 +85,8 @@ def test_equals_naive_feature_pair_implementation(model64, images, layer):
 def test_contributions_match_finite_differences(model64):
     # one midpoint node: C[s] = J(r + delta / 2) delta[s], a directional derivative
     upper, hidden, reference, positions = _tower_inputs(model64, CAPTIONS[0], make_images(1)[0], 0)[0]
-    alphas, weights = quadrature("midpoint", 1)
-    values = contributions(upper, hidden, reference, positions, alphas=alphas, weights=weights)[0]
+    one_midpoint = PathQuadrature(n_steps=1, rule="midpoint")
+    values = contributions(upper, hidden, reference, positions, quadrature=one_midpoint).values[0]
     middle = (reference + hidden) / 2
     delta = hidden - reference
     eps = 1e-5
@@ -146,12 +147,11 @@ def test_linear_toy_encoder_has_closed_form_contributions():
     hidden, reference = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(1, 3, 4, dtype=torch.float64)
     expected = torch.einsum("bsd,sde->bse", hidden - reference, weights_per_position)
     for method in ("gauss-legendre", "midpoint", "riemann-right"):
-        alphas, weights = quadrature(method, 3)
         for mode in ("forward", "reverse"):
-            values = contributions(
-                upper, hidden, reference, Positions(), alphas=alphas, weights=weights, normalize=False, mode=mode
+            path = contributions(
+                upper, hidden, reference, Positions(), quadrature=PathQuadrature(n_steps=3, rule=method), normalize=False, mode=mode
             )
-            torch.testing.assert_close(values, expected, rtol=0, atol=1e-12)
+            torch.testing.assert_close(path.values, expected, rtol=0, atol=1e-12)
 
 
 def test_image_image_and_text_text_maps_are_exact(model64):

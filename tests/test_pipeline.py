@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import make_images
+from conftest import DEMO_MODEL, demo_pairs, make_images
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -283,6 +283,80 @@ def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
         actual = set()
         f.visititems(lambda name, obj: actual.add(name) if isinstance(obj, h5py.Dataset) else None)
         assert actual == documented
+
+
+def write_demo_folder(root: Path, n_scenes: int) -> Path:
+    """The first demo scenes and their captions in an image folder, for runs with the trained demo model."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    captions, paths = demo_pairs()
+    lines = []
+    for caption, path in list(zip(captions, paths))[:n_scenes]:
+        (images / path.name).write_bytes(path.read_bytes())
+        lines.append(json.dumps({"file_name": path.name, "text": caption}))
+    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return images
+
+
+def test_run_file_records_nodes_and_convergence_per_input(tmp_path):
+    write_demo_folder(tmp_path, 3)
+    config = write_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution={"steps": None})
+    result = runner.invoke(app, ["attribute", str(config), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["not_converged"] == 0
+    model = xclip.load_model(DEMO_MODEL, device="cpu", dtype="float64")
+    captions, paths = demo_pairs()
+    attributor = xclip.InteractionAttribution(model)
+    expected = {"captions": attributor.text_contributions(captions[:3]), "images": attributor.image_contributions(paths[:3])}
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        for group, items in expected.items():
+            assert f[group]["n_nodes"][:].tolist() == [item.n_nodes for item in items]
+            assert f[group]["is_converged"][:].all()
+            np.testing.assert_allclose(
+                f[group]["relative_completeness_error"][:], [item.relative_completeness_error for item in items], rtol=1e-4
+            )
+        relative, errors, bounds = (f["pairs"][name][:] for name in ("relative_completeness_error", "completeness_error", "completeness_bound"))
+        assert (relative <= 2 * 1e-3 + 1e-6).all() and (errors <= bounds * (1 + 1e-4) + 1e-9).all()
+
+
+def test_inputs_that_miss_the_tolerance_are_finished_flagged_and_listed(tmp_path):
+    write_demo_folder(tmp_path, 4)
+    config = write_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution={"steps": None, "max_steps": 16})
+    result = runner.invoke(app, ["attribute", str(config), "--json"])
+    assert result.exit_code == 0, result.output  # finished: the maps are written, the misses flagged
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["done"] == 4
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        flagged = {group: np.flatnonzero(~f[group]["is_converged"][:]).tolist() for group in ("captions", "images")}
+        assert (f["captions/n_nodes"][:] == 16).all() and (f["images/n_nodes"][:] == 16).all()
+        assert (f["pairs/status"][:] == 1).all()
+        for group, indices in flagged.items():
+            relative = f[group]["relative_completeness_error"][:]
+            assert sorted(indices) == np.flatnonzero(relative > 1e-3).tolist()
+    n_flagged = sum(len(indices) for indices in flagged.values())
+    assert n_flagged >= 4 and summary["not_converged"] == n_flagged
+    assert "missed the completeness tolerance" in result.stderr and "attribution.max_steps" in result.stderr
+    report = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
+    listed = {(item["group"], item["index"]) for item in report["accuracy"]["not_converged"]}
+    assert listed == {(group, i) for group, indices in flagged.items() for i in indices}
+    assert report["accuracy"]["images"]["not_converged"] == len(flagged["images"])
+    text = runner.invoke(app, ["inspect", str(tmp_path / "run")])
+    assert f"{n_flagged} input(s) missed the completeness tolerance 0.001" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["attribution.steps=", "attribution.tolerance="], "give a tolerance to adapt to, or steps for a fixed rule"),
+        (["attribution.steps=", "attribution.convention=reference"], "'reference' reproduces the reference code's fixed rule"),
+        (["attribution.steps=", "attribution.rule=midpoint"], "'midpoint' is for fixed-step comparisons"),
+        (["attribution.max_steps=8"], "attribution.max_steps: Input should be greater than or equal to 16"),
+    ],
+)
+def test_quadrature_settings_are_checked_before_the_model_loads(folder_config, overrides, message):
+    result = runner.invoke(app, ["attribute", str(folder_config), *overrides])
+    assert result.exit_code == 2
+    assert message in result.output
 
 
 # --- render and inspect -----------------------------------------------------------------------------------

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, ImageLike, ImageReference, TextBatch, resolve_layer
 from xclip.core.interaction import Mode, contributions, four_term_value, four_terms, interactions
-from xclip.core.quadrature import RULES, Rule, quadrature
+from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, RULES, PathQuadrature, Rule
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError
-from xclip.result import Contributions, InteractionMap
+from xclip.result import Contributions, InteractionMap, relative_error
 
 Convention = Literal["exact", "reference"]
 CONVENTIONS: tuple[str, ...] = get_args(Convention)
@@ -25,10 +25,16 @@ class InteractionAttribution:
     Args:
         model: a family adapter from :func:`xclip.load_model`.
         text_layer, image_layer: block whose input is the cut (default -1: the input of the last block).
-        n_steps: quadrature nodes N.
-        method: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right`` (the reference code's rule).
-        convention: ``exact`` (normalisation inside g, one pooled position: maps sum to the four-term
-            value up to quadrature error) or ``reference`` (reproduces the paper's public code).
+        tolerance: the relative completeness error each input must reach. Without ``n_steps`` the quadrature
+            refines every caption and image until it does (or ``max_steps`` runs out); an input that misses it
+            is flagged ``is_converged=False``.
+        max_steps: the most integrand evaluations the adaptive rule spends on one input.
+        n_steps: a fixed rule of N nodes instead (for comparisons with published figures and the reference
+            convention); ``tolerance`` then only flags inputs that miss it (None: no flag).
+        method: rule of the fixed-step mode: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right``
+            (the reference code's rule). The adaptive rule is composite Gauss-Legendre.
+        convention: ``exact`` (normalisation inside g, one pooled position: maps sum to the four-term value up
+            to quadrature error) or ``reference`` (reproduces the paper's public code; needs ``n_steps``).
         text_filler: token id that replaces caption tokens in the text reference (default: pad token).
         image_reference: ``zeros`` (mean colour), ``black``, ``blur`` or ``noise``.
         scale_by_logit: multiply maps and scores by the model's logit scale.
@@ -42,7 +48,9 @@ class InteractionAttribution:
         *,
         text_layer: int = -1,
         image_layer: int = -1,
-        n_steps: int = 10,
+        tolerance: float | None = DEFAULT_TOLERANCE,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        n_steps: int | None = None,
         method: Rule = "gauss-legendre",
         convention: Convention = "exact",
         text_filler: int | None = None,
@@ -59,11 +67,16 @@ class InteractionAttribution:
         if method not in RULES:
             msg = f"unknown method {method!r}; choose one of {', '.join(RULES)}"
             raise ConfigError(msg)
+        if convention == "reference" and n_steps is None:
+            msg = "the reference convention reproduces the reference code's fixed rule: give n_steps (its maps do not sum to the four-term value, so there is no tolerance to refine to)"
+            raise ConfigError(msg)
+        try:
+            self._quadrature = PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=method)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.model = model
         self.text_layer = resolve_layer(text_layer, len(model.text_blocks), "text")
         self.image_layer = resolve_layer(image_layer, len(model.image_blocks), "image")
-        self.n_steps = n_steps
-        self.method = method
         self.convention = convention
         self.text_filler = text_filler
         self.image_reference = image_reference
@@ -72,7 +85,6 @@ class InteractionAttribution:
         self.scale_by_logit = scale_by_logit
         self.mode = mode
         self.internal_batch_size = internal_batch_size
-        self._alphas, self._weights = quadrature(method, n_steps)
         self._image_reference_cache: dict[tuple[int, ...], Tensor] = {}
         # below the cut a low-precision model runs as it is; above it, where the integral is taken, in float32,
         # so that the completeness error stays at float32 level (the identity holds for any hidden states)
@@ -80,6 +92,23 @@ class InteractionAttribution:
         self._upper_dtype = torch.float32 if is_low_precision else model.dtype
         self._text_upper = self._in_upper_dtype(model.text_upper(self.text_layer))
         self._image_upper = self._in_upper_dtype(model.image_upper(self.image_layer))
+
+    @property
+    def tolerance(self) -> float | None:
+        return self._quadrature.tolerance
+
+    @property
+    def max_steps(self) -> int:
+        return self._quadrature.max_steps
+
+    @property
+    def n_steps(self) -> int | None:
+        """Nodes of the fixed rule; None when the quadrature adapts to ``tolerance``."""
+        return self._quadrature.n_steps
+
+    @property
+    def method(self) -> Rule:
+        return self._quadrature.rule
 
     @property
     def logit_scale(self) -> float:
@@ -106,7 +135,7 @@ class InteractionAttribution:
         mask = batch.positions.mask
         both = Positions(mask=None if mask is None else torch.cat([mask, mask]))
         hidden, reference = self.model.text_hidden(torch.cat([batch.input_ids, reference_ids]), both, layer).chunk(2)
-        values, embedding, reference_embedding, errors = self._attribute_tower(
+        values, embedding, reference_embedding, checks = self._attribute_tower(
             self._text_upper, hidden, reference, batch.positions, reference_positions
         )
         return [
@@ -116,8 +145,8 @@ class InteractionAttribution:
                 embedding=embedding[b],
                 reference_embedding=reference_embedding[b],
                 labels=batch.tokens[b],
-                completeness_error=errors[b],
                 is_truncated=batch.is_truncated[b],
+                **checks[b],
             )
             for b, n in enumerate(batch.n_positions)
         ]
@@ -128,7 +157,7 @@ class InteractionAttribution:
         hidden = self.model.image_hidden(batch.pixel_values, layer)
         reference = self._image_reference_hidden(batch)
         positions = Positions(pooled_index=self.model.image_pooled_index(hidden.shape[0]))
-        values, embedding, reference_embedding, errors = self._attribute_tower(
+        values, embedding, reference_embedding, checks = self._attribute_tower(
             self._image_upper, hidden, reference, positions, positions
         )
         n_prefix = self.model.n_image_prefix
@@ -143,7 +172,7 @@ class InteractionAttribution:
                 labels=labels,
                 grid=grid,
                 n_prefix=n_prefix,
-                completeness_error=errors[b],
+                **checks[b],
             )
             for b in range(hidden.shape[0])
         ]
@@ -177,39 +206,46 @@ class InteractionAttribution:
         reference: Tensor,
         positions: Positions,
         reference_positions: Positions,
-    ) -> tuple[Tensor, Tensor, Tensor, list[float]]:
-        """(contributions, embedding, reference embedding, per-input completeness errors) of one tower."""
+    ) -> tuple[Tensor, Tensor, Tensor, list[dict[str, Any]]]:
+        """(contributions, embedding, reference embedding, per-input accuracy fields of
+        :class:`Contributions`) of one tower."""
         is_exact = self.convention == "exact"
         hidden = hidden.to(self._upper_dtype)
-        shared_reference = reference.to(self._upper_dtype)
-        reference = shared_reference.expand_as(hidden)
-        values = contributions(
+        reference = reference.to(self._upper_dtype)
+        path = contributions(
             upper,
             hidden,
             reference,
             positions,
-            alphas=self._alphas,
-            weights=self._weights,
+            quadrature=self._quadrature,
             normalize=is_exact,
             mode=self.mode,
             internal_batch_size=self.internal_batch_size,
         )
-        with torch.no_grad():
-            integrand_end = embed_from_hidden(upper, hidden, positions, normalize=is_exact).to(values.dtype)
-            integrand_start = _embed_each(upper, shared_reference, positions, hidden.shape[0], normalize=is_exact)
-            integrand_start = integrand_start.to(values.dtype)
-            if is_exact:  # the path starts at the reference: same pooling, same embedding
-                reference_embedding = integrand_start
-            else:
-                reference_embedding = embed_from_hidden(upper, reference, reference_positions, normalize=True)
-        target = integrand_end - integrand_start
-        if not is_exact:
+        values, target = path.values, path.end - path.start
+        if is_exact:  # the path starts at the reference: same pooling, same embedding
+            reference_embedding = path.start
+        else:
+            with torch.no_grad():
+                reference_embedding = embed_from_hidden(
+                    upper, reference.expand_as(hidden), reference_positions, normalize=True
+                ).to(values.dtype)
             # the reference code divides by the input's embedding norm outside the Jacobian
-            scale = integrand_end.norm(dim=-1, keepdim=True)
+            scale = path.end.norm(dim=-1, keepdim=True)
             values, target = values / scale[:, :, None], target / scale
         errors = (values.sum(1) - target).norm(dim=-1).tolist()
-        embedding = torch.nn.functional.normalize(integrand_end, dim=-1)
-        return values, embedding, reference_embedding.to(values.dtype), errors
+        difference_norms = target.norm(dim=-1).tolist()
+        checks = [
+            {
+                "completeness_error": error,
+                "difference_norm": norm,
+                "n_nodes": n_nodes,
+                "is_converged": self.tolerance is None or relative_error(error, norm) <= self.tolerance,
+            }
+            for error, norm, n_nodes in zip(errors, difference_norms, path.n_nodes.tolist())
+        ]
+        embedding = torch.nn.functional.normalize(path.end, dim=-1)
+        return values, embedding, reference_embedding, checks
 
     def _in_upper_dtype(self, upper: UpperEncoder) -> UpperEncoder:
         return upper if self._upper_dtype == self.model.dtype else upper.to(self._upper_dtype)
@@ -227,17 +263,6 @@ class InteractionAttribution:
         if is_shared:
             self._image_reference_cache[key] = reference
         return reference
-
-
-def _embed_each(upper: UpperEncoder, states: Tensor, positions: Positions, n_inputs: int, *, normalize: bool) -> Tensor:
-    """``(n_inputs, E)`` embeddings of ``states`` ``(1 or n_inputs, S, d)``; a single state shared by inputs of
-    one structure (images) is embedded once, not once per input."""
-    pooled = positions.pooled_index
-    is_uniform = positions.mask is None and (pooled is None or bool((pooled == pooled[0]).all()))
-    if states.shape[0] == 1 and is_uniform:
-        first = positions.select(torch.zeros(1, dtype=torch.long, device=states.device))
-        return embed_from_hidden(upper, states, first, normalize=normalize).expand(n_inputs, -1)
-    return embed_from_hidden(upper, states.expand(n_inputs, -1, -1), positions, normalize=normalize)
 
 
 def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 1.0) -> InteractionMap:
@@ -289,6 +314,8 @@ def interaction_maps(
                     terms=terms[k],
                     four_term_value=total,
                     completeness_error=error,
+                    completeness_bound=completeness_bound(row, column) * logit_scale,
+                    score_scale=row.difference_norm * column.difference_norm * logit_scale,
                     row_labels=row.labels,
                     column_labels=column.labels,
                     grid=column.grid,
@@ -297,3 +324,14 @@ def interaction_maps(
                 )
             )
     return maps
+
+
+def completeness_bound(a: Contributions, b: Contributions) -> float:
+    """The most a pair map's completeness error can be, from its two inputs' own errors.
+
+    With ``d`` the difference ``g(x) - g(r)`` and ``eps`` the residual ``sum(C) - d`` of each input, the map
+    sums to ``(d_a + eps_a) . (d_b + eps_b)`` and the four-term value is ``d_a . d_b``; their difference is
+    ``d_a . eps_b + eps_a . d_b + eps_a . eps_b``, bounded by Cauchy-Schwarz.
+    """
+    eps_a, eps_b = a.completeness_error, b.completeness_error
+    return eps_a * b.difference_norm + a.difference_norm * eps_b + eps_a * eps_b

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from xclip.errors import ConfigError, XclipError
+from xclip.inspection import NOT_CONVERGED_HINT
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 
@@ -103,13 +104,18 @@ def attribute(
         run_config = load_config(config, [*(overrides or []), *_shard_overrides(shard)])
         with bar or nullcontext():
             summary = runner.run(run_config, overwrite=overwrite, on_progress=update, should_stop=stop, command=command)
+    accuracy = summary.accuracy
     result = {
         "directory": str(summary.directory),
         "pairs": summary.n_pairs,
         "done": summary.n_done,
         "skipped": summary.n_skipped,
         "failed": summary.n_failed,
-        "mean_completeness_error": summary.mean_completeness_error,
+        "not_converged": len(accuracy["not_converged"]),
+        "mean_nodes_per_caption": accuracy["captions"]["nodes_mean"],
+        "mean_nodes_per_image": accuracy["images"]["nodes_mean"],
+        "median_relative_completeness_error": accuracy["pairs"]["relative_error_median"],
+        "max_relative_completeness_error": accuracy["pairs"]["relative_error_max"],
         "seconds": round(summary.seconds, 3),
         "pairs_per_second": round(summary.pairs_per_second, 3),
         "interrupted": summary.is_interrupted,
@@ -127,6 +133,8 @@ def attribute(
             stderr.print(f"[red]failed[/] {failure}")
         if len(summary.failures) > 5 and not verbose:
             stderr.print(f"... and {len(summary.failures) - 5} more (--verbose lists all, `xclip inspect` too)")
+    if accuracy["not_converged"]:  # printed even with --quiet: these results are finished but not to be trusted
+        _print_not_converged(stderr, accuracy, limit=None if verbose else 5)
     if summary.is_interrupted:
         stderr.print("[yellow]interrupted: rerun the same command to finish the remaining pairs[/]")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -210,15 +218,54 @@ def inspect(
     for group, c in report["counts"].items():
         counts.add_row(group, *(str(c[k]) for k in ("total", "done", "failed", "pending")))
     console.print(counts)
-    stats = report["completeness_error"]
-    console.print(f"completeness error over finished pairs: mean {stats['mean']:.3g}, max {stats['max']:.3g}, "
-                  f"mean relative {stats['mean_relative']:.3g}")
-    ranked = Table("pair", "score", "caption", "image", "completeness error", title=f"top {top} pairs by score")
+    _print_accuracy(console, report["accuracy"])
+    ranked = Table("pair", "score", "caption", "image", "relative completeness error", title=f"top {top} pairs by score")
     for row in sorted((p for p in report["pairs"] if p["status"] == "done"), key=lambda p: -p["score"])[:top]:
-        ranked.add_row(str(row["index"]), f"{row['score']:.4f}", row["caption"], row["image"], f"{row['completeness_error']:.2e}")
+        ranked.add_row(str(row["index"]), f"{row['score']:.4f}", row["caption"], row["image"], f"{row['relative_completeness_error']:.2e}")
     console.print(ranked)
     for failure in report["failures"]:
         console.print(f"[red]failed[/] {failure}")
+    if report["accuracy"]["not_converged"]:
+        _print_not_converged(console, report["accuracy"], limit=None)
+
+
+def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
+    """Quadrature settings, nodes and completeness errors of inputs and pairs (see describe_accuracy)."""
+    if accuracy["steps"] is None:
+        rule = f"adaptive to a relative completeness error of {accuracy['tolerance']:g} per input (at most {accuracy['max_steps']} nodes)"
+    else:
+        checked = f", checked against {accuracy['tolerance']:g}" if accuracy["tolerance"] is not None else ""
+        rule = f"fixed, {accuracy['steps']} nodes{checked}"
+    console.print(f"quadrature: {rule}")
+    table = Table("inputs", "done", "nodes mean", "nodes max", "rel. error median", "rel. error max", "not converged",
+                  title="completeness per input: |sum C - (g(x) - g(r))| / |g(x) - g(r)|")
+    for group in ("captions", "images"):
+        stats = accuracy[group]
+        table.add_row(group, str(stats["done"]), _number(stats["nodes_mean"], ".1f"), _number(stats["nodes_max"], ".0f"),
+                      _number(stats["relative_error_median"]), _number(stats["relative_error_max"]), str(stats["not_converged"]))
+    console.print(table)
+    pairs = accuracy["pairs"]
+    console.print(
+        f"completeness per pair, relative to |g(x_a) - g(r_a)| |g(x_b) - g(r_b)| (the largest the four-term value "
+        f"can be): median {_number(pairs['relative_error_median'])}, max {_number(pairs['relative_error_max'])}; "
+        f"absolute error max {_number(pairs['error_max'])}, its bound from the inputs' errors max {_number(pairs['bound_max'])}"
+    )
+
+
+def _print_not_converged(console: Console, accuracy: dict[str, Any], limit: int | None) -> None:
+    missed = accuracy["not_converged"]
+    tolerance = accuracy["tolerance"]
+    console.print(f"[yellow]{len(missed)} input(s) missed the completeness tolerance {tolerance:g}[/]; their maps are written but flagged (is_converged = false):")
+    for item in missed[:limit]:
+        console.print(f"  {item['group'][:-1]} {item['index']} ({item['item']}): {item['n_nodes']} nodes, "
+                      f"relative error {item['relative_completeness_error']:.2e}")
+    if limit is not None and len(missed) > limit:
+        console.print(f"  ... and {len(missed) - limit} more (--verbose or `xclip inspect` lists all)")
+    console.print(f"  to settle it: {NOT_CONVERGED_HINT}")
+
+
+def _number(value: float | None, spec: str = ".2e") -> str:
+    return "-" if value is None else format(value, spec)
 
 
 @app.command()

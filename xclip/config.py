@@ -27,7 +27,9 @@ class ModelConfig(_Section):
 class AttributionConfig(_Section):
     text_layer: int = -1
     image_layer: int = -1
-    steps: int = Field(10, ge=1)
+    tolerance: float | None = Field(1e-3, gt=0, lt=1, description="relative completeness error each input must reach")
+    max_steps: int = Field(256, ge=16, description="most integrand evaluations the adaptive rule spends on an input")
+    steps: int | None = Field(None, ge=1, description="a fixed rule of this many nodes instead of adapting")
     rule: Literal["gauss-legendre", "riemann-right", "midpoint"] = "gauss-legendre"
     convention: Literal["exact", "reference"] = "exact"
     text_filler: int | None = None
@@ -36,6 +38,20 @@ class AttributionConfig(_Section):
     blur_radius: float = Field(16.0, gt=0)
     scale_by_logit: bool = False
     mode: Literal["auto", "forward", "reverse"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_quadrature(self) -> AttributionConfig:
+        if self.steps is None:
+            if self.tolerance is None:
+                msg = "attribution.tolerance is null and attribution.steps is not set: give a tolerance to adapt to, or steps for a fixed rule"
+                raise ValueError(msg)
+            if self.convention == "reference":
+                msg = "attribution.convention 'reference' reproduces the reference code's fixed rule: set attribution.steps"
+                raise ValueError(msg)
+            if self.rule != "gauss-legendre":
+                msg = f"attribution.rule {self.rule!r} is for fixed-step comparisons: set attribution.steps (the adaptive rule is composite Gauss-Legendre)"
+                raise ValueError(msg)
+        return self
 
 
 class DataConfig(_Section):

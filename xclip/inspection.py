@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from xclip.store import DONE, FAILED, PENDING, open_run_file
 
 STATUS = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+NOT_CONVERGED_HINT = (
+    "raise attribution.max_steps or loosen attribution.tolerance; in float32 the relative error stops near "
+    "1e-6, so tighter tolerances need model.dtype float64"
+)
 
 
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
@@ -32,8 +37,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         pairs, captions, images = f["pairs"], f["captions/text"].asstr()[:], f["images/path"].asstr()[:]
         status = pairs["status"][:]
         terms, errors, values = pairs["terms"][:], pairs["completeness_error"][:], pairs["four_term_value"][:]
-        done = status == DONE
-        relative = errors[done] / np.maximum(np.abs(values[done]), 1e-12)
+        relative = pairs["relative_completeness_error"][:]
         rows = [
             {
                 "index": int(i),
@@ -46,6 +50,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
                 "terms": [float(t) for t in terms[i]],
                 "four_term_value": float(values[i]),
                 "completeness_error": float(errors[i]),
+                "relative_completeness_error": float(relative[i]),
             }
             for i, (c, m) in enumerate(zip(pairs["caption_index"][:], pairs["image_index"][:]))
         ]
@@ -56,11 +61,61 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "xclip_version": f.attrs["xclip_version"],
             "config": json.loads(f.attrs["config"]),
             "counts": counts,
-            "completeness_error": {
-                "mean": float(errors[done].mean()) if done.any() else float("nan"),
-                "max": float(errors[done].max()) if done.any() else float("nan"),
-                "mean_relative": float(relative.mean()) if done.any() else float("nan"),
-            },
+            "accuracy": describe_accuracy(f),
             "failures": failures,
             "pairs": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()} for row in rows],
         }
+
+
+def describe_accuracy(f: h5py.File) -> dict[str, Any]:
+    """How accurate the finished items of a run are: nodes and completeness errors per input, the inputs that
+    missed the tolerance, and the pairs' completeness errors relative to their score scale.
+
+    Pair errors are taken relative to ``|d_a| |d_b|`` (the largest the four-term value can be), not to the
+    four-term value itself, which can be near zero for an accurate map and would then dominate any mean.
+    """
+    attribution = json.loads(f.attrs["config"])["attribution"]
+    report: dict[str, Any] = {
+        "tolerance": attribution["tolerance"],
+        "max_steps": attribution["max_steps"],
+        "steps": attribution["steps"],
+        "not_converged": [],
+    }
+    for group, label in (("captions", "text"), ("images", "path")):
+        items = f[group]
+        done = np.flatnonzero(items["status"][:] == DONE)
+        nodes, relative = items["n_nodes"][:][done], items["relative_completeness_error"][:][done]
+        missed = done[~items["is_converged"][:][done]]
+        report[group] = {
+            "done": int(done.size),
+            "nodes_mean": _statistic(np.mean, nodes),
+            "nodes_max": _statistic(np.max, nodes),
+            "relative_error_median": _statistic(np.median, relative),
+            "relative_error_max": _statistic(np.max, relative),
+            "not_converged": int(missed.size),
+        }
+        names = items[label].asstr()
+        report["not_converged"] += [
+            {
+                "group": group,
+                "index": int(i),
+                "item": str(names[i]),
+                "n_nodes": int(items["n_nodes"][i]),
+                "relative_completeness_error": float(items["relative_completeness_error"][i]),
+            }
+            for i in missed
+        ]
+    pairs = f["pairs"]
+    done = pairs["status"][:] == DONE
+    report["pairs"] = {
+        "done": int(done.sum()),
+        "relative_error_median": _statistic(np.median, pairs["relative_completeness_error"][:][done]),
+        "relative_error_max": _statistic(np.max, pairs["relative_completeness_error"][:][done]),
+        "error_max": _statistic(np.max, pairs["completeness_error"][:][done]),
+        "bound_max": _statistic(np.max, pairs["completeness_bound"][:][done]),
+    }
+    return report
+
+
+def _statistic(fn: Any, values: np.ndarray) -> float | None:
+    return float(fn(values)) if values.size else None

@@ -22,6 +22,10 @@ class Contributions:
         grid: ``(H, W)`` patch grid for images, None for captions.
         n_prefix: positions before the patches (CLIP's CLS); 0 for captions.
         completeness_error: ``|values.sum(0) - (g(x) - g(r))|``, the quadrature error of this input.
+        difference_norm: ``|g(x) - g(r)|``, the length of what the contributions sum to.
+        n_nodes: integrand evaluations the quadrature spent on this input.
+        is_converged: the relative completeness error is at most the attribution's tolerance (always True
+            when no tolerance was set).
         is_truncated: the caption was cut to the model's context length.
     """
 
@@ -33,7 +37,15 @@ class Contributions:
     grid: tuple[int, int] | None = None
     n_prefix: int = 0
     completeness_error: float = 0.0
+    difference_norm: float = 1.0
+    n_nodes: int = 0
+    is_converged: bool = True
     is_truncated: bool = False
+
+    @property
+    def relative_completeness_error(self) -> float:
+        """``completeness_error / difference_norm`` (0 for an input equal to its reference)."""
+        return relative_error(self.completeness_error, self.difference_norm)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,12 @@ class InteractionMap:
         terms: ``[cos(a,b), cos(r_a,b), cos(a,r_b), cos(r_a,r_b)]``.
         four_term_value: ``terms[0] - terms[1] - terms[2] + terms[3]``.
         completeness_error: ``|interactions.sum() - four_term_value|``.
+        completeness_bound: the most ``completeness_error`` can be given the two inputs' own errors:
+            ``|eps_a| |d_b| + |d_a| |eps_b| + |eps_a| |eps_b|`` (``d``: ``g(x) - g(r)``, ``eps``: an input's
+            completeness residual), times the logit scale.
+        score_scale: ``|d_a| |d_b|`` times the logit scale, the largest the four-term value can be; relative
+            completeness errors of pairs are taken against it, so that pairs whose four-term value happens to
+            be near zero do not read as inaccurate.
         row_labels, column_labels: position labels of the two inputs (tokens, patches).
         grid: ``(H, W)`` when the columns are an image's patches.
         n_prefix: leading column positions that are not patches (CLS).
@@ -59,11 +77,18 @@ class InteractionMap:
     terms: Tensor
     four_term_value: float
     completeness_error: float
+    completeness_bound: float
+    score_scale: float
     row_labels: list[str]
     column_labels: list[str]
     grid: tuple[int, int] | None = None
     n_prefix: int = 0
     logit_scale: float = 1.0
+
+    @property
+    def relative_completeness_error(self) -> float:
+        """``completeness_error / score_scale``; at most ``rel_a + rel_b + rel_a rel_b`` of the two inputs."""
+        return relative_error(self.completeness_error, self.score_scale)
 
     @property
     def interaction_map(self) -> Tensor:
@@ -76,3 +101,10 @@ class InteractionMap:
     def prefix_interactions(self) -> Tensor:
         """``(S_t, n_prefix)``: interactions with the CLS/prefix positions left out of ``interaction_map``."""
         return self.interactions[:, : self.n_prefix]
+
+
+def relative_error(error: float, scale: float) -> float:
+    """``error / scale``, 0 where both are 0 (an input equal to its reference has nothing to get wrong)."""
+    if scale > 0:
+        return error / scale
+    return 0.0 if error == 0 else float("inf")

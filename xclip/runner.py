@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -22,6 +23,7 @@ from xclip.attribution import InteractionAttribution, interaction_maps
 from xclip.config import RunConfig
 from xclip.data import Dataset, read_dataset
 from xclip.errors import ConfigError, XclipError
+from xclip.inspection import describe_accuracy
 from xclip.loading import load_model
 from xclip.store import (
     DONE,
@@ -47,7 +49,7 @@ class RunSummary:
     n_done: int = 0  # pairs finished by this invocation
     n_skipped: int = 0  # pairs already finished before it
     n_failed: int = 0
-    mean_completeness_error: float = float("nan")
+    accuracy: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_accuracy
     seconds: float = 0.0
     is_interrupted: bool = False
     failures: list[str] = field(default_factory=list)
@@ -101,6 +103,8 @@ def run(
         model,
         text_layer=settings.text_layer,
         image_layer=settings.image_layer,
+        tolerance=settings.tolerance,
+        max_steps=settings.max_steps,
         n_steps=settings.steps,
         method=settings.rule,
         convention=settings.convention,
@@ -149,8 +153,7 @@ def run(
         summary.n_done = int((status == DONE).sum()) - summary.n_skipped
         summary.n_failed = int((status == FAILED).sum())
         summary.is_interrupted = should_stop() or bool((status == 0).any())
-        errors = f["pairs/completeness_error"][status == DONE]
-        summary.mean_completeness_error = float(errors.mean()) if errors.size else float("nan")
+        summary.accuracy = describe_accuracy(f)
         for group in ("captions", "images"):
             for index in np.flatnonzero(f[group]["status"][:] == FAILED):
                 summary.failures.append(f"{group[:-1]} {index}: {f[group]['error'][index].decode()}")

@@ -18,7 +18,7 @@ import numpy as np
 from xclip.errors import StoreError
 from xclip.result import Contributions, InteractionMap
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PENDING, DONE, FAILED = 0, 1, 2
 _STRING = h5py.string_dtype()
 
@@ -73,6 +73,10 @@ def create_run_file(
             _floats(group, "embedding", (n, embedding_dim))
             _floats(group, "reference_embedding", (n, embedding_dim))
             _floats(group, "completeness_error", (n,))
+            _floats(group, "relative_completeness_error", (n,))
+            _floats(group, "difference_norm", (n,))
+            group.create_dataset("n_nodes", shape=(n,), dtype="i4")
+            group.create_dataset("is_converged", shape=(n,), dtype="?")
             _floats(group, "contributions", (n, n_positions, embedding_dim), per_item=True)
             _status(group, n)
         pair = f.create_group("pairs")
@@ -82,6 +86,8 @@ def create_run_file(
         _floats(pair, "terms", (n_pairs, 4))
         _floats(pair, "four_term_value", (n_pairs,))
         _floats(pair, "completeness_error", (n_pairs,))
+        _floats(pair, "relative_completeness_error", (n_pairs,))
+        _floats(pair, "completeness_bound", (n_pairs,))
         _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), per_item=True)
         _status(pair, n_pairs)
 
@@ -97,9 +103,10 @@ def open_run_file(path: Path, mode: str = "r") -> h5py.File:
     except OSError as e:
         msg = f"cannot open {path} ({e}); it may be damaged by a killed writer: rerun with --overwrite"
         raise StoreError(msg) from e
-    if f.attrs.get("schema_version") != SCHEMA_VERSION:
+    version = f.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
         f.close()
-        msg = f"{path} has schema version {f.attrs.get('schema_version')}, this xclip reads {SCHEMA_VERSION}"
+        msg = f"{path} has schema version {version}, this xclip reads {SCHEMA_VERSION}: attribute it again with this version (--overwrite)"
         raise StoreError(msg)
     return f
 
@@ -123,6 +130,10 @@ def write_contributions(group: h5py.Group, index: int, item: Contributions) -> N
     group["embedding"][index] = item.embedding.float().cpu().numpy()
     group["reference_embedding"][index] = item.reference_embedding.float().cpu().numpy()
     group["completeness_error"][index] = item.completeness_error
+    group["relative_completeness_error"][index] = item.relative_completeness_error
+    group["difference_norm"][index] = item.difference_norm
+    group["n_nodes"][index] = item.n_nodes
+    group["is_converged"][index] = item.is_converged
     group["error"][index] = ""
     group["status"][index] = DONE
 
@@ -151,6 +162,9 @@ def read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid
         grid=grid,
         n_prefix=n_prefix,
         completeness_error=float(group["completeness_error"][index]),
+        difference_norm=float(group["difference_norm"][index]),
+        n_nodes=int(group["n_nodes"][index]),
+        is_converged=bool(group["is_converged"][index]),
     )
 
 
@@ -163,6 +177,8 @@ def write_pair(group: h5py.Group, index: int, item: InteractionMap) -> None:
     group["terms"][index] = item.terms.float().cpu().numpy()
     group["four_term_value"][index] = item.four_term_value
     group["completeness_error"][index] = item.completeness_error
+    group["relative_completeness_error"][index] = item.relative_completeness_error
+    group["completeness_bound"][index] = item.completeness_bound
     group["error"][index] = ""
     group["status"][index] = DONE
 

@@ -23,6 +23,7 @@ one block pass (:func:`_pooled_block_tangents`). The feature-pair matrix of the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,9 +31,31 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from xclip.core.quadrature import PANEL_NODES, PathQuadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 
 Mode = Literal["auto", "forward", "reverse"]
+
+
+@dataclass(frozen=True)
+class PathContributions:
+    """Contributions of a batch of inputs, with what they must sum to and what they cost.
+
+    Attributes:
+        values: ``(B, S, E)`` contribution vectors.
+        start, end: ``(B, E)`` ``g(reference)`` and ``g(hidden)``; ``values.sum(1)`` approximates ``end - start``.
+        n_nodes: ``(B,)`` integrand evaluations per input.
+    """
+
+    values: Tensor
+    start: Tensor
+    end: Tensor
+    n_nodes: Tensor
+
+    @property
+    def residual(self) -> Tensor:
+        """``(B, E)`` ``values.sum(1) - (end - start)``: the completeness residual of each input."""
+        return self.values.sum(1) - (self.end - self.start)
 
 
 def contributions(
@@ -41,13 +64,12 @@ def contributions(
     reference: Tensor,
     positions: Positions,
     *,
-    alphas: Tensor,
-    weights: Tensor,
+    quadrature: PathQuadrature,
     normalize: bool = True,
     mode: Mode = "auto",
     internal_batch_size: int = 64,
-) -> Tensor:
-    """Contribution vectors ``C`` of every input position, ``(B, S, E)``.
+) -> PathContributions:
+    """Contribution vectors ``C`` of every input position, ``(B, S, E)``, and the two ends of the path.
 
     ``C[b].sum(0)`` equals ``g(hidden[b]) - g(reference[b])`` up to the quadrature error.
 
@@ -55,7 +77,7 @@ def contributions(
         hidden: hidden states entering the cut layer, ``(B, S, d)``.
         reference: the reference's hidden states, ``(B, S, d)`` or ``(1, S, d)``.
         positions: masks and pooled positions of the inputs (shared by the reference and the path).
-        alphas, weights: quadrature nodes and weights on [0, 1].
+        quadrature: a fixed rule, or adaptive refinement to a completeness tolerance.
         normalize: put the L2 normalisation inside g (the exact convention).
         mode: "forward" (S tangents per node), "reverse" (E cotangents) or "auto" (the fast pooled-block
             path where it applies, else the cheaper of the two).
@@ -69,6 +91,7 @@ def contributions(
         msg = f"internal_batch_size must be at least 1, got {internal_batch_size}"
         raise ValueError(msg)
     n_inputs, n_positions, _ = hidden.shape
+    shared_reference = reference
     reference = reference.expand_as(hidden)
     delta = hidden - reference
 
@@ -77,25 +100,47 @@ def contributions(
 
     n_directions, tangent_fn = _choose_tangents(upper, embed, n_positions, mode, normalize)
     accumulate_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    alphas = alphas.to(hidden.device, hidden.dtype)
-    weights = weights.to(hidden.device, accumulate_dtype)
-    n_alphas = alphas.shape[0]
-    point_node = torch.arange(n_alphas, device=hidden.device).repeat_interleave(n_inputs)
-    point_input = torch.arange(n_inputs, device=hidden.device).repeat(n_alphas)
     points_per_call = max(1, internal_batch_size // n_directions)
 
-    result: Tensor | None = None
-    with torch.no_grad():
-        for chunk in torch.arange(n_alphas * n_inputs, device=hidden.device).split(points_per_call):
-            node, item = point_node[chunk], point_input[chunk]
-            path_point = reference[item] + alphas[node, None, None] * delta[item]
-            tangents = tangent_fn(path_point, delta[item], positions.select(item), internal_batch_size)
-            weighted = tangents.to(accumulate_dtype) * weights[node, None, None]
+    def path_point(item: Tensor, alpha: Tensor) -> Tensor:
+        return reference[item] + alpha.to(hidden.dtype)[:, None, None] * delta[item]
+
+    def weighted_sum(item: Tensor, alpha: Tensor, weight: Tensor, slot: Tensor, n_slots: int) -> Tensor:
+        result: Tensor | None = None
+        for chunk in torch.arange(len(item), device=hidden.device).split(points_per_call):
+            point_item = item[chunk]
+            tangents = tangent_fn(
+                path_point(point_item, alpha[chunk]), delta[point_item], positions.select(point_item), internal_batch_size
+            )
+            weighted = tangents.to(accumulate_dtype) * weight[chunk, None, None].to(accumulate_dtype)
             if result is None:
-                result = torch.zeros((n_inputs, *weighted.shape[1:]), dtype=accumulate_dtype, device=hidden.device)
-            result.index_add_(0, item, weighted)
-    assert result is not None
-    return result
+                result = weighted.new_zeros((n_slots, *weighted.shape[1:]))
+            result.index_add_(0, slot[chunk], weighted)
+        assert result is not None
+        return result
+
+    def primitive(item: Tensor, alpha: Tensor) -> Tensor:
+        return embed(path_point(item, alpha), positions.select(item)).to(accumulate_dtype)
+
+    with torch.no_grad():
+        start = _embed_reference(upper, shared_reference, positions, n_inputs, normalize=normalize)
+        end = embed(hidden, positions)
+        start, end = start.to(accumulate_dtype), end.to(accumulate_dtype)
+        integral = quadrature.integrate(
+            weighted_sum, primitive, start, end, panels_per_call=max(n_inputs, points_per_call // PANEL_NODES)
+        )
+    return PathContributions(integral.values, start, end, integral.n_nodes)
+
+
+def _embed_reference(upper: UpperEncoder, reference: Tensor, positions: Positions, n_inputs: int, *, normalize: bool) -> Tensor:
+    """``(n_inputs, E)`` embeddings of ``reference`` ``(1 or n_inputs, S, d)``; a single state shared by inputs
+    of one structure (images) is embedded once, not once per input."""
+    pooled = positions.pooled_index
+    is_uniform = positions.mask is None and (pooled is None or bool((pooled == pooled[0]).all()))
+    if reference.shape[0] == 1 and is_uniform:
+        first = positions.select(torch.zeros(1, dtype=torch.long, device=reference.device))
+        return embed_from_hidden(upper, reference, first, normalize=normalize).expand(n_inputs, -1)
+    return embed_from_hidden(upper, reference.expand(n_inputs, -1, -1), positions, normalize=normalize)
 
 
 def _choose_tangents(
