@@ -1,11 +1,14 @@
 """Benchmark the attribution engine against plain embedding and the naive (reference-code-like) algorithm.
 
-Builds a randomly initialised model of a real architecture (the cost does not depend on the weights), then
-prints one JSON object: throughput of plain embedding and of contributions, pair maps per second, peak memory,
-completeness errors, the per-pair speed-up over the naive algorithm, and how time scales with caption length,
-patch count and the number of quadrature steps.
+Builds a randomly initialised model of a real architecture (the cost of one quadrature node does not depend on
+the weights), or loads the shipped demo model with held-out scenes of its synthetic world (``demo``: trained
+weights, so the honest case for how many nodes the adaptive quadrature needs), then prints one JSON object:
+throughput of plain embedding and of contributions at the default tolerance, the nodes each caption and image
+took, pair maps per second, peak memory, completeness errors, the per-pair speed-up over the naive algorithm,
+and how time scales with caption length, patch count and the number of quadrature steps.
 
     python scripts/bench.py --architecture vit-b-32 --device cpu
+    python scripts/bench.py --architecture demo --device cpu
     python scripts/bench.py --architecture vit-b-16 --device cuda --dtype bfloat16 --batch-size 64
 """
 
@@ -27,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the na
 from naive import integrated_jacobian, naive_interactions  # noqa: E402
 
 import xclip  # noqa: E402
-from xclip.adapters.base import ImageBatch  # noqa: E402
-from xclip.core.quadrature import quadrature  # noqa: E402
+from xclip.adapters.base import ImageBatch, TextBatch  # noqa: E402
+from xclip.core.quadrature import DEFAULT_TOLERANCE, quadrature  # noqa: E402
 from xclip.core.transformer import Positions  # noqa: E402
-from xclip.random_models import build_random_model  # noqa: E402
+from xclip.random_models import ARCHITECTURES, build_random_model  # noqa: E402
+from xclip.synthetic import generate  # noqa: E402
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
+DEMO_SCENE_SEED = 20000  # held out: the demo model trained on seeds below 10000
 
 WORDS = "a photo of the red dog and two blue cat on green square next to circle with".split()
 
@@ -54,8 +61,8 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return min(times)
 
 
-def caption(n_words: int) -> str:
-    return " ".join(WORDS[i % len(WORDS)] for i in range(n_words))
+def caption(n_words: int, offset: int = 0) -> str:
+    return " ".join(WORDS[(i + offset) % len(WORDS)] for i in range(n_words))
 
 
 def image_batch(model: xclip.DualEncoderAdapter, n: int, seed: int = 0) -> ImageBatch:
@@ -66,22 +73,42 @@ def image_batch(model: xclip.DualEncoderAdapter, n: int, seed: int = 0) -> Image
 
 
 def load(family: str, architecture: str, device: str, dtype: str, image_size: int | None = None):
+    if architecture == "demo":
+        return xclip.load_model(DEMO_MODEL, device=device, dtype=dtype)
     hf_model, processor = build_random_model(family, architecture, seed=0, image_size=image_size)
     adapter_cls = xclip.get_adapter_cls(family)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
     return adapter_cls(hf_model.to(device, torch_dtype), processor, name=f"random {architecture}")
 
 
-def naive_pair_seconds(model, text_caption: str, n_steps: int) -> tuple[float, float]:
-    """Seconds for one pair by the naive algorithm (float32, default layers), and its completeness error."""
+def inputs(model, architecture: str, n: int, caption_words: int) -> tuple[list[str], ImageBatch]:
+    """Captions and images: demo scenes and their captions, or varied word sequences of one length and Gaussian
+    pixels for random weights."""
+    if architecture == "demo":
+        scenes = generate(n, seed=DEMO_SCENE_SEED)
+        return [scene.caption for scene in scenes], model.preprocess([scene.image for scene in scenes])
+    return [caption(caption_words, offset=b) for b in range(n)], image_batch(model, n)
+
+
+def first(images: ImageBatch) -> ImageBatch:
+    return ImageBatch(images.pixel_values[:1], images.original_sizes[:1], images.images[:1])
+
+
+def quadrature_settings(args: argparse.Namespace) -> dict[str, object]:
+    if args.n_steps is not None:
+        return {"n_steps": args.n_steps}
+    return {"tolerance": args.tolerance}
+
+
+def naive_pair_seconds(model, text: TextBatch, images: ImageBatch, n_steps: int) -> tuple[float, float]:
+    """Seconds for one pair by the naive algorithm (default layers, the reference code's right Riemann rule),
+    and the sum of its map."""
     attributor = xclip.InteractionAttribution(model, n_steps=n_steps, method="riemann-right")
     alphas, weights = quadrature("riemann-right", n_steps)
     start = time.perf_counter()
-    text = model.tokenize([text_caption])
     layer = attributor.text_layer
     t_hidden = model.text_hidden(text.input_ids, text.positions, layer)
     t_ref = model.text_hidden(model.text_reference_ids(text), text.positions, layer)
-    images = image_batch(model, 1)
     i_hidden = model.image_hidden(images.pixel_values, attributor.image_layer)
     i_ref = model.image_hidden(model.image_reference_pixels(images), attributor.image_layer)
     i_pos = Positions(pooled_index=model.image_pooled_index(1))
@@ -95,11 +122,13 @@ def naive_pair_seconds(model, text_caption: str, n_steps: int) -> tuple[float, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="clip", choices=["clip", "siglip"])
-    parser.add_argument("--architecture", default="vit-b-32")
+    parser.add_argument("--architecture", default="vit-b-32", choices=[*ARCHITECTURES, "demo"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-steps", type=int, default=10)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative completeness tolerance")
+    parser.add_argument("--n-steps", type=int, help="a fixed rule of N nodes instead of the adaptive one")
+    parser.add_argument("--naive-steps", type=int, default=10, help="nodes of the naive algorithm (the paper's N)")
     parser.add_argument("--internal-batch-size", type=int, default=64)
     parser.add_argument("--caption-words", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
@@ -113,18 +142,18 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = load(args.family, args.architecture, args.device, args.dtype)
-    settings = {"n_steps": args.n_steps, "internal_batch_size": args.internal_batch_size}
-    attributor = xclip.InteractionAttribution(model, **settings)
+    attributor = xclip.InteractionAttribution(
+        model, **quadrature_settings(args), internal_batch_size=args.internal_batch_size
+    )
     n = args.batch_size
-    images = image_batch(model, n)
-    captions = model.tokenize([caption(args.caption_words)] * n)
+    caption_texts, images = inputs(model, args.architecture, n, args.caption_words)
+    captions = model.tokenize(caption_texts)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    with torch.no_grad():
+    with torch.no_grad():  # plain inference: the model's own forward pass (padding masks do not change its cost)
         plain_image_s = timed(lambda: model.model.get_image_features(pixel_values=images.pixel_values), device, args.repeats)
-        text_kwargs = {"input_ids": captions.input_ids}
-        plain_text_s = timed(lambda: model.model.get_text_features(**text_kwargs), device, args.repeats)
+        plain_text_s = timed(lambda: model.model.get_text_features(input_ids=captions.input_ids), device, args.repeats)
     image_s = timed(lambda: attributor.image_batch_contributions(images), device, args.repeats)
     text_s = timed(lambda: attributor.text_batch_contributions(captions), device, args.repeats)
     text_contributions = attributor.text_batch_contributions(captions)
@@ -134,12 +163,12 @@ def main() -> None:
     pairs = [(t, i) for t in range(len(many_captions)) for i in range(len(image_contributions))]
     maps_s = timed(lambda: xclip.interaction_maps(many_captions, image_contributions, pairs), device, args.repeats)
     maps = xclip.interaction_maps(many_captions, image_contributions, pairs)
-    relative = [m.completeness_error / max(abs(m.four_term_value), 1e-12) for m in maps]
-    single_caption = caption(args.caption_words)
-    single_image = image_batch(model, 1)
+    relative = [m.relative_completeness_error for m in maps]
+    single_caption = model.tokenize(caption_texts[:1])
+    single_image = first(images)
 
     def one_pair() -> xclip.InteractionMap:
-        (text,) = attributor.text_batch_contributions(model.tokenize([single_caption]))
+        (text,) = attributor.text_batch_contributions(single_caption)
         (image,) = attributor.image_batch_contributions(single_image)
         return xclip.interaction_map(text, image)
 
@@ -148,13 +177,12 @@ def main() -> None:
     report: dict[str, object] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "family": args.family,
+        "family": model.family,
         "architecture": args.architecture,
         "dtype": args.dtype,
         "batch_size": n,
-        "n_steps": args.n_steps,
-        "rule": "gauss-legendre",
-        "caption_tokens": len(captions.tokens[0]),
+        "quadrature": f"fixed, {args.n_steps} nodes" if args.n_steps else f"adaptive, tolerance {args.tolerance:g}",
+        "caption_tokens": max(captions.n_positions),
         "image_positions": int(image_contributions[0].values.shape[0]),
         "plain_images_per_s": n / plain_image_s,
         "plain_captions_per_s": n / plain_text_s,
@@ -162,6 +190,8 @@ def main() -> None:
         "captions_per_s": n / text_s,
         "image_ratio_to_plain": plain_image_s / image_s,
         "caption_ratio_to_plain": plain_text_s / text_s,
+        **node_counts("caption", text_contributions),
+        **node_counts("image", image_contributions),
         "pair_maps_per_s": len(pairs) / maps_s,
         "engine_seconds_per_pair_unbatched": pair_s,
         "completeness_error_relative_mean": sum(relative) / len(relative),
@@ -173,13 +203,14 @@ def main() -> None:
         report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     if not args.no_naive:
-        naive_s, _ = naive_pair_seconds(model, single_caption, args.n_steps)
+        naive_s, _ = naive_pair_seconds(model, single_caption, single_image, args.naive_steps)
+        report["naive_steps"] = args.naive_steps
         report["naive_seconds_per_pair"] = naive_s
         report["speedup_vs_naive_unbatched"] = naive_s / pair_s
         report["speedup_vs_naive_batched"] = naive_s / (image_s / n + text_s / n + maps_s / len(pairs))
 
-    if not args.no_scaling:
-        report["scaling"] = scaling(model, attributor, args, device)
+    if not args.no_scaling and args.architecture != "demo":  # the sweeps rebuild random models of other sizes
+        report["scaling"] = scaling(model, args, device)
         report["memory_knob"] = memory_knob(model, args, device)
     text = json.dumps(report, indent=2)
     print(text)
@@ -187,9 +218,24 @@ def main() -> None:
         args.out.write_text(text + "\n")
 
 
-def scaling(model, attributor, args, device) -> dict[str, dict[str, float]]:
-    """Seconds per input as caption length, quadrature steps and patch count grow."""
+def node_counts(kind: str, items: list[xclip.Contributions]) -> dict[str, float]:
+    """Nodes the quadrature spent per input, and the inputs' relative completeness errors."""
+    nodes = [item.n_nodes for item in items]
+    relative = [item.relative_completeness_error for item in items]
+    return {
+        f"{kind}_nodes_mean": sum(nodes) / len(nodes),
+        f"{kind}_nodes_max": max(nodes),
+        f"{kind}_relative_error_max": max(relative),
+        f"{kind}_not_converged": sum(not item.is_converged for item in items),
+    }
+
+
+def scaling(model, args, device) -> dict[str, dict[str, float]]:
+    """Seconds per input as caption length, quadrature steps and patch count grow, at a fixed rule (N = 10
+    unless given) so that only the named size changes."""
     n = max(1, args.batch_size // 2)
+    fixed = {"n_steps": args.n_steps or 10, "internal_batch_size": args.internal_batch_size}
+    attributor = xclip.InteractionAttribution(model, **fixed)
     out: dict[str, dict[str, float]] = {"caption_seconds_by_tokens": {}, "image_seconds_by_steps": {}, "image_seconds_by_patches": {}}
     for words in (4, 16, 32, 64):
         batch = model.tokenize([caption(words)] * n)
@@ -203,7 +249,7 @@ def scaling(model, attributor, args, device) -> dict[str, dict[str, float]]:
     for factor in (1, 2):
         size = base.image_size * factor
         resized = load(args.family, args.architecture, args.device, args.dtype, image_size=size)
-        sized = xclip.InteractionAttribution(resized, n_steps=args.n_steps, internal_batch_size=args.internal_batch_size)
+        sized = xclip.InteractionAttribution(resized, **fixed)
         batch = image_batch(resized, n)
         patches = (size // base.patch_size) ** 2
         out["image_seconds_by_patches"][str(patches)] = timed(lambda: sized.image_batch_contributions(batch), device, 1) / n
@@ -215,7 +261,7 @@ def memory_knob(model, args, device) -> dict[str, dict[str, float]]:
     images = image_batch(model, args.batch_size)
     out: dict[str, dict[str, float]] = {}
     for size in (8, 16, 32, 64, 128, 256):
-        attributor = xclip.InteractionAttribution(model, n_steps=args.n_steps, internal_batch_size=size)
+        attributor = xclip.InteractionAttribution(model, **quadrature_settings(args), internal_batch_size=size)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

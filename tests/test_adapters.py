@@ -119,8 +119,14 @@ def test_bad_inputs_raise_clear_errors(model64):
         attributor.image_contributions([3])
     with pytest.raises(xclip.InputError, match="image file not found: .*missing.png"):
         attributor.image_contributions(["missing.png"])
-    with pytest.raises(xclip.ConfigError, match="unknown method 'simpson'"):
+    with pytest.raises(xclip.ConfigError, match="unknown quadrature rule 'simpson'"):
         xclip.InteractionAttribution(model64, method="simpson")
+    with pytest.raises(xclip.ConfigError, match="reference convention .* give n_steps"):
+        xclip.InteractionAttribution(model64, convention="reference")
+    with pytest.raises(xclip.ConfigError, match="riemann-right rule is for fixed-step comparisons"):
+        xclip.InteractionAttribution(model64, method="riemann-right")
+    with pytest.raises(AttributeError):  # a changed setting would be ignored: it cannot be changed
+        attributor.n_steps = 10
 
 
 def test_images_load_from_paths(model64, tmp_path):

@@ -20,6 +20,7 @@ def test_readme_api_example_runs(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == "['<|startoftext|>', 'a</w>', 'red</w>', 'dog</w>', '<|endoftext|>']"
     assert lines[1] == "torch.Size([5, 4, 4])"
-    error, value = re.match(r"completeness error (\S+) of (\S+)", lines[2]).groups()
-    assert float(error) <= 1e-5 * abs(float(value))
+    error, value, bound = re.match(r"completeness error (\S+) of (\S+), bound (\S+)", lines[2]).groups()
+    assert float(error) <= 1e-3 * abs(float(value)) and float(error) <= float(bound)
     assert lines[3] == "True"
+    assert lines[4] == "16 True"

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, ImageLike, ImageReference, TextBatch, resolve_layer
 from xclip.core.interaction import Mode, contributions, four_term_value, four_terms, interactions
-from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, RULES, PathQuadrature, Rule
+from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError
 from xclip.result import Contributions, InteractionMap, relative_error
@@ -63,9 +63,6 @@ class InteractionAttribution:
     ) -> None:
         if convention not in CONVENTIONS:
             msg = f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}"
-            raise ConfigError(msg)
-        if method not in RULES:
-            msg = f"unknown method {method!r}; choose one of {', '.join(RULES)}"
             raise ConfigError(msg)
         if convention == "reference" and n_steps is None:
             msg = "the reference convention reproduces the reference code's fixed rule: give n_steps (its maps do not sum to the four-term value, so there is no tolerance to refine to)"

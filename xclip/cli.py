@@ -237,8 +237,8 @@ def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
         checked = f", checked against {accuracy['tolerance']:g}" if accuracy["tolerance"] is not None else ""
         rule = f"fixed, {accuracy['steps']} nodes{checked}"
     console.print(f"quadrature: {rule}")
-    table = Table("inputs", "done", "nodes mean", "nodes max", "rel. error median", "rel. error max", "not converged",
-                  title="completeness per input: |sum C - (g(x) - g(r))| / |g(x) - g(r)|")
+    table = Table("inputs", "done", "mean nodes", "max nodes", "median error", "max error", "missed",
+                  title="relative completeness error per input, |sum C - (g(x) - g(r))| / |g(x) - g(r)|")
     for group in ("captions", "images"):
         stats = accuracy[group]
         table.add_row(group, str(stats["done"]), _number(stats["nodes_mean"], ".1f"), _number(stats["nodes_max"], ".0f"),
