@@ -145,6 +145,12 @@ def test_an_input_gets_the_same_result_in_any_batch():
     assert len(calls) < batched.n_nodes.sum().item() / PANEL_NODES / 2
 
 
+def test_a_non_finite_integrand_is_not_refined_to_the_cap():
+    result, _, _ = integrate([float("nan"), 1.0], tolerance=1e-6, max_steps=1024)
+    assert result.n_nodes.tolist() == [MIN_ADAPTIVE_STEPS, MIN_ADAPTIVE_STEPS]
+    assert torch.isnan(result.values[0, :, 0]).all() and torch.isfinite(result.values[1]).all()
+
+
 def test_fixed_rule_spends_n_steps_in_one_call():
     result, exact, calls = integrate([1.0, 200.0], n_steps=12)
     assert result.n_nodes.tolist() == [12, 12] and calls == [24]

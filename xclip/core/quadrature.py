@@ -228,6 +228,7 @@ def _integrate_adaptive(
             panels.primitive_lo.norm(dim=-1) + panels.primitive_hi.norm(dim=-1)
         )
         is_accurate = residual <= torch.maximum(allowed_per_length[panels.item] * width, rounding.to(residual.dtype))
+        is_accurate |= ~torch.isfinite(residual)  # bisection cannot repair a non-finite integrand; callers see it
         # bisect inaccurate panels while their input's budget lasts, earlier panels first
         cost = 2 * PANEL_NODES * (_rank_within_item(panels.item, ~is_accurate) + 1)
         is_refined = ~is_accurate & (committed[panels.item] + cost <= max_steps)
