@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the naive implementation lives there
 
 from naive import integrated_jacobian, naive_interactions  # noqa: E402
+from convergence import DEMO_MODEL  # noqa: E402  the script beside this one
 
 import xclip  # noqa: E402
 from xclip.adapters.base import ImageBatch, TextBatch  # noqa: E402
@@ -36,7 +37,6 @@ from xclip.core.transformer import Positions  # noqa: E402
 from xclip.random_models import ARCHITECTURES, build_random_model  # noqa: E402
 from xclip.synthetic import generate  # noqa: E402
 
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 DEMO_SCENE_SEED = 20000  # held out: the demo model trained on seeds below 10000
 
 WORDS = "a photo of the red dog and two blue cat on green square next to circle with".split()

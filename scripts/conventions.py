@@ -13,7 +13,7 @@ import argparse
 import tempfile
 
 import numpy as np
-from convergence import ROOT, demo_inputs
+from convergence import DEMO_MODEL, demo_inputs
 from PIL import Image
 
 import xclip
@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, default=10)
     args = parser.parse_args()
     if args.model == "demo":
-        model = xclip.load_model(ROOT / "xclip" / "models" / "shapes-clip", dtype="float64", device="cpu")
+        model = xclip.load_model(DEMO_MODEL, dtype="float64", device="cpu")
         captions, images = demo_inputs()
     else:
         rng = np.random.default_rng(0)

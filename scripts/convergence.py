@@ -23,6 +23,7 @@ from xclip.core.quadrature import DEFAULT_TOLERANCE
 from xclip.random_models import save_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "xclip" / "models" / "shapes-clip"
 RANDOM_CAPTIONS = ["a red dog", "two blue circle and a square", "the cat on the green square", "a photo of two dog"]
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     args = parser.parse_args()
     if args.model == "demo":
-        model = xclip.load_model(ROOT / "xclip" / "models" / "shapes-clip", dtype=args.dtype, device="cpu")
+        model = xclip.load_model(DEMO_MODEL, dtype=args.dtype, device="cpu")
         captions, images = demo_inputs()
     else:
         with tempfile.TemporaryDirectory() as directory:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import DEMO_MODEL
 
 import xclip
 from xclip.synthetic import COLOURS, SHAPES, generate, hard_negative, replacement_negative
-
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 
 
 def test_scenes_are_deterministic_and_annotated_exactly():

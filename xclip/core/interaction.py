@@ -52,11 +52,6 @@ class PathContributions:
     end: Tensor
     n_nodes: Tensor
 
-    @property
-    def residual(self) -> Tensor:
-        """``(B, E)`` ``values.sum(1) - (end - start)``: the completeness residual of each input."""
-        return self.values.sum(1) - (self.end - self.start)
-
 
 def contributions(
     upper: UpperEncoder,
