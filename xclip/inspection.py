@@ -83,27 +83,27 @@ def describe_accuracy(f: h5py.File) -> dict[str, Any]:
     }
     for group, label in (("captions", "text"), ("images", "path")):
         items = f[group]
-        done = np.flatnonzero(items["status"][:] == DONE)
-        nodes, relative = items["n_nodes"][:][done], items["relative_completeness_error"][:][done]
-        missed = done[~items["is_converged"][:][done]]
+        done = items["status"][:] == DONE
+        nodes, relative = items["n_nodes"][:], items["relative_completeness_error"][:]
+        missed = np.flatnonzero(done & ~items["is_converged"][:])
         report[group] = {
-            "done": int(done.size),
-            "nodes_mean": _statistic(np.mean, nodes),
-            "nodes_max": _statistic(np.max, nodes),
-            "relative_error_median": _statistic(np.median, relative),
-            "relative_error_max": _statistic(np.max, relative),
+            "done": int(done.sum()),
+            "nodes_mean": _statistic(np.mean, nodes[done]),
+            "nodes_max": _statistic(np.max, nodes[done]),
+            "relative_error_median": _statistic(np.median, relative[done]),
+            "relative_error_max": _statistic(np.max, relative[done]),
             "not_converged": int(missed.size),
         }
-        names = items[label].asstr()
+        names = items[label].asstr()[missed] if missed.size else []  # one read, not one per item
         report["not_converged"] += [
             {
                 "group": group,
                 "index": int(i),
-                "item": str(names[i]),
-                "n_nodes": int(items["n_nodes"][i]),
-                "relative_completeness_error": float(items["relative_completeness_error"][i]),
+                "item": str(name),
+                "n_nodes": int(nodes[i]),
+                "relative_completeness_error": float(relative[i]),
             }
-            for i in missed
+            for i, name in zip(missed, names)
         ]
     pairs = f["pairs"]
     done = pairs["status"][:] == DONE
