@@ -41,7 +41,7 @@ def main() -> None:
     for convention in ("exact", "reference"):
         for rule in ("gauss-legendre", "midpoint", "riemann-right"):
             attributor = xclip.InteractionAttribution(
-                model, n_steps=args.n_steps, method=rule, convention=convention, tolerance=None
+                model, n_steps=args.n_steps, rule=rule, convention=convention, tolerance=None
             )
             errors = [m.relative_completeness_error for m in attributor.attribute(captions, images)]
             print(f"{convention:<10} {rule:<15} {np.mean(errors):.1e}")

@@ -90,7 +90,7 @@ def test_image_references(model64, reference):
 def test_reference_convention_reproduces_the_public_code(model64):
     """Reference convention: unnormalised g, right Riemann, [BOS, 0, EOS, 0...] pooled at its own EOS."""
     images = make_images(1)
-    attributor = xclip.InteractionAttribution(model64, convention="reference", method="riemann-right", n_steps=10)
+    attributor = xclip.InteractionAttribution(model64, convention="reference", rule="riemann-right", n_steps=10)
     (text,) = attributor.text_contributions(CAPTIONS[:1])
     batch = model64.tokenize(CAPTIONS[:1])
     ids = model64.reference_code_text_ids(batch)
@@ -120,11 +120,11 @@ def test_bad_inputs_raise_clear_errors(model64):
     with pytest.raises(xclip.InputError, match="image file not found: .*missing.png"):
         attributor.image_contributions(["missing.png"])
     with pytest.raises(xclip.ConfigError, match="unknown quadrature rule 'simpson'"):
-        xclip.InteractionAttribution(model64, method="simpson")
+        xclip.InteractionAttribution(model64, rule="simpson")
     with pytest.raises(xclip.ConfigError, match="reference convention .* give n_steps"):
         xclip.InteractionAttribution(model64, convention="reference")
     with pytest.raises(xclip.ConfigError, match="riemann-right rule is for fixed-step comparisons"):
-        xclip.InteractionAttribution(model64, method="riemann-right")
+        xclip.InteractionAttribution(model64, rule="riemann-right")
     with pytest.raises(AttributeError):  # a changed setting would be ignored: it cannot be changed
         attributor.n_steps = 10
 

@@ -30,7 +30,7 @@ def test_maps_sum_to_four_term_value(model64, images, layer):
 @pytest.mark.parametrize("method", ["gauss-legendre", "midpoint", "riemann-right"])
 def test_completeness_error_falls_with_steps(model64, images, method):
     def worst(n_steps: int) -> float:
-        attributor = xclip.InteractionAttribution(model64, n_steps=n_steps, method=method, text_layer=0, image_layer=0)
+        attributor = xclip.InteractionAttribution(model64, n_steps=n_steps, rule=method, text_layer=0, image_layer=0)
         return max(relative_errors(attributor.attribute(CAPTIONS, images)))
 
     errors = {n: worst(n) for n in (2, 4, 8, 16)}
@@ -42,7 +42,7 @@ def test_completeness_error_falls_with_steps(model64, images, method):
 
 def test_gauss_legendre_beats_reference_rule(model64, images):
     def worst(method: str) -> float:
-        attributor = xclip.InteractionAttribution(model64, n_steps=10, method=method)
+        attributor = xclip.InteractionAttribution(model64, n_steps=10, rule=method)
         return max(relative_errors(attributor.attribute(CAPTIONS, images)))
 
     assert worst("gauss-legendre") < worst("midpoint") < worst("riemann-right")
@@ -75,7 +75,7 @@ def test_equals_naive_feature_pair_implementation(model64, images, layer):
         (image[1] - image[2])[0],
     )
     attributor = xclip.InteractionAttribution(
-        model64, text_layer=layer, image_layer=layer, n_steps=n_steps, method=method
+        model64, text_layer=layer, image_layer=layer, n_steps=n_steps, rule=method
     )
     (engine,) = attributor.attribute([CAPTIONS[1]], [images[0]])
     assert engine.interactions.shape == naive.shape  # a lone caption has no padding: every position is kept

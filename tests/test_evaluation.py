@@ -78,7 +78,7 @@ def _synthetic_run(tmp_path, model_dirs):
     assert runner.invoke(app, ["synth", str(tmp_path / "scenes"), "--n", "6", "--seed", "3", "--size", "32"]).exit_code == 0
     config = {
         "model": {"name": model_dirs["clip"], "device": "cpu"},
-        "attribution": {"steps": 2},
+        "attribution": {"n_steps": 2},
         "data": {"format": "imagefolder", "root": "scenes", "metadata": "scenes/metadata.jsonl"},
         "output": {"directory": "run"},
     }

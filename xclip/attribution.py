@@ -8,8 +8,16 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from xclip.adapters.base import DualEncoderAdapter, ImageBatch, ImageLike, ImageReference, TextBatch, resolve_layer
-from xclip.core.interaction import Mode, contributions, four_term_value, four_terms, interactions
+from xclip.adapters.base import (
+    IMAGE_REFERENCES,
+    DualEncoderAdapter,
+    ImageBatch,
+    ImageLike,
+    ImageReference,
+    TextBatch,
+    resolve_layer,
+)
+from xclip.core.interaction import MODES, Mode, contributions, four_term_value, four_terms, interactions
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError
@@ -31,7 +39,7 @@ class InteractionAttribution:
         max_steps: the most integrand evaluations the adaptive rule spends on one input.
         n_steps: a fixed rule of N nodes instead (for comparisons with published figures and the reference
             convention); ``tolerance`` then only flags inputs that miss it (None: no flag).
-        method: rule of the fixed-step mode: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right``
+        rule: rule of the fixed-step mode: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right``
             (the reference code's rule). The adaptive rule is composite Gauss-Legendre.
         convention: ``exact`` (normalisation inside g, one pooled position: maps sum to the four-term value up
             to quadrature error) or ``reference`` (reproduces the paper's public code; needs ``n_steps``).
@@ -40,6 +48,10 @@ class InteractionAttribution:
         scale_by_logit: multiply maps and scores by the model's logit scale.
         mode: ``auto``, ``forward`` or ``reverse`` differentiation.
         internal_batch_size: sequences pushed through the upper encoder at once (memory knob).
+
+    Every setting is checked here (a :class:`~xclip.errors.ConfigError` names a bad one) and fixed afterwards:
+    assigning to an attribute raises ``AttributeError``, so the maps always match the settings they report.
+    Make a new ``InteractionAttribution`` for other settings; the model can be shared.
     """
 
     def __init__(
@@ -51,7 +63,7 @@ class InteractionAttribution:
         tolerance: float | None = DEFAULT_TOLERANCE,
         max_steps: int = DEFAULT_MAX_STEPS,
         n_steps: int | None = None,
-        method: Rule = "gauss-legendre",
+        rule: Rule = "gauss-legendre",
         convention: Convention = "exact",
         text_filler: int | None = None,
         image_reference: ImageReference = "zeros",
@@ -61,14 +73,30 @@ class InteractionAttribution:
         mode: Mode = "auto",
         internal_batch_size: int = 64,
     ) -> None:
-        if convention not in CONVENTIONS:
-            msg = f"unknown convention {convention!r}; choose one of {', '.join(CONVENTIONS)}"
+        _check_choice("convention", convention, CONVENTIONS)
+        _check_choice("image_reference", image_reference, IMAGE_REFERENCES)
+        _check_choice("mode", mode, MODES)
+        _check_whole("internal_batch_size", internal_batch_size, low=1)
+        _check_whole("reference_seed", reference_seed)
+        _check_whole("text_layer", text_layer)
+        _check_whole("image_layer", image_layer)
+        if text_filler is not None:
+            vocabulary = len(model.tokenizer)
+            _check_whole("text_filler", text_filler, low=0)
+            if text_filler >= vocabulary:
+                msg = f"text_filler {text_filler} is not a token id of this tokenizer (0..{vocabulary - 1})"
+                raise ConfigError(msg)
+        if isinstance(blur_radius, bool) or not isinstance(blur_radius, (int, float)) or not 0 < blur_radius < float("inf"):
+            msg = f"blur_radius must be a positive number of pixels, got {blur_radius!r}"
+            raise ConfigError(msg)
+        if not isinstance(scale_by_logit, bool):
+            msg = f"scale_by_logit must be true or false, got {scale_by_logit!r}"
             raise ConfigError(msg)
         if convention == "reference" and n_steps is None:
             msg = "the reference convention reproduces the reference code's fixed rule: give n_steps (its maps do not sum to the four-term value, so there is no tolerance to refine to)"
             raise ConfigError(msg)
         try:
-            self._quadrature = PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=method)
+            self._quadrature = PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.model = model
@@ -78,7 +106,7 @@ class InteractionAttribution:
         self.text_filler = text_filler
         self.image_reference = image_reference
         self.reference_seed = reference_seed
-        self.blur_radius = blur_radius
+        self.blur_radius = float(blur_radius)
         self.scale_by_logit = scale_by_logit
         self.mode = mode
         self.internal_batch_size = internal_batch_size
@@ -89,6 +117,13 @@ class InteractionAttribution:
         self._upper_dtype = torch.float32 if is_low_precision else model.dtype
         self._text_upper = self._in_upper_dtype(model.text_upper(self.text_layer))
         self._image_upper = self._in_upper_dtype(model.image_upper(self.image_layer))
+        self._is_frozen = True
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if getattr(self, "_is_frozen", False):
+            msg = f"InteractionAttribution settings are fixed at construction: make a new InteractionAttribution(model, {name}=...)"
+            raise AttributeError(msg)
+        super().__setattr__(name, value)
 
     @property
     def tolerance(self) -> float | None:
@@ -104,7 +139,7 @@ class InteractionAttribution:
         return self._quadrature.n_steps
 
     @property
-    def method(self) -> Rule:
+    def rule(self) -> Rule:
         return self._quadrature.rule
 
     @property
@@ -260,6 +295,19 @@ class InteractionAttribution:
         if is_shared:
             self._image_reference_cache[key] = reference
         return reference
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        msg = f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
+        raise ConfigError(msg)
+
+
+def _check_whole(name: str, value: object, low: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" of at least {low}" if low is not None else ""
+        msg = f"{name} must be a whole number{bound}, got {value!r}"
+        raise ConfigError(msg)
 
 
 def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 1.0) -> InteractionMap:

@@ -231,11 +231,11 @@ def inspect(
 
 def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
     """Quadrature settings, nodes and completeness errors of inputs and pairs (see describe_accuracy)."""
-    if accuracy["steps"] is None:
+    if accuracy["n_steps"] is None:
         rule = f"adaptive to a relative completeness error of {accuracy['tolerance']:g} per input (at most {accuracy['max_steps']} nodes)"
     else:
         checked = f", checked against {accuracy['tolerance']:g}" if accuracy["tolerance"] is not None else ""
-        rule = f"fixed, {accuracy['steps']} nodes{checked}"
+        rule = f"fixed, {accuracy['n_steps']} nodes{checked}"
     console.print(f"quadrature: {rule}")
     table = Table("inputs", "done", "mean nodes", "max nodes", "median error", "max error", "missed",
                   title="relative completeness error per input, |sum C - (g(x) - g(r))| / |g(x) - g(r)|")

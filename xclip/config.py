@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from xclip.adapters.base import ImageReference
+from xclip.attribution import Convention
+from xclip.core.interaction import Mode
+from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_NODES, MIN_ADAPTIVE_STEPS, Rule
 from xclip.errors import ConfigError
+from xclip.loading import Dtype
+
+MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
+_SHOWN_INPUT_CHARS = 120  # an offending value is quoted in the message up to this length
 
 
 class _Section(BaseModel):
@@ -19,37 +28,39 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = Field(description="hub id or local directory")
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    dtype: Dtype = "float32"
     device: str = "auto"
-    local_files_only: bool = False
+    local_files_only: bool = Field(False, strict=True)
 
 
 class AttributionConfig(_Section):
-    text_layer: int = -1
-    image_layer: int = -1
-    tolerance: float | None = Field(1e-3, gt=0, lt=1, description="relative completeness error each input must reach")
-    max_steps: int = Field(256, ge=16, description="most integrand evaluations the adaptive rule spends on an input")
-    steps: int | None = Field(None, ge=1, description="a fixed rule of this many nodes instead of adapting")
-    rule: Literal["gauss-legendre", "riemann-right", "midpoint"] = "gauss-legendre"
-    convention: Literal["exact", "reference"] = "exact"
-    text_filler: int | None = None
-    image_reference: Literal["zeros", "black", "blur", "noise"] = "zeros"
-    reference_seed: int = 0
-    blur_radius: float = Field(16.0, gt=0)
-    scale_by_logit: bool = False
-    mode: Literal["auto", "forward", "reverse"] = "auto"
+    """The settings of :class:`xclip.InteractionAttribution`, under the same names."""
+
+    text_layer: int = Field(-1, strict=True)
+    image_layer: int = Field(-1, strict=True)
+    tolerance: float | None = Field(DEFAULT_TOLERANCE, gt=0, lt=1, description="relative completeness error each input must reach")
+    max_steps: int = Field(DEFAULT_MAX_STEPS, ge=MIN_ADAPTIVE_STEPS, le=MAX_NODES, strict=True, description="most integrand evaluations the adaptive rule spends on an input")
+    n_steps: int | None = Field(None, ge=1, le=MAX_NODES, strict=True, description="a fixed rule of this many nodes instead of adapting")
+    rule: Rule = "gauss-legendre"
+    convention: Convention = "exact"
+    text_filler: int | None = Field(None, ge=0, strict=True)
+    image_reference: ImageReference = "zeros"
+    reference_seed: int = Field(0, strict=True)
+    blur_radius: float = Field(16.0, gt=0, allow_inf_nan=False)
+    scale_by_logit: bool = Field(False, strict=True)
+    mode: Mode = "auto"
 
     @model_validator(mode="after")
     def _check_quadrature(self) -> AttributionConfig:
-        if self.steps is None:
+        if self.n_steps is None:
             if self.tolerance is None:
-                msg = "attribution.tolerance is null and attribution.steps is not set: give a tolerance to adapt to, or steps for a fixed rule"
+                msg = "attribution.tolerance is null and attribution.n_steps is not set: give a tolerance to adapt to, or n_steps for a fixed rule"
                 raise ValueError(msg)
             if self.convention == "reference":
-                msg = "attribution.convention 'reference' reproduces the reference code's fixed rule: set attribution.steps"
+                msg = "attribution.convention 'reference' reproduces the reference code's fixed rule: set attribution.n_steps"
                 raise ValueError(msg)
             if self.rule != "gauss-legendre":
-                msg = f"attribution.rule {self.rule!r} is for fixed-step comparisons: set attribution.steps (the adaptive rule is composite Gauss-Legendre)"
+                msg = f"attribution.rule {self.rule!r} is for fixed-step comparisons: set attribution.n_steps (the adaptive rule is composite Gauss-Legendre)"
                 raise ValueError(msg)
         return self
 
@@ -62,26 +73,26 @@ class DataConfig(_Section):
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     queries: list[str] = Field(default_factory=list, description="captions crossed with every image")
-    limit: int | None = Field(None, ge=1, description="use only the first N pairs")
+    limit: int | None = Field(None, ge=1, strict=True, description="use only the first N pairs")
 
 
 class PairingConfig(_Section):
     mode: Literal["given", "all", "topk"] = "given"
-    k: int = Field(5, ge=1)
+    k: int = Field(5, ge=1, strict=True)
 
 
 class OutputConfig(_Section):
     directory: Path
-    render: bool = Field(False, description="draw the default heatmaps of every pair when the run ends")
+    render: bool = Field(False, strict=True, description="draw the default heatmaps of every pair when the run ends")
 
 
 class RuntimeConfig(_Section):
-    batch_size: int = Field(16, ge=1)
-    internal_batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
-    seed: int = 0
-    shard_index: int = Field(0, ge=0, description="this process's block of the pairs")
-    num_shards: int = Field(1, ge=1, description="blocks the pairs are split into (Slurm array tasks, ranks)")
+    batch_size: int = Field(16, ge=1, strict=True)
+    internal_batch_size: int = Field(64, ge=1, strict=True)
+    num_workers: int = Field(0, ge=0, strict=True)
+    seed: int = Field(0, strict=True)
+    shard_index: int = Field(0, ge=0, strict=True, description="this process's block of the pairs")
+    num_shards: int = Field(1, ge=1, strict=True, description="blocks the pairs are split into (Slurm array tasks, ranks)")
 
     @model_validator(mode="after")
     def _check_shard(self) -> RuntimeConfig:
@@ -125,6 +136,22 @@ class RunConfig(_Section):
         return json.dumps(keep, sort_keys=True)
 
 
+def settings_differences(old: str, new: str) -> list[str]:
+    """The settings two :meth:`RunConfig.result_fingerprint` strings disagree on, as ``key: old -> new`` lines."""
+
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(value, dict):
+            return {prefix: value}
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+
+    before, after = flat(json.loads(old)), flat(json.loads(new))
+    return [
+        f"{key.rstrip('.')}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key)
+    ]
+
+
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     """1-based line of the key at ``loc`` in a composed YAML document (the deepest key that exists)."""
     line = None
@@ -140,33 +167,139 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, raw_value: str) -> None:
-    keys = dotted.split(".")
-    target = data
+def _refuse_aliases(text: str, where: str) -> None:
+    """Aliases (``*name``) can expand a few lines into gigabytes ("billion laughs"); run configs do without."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            msg = f"{where}:{event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in run configs; write the value out"
+            raise ConfigError(msg)
+
+
+def _field(keys: list[str]) -> Any:
+    """The schema's annotation of a dotted key (None when the key is not in the schema)."""
+    model: Any = RunConfig
     for key in keys[:-1]:
+        field = model.model_fields.get(key)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    field = model.model_fields.get(keys[-1])
+    return None if field is None else field.annotation
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field holds text (str, Path or string choices), so that an override value stays a string."""
+    if annotation in (str, Path):
+        return True
+    if get_origin(annotation) is Literal:
+        return all(isinstance(choice, str) for choice in get_args(annotation))
+    return any(_takes_text(arg) for arg in get_args(annotation) if arg is not type(None))
+
+
+def _override_value(keys: list[str], raw: str) -> Any:
+    """An override's value, typed by the schema: text fields keep the text as given (``model.revision=1234567``
+    stays a string, ``data.queries=[yes, no]`` two strings); other fields read it as YAML (numbers, booleans)."""
+    if raw in ("", "null", "~"):
+        return None
+    annotation = _field(keys)
+    if annotation is not None and _takes_text(annotation):
+        if get_origin(annotation) is list or any(get_origin(arg) is list for arg in get_args(annotation)):
+            return yaml.load(raw, Loader=yaml.BaseLoader)  # every scalar a string
+        return raw
+    return yaml.safe_load(raw)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> tuple[str, ...]:
+    """Set one ``section.key=value`` override in ``data``; returns the key path it set."""
+    dotted, sep, raw = override.partition("=")
+    dotted, raw = dotted.strip(), raw.strip()
+    if not sep or not dotted or any(not key for key in dotted.split(".")):
+        msg = f"command line override {override!r} must look like section.key=value"
+        raise ConfigError(msg)
+    keys = dotted.split(".")
+    try:
+        _refuse_aliases(raw, f"command line override {override!r}")
+        value = _override_value(keys, raw)
+    except yaml.YAMLError as e:
+        msg = f"command line override {override!r}: the value is not valid YAML ({e})"
+        raise ConfigError(msg) from None
+    target = data
+    for depth, key in enumerate(keys[:-1]):
         target = target.setdefault(key, {})
         if not isinstance(target, dict):
-            msg = f"override {dotted}: {key} is not a section"
+            msg = f"command line override {override!r}: {'.'.join(keys[: depth + 1])} is not a section"
             raise ConfigError(msg)
-    target[keys[-1]] = yaml.safe_load(raw_value) if raw_value != "" else None
+    target[keys[-1]] = value
+    return tuple(keys)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """A validation error's message, with a suggestion for a misspelt key and the offending value, shortened."""
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        model: Any = RunConfig
+        for key in loc[:-1]:
+            field = model.model_fields.get(key)
+            model = field.annotation if field is not None else None
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                return "unknown key"
+        close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+        return "unknown key" + (f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(model.model_fields)}")
+    given = ""
+    if "input" in error and not isinstance(error["input"], dict):
+        shown = repr(error["input"])
+        if len(shown) > _SHOWN_INPUT_CHARS:
+            shown = shown[:_SHOWN_INPUT_CHARS] + f"... ({len(shown)} characters)"
+        given = f" (got {shown})"
+    return f"{error['msg']}{given}"
+
+
+def _looks_like_path(name: str) -> bool:
+    """A model name that can only be a directory, never a hub id (``namespace/name``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> ModelConfig:
+    """A local checkpoint named relative to the config file, as an absolute path; an error before any loading
+    when the name can only be a directory and none is there."""
+    local = (base / Path(model.name).expanduser()).resolve()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            msg = f"model.name: {local} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
+            raise ConfigError(msg)
+        return model.model_copy(update={"name": str(local)})
+    if _looks_like_path(model.name):
+        relative = "" if Path(model.name).expanduser().is_absolute() else f" (model.name is relative to the config file {config_path})"
+        msg = f"no model directory at {local}{relative}"
+        raise ConfigError(msg)
+    return model  # a hub id
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply ``section.key=value`` overrides, validate.
 
-    Relative ``data.root``, ``data.metadata`` and ``output.directory`` resolve against the config file's folder.
+    Relative ``data.root``, ``data.metadata``, ``output.directory`` and a local ``model.name`` resolve against
+    the config file's folder. Override values are typed by the schema (a text field stays text).
 
     Raises:
-        ConfigError: unreadable YAML, an unknown key, a wrong type or a missing field; the message names the
-            key, and the file and line where the key appears in it.
+        ConfigError: unreadable or oversized YAML, an alias, an unknown key, a wrong type or a missing field;
+            the message names the key, and where the value came from: the file and line, or the command line.
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            msg = f"{path} is {size} bytes; a run config is at most {MAX_CONFIG_BYTES} bytes"
+            raise ConfigError(msg)
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         msg = f"cannot read config {path}: {e.strerror or e}"
         raise ConfigError(msg) from e
+    except UnicodeDecodeError as e:
+        msg = f"{path}: not UTF-8 text (byte {e.start}: {e.reason})"
+        raise ConfigError(msg) from None
     try:
+        _refuse_aliases(text, str(path))
         data = yaml.safe_load(text) or {}
         document = yaml.compose(text)
     except yaml.YAMLError as e:
@@ -175,12 +308,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(data, dict):
         msg = f"{path}: a run config is a mapping of sections (model, data, output, ...)"
         raise ConfigError(msg)
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            msg = f"override {override!r} must look like section.key=value"
-            raise ConfigError(msg)
-        _set_dotted(data, key.strip(), value.strip())
+    from_command_line = {_apply_override(data, override): override for override in overrides}
     try:
         config = RunConfig.model_validate(data)
     except ValidationError as e:
@@ -188,10 +316,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         for error in e.errors(include_url=False):
             loc = tuple(error["loc"])
             where = ".".join(str(part) for part in loc) or "config"
-            line = _line_of(document, loc)
-            position = f"{path}:{line}" if line else str(path)
-            given = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
-            problems.append(f"{position}: {where}: {error['msg']}{given}")
+            override = next((text for keys, text in from_command_line.items() if loc[: len(keys)] == keys), None)
+            if override is not None:
+                position = f"command line override {override!r}"
+            else:
+                line = _line_of(document, loc)
+                position = f"{path}:{line}" if line else str(path)
+            problems.append(f"{position}: {where}: {_describe(error)}")
         raise ConfigError("invalid run config:\n  " + "\n  ".join(problems)) from None
     base = path.resolve().parent
     data_config = config.data.model_copy(
@@ -201,7 +332,5 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         }
     )
     output = config.output.model_copy(update={"directory": (base / config.output.directory).resolve()})
-    model = config.model
-    if (base / model.name).is_dir():  # a local checkpoint named relative to the config file
-        model = model.model_copy(update={"name": str((base / model.name).resolve())})
+    model = _resolve_model_name(config.model, base, path)
     return config.model_copy(update={"data": data_config, "output": output, "model": model})

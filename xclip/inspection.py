@@ -78,7 +78,7 @@ def describe_accuracy(f: h5py.File) -> dict[str, Any]:
     report: dict[str, Any] = {
         "tolerance": attribution["tolerance"],
         "max_steps": attribution["max_steps"],
-        "steps": attribution["steps"],
+        "n_steps": attribution["n_steps"],
         "not_converged": [],
     }
     for group, label in (("captions", "text"), ("images", "path")):

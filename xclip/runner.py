@@ -98,23 +98,9 @@ def run(
         device=config.model.device,
         local_files_only=config.model.local_files_only,
     )
-    settings = config.attribution
+    # the config's attribution section holds InteractionAttribution's settings under the same names
     attributor = InteractionAttribution(
-        model,
-        text_layer=settings.text_layer,
-        image_layer=settings.image_layer,
-        tolerance=settings.tolerance,
-        max_steps=settings.max_steps,
-        n_steps=settings.steps,
-        method=settings.rule,
-        convention=settings.convention,
-        text_filler=settings.text_filler,
-        image_reference=settings.image_reference,
-        reference_seed=settings.reference_seed,
-        blur_radius=settings.blur_radius,
-        scale_by_logit=settings.scale_by_logit,
-        mode=settings.mode,
-        internal_batch_size=config.runtime.internal_batch_size,
+        model, **config.attribution.model_dump(), internal_batch_size=config.runtime.internal_batch_size
     )
     directory.mkdir(parents=True, exist_ok=True)
     if not run_path.exists():

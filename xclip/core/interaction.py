@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from xclip.core.quadrature import PANEL_NODES, PathQuadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 
 Mode = Literal["auto", "forward", "reverse"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)
