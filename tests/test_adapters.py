@@ -113,7 +113,7 @@ def test_bad_inputs_raise_clear_errors(model64):
     with pytest.raises(xclip.ConfigError, match="image layer -3 is out of range"):
         xclip.InteractionAttribution(model64, image_layer=-3)
     attributor = xclip.InteractionAttribution(model64, n_steps=2)
-    with pytest.raises(xclip.InputError, match="caption 1 is empty"):
+    with pytest.raises(xclip.InputError, match="caption 1: the caption is empty"):
         attributor.text_contributions(["a dog", "   "])
     with pytest.raises(xclip.InputError, match="must be PIL images or paths, got int"):
         attributor.image_contributions([3])

@@ -160,7 +160,7 @@ def test_image_paths_may_not_escape_the_root(tmp_path):
     with pytest.raises(ConfigError, match="escapes the data root"):
         read_dataset(xclip.config.DataConfig(format="imagefolder", root=images, metadata=images / "metadata.jsonl"))
     (images / "metadata.jsonl").write_text('{"file_name": "img0.png"}\n')
-    with pytest.raises(ConfigError, match=r"metadata.jsonl:1: each line needs 'file_name' and 'text'"):
+    with pytest.raises(ConfigError, match=r"every record was rejected:\n  .*metadata.jsonl:1: the record has no 'text'"):
         read_dataset(xclip.config.DataConfig(format="imagefolder", root=images, metadata=images / "metadata.jsonl"))
 
 
@@ -219,11 +219,11 @@ def test_bad_items_are_recorded_and_the_rest_finishes(tmp_path, model_dirs):
     result = runner.invoke(app, ["attribute", str(config_path), "--json", "-q"])
     assert result.exit_code == 3  # finished, some items failed
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["failed"] == 2 and summary["done"] == 3
+    assert (summary["failed"], summary["rejected_records"], summary["done"]) == (1, 1, 3)
     report = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
     failures = "\n".join(report["failures"])
     assert "cannot read image" in failures and "broken.png" in failures
-    assert "is empty" in failures
+    assert re.search(r"record .*metadata.jsonl:5: the caption is empty", failures)
     statuses = {(p["caption"], p["image"]): p["status"] for p in report["pairs"]}
     assert statuses[("a red dog", "broken.png")] == "failed" and statuses[("a red dog", "img0.png")] == "done"
 
@@ -257,7 +257,7 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path, model_dirs):
 def test_changed_config_is_refused_unless_overwrite(tmp_path, folder_config):
     assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
     result = runner.invoke(app, ["attribute", str(folder_config), "attribution.n_steps=7", "-q"])
-    assert result.exit_code == 2 and "different settings" in result.output and "--overwrite" in result.output
+    assert result.exit_code == 2 and "attribution.n_steps: 6 -> 7" in result.output and "--overwrite" in result.output
     again = runner.invoke(app, ["attribute", str(folder_config), "-q", "--json"])  # same config: nothing to do
     assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] == 3
     replaced = runner.invoke(app, ["attribute", str(folder_config), "attribution.n_steps=7", "-q", "--overwrite"])
@@ -272,7 +272,7 @@ def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
     rows = re.findall(r"^\| `([\w/]+)` \| `\(([^)]*)\)` \| (\w+) \|", section, flags=re.M)
     assert len(rows) >= 20
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
-        sizes = {"C": 3, "I": 3, "P": 3, "L": 77, "S": 17, "E": 16, "4": 4}
+        sizes = {"C": 3, "I": 3, "P": 3, "L": 77, "S": 17, "E": 16, "4": 4, "R": 0}
         documented = set()
         for name, shape, dtype in rows:
             documented.add(name)

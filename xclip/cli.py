@@ -37,10 +37,16 @@ class _StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                signal.signal(sig, self._handle)
+    @contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        """The handlers for the duration of a run; the previous ones are restored after it."""
+        signals = [s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
+        previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.signal is not None:  # a second signal: stop now
@@ -96,14 +102,16 @@ def attribute(
     from xclip import runner
     from xclip.config import load_config
 
-    stop = _StopFlag()
-    stop.install()
     bar, update = _progress_callback(quiet)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     with _errors():
         run_config = load_config(config, [*(overrides or []), *_shard_overrides(shard)])
-        with bar or nullcontext():
-            summary = runner.run(run_config, overwrite=overwrite, on_progress=update, should_stop=stop, command=command)
+        try:
+            with _StopFlag().installed() as stop, bar or nullcontext():
+                summary = runner.run(run_config, overwrite=overwrite, on_progress=update, should_stop=stop, command=command)
+        except KeyboardInterrupt:  # a second signal: stop at once; finished batches are on disk
+            _print_error("stopped by a second signal before the batch finished: rerun the same command to finish the remaining pairs")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     accuracy = summary.accuracy
     result = {
         "directory": str(summary.directory),
@@ -111,6 +119,7 @@ def attribute(
         "done": summary.n_done,
         "skipped": summary.n_skipped,
         "failed": summary.n_failed,
+        "rejected_records": summary.n_rejected,
         "not_converged": len(accuracy["not_converged"]),
         "mean_nodes_per_caption": accuracy["captions"]["nodes_mean"],
         "mean_nodes_per_image": accuracy["images"]["nodes_mean"],
@@ -138,7 +147,7 @@ def attribute(
     if summary.is_interrupted:
         stderr.print("[yellow]interrupted: rerun the same command to finish the remaining pairs[/]")
         raise typer.Exit(EXIT_INTERRUPTED)
-    if summary.n_failed:
+    if summary.n_failed or summary.n_rejected:
         raise typer.Exit(EXIT_FAILED_ITEMS)
 
 
@@ -336,22 +345,31 @@ def convert(
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    """xclip's errors as one message on stderr and an exit code: 2 for config and usage, 1 at runtime."""
+    """Errors a user can cause as one message on stderr and an exit code: 2 for config and usage, 1 at runtime.
+    Anything else is a bug in xclip and keeps its traceback; ``XCLIP_DEBUG=1`` shows tracebacks of all."""
     try:
         yield
-    except ConfigError as e:
-        _print_error(str(e))
-        raise typer.Exit(EXIT_USAGE) from None
-    except XclipError as e:
+    except Exception as e:
         if os.environ.get("XCLIP_DEBUG"):
             raise
-        _print_error(f"{e}\n(set XCLIP_DEBUG=1 for a traceback)")
-        raise typer.Exit(EXIT_ERROR) from None
-    except RuntimeError as e:
-        if "out of memory" not in str(e):
-            raise
-        _print_error(f"out of memory: lower runtime.internal_batch_size or runtime.batch_size ({e})")
-        raise typer.Exit(EXIT_ERROR) from None
+        if isinstance(e, ConfigError):
+            _print_error(str(e))
+            raise typer.Exit(EXIT_USAGE) from None
+        if isinstance(e, XclipError):
+            _print_error(f"{e}\n(set XCLIP_DEBUG=1 for a traceback)")
+            raise typer.Exit(EXIT_ERROR) from None
+        if _is_out_of_memory(e):
+            _print_error(f"out of memory: lower runtime.internal_batch_size (or runtime.batch_size) and rerun to resume ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            raise typer.Exit(EXIT_ERROR) from None
+        raise
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
 
 
 def _print_error(message: str) -> None:

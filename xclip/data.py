@@ -1,25 +1,36 @@
-"""Input formats users of CLIP tooling already have, read into captions, images and (caption, image) pairs."""
+"""Input formats users of CLIP tooling already have, read into captions, images and (caption, image) pairs.
+
+Every record is checked before a model loads. A record that names no usable caption-image pair (invalid JSON,
+a wrong type, an empty caption, bytes that are not UTF-8, a short CSV row) is *rejected*: it is reported with
+its file and line, and the run goes on with the other records. A file that cannot be read at all (missing,
+not UTF-8 where the whole file must be, an unterminated CSV quote, not COCO) is a :class:`ConfigError`.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from xclip.adapters.base import text_problem
 from xclip.config import DataConfig
 from xclip.errors import ConfigError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Unique captions and images, and the pairs the metadata names, as (caption index, image index)."""
+    """Unique captions and images, the pairs the metadata names (caption index, image index), and the records
+    that were rejected, as ``file:line: reason``."""
 
     captions: list[str]
     images: list[Path]
     given_pairs: list[tuple[int, int]]
+    rejected: list[str] = field(default_factory=list)
 
 
 class _Builder:
@@ -27,41 +38,218 @@ class _Builder:
         self.root = root.resolve()
         self.captions: dict[str, int] = {}
         self.images: dict[Path, int] = {}
-        self.pairs: list[tuple[int, int]] = []
+        self.pairs: dict[tuple[int, int], None] = {}  # insertion-ordered set
+        self.rejected: list[str] = []
 
-    def image(self, relative: str, where: str) -> int:
+    def reject(self, where: str, reason: str) -> None:
+        self.rejected.append(f"{where}: {reason}")
+
+    def image(self, relative: object, where: str) -> int | None:
+        """The image's index, or None (and a rejection) when the record's path is not a usable file name."""
+        problem = _path_problem(relative)
+        if problem is not None:
+            self.reject(where, problem)
+            return None
+        assert isinstance(relative, str)
         path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root):
+        if not path.is_relative_to(self.root):  # refused outright: a config that reaches outside its data root
             msg = f"{where}: image path {relative!r} escapes the data root {self.root}"
             raise ConfigError(msg)
         return self.images.setdefault(path, len(self.images))
 
-    def add(self, relative_image: str, caption: str, where: str) -> None:
+    def caption(self, text: object, where: str) -> int | None:
+        problem = text_problem(text, "caption")
+        if problem is not None:
+            self.reject(where, problem)
+            return None
+        assert isinstance(text, str)
+        return self.captions.setdefault(text, len(self.captions))
+
+    def add(self, relative_image: object, caption: object, where: str) -> None:
         image = self.image(relative_image, where)
-        text = self.captions.setdefault(caption, len(self.captions))
-        if (text, image) not in self.pairs:
-            self.pairs.append((text, image))
+        text = self.caption(caption, where) if image is not None else None
+        if image is not None and text is not None:
+            self.pairs.setdefault((text, image))
 
     def build(self, limit: int | None) -> Dataset:
-        pairs = self.pairs[:limit] if limit else self.pairs
-        return Dataset(captions=list(self.captions), images=list(self.images), given_pairs=pairs)
+        pairs = list(self.pairs)
+        return Dataset(
+            captions=list(self.captions), images=list(self.images), given_pairs=pairs[:limit] if limit else pairs,
+            rejected=self.rejected,
+        )
 
 
-def _captions_of(value: object, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    msg = f"{where}: caption must be a string or a list of strings, got {type(value).__name__}"
-    raise ConfigError(msg)
+def _path_problem(relative: object) -> str | None:
+    if not isinstance(relative, str):
+        return f"the image path must be a string, got {_type_name(relative)}"
+    if not relative.strip():
+        return "the image path is empty"
+    return text_problem(relative, "image path")
+
+
+def _type_name(value: object) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        msg = f"cannot read {what} {path}: {e.strerror or e}"
+        raise ConfigError(msg) from e
+
+
+def _lines(path: Path, what: str) -> Iterator[tuple[int, str | None, str]]:
+    """``(line number, text, problem)`` of each non-blank line, split on ``\\n`` only: U+2028, U+0085 and other
+    Unicode line breaks are characters of a record, not ends of lines. A line that is not UTF-8 comes with
+    text None and the problem."""
+    data = _read_bytes(path, what)
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write: not part of the text
+        data = data[3:]
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+            yield number, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+
+
+def _text(path: Path, what: str) -> str:
+    """A whole file as UTF-8 text; a :class:`ConfigError` naming the line of the first byte that is not."""
+    data = _read_bytes(path, what)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        msg = f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        raise ConfigError(msg) from None
+
+
+def _read_imagefolder(metadata: Path, builder: _Builder) -> None:
+    for number, line, problem in _lines(metadata, "data.metadata"):
+        where = f"{metadata}:{number}"
+        if line is None:
+            builder.reject(where, problem)
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            builder.reject(where, f"invalid JSON: {e.msg} (column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            builder.reject(where, f"a record must be a JSON object with 'file_name' and 'text', got {_type_name(record)}")
+            continue
+        missing = [key for key in ("file_name", "text") if key not in record]
+        if missing:
+            builder.reject(where, f"the record has no {' or '.join(repr(k) for k in missing)}")
+            continue
+        texts = record["text"]
+        if isinstance(texts, list):
+            if not texts:
+                builder.reject(where, "'text' is an empty list")
+            for caption in texts:
+                builder.add(record["file_name"], caption, where)
+        else:
+            builder.add(record["file_name"], texts, where)
+
+
+def _read_csv(config: DataConfig, metadata: Path, builder: _Builder) -> None:
+    text = _text(metadata, "data.metadata")
+    # strict: an unterminated quote is an error, not a field that swallows the rest of the file
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=config.csv_separator, strict=True)
+    first = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            msg = f"{metadata}: the file is empty; it needs a header row with {config.csv_image_key!r} and {config.csv_caption_key!r}"
+            raise ConfigError(msg)
+        missing = {config.csv_image_key, config.csv_caption_key} - set(header)
+        if missing:
+            msg = f"{metadata}: missing column(s) {', '.join(sorted(missing))}; found {header}"
+            raise ConfigError(msg)
+        image_column, caption_column = header.index(config.csv_image_key), header.index(config.csv_caption_key)
+        first = reader.line_num + 1
+        for row in reader:
+            where = f"{metadata}:{first}"
+            first = reader.line_num + 1
+            if not row:
+                continue
+            if len(row) != len(header):
+                builder.reject(where, f"the row has {len(row)} field(s), the header {len(header)}")
+                continue
+            builder.add(row[image_column], row[caption_column], where)
+    except csv.Error as e:
+        msg = f"{metadata}:{first}: cannot parse the CSV from this line on ({e}); check its quotes"
+        raise ConfigError(msg) from None
+
+
+def _read_coco(metadata: Path, builder: _Builder) -> None:
+    try:
+        coco = json.loads(_text(metadata, "data.metadata"))
+        images, annotations = coco["images"], coco["annotations"]
+        if not isinstance(images, list) or not isinstance(annotations, list):
+            raise TypeError("images and annotations must be lists")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        msg = f"{metadata}: not a COCO captions file (images[].id/file_name, annotations[].image_id/caption): {e}"
+        raise ConfigError(msg) from None
+    files: dict[object, object] = {}
+    for k, image in enumerate(images):
+        if isinstance(image, dict) and "id" in image and "file_name" in image and isinstance(image["id"], (int, str)):
+            files[image["id"]] = image["file_name"]
+        else:
+            builder.reject(f"{metadata} images[{k}]", "an image entry needs 'id' and 'file_name'")
+    records = []
+    for k, annotation in enumerate(annotations):
+        where = f"{metadata} annotations[{k}]"
+        if not isinstance(annotation, dict) or "image_id" not in annotation or "caption" not in annotation:
+            builder.reject(where, "an annotation needs 'image_id' and 'caption'")
+        elif not isinstance(annotation["image_id"], (int, str)) or annotation["image_id"] not in files:
+            builder.reject(where, f"image_id {annotation['image_id']!r} is not an id of the file's images")
+        else:
+            caption = annotation["caption"]
+            records.append((str(files[annotation["image_id"]]), caption.strip() if isinstance(caption, str) else caption, where))
+    for file_name, caption, where in sorted(records, key=lambda r: (r[0], str(r[1]))):
+        builder.add(file_name, caption, where)
+
+
+def _read_sidecar(root: Path, builder: _Builder) -> None:
+    for image in _image_files(root):
+        sidecar = image.with_suffix(".txt")
+        if sidecar.is_file():
+            for number, line, problem in _lines(sidecar, "caption file"):
+                where = f"{sidecar}:{number}"
+                if line is None:
+                    builder.reject(where, problem)
+                else:
+                    builder.add(str(image.relative_to(root)), line.strip(), where)
+
+
+def _read_queries(config: DataConfig, builder: _Builder) -> None:
+    for k, query in enumerate(config.queries):
+        problem = text_problem(query, "query")
+        if problem is not None:
+            msg = f"data.queries[{k}]: {problem}"
+            raise ConfigError(msg)
+    for image in _image_files(config.root):
+        builder.image(str(image.relative_to(config.root)), str(config.root))
+    for query in config.queries:
+        builder.captions.setdefault(query, len(builder.captions))
+    builder.pairs = {(c, i): None for c in range(len(builder.captions)) for i in range(len(builder.images))}
 
 
 def read_dataset(config: DataConfig) -> Dataset:
-    """Read the configured input into a :class:`Dataset`; raises :class:`ConfigError` naming file and line.
+    """Read the configured input into a :class:`Dataset`.
 
     Formats: ``imagefolder`` (``metadata.jsonl`` with ``file_name`` and ``text``), ``csv`` (path and caption
     columns), ``sidecar`` (``name.txt`` next to each image, one caption per line), ``coco`` (COCO captions JSON),
     ``queries`` (``data.queries`` crossed with every image under the root).
+
+    Raises:
+        ConfigError: a data file that cannot be read at all, an image path outside the data root, or no pair
+            left; the message names the file and line.
     """
     root = config.root
     if not root.is_dir():
@@ -70,63 +258,28 @@ def read_dataset(config: DataConfig) -> Dataset:
     builder = _Builder(root)
     metadata = config.metadata
     if config.format in ("imagefolder", "csv", "coco") and (metadata is None or not metadata.is_file()):
-        msg = f"data.metadata {metadata} does not exist"
+        msg = f"data.metadata {metadata} is not a file"
         raise ConfigError(msg)
     if config.format == "imagefolder":
         assert metadata is not None
-        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{metadata}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                msg = f"{where}: invalid JSON: {e.msg}"
-                raise ConfigError(msg) from e
-            if "file_name" not in record or "text" not in record:
-                msg = f"{where}: each line needs 'file_name' and 'text'"
-                raise ConfigError(msg)
-            for caption in _captions_of(record["text"], where):
-                builder.add(record["file_name"], caption, where)
+        _read_imagefolder(metadata, builder)
     elif config.format == "csv":
         assert metadata is not None
-        with metadata.open(newline="") as handle:
-            reader = csv.DictReader(handle, delimiter=config.csv_separator)
-            missing = {config.csv_image_key, config.csv_caption_key} - set(reader.fieldnames or [])
-            if missing:
-                msg = f"{metadata}: missing column(s) {', '.join(sorted(missing))}; found {reader.fieldnames}"
-                raise ConfigError(msg)
-            for number, row in enumerate(reader, start=2):
-                builder.add(row[config.csv_image_key], row[config.csv_caption_key], f"{metadata}:{number}")
+        _read_csv(config, metadata, builder)
     elif config.format == "coco":
         assert metadata is not None
-        try:
-            coco = json.loads(metadata.read_text())
-            files = {image["id"]: image["file_name"] for image in coco["images"]}
-            annotations = [(a["image_id"], a["caption"]) for a in coco["annotations"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            msg = f"{metadata}: not a COCO captions file (images[].id/file_name, annotations[].image_id/caption): {e}"
-            raise ConfigError(msg) from e
-        for image_id, caption in sorted(annotations, key=lambda a: (str(files.get(a[0], "")), a[1])):
-            if image_id not in files:
-                msg = f"{metadata}: annotation refers to unknown image_id {image_id}"
-                raise ConfigError(msg)
-            builder.add(files[image_id], caption.strip(), f"{metadata} image_id {image_id}")
+        _read_coco(metadata, builder)
     elif config.format == "sidecar":
-        for image in _image_files(root):
-            sidecar = image.with_suffix(".txt")
-            if sidecar.is_file():
-                for caption in filter(None, (line.strip() for line in sidecar.read_text().splitlines())):
-                    builder.add(str(image.relative_to(root)), caption, str(sidecar))
+        _read_sidecar(root, builder)
     elif config.format == "queries":
-        for image in _image_files(root):
-            builder.image(str(image.relative_to(root)), str(root))
-        for query in config.queries:
-            builder.captions.setdefault(query, len(builder.captions))
-        builder.pairs = [(c, i) for c in range(len(builder.captions)) for i in range(len(builder.images))]
+        _read_queries(config, builder)
     dataset = builder.build(config.limit)
-    if not dataset.images or not dataset.captions:
-        msg = f"no image-caption pairs found for data.format {config.format!r} under {root}"
+    if not dataset.given_pairs:
+        rejected = "".join(f"\n  {line}" for line in dataset.rejected[:10])
+        more = f"\n  ... and {len(dataset.rejected) - 10} more" if len(dataset.rejected) > 10 else ""
+        msg = f"no image-caption pairs found for data.format {config.format!r} under {root}" + (
+            f"; every record was rejected:{rejected}{more}" if dataset.rejected else ""
+        )
         raise ConfigError(msg)
     return dataset
 

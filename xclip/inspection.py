@@ -23,7 +23,8 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
     run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
     with open_run_file(run_file) as f:
         counts = {}
-        failures = []
+        rejected = list(f["rejected_records"].asstr()[:])
+        failures = [f"record {line}" for line in rejected]
         for group in ("captions", "images", "pairs"):
             status = f[group]["status"][:]
             counts[group] = {
@@ -61,6 +62,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "xclip_version": f.attrs["xclip_version"],
             "config": json.loads(f.attrs["config"]),
             "counts": counts,
+            "rejected_records": rejected,
             "accuracy": describe_accuracy(f),
             "failures": failures,
             "pairs": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()} for row in rows],

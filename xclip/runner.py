@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 import xclip
-from xclip.adapters.base import DualEncoderAdapter, ImageBatch, load_image
+from xclip.adapters.base import DualEncoderAdapter, ImageBatch, read_image, text_problem
 from xclip.attribution import InteractionAttribution, interaction_maps
-from xclip.config import RunConfig
+from xclip.config import RunConfig, settings_differences
 from xclip.data import Dataset, read_dataset
 from xclip.errors import ConfigError, XclipError
 from xclip.inspection import describe_accuracy
@@ -48,7 +48,8 @@ class RunSummary:
     n_pairs: int
     n_done: int = 0  # pairs finished by this invocation
     n_skipped: int = 0  # pairs already finished before it
-    n_failed: int = 0
+    n_failed: int = 0  # pairs
+    n_rejected: int = 0  # records of the data files that name no usable pair (see xclip.data)
     accuracy: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_accuracy
     seconds: float = 0.0
     is_interrupted: bool = False
@@ -84,7 +85,8 @@ def run(
     if run_path.exists():
         with open_run_file(run_path) as f:
             if f.attrs["fingerprint"] != config.result_fingerprint():
-                msg = f"{directory} holds a run made with different settings; use --overwrite to replace it"
+                differences = "\n  ".join(settings_differences(f.attrs["fingerprint"], config.result_fingerprint()))
+                msg = f"{directory} holds a run made with other settings (stored -> now):\n  {differences}\nrerun with the stored settings to resume it, or pass --overwrite to replace it"
                 raise ConfigError(msg)
             if f.attrs.get("model_weights_sha256", "") != (_weights_digest(config.model.name) or ""):
                 msg = f"{directory} was made with other weights at {config.model.name}; use --overwrite to replace it"
@@ -114,6 +116,7 @@ def run(
             captions=dataset.captions,
             images=[str(p.relative_to(config.data.root.resolve())) for p in dataset.images],
             pairs=dataset.given_pairs,
+            rejected_records=dataset.rejected,
             max_text_positions=model.max_text_positions,
             n_image_positions=model.n_image_prefix + grid[0] * grid[1],
             embedding_dim=model.embedding_dim,
@@ -140,6 +143,9 @@ def run(
         summary.n_failed = int((status == FAILED).sum())
         summary.is_interrupted = should_stop() or bool((status == 0).any())
         summary.accuracy = describe_accuracy(f)
+        rejected = list(f["rejected_records"].asstr()[:])
+        summary.n_rejected = len(rejected)
+        summary.failures += [f"record {line}" for line in rejected]
         for group in ("captions", "images"):
             for index in np.flatnonzero(f[group]["status"][:] == FAILED):
                 summary.failures.append(f"{group[:-1]} {index}: {f[group]['error'][index].decode()}")
@@ -155,7 +161,7 @@ def _shard(dataset: Dataset, pairs: list[tuple[int, int]], config: RunConfig) ->
     """This shard's contiguous block of the pairs, with just the captions and images they use."""
     index, n_shards = config.runtime.shard_index, config.runtime.num_shards
     if n_shards == 1:
-        return Dataset(captions=dataset.captions, images=dataset.images, given_pairs=pairs)
+        return Dataset(captions=dataset.captions, images=dataset.images, given_pairs=pairs, rejected=dataset.rejected)
     size, extra = divmod(len(pairs), n_shards)  # the first `extra` shards take one pair more
     start = index * size + min(index, extra)
     block = pairs[start : start + size + (index < extra)]
@@ -167,6 +173,7 @@ def _shard(dataset: Dataset, pairs: list[tuple[int, int]], config: RunConfig) ->
         captions=[dataset.captions[c] for c in captions],
         images=[dataset.images[i] for i in images],
         given_pairs=[(caption_row[c], image_row[i]) for c, i in block],
+        rejected=dataset.rejected,
     )
 
 
@@ -197,7 +204,7 @@ def _similarities(model: DualEncoderAdapter, dataset: Dataset, batch_size: int, 
     for index, path in enumerate(dataset.images):
         try:
             pixels = model.preprocess([path]).pixel_values
-        except XclipError:
+        except (XclipError, ValueError):  # unreadable: ranked last; the image stage records why
             image.append(torch.full_like(text[0][:1], float("nan")))
             continue
         image.append(model.embed_image(pixels).float())
@@ -254,31 +261,38 @@ def _attribute_captions(
     group = f["captions"]
     todo = pending(group)
     texts = group["text"].asstr()
+    model = attributor.model
     for done, batch_indices in enumerate(_batches(todo, config.runtime.batch_size)):
         if stop():
             return
-        captions = [texts[int(i)] for i in batch_indices]
-        for indices, batch in _isolate_failures(group, batch_indices, captions, attributor.model.tokenize):
-            for index, ids, result in zip(indices, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
-                write_caption_tokens(group, int(index), ids, result)
-                write_contributions(group, int(index), result)
+        good = []
+        for index in batch_indices:
+            problem = text_problem(texts[int(index)])
+            if problem is None:
+                good.append(int(index))
+            else:  # the data readers reject such captions; a file written by another tool may still hold one
+                mark_failed(group, int(index), problem)
+        if good:
+            batch = model.tokenize([texts[index] for index in good])
+            for index, ids, result in zip(good, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
+                problem = _non_finite(result, "caption", model)
+                if problem is not None:
+                    mark_failed(group, index, problem)
+                    continue
+                write_caption_tokens(group, index, ids, result)
+                write_contributions(group, index, result)
         f.flush()
         progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
 
 
-def _isolate_failures(group, indices, inputs, prepare):  # type: ignore[no-untyped-def]
-    """Prepare a whole batch; if that fails, prepare item by item and mark the bad ones failed."""
-    try:
-        return [(indices, prepare(inputs))]
-    except XclipError:
-        pass
-    prepared = []
-    for index, item in zip(indices, inputs):
-        try:
-            prepared.append((np.array([index]), prepare([item])))
-        except XclipError as e:
-            mark_failed(group, int(index), str(e))
-    return prepared
+def _non_finite(result: xclip.Contributions | xclip.InteractionMap, what: str, model: DualEncoderAdapter) -> str | None:
+    """Why a result is not to be stored as done (NaN or inf in it), or None."""
+    arrays = (result.values, result.embedding) if isinstance(result, xclip.Contributions) else (result.interactions, result.terms)
+    if all(bool(torch.isfinite(array).all()) for array in arrays):
+        return None
+    broken = [name for name, parameter in model.model.named_parameters() if not bool(torch.isfinite(parameter).all())]
+    cause = f"the model's weights hold NaN or inf in {', '.join(broken[:3])}" + (f" and {len(broken) - 3} more" if len(broken) > 3 else "") if broken else "check the input and the model's weights (an overflow in a low-precision dtype?)"
+    return f"non-finite values in the {what}'s results: {cause}"
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -293,13 +307,13 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> tuple[int, object, str]:
         index = int(self.indices[position])
         try:
-            image = load_image(self.root / self.paths[index])
+            image, notes = read_image(self.root / self.paths[index])
             pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"][0]  # type: ignore[operator]
         except XclipError as e:
             return index, None, str(e)
-        except Exception as e:  # a broken image must not kill the batch: record it
-            return index, None, f"cannot preprocess image {self.paths[index]}: {e}"
-        return index, (pixels, image), ""
+        except ValueError as e:  # how transformers' image processors refuse an image they cannot handle
+            return index, None, f"the image processor refused image {self.paths[index]}: {e}"
+        return index, (pixels, image, notes), ""
 
 
 def _attribute_images(
@@ -329,12 +343,17 @@ def _attribute_images(
                 good.append((index, *loaded))
         if good:
             batch = ImageBatch(
-                pixel_values=torch.stack([pixels for _, pixels, _ in good]).to(model.device, model.dtype),
-                original_sizes=[image.size for _, _, image in good],
-                images=[image for _, _, image in good],
+                pixel_values=torch.stack([pixels for _, pixels, _, _ in good]).to(model.device, model.dtype),
+                original_sizes=[image.size for _, _, image, _ in good],
+                images=[image for _, _, image, _ in good],
             )
-            for (index, _, image), result in zip(good, attributor.image_batch_contributions(batch)):
+            for (index, _, image, notes), result in zip(good, attributor.image_batch_contributions(batch)):
+                problem = _non_finite(result, "image", model)
+                if problem is not None:
+                    mark_failed(group, index, problem)
+                    continue
                 group["original_size"][index] = image.size
+                group["notes"][index] = "; ".join(notes)
                 write_contributions(group, index, result)
         f.flush()
         finished += len(items)
@@ -384,7 +403,11 @@ def _attribute_pairs(
             image = [stored("image", i) for _, _, i in ready]
             maps = interaction_maps(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
             for (index, _, _), result in zip(ready, maps):
-                write_pair(pairs, index, result)
+                problem = _non_finite(result, "pair", attributor.model)
+                if problem is None:
+                    write_pair(pairs, index, result)
+                else:
+                    mark_failed(pairs, index, problem)
         if len(cache) > 4096:
             cache.clear()
         f.flush()

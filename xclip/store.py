@@ -18,7 +18,7 @@ import numpy as np
 from xclip.errors import StoreError
 from xclip.result import Contributions, InteractionMap
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PENDING, DONE, FAILED = 0, 1, 2
 _STRING = h5py.string_dtype()
 
@@ -45,6 +45,7 @@ def create_run_file(
     captions: Sequence[str],
     images: Sequence[str],
     pairs: Sequence[tuple[int, int]],
+    rejected_records: Sequence[str],
     max_text_positions: int,
     n_image_positions: int,
     embedding_dim: int,
@@ -69,6 +70,7 @@ def create_run_file(
         image.attrs["n_prefix"] = n_prefix
         image.create_dataset("path", data=list(images), dtype=_STRING)
         image.create_dataset("original_size", shape=(n_images, 2), dtype="i4")
+        image.create_dataset("notes", shape=(n_images,), dtype=_STRING)
         for group, n, n_positions in ((text, n_captions, max_text_positions), (image, n_images, n_image_positions)):
             _floats(group, "embedding", (n, embedding_dim))
             _floats(group, "reference_embedding", (n, embedding_dim))
@@ -90,6 +92,7 @@ def create_run_file(
         _floats(pair, "completeness_bound", (n_pairs,))
         _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), per_item=True)
         _status(pair, n_pairs)
+        f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
 
 
 def open_run_file(path: Path, mode: str = "r") -> h5py.File:
@@ -204,6 +207,8 @@ def merge_shards(directory: Path, *, block: int = 1024) -> Path:
             for key, value in sources[0].attrs.items():
                 merged.attrs[key] = value
             merged.attrs["merged_from"] = json.dumps([str(p.relative_to(directory)) for p in shards])
+            # every shard reads the whole data files, so each holds the same rejected records
+            merged.create_dataset("rejected_records", data=sources[0]["rejected_records"][:], dtype=_STRING)
             for group_name in ("captions", "images", "pairs"):
                 first = sources[0][group_name]
                 group = merged.create_group(group_name)

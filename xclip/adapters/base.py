@@ -7,13 +7,15 @@ about quadrature or interactions.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward, embed_from_hidden
@@ -55,22 +57,105 @@ class ImageBatch:
     images: list[Image.Image]
 
 
+# A caption is read as at most a context of tokens (77 for CLIP); a record far longer than any caption is a
+# broken file (a swallowed column, a whole document), and tokenising megabytes of it would cost real time.
+MAX_CAPTION_CHARS = 10_000
+# Pillow's decompression-bomb limit (about 89 megapixels): larger images are refused, not decoded
+MAX_IMAGE_PIXELS = 89_478_485
+# Processors resize the short side to the model's input size first, so a 150000 x 1 image would become a
+# 224 x 33,600,000 one (gigabytes) before it is cropped. No photograph comes near this ratio.
+MAX_ASPECT_RATIO = 50
+
+
+def text_problem(text: object, what: str = "caption") -> str | None:
+    """Why ``text`` cannot be a caption (or an image path, with ``what``), or None when it can."""
+    if not isinstance(text, str):
+        return f"the {what} must be a string, got {type(text).__name__}"
+    if not text.strip():
+        return f"the {what} is empty: there is nothing to attribute" if what == "caption" else f"the {what} is empty"
+    if len(text) > MAX_CAPTION_CHARS:
+        return f"the {what} is {len(text)} characters long; at most {MAX_CAPTION_CHARS} are accepted"
+    for position, character in enumerate(text):
+        code = ord(character)
+        if code == 0:
+            return f"the {what} holds a NUL character at position {position}"
+        if 0xD800 <= code <= 0xDFFF:
+            return f"the {what} holds U+{code:04X} at position {position}, which is not a character (bytes that are not UTF-8, or an unpaired surrogate escape)"
+    return None
+
+
 def load_image(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a PIL image or a path; raises :class:`InputError` naming the problem."""
+    """An RGB PIL image from a PIL image or a path (see :func:`read_image`); raises :class:`InputError`."""
+    return read_image(image)[0]
+
+
+def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
+    """An upright RGB image and notes on what was done to get it, from a PIL image or a path.
+
+    Handled on purpose: EXIF orientation is applied (users expect the image upright, and boxes are drawn on
+    it); transparency is composited over white, as transformers' processors do; 16-bit greyscale is scaled to
+    8 bits, not clipped; of an animated image the first frame is used. Refused with :class:`InputError`
+    naming the problem: missing, empty, truncated or unrecognised files, more than ``MAX_IMAGE_PIXELS`` pixels,
+    an aspect ratio beyond ``MAX_ASPECT_RATIO``, floating-point images.
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as opened:
-                return opened.convert("RGB")
-        except FileNotFoundError as e:
-            msg = f"image file not found: {image}"
-            raise InputError(msg) from e
-        except (UnidentifiedImageError, OSError) as e:
-            msg = f"cannot read image {image}: {e}"
-            raise InputError(msg) from e
-    msg = f"images must be PIL images or paths, got {type(image).__name__}"
-    raise InputError(msg)
+        return _to_rgb(image, image, [])
+    if not isinstance(image, (str, Path)):
+        msg = f"images must be PIL images or paths, got {type(image).__name__}"
+        raise InputError(msg)
+    path = Path(image)
+    try:
+        if path.stat().st_size == 0:
+            msg = f"image file {path} is empty (0 bytes)"
+            raise InputError(msg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    msg = f"image {path} is {width} x {height} = {width * height} pixels, more than the {MAX_IMAGE_PIXELS} xclip decodes"
+                    raise InputError(msg)
+                return _to_rgb(opened, path, [])
+    except (FileNotFoundError, NotADirectoryError) as e:
+        msg = f"image file not found: {image}"
+        raise InputError(msg) from e
+    except UnidentifiedImageError as e:
+        msg = f"cannot read image {image}: not an image format Pillow recognises, or the file is damaged"
+        raise InputError(msg) from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        msg = f"image {image} is refused as a decompression bomb: {e}"
+        raise InputError(msg) from e
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's decoders report damaged data with these
+        msg = f"cannot read image {image}: {e}"
+        raise InputError(msg) from e
+
+
+def _to_rgb(image: Image.Image, source: object, notes: list[str]) -> tuple[Image.Image, list[str]]:
+    width, height = image.size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        msg = f"image {source} is {width} x {height} pixels: an aspect ratio beyond {MAX_ASPECT_RATIO}:1 is refused (its resize to the model's input would take gigabytes)"
+        raise InputError(msg)
+    n_frames = getattr(image, "n_frames", 1)
+    if n_frames > 1:
+        image.seek(0)
+        notes.append(f"first of {n_frames} frames")
+    image.load()
+    orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
+    if orientation not in (1, None):
+        image = ImageOps.exif_transpose(image)
+        notes.append(f"EXIF orientation {orientation} applied")
+    if image.mode == "F":
+        msg = f"image {source} holds floating-point pixels (mode F); save it as 8- or 16-bit"
+        raise InputError(msg)
+    if image.mode.startswith("I"):  # 16-bit greyscale (I;16, or I holding 16-bit values): scale, do not clip
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+        notes.append("16-bit greyscale scaled to 8 bits")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        notes.append("transparency composited over white")
+    return image.convert("RGB"), notes
 
 
 def resolve_layer(layer: int, n_layers: int, tower: str) -> int:
@@ -192,11 +277,9 @@ class DualEncoderAdapter:
         """Tokenise captions the way the family was trained; raises :class:`InputError` for empty ones."""
         captions = list(captions)
         for i, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                msg = f"caption {i} must be a string, got {type(caption).__name__}"
-                raise InputError(msg)
-            if not caption.strip():
-                msg = f"caption {i} is empty: there is nothing to attribute"
+            problem = text_problem(caption)
+            if problem is not None:
+                msg = f"caption {i}: {problem}" if len(captions) > 1 else problem
                 raise InputError(msg)
         if not captions:
             msg = "no captions given"
