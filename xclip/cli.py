@@ -192,14 +192,16 @@ def render(
     box: Annotated[str | None, typer.Option(help="image box x0,y0,x1,y1 in original-image pixels")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN_DIR/heatmaps)")] = None,
     upsample: Annotated[str, typer.Option(help="bilinear or nearest")] = "bilinear",
-    limit: Annotated[int, typer.Option(help="render at most this many pairs")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="render at most this many pairs")] = 100,
+    data_root: Annotated[Path | None, typer.Option(help="the images' folder, when it moved since the run (default: the run's data.root)")] = None,
 ) -> None:
     """Draw heatmap PNGs of finished pairs: per-word panels, a caption span's image map, or a box's tokens."""
     from xclip.render import parse_box, render_run
 
     with _errors():
         written = render_run(
-            run_dir, pairs=pair, span=span, box=parse_box(box) if box else None, out=out, upsample=upsample, limit=limit
+            run_dir, pairs=pair, span=span, box=None if box is None else parse_box(box), out=out, upsample=upsample,
+            limit=limit, data_root=data_root,
         )
     for path in written:
         print(path)
@@ -211,7 +213,7 @@ def render(
 def inspect(
     run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable JSON with every pair")] = False,
-    top: Annotated[int, typer.Option(help="pairs to list by score")] = 10,
+    top: Annotated[int, typer.Option(min=0, help="pairs to list by score")] = 10,
 ) -> None:
     """Show what a run holds: config, counts, failures, completeness statistics, top pairs."""
     from xclip.inspection import describe_run
@@ -229,8 +231,9 @@ def inspect(
     console.print(counts)
     _print_accuracy(console, report["accuracy"])
     ranked = Table("pair", "score", "caption", "image", "relative completeness error", title=f"top {top} pairs by score")
-    for row in sorted((p for p in report["pairs"] if p["status"] == "done"), key=lambda p: -p["score"])[:top]:
-        ranked.add_row(str(row["index"]), f"{row['score']:.4f}", row["caption"], row["image"], f"{row['relative_completeness_error']:.2e}")
+    scored = (p for p in report["pairs"] if p["status"] == "done" and p["score"] is not None)
+    for row in sorted(scored, key=lambda p: -p["score"])[:top]:
+        ranked.add_row(str(row["index"]), f"{row['score']:.4f}", row["caption"], row["image"], _number(row["relative_completeness_error"]))
     console.print(ranked)
     for failure in report["failures"]:
         console.print(f"[red]failed[/] {failure}")
@@ -282,17 +285,17 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
     annotations: Annotated[Path, typer.Option("--annotations", "-a", help="phrase annotations (JSON lines)")],
     out: Annotated[Path | None, typer.Option(help="folder for report.json and the bar charts (default RUN_DIR/evaluation)")] = None,
-    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="bootstrap seed")] = 0,
 ) -> None:
     """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals."""
     from xclip.evaluation import DIRECTIONS, METRICS, bar_chart, score_run, summarize
 
     with _errors():
         report = summarize(score_run(run_dir, annotations), seed=seed)
-    folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    charts = [bar_chart(report, folder / f"{d}_{m}.png", f"{d}/{m}") for d in DIRECTIONS for m in ("pointing_game", "mass_ratio")]
+        folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        charts = [bar_chart(report, folder / f"{d}_{m}.png", f"{d}/{m}") for d in DIRECTIONS for m in ("pointing_game", "mass_ratio")]
     table = Table("class", "phrases", *(f"{d.replace('_to_', '→')}\n{m.replace('_', ' ')}" for d in DIRECTIONS for m in METRICS),
                   title="grounding (mean [95% CI])")
     for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
@@ -308,14 +311,15 @@ def evaluate(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="folder for the scenes, metadata.jsonl and annotations.jsonl")],
-    n: Annotated[int, typer.Option("--n", help="number of scenes")] = 100,
-    seed: Annotated[int, typer.Option(help="scene seed (the demo model trained on seeds below 10000)")] = 20000,
-    size: Annotated[int, typer.Option(help="image side in pixels")] = 64,
+    n: Annotated[int, typer.Option("--n", min=1, help="number of scenes")] = 100,
+    seed: Annotated[int, typer.Option(min=0, help="scene seed (the demo model trained on seeds below 10000)")] = 20000,
+    size: Annotated[int, typer.Option(min=32, max=4096, help="image side in pixels")] = 64,
 ) -> None:
     """Generate captioned shape scenes with exact phrase boxes: ground truth for `xclip evaluate`."""
     from xclip.synthetic import generate, write_scenes
 
-    folder = write_scenes(generate(n, seed=seed, size=size), out)
+    with _errors():
+        folder = write_scenes(generate(n, seed=seed, size=size), out)
     print(folder / "metadata.jsonl")
     print(folder / "annotations.jsonl")
 
@@ -357,6 +361,9 @@ def _errors() -> Iterator[None]:
             raise typer.Exit(EXIT_USAGE) from None
         if isinstance(e, XclipError):
             _print_error(f"{e}\n(set XCLIP_DEBUG=1 for a traceback)")
+            raise typer.Exit(EXIT_ERROR) from None
+        if isinstance(e, OSError) and e.errno is not None:  # the system's: a full disk, a permission
+            _print_error(f"{e.strerror}: {e.filename or ''} (errno {e.errno}){' ' + repr(e.filename2) if e.filename2 else ''}")
             raise typer.Exit(EXIT_ERROR) from None
         if _is_out_of_memory(e):
             _print_error(f"out of memory: lower runtime.internal_batch_size (or runtime.batch_size) and rerun to resume ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

@@ -15,7 +15,7 @@ from xclip.attribution import Convention
 from xclip.core.interaction import Mode
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_NODES, MIN_ADAPTIVE_STEPS, Rule
 from xclip.errors import ConfigError
-from xclip.loading import Dtype
+from xclip.loading import Dtype, looks_like_path
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
 _SHOWN_INPUT_CHARS = 120  # an offending value is quoted in the message up to this length
@@ -254,11 +254,6 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{error['msg']}{given}"
 
 
-def _looks_like_path(name: str) -> bool:
-    """A model name that can only be a directory, never a hub id (``namespace/name``)."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-
-
 def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> ModelConfig:
     """A local checkpoint named relative to the config file, as an absolute path; an error before any loading
     when the name can only be a directory and none is there."""
@@ -268,7 +263,7 @@ def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> Mo
             msg = f"model.name: {local} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
             raise ConfigError(msg)
         return model.model_copy(update={"name": str(local)})
-    if _looks_like_path(model.name):
+    if looks_like_path(model.name):
         relative = "" if Path(model.name).expanduser().is_absolute() else f" (model.name is relative to the config file {config_path})"
         msg = f"no model directory at {local}{relative}"
         raise ConfigError(msg)

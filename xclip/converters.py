@@ -56,14 +56,18 @@ def convert_flickr30k_entities(root: str | Path, out: str | Path, *, split: str 
         msg = f"{root} must contain the Flickr30k Entities folders Sentences/ and Annotations/"
         raise ConfigError(msg)
     if split:
-        ids = (root / f"{split}.txt").read_text().split()
+        ids = _read_text(root / f"{split}.txt", f"the {split!r} split file").split()
     else:
         ids = sorted(p.stem for p in (root / "Sentences").glob("*.txt"))
     records = []
     for image_id in ids:
         annotation = root / "Annotations" / f"{image_id}.xml"
-        boxes = parse_flickr30k_boxes(annotation.read_text()) if annotation.is_file() else {}
-        for line in (root / "Sentences" / f"{image_id}.txt").read_text().splitlines():
+        try:
+            boxes = parse_flickr30k_boxes(_read_text(annotation, "annotation")) if annotation.is_file() else {}
+        except (ET.ParseError, ValueError) as e:
+            msg = f"{annotation}: not a Flickr30k Entities annotation ({e})"
+            raise ConfigError(msg) from None
+        for line in _read_text(root / "Sentences" / f"{image_id}.txt", f"the sentences of image {image_id}").splitlines():
             if not line.strip():
                 continue
             caption, phrases = parse_flickr30k_sentence(line.strip())
@@ -80,16 +84,27 @@ def convert_flickr30k_entities(root: str | Path, out: str | Path, *, split: str 
 def convert_coco_instances(instances: str | Path, captions: str | Path, out: str | Path) -> Path:
     """Phrases are category names (or their plural with -s) found in each caption; boxes are every instance of
     that category in the image."""
-    instance_data = json.loads(Path(instances).read_text())
-    caption_data = json.loads(Path(captions).read_text())
-    files = {image["id"]: image["file_name"] for image in instance_data["images"]}
-    names = {c["id"]: c["name"] for c in instance_data["categories"]}
-    boxes: dict[tuple[int, str], list[list[float]]] = {}
-    for a in instance_data["annotations"]:
-        x, y, w, h = a["bbox"]
-        boxes.setdefault((a["image_id"], names[a["category_id"]]), []).append([x, y, x + w, y + h])
+    instance_data = _read_json(Path(instances), "COCO instances file")
+    caption_data = _read_json(Path(captions), "COCO captions file")
+    try:
+        files = {image["id"]: image["file_name"] for image in instance_data["images"]}
+        names = {c["id"]: c["name"] for c in instance_data["categories"]}
+        boxes: dict[tuple[int, str], list[list[float]]] = {}
+        for a in instance_data["annotations"]:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            boxes.setdefault((a["image_id"], names[a["category_id"]]), []).append([x, y, x + w, y + h])
+    except (KeyError, TypeError, ValueError) as e:
+        msg = f"{instances}: not a COCO instances file (images[].id/file_name, categories[].id/name, annotations[].image_id/category_id/bbox): {e!r}"
+        raise ConfigError(msg) from None
+    try:
+        caption_annotations = sorted(caption_data["annotations"], key=lambda a: (a["image_id"], a["id"]))
+        if not all(isinstance(a["caption"], str) for a in caption_annotations):
+            raise TypeError("a caption is not a string")
+    except (KeyError, TypeError) as e:
+        msg = f"{captions}: not a COCO captions file (annotations[].id/image_id/caption): {e!r}"
+        raise ConfigError(msg) from None
     records = []
-    for a in sorted(caption_data["annotations"], key=lambda a: (a["image_id"], a["id"])):
+    for a in caption_annotations:
         caption = a["caption"].strip()
         phrases = []
         for name in sorted(set(names.values())):
@@ -101,6 +116,29 @@ def convert_coco_instances(instances: str | Path, captions: str | Path, out: str
         if a["image_id"] in files:
             records.append({"image": files[a["image_id"]], "caption": caption, "phrases": phrases})
     return _write(records, out)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        msg = f"cannot read {what} {path}: {e.strerror or e}"
+        raise ConfigError(msg) from None
+    except UnicodeDecodeError as e:
+        msg = f"{path}: not UTF-8 text (byte {e.start})"
+        raise ConfigError(msg) from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        data = json.loads(_read_text(path, what))
+    except json.JSONDecodeError as e:
+        msg = f"{path}:{e.lineno}: the {what} is not valid JSON: {e.msg}"
+        raise ConfigError(msg) from None
+    if not isinstance(data, dict):
+        msg = f"{path}: the {what} must be a JSON object"
+        raise ConfigError(msg)
+    return data
 
 
 def _write(records: list[dict[str, Any]], out: Path) -> Path:

@@ -100,7 +100,7 @@ def _read_bytes(path: Path, what: str) -> bytes:
         raise ConfigError(msg) from e
 
 
-def _lines(path: Path, what: str) -> Iterator[tuple[int, str | None, str]]:
+def text_lines(path: Path, what: str) -> Iterator[tuple[int, str | None, str]]:
     """``(line number, text, problem)`` of each non-blank line, split on ``\\n`` only: U+2028, U+0085 and other
     Unicode line breaks are characters of a record, not ends of lines. A line that is not UTF-8 comes with
     text None and the problem."""
@@ -129,7 +129,7 @@ def _text(path: Path, what: str) -> str:
 
 
 def _read_imagefolder(metadata: Path, builder: _Builder) -> None:
-    for number, line, problem in _lines(metadata, "data.metadata"):
+    for number, line, problem in text_lines(metadata, "data.metadata"):
         where = f"{metadata}:{number}"
         if line is None:
             builder.reject(where, problem)
@@ -219,7 +219,7 @@ def _read_sidecar(root: Path, builder: _Builder) -> None:
     for image in _image_files(root):
         sidecar = image.with_suffix(".txt")
         if sidecar.is_file():
-            for number, line, problem in _lines(sidecar, "caption file"):
+            for number, line, problem in text_lines(sidecar, "caption file"):
                 where = f"{sidecar}:{number}"
                 if line is None:
                     builder.reject(where, problem)

@@ -14,6 +14,7 @@ tokens' summed interactions with those patches, against the phrase's tokens).
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from xclip.data import text_lines
 from xclip.errors import ConfigError
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.render import model_view
-from xclip.store import DONE, open_run_file
+from xclip.store import DONE, damaged_file_errors, open_run_file
 
 METRICS = ("pointing_game", "energy_in_box", "mass_ratio")
 DIRECTIONS = ("phrase_to_image", "box_to_phrase")
@@ -39,29 +41,50 @@ class PhraseScore:
 
 
 def read_annotations(path: str | Path) -> list[dict[str, Any]]:
-    """Annotation records; raises :class:`ConfigError` naming the line of a malformed one."""
+    """Annotation records; raises :class:`ConfigError` naming the line and the problem of a malformed one."""
     path = Path(path)
     if not path.is_file():
         msg = f"annotations file {path} does not exist"
         raise ConfigError(msg)
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line, problem in text_lines(path, "annotations file"):
+        where = f"{path}:{number}"
+        if line is None:
+            raise ConfigError(f"{where}: {problem}")
         try:
             record = json.loads(line)
-            for phrase in record["phrases"]:
-                if record["caption"][phrase["start"] : phrase["end"]] != phrase["text"]:
-                    msg = f"{path}:{number}: span {phrase['start']}:{phrase['end']} of the caption is not {phrase['text']!r}"
-                    raise ConfigError(msg)
-                if not phrase["boxes"]:
-                    msg = f"{path}:{number}: phrase {phrase['text']!r} has no box"
-                    raise ConfigError(msg)
-            records.append(record)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            msg = f"{path}:{number}: not an annotation record (image, caption, phrases[text,start,end,boxes]): {e}"
-            raise ConfigError(msg) from e
+        except json.JSONDecodeError as e:
+            msg = f"{where}: invalid JSON: {e.msg} (column {e.colno})"
+            raise ConfigError(msg) from None
+        problem = _annotation_problem(record)
+        if problem:
+            msg = f"{where}: {problem}"
+            raise ConfigError(msg)
+        records.append(record)
     return records
+
+
+def _annotation_problem(record: object) -> str | None:
+    """Why a record is not ``{"image", "caption", "phrases": [{"text", "start", "end", "boxes"}]}``, or None."""
+    shape = "an annotation record is an object with image, caption and phrases[text, start, end, boxes]"
+    if not isinstance(record, dict) or not all(key in record for key in ("image", "caption", "phrases")):
+        return shape
+    if not isinstance(record["image"], str) or not isinstance(record["caption"], str) or not isinstance(record["phrases"], list):
+        return f"{shape}: image and caption are strings, phrases a list"
+    for phrase in record["phrases"]:
+        if not isinstance(phrase, dict) or not all(key in phrase for key in ("text", "start", "end", "boxes")):
+            return f"{shape}: a phrase lacks text, start, end or boxes"
+        start, end = phrase["start"], phrase["end"]
+        if not (isinstance(start, int) and isinstance(end, int)) or record["caption"][start:end] != phrase["text"]:
+            return f"span {start!r}:{end!r} of the caption is not {phrase['text']!r}"
+        if not phrase["boxes"] or not isinstance(phrase["boxes"], list):
+            return f"phrase {phrase['text']!r} has no box"
+        for box in phrase["boxes"]:
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+                return f"phrase {phrase['text']!r}: a box is four finite numbers x0, y0, x1, y1, got {box!r}"
+            if box[2] <= box[0] or box[3] <= box[1]:
+                return f"phrase {phrase['text']!r}: box {box} needs x0 < x1 and y0 < y1"
+    return None
 
 
 def patch_mask(boxes: list[list[float]], original_size: tuple[int, int], geometry: dict[str, Any],
@@ -96,7 +119,7 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
     run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
     annotations = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)}
     scores: list[PhraseScore] = []
-    with open_run_file(run_file) as f:
+    with open_run_file(run_file) as f, damaged_file_errors(run_file):
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(f.attrs["model_name"], local_files_only=True)
         geometry = json.loads(f.attrs["preprocessing"])

@@ -9,7 +9,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from xclip.store import DONE, FAILED, PENDING, open_run_file
+from xclip.store import DONE, damaged_file_errors, FAILED, PENDING, open_run_file
 
 STATUS = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 NOT_CONVERGED_HINT = (
@@ -21,7 +21,7 @@ NOT_CONVERGED_HINT = (
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
-    with open_run_file(run_file) as f:
+    with open_run_file(run_file) as f, damaged_file_errors(run_file):
         counts = {}
         rejected = list(f["rejected_records"].asstr()[:])
         failures = [f"record {line}" for line in rejected]

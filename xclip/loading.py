@@ -44,6 +44,15 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ConfigError(msg) from None
 
 
+def looks_like_path(name: str) -> bool:
+    """A model name that can only be a directory, never a hub id (``name`` or ``namespace/name``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def _is_offline(local_files_only: bool) -> bool:
+    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' loading chatter (missing torchvision, unused weights) for batch logs."""
@@ -87,6 +96,14 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     source = str(name_or_path)
+    directory = Path(source).expanduser()
+    if directory.is_dir():
+        if not (directory / "config.json").is_file():
+            msg = f"{directory.resolve()} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
+            raise ModelFamilyError(msg)
+    elif looks_like_path(source):
+        msg = f"no model directory at {directory.resolve()}"
+        raise ModelFamilyError(msg)
     options = {"revision": revision, "local_files_only": local_files_only, "trust_remote_code": False}
     try:
         with quiet_transformers():
@@ -95,6 +112,13 @@ def load_model(
             model = AutoModel.from_pretrained(source, dtype=torch_dtype, **options)
             processor = AutoProcessor.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
-        msg = f"cannot load model {source!r}: {e}"
+        if not directory.is_dir() and _is_offline(local_files_only):
+            msg = (
+                f"cannot load model {source!r}: it is not a local directory, and offline "
+                "(model.local_files_only or HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache: "
+                f"download it once with network access, or name a local checkpoint ({str(e).splitlines()[0]})"
+            )
+        else:
+            msg = f"cannot load model {source!r}: {e}"
         raise ModelFamilyError(msg) from e
     return adapter_cls(model.to(torch_device), processor, name=source, revision=revision)

@@ -8,6 +8,7 @@ PNG records the colour scale it used in a text chunk (``xclip:halfrange``).
 from __future__ import annotations
 
 import json
+import math
 import re
 import textwrap
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from xclip.adapters.base import read_image
 from xclip.errors import ConfigError
-from xclip.store import DONE, open_run_file
+from xclip.store import DONE, damaged_file_errors, open_run_file
 
 COLORMAP = "RdBu_r"
 DISPLAY_SIDE = 256  # views smaller than this are enlarged for drawing
@@ -53,6 +55,9 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     except ValueError:
         msg = f"--box must be x0,y0,x1,y1 in pixels, got {text!r}"
         raise ConfigError(msg) from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        msg = f"--box {text!r}: coordinates must be finite numbers of pixels"
+        raise ConfigError(msg)
     if x1 <= x0 or y1 <= y0:
         msg = f"--box {text!r}: need x0 < x1 and y0 < y1"
         raise ConfigError(msg)
@@ -157,6 +162,9 @@ def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
 
 def span_rows(span: str, tokens: list[str]) -> list[int]:
     """Token rows of a span: ``"2:4"`` / ``"3"`` (indices) or a substring of the caption's words."""
+    if not span.strip():
+        msg = "--span is empty: give words of the caption (such as 'red dog') or token indices (such as 2:4)"
+        raise ConfigError(msg)
     if re.fullmatch(r"\d+(:\d+)?", span):
         first, _, last = span.partition(":")
         rows = list(range(int(first), int(last) if last else int(first) + 1))
@@ -255,7 +263,10 @@ def load_pair_view(f: Any, index: int, data_root: Path, geometry: dict[str, Any]
     n_tokens = int(captions["n_positions"][c])
     tokens = list(captions["tokens"].asstr()[c, :n_tokens])
     image_path = data_root / images["path"].asstr()[i]
-    view, to_view = model_view(Image.open(image_path).convert("RGB"), geometry)
+    if not image_path.is_file():
+        msg = f"image {image_path} of pair {index} is not there: was the data moved? pass --data-root with its new folder"
+        raise ConfigError(msg)
+    view, to_view = model_view(read_image(image_path)[0], geometry)
     return PairView(
         index=index,
         caption=captions["text"].asstr()[c],
@@ -293,12 +304,20 @@ def render_pair(view: PairView, out: Path, *, span: str | None = None,
 
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
                box: tuple[float, float, float, float] | None = None, out: Path | None = None,
-               upsample: str = "bilinear", limit: int = 100) -> list[Path]:
-    """Render finished pairs of a run (also while it is still running); returns the PNG paths."""
+               upsample: str = "bilinear", limit: int = 100, data_root: Path | None = None) -> list[Path]:
+    """Render finished pairs of a run (also while it is still running); returns the PNG paths.
+
+    ``data_root`` replaces the run's ``data.root`` when the images have moved since the run."""
+    if limit < 1:
+        msg = f"--limit must be at least 1, got {limit}"
+        raise ConfigError(msg)
+    if upsample not in ("bilinear", "nearest"):
+        msg = f"--upsample must be bilinear or nearest, got {upsample!r}"
+        raise ConfigError(msg)
     run_dir = Path(run_dir)
     run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
     out = out or run_file.parent / "heatmaps"
-    with open_run_file(run_file) as f:
+    with open_run_file(run_file) as f, damaged_file_errors(run_file):
         config = json.loads(f.attrs["config"])
         geometry = json.loads(f.attrs["preprocessing"])
         status = f["pairs/status"][:]
@@ -310,6 +329,13 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
             selected = pairs
         else:
             selected = [int(i) for i in np.flatnonzero(status == DONE)[:limit]]
-        root = Path(config["data"]["root"])
+        root = data_root or Path(config["data"]["root"])
+        if box is not None:
+            sizes = f["images/original_size"][:]
+            for index in selected:
+                width, height = (int(v) for v in sizes[int(f["pairs/image_index"][index])])
+                if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+                    msg = f"--box {','.join(f'{v:g}' for v in box)} is not inside the image of pair {index} ({width} x {height} pixels)"
+                    raise ConfigError(msg)
         return [render_pair(load_pair_view(f, index, root, geometry), out, span=span, box=box, upsample=upsample)
                 for index in selected]

@@ -8,7 +8,8 @@ killed run keeps every finished item and a rerun completes the rest. See the REA
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,19 @@ def open_run_file(path: Path, mode: str = "r") -> h5py.File:
         msg = f"{path} has schema version {version}, this xclip reads {SCHEMA_VERSION}: attribute it again with this version (--overwrite)"
         raise StoreError(msg)
     return f
+
+
+@contextmanager
+def damaged_file_errors(path: Path) -> Iterator[None]:
+    """h5py's errors while reading an open run file (a damaged chunk, a broken heap) as one :class:`StoreError`
+    naming the file; h5py raises them as ``OSError`` (without an errno) or ``KeyError``, without saying which file."""
+    try:
+        yield
+    except (OSError, KeyError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the operating system's (a full disk): not the file's
+            raise
+        msg = f"cannot read {path}: the file is damaged ({e}); a killed writer or a failing disk can do this"
+        raise StoreError(msg) from e
 
 
 def pending(group: h5py.Group) -> np.ndarray:
