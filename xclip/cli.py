@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -138,10 +139,11 @@ def attribute(
         for key, value in result.items():
             table.add_row(key.replace("_", " "), f"{value:.3g}" if isinstance(value, float) else str(value))
         stderr.print(table)
-        for failure in summary.failures[: None if verbose else 5]:
-            stderr.print(f"[red]failed[/] {failure}")
-        if len(summary.failures) > 5 and not verbose:
-            stderr.print(f"... and {len(summary.failures) - 5} more (--verbose lists all, `xclip inspect` too)")
+    # failures are printed even with --quiet: cron and Slurm logs must say what went wrong
+    for failure in summary.failures[: None if verbose else 5]:
+        stderr.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
+    if len(summary.failures) > 5 and not verbose:
+        stderr.print(f"... and {len(summary.failures) - 5} more (--verbose lists all, `xclip inspect` too)")
     if accuracy["not_converged"]:  # printed even with --quiet: these results are finished but not to be trusted
         _print_not_converged(stderr, accuracy, limit=None if verbose else 5)
     if summary.is_interrupted:
@@ -236,7 +238,7 @@ def inspect(
         ranked.add_row(str(row["index"]), f"{row['score']:.4f}", row["caption"], row["image"], _number(row["relative_completeness_error"]))
     console.print(ranked)
     for failure in report["failures"]:
-        console.print(f"[red]failed[/] {failure}")
+        console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if report["accuracy"]["not_converged"]:
         _print_not_converged(console, report["accuracy"], limit=None)
 

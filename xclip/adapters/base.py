@@ -60,8 +60,6 @@ class ImageBatch:
 # A caption is read as at most a context of tokens (77 for CLIP); a record far longer than any caption is a
 # broken file (a swallowed column, a whole document), and tokenising megabytes of it would cost real time.
 MAX_CAPTION_CHARS = 10_000
-# Pillow's decompression-bomb limit (about 89 megapixels): larger images are refused, not decoded
-MAX_IMAGE_PIXELS = 89_478_485
 # Processors resize the short side to the model's input size first, so a 150000 x 1 image would become a
 # 224 x 33,600,000 one (gigabytes) before it is cropped. No photograph comes near this ratio.
 MAX_ASPECT_RATIO = 50
@@ -95,7 +93,8 @@ def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
     Handled on purpose: EXIF orientation is applied (users expect the image upright, and boxes are drawn on
     it); transparency is composited over white, as transformers' processors do; 16-bit greyscale is scaled to
     8 bits, not clipped; of an animated image the first frame is used. Refused with :class:`InputError`
-    naming the problem: missing, empty, truncated or unrecognised files, more than ``MAX_IMAGE_PIXELS`` pixels,
+    naming the problem: missing, empty, truncated or unrecognised files, decompression bombs (more pixels than
+    Pillow's ``Image.MAX_IMAGE_PIXELS``, about 89 million),
     an aspect ratio beyond ``MAX_ASPECT_RATIO``, floating-point images.
     """
     if isinstance(image, Image.Image):
@@ -110,11 +109,7 @@ def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
             raise InputError(msg)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    msg = f"image {path} is {width} x {height} = {width * height} pixels, more than the {MAX_IMAGE_PIXELS} xclip decodes"
-                    raise InputError(msg)
+            with Image.open(path) as opened:  # Pillow refuses images of over Image.MAX_IMAGE_PIXELS
                 return _to_rgb(opened, path, [])
     except (FileNotFoundError, NotADirectoryError) as e:
         msg = f"image file not found: {image}"
