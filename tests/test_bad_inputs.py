@@ -104,21 +104,21 @@ def png_header(width: int, height: int) -> bytes:
 RECORDS = {
     "number": ("42", r"a record must be a JSON object with 'file_name' and 'text', got a number"),
     "list": ('["img0.png", "x"]', r"got a list"),
-    "file_name int": ('{"file_name": 7, "text": "a dog"}', r"the image path must be a string, got a number"),
-    "file_name null": ('{"file_name": null, "text": "a dog"}', r"the image path must be a string, got null"),
-    "file_name empty": ('{"file_name": "", "text": "a dog"}', r"the image path is empty"),
-    "file_name NUL": ('{"file_name": "img\\u0000.png", "text": "a dog"}', r"the image path holds a NUL character at position 3"),
+    "file_name int": ('{"file_name": 7, "text": "a dog"}', r"'file_name' must be a string, got a number"),
+    "file_name null": ('{"file_name": null, "text": "a dog"}', r"'file_name' must be a string, got null"),
+    "file_name empty": ('{"file_name": "", "text": "a dog"}', r"'file_name' is empty"),
+    "file_name NUL": ('{"file_name": "img\\u0000.png", "text": "a dog"}', r"'file_name' holds a NUL character at position 3"),
     "not UTF-8": (b'{"file_name": "img0.png", "text": "caf\xe9"}', r"not UTF-8 text \(byte 0xe9 at column 39\)"),
-    "caption NUL": ('{"file_name": "img0.png", "text": "a\\u0000dog"}', r"the caption holds a NUL character at position 1"),
-    "lone surrogate": ('{"file_name": "img0.png", "text": "a \\ud800 dog"}', r"the caption holds U\+D800 at position 2"),
-    "empty caption": ('{"file_name": "img0.png", "text": "   "}', r"the caption is empty"),
-    "caption number": ('{"file_name": "img0.png", "text": 5}', r"the caption must be a string, got int"),
+    "caption NUL": ('{"file_name": "img0.png", "text": "a\\u0000dog"}', r"'text' holds a NUL character at position 1"),
+    "lone surrogate": ('{"file_name": "img0.png", "text": "a \\ud800 dog"}', r"'text' holds U\+D800 at position 2"),
+    "empty caption": ('{"file_name": "img0.png", "text": "   "}', r"'text' is empty: there is nothing to attribute"),
+    "caption number": ('{"file_name": "img0.png", "text": 5}', r"'text' must be a string, got int"),
     "empty text list": ('{"file_name": "img0.png", "text": []}', r"'text' is an empty list"),
-    "list with null": ('{"file_name": "img0.png", "text": ["a cat", null]}', r"the caption must be a string, got NoneType"),
+    "list with null": ('{"file_name": "img0.png", "text": ["a cat", null]}', r"'text'\[1\] must be a string, got NoneType"),
     "no text": ('{"file_name": "img0.png"}', r"the record has no 'text'"),
     "no keys": ("{}", r"the record has no 'file_name' or 'text'"),
     "invalid JSON": ('{"file_name": "img0.png", "text": }', r"invalid JSON: Expecting value \(column 35\)"),
-    "huge caption": (json.dumps({"file_name": "img0.png", "text": "dog " * 5000}), r"the caption is 20000 characters long; at most 10000"),
+    "huge caption": (json.dumps({"file_name": "img0.png", "text": "dog " * 5000}), r"'text' is 20000 characters long; at most 10000"),
     "missing image": ('{"file_name": "missing.png", "text": "a dog"}', r"image file not found: .*missing.png"),
 }
 
@@ -168,6 +168,30 @@ def test_paths_out_of_the_data_root_are_refused_before_loading(tmp_path, model_d
     assert not (tmp_path / "run").exists()
 
 
+def test_caption_beyond_the_context_is_truncated_and_flagged(tmp_path, model_dirs):
+    long = "a red dog " * 40  # 120 tokens; the tiny model reads 77 positions
+    jsonl_folder(tmp_path, json.dumps({"file_name": "img0.png", "text": long}))
+    output = expect(["attribute", write_config(tmp_path, model_dirs["clip"]), "-q", "--json"], 0, r"1 caption\(s\) are longer than the model's context")
+    summary = next(json.loads(line) for line in output.splitlines() if line.startswith("{"))
+    assert summary["truncated_captions"] == 1
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert f["captions/is_truncated"][:].tolist() == [False, False, True] and f["captions/n_positions"][2] == 77
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"root": "nowhere"}, r"data.root .*/nowhere is not a folder"),
+        ({"metadata": "images"}, r"data.metadata .*/images is not a file"),
+        ({"metadata": "images/none.jsonl"}, r"data.metadata .*/images/none.jsonl is not a file"),
+    ],
+)
+def test_data_paths_that_are_not_there(tmp_path, model_dirs, data, message):
+    jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
+    config = write_config(tmp_path, model_dirs["clip"], data={"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl", **data})
+    expect(["attribute", config], 2, message)
+
+
 def test_every_record_rejected_is_exit_2_with_the_reasons(tmp_path, model_dirs):
     folder = tmp_path / "images"
     good_images(folder)
@@ -178,7 +202,7 @@ def test_every_record_rejected_is_exit_2_with_the_reasons(tmp_path, model_dirs):
 def test_topk_with_a_bad_caption_goes_on(tmp_path, model_dirs):
     jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": ""}')
     config = write_config(tmp_path, model_dirs["clip"], pairing={"mode": "topk", "k": 1})
-    expect(["attribute", config, "-q"], 3, r"metadata.jsonl:3: the caption is empty")
+    expect(["attribute", config, "-q"], 3, r"metadata.jsonl:3: 'text' is empty")
     assert len(done_pairs(tmp_path)) == 2  # each image with its best caption
 
 
@@ -194,17 +218,21 @@ CSV_DATA = {"format": "csv", "root": "images", "metadata": "images/pairs.csv"}
 CSV_CASES = {
     "short row": (b"img0.png\n", 3, r"pairs.csv:4: the row has 1 field\(s\), the header 2"),
     "long row": (b"img0.png,a cat,extra\n", 3, r"pairs.csv:4: the row has 3 field\(s\), the header 2"),
-    "NUL in a caption": (b"img0.png,a \x00cat\n", 3, r"pairs.csv:4: the caption holds a NUL character at position 2"),
+    "NUL in a caption": (b"img0.png,a \x00cat\n", 3, r"pairs.csv:4: column 'title' holds a NUL character at position 2"),
     "unterminated quote": (b'img0.png,"a cat\nimg1.png,a dog\n', 2, r"pairs.csv:4: cannot parse the CSV from this line on .*check its quotes"),
     "not UTF-8": (b"img0.png,caf\xe9\n", 2, r"pairs.csv:4: not UTF-8 text \(byte 0xe9\)"),
 }
 
 
+@pytest.mark.parametrize("separator", [",", "\t"])
 @pytest.mark.parametrize("case", list(CSV_CASES))
-def test_bad_csv(tmp_path, model_dirs, case):
+def test_bad_csv(tmp_path, model_dirs, case, separator):
     text, code, message = CSV_CASES[case]
-    csv_folder(tmp_path, text)
-    expect(["attribute", write_config(tmp_path, model_dirs["clip"], CSV_DATA), "-q"], code, message)
+    folder = csv_folder(tmp_path, text)
+    csv_path = folder / "pairs.csv"
+    csv_path.write_bytes(csv_path.read_bytes().replace(b",", separator.encode()))
+    data = {**CSV_DATA, "csv_separator": separator}
+    expect(["attribute", write_config(tmp_path, model_dirs["clip"], data), "-q"], code, message)
     if code == 3:
         assert done_pairs(tmp_path) == sorted(GOOD)
     else:
@@ -238,7 +266,7 @@ COCO_DATA = {"format": "coco", "root": "images", "metadata": "images/captions.js
     ("annotation", "message"),
     [
         ({"image_id": 9, "caption": "a cat"}, r"captions.json annotations\[2\]: image_id 9 is not an id of the file's images"),
-        ({"image_id": 1, "caption": None}, r"captions.json annotations\[2\]: the caption must be a string, got NoneType"),
+        ({"image_id": 1, "caption": None}, r"captions.json annotations\[2\]: 'caption' must be a string, got NoneType"),
         ({"image_id": 1}, r"captions.json annotations\[2\]: an annotation needs 'image_id' and 'caption'"),
     ],
 )
@@ -630,6 +658,14 @@ def test_a_bug_is_not_recorded_as_a_bad_image(tmp_path, model_dirs, monkeypatch)
     assert isinstance(result.exception, TypeError)  # surfaces with its traceback; no image is marked failed
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         assert (f["images/status"][:] == 0).all()
+
+
+def test_xclip_debug_shows_the_traceback(tmp_path, model_dirs, monkeypatch):
+    jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
+    config = write_config(tmp_path, "./missing")
+    monkeypatch.setenv("XCLIP_DEBUG", "1")
+    result = runner.invoke(app, ["attribute", str(config)])
+    assert isinstance(result.exception, xclip.ConfigError) and "no model directory" in str(result.exception)
 
 
 def test_signal_handlers_are_restored_and_two_signals_exit_75(tmp_path, model_dirs, monkeypatch):

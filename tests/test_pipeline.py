@@ -223,7 +223,7 @@ def test_bad_items_are_recorded_and_the_rest_finishes(tmp_path, model_dirs):
     report = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
     failures = "\n".join(report["failures"])
     assert "cannot read image" in failures and "broken.png" in failures
-    assert re.search(r"record .*metadata.jsonl:5: the caption is empty", failures)
+    assert re.search(r"record .*metadata.jsonl:5: 'text' is empty", failures)
     statuses = {(p["caption"], p["image"]): p["status"] for p in report["pairs"]}
     assert statuses[("a red dog", "broken.png")] == "failed" and statuses[("a red dog", "img0.png")] == "done"
 

@@ -121,6 +121,7 @@ def attribute(
         "skipped": summary.n_skipped,
         "failed": summary.n_failed,
         "rejected_records": summary.n_rejected,
+        "truncated_captions": summary.n_truncated,
         "not_converged": len(accuracy["not_converged"]),
         "mean_nodes_per_caption": accuracy["captions"]["nodes_mean"],
         "mean_nodes_per_image": accuracy["images"]["nodes_mean"],
@@ -144,6 +145,8 @@ def attribute(
         stderr.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if len(summary.failures) > 5 and not verbose:
         stderr.print(f"... and {len(summary.failures) - 5} more (--verbose lists all, `xclip inspect` too)")
+    if summary.n_truncated:
+        stderr.print(f"[yellow]{summary.n_truncated} caption(s) are longer than the model's context[/]: their maps cover the tokens it reads (captions/is_truncated in the run file)")
     if accuracy["not_converged"]:  # printed even with --quiet: these results are finished but not to be trusted
         _print_not_converged(stderr, accuracy, limit=None if verbose else 5)
     if summary.is_interrupted:

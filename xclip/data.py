@@ -44,9 +44,9 @@ class _Builder:
     def reject(self, where: str, reason: str) -> None:
         self.rejected.append(f"{where}: {reason}")
 
-    def image(self, relative: object, where: str) -> int | None:
+    def image(self, relative: object, where: str, field: str = "the image path") -> int | None:
         """The image's index, or None (and a rejection) when the record's path is not a usable file name."""
-        problem = _path_problem(relative)
+        problem = _path_problem(relative, field)
         if problem is not None:
             self.reject(where, problem)
             return None
@@ -57,17 +57,18 @@ class _Builder:
             raise ConfigError(msg)
         return self.images.setdefault(path, len(self.images))
 
-    def caption(self, text: object, where: str) -> int | None:
-        problem = text_problem(text, "caption")
+    def caption(self, text: object, where: str, field: str = "the caption") -> int | None:
+        problem = text_problem(text, field)
         if problem is not None:
             self.reject(where, problem)
             return None
         assert isinstance(text, str)
         return self.captions.setdefault(text, len(self.captions))
 
-    def add(self, relative_image: object, caption: object, where: str) -> None:
-        image = self.image(relative_image, where)
-        text = self.caption(caption, where) if image is not None else None
+    def add(self, relative_image: object, caption: object, where: str, fields: tuple[str, str] = ("the image path", "the caption")) -> None:
+        """One pair; ``fields`` name the image path and the caption in messages (the file's own names)."""
+        image = self.image(relative_image, where, fields[0])
+        text = self.caption(caption, where, fields[1]) if image is not None else None
         if image is not None and text is not None:
             self.pairs.setdefault((text, image))
 
@@ -79,12 +80,12 @@ class _Builder:
         )
 
 
-def _path_problem(relative: object) -> str | None:
+def _path_problem(relative: object, field: str) -> str | None:
     if not isinstance(relative, str):
-        return f"the image path must be a string, got {_type_name(relative)}"
+        return f"{field} must be a string, got {_type_name(relative)}"
     if not relative.strip():
-        return "the image path is empty"
-    return text_problem(relative, "image path")
+        return f"{field} is empty"
+    return text_problem(relative, field)
 
 
 def _type_name(value: object) -> str:
@@ -150,10 +151,10 @@ def _read_imagefolder(metadata: Path, builder: _Builder) -> None:
         if isinstance(texts, list):
             if not texts:
                 builder.reject(where, "'text' is an empty list")
-            for caption in texts:
-                builder.add(record["file_name"], caption, where)
+            for k, caption in enumerate(texts):
+                builder.add(record["file_name"], caption, where, ("'file_name'", f"'text'[{k}]"))
         else:
-            builder.add(record["file_name"], texts, where)
+            builder.add(record["file_name"], texts, where, ("'file_name'", "'text'"))
 
 
 def _read_csv(config: DataConfig, metadata: Path, builder: _Builder) -> None:
@@ -180,7 +181,7 @@ def _read_csv(config: DataConfig, metadata: Path, builder: _Builder) -> None:
             if len(row) != len(header):
                 builder.reject(where, f"the row has {len(row)} field(s), the header {len(header)}")
                 continue
-            builder.add(row[image_column], row[caption_column], where)
+            builder.add(row[image_column], row[caption_column], where, (f"column {config.csv_image_key!r}", f"column {config.csv_caption_key!r}"))
     except csv.Error as e:
         msg = f"{metadata}:{first}: cannot parse the CSV from this line on ({e}); check its quotes"
         raise ConfigError(msg) from None
@@ -212,7 +213,7 @@ def _read_coco(metadata: Path, builder: _Builder) -> None:
             caption = annotation["caption"]
             records.append((str(files[annotation["image_id"]]), caption.strip() if isinstance(caption, str) else caption, where))
     for file_name, caption, where in sorted(records, key=lambda r: (r[0], str(r[1]))):
-        builder.add(file_name, caption, where)
+        builder.add(file_name, caption, where, ("the image's 'file_name'", "'caption'"))
 
 
 def _read_sidecar(root: Path, builder: _Builder) -> None:
@@ -229,7 +230,7 @@ def _read_sidecar(root: Path, builder: _Builder) -> None:
 
 def _read_queries(config: DataConfig, builder: _Builder) -> None:
     for k, query in enumerate(config.queries):
-        problem = text_problem(query, "query")
+        problem = text_problem(query, "the query")
         if problem is not None:
             msg = f"data.queries[{k}]: {problem}"
             raise ConfigError(msg)

@@ -50,6 +50,7 @@ class RunSummary:
     n_skipped: int = 0  # pairs already finished before it
     n_failed: int = 0  # pairs
     n_rejected: int = 0  # records of the data files that name no usable pair (see xclip.data)
+    n_truncated: int = 0  # captions longer than the model's context, attributed as far as it reads them
     accuracy: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_accuracy
     seconds: float = 0.0
     is_interrupted: bool = False
@@ -143,6 +144,7 @@ def run(
         summary.n_failed = int((status == FAILED).sum())
         summary.is_interrupted = should_stop() or bool((status == 0).any())
         summary.accuracy = describe_accuracy(f)
+        summary.n_truncated = int((f["captions/is_truncated"][:] & (f["captions/status"][:] == DONE)).sum())
         rejected = list(f["rejected_records"].asstr()[:])
         summary.n_rejected = len(rejected)
         summary.failures += [f"record {line}" for line in rejected]

@@ -65,20 +65,21 @@ MAX_CAPTION_CHARS = 10_000
 MAX_ASPECT_RATIO = 50
 
 
-def text_problem(text: object, what: str = "caption") -> str | None:
-    """Why ``text`` cannot be a caption (or an image path, with ``what``), or None when it can."""
+def text_problem(text: object, what: str = "the caption") -> str | None:
+    """Why ``text`` cannot be a caption, or None when it can; ``what`` names it in the message (a field of a
+    data file, such as ``'text'``)."""
     if not isinstance(text, str):
-        return f"the {what} must be a string, got {type(text).__name__}"
+        return f"{what} must be a string, got {type(text).__name__}"
     if not text.strip():
-        return f"the {what} is empty: there is nothing to attribute" if what == "caption" else f"the {what} is empty"
+        return f"{what} is empty: there is nothing to attribute"
     if len(text) > MAX_CAPTION_CHARS:
-        return f"the {what} is {len(text)} characters long; at most {MAX_CAPTION_CHARS} are accepted"
+        return f"{what} is {len(text)} characters long; at most {MAX_CAPTION_CHARS} are accepted"
     for position, character in enumerate(text):
         code = ord(character)
         if code == 0:
-            return f"the {what} holds a NUL character at position {position}"
+            return f"{what} holds a NUL character at position {position}"
         if 0xD800 <= code <= 0xDFFF:
-            return f"the {what} holds U+{code:04X} at position {position}, which is not a character (bytes that are not UTF-8, or an unpaired surrogate escape)"
+            return f"{what} holds U+{code:04X} at position {position}, which is not a character (bytes that are not UTF-8, or an unpaired surrogate escape)"
     return None
 
 
