@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import struct
 import zlib
@@ -27,10 +28,11 @@ from typer.testing import CliRunner
 
 import xclip
 from xclip.adapters.base import read_image
-from xclip.cli import app
+from xclip.cli import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
 from xclip.config import load_config
 
 runner = CliRunner()
+README = Path(__file__).resolve().parents[1] / "README.md"
 GOOD = [("img0.png", "a red dog"), ("img1.png", "two blue circles")]  # two good records in every data case
 
 
@@ -720,3 +722,26 @@ def test_api_and_config_share_setting_names():
 
     parameters = set(inspect.signature(xclip.InteractionAttribution).parameters) - {"model", "internal_batch_size"}
     assert parameters == set(AttributionConfig.model_fields)
+
+
+# --- the README says what happens ---------------------------------------------------------------------------------
+def test_readme_exit_codes_and_error_examples_are_real(tmp_path, model_dirs):
+    text = README.read_text()
+    table = text.split("| exit code | meaning |")[1].split("\n\n")[0]
+    assert [int(code) for code in re.findall(r"^\| (\d+) \|", table, flags=re.M)] == [
+        EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED
+    ]
+    block = re.search(r"```text\n(.*?)```", text.split("### Bad input")[1], flags=re.S).group(1)
+    examples = re.findall(r"^\$ (.*)\n((?:[^$].*\n)+)", block, flags=re.M)
+    assert len(examples) == 4
+    # the folder the examples describe: an empty caption on line 3, an image file that is not an image
+    folder = jsonl_folder(tmp_path, '{"file_name": "bad.png", "text": "   "}')
+    with (folder / "metadata.jsonl").open("a") as stream:
+        stream.write('{"file_name": "bad.png", "text": "a cat"}\n')
+    (folder / "bad.png").write_text("hello")
+    config = write_config(tmp_path, model_dirs["clip"])
+    for command, expected in examples:
+        arguments = [str(config) if a == "run.yaml" else a for a in shlex.split(command)[1:]]
+        output = invoke(*arguments)[1].replace(str(tmp_path), "<dir>")
+        for line in expected.splitlines():
+            assert line in output.splitlines(), f"README line {line!r} is not what `{command}` prints:\n{output}"
