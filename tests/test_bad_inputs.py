@@ -121,6 +121,7 @@ RECORDS = {
     "no keys": ("{}", r"the record has no 'file_name' or 'text'"),
     "invalid JSON": ('{"file_name": "img0.png", "text": }', r"invalid JSON: Expecting value \(column 35\)"),
     "huge caption": (json.dumps({"file_name": "img0.png", "text": "dog " * 5000}), r"'text' is 20000 characters long; at most 10000"),
+    "empty caption, new image": ('{"file_name": "img9.png", "text": ""}', r"'text' is empty"),
     "missing image": ('{"file_name": "missing.png", "text": "a dog"}', r"image file not found: .*missing.png"),
 }
 
@@ -134,6 +135,8 @@ def test_bad_record_is_named_and_the_rest_finishes(tmp_path, model_dirs, case):
     expect(["attribute", config, "-q"], 3, f"{where}.*{message}")
     also_good = [("img0.png", "a cat")] if case == "list with null" else []  # the record's other caption
     assert done_pairs(tmp_path) == sorted(GOOD + also_good)
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:  # a rejected record adds no image to attribute
+        assert len(f["images/path"]) == (3 if case == "missing image" else 2)
     expect(["inspect", tmp_path / "run"], 0, message)  # and inspect lists it
 
 

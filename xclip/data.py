@@ -44,33 +44,27 @@ class _Builder:
     def reject(self, where: str, reason: str) -> None:
         self.rejected.append(f"{where}: {reason}")
 
-    def image(self, relative: object, where: str, field: str = "the image path") -> int | None:
-        """The image's index, or None (and a rejection) when the record's path is not a usable file name."""
-        problem = _path_problem(relative, field)
-        if problem is not None:
-            self.reject(where, problem)
-            return None
-        assert isinstance(relative, str)
+    def image(self, relative: str, where: str) -> int:
+        """The image's index; an image path outside the data root is refused outright (a config that reaches
+        out of its data root is not a bad record but a bad config)."""
         path = (self.root / relative).resolve()
-        if not path.is_relative_to(self.root):  # refused outright: a config that reaches outside its data root
+        if not path.is_relative_to(self.root):
             msg = f"{where}: image path {relative!r} escapes the data root {self.root}"
             raise ConfigError(msg)
         return self.images.setdefault(path, len(self.images))
 
-    def caption(self, text: object, where: str, field: str = "the caption") -> int | None:
-        problem = text_problem(text, field)
-        if problem is not None:
-            self.reject(where, problem)
-            return None
-        assert isinstance(text, str)
-        return self.captions.setdefault(text, len(self.captions))
-
     def add(self, relative_image: object, caption: object, where: str, fields: tuple[str, str] = ("the image path", "the caption")) -> None:
-        """One pair; ``fields`` name the image path and the caption in messages (the file's own names)."""
-        image = self.image(relative_image, where, fields[0])
-        text = self.caption(caption, where, fields[1]) if image is not None else None
-        if image is not None and text is not None:
-            self.pairs.setdefault((text, image))
+        """One pair, or its rejection; ``fields`` name the image path and the caption in messages (the file's
+        own names). Neither the image nor the caption is kept when the other is rejected."""
+        problems = [p for p in (_path_problem(relative_image, fields[0]), text_problem(caption, fields[1])) if p]
+        for problem in problems:
+            self.reject(where, problem)
+        if problems:
+            return
+        assert isinstance(relative_image, str) and isinstance(caption, str)
+        image = self.image(relative_image, where)
+        text = self.captions.setdefault(caption, len(self.captions))
+        self.pairs.setdefault((text, image))
 
     def build(self, limit: int | None) -> Dataset:
         pairs = list(self.pairs)
