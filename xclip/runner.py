@@ -130,10 +130,11 @@ def run(
     with open_run_file(run_path, "r+") as f:
         summary.n_pairs = len(f["pairs/status"])
         summary.n_skipped = int((f["pairs/status"][:] == DONE).sum())
+        check = _FiniteCheck(model)
         stages = (
-            ("captions", lambda: _attribute_captions(f, attributor, config, progress, should_stop)),
-            ("images", lambda: _attribute_images(f, attributor, config, progress, should_stop)),
-            ("pairs", lambda: _attribute_pairs(f, attributor, config, progress, should_stop)),
+            ("captions", lambda: _attribute_captions(f, attributor, check, config, progress, should_stop)),
+            ("images", lambda: _attribute_images(f, attributor, check, config, progress, should_stop)),
+            ("pairs", lambda: _attribute_pairs(f, attributor, check, config, progress, should_stop)),
         )
         for _, stage in stages:
             if should_stop():
@@ -258,7 +259,12 @@ def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _attribute_captions(
-    f: h5py.File, attributor: InteractionAttribution, config: RunConfig, progress: Progress, stop: Callable[[], bool]
+    f: h5py.File,
+    attributor: InteractionAttribution,
+    check: _FiniteCheck,
+    config: RunConfig,
+    progress: Progress,
+    stop: Callable[[], bool],
 ) -> None:
     group = f["captions"]
     todo = pending(group)
@@ -277,7 +283,7 @@ def _attribute_captions(
         if good:
             batch = model.tokenize([texts[index] for index in good])
             for index, ids, result in zip(good, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
-                problem = _non_finite(result, "caption", model)
+                problem = check(result, "caption")
                 if problem is not None:
                     mark_failed(group, index, problem)
                     continue
@@ -287,14 +293,30 @@ def _attribute_captions(
         progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
 
 
-def _non_finite(result: xclip.Contributions | xclip.InteractionMap, what: str, model: DualEncoderAdapter) -> str | None:
-    """Why a result is not to be stored as done (NaN or inf in it), or None."""
-    arrays = (result.values, result.embedding) if isinstance(result, xclip.Contributions) else (result.interactions, result.terms)
-    if all(bool(torch.isfinite(array).all()) for array in arrays):
-        return None
-    broken = [name for name, parameter in model.model.named_parameters() if not bool(torch.isfinite(parameter).all())]
-    cause = f"the model's weights hold NaN or inf in {', '.join(broken[:3])}" + (f" and {len(broken) - 3} more" if len(broken) > 3 else "") if broken else "check the input and the model's weights (an overflow in a low-precision dtype?)"
-    return f"non-finite values in the {what}'s results: {cause}"
+class _FiniteCheck:
+    """Says why a result must not be stored as done (NaN or inf in it). The model's weights are scanned for
+    the cause once, at the first such result, not once per item."""
+
+    def __init__(self, model: DualEncoderAdapter) -> None:
+        self.model = model
+        self._cause: str | None = None
+
+    def __call__(self, result: xclip.Contributions | xclip.InteractionMap, what: str) -> str | None:
+        if isinstance(result, xclip.Contributions):
+            arrays = (result.values, result.embedding)
+        else:
+            arrays = (result.interactions, result.terms)
+        if all(bool(torch.isfinite(array).all()) for array in arrays):
+            return None
+        if self._cause is None:
+            parameters = self.model.model.named_parameters()
+            broken = [name for name, parameter in parameters if not bool(torch.isfinite(parameter).all())]
+            more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+            self._cause = (
+                f"the model's weights hold NaN or inf in {', '.join(broken[:3])}{more}" if broken
+                else "check the input and the model's weights (an overflow in a low-precision dtype?)"
+            )
+        return f"non-finite values in the {what}'s results: {self._cause}"
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -321,6 +343,7 @@ class _ImageFiles(torch.utils.data.Dataset):
 def _attribute_images(
     f: h5py.File,
     attributor: InteractionAttribution,
+    check: _FiniteCheck,
     config: RunConfig,
     progress: Progress,
     stop: Callable[[], bool],
@@ -350,7 +373,7 @@ def _attribute_images(
                 images=[image for _, _, image, _ in good],
             )
             for (index, _, image, notes), result in zip(good, attributor.image_batch_contributions(batch)):
-                problem = _non_finite(result, "image", model)
+                problem = check(result, "image")
                 if problem is not None:
                     mark_failed(group, index, problem)
                     continue
@@ -363,7 +386,12 @@ def _attribute_images(
 
 
 def _attribute_pairs(
-    f: h5py.File, attributor: InteractionAttribution, config: RunConfig, progress: Progress, stop: Callable[[], bool]
+    f: h5py.File,
+    attributor: InteractionAttribution,
+    check: _FiniteCheck,
+    config: RunConfig,
+    progress: Progress,
+    stop: Callable[[], bool],
 ) -> None:
     pairs, captions, images = f["pairs"], f["captions"], f["images"]
     todo = pending(pairs)
@@ -405,7 +433,7 @@ def _attribute_pairs(
             image = [stored("image", i) for _, _, i in ready]
             maps = interaction_maps(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
             for (index, _, _), result in zip(ready, maps):
-                problem = _non_finite(result, "pair", attributor.model)
+                problem = check(result, "pair")
                 if problem is None:
                     write_pair(pairs, index, result)
                 else:
