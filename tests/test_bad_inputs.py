@@ -316,7 +316,7 @@ def _float_tiff(path: Path) -> None:
 BAD_IMAGES: dict[str, tuple[Callable[[Path], object], str]] = {
     "truncated": (_truncated, r"cannot read image .*bad.png: .*truncated"),
     "zero bytes": (lambda p: p.write_bytes(b""), r"image file .*bad.png is empty \(0 bytes\)"),
-    "text named .png": (lambda p: p.write_text("hello"), r"cannot read image .*bad.png: not an image format Pillow recognises"),
+    "text named .jpg": (lambda p: p.with_suffix(".jpg").write_text("hello"), r"cannot read image .*bad.jpg: not an image format Pillow recognises"),
     "150000 x 1": (lambda p: Image.new("L", (150000, 1)).save(p), r"image .*bad.png is 150000 x 1 pixels: an aspect ratio beyond 50:1 is refused"),
     "decompression bomb": (lambda p: p.write_bytes(png_header(20000, 20000)), r"image .*bad.png is refused as a decompression bomb: Image size \(400000000 pixels\) exceeds limit"),
     "floating point": (_float_tiff, r"image .*bad.png holds floating-point pixels \(mode F\)"),
@@ -326,7 +326,8 @@ BAD_IMAGES: dict[str, tuple[Callable[[Path], object], str]] = {
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
 def test_bad_image_fails_its_pairs_only(tmp_path, model_dirs, case):
     make, message = BAD_IMAGES[case]
-    folder = jsonl_folder(tmp_path, '{"file_name": "bad.png", "text": "a cat"}')
+    name = "bad.jpg" if case.endswith(".jpg") else "bad.png"
+    folder = jsonl_folder(tmp_path, json.dumps({"file_name": name, "text": "a cat"}))
     make(folder / "bad.png")
     expect(["attribute", write_config(tmp_path, model_dirs["clip"]), "-q"], 3, r"image 2: " + message)
     assert done_pairs(tmp_path) == sorted(GOOD)
@@ -414,7 +415,7 @@ CONFIGS: dict[str, tuple[Callable[[Path], object], str]] = {
     "python tag": (lambda p: p.write_text("model: !!python/object:os.system {}\n"), r"run.yaml: invalid YAML: could not determine a constructor"),
     "misspelt key": (lambda p: p.write_text(p.read_text().replace("n_steps", "nsteps")), r"run.yaml:\d+: attribution.nsteps: unknown key; did you mean 'n_steps'\?"),
     "old key name": (lambda p: p.write_text(p.read_text().replace("n_steps", "steps")), r"attribution.steps: unknown key; did you mean 'n_steps'\?"),
-    "huge n_steps": (_edit("attribution.n_steps", 100_000), r"attribution.n_steps: Input should be less than or equal to 4096"),
+    "huge n_steps": (_edit("attribution.n_steps", 100_000), r"attribution.n_steps: Input should be less than or equal to 1024"),
     "n_steps true": (_edit("attribution.n_steps", True), r"attribution.n_steps: Input should be a valid integer \(got True\)"),
     "batch size float": (_edit("runtime.batch_size", 2.5), r"runtime.batch_size: Input should be a valid integer"),
     "no tolerance, no steps": (_edit("attribution.n_steps", None), r"give a tolerance to adapt to, or n_steps for a fixed rule"),
@@ -692,8 +693,8 @@ def test_signal_handlers_are_restored_and_two_signals_exit_75(tmp_path, model_di
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"n_steps": 0}, r"n_steps must be a whole number from 1 to 4096, got 0"),
-        ({"n_steps": 2.5}, r"n_steps must be a whole number from 1 to 4096, got 2.5"),
+        ({"n_steps": 0}, r"n_steps must be a whole number from 1 to 1024, got 0"),
+        ({"n_steps": 2.5}, r"n_steps must be a whole number from 1 to 1024, got 2.5"),
         ({"max_steps": 100_000}, r"max_steps must be a whole number from 1 to 4096"),
         ({"mode": "sideways"}, r"unknown mode 'sideways'; choose one of auto, forward, reverse"),
         ({"internal_batch_size": 0}, r"internal_batch_size must be a whole number of at least 1, got 0"),

@@ -167,9 +167,9 @@ def test_fixed_rule_spends_n_steps_in_one_call():
         ({"rule": "midpoint"}, "give n_steps with it"),
         ({"max_steps": 8}, "max_steps must be at least 16"),
         ({"tolerance": 0.0}, "between 0 and 1"),
-        ({"n_steps": 0}, "n_steps must be a whole number from 1 to 4096, got 0"),
-        ({"n_steps": 100_000}, "n_steps must be a whole number from 1 to 4096, got 100000"),
-        ({"n_steps": True}, "n_steps must be a whole number from 1 to 4096, got True"),
+        ({"n_steps": 0}, "n_steps must be a whole number from 1 to 1024, got 0"),
+        ({"n_steps": 100_000}, "n_steps must be a whole number from 1 to 1024, got 100000"),
+        ({"n_steps": True}, "n_steps must be a whole number from 1 to 1024, got True"),
         ({"max_steps": 10_000}, "max_steps must be a whole number from 1 to 4096"),
     ],
 )

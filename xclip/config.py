@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from xclip.adapters.base import ImageReference
 from xclip.attribution import Convention
 from xclip.core.interaction import Mode
-from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_NODES, MIN_ADAPTIVE_STEPS, Rule
+from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_FIXED_NODES, MAX_NODES, MIN_ADAPTIVE_STEPS, Rule
 from xclip.errors import ConfigError
 from xclip.loading import Dtype, looks_like_path
 
@@ -40,7 +40,7 @@ class AttributionConfig(_Section):
     image_layer: int = Field(-1, strict=True)
     tolerance: float | None = Field(DEFAULT_TOLERANCE, gt=0, lt=1, description="relative completeness error each input must reach")
     max_steps: int = Field(DEFAULT_MAX_STEPS, ge=MIN_ADAPTIVE_STEPS, le=MAX_NODES, strict=True, description="most integrand evaluations the adaptive rule spends on an input")
-    n_steps: int | None = Field(None, ge=1, le=MAX_NODES, strict=True, description="a fixed rule of this many nodes instead of adapting")
+    n_steps: int | None = Field(None, ge=1, le=MAX_FIXED_NODES, strict=True, description="a fixed rule of this many nodes instead of adapting")
     rule: Rule = "gauss-legendre"
     convention: Convention = "exact"
     text_filler: int | None = Field(None, ge=0, strict=True)
