@@ -181,12 +181,17 @@ def _shard_overrides(shard: str | None) -> list[str]:
 
 
 @app.command()
-def merge(run_dir: Annotated[Path, typer.Argument(help="output directory holding shard-*-of-*/run.h5")]) -> None:
-    """Concatenate the shards of a run into RUN_DIR/run.h5, for inspect, render and evaluate."""
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="output directory holding shard-*-of-*/run.h5")],
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="merge shards with unfinished pairs (they stay pending)")] = False,
+) -> None:
+    """Concatenate the shards of a run into RUN_DIR/run.h5, for inspect, render and evaluate. Shards must share
+    their settings and be finished (or --allow-partial)."""
     from xclip.store import merge_shards
 
     with _errors():
-        print(merge_shards(run_dir))
+        merged = merge_shards(run_dir, allow_partial=allow_partial)
+    print(merged)
 
 
 @app.command()

@@ -33,6 +33,7 @@ from xclip.store import (
     open_run_file,
     pending,
     read_contributions,
+    writer_lock,
     write_caption_tokens,
     write_contributions,
     write_pair,
@@ -75,9 +76,20 @@ def run(
 
     Raises:
         ConfigError: the directory holds a run made with other settings (pass ``overwrite=True``).
+        StoreError: another live process is writing the directory (see :func:`xclip.store.writer_lock`).
     """
     start = time.perf_counter()
     progress = on_progress or (lambda stage, done, total: None)
+    directory = config.run_directory
+    with writer_lock(directory, command):  # before --overwrite deletes anything
+        summary = _run_locked(config, overwrite=overwrite, progress=progress, should_stop=should_stop, command=command)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_locked(
+    config: RunConfig, *, overwrite: bool, progress: Progress, should_stop: Callable[[], bool], command: str
+) -> RunSummary:
     directory = config.run_directory
     run_path = directory / RUN_FILE
     if overwrite and directory.exists():
@@ -156,7 +168,6 @@ def run(
         from xclip.render import render_run
 
         render_run(directory)
-    summary.seconds = time.perf_counter() - start
     return summary
 
 

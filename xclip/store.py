@@ -7,7 +7,11 @@ killed run keeps every finished item and a rerun completes the rest. See the REA
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
+import socket
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +24,8 @@ from xclip.errors import StoreError
 from xclip.result import Contributions, InteractionMap
 
 SCHEMA_VERSION = 3
+LOCK_FILE = ".writer.lock"
+_UNREADABLE_LOCK_GRACE_SECONDS = 30  # a lock file is written right after it is created
 PENDING, DONE, FAILED = 0, 1, 2
 _STRING = h5py.string_dtype()
 
@@ -94,6 +100,80 @@ def create_run_file(
         _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), per_item=True)
         _status(pair, n_pairs)
         f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
+
+
+@contextmanager
+def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
+    """Hold the run directory's writer lock: one ``xclip attribute`` per directory at a time.
+
+    The lock is a file created with ``O_EXCL`` (atomic, also on NFS) that names its holder: PID, host, start time
+    and command. A lock left by a process that is gone (same host, PID not running) is taken over; a lock of a
+    live process, or of another host (whose processes cannot be checked), is refused with the holder named.
+    Readers (inspect, render, evaluate) never take it. A directory the lock created is removed again if the run
+    left nothing in it (a config error after the lock was taken writes nothing).
+    """
+    is_new = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+    }
+    for _ in range(3):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            current = _lock_holder(path)
+            if current is not None:
+                msg = (
+                    f"{directory} is being written by process {current.get('pid')} on {current.get('host')} since "
+                    f"{current.get('started')} ({current.get('command') or 'xclip attribute'}): wait for it to finish or "
+                    f"stop it (its finished items are kept). If that process is gone, delete {path}"
+                )
+                raise StoreError(msg) from None
+            path.unlink(missing_ok=True)  # its writer is gone: take it over
+            continue
+        with os.fdopen(descriptor, "w") as stream:
+            json.dump(holder, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        break
+    else:
+        msg = f"cannot take the writer lock {path}: other processes keep taking it"
+        raise StoreError(msg)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        if is_new and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    """The live holder recorded in a lock file, or None when the lock is stale (its process is gone)."""
+    try:
+        holder = json.loads(path.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # unreadable: being written this instant, or left by a writer killed in between
+        try:
+            is_fresh = time.time() - path.stat().st_mtime < _UNREADABLE_LOCK_GRACE_SECONDS
+        except FileNotFoundError:
+            return None
+        return {"pid": "?", "host": "?", "started": "just now", "command": ""} if is_fresh else None
+    if host != socket.gethostname():
+        return holder  # another machine's process: assume it lives
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process
+        return holder
+    return holder
 
 
 def open_run_file(path: Path, mode: str = "r") -> h5py.File:
@@ -200,18 +280,62 @@ def write_pair(group: h5py.Group, index: int, item: InteractionMap) -> None:
     group["status"][index] = DONE
 
 
-def merge_shards(directory: Path, *, block: int = 1024) -> Path:
+def merge_shards(directory: Path, *, allow_partial: bool = False, block: int = 1024) -> Path:
     """Concatenate ``directory/shard-*-of-N/run.h5`` into ``directory/run.h5`` (written to a temporary file,
-    then renamed). Pair indices are shifted onto the merged caption and image rows; unfinished items keep
-    their status, so a merge of a partial run is partial too."""
+    then renamed). Pair indices are shifted onto the merged caption and image rows.
+
+    Refused with a :class:`StoreError`: shards of different splits, a missing shard, shards made with different
+    settings or weights (the differing keys are named), and shards with unfinished pairs unless
+    ``allow_partial`` (their pairs then stay pending in the merged file, which records ``is_partial``).
+    """
     shards = sorted(directory.glob("shard-*-of-*/run.h5"))
     if not shards:
         msg = f"no shard-*-of-*/run.h5 under {directory}"
         raise StoreError(msg)
-    expected = int(shards[0].parent.name.rsplit("-", 1)[1])
-    if len(shards) != expected:
-        msg = f"{directory} has {len(shards)} of {expected} shards; run the missing ones first"
+    splits = sorted({path.parent.name.rsplit("-of-", 1)[1] for path in shards})
+    if len(splits) > 1:
+        msg = f"{directory} holds shards of different splits (-of-{', -of-'.join(splits)}); remove the ones of old runs"
         raise StoreError(msg)
+    expected = int(splits[0])
+    present = {int(path.parent.name.split("-")[1]) for path in shards}
+    missing = sorted(set(range(expected)) - present)
+    if missing or len(shards) != expected:
+        msg = f"{directory} has {len(shards)} of {expected} shards; run the missing ones first (shard index {', '.join(map(str, missing[:10]))})"
+        raise StoreError(msg)
+    with writer_lock(directory, "xclip merge"):
+        _check_shards(shards, allow_partial)
+        return _merge(directory, shards, allow_partial, block)
+
+
+def _check_shards(shards: list[Path], allow_partial: bool) -> None:
+    """Shards must share every setting that changes results, and be finished (unless ``allow_partial``)."""
+    from xclip.config import settings_differences
+
+    unfinished = []
+    first: dict[str, Any] = {}
+    for path in shards:
+        with open_run_file(path) as f:
+            fingerprint = json.loads(f.attrs["fingerprint"])
+            fingerprint["runtime"].pop("shard_index", None)  # the one setting shards differ in
+            identity = {"fingerprint": json.dumps(fingerprint, sort_keys=True), "weights": f.attrs.get("model_weights_sha256", "")}
+            if not first:
+                first = {"path": path, **identity}
+            elif identity["fingerprint"] != first["fingerprint"]:
+                differences = "; ".join(settings_differences(first["fingerprint"], identity["fingerprint"]))
+                msg = f"{path} was made with other settings than {first['path']} ({differences}): shards of one run share every setting"
+                raise StoreError(msg)
+            elif identity["weights"] != first["weights"]:
+                msg = f"{path} was made with other model weights than {first['path']} (weights sha256 differ)"
+                raise StoreError(msg)
+            n_pending = int((f["pairs/status"][:] == PENDING).sum())
+            if n_pending:
+                unfinished.append(f"{path.parent.name}: {n_pending} of {len(f['pairs/status'])} pairs")
+    if unfinished and not allow_partial:
+        msg = "unfinished shards (rerun their `xclip attribute --shard I/N` to finish them, or merge with --allow-partial to keep those pairs pending): " + "; ".join(unfinished)
+        raise StoreError(msg)
+
+
+def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int) -> Path:
     target = directory / "run.h5"
     temporary = target.with_suffix(".h5.tmp")
     temporary.unlink(missing_ok=True)
@@ -221,6 +345,7 @@ def merge_shards(directory: Path, *, block: int = 1024) -> Path:
             for key, value in sources[0].attrs.items():
                 merged.attrs[key] = value
             merged.attrs["merged_from"] = json.dumps([str(p.relative_to(directory)) for p in shards])
+            merged.attrs["is_partial"] = bool(sum(int((src["pairs/status"][:] == PENDING).sum()) for src in sources))
             # every shard reads the whole data files, so each holds the same rejected records
             merged.create_dataset("rejected_records", data=sources[0]["rejected_records"][:], dtype=_STRING)
             for group_name in ("captions", "images", "pairs"):
