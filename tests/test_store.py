@@ -9,10 +9,13 @@ import subprocess
 import sys
 
 import h5py
+import numpy as np
 import pytest
 from test_bad_inputs import expect, invoke, jsonl_folder, write_config
 
+from xclip.config import load_config
 from xclip.errors import StoreError
+from xclip.runner import run
 from xclip.store import DONE, LOCK_FILE, PENDING, writer_lock
 
 
@@ -117,3 +120,38 @@ def test_merge_refuses_unfinished_shards_unless_allowed(shards):
 def test_merge_refuses_shards_of_two_splits(shards, config):
     assert invoke("attribute", config, "-q", "--shard", "0/3")[0] == 0
     expect(["merge", shards], 1, r"holds shards of different splits \(-of-00002, -of-00003\)")
+
+
+# --- what a rerun resumes ------------------------------------------------------------------------------------------
+def test_a_project_moved_whole_resumes_and_renders(tmp_path, model_dirs):
+    original = tmp_path / "a"
+    jsonl_folder(original, '{"file_name": "img0.png", "text": "a cat"}')
+    config = write_config(original, model_dirs["clip"])
+    stopped = {"flag": False}
+
+    def stop_after_captions(stage: str, done: int, total: int) -> None:
+        stopped["flag"] = stopped["flag"] or stage == "captions"
+
+    summary = run(load_config(config), on_progress=stop_after_captions, should_stop=lambda: stopped["flag"])
+    assert summary.is_interrupted and summary.n_done == 0
+    moved = tmp_path / "b"
+    original.rename(moved)
+    code, output = invoke("attribute", moved / "run.yaml", "-q", "--json")
+    assert code == 0 and json.loads(output.splitlines()[0])["done"] == 3
+    straight = tmp_path / "straight"
+    jsonl_folder(straight, '{"file_name": "img0.png", "text": "a cat"}')
+    assert invoke("attribute", write_config(straight, model_dirs["clip"]), "-q")[0] == 0
+    with h5py.File(moved / "run" / "run.h5", "r") as resumed, h5py.File(straight / "run" / "run.h5", "r") as whole:
+        for name in ("pairs/interactions", "pairs/score", "captions/contributions", "images/contributions"):
+            np.testing.assert_array_equal(resumed[name][:], whole[name][:])
+    expect(["render", moved / "run", "--pair", "0"], 0, r"pair000000.png")  # finds the images where they moved to
+
+
+def test_edited_data_files_are_detected(tmp_path, config):
+    assert invoke("attribute", config, "-q")[0] == 0
+    metadata = tmp_path / "images" / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("a red dog", "a red fox"))
+    expect(["attribute", config], 2, r"the data files changed since .*run was made \(their captions, image paths or pairs differ\)")
+    expect(["attribute", config, "--overwrite", "-q"], 0, r"run.h5")
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        assert "a red fox" in f["captions/text"].asstr()[:]

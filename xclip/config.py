@@ -128,8 +128,15 @@ class RunConfig(_Section):
         return self.output.directory / f"shard-{self.runtime.shard_index:05d}-of-{self.runtime.num_shards:05d}"
 
     def result_fingerprint(self) -> str:
-        """The settings that change results; a run directory refuses a config whose fingerprint differs."""
-        keep = self.model_dump(mode="json", exclude={"output": {"render"}, "runtime": {"batch_size", "num_workers"}})
+        """The settings that change results; a run directory refuses a config whose fingerprint differs.
+
+        Paths are left out, so that a project moved as a whole (config, data, run directory) still resumes: the
+        data are identified by their contents (the run file's ``data_sha256``) and a local checkpoint by its
+        weights (``model_weights_sha256``)."""
+        exclude = {"output": {"render", "directory"}, "runtime": {"batch_size", "num_workers"}, "data": {"root", "metadata"}}
+        keep = self.model_dump(mode="json", exclude=exclude)
+        if Path(self.model.name).is_absolute():  # a local checkpoint, resolved by load_config
+            keep["model"].pop("name")
         keep["model"].pop("device")
         keep["attribution"].pop("mode")
         keep["runtime"].pop("internal_batch_size")

@@ -9,6 +9,7 @@ not UTF-8 where the whole file must be, an unterminated CSV quote, not COCO) is 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -31,6 +32,12 @@ class Dataset:
     images: list[Path]
     given_pairs: list[tuple[int, int]]
     rejected: list[str] = field(default_factory=list)
+
+    def digest(self, root: Path) -> str:
+        """SHA-256 of what the data files say (captions, image paths relative to ``root``, pairs): equal for the
+        same files wherever they lie, different after any edit that changes a caption, a path or a pair."""
+        images = [str(path.relative_to(root.resolve())) for path in self.images]
+        return hashlib.sha256(json.dumps([self.captions, images, self.given_pairs]).encode()).hexdigest()
 
 
 class _Builder:

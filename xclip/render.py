@@ -302,6 +302,12 @@ def render_pair(view: PairView, out: Path, *, span: str | None = None,
     return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png", whole)
 
 
+def _data_root(f: Any, run_file: Path, configured: Path) -> Path:
+    """The run's data root; when it is gone, the same folder relative to the run (a project moved whole)."""
+    moved = (run_file.parent / f.attrs.get("data_root_from_run", "")).resolve()
+    return moved if not configured.is_dir() and moved.is_dir() else configured
+
+
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
                box: tuple[float, float, float, float] | None = None, out: Path | None = None,
                upsample: str = "bilinear", limit: int = 100, data_root: Path | None = None) -> list[Path]:
@@ -329,7 +335,7 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
             selected = pairs
         else:
             selected = [int(i) for i in np.flatnonzero(status == DONE)[:limit]]
-        root = data_root or Path(config["data"]["root"])
+        root = data_root or _data_root(f, run_file, Path(config["data"]["root"]))
         if box is not None:
             sizes = f["images/original_size"][:]
             for index in selected:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -95,6 +96,8 @@ def _run_locked(
     if overwrite and directory.exists():
         run_path.unlink(missing_ok=True)
         shutil.rmtree(directory / "heatmaps", ignore_errors=True)
+    dataset = read_dataset(config.data)
+    data_digest = dataset.digest(config.data.root)
     if run_path.exists():
         with open_run_file(run_path) as f:
             if f.attrs["fingerprint"] != config.result_fingerprint():
@@ -104,7 +107,12 @@ def _run_locked(
             if f.attrs.get("model_weights_sha256", "") != (_weights_digest(config.model.name) or ""):
                 msg = f"{directory} was made with other weights at {config.model.name}; use --overwrite to replace it"
                 raise ConfigError(msg)
-    dataset = read_dataset(config.data)
+            if f.attrs["data_sha256"] != data_digest:
+                msg = (
+                    f"the data files changed since {directory} was made (their captions, image paths or pairs differ): "
+                    "restore them to resume the run, or pass --overwrite to attribute the data as they are now"
+                )
+                raise ConfigError(msg)
     torch.manual_seed(config.runtime.seed)
     model = load_model(
         config.model.name,
@@ -125,7 +133,12 @@ def _run_locked(
         skeleton.unlink(missing_ok=True)  # left by a run killed while creating it: never complete
         create_run_file(
             skeleton,
-            attributes=_provenance(config, model, command),
+            attributes={
+                **_provenance(config, model, command),
+                "data_sha256": data_digest,
+                # lets readers find the images after the project moved as a whole
+                "data_root_from_run": os.path.relpath(config.data.root, directory),
+            },
             captions=dataset.captions,
             images=[str(p.relative_to(config.data.root.resolve())) for p in dataset.images],
             pairs=dataset.given_pairs,

@@ -317,7 +317,11 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
         with open_run_file(path) as f:
             fingerprint = json.loads(f.attrs["fingerprint"])
             fingerprint["runtime"].pop("shard_index", None)  # the one setting shards differ in
-            identity = {"fingerprint": json.dumps(fingerprint, sort_keys=True), "weights": f.attrs.get("model_weights_sha256", "")}
+            identity = {
+                "fingerprint": json.dumps(fingerprint, sort_keys=True),
+                "weights": f.attrs.get("model_weights_sha256", ""),
+                "data": f.attrs["data_sha256"],
+            }
             if not first:
                 first = {"path": path, **identity}
             elif identity["fingerprint"] != first["fingerprint"]:
@@ -326,6 +330,9 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
                 raise StoreError(msg)
             elif identity["weights"] != first["weights"]:
                 msg = f"{path} was made with other model weights than {first['path']} (weights sha256 differ)"
+                raise StoreError(msg)
+            elif identity["data"] != first["data"]:
+                msg = f"{path} was made from other data files than {first['path']} (data sha256 differ: the files changed between the shards' runs)"
                 raise StoreError(msg)
             n_pending = int((f["pairs/status"][:] == PENDING).sum())
             if n_pending:
