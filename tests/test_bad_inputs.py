@@ -516,20 +516,20 @@ def test_refused_rerun_lists_what_differs(finished_run):
            r"holds a run made with other settings \(stored -> now\): attribution.n_steps: 2 -> 3 model.dtype: \"float32\" -> \"float64\" rerun with the stored settings")
 
 
-def _damage_a_chunk(run_file: Path) -> None:
-    with h5py.File(run_file, "r") as f:
-        chunk = f["pairs/interactions"].id.get_chunk_info(0)
-    with open(run_file, "r+b") as stream:
-        stream.seek(chunk.byte_offset)
-        stream.write(b"\xff" * chunk.size)
+def _damage_group_tables(run_file: Path) -> None:
+    """Overwrite the signatures of the file's group symbol tables, as a failing disk or a bad copy might."""
+    data = run_file.read_bytes()
+    assert data.count(b"SNOD") >= 2
+    run_file.write_bytes(data.replace(b"SNOD", b"XXXX"))
 
 
-def test_damaged_chunk_is_named(finished_run, tmp_path):
-    _damage_a_chunk(finished_run / "run.h5")
-    expect(["render", finished_run, "--pair", "0"], 1, r"cannot read .*run.h5: the file is damaged")
+@pytest.mark.parametrize("command", ["inspect", "render", "evaluate"])
+def test_damaged_file_is_named(finished_run, tmp_path, command):
+    _damage_group_tables(finished_run / "run.h5")
     annotations = tmp_path / "annotations.jsonl"
-    annotations.write_text(json.dumps({"image": "img0.png", "caption": "a red dog", "phrases": [{"text": "dog", "start": 6, "end": 9, "boxes": [[0, 0, 10, 10]]}]}) + "\n")
-    expect(["evaluate", finished_run, "-a", annotations], 1, r"cannot read .*run.h5: the file is damaged")
+    annotations.write_text(json.dumps(ANNOTATION) + "\n")
+    arguments = {"inspect": [], "render": ["--pair", "0"], "evaluate": ["-a", annotations]}[command]
+    expect([command, finished_run, *arguments], 1, r"cannot read .*run.h5: the file is damaged")
 
 
 @pytest.mark.parametrize(
@@ -537,6 +537,7 @@ def test_damaged_chunk_is_named(finished_run, tmp_path):
     [
         (lambda p: p.write_text("not hdf5"), r"cannot open .*run.h5"),
         (lambda p: p.unlink(), r"no run file at .*run.h5"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"cannot open .*run.h5 .*truncated"),
     ],
 )
 def test_unreadable_run_file(finished_run, damage, message):

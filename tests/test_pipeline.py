@@ -269,7 +269,7 @@ def test_changed_config_is_refused_unless_overwrite(tmp_path, folder_config):
 def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
     assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
     section = README.read_text().split("### HDF5 layout")[1].split("\n## ")[0]
-    rows = re.findall(r"^\| `([\w/]+)` \| `\(([^)]*)\)` \| (\w+) \|", section, flags=re.M)
+    rows = re.findall(r"^\| `([\w/]+)` \| `\(([^)]*)\)` \| ([\w()]+) \|", section, flags=re.M)
     assert len(rows) >= 20
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         sizes = {"C": 3, "I": 3, "P": 3, "L": 77, "S": 17, "E": 16, "4": 4, "R": 0}
@@ -278,8 +278,11 @@ def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
             documented.add(name)
             expected = tuple(sizes[s.strip()] if not s.strip().isdigit() else int(s) for s in shape.split(",") if s.strip())
             assert f[name].shape == expected, name
-            kind = {"float32": "f", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
+            fixed = re.fullmatch(r"str\((\d+)\)", dtype)
+            kind = "S" if fixed else {"float32": "f", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
             assert f[name].dtype.kind == kind, name
+            if fixed:
+                assert f[name].dtype.itemsize == int(fixed.group(1)), name
         actual = set()
         f.visititems(lambda name, obj: actual.add(name) if isinstance(obj, h5py.Dataset) else None)
         assert actual == documented

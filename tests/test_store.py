@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -155,3 +156,134 @@ def test_edited_data_files_are_detected(tmp_path, config):
     expect(["attribute", config, "--overwrite", "-q"], 0, r"run.h5")
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         assert "a red fox" in f["captions/text"].asstr()[:]
+
+
+# --- crash safety -------------------------------------------------------------------------------------------------
+RESULTS = ("status", "error", "contributions", "embedding", "reference_embedding", "completeness_error", "n_nodes")
+
+
+def _results(run_file) -> dict[str, np.ndarray]:
+    """Every dataset of a run file (attributes such as the creation time aside)."""
+    out = {}
+    with h5py.File(run_file, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _assert_same_results(run_file, reference) -> None:
+    got, expected = _results(run_file), _results(reference)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    for group in ("captions", "images", "pairs"):
+        assert (got[f"{group}/status"] == DONE).all(), group  # nothing missing
+
+
+def _writes_of_a_run(config) -> int:
+    """How many writes an uninterrupted run makes to run.h5 after creating it (counted through the same file
+    object the fault injection uses)."""
+    from xclip import store
+
+    count = {"writes": 0}
+    original = store._KillingFile.write
+
+    def counting(self, data):
+        count["writes"] += 1
+        return original(self, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XCLIP_TEST_KILL_AT_WRITE", str(10**9))
+        patch.setattr(store._KillingFile, "write", counting)
+        assert invoke("attribute", config, "-q")[0] == 0
+    return count["writes"]
+
+
+def _killed_runs(configs_and_points, parallel: int = 4) -> None:
+    """Run ``xclip attribute`` in subprocesses, each killed with SIGKILL inside its N-th write to run.h5."""
+    pending = list(configs_and_points)
+    running: list = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            config, point = pending.pop(0)
+            env = {**os.environ, "XCLIP_TEST_KILL_AT_WRITE": str(point)}
+            command = [sys.executable, "-m", "xclip", "attribute", str(config), "-q"]
+            running.append((subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), point))
+        process, point = running.pop(0)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == -9, f"write {point}: exit {process.returncode}: {stderr.decode()[-2000:]}"
+
+
+def _project(root, model_dirs):
+    jsonl_folder(root, '{"file_name": "img0.png", "text": "a cat"}')
+    return write_config(root, model_dirs["clip"], runtime={"batch_size": 1})  # a batch, a commit, per item
+
+
+def test_sigkill_inside_any_write_loses_nothing(tmp_path, model_dirs):
+    reference = _project(tmp_path / "reference", model_dirs)
+    n_writes = _writes_of_a_run(reference)
+    assert n_writes > 50
+    # the first and last writes, and evenly between: inside data, inside statuses, inside the final flush
+    points = sorted({1, 2, 3, *np.linspace(4, n_writes - 3, 12).astype(int).tolist(), n_writes - 2, n_writes - 1, n_writes})
+    trials = [(_project(tmp_path / f"kill-{point}", model_dirs), point) for point in points]
+    _killed_runs(trials)
+    for config, point in trials:
+        code, output = invoke("attribute", config, "-q", "--json")  # the rerun resumes
+        assert code == 0, f"rerun after a kill at write {point}: {output}"
+        _assert_same_results(config.parent / "run" / "run.h5", reference.parent / "run" / "run.h5")
+
+
+def test_runs_killed_again_and_again_end_equal(tmp_path, model_dirs):
+    reference = _project(tmp_path / "reference", model_dirs)
+    assert invoke("attribute", reference, "-q")[0] == 0
+    config = _project(tmp_path / "chain", model_dirs)
+    kills = 0
+    for point in (7, 13, 29, 41, 53, 67):  # each rerun killed too, at another write, until one finishes
+        env = {**os.environ, "XCLIP_TEST_KILL_AT_WRITE": str(point)}
+        result = subprocess.run([sys.executable, "-m", "xclip", "attribute", str(config), "-q"], env=env, capture_output=True, timeout=300)
+        assert result.returncode in (-9, 0), result.stderr.decode()[-2000:]
+        if result.returncode == 0:
+            break
+        kills += 1
+    assert kills >= 3
+    assert invoke("attribute", config, "-q")[0] == 0
+    _assert_same_results(config.parent / "run" / "run.h5", reference.parent / "run" / "run.h5")
+
+
+def test_a_run_changes_only_bytes_inside_datasets(tmp_path, model_dirs):
+    config = _project(tmp_path, model_dirs)
+    summary = run(load_config(config), should_stop=lambda: True)  # creates the file, attributes nothing
+    assert summary.n_done == 0
+    run_file = tmp_path / "run" / "run.h5"
+    created = run_file.read_bytes()
+    with h5py.File(run_file, "r") as f:
+        ranges = []
+        f.visititems(lambda name, obj: ranges.append((obj.id.get_offset(), obj.id.get_storage_size())) if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None else None)
+    assert invoke("attribute", config, "-q")[0] == 0
+    finished = run_file.read_bytes()
+    assert len(finished) == len(created)
+    outside = np.ones(len(created), dtype=bool)
+    for offset, size in ranges:
+        outside[offset : offset + size] = False
+    before, after = np.frombuffer(created, np.uint8), np.frombuffer(finished, np.uint8)
+    assert (before[outside] == after[outside]).all()  # the structure never changed
+    assert (before[~outside] != after[~outside]).any()  # while the results were written
+
+
+@pytest.mark.parametrize("how", ["free space", "ENOSPC"])
+def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how):
+    import errno
+
+    from xclip import store
+
+    if how == "free space":
+        disk_usage = shutil.disk_usage
+        monkeypatch.setattr(store.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=1000))
+    else:
+        def no_space(descriptor, offset, length):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(store.os, "posix_fallocate", no_space)
+    expect(["attribute", config], 1, r"not enough disk space for .*run/run.h5: it needs [\d.]+ MB \([\d.]+ MB more\), and the disk at \S+ has [\d.]+ [MG]B free")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    monkeypatch.undo()  # space freed
+    expect(["attribute", config, "-q", "--json"], 0, r'"done": 3')

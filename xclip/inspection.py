@@ -48,7 +48,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
                 "image": str(images[m]),
                 "status": STATUS[int(status[i])],
                 "score": float(pairs["score"][i]),
-                "terms": [float(t) for t in terms[i]],
+                "terms": [float(t) for t in terms[i]] if status[i] == DONE else None,
                 "four_term_value": float(values[i]),
                 "completeness_error": float(errors[i]),
                 "relative_completeness_error": float(relative[i]),
@@ -65,7 +65,9 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "rejected_records": rejected,
             "accuracy": describe_accuracy(f),
             "failures": failures,
-            "pairs": [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()} for row in rows],
+            # numbers of unfinished pairs are not results (their storage holds whatever the disk held)
+            "pairs": [{k: (None if isinstance(v, float) and (row["status"] != "done" or np.isnan(v)) else v)
+                       for k, v in row.items()} for row in rows],
         }
 
 

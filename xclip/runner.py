@@ -28,12 +28,14 @@ from xclip.inspection import describe_accuracy
 from xclip.loading import load_model
 from xclip.store import (
     DONE,
+    commit,
     FAILED,
     create_run_file,
     mark_failed,
     open_run_file,
     pending,
     read_contributions,
+    write_image_source,
     writer_lock,
     write_caption_tokens,
     write_contributions,
@@ -304,6 +306,7 @@ def _attribute_captions(
                 good.append(int(index))
             else:  # the data readers reject such captions; a file written by another tool may still hold one
                 mark_failed(group, int(index), problem)
+        written = []
         if good:
             batch = model.tokenize([texts[index] for index in good])
             for index, ids, result in zip(good, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
@@ -313,7 +316,8 @@ def _attribute_captions(
                     continue
                 write_caption_tokens(group, index, ids, result)
                 write_contributions(group, index, result)
-        f.flush()
+                written.append(index)
+        commit(f, group, written)
         progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
 
 
@@ -384,7 +388,7 @@ def _attribute_images(
     for items in loader:
         if stop():
             return
-        good = []
+        good, written = [], []
         for index, loaded, reason in items:
             if loaded is None:
                 mark_failed(group, index, reason)
@@ -401,10 +405,10 @@ def _attribute_images(
                 if problem is not None:
                     mark_failed(group, index, problem)
                     continue
-                group["original_size"][index] = image.size
-                group["notes"][index] = "; ".join(notes)
+                write_image_source(group, index, image.size, notes)
                 write_contributions(group, index, result)
-        f.flush()
+                written.append(index)
+        commit(f, group, written)
         finished += len(items)
         progress("images", finished, len(todo))
 
@@ -456,13 +460,15 @@ def _attribute_pairs(
             text = [stored("caption", c) for _, c, _ in ready]
             image = [stored("image", i) for _, _, i in ready]
             maps = interaction_maps(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
+            written = []
             for (index, _, _), result in zip(ready, maps):
                 problem = check(result, "pair")
                 if problem is None:
                     write_pair(pairs, index, result)
+                    written.append(index)
                 else:
                     mark_failed(pairs, index, problem)
+            commit(f, pairs, written)
         if len(cache) > 4096:
             cache.clear()
-        f.flush()
         progress("pairs", min((done + 1) * max(64, config.runtime.batch_size), len(todo)), len(todo))

@@ -1,15 +1,23 @@
 """The HDF5 file of a run directory: flat, item-indexed datasets that plain h5py users can read.
 
-Every dataset is created at full size when the run starts; a ``status`` column per group (0 pending, 1 done,
-2 failed, with the reason in ``error``) is written after each item's data and flushed after every batch, so a
-killed run keeps every finished item and a rerun completes the rest. See the README for the table.
+Crash safety by design. The file is created complete, under a temporary name that is renamed into place: every
+dataset at full size, its storage allocated at fixed offsets (no compression, no chunk index, no string heap
+written during the run), and its disk space reserved. After that a run never changes the file's structure,
+only bytes inside datasets, so a process killed at any instant, even inside a write, cannot leave a file that
+does not open. Items are committed per batch: their data are written, flushed and fsynced, and only then their
+``status`` (0 pending, 1 done, 2 failed with the reason in ``error``). A kill loses at most the batch in flight,
+whose items are still pending, and a rerun redoes them. See the README for the table.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import io
 import json
 import os
+import shutil
+import signal
 import socket
 import time
 from collections.abc import Iterator, Sequence
@@ -27,22 +35,37 @@ SCHEMA_VERSION = 3
 LOCK_FILE = ".writer.lock"
 _UNREADABLE_LOCK_GRACE_SECONDS = 30  # a lock file is written right after it is created
 PENDING, DONE, FAILED = 0, 1, 2
-_STRING = h5py.string_dtype()
+_STRING = h5py.string_dtype()  # variable length: only for text written when the file is created
+# text written during a run is fixed-length UTF-8 (cut at a character boundary), so that it is stored in place
+_ERROR = h5py.string_dtype("utf-8", 400)
+_NOTE = h5py.string_dtype("utf-8", 200)
+_TOKEN = h5py.string_dtype("utf-8", 48)
+# fault injection for the crash tests: SIGKILL this process inside the N-th write to run.h5 after it opens
+_KILL_AT_WRITE = "XCLIP_TEST_KILL_AT_WRITE"
 
 
-def _floats(group: h5py.Group, name: str, shape: tuple[int, ...], per_item: bool = False) -> None:
-    """A float32 dataset, chunked by item and gzip-compressed when it holds one array per item."""
-    if per_item:
-        group.create_dataset(
-            name, shape=shape, dtype="f4", chunks=(1, *shape[1:]), compression="gzip", shuffle=True, fillvalue=np.nan
-        )
-    else:
-        group.create_dataset(name, shape=shape, dtype="f4", fillvalue=np.nan)
+def _fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, fillvalue: Any = None) -> h5py.Dataset:
+    """A dataset whose storage is allocated when it is created (contiguous, uncompressed): writing into it later
+    changes no metadata of the file. Its fill value is recorded but not written: unfinished items hold zeros
+    (their ``status`` says so) and the space is reserved by :func:`_reserve` instead."""
+    plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fillvalue, dcpl=plist)
+
+
+def _floats(group: h5py.Group, name: str, shape: tuple[int, ...]) -> None:
+    _fixed(group, name, shape, "f4", np.nan)
 
 
 def _status(group: h5py.Group, n: int) -> None:
-    group.create_dataset("status", shape=(n,), dtype="i1", fillvalue=PENDING)
-    group.create_dataset("error", shape=(n,), dtype=_STRING)
+    _fixed(group, "status", (n,), "i1", PENDING)
+    _fixed(group, "error", (n,), _ERROR)
+
+
+def _utf8(text: str, size: int) -> bytes:
+    """``text`` in at most ``size`` bytes of UTF-8, cut at a character boundary."""
+    return text.encode()[:size].decode(errors="ignore").encode()
 
 
 def create_run_file(
@@ -68,25 +91,25 @@ def create_run_file(
             f.attrs[key] = str(value) if isinstance(value, str) else value if isinstance(value, (int, float)) else json.dumps(value)
         text = f.create_group("captions")
         text.create_dataset("text", data=list(captions), dtype=_STRING)
-        text.create_dataset("token_ids", shape=(n_captions, max_text_positions), dtype="i4", fillvalue=-1)
-        text.create_dataset("tokens", shape=(n_captions, max_text_positions), dtype=_STRING)
-        text.create_dataset("n_positions", shape=(n_captions,), dtype="i4")
-        text.create_dataset("is_truncated", shape=(n_captions,), dtype="?")
+        _fixed(text, "token_ids", (n_captions, max_text_positions), "i4", -1)
+        _fixed(text, "tokens", (n_captions, max_text_positions), _TOKEN)
+        _fixed(text, "n_positions", (n_captions,), "i4")
+        _fixed(text, "is_truncated", (n_captions,), "?")
         image = f.create_group("images")
         image.attrs["grid"] = grid
         image.attrs["n_prefix"] = n_prefix
         image.create_dataset("path", data=list(images), dtype=_STRING)
-        image.create_dataset("original_size", shape=(n_images, 2), dtype="i4")
-        image.create_dataset("notes", shape=(n_images,), dtype=_STRING)
+        _fixed(image, "original_size", (n_images, 2), "i4")
+        _fixed(image, "notes", (n_images,), _NOTE)
         for group, n, n_positions in ((text, n_captions, max_text_positions), (image, n_images, n_image_positions)):
             _floats(group, "embedding", (n, embedding_dim))
             _floats(group, "reference_embedding", (n, embedding_dim))
             _floats(group, "completeness_error", (n,))
             _floats(group, "relative_completeness_error", (n,))
             _floats(group, "difference_norm", (n,))
-            group.create_dataset("n_nodes", shape=(n,), dtype="i4")
-            group.create_dataset("is_converged", shape=(n,), dtype="?")
-            _floats(group, "contributions", (n, n_positions, embedding_dim), per_item=True)
+            _fixed(group, "n_nodes", (n,), "i4")
+            _fixed(group, "is_converged", (n,), "?")
+            _floats(group, "contributions", (n, n_positions, embedding_dim))
             _status(group, n)
         pair = f.create_group("pairs")
         pair.create_dataset("caption_index", data=np.array([p[0] for p in pairs], dtype="i8").reshape(n_pairs))
@@ -97,9 +120,46 @@ def create_run_file(
         _floats(pair, "completeness_error", (n_pairs,))
         _floats(pair, "relative_completeness_error", (n_pairs,))
         _floats(pair, "completeness_bound", (n_pairs,))
-        _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), per_item=True)
+        _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions))
         _status(pair, n_pairs)
         f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
+    _reserve(path)
+
+
+def _reserve(path: Path) -> None:
+    """Reserve the file's disk space now, so that a full disk is found before any work is done, with the space
+    it needs, and never in the middle of a write."""
+    size = path.stat().st_size
+    needed = max(0, size - path.stat().st_blocks * 512)  # what the file does not occupy yet
+    free = shutil.disk_usage(path.parent).free
+
+    def no_space() -> StoreError:
+        mount = next((p for p in [path.parent, *path.parent.parents] if os.path.ismount(p)), path.parent)
+        return StoreError(
+            f"not enough disk space for {path.parent / 'run.h5'}: it needs {_size(size)} ({_size(needed)} more), and the "
+            f"disk at {mount} has {_size(free)} free: free space, or choose another output.directory, then rerun"
+        )
+
+    if needed > free:
+        path.unlink()
+        raise no_space()
+    if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check above is all there is
+        return
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            path.unlink()
+            raise no_space() from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
 @contextmanager
@@ -182,10 +242,14 @@ def open_run_file(path: Path, mode: str = "r") -> h5py.File:
         msg = f"no run file at {path}"
         raise StoreError(msg)
     try:
-        # readers take no lock, so that render and inspect work on a run that is still being written
-        f = h5py.File(path, mode, locking=False) if mode == "r" else h5py.File(path, mode)
+        if mode == "r":  # readers take no lock, so that render and inspect work on a run that is still being written
+            f = h5py.File(path, mode, locking=False)
+        elif os.environ.get(_KILL_AT_WRITE):
+            f = h5py.File(_KillingFile(path, int(os.environ[_KILL_AT_WRITE])), mode)
+        else:
+            f = h5py.File(path, mode)
     except OSError as e:
-        msg = f"cannot open {path} ({e}); it may be damaged by a killed writer: rerun with --overwrite"
+        msg = f"cannot open {path} ({e}): it is not a run file, or it was damaged outside xclip (a full disk while it was being created, a failing disk): rerun with --overwrite to start again"
         raise StoreError(msg) from e
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -195,17 +259,62 @@ def open_run_file(path: Path, mode: str = "r") -> h5py.File:
     return f
 
 
+class _KillingFile(io.FileIO):
+    """The crash tests' fault injection: a file whose N-th write writes half its bytes, then kills the process
+    with SIGKILL, as a power cut or the OOM killer would, in the middle of a write."""
+
+    def __init__(self, path: Path, kill_at: int) -> None:
+        super().__init__(path, "r+")
+        self.countdown = kill_at
+
+    def write(self, data: Any) -> int:
+        self.countdown -= 1
+        if self.countdown == 0:
+            view = memoryview(data).cast("B")
+            super().write(view[: len(view) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().write(data)
+
+
+def commit(f: h5py.File, group: h5py.Group, indices: Sequence[int]) -> None:
+    """Mark items done whose data were written: first the data reach the disk (flush, fsync), then the status
+    does, so that a status never says done about data a kill lost."""
+    if not len(indices):
+        return
+    _sync(f)
+    order = np.sort(np.asarray(indices, dtype=np.int64))
+    group["error"][order] = np.array([b""] * len(order), dtype=_ERROR)
+    group["status"][order] = np.full(len(order), DONE, dtype="i1")
+    f.flush()
+
+
+def _sync(f: h5py.File) -> None:
+    f.flush()  # HDF5's buffers to the operating system
+    if f.driver == "sec2":
+        os.fsync(f.id.get_vfd_handle())  # and the operating system's to the disk
+
+
 @contextmanager
 def damaged_file_errors(path: Path) -> Iterator[None]:
-    """h5py's errors while reading an open run file (a damaged chunk, a broken heap) as one :class:`StoreError`
-    naming the file; h5py raises them as ``OSError`` (without an errno) or ``KeyError``, without saying which file."""
+    """h5py's errors while reading an open run file (a damaged heap or table) as one :class:`StoreError` naming
+    the file; h5py raises them as ``OSError`` (without an errno), ``KeyError`` or ``RuntimeError``, without
+    saying which file."""
     try:
         yield
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, RuntimeError) as e:
         if isinstance(e, OSError) and e.errno is not None:  # the operating system's (a full disk): not the file's
             raise
-        msg = f"cannot read {path}: the file is damaged ({e}); a killed writer or a failing disk can do this"
+        if not _raised_by_h5py(e):
+            raise
+        msg = f"cannot read {path}: the file is damaged ({e}); a failing disk or an incomplete copy can do this"
         raise StoreError(msg) from e
+
+
+def _raised_by_h5py(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and "h5py" in traceback.tb_frame.f_code.co_filename
 
 
 def pending(group: h5py.Group) -> np.ndarray:
@@ -214,12 +323,12 @@ def pending(group: h5py.Group) -> np.ndarray:
 
 
 def mark_failed(group: h5py.Group, index: int, reason: str) -> None:
-    group["error"][index] = reason
+    group["error"][index] = _utf8(reason, _ERROR.itemsize)
     group["status"][index] = FAILED
 
 
 def write_contributions(group: h5py.Group, index: int, item: Contributions) -> None:
-    """One caption's or image's results; the status is set last."""
+    """One caption's or image's results; :func:`commit` marks it done."""
     n = item.values.shape[0]
     values = np.full(group["contributions"].shape[1:], np.nan, dtype="f4")
     values[:n] = item.values.float().cpu().numpy()
@@ -231,8 +340,6 @@ def write_contributions(group: h5py.Group, index: int, item: Contributions) -> N
     group["difference_norm"][index] = item.difference_norm
     group["n_nodes"][index] = item.n_nodes
     group["is_converged"][index] = item.is_converged
-    group["error"][index] = ""
-    group["status"][index] = DONE
 
 
 def write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int], item: Contributions) -> None:
@@ -240,9 +347,16 @@ def write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int]
     ids = np.full(group["token_ids"].shape[1], -1, dtype="i4")
     ids[:n] = token_ids[:n]
     group["token_ids"][index] = ids
-    group["tokens"][index] = np.array(item.labels + [""] * (group["tokens"].shape[1] - n), dtype=object)
+    tokens = [_utf8(token, _TOKEN.itemsize) for token in item.labels] + [b""] * (group["tokens"].shape[1] - n)
+    group["tokens"][index] = np.array(tokens, dtype=_TOKEN)
     group["n_positions"][index] = n
     group["is_truncated"][index] = item.is_truncated
+
+
+def write_image_source(group: h5py.Group, index: int, size: tuple[int, int], notes: Sequence[str]) -> None:
+    """An image's size as read (after EXIF orientation) and what was done to read it."""
+    group["original_size"][index] = size
+    group["notes"][index] = _utf8("; ".join(notes), _NOTE.itemsize)
 
 
 def read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid: tuple[int, int] | None,
@@ -276,8 +390,6 @@ def write_pair(group: h5py.Group, index: int, item: InteractionMap) -> None:
     group["completeness_error"][index] = item.completeness_error
     group["relative_completeness_error"][index] = item.relative_completeness_error
     group["completeness_bound"][index] = item.completeness_bound
-    group["error"][index] = ""
-    group["status"][index] = DONE
 
 
 def merge_shards(directory: Path, *, allow_partial: bool = False, block: int = 1024) -> Path:
@@ -362,10 +474,12 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
                     group.attrs[key] = value
                 totals = [len(src[group_name]["status"]) for src in sources]
                 for name, dataset in first.items():
-                    group.create_dataset(
-                        name, shape=(sum(totals), *dataset.shape[1:]), dtype=dataset.dtype, chunks=dataset.chunks,
-                        compression=dataset.compression, shuffle=dataset.shuffle, fillvalue=dataset.fillvalue,
-                    )
+                    shape = (sum(totals), *dataset.shape[1:])
+                    string = h5py.check_string_dtype(dataset.dtype)
+                    if string is not None and string.length is None:  # text of the file's creation
+                        group.create_dataset(name, shape=shape, dtype=dataset.dtype)
+                    else:
+                        _fixed(group, name, shape, dataset.dtype, dataset.fillvalue)
             offsets = {"captions": 0, "images": 0, "pairs": 0}
             for src in sources:
                 for group_name in ("captions", "images", "pairs"):
