@@ -287,3 +287,57 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
     monkeypatch.undo()  # space freed
     expect(["attribute", config, "-q", "--json"], 0, r'"done": 3')
+
+
+# --- maps on demand -------------------------------------------------------------------------------------------------
+def test_runs_without_stored_maps_read_the_same(tmp_path):
+    from conftest import DEMO_MODEL, DEMO_SCENES
+    from PIL import Image
+
+    from xclip.store import RunReader
+
+    images = tmp_path / "images"
+    images.mkdir()
+    records = [json.loads(line) for line in (DEMO_SCENES / "annotations.jsonl").read_text().splitlines()][:4]
+    for record in records:
+        shutil.copy(DEMO_SCENES / record["image"], images / record["image"])
+    (images / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["image"], "text": r["caption"]}) + "\n" for r in records))
+    (tmp_path / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    outputs = {}
+    for maps in ("store", "none"):
+        config = write_config(tmp_path, str(DEMO_MODEL), output={"directory": maps, "pair_maps": maps}, pairing={"mode": "all"})
+        assert invoke("attribute", config, "-q")[0] == 0
+        run_dir = tmp_path / maps
+        with RunReader(run_dir) as run:
+            assert run.has_pair_maps == (maps == "store")
+            maps_read = [run.interactions(p) for p in range(16)]
+        report = json.loads(invoke("inspect", run_dir, "--json")[1])
+        for key in ("file", "config", "created"):
+            report.pop(key)
+        assert invoke("render", run_dir, "--pair", "5")[0] == invoke("render", run_dir, "--pair", "5", "--span", "blue")[0] == 0
+        figures = {png.name: Image.open(png) for png in sorted((run_dir / "heatmaps").glob("*.png"))}
+        assert invoke("evaluate", run_dir, "-a", tmp_path / "annotations.jsonl", "--out", tmp_path / f"evaluation-{maps}")[0] == 0
+        evaluation = json.loads((tmp_path / f"evaluation-{maps}" / "report.json").read_text())
+        outputs[maps] = (maps_read, report, figures, evaluation)
+    stored, computed = outputs["store"], outputs["none"]
+    for a, b in zip(stored[0], computed[0]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)  # the same map, to float32 precision
+    assert stored[1] == computed[1]  # inspect reads stored numbers either way
+    assert stored[2].keys() == computed[2].keys() and len(stored[2]) == 2
+    for name, figure in stored[2].items():
+        other = computed[2][name]
+        assert abs(float(figure.text["xclip:halfrange"]) - float(other.text["xclip:halfrange"])) <= 1e-6 * float(figure.text["xclip:halfrange"])
+        assert np.abs(np.asarray(figure, dtype=int) - np.asarray(other, dtype=int)).max() <= 1
+    assert _close(stored[3], computed[3])
+    assert (tmp_path / "none" / "run.h5").stat().st_size < (tmp_path / "store" / "run.h5").stat().st_size
+
+
+def _close(a, b) -> bool:
+    """Two JSON reports equal, numbers to a relative 1e-5."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    return a == b

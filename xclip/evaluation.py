@@ -26,7 +26,7 @@ from xclip.data import text_lines
 from xclip.errors import ConfigError
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.render import model_view
-from xclip.store import DONE, damaged_file_errors, open_run_file
+from xclip.store import DONE, RunReader, run_file_path
 
 METRICS = ("pointing_game", "energy_in_box", "mass_ratio")
 DIRECTIONS = ("phrase_to_image", "box_to_phrase")
@@ -115,30 +115,24 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
 
     from xclip.loading import quiet_transformers
 
-    run_dir = Path(run_dir)
-    run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
     annotations = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)}
     scores: list[PhraseScore] = []
-    with open_run_file(run_file) as f, damaged_file_errors(run_file):
+    with RunReader(run_dir) as run:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(f.attrs["model_name"], local_files_only=True)
-        geometry = json.loads(f.attrs["preprocessing"])
-        captions, images, pairs = f["captions"], f["images"], f["pairs"]
-        grid = tuple(int(v) for v in images.attrs["grid"])
-        n_prefix = int(images.attrs["n_prefix"])
-        texts, paths = captions["text"].asstr()[:], images["path"].asstr()[:]
-        status = pairs["status"][:]
-        for index in np.flatnonzero(status == DONE):
-            c, i = int(pairs["caption_index"][index]), int(pairs["image_index"][index])
+            tokenizer = AutoTokenizer.from_pretrained(run.attrs["model_name"], local_files_only=True)
+        texts, paths = run.captions(), run.image_paths()
+        caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
+        sizes = run.column("images", "original_size")
+        for index in np.flatnonzero(run.status("pairs") == DONE):
+            c, i = int(caption_index[index]), int(image_index[index])
             record = annotations.get((paths[i], texts[c]))
             if record is None:
                 continue
-            n_positions = int(captions["n_positions"][c])
-            interactions = pairs["interactions"][index, :n_positions].astype(np.float64)
-            patch_values = interactions[:, n_prefix:]
-            tokens = list(captions["tokens"].asstr()[c, :n_positions])
+            patch_values = run.interactions(int(index)).astype(np.float64)[:, run.n_prefix :]
+            tokens = run.tokens(c)
+            n_positions = len(tokens)
             special = np.array([t in tokenizer.all_special_tokens for t in tokens])
-            size = tuple(int(v) for v in images["original_size"][i])
+            size = tuple(int(v) for v in sizes[i])
             offsets = tokenizer(texts[c], return_offsets_mapping=True, truncation=True, max_length=n_positions)[
                 "offset_mapping"
             ]
@@ -146,7 +140,7 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                 rows = _token_rows(offsets, phrase["start"], phrase["end"])
                 if not rows:
                     continue
-                inside_image = patch_mask(phrase["boxes"], size, geometry, grid).reshape(-1)
+                inside_image = patch_mask(phrase["boxes"], size, run.geometry, run.grid).reshape(-1)
                 phrase_map = patch_values[rows].sum(0)
                 inside_tokens = np.zeros(n_positions, dtype=bool)
                 inside_tokens[rows] = True
@@ -162,7 +156,7 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                     values[f"{direction}/mass_ratio"] = mass_ratio(v, inside)
                 scores.append(PhraseScore(int(index), phrase["text"], str(phrase.get("class", "all")), values))
     if not scores:
-        msg = f"no finished pair of {run_file} matches an annotation (same image path and caption) in {annotations_path}"
+        msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}"
         raise ConfigError(msg)
     return scores
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from xclip.store import DONE, damaged_file_errors, FAILED, PENDING, open_run_file
+from xclip.store import DONE, FAILED, PENDING, RunReader
 
 STATUS = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 NOT_CONVERGED_HINT = (
@@ -19,77 +17,63 @@ NOT_CONVERGED_HINT = (
 
 
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
-    with open_run_file(run_file) as f, damaged_file_errors(run_file):
+    with RunReader(run_dir) as run:
         counts = {}
-        rejected = list(f["rejected_records"].asstr()[:])
+        rejected = run.rejected_records()
         failures = [f"record {line}" for line in rejected]
         for group in ("captions", "images", "pairs"):
-            status = f[group]["status"][:]
+            status = run.status(group)
             counts[group] = {
                 "total": int(status.size),
                 "done": int((status == DONE).sum()),
                 "failed": int((status == FAILED).sum()),
                 "pending": int((status == PENDING).sum()),
             }
-            errors = f[group]["error"].asstr()
-            failures += [f"{group[:-1]} {i}: {errors[i]}" for i in np.flatnonzero(status == FAILED)]
-        pairs, captions, images = f["pairs"], f["captions/text"].asstr()[:], f["images/path"].asstr()[:]
-        status = pairs["status"][:]
-        terms, errors, values = pairs["terms"][:], pairs["completeness_error"][:], pairs["four_term_value"][:]
-        relative = pairs["relative_completeness_error"][:]
-        rows = [
-            {
-                "index": int(i),
-                "caption_index": int(c),
-                "image_index": int(m),
-                "caption": str(captions[c]),
-                "image": str(images[m]),
-                "status": STATUS[int(status[i])],
-                "score": float(pairs["score"][i]),
-                "terms": [float(t) for t in terms[i]] if status[i] == DONE else None,
-                "four_term_value": float(values[i]),
-                "completeness_error": float(errors[i]),
-                "relative_completeness_error": float(relative[i]),
-            }
-            for i, (c, m) in enumerate(zip(pairs["caption_index"][:], pairs["image_index"][:]))
-        ]
+            failed = np.flatnonzero(status == FAILED)
+            failures += [f"{group[:-1]} {i}: {error}" for i, error in zip(failed, run.errors(group, failed))]
+        captions, images = run.captions(), run.image_paths()
+        status = run.status("pairs")
+        numbers = {name: run.column("pairs", name) for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error")}
+        terms = run.column("pairs", "terms")
+        rows = []
+        for i, (c, m) in enumerate(zip(run.column("pairs", "caption_index"), run.column("pairs", "image_index"))):
+            is_done = status[i] == DONE  # numbers of unfinished pairs are not results
+            row = {"index": i, "caption_index": int(c), "image_index": int(m), "caption": captions[c], "image": images[m],
+                   "status": STATUS[int(status[i])], "terms": [float(t) for t in terms[i]] if is_done else None}
+            row.update({name: float(values[i]) if is_done and np.isfinite(values[i]) else None for name, values in numbers.items()})
+            rows.append(row)
         return {
-            "file": str(run_file),
-            "model": f.attrs["model_name"],
-            "created": f.attrs["created"],
-            "xclip_version": f.attrs["xclip_version"],
-            "config": json.loads(f.attrs["config"]),
+            "file": str(run.path),
+            "model": run.attrs["model_name"],
+            "created": run.attrs["created"],
+            "xclip_version": run.attrs["xclip_version"],
+            "config": run.config,
             "counts": counts,
             "rejected_records": rejected,
-            "accuracy": describe_accuracy(f),
+            "accuracy": describe_accuracy(run),
             "failures": failures,
-            # numbers of unfinished pairs are not results (their storage holds whatever the disk held)
-            "pairs": [{k: (None if isinstance(v, float) and (row["status"] != "done" or np.isnan(v)) else v)
-                       for k, v in row.items()} for row in rows],
+            "pairs": rows,
         }
 
 
-def describe_accuracy(f: h5py.File) -> dict[str, Any]:
+def describe_accuracy(run: RunReader) -> dict[str, Any]:
     """How accurate the finished items of a run are: nodes and completeness errors per input, the inputs that
     missed the tolerance, and the pairs' completeness errors relative to their score scale.
 
     Pair errors are taken relative to ``|d_a| |d_b|`` (the largest the four-term value can be), not to the
     four-term value itself, which can be near zero for an accurate map and would then dominate any mean.
     """
-    attribution = json.loads(f.attrs["config"])["attribution"]
+    attribution = run.config["attribution"]
     report: dict[str, Any] = {
         "tolerance": attribution["tolerance"],
         "max_steps": attribution["max_steps"],
         "n_steps": attribution["n_steps"],
         "not_converged": [],
     }
-    for group, label in (("captions", "text"), ("images", "path")):
-        items = f[group]
-        done = items["status"][:] == DONE
-        nodes, relative = items["n_nodes"][:], items["relative_completeness_error"][:]
-        missed = np.flatnonzero(done & ~items["is_converged"][:])
+    for group, names in (("captions", run.captions()), ("images", run.image_paths())):
+        done = run.status(group) == DONE
+        nodes, relative = run.column(group, "n_nodes"), run.column(group, "relative_completeness_error")
+        missed = np.flatnonzero(done & ~run.column(group, "is_converged"))
         report[group] = {
             "done": int(done.sum()),
             "nodes_mean": _statistic(np.mean, nodes[done]),
@@ -98,25 +82,23 @@ def describe_accuracy(f: h5py.File) -> dict[str, Any]:
             "relative_error_max": _statistic(np.max, relative[done]),
             "not_converged": int(missed.size),
         }
-        names = items[label].asstr()[missed] if missed.size else []  # one read, not one per item
         report["not_converged"] += [
             {
                 "group": group,
                 "index": int(i),
-                "item": str(name),
+                "item": names[i],
                 "n_nodes": int(nodes[i]),
                 "relative_completeness_error": float(relative[i]),
             }
-            for i, name in zip(missed, names)
+            for i in missed
         ]
-    pairs = f["pairs"]
-    done = pairs["status"][:] == DONE
+    done = run.status("pairs") == DONE
     report["pairs"] = {
         "done": int(done.sum()),
-        "relative_error_median": _statistic(np.median, pairs["relative_completeness_error"][:][done]),
-        "relative_error_max": _statistic(np.max, pairs["relative_completeness_error"][:][done]),
-        "error_max": _statistic(np.max, pairs["completeness_error"][:][done]),
-        "bound_max": _statistic(np.max, pairs["completeness_bound"][:][done]),
+        "relative_error_median": _statistic(np.median, run.column("pairs", "relative_completeness_error")[done]),
+        "relative_error_max": _statistic(np.max, run.column("pairs", "relative_completeness_error")[done]),
+        "error_max": _statistic(np.max, run.column("pairs", "completeness_error")[done]),
+        "bound_max": _statistic(np.max, run.column("pairs", "completeness_bound")[done]),
     }
     return report
 

@@ -7,7 +7,6 @@ PNG records the colour scale it used in a text chunk (``xclip:halfrange``).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import textwrap
@@ -21,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from xclip.adapters.base import read_image
 from xclip.errors import ConfigError
-from xclip.store import DONE, damaged_file_errors, open_run_file
+from xclip.store import DONE, RunReader
 
 COLORMAP = "RdBu_r"
 DISPLAY_SIDE = 256  # views smaller than this are enlarged for drawing
@@ -257,26 +256,23 @@ def _token_strip(fig: Any, strip: Any, tokens: list[str], token_scores: np.ndarr
             x, y = 0.01, y - 0.45
 
 
-def load_pair_view(f: Any, index: int, data_root: Path, geometry: dict[str, Any]) -> PairView:
-    captions, images, pairs = f["captions"], f["images"], f["pairs"]
-    c, i = int(pairs["caption_index"][index]), int(pairs["image_index"][index])
-    n_tokens = int(captions["n_positions"][c])
-    tokens = list(captions["tokens"].asstr()[c, :n_tokens])
-    image_path = data_root / images["path"].asstr()[i]
+def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
+    c, i = int(run.column("pairs", "caption_index")[index]), int(run.column("pairs", "image_index")[index])
+    image_path = data_root / run.image_paths()[i]
     if not image_path.is_file():
         msg = f"image {image_path} of pair {index} is not there: was the data moved? pass --data-root with its new folder"
         raise ConfigError(msg)
-    view, to_view = model_view(read_image(image_path)[0], geometry)
+    view, to_view = model_view(read_image(image_path)[0], run.geometry)
     return PairView(
         index=index,
-        caption=captions["text"].asstr()[c],
-        tokens=tokens,
-        interactions=pairs["interactions"][index, :n_tokens],
-        grid=tuple(int(v) for v in images.attrs["grid"]),
-        n_prefix=int(images.attrs["n_prefix"]),
+        caption=run.captions()[c],
+        tokens=run.tokens(c),
+        interactions=run.interactions(index),
+        grid=run.grid,
+        n_prefix=run.n_prefix,
         image=view,
         to_view=to_view,
-        score=float(pairs["score"][index]),
+        score=float(run.column("pairs", "score")[index]),
     )
 
 
@@ -302,12 +298,6 @@ def render_pair(view: PairView, out: Path, *, span: str | None = None,
     return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png", whole)
 
 
-def _data_root(f: Any, run_file: Path, configured: Path) -> Path:
-    """The run's data root; when it is gone, the same folder relative to the run (a project moved whole)."""
-    moved = (run_file.parent / f.attrs.get("data_root_from_run", "")).resolve()
-    return moved if not configured.is_dir() and moved.is_dir() else configured
-
-
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
                box: tuple[float, float, float, float] | None = None, out: Path | None = None,
                upsample: str = "bilinear", limit: int = 100, data_root: Path | None = None) -> list[Path]:
@@ -320,28 +310,24 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
     if upsample not in ("bilinear", "nearest"):
         msg = f"--upsample must be bilinear or nearest, got {upsample!r}"
         raise ConfigError(msg)
-    run_dir = Path(run_dir)
-    run_file = run_dir if run_dir.suffix == ".h5" else run_dir / "run.h5"
-    out = out or run_file.parent / "heatmaps"
-    with open_run_file(run_file) as f, damaged_file_errors(run_file):
-        config = json.loads(f.attrs["config"])
-        geometry = json.loads(f.attrs["preprocessing"])
-        status = f["pairs/status"][:]
+    with RunReader(run_dir) as run:
+        out = out or run.path.parent / "heatmaps"
+        status = run.status("pairs")
         if pairs:
             for index in pairs:
                 if not 0 <= index < len(status) or status[index] != DONE:
-                    msg = f"pair {index} is not a finished pair of {run_file} (it has {len(status)} pairs)"
+                    msg = f"pair {index} is not a finished pair of {run.path} (it has {len(status)} pairs)"
                     raise ConfigError(msg)
             selected = pairs
         else:
             selected = [int(i) for i in np.flatnonzero(status == DONE)[:limit]]
-        root = data_root or _data_root(f, run_file, Path(config["data"]["root"]))
         if box is not None:
-            sizes = f["images/original_size"][:]
+            sizes, image_index = run.column("images", "original_size"), run.column("pairs", "image_index")
             for index in selected:
-                width, height = (int(v) for v in sizes[int(f["pairs/image_index"][index])])
+                width, height = (int(v) for v in sizes[int(image_index[index])])
                 if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
                     msg = f"--box {','.join(f'{v:g}' for v in box)} is not inside the image of pair {index} ({width} x {height} pixels)"
                     raise ConfigError(msg)
-        return [render_pair(load_pair_view(f, index, root, geometry), out, span=span, box=box, upsample=upsample)
+        root = run.data_root(data_root)
+        return [render_pair(load_pair_view(run, index, root), out, span=span, box=box, upsample=upsample)
                 for index in selected]

@@ -32,6 +32,7 @@ from xclip.errors import StoreError
 from xclip.result import Contributions, InteractionMap
 
 SCHEMA_VERSION = 3
+RUN_FILE = "run.h5"
 LOCK_FILE = ".writer.lock"
 _UNREADABLE_LOCK_GRACE_SECONDS = 30  # a lock file is written right after it is created
 PENDING, DONE, FAILED = 0, 1, 2
@@ -76,6 +77,7 @@ def create_run_file(
     images: Sequence[str],
     pairs: Sequence[tuple[int, int]],
     rejected_records: Sequence[str],
+    store_pair_maps: bool,
     max_text_positions: int,
     n_image_positions: int,
     embedding_dim: int,
@@ -120,7 +122,8 @@ def create_run_file(
         _floats(pair, "completeness_error", (n_pairs,))
         _floats(pair, "relative_completeness_error", (n_pairs,))
         _floats(pair, "completeness_bound", (n_pairs,))
-        _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions))
+        if store_pair_maps:  # otherwise readers compute a pair's map from its two stored contribution arrays
+            _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions))
         _status(pair, n_pairs)
         f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
     _reserve(path)
@@ -380,16 +383,131 @@ def read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid
 
 
 def write_pair(group: h5py.Group, index: int, item: InteractionMap) -> None:
-    values = np.full(group["interactions"].shape[1:], np.nan, dtype="f4")
-    rows, columns = item.interactions.shape
-    values[:rows, :columns] = item.interactions.float().cpu().numpy()
-    group["interactions"][index] = values
+    if "interactions" in group:
+        values = np.full(group["interactions"].shape[1:], np.nan, dtype="f4")
+        rows, columns = item.interactions.shape
+        values[:rows, :columns] = item.interactions.float().cpu().numpy()
+        group["interactions"][index] = values
     group["score"][index] = item.score
     group["terms"][index] = item.terms.float().cpu().numpy()
     group["four_term_value"][index] = item.four_term_value
     group["completeness_error"][index] = item.completeness_error
     group["relative_completeness_error"][index] = item.relative_completeness_error
     group["completeness_bound"][index] = item.completeness_bound
+
+
+def run_file_path(run_dir: str | Path) -> Path:
+    """The run file of a run directory; a path ending in ``.h5`` is taken as the file itself."""
+    path = Path(run_dir)
+    return path if path.suffix == ".h5" else path / RUN_FILE
+
+
+class RunReader:
+    """Read access to a run file, for inspect, render and evaluate: what the file holds, by item.
+
+    It never takes the writer lock, so it works on a run that is still being written (it shows what is
+    finished). Every h5py error while reading becomes a :class:`StoreError` naming the file. A pair's map is
+    read when the run stored maps (``output.pair_maps``), and computed from the two stored contribution arrays
+    otherwise, through :func:`xclip.interaction_map`: readers see the same map either way.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = run_file_path(run_dir)
+        self._file = open_run_file(self.path)
+        with self._reading():
+            self.attrs: dict[str, Any] = dict(self._file.attrs)
+            self.config: dict[str, Any] = json.loads(self.attrs["config"])
+            self.geometry: dict[str, Any] = json.loads(self.attrs["preprocessing"])
+            self.grid: tuple[int, int] = tuple(int(v) for v in self._file["images"].attrs["grid"])  # type: ignore[assignment]
+            self.n_prefix = int(self._file["images"].attrs["n_prefix"])
+            self.has_pair_maps = "interactions" in self._file["pairs"]
+        self._fixed: dict[str, Any] = {}  # what a run never changes after creating the file, read once
+
+    def __enter__(self) -> RunReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        with damaged_file_errors(self.path):
+            yield
+
+    def status(self, group: str) -> np.ndarray:
+        """Status per item of ``captions``, ``images`` or ``pairs``: PENDING, DONE or FAILED."""
+        with self._reading():
+            return self._file[group]["status"][:]
+
+    def errors(self, group: str, indices: Sequence[int]) -> list[str]:
+        """Why the given items failed."""
+        with self._reading():
+            return list(self._file[group]["error"].asstr()[np.sort(np.asarray(indices, dtype=np.int64))]) if len(indices) else []
+
+    def column(self, group: str, name: str) -> np.ndarray:
+        """One per-item dataset of the README's table, whole (scores, errors, node counts, sizes, ...)."""
+        if (group, name) in (("pairs", "caption_index"), ("pairs", "image_index")):
+            return self._once(f"{group}/{name}", lambda: self._file[group][name][:])
+        with self._reading():
+            return self._file[group][name][:]
+
+    def captions(self) -> list[str]:
+        return self._once("captions/text", lambda: list(self._file["captions/text"].asstr()[:]))
+
+    def image_paths(self) -> list[str]:
+        """Image paths relative to the data root."""
+        return self._once("images/path", lambda: list(self._file["images/path"].asstr()[:]))
+
+    def _once(self, key: str, read: Any) -> Any:
+        if key not in self._fixed:
+            with self._reading():
+                self._fixed[key] = read()
+        return self._fixed[key]
+
+    def rejected_records(self) -> list[str]:
+        with self._reading():
+            return list(self._file["rejected_records"].asstr()[:])
+
+    def tokens(self, caption: int) -> list[str]:
+        with self._reading():
+            n = int(self._file["captions/n_positions"][caption])
+            return list(self._file["captions/tokens"].asstr()[caption, :n])
+
+    def contributions(self, group: str, index: int) -> Contributions:
+        """A finished caption's (``captions``) or image's (``images``) contributions, as the engine gave them."""
+        with self._reading():
+            items = self._file[group]
+            if group == "captions":
+                labels = self.tokens(index)
+                return read_contributions(items, index, labels=labels, grid=None, n_prefix=0, n_positions=len(labels))
+            rows, cols = self.grid
+            labels = ["cls"] * self.n_prefix + [f"patch({r},{c})" for r in range(rows) for c in range(cols)]
+            return read_contributions(items, index, labels=labels, grid=self.grid, n_prefix=self.n_prefix, n_positions=len(labels))
+
+    def interactions(self, pair: int) -> np.ndarray:
+        """A finished pair's token x image-position map, ``(n_tokens, S)`` (CLS columns first)."""
+        caption, image = int(self.column("pairs", "caption_index")[pair]), int(self.column("pairs", "image_index")[pair])
+        if self.has_pair_maps:
+            with self._reading():
+                n = int(self._file["captions/n_positions"][caption])
+                return self._file["pairs/interactions"][pair, :n]
+        from xclip.attribution import interaction_map
+
+        scale = float(self.attrs["logit_scale"]) if self.config["attribution"]["scale_by_logit"] else 1.0
+        result = interaction_map(self.contributions("captions", caption), self.contributions("images", image), logit_scale=scale)
+        return result.interactions.numpy()
+
+    def data_root(self, override: Path | None = None) -> Path:
+        """The images' folder: ``override``, the run's ``data.root``, or, when that is gone, the same folder
+        relative to the run (a project moved as a whole)."""
+        if override is not None:
+            return override
+        configured = Path(self.config["data"]["root"])
+        moved = (self.path.parent / str(self.attrs.get("data_root_from_run", ""))).resolve()
+        return moved if not configured.is_dir() and moved.is_dir() else configured
 
 
 def merge_shards(directory: Path, *, allow_partial: bool = False, block: int = 1024) -> Path:
@@ -433,6 +551,7 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
                 "fingerprint": json.dumps(fingerprint, sort_keys=True),
                 "weights": f.attrs.get("model_weights_sha256", ""),
                 "data": f.attrs["data_sha256"],
+                "maps": "interactions" in f["pairs"],
             }
             if not first:
                 first = {"path": path, **identity}
@@ -442,6 +561,9 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
                 raise StoreError(msg)
             elif identity["weights"] != first["weights"]:
                 msg = f"{path} was made with other model weights than {first['path']} (weights sha256 differ)"
+                raise StoreError(msg)
+            elif identity["maps"] != first["maps"]:
+                msg = f"{path} {'stores' if identity['maps'] else 'does not store'} pair maps, {first['path']} does the opposite: shards of one run share output.pair_maps"
                 raise StoreError(msg)
             elif identity["data"] != first["data"]:
                 msg = f"{path} was made from other data files than {first['path']} (data sha256 differ: the files changed between the shards' runs)"
