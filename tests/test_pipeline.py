@@ -207,9 +207,11 @@ def test_topk_pairs_each_image_with_its_best_captions(tmp_path, model_dirs):
     model = xclip.load_model(model_dirs["clip"], device="cpu", dtype="float64")
     images = [Image.open(tmp_path / "images" / f"img{i}.png") for i in range(3)]
     scores = np.array([[m.score for m in xclip.InteractionAttribution(model, n_steps=1).attribute([c], images)] for c in CAPTIONS])
-    expected = sorted((int(c), i) for i in range(3) for c in np.argsort(-scores[:, i])[:2])
-    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
-        stored = sorted(zip(f["pairs/caption_index"][:].tolist(), f["pairs/image_index"][:].tolist()))
+    expected = sorted((CAPTIONS[c], f"img{i}.png") for i in range(3) for c in np.argsort(-scores[:, i])[:2])
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:  # captions in no image's top k are not attributed
+        texts, paths = f["captions/text"].asstr()[:], f["images/path"].asstr()[:]
+        stored = sorted((texts[c], paths[i]) for c, i in zip(f["pairs/caption_index"][:], f["pairs/image_index"][:]))
+        assert set(texts) == {caption for caption, _ in expected}
     assert stored == expected
 
 

@@ -341,3 +341,13 @@ def _close(a, b) -> bool:
     if isinstance(a, float):
         return b == pytest.approx(a, rel=1e-5, abs=1e-7)
     return a == b
+
+
+@pytest.mark.parametrize("mode", ["given", "all", "topk"])
+def test_limit_cuts_the_pairs_and_the_inputs_they_need(tmp_path, config, mode):
+    code, output = invoke("attribute", config, "data.limit=2", f"pairing.mode={mode}", "pairing.k=1", "-q", "--json")
+    assert code == 0 and json.loads(output.splitlines()[0])["pairs"] == 2
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        pairs = list(zip(f["pairs/caption_index"][:], f["pairs/image_index"][:]))
+        assert len(pairs) == 2
+        assert len(f["captions/text"]) == len({c for c, _ in pairs}) and len(f["images/path"]) == len({i for _, i in pairs})

@@ -73,7 +73,7 @@ class DataConfig(_Section):
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     queries: list[str] = Field(default_factory=list, description="captions crossed with every image")
-    limit: int | None = Field(None, ge=1, strict=True, description="use only the first N pairs")
+    limit: int | None = Field(None, ge=1, strict=True, description="use only the first N pairs (after pairing) and the inputs they need")
 
 
 class PairingConfig(_Section):

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from xclip.adapters.base import text_problem
 from xclip.config import DataConfig
 from xclip.errors import ConfigError
@@ -30,14 +32,15 @@ class Dataset:
 
     captions: list[str]
     images: list[Path]
-    given_pairs: list[tuple[int, int]]
+    given_pairs: list[tuple[int, int]] | np.ndarray
     rejected: list[str] = field(default_factory=list)
 
     def digest(self, root: Path) -> str:
         """SHA-256 of what the data files say (captions, image paths relative to ``root``, pairs): equal for the
         same files wherever they lie, different after any edit that changes a caption, a path or a pair."""
         images = [str(path.relative_to(root.resolve())) for path in self.images]
-        return hashlib.sha256(json.dumps([self.captions, images, self.given_pairs]).encode()).hexdigest()
+        pairs = np.asarray(self.given_pairs, dtype=np.int64).tolist()
+        return hashlib.sha256(json.dumps([self.captions, images, pairs]).encode()).hexdigest()
 
 
 class _Builder:
@@ -73,10 +76,10 @@ class _Builder:
         text = self.captions.setdefault(caption, len(self.captions))
         self.pairs.setdefault((text, image))
 
-    def build(self, limit: int | None) -> Dataset:
+    def build(self) -> Dataset:
         pairs = list(self.pairs)
         return Dataset(
-            captions=list(self.captions), images=list(self.images), given_pairs=pairs[:limit] if limit else pairs,
+            captions=list(self.captions), images=list(self.images), given_pairs=pairs,
             rejected=self.rejected,
         )
 
@@ -275,7 +278,7 @@ def read_dataset(config: DataConfig) -> Dataset:
         _read_sidecar(root, builder)
     elif config.format == "queries":
         _read_queries(config, builder)
-    dataset = builder.build(config.limit)
+    dataset = builder.build()
     if not dataset.given_pairs:
         rejected = "".join(f"\n  {line}" for line in dataset.rejected[:10])
         more = f"\n  ... and {len(dataset.rejected) - 10} more" if len(dataset.rejected) > 10 else ""

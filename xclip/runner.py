@@ -131,9 +131,9 @@ def _run_locked(
     )
     directory.mkdir(parents=True, exist_ok=True)
     if not run_path.exists():
-        chosen = _choose_pairs(config, dataset, attributor, progress)
+        chosen = _choose_pairs(config, dataset, attributor, progress)[: config.data.limit]
         stores_pair_maps = _stores_pair_maps(config, len(chosen), model)  # decided on all shards' pairs together
-        dataset = _shard(dataset, chosen, config)
+        dataset = _subset(dataset, chosen, config)
         grid = model.patch_grid
         skeleton = run_path.with_suffix(".h5.tmp")
         skeleton.unlink(missing_ok=True)  # left by a run killed while creating it: never complete
@@ -206,58 +206,60 @@ def _stores_pair_maps(config: RunConfig, n_pairs: int, model: DualEncoderAdapter
     return n_bytes <= AUTO_PAIR_MAPS_BYTES
 
 
-def _shard(dataset: Dataset, pairs: list[tuple[int, int]], config: RunConfig) -> Dataset:
-    """This shard's contiguous block of the pairs, with just the captions and images they use."""
+def _subset(dataset: Dataset, pairs: np.ndarray, config: RunConfig) -> Dataset:
+    """This shard's contiguous block of the ``(P, 2)`` pairs, with just the captions and images they use (with
+    ``data.limit`` or ``topk``, inputs without a pair are never attributed)."""
     index, n_shards = config.runtime.shard_index, config.runtime.num_shards
-    if n_shards == 1:
-        return Dataset(captions=dataset.captions, images=dataset.images, given_pairs=pairs, rejected=dataset.rejected)
     size, extra = divmod(len(pairs), n_shards)  # the first `extra` shards take one pair more
     start = index * size + min(index, extra)
     block = pairs[start : start + size + (index < extra)]
-    captions = sorted({c for c, _ in block})
-    images = sorted({i for _, i in block})
-    caption_row = {c: row for row, c in enumerate(captions)}
-    image_row = {i: row for row, i in enumerate(images)}
+    captions, caption_rows = np.unique(block[:, 0], return_inverse=True)
+    images, image_rows = np.unique(block[:, 1], return_inverse=True)
     return Dataset(
         captions=[dataset.captions[c] for c in captions],
         images=[dataset.images[i] for i in images],
-        given_pairs=[(caption_row[c], image_row[i]) for c, i in block],
+        given_pairs=np.stack([caption_rows, image_rows], axis=1),
         rejected=dataset.rejected,
     )
 
 
-def _choose_pairs(
-    config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress
-) -> list[tuple[int, int]]:
+def _choose_pairs(config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress) -> np.ndarray:
+    """``(P, 2)`` (caption, image) pairs of the pairing mode, as one integer array (``all`` of 5,000 x 25,000
+    is 2 GB of it, where Python tuples would take ten times that)."""
     mode = config.pairing.mode
+    n_captions, n_images = len(dataset.captions), len(dataset.images)
     if mode == "given":
-        return dataset.given_pairs
-    every = [(c, i) for c in range(len(dataset.captions)) for i in range(len(dataset.images))]
+        return np.asarray(dataset.given_pairs, dtype=np.int64).reshape(-1, 2)
     if mode == "all":
-        return every
+        return np.stack(np.divmod(np.arange(n_captions * n_images, dtype=np.int64), n_images), axis=1)
     # topk: each image with its k best captions by the model's own score (plain embeddings, cheap)
     scores = _similarities(attributor.model, dataset, config.runtime.batch_size, progress)
-    k = min(config.pairing.k, len(dataset.captions))
-    best = torch.topk(scores, k, dim=0).indices  # (k, n_images)
-    return sorted((int(best[r, i]), i) for i in range(scores.shape[1]) for r in range(k))
+    k = min(config.pairing.k, n_captions)
+    best = torch.topk(scores, k, dim=0).indices.cpu().numpy()  # (k, n_images)
+    pairs = np.stack([best.reshape(-1), np.tile(np.arange(n_images), k)], axis=1).astype(np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # caption-major, as the other modes
 
 
 @torch.no_grad()
 def _similarities(model: DualEncoderAdapter, dataset: Dataset, batch_size: int, progress: Progress) -> torch.Tensor:
-    """``(n_captions, n_images)`` cosine similarities; unreadable images score -inf."""
+    """``(n_captions, n_images)`` cosine similarities, embedded in batches on the model's device; unreadable
+    images score -inf (the image stage records why)."""
     text = [
         model.embed_text(model.tokenize(dataset.captions[start : start + batch_size])).float()
         for start in range(0, len(dataset.captions), batch_size)
     ]
     image = []
-    for index, path in enumerate(dataset.images):
+    for start in range(0, len(dataset.images), batch_size):
+        paths = dataset.images[start : start + batch_size]
         try:
-            pixels = model.preprocess([path]).pixel_values
-        except (XclipError, ValueError):  # unreadable: ranked last; the image stage records why
-            image.append(torch.full_like(text[0][:1], float("nan")))
-            continue
-        image.append(model.embed_image(pixels).float())
-        progress("ranking", index + 1, len(dataset.images))
+            image.append(model.embed_image(model.preprocess(paths).pixel_values).float())
+        except (XclipError, ValueError):  # a bad image in the batch: embed its images one by one
+            for path in paths:
+                try:
+                    image.append(model.embed_image(model.preprocess([path]).pixel_values).float())
+                except (XclipError, ValueError):
+                    image.append(torch.full_like(text[0][:1], float("nan")))
+        progress("ranking", min(start + batch_size, len(dataset.images)), len(dataset.images))
     scores = torch.cat(text) @ torch.cat(image).T
     return scores.nan_to_num(nan=float("-inf"))
 

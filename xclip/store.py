@@ -39,6 +39,7 @@ PENDING, DONE, FAILED = 0, 1, 2
 _STRING = h5py.string_dtype()  # variable length: only for text written when the file is created
 # text written during a run is fixed-length UTF-8 (cut at a character boundary), so that it is stored in place
 _ERROR = h5py.string_dtype("utf-8", 400)
+_PAIR_ERROR = h5py.string_dtype("utf-8", 100)  # "caption 3 failed: ..." (the input's own error has the rest)
 _NOTE = h5py.string_dtype("utf-8", 200)
 _TOKEN = h5py.string_dtype("utf-8", 48)
 # fault injection for the crash tests: SIGKILL this process inside the N-th write to run.h5 after it opens
@@ -59,9 +60,9 @@ def _floats(group: h5py.Group, name: str, shape: tuple[int, ...]) -> None:
     _fixed(group, name, shape, "f4", np.nan)
 
 
-def _status(group: h5py.Group, n: int) -> None:
+def _status(group: h5py.Group, n: int, error: Any = _ERROR) -> None:
     _fixed(group, "status", (n,), "i1", PENDING)
-    _fixed(group, "error", (n,), _ERROR)
+    _fixed(group, "error", (n,), error)
 
 
 def _utf8(text: str, size: int) -> bytes:
@@ -75,7 +76,7 @@ def create_run_file(
     attributes: dict[str, Any],
     captions: Sequence[str],
     images: Sequence[str],
-    pairs: Sequence[tuple[int, int]],
+    pairs: Sequence[tuple[int, int]] | np.ndarray,
     rejected_records: Sequence[str],
     store_pair_maps: bool,
     max_text_positions: int,
@@ -114,8 +115,9 @@ def create_run_file(
             _floats(group, "contributions", (n, n_positions, embedding_dim))
             _status(group, n)
         pair = f.create_group("pairs")
-        pair.create_dataset("caption_index", data=np.array([p[0] for p in pairs], dtype="i8").reshape(n_pairs))
-        pair.create_dataset("image_index", data=np.array([p[1] for p in pairs], dtype="i8").reshape(n_pairs))
+        table = np.asarray(pairs, dtype=np.int64).reshape(n_pairs, 2)
+        pair.create_dataset("caption_index", data=table[:, 0])
+        pair.create_dataset("image_index", data=table[:, 1])
         _floats(pair, "score", (n_pairs,))
         _floats(pair, "terms", (n_pairs, 4))
         _floats(pair, "four_term_value", (n_pairs,))
@@ -124,7 +126,7 @@ def create_run_file(
         _floats(pair, "completeness_bound", (n_pairs,))
         if store_pair_maps:  # otherwise readers compute a pair's map from its two stored contribution arrays
             _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions))
-        _status(pair, n_pairs)
+        _status(pair, n_pairs, _PAIR_ERROR)
         f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
     _reserve(path)
 
@@ -286,7 +288,7 @@ def commit(f: h5py.File, group: h5py.Group, indices: Sequence[int]) -> None:
         return
     _sync(f)
     order = np.sort(np.asarray(indices, dtype=np.int64))
-    group["error"][order] = np.array([b""] * len(order), dtype=_ERROR)
+    group["error"][order] = np.zeros(len(order), dtype=group["error"].dtype)
     group["status"][order] = np.full(len(order), DONE, dtype="i1")
     f.flush()
 
@@ -326,7 +328,7 @@ def pending(group: h5py.Group) -> np.ndarray:
 
 
 def mark_failed(group: h5py.Group, index: int, reason: str) -> None:
-    group["error"][index] = _utf8(reason, _ERROR.itemsize)
+    group["error"][index] = _utf8(reason, group["error"].dtype.itemsize)
     group["status"][index] = FAILED
 
 
