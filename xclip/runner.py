@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
@@ -28,23 +27,15 @@ from xclip.inspection import describe_accuracy
 from xclip.loading import load_model
 from xclip.store import (
     DONE,
-    PENDING,
-    RunReader,
-    commit,
     FAILED,
+    PENDING,
+    RUN_FILE,
+    RunReader,
+    RunWriter,
     create_run_file,
-    mark_failed,
-    open_run_file,
-    pending,
-    read_contributions,
-    write_image_source,
     writer_lock,
-    write_caption_tokens,
-    write_contributions,
-    write_pair,
 )
 
-RUN_FILE = "run.h5"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -103,15 +94,15 @@ def _run_locked(
     dataset = read_dataset(config.data)
     data_digest = dataset.digest(config.data.root)
     if run_path.exists():
-        with open_run_file(run_path) as f:
-            if f.attrs["fingerprint"] != config.result_fingerprint():
-                differences = "\n  ".join(settings_differences(f.attrs["fingerprint"], config.result_fingerprint()))
+        with RunReader(run_path) as stored:
+            if stored.attrs["fingerprint"] != config.result_fingerprint():
+                differences = "\n  ".join(settings_differences(stored.attrs["fingerprint"], config.result_fingerprint()))
                 msg = f"{directory} holds a run made with other settings (stored -> now):\n  {differences}\nrerun with the stored settings to resume it, or pass --overwrite to replace it"
                 raise ConfigError(msg)
-            if f.attrs.get("model_weights_sha256", "") != (_weights_digest(config.model.name) or ""):
+            if stored.attrs.get("model_weights_sha256", "") != (_weights_digest(config.model.name) or ""):
                 msg = f"{directory} was made with other weights at {config.model.name}; use --overwrite to replace it"
                 raise ConfigError(msg)
-            if f.attrs["data_sha256"] != data_digest:
+            if stored.attrs["data_sha256"] != data_digest:
                 msg = (
                     f"the data files changed since {directory} was made (their captions, image paths or pairs differ): "
                     "restore them to resume the run, or pass --overwrite to attribute the data as they are now"
@@ -159,14 +150,14 @@ def _run_locked(
         skeleton.replace(run_path)  # so a run.h5 that exists always has every dataset
 
     summary = RunSummary(directory=directory, n_pairs=0)
-    with open_run_file(run_path, "r+") as f:
-        summary.n_pairs = len(f["pairs/status"])
-        summary.n_skipped = int((f["pairs/status"][:] == DONE).sum())
+    with RunWriter(run_path) as run:
+        status = run.status("pairs")
+        summary.n_pairs, summary.n_skipped = len(status), int((status == DONE).sum())
         check = _FiniteCheck(model)
         stages = (
-            ("captions", lambda: _attribute_captions(f, attributor, check, config, progress, should_stop)),
-            ("images", lambda: _attribute_images(f, attributor, check, config, progress, should_stop)),
-            ("pairs", lambda: _attribute_pairs(f, attributor, check, config, progress, should_stop)),
+            ("captions", lambda: _attribute_captions(run, attributor, check, config, progress, should_stop)),
+            ("images", lambda: _attribute_images(run, attributor, check, config, progress, should_stop)),
+            ("pairs", lambda: _attribute_pairs(run, attributor, check, config, progress, should_stop)),
         )
         for _, stage in stages:
             if should_stop():
@@ -193,6 +184,8 @@ def _run_locked(
     return summary
 
 
+# pairs mapped, written and committed together: one write per dataset and one fsync per batch
+PAIR_BATCH = 1024
 # output.pair_maps: auto stores the maps while they take at most this much (the demo: 2 MB; COCO val's 25,014
 # given pairs at ViT-B/16: 1.5 GB); beyond it readers compute each map from the stored contributions
 AUTO_PAIR_MAPS_BYTES = 2 * 1024**3
@@ -307,39 +300,39 @@ def _batches(indices: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _attribute_captions(
-    f: h5py.File,
+    run: RunWriter,
     attributor: InteractionAttribution,
     check: _FiniteCheck,
     config: RunConfig,
     progress: Progress,
     stop: Callable[[], bool],
 ) -> None:
-    group = f["captions"]
-    todo = pending(group)
-    texts = group["text"].asstr()
+    todo = run.pending("captions")
+    texts = run.captions()
     model = attributor.model
     for done, batch_indices in enumerate(_batches(todo, config.runtime.batch_size)):
         if stop():
             return
         good = []
         for index in batch_indices:
-            problem = text_problem(texts[int(index)])
+            problem = text_problem(texts[index])
             if problem is None:
                 good.append(int(index))
             else:  # the data readers reject such captions; a file written by another tool may still hold one
-                mark_failed(group, int(index), problem)
-        written = []
+                run.fail("captions", index, problem)
+        written, token_ids, results = [], [], []
         if good:
             batch = model.tokenize([texts[index] for index in good])
             for index, ids, result in zip(good, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
                 problem = check(result, "caption")
-                if problem is not None:
-                    mark_failed(group, index, problem)
-                    continue
-                write_caption_tokens(group, index, ids, result)
-                write_contributions(group, index, result)
-                written.append(index)
-        commit(f, group, written)
+                if problem is None:
+                    written.append(index)
+                    token_ids.append(ids)
+                    results.append(result)
+                else:
+                    run.fail("captions", index, problem)
+        run.write_captions(written, token_ids, results)
+        run.commit("captions", written)
         progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
 
 
@@ -391,18 +384,16 @@ class _ImageFiles(torch.utils.data.Dataset):
 
 
 def _attribute_images(
-    f: h5py.File,
+    run: RunWriter,
     attributor: InteractionAttribution,
     check: _FiniteCheck,
     config: RunConfig,
     progress: Progress,
     stop: Callable[[], bool],
 ) -> None:
-    group = f["images"]
-    todo = pending(group)
+    todo = run.pending("images")
     model = attributor.model
-    paths = list(group["path"].asstr()[:])
-    files = _ImageFiles(config.data.root.resolve(), paths, todo, model.image_processor)
+    files = _ImageFiles(config.data.root.resolve(), run.image_paths(), todo, model.image_processor)
     loader = torch.utils.data.DataLoader(
         files, batch_size=config.runtime.batch_size, num_workers=config.runtime.num_workers, collate_fn=list
     )
@@ -410,87 +401,79 @@ def _attribute_images(
     for items in loader:
         if stop():
             return
-        good, written = [], []
+        good = []
         for index, loaded, reason in items:
             if loaded is None:
-                mark_failed(group, index, reason)
+                run.fail("images", index, reason)
             else:
                 good.append((index, *loaded))
+        written, sizes, notes, results = [], [], [], []
         if good:
             batch = ImageBatch(
                 pixel_values=torch.stack([pixels for _, pixels, _, _ in good]).to(model.device, model.dtype),
                 original_sizes=[image.size for _, _, image, _ in good],
                 images=[image for _, _, image, _ in good],
             )
-            for (index, _, image, notes), result in zip(good, attributor.image_batch_contributions(batch)):
+            for (index, _, image, note), result in zip(good, attributor.image_batch_contributions(batch)):
                 problem = check(result, "image")
-                if problem is not None:
-                    mark_failed(group, index, problem)
-                    continue
-                write_image_source(group, index, image.size, notes)
-                write_contributions(group, index, result)
-                written.append(index)
-        commit(f, group, written)
+                if problem is None:
+                    written.append(index)
+                    sizes.append(image.size)
+                    notes.append(note)
+                    results.append(result)
+                else:
+                    run.fail("images", index, problem)
+        run.write_images(written, sizes, notes, results)
+        run.commit("images", written)
         finished += len(items)
         progress("images", finished, len(todo))
 
 
 def _attribute_pairs(
-    f: h5py.File,
+    run: RunWriter,
     attributor: InteractionAttribution,
     check: _FiniteCheck,
     config: RunConfig,
     progress: Progress,
     stop: Callable[[], bool],
 ) -> None:
-    pairs, captions, images = f["pairs"], f["captions"], f["images"]
-    todo = pending(pairs)
-    caption_index, image_index = pairs["caption_index"][:], pairs["image_index"][:]
-    caption_status, image_status = captions["status"][:], images["status"][:]
-    grid = tuple(int(x) for x in images.attrs["grid"])
-    n_prefix = int(images.attrs["n_prefix"])
-    image_labels = ["cls"] * n_prefix + [f"patch({r},{c})" for r in range(grid[0]) for c in range(grid[1])]
+    todo = run.pending("pairs")
+    caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
+    caption_status, image_status = run.status("captions"), run.status("images")
     scale = attributor.logit_scale
     cache: dict[tuple[str, int], xclip.Contributions] = {}
 
-    def stored(kind: str, index: int) -> xclip.Contributions:
-        key = (kind, index)
-        if key not in cache:
-            if kind == "caption":
-                n = int(captions["n_positions"][index])
-                labels = list(captions["tokens"].asstr()[index, :n])
-                cache[key] = read_contributions(captions, index, labels=labels, grid=None, n_prefix=0, n_positions=n)
-            else:
-                cache[key] = read_contributions(
-                    images, index, labels=image_labels, grid=grid, n_prefix=n_prefix, n_positions=len(image_labels)
-                )
-        return cache[key]
+    def stored(group: str, index: int) -> xclip.Contributions:
+        if (group, index) not in cache:
+            cache[group, index] = run.contributions(group, index)
+        return cache[group, index]
 
-    for done, batch_indices in enumerate(_batches(todo, max(64, config.runtime.batch_size))):
+    for done, batch_indices in enumerate(_batches(todo, PAIR_BATCH)):
         if stop():
             return
         ready = []
         for index in batch_indices:
             c, i = int(caption_index[index]), int(image_index[index])
             if caption_status[c] != DONE:
-                mark_failed(pairs, int(index), f"caption {c} failed: {captions['error'].asstr()[c]}")
+                run.fail("pairs", index, f"caption {c} failed: {run.errors('captions', [c])[0]}")
             elif image_status[i] != DONE:
-                mark_failed(pairs, int(index), f"image {i} failed: {images['error'].asstr()[i]}")
+                run.fail("pairs", index, f"image {i} failed: {run.errors('images', [i])[0]}")
             else:
                 ready.append((int(index), c, i))
         if ready:
-            text = [stored("caption", c) for _, c, _ in ready]
-            image = [stored("image", i) for _, _, i in ready]
+            text = [stored("captions", c) for _, c, _ in ready]
+            image = [stored("images", i) for _, _, i in ready]
             maps = interaction_maps(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
-            written = []
+            written, results = [], []
             for (index, _, _), result in zip(ready, maps):
                 problem = check(result, "pair")
                 if problem is None:
-                    write_pair(pairs, index, result)
                     written.append(index)
+                    results.append(result)
                 else:
-                    mark_failed(pairs, index, problem)
-            commit(f, pairs, written)
+                    run.fail("pairs", index, problem)
+            run.write_pairs(written, results)
+            run.commit("pairs", written)
         if len(cache) > 4096:
             cache.clear()
-        progress("pairs", min((done + 1) * max(64, config.runtime.batch_size), len(todo)), len(todo))
+        progress("pairs", min((done + 1) * PAIR_BATCH, len(todo)), len(todo))

@@ -281,7 +281,7 @@ class _KillingFile(io.FileIO):
         return super().write(data)
 
 
-def commit(f: h5py.File, group: h5py.Group, indices: Sequence[int]) -> None:
+def _commit(f: h5py.File, group: h5py.Group, indices: Sequence[int]) -> None:
     """Mark items done whose data were written: first the data reach the disk (flush, fsync), then the status
     does, so that a status never says done about data a kill lost."""
     if not len(indices):
@@ -322,18 +322,13 @@ def _raised_by_h5py(error: BaseException) -> bool:
     return traceback is not None and "h5py" in traceback.tb_frame.f_code.co_filename
 
 
-def pending(group: h5py.Group) -> np.ndarray:
-    """Indices of items not yet done (pending or failed items are retried by a rerun)."""
-    return np.flatnonzero(group["status"][:] != DONE)
-
-
-def mark_failed(group: h5py.Group, index: int, reason: str) -> None:
+def _mark_failed(group: h5py.Group, index: int, reason: str) -> None:
     group["error"][index] = _utf8(reason, group["error"].dtype.itemsize)
     group["status"][index] = FAILED
 
 
-def write_contributions(group: h5py.Group, index: int, item: Contributions) -> None:
-    """One caption's or image's results; :func:`commit` marks it done."""
+def _write_contributions(group: h5py.Group, index: int, item: Contributions) -> None:
+    """One caption's or image's results; :func:`_commit` marks it done."""
     n = item.values.shape[0]
     values = np.full(group["contributions"].shape[1:], np.nan, dtype="f4")
     values[:n] = item.values.float().cpu().numpy()
@@ -347,7 +342,7 @@ def write_contributions(group: h5py.Group, index: int, item: Contributions) -> N
     group["is_converged"][index] = item.is_converged
 
 
-def write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int], item: Contributions) -> None:
+def _write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int], item: Contributions) -> None:
     n = len(item.labels)
     ids = np.full(group["token_ids"].shape[1], -1, dtype="i4")
     ids[:n] = token_ids[:n]
@@ -358,13 +353,13 @@ def write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int]
     group["is_truncated"][index] = item.is_truncated
 
 
-def write_image_source(group: h5py.Group, index: int, size: tuple[int, int], notes: Sequence[str]) -> None:
+def _write_image_source(group: h5py.Group, index: int, size: tuple[int, int], notes: Sequence[str]) -> None:
     """An image's size as read (after EXIF orientation) and what was done to read it."""
     group["original_size"][index] = size
     group["notes"][index] = _utf8("; ".join(notes), _NOTE.itemsize)
 
 
-def read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid: tuple[int, int] | None,
+def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid: tuple[int, int] | None,
                        n_prefix: int, n_positions: int) -> Contributions:
     """One stored caption's or image's contributions, as the engine returned them (in float32)."""
     import torch
@@ -384,18 +379,23 @@ def read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid
     )
 
 
-def write_pair(group: h5py.Group, index: int, item: InteractionMap) -> None:
+def _write_pairs(group: h5py.Group, indices: Sequence[int], items: Sequence[InteractionMap]) -> None:
+    """Pairs' results, one write per dataset for the whole batch (``indices`` increasing); :func:`_commit` marks
+    them done."""
+    order = np.asarray(indices, dtype=np.int64)
+    if not len(order):
+        return
+    is_contiguous = order[-1] - order[0] + 1 == len(order)
+    rows: slice | np.ndarray = slice(int(order[0]), int(order[-1]) + 1) if is_contiguous else order
     if "interactions" in group:
-        values = np.full(group["interactions"].shape[1:], np.nan, dtype="f4")
-        rows, columns = item.interactions.shape
-        values[:rows, :columns] = item.interactions.float().cpu().numpy()
-        group["interactions"][index] = values
-    group["score"][index] = item.score
-    group["terms"][index] = item.terms.float().cpu().numpy()
-    group["four_term_value"][index] = item.four_term_value
-    group["completeness_error"][index] = item.completeness_error
-    group["relative_completeness_error"][index] = item.relative_completeness_error
-    group["completeness_bound"][index] = item.completeness_bound
+        values = np.full((len(items), *group["interactions"].shape[1:]), np.nan, dtype="f4")
+        for k, item in enumerate(items):
+            n_rows, n_columns = item.interactions.shape
+            values[k, :n_rows, :n_columns] = item.interactions.float().cpu().numpy()
+        group["interactions"][rows] = values
+    group["terms"][rows] = np.stack([item.terms.float().cpu().numpy() for item in items])
+    for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error", "completeness_bound"):
+        group[name][rows] = np.array([getattr(item, name) for item in items], dtype="f4")
 
 
 def run_file_path(run_dir: str | Path) -> Path:
@@ -413,9 +413,11 @@ class RunReader:
     otherwise, through :func:`xclip.interaction_map`: readers see the same map either way.
     """
 
+    _mode = "r"
+
     def __init__(self, run_dir: str | Path) -> None:
         self.path = run_file_path(run_dir)
-        self._file = open_run_file(self.path)
+        self._file = open_run_file(self.path, self._mode)
         with self._reading():
             self.attrs: dict[str, Any] = dict(self._file.attrs)
             self.config: dict[str, Any] = json.loads(self.attrs["config"])
@@ -425,7 +427,7 @@ class RunReader:
             self.has_pair_maps = "interactions" in self._file["pairs"]
         self._fixed: dict[str, Any] = {}  # what a run never changes after creating the file, read once
 
-    def __enter__(self) -> RunReader:
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -484,10 +486,10 @@ class RunReader:
             items = self._file[group]
             if group == "captions":
                 labels = self.tokens(index)
-                return read_contributions(items, index, labels=labels, grid=None, n_prefix=0, n_positions=len(labels))
+                return _read_contributions(items, index, labels=labels, grid=None, n_prefix=0, n_positions=len(labels))
             rows, cols = self.grid
             labels = ["cls"] * self.n_prefix + [f"patch({r},{c})" for r in range(rows) for c in range(cols)]
-            return read_contributions(items, index, labels=labels, grid=self.grid, n_prefix=self.n_prefix, n_positions=len(labels))
+            return _read_contributions(items, index, labels=labels, grid=self.grid, n_prefix=self.n_prefix, n_positions=len(labels))
 
     def interactions(self, pair: int) -> np.ndarray:
         """A finished pair's token x image-position map, ``(n_tokens, S)`` (CLS columns first)."""
@@ -510,6 +512,39 @@ class RunReader:
         configured = Path(self.config["data"]["root"])
         moved = (self.path.parent / str(self.attrs.get("data_root_from_run", ""))).resolve()
         return moved if not configured.is_dir() and moved.is_dir() else configured
+
+
+class RunWriter(RunReader):
+    """Write access for the one process that holds the directory's :func:`writer_lock`: items' results, their
+    failures, and per-batch commits (see the module's crash-safety notes)."""
+
+    _mode = "r+"
+
+    def pending(self, group: str) -> np.ndarray:
+        """Indices of items not yet done (pending or failed items are retried by a rerun)."""
+        return np.flatnonzero(self.status(group) != DONE)
+
+    def fail(self, group: str, index: int, reason: str) -> None:
+        _mark_failed(self._file[group], int(index), reason)
+
+    def write_captions(self, indices: Sequence[int], token_ids: Sequence[Sequence[int]], items: Sequence[Contributions]) -> None:
+        group = self._file["captions"]
+        for index, ids, item in zip(indices, token_ids, items):
+            _write_caption_tokens(group, int(index), ids, item)
+            _write_contributions(group, int(index), item)
+
+    def write_images(self, indices: Sequence[int], sizes: Sequence[tuple[int, int]], notes: Sequence[Sequence[str]],
+                     items: Sequence[Contributions]) -> None:
+        group = self._file["images"]
+        for index, size, note, item in zip(indices, sizes, notes, items):
+            _write_image_source(group, int(index), size, note)
+            _write_contributions(group, int(index), item)
+
+    def write_pairs(self, indices: Sequence[int], items: Sequence[InteractionMap]) -> None:
+        _write_pairs(self._file["pairs"], indices, items)
+
+    def commit(self, group: str, indices: Sequence[int]) -> None:
+        _commit(self._file, self._file[group], indices)
 
 
 def merge_shards(directory: Path, *, allow_partial: bool = False, block: int = 1024) -> Path:
