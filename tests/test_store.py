@@ -34,9 +34,10 @@ def dead_pid() -> int:
     return process.pid
 
 
-def hold(directory, pid: int, host: str | None = None) -> None:
+def hold(directory, pid: int, host: str | None = None, slurm_job: str = "") -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01T00:00:00+00:00", "command": "xclip attribute other.yaml"}
+    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
+              "command": "xclip attribute other.yaml", "slurm_job": slurm_job}
     (directory / LOCK_FILE).write_text(json.dumps(holder))
 
 
@@ -63,6 +64,14 @@ def test_overwrite_never_deletes_a_live_writers_run(tmp_path, config, live_proce
 def test_a_lock_of_another_host_is_respected(tmp_path, config):
     hold(tmp_path / "run", 1, host="node-that-is-not-this-one")
     expect(["attribute", config], 1, r"being written by process 1 on node-that-is-not-this-one .* If that process is gone, delete .*\.writer\.lock")
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, config, monkeypatch):
+    hold(tmp_path / "run", 1, host="node-of-the-first-attempt", slurm_job="4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: refused
+    expect(["attribute", config], 1, r"being written by process 1 on node-of-the-first-attempt")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued onto another node
+    assert invoke("attribute", config, "-q")[0] == 0
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, config):

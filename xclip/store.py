@@ -173,7 +173,8 @@ def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
 
     The lock is a file created with ``O_EXCL`` (atomic, also on NFS) that names its holder: PID, host, start time
     and command. A lock left by a process that is gone (same host, PID not running) is taken over; a lock of a
-    live process, or of another host (whose processes cannot be checked), is refused with the holder named.
+    live process, or of another host (whose processes cannot be checked), is refused with the holder named; a
+    lock of an earlier run of the same Slurm job (a requeued job keeps its ``SLURM_JOB_ID``) is taken over.
     Readers (inspect, render, evaluate) never take it. A directory the lock created is removed again if the run
     left nothing in it (a config error after the lock was taken writes nothing).
     """
@@ -185,6 +186,7 @@ def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
         "host": socket.gethostname(),
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
     }
     for _ in range(3):
         try:
@@ -230,6 +232,9 @@ def _lock_holder(path: Path) -> dict[str, Any] | None:
         except FileNotFoundError:
             return None
         return {"pid": "?", "host": "?", "started": "just now", "command": ""} if is_fresh else None
+    job = str(holder.get("slurm_job") or "")
+    if job and job == os.environ.get("SLURM_JOB_ID"):
+        return None  # an earlier run of this same Slurm job (requeued, maybe onto another node): Slurm ended it
     if host != socket.gethostname():
         return holder  # another machine's process: assume it lives
     try:
