@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-naive", action="store_true", help="skip the (slow) naive algorithm")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    parser.add_argument("--end-to-end", type=int, default=64, metavar="N",
+                        help="also run `xclip attribute` on N image files and N captions (0: skip)")
+    parser.add_argument("--num-workers", type=int, default=2, help="image-decoding workers of the end-to-end run")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -209,6 +212,9 @@ def main() -> None:
         report["speedup_vs_naive_unbatched"] = naive_s / pair_s
         report["speedup_vs_naive_batched"] = naive_s / (image_s / n + text_s / n + maps_s / len(pairs))
 
+    if args.end_to_end:
+        report["end_to_end"] = end_to_end(model, attributor, args, caption_texts, image_s / n + text_s / n)
+
     if not args.no_scaling and args.architecture != "demo":  # the sweeps rebuild random models of other sizes
         report["scaling"] = scaling(model, args, device)
         report["memory_knob"] = memory_knob(model, args, device)
@@ -216,6 +222,65 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds_per_input_pair: float) -> dict[str, float]:
+    """`xclip attribute` on N image files and N captions (given pairs), against the engine alone on the same
+    work: decoding and preprocessing, writing and committing are what the difference costs. The model is
+    saved and loaded by the run; its loading is timed apart and left out."""
+    import tempfile
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from xclip.config import load_config
+    from xclip.runner import run
+
+    n = args.end_to_end
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        model.model.save_pretrained(root / "model")
+        model.processor.save_pretrained(root / "model")
+        (root / "images").mkdir()
+        rng = np.random.default_rng(0)
+        side = model.model.config.vision_config.image_size
+        if args.architecture == "demo":
+            pictures = [scene.image for scene in generate(n, seed=DEMO_SCENE_SEED)]
+            texts = [scene.caption for scene in generate(n, seed=DEMO_SCENE_SEED)]
+        else:  # photo-sized files, so that decoding and resizing cost what they cost on real data
+            pictures = [Image.fromarray((rng.random((480, 640, 3)) * 255).astype("uint8")) for _ in range(n)]
+            texts = [caption(args.caption_words, offset=k) for k in range(n)]
+        lines = []
+        for k, (picture, text) in enumerate(zip(pictures, texts)):
+            picture.save(root / "images" / f"{k:05d}.jpg", quality=90)
+            lines.append(json.dumps({"file_name": f"{k:05d}.jpg", "text": text}))
+        (root / "images" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        config = {
+            "model": {"name": "model", "device": args.device, "dtype": args.dtype},
+            "attribution": {**quadrature_settings(args)},
+            "data": {"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl"},
+            "output": {"directory": "run"},
+            "runtime": {"batch_size": args.batch_size, "internal_batch_size": args.internal_batch_size, "num_workers": args.num_workers},
+        }
+        (root / "run.yaml").write_text(yaml.safe_dump(config))
+        start = time.perf_counter()
+        xclip.load_model(root / "model", device=args.device, dtype=args.dtype)
+        load_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        summary = run(load_config(root / "run.yaml"))
+        seconds = time.perf_counter() - start - load_seconds
+    engine_seconds = n * engine_seconds_per_input_pair  # N captions and N images, at the batch's engine speed
+    return {
+        "pairs": summary.n_done,
+        "num_workers": args.num_workers,
+        "image_side_on_disk": "demo scenes" if args.architecture == "demo" else "640x480 JPEG",
+        "model_input_side": side,
+        "seconds_without_model_load": seconds,
+        "engine_seconds_same_work": engine_seconds,
+        "pairs_per_s": summary.n_done / seconds,
+        "ratio_to_engine": engine_seconds / seconds,
+    }
 
 
 def node_counts(kind: str, items: list[xclip.Contributions]) -> dict[str, float]:

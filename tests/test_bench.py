@@ -23,7 +23,7 @@ def bench(tmp_path, *args: str) -> dict:
 
 
 def test_bench_reports_throughput_errors_and_speedup(tmp_path):
-    report = bench(tmp_path, "--architecture", "tiny", "--batch-size", "2")
+    report = bench(tmp_path, "--architecture", "tiny", "--batch-size", "2", "--end-to-end", "4", "--num-workers", "0")
     for key in ("plain_images_per_s", "images_per_s", "captions_per_s", "pair_maps_per_s", "image_ratio_to_plain",
                 "naive_seconds_per_pair", "peak_rss_gb"):
         assert report[key] > 0, key
@@ -34,12 +34,15 @@ def test_bench_reports_throughput_errors_and_speedup(tmp_path):
     # random weights are smooth: the first two panels of 8 nodes meet the tolerance
     assert report["caption_nodes_max"] == report["image_nodes_max"] == 16
     assert report["caption_not_converged"] == report["image_not_converged"] == 0
+    end_to_end = report["end_to_end"]  # `xclip attribute` on 4 JPEG files and 4 captions
+    assert end_to_end["pairs"] == 4 and end_to_end["seconds_without_model_load"] > 0
+    assert end_to_end["ratio_to_engine"] == end_to_end["engine_seconds_same_work"] / end_to_end["seconds_without_model_load"]
 
 
 def test_bench_on_the_demo_model_reports_the_nodes_trained_weights_need(tmp_path):
-    report = bench(tmp_path, "--architecture", "demo", "--batch-size", "4", "--no-naive")
+    report = bench(tmp_path, "--architecture", "demo", "--batch-size", "4", "--no-naive", "--end-to-end", "0")
     assert report["quadrature"] == "adaptive, tolerance 0.001"
     assert report["image_nodes_mean"] > 16 and report["caption_nodes_mean"] > 16
     assert report["image_relative_error_max"] <= 1e-3 and report["image_not_converged"] == 0
-    fixed = bench(tmp_path, "--architecture", "demo", "--batch-size", "4", "--no-naive", "--n-steps", "10")
+    fixed = bench(tmp_path, "--architecture", "demo", "--batch-size", "4", "--no-naive", "--n-steps", "10", "--end-to-end", "0")
     assert fixed["image_nodes_max"] == 10 and fixed["image_not_converged"] >= 1
