@@ -360,3 +360,21 @@ def test_limit_cuts_the_pairs_and_the_inputs_they_need(tmp_path, config, mode):
         pairs = list(zip(f["pairs/caption_index"][:], f["pairs/image_index"][:]))
         assert len(pairs) == 2
         assert len(f["captions/text"]) == len({c for c, _ in pairs}) and len(f["images/path"]) == len({i for _, i in pairs})
+
+
+def test_float16_storage_halves_the_arrays_and_keeps_the_maps(tmp_path, config):
+    assert invoke("attribute", config, "-q", "output.directory=full", "output.pair_maps=store")[0] == 0
+    assert invoke("attribute", config, "-q", "output.directory=half", "output.pair_maps=store", "output.precision=float16")[0] == 0
+    with h5py.File(tmp_path / "half" / "run.h5", "r") as f:
+        assert f["captions/contributions"].dtype == f["pairs/interactions"].dtype == np.float16
+        assert f["captions/embedding"].dtype == f["pairs/score"].dtype == np.float32  # numbers stay float32
+    from xclip.store import RunReader
+
+    with RunReader(tmp_path / "full") as full, RunReader(tmp_path / "half") as half:
+        np.testing.assert_array_equal(full.column("pairs", "score"), half.column("pairs", "score"))
+        for pair in range(3):
+            a, b = full.interactions(pair), half.interactions(pair)
+            assert b.dtype == np.float32 and np.abs(a - b).max() <= 2e-3 * np.abs(a).max()
+    with h5py.File(tmp_path / "full" / "run.h5", "r") as full, h5py.File(tmp_path / "half" / "run.h5", "r") as half:
+        for name in ("captions/contributions", "images/contributions", "pairs/interactions"):
+            assert 2 * half[name].id.get_storage_size() == full[name].id.get_storage_size()

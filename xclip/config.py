@@ -84,6 +84,9 @@ class PairingConfig(_Section):
 class OutputConfig(_Section):
     directory: Path
     render: bool = Field(False, strict=True, description="draw the default heatmaps of every pair when the run ends")
+    precision: Literal["float32", "float16"] = Field(
+        "float32", description="storage of contributions and pair maps (embeddings and numbers stay float32)"
+    )
     pair_maps: Literal["auto", "store", "none"] = Field(
         "auto", description="store each pair's map, or compute maps from the stored contributions when read (auto: store up to 2 GiB)"
     )

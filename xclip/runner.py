@@ -141,6 +141,7 @@ def _run_locked(
             pairs=dataset.given_pairs,
             rejected_records=dataset.rejected,
             store_pair_maps=stores_pair_maps,
+            precision=config.output.precision,
             max_text_positions=model.max_text_positions,
             n_image_positions=model.n_image_prefix + grid[0] * grid[1],
             embedding_dim=model.embedding_dim,
@@ -195,7 +196,7 @@ def _stores_pair_maps(config: RunConfig, n_pairs: int, model: DualEncoderAdapter
     if config.output.pair_maps != "auto":
         return config.output.pair_maps == "store"
     grid = model.patch_grid
-    n_bytes = n_pairs * model.max_text_positions * (model.n_image_prefix + grid[0] * grid[1]) * 4
+    n_bytes = n_pairs * model.max_text_positions * (model.n_image_prefix + grid[0] * grid[1]) * (2 if config.output.precision == "float16" else 4)
     return n_bytes <= AUTO_PAIR_MAPS_BYTES
 
 

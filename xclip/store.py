@@ -56,8 +56,8 @@ def _fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, fil
     return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fillvalue, dcpl=plist)
 
 
-def _floats(group: h5py.Group, name: str, shape: tuple[int, ...]) -> None:
-    _fixed(group, name, shape, "f4", np.nan)
+def _floats(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str = "f4") -> None:
+    _fixed(group, name, shape, dtype, np.nan)
 
 
 def _status(group: h5py.Group, n: int, error: Any = _ERROR) -> None:
@@ -79,6 +79,7 @@ def create_run_file(
     pairs: Sequence[tuple[int, int]] | np.ndarray,
     rejected_records: Sequence[str],
     store_pair_maps: bool,
+    precision: str,
     max_text_positions: int,
     n_image_positions: int,
     embedding_dim: int,
@@ -87,6 +88,8 @@ def create_run_file(
 ) -> None:
     """Create ``run.h5`` with every dataset at full size (mode ``w-``: never truncates an existing file)."""
     n_captions, n_images, n_pairs = len(captions), len(images), len(pairs)
+    # contributions and maps in float16 halve the file; embeddings and every number stay float32
+    array_dtype = {"float32": "f4", "float16": "f2"}[precision]
     with h5py.File(path, "w-") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         for key, value in attributes.items():
@@ -112,7 +115,7 @@ def create_run_file(
             _floats(group, "difference_norm", (n,))
             _fixed(group, "n_nodes", (n,), "i4")
             _fixed(group, "is_converged", (n,), "?")
-            _floats(group, "contributions", (n, n_positions, embedding_dim))
+            _floats(group, "contributions", (n, n_positions, embedding_dim), array_dtype)
             _status(group, n)
         pair = f.create_group("pairs")
         table = np.asarray(pairs, dtype=np.int64).reshape(n_pairs, 2)
@@ -125,7 +128,7 @@ def create_run_file(
         _floats(pair, "relative_completeness_error", (n_pairs,))
         _floats(pair, "completeness_bound", (n_pairs,))
         if store_pair_maps:  # otherwise readers compute a pair's map from its two stored contribution arrays
-            _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions))
+            _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), array_dtype)
         _status(pair, n_pairs, _PAIR_ERROR)
         f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
     _reserve(path)
@@ -371,7 +374,7 @@ def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], gri
 
     return Contributions(
         modality="image" if grid is not None else "text",
-        values=torch.from_numpy(group["contributions"][index, :n_positions]),
+        values=torch.from_numpy(group["contributions"][index, :n_positions].astype(np.float32)),
         embedding=torch.from_numpy(group["embedding"][index]),
         reference_embedding=torch.from_numpy(group["reference_embedding"][index]),
         labels=labels,
@@ -502,7 +505,7 @@ class RunReader:
         if self.has_pair_maps:
             with self._reading():
                 n = int(self._file["captions/n_positions"][caption])
-                return self._file["pairs/interactions"][pair, :n]
+                return self._file["pairs/interactions"][pair, :n].astype(np.float32)
         from xclip.attribution import interaction_map
 
         scale = float(self.attrs["logit_scale"]) if self.config["attribution"]["scale_by_logit"] else 1.0
@@ -643,7 +646,7 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
                     if string is not None and string.length is None:  # text of the file's creation
                         group.create_dataset(name, shape=shape, dtype=dataset.dtype)
                     else:
-                        _fixed(group, name, shape, dataset.dtype, dataset.fillvalue)
+                        _fixed(group, name, shape, dataset.dtype, dataset.fillvalue)  # float16 arrays stay float16
             offsets = {"captions": 0, "images": 0, "pairs": 0}
             for src in sources:
                 for group_name in ("captions", "images", "pairs"):
