@@ -378,3 +378,25 @@ def test_float16_storage_halves_the_arrays_and_keeps_the_maps(tmp_path, config):
     with h5py.File(tmp_path / "full" / "run.h5", "r") as full, h5py.File(tmp_path / "half" / "run.h5", "r") as half:
         for name in ("captions/contributions", "images/contributions", "pairs/interactions"):
             assert 2 * half[name].id.get_storage_size() == full[name].id.get_storage_size()
+
+
+def test_shards_share_one_topk_ranking(tmp_path, config, monkeypatch):
+    config_topk = ["pairing.mode=topk", "pairing.k=1"]
+    assert invoke("attribute", config, "-q", "output.directory=whole", *config_topk)[0] == 0
+    assert invoke("attribute", config, "-q", "--shard", "0/2", *config_topk)[0] == 0
+    assert len(list((tmp_path / "run").glob(".topk-ranking-*.npy"))) == 1
+
+    def no_second_ranking(*args, **kwargs):
+        raise AssertionError("the second shard ranked again")
+
+    monkeypatch.setattr("xclip.runner._similarities", no_second_ranking)
+    assert invoke("attribute", config, "-q", "--shard", "1/2", *config_topk)[0] == 0
+    expect(["merge", tmp_path / "run"], 0, "run.h5")
+    merged, whole = (_named_pairs(tmp_path / name / "run.h5") for name in ("run", "whole"))
+    assert merged == whole and len(whole) == 2
+
+
+def _named_pairs(run_file) -> list[tuple[str, str]]:
+    with h5py.File(run_file, "r") as f:
+        captions, images = f["captions/text"].asstr()[:], f["images/path"].asstr()[:]
+        return sorted(zip(captions[f["pairs/caption_index"][:]], images[f["pairs/image_index"][:]]))

@@ -122,7 +122,7 @@ def _run_locked(
     )
     directory.mkdir(parents=True, exist_ok=True)
     if not run_path.exists():
-        chosen = _choose_pairs(config, dataset, attributor, progress)[: config.data.limit]
+        chosen = _choose_pairs(config, dataset, attributor, progress, data_digest)[: config.data.limit]
         stores_pair_maps = _stores_pair_maps(config, len(chosen), model)  # decided on all shards' pairs together
         dataset = _subset(dataset, chosen, config)
         grid = model.patch_grid
@@ -217,9 +217,12 @@ def _subset(dataset: Dataset, pairs: np.ndarray, config: RunConfig) -> Dataset:
     )
 
 
-def _choose_pairs(config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress) -> np.ndarray:
+def _choose_pairs(
+    config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress, data_digest: str
+) -> np.ndarray:
     """``(P, 2)`` (caption, image) pairs of the pairing mode, as one integer array (``all`` of 5,000 x 25,000
-    is 2 GB of it, where Python tuples would take ten times that)."""
+    is 2 GB of it, where Python tuples would take ten times that). A top-k ranking is computed once per run
+    and shared by its shards through a file in the output directory."""
     mode = config.pairing.mode
     n_captions, n_images = len(dataset.captions), len(dataset.images)
     if mode == "given":
@@ -227,11 +230,27 @@ def _choose_pairs(config: RunConfig, dataset: Dataset, attributor: InteractionAt
     if mode == "all":
         return np.stack(np.divmod(np.arange(n_captions * n_images, dtype=np.int64), n_images), axis=1)
     # topk: each image with its k best captions by the model's own score (plain embeddings, cheap)
+    shared = _ranking_path(config, data_digest)
+    if shared.is_file():
+        return np.load(shared)
     scores = _similarities(attributor.model, dataset, config.runtime.batch_size, progress)
     k = min(config.pairing.k, n_captions)
     best = torch.topk(scores, k, dim=0).indices.cpu().numpy()  # (k, n_images)
     pairs = np.stack([best.reshape(-1), np.tile(np.arange(n_images), k)], axis=1).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # caption-major, as the other modes
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # caption-major, as the other modes
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    partial = shared.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(partial, pairs)
+    partial.replace(shared)  # atomic: shards that rank at the same time write the same array
+    return pairs
+
+
+def _ranking_path(config: RunConfig, data_digest: str) -> Path:
+    """Where the shards of one run share their top-k ranking: named by everything the ranking depends on."""
+    fingerprint = json.loads(config.result_fingerprint())
+    fingerprint["runtime"].pop("shard_index")
+    key = json.dumps([fingerprint, data_digest, _weights_digest(config.model.name)], sort_keys=True)
+    return config.output.directory / f".topk-ranking-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
 
 
 @torch.no_grad()
