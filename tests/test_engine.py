@@ -183,3 +183,18 @@ def test_bfloat16_model_is_differentiated_in_float32(model_dirs, family, images)
     for m in attributor.attribute(CAPTIONS, images):
         assert m.interactions.dtype == torch.float32
         assert m.completeness_error <= 1e-4 * max(abs(m.four_term_value), 1e-2)
+
+
+def test_pair_numbers_equal_the_maps_numbers(model64, images):
+    """Without maps, a pair's numbers come from the inputs' summed contributions: the same numbers."""
+    attributor = xclip.InteractionAttribution(model64, n_steps=3)  # a coarse rule: errors well above rounding
+    text = attributor.text_contributions(["a red dog", "two blue circle and a square on the cat"])
+    image = attributor.image_contributions(images)
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for scale in (1.0, 7.5):
+        for full, brief in zip(xclip.interaction_maps(text, image, pairs, logit_scale=scale),
+                               xclip.pair_numbers(text, image, pairs, logit_scale=scale)):
+            assert brief.score == full.score and torch.equal(brief.terms, full.terms)
+            assert brief.completeness_error == pytest.approx(full.completeness_error, rel=1e-9, abs=1e-15)
+            assert brief.completeness_error > 1e-9  # a real error, not rounding
+            assert (brief.completeness_bound, brief.score_scale) == (full.completeness_bound, full.score_scale)

@@ -12,8 +12,9 @@ def test_public_names():
     assert sorted(xclip.__all__) == sorted(
         [
             "ConfigError", "Contributions", "DualEncoderAdapter", "InputError", "InteractionAttribution",
-            "InteractionMap", "ModelFamilyError", "StoreError", "XclipError", "__version__", "get_adapter_cls",
-            "interaction_map", "interaction_maps", "list_families", "load_model", "quadrature",
+            "InteractionMap", "ModelFamilyError", "PairNumbers", "StoreError", "XclipError", "__version__",
+            "get_adapter_cls", "interaction_map", "interaction_maps", "list_families", "load_model", "pair_numbers",
+            "quadrature",
         ]
     )
     for name in xclip.__all__:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from xclip.adapters import DualEncoderAdapter, get_adapter_cls, list_families
-from xclip.attribution import InteractionAttribution, interaction_map, interaction_maps
+from xclip.attribution import InteractionAttribution, interaction_map, interaction_maps, pair_numbers
 from xclip.core.quadrature import quadrature
 from xclip.errors import ConfigError, InputError, ModelFamilyError, StoreError, XclipError
 from xclip.loading import load_model
-from xclip.result import Contributions, InteractionMap
+from xclip.result import Contributions, InteractionMap, PairNumbers
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "InteractionAttribution",
     "InteractionMap",
     "ModelFamilyError",
+    "PairNumbers",
     "StoreError",
     "XclipError",
     "__version__",
@@ -27,5 +28,6 @@ __all__ = [
     "interaction_maps",
     "list_families",
     "load_model",
+    "pair_numbers",
     "quadrature",
 ]

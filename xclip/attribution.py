@@ -21,7 +21,7 @@ from xclip.core.interaction import MODES, Mode, contributions, four_term_value, 
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError
-from xclip.result import Contributions, InteractionMap, relative_error
+from xclip.result import Contributions, InteractionMap, PairNumbers, relative_error
 
 Convention = Literal["exact", "reference"]
 CONVENTIONS: tuple[str, ...] = get_args(Convention)
@@ -369,6 +369,40 @@ def interaction_maps(
                 )
             )
     return maps
+
+
+def pair_numbers(
+    rows: Sequence[Contributions],
+    columns: Sequence[Contributions],
+    pairs: Sequence[tuple[int, int]],
+    *,
+    logit_scale: float = 1.0,
+) -> list[PairNumbers]:
+    """The numbers :func:`interaction_maps` gives for each pair, without its ``L x S`` map: the map's sum is the
+    dot product of the two inputs' summed contributions, so a pair costs one dot product, not a matrix
+    product."""
+    if not pairs:
+        return []
+    index = torch.tensor(pairs, device=rows[0].values.device)
+    a, b = index[:, 0], index[:, 1]
+    row_sums = torch.stack([r.values.sum(0) for r in rows])  # (M, E)
+    column_sums = torch.stack([c.values.sum(0) for c in columns])
+    row_embeddings = torch.stack([torch.stack([r.embedding, r.reference_embedding]) for r in rows])
+    column_embeddings = torch.stack([torch.stack([c.embedding, c.reference_embedding]) for c in columns])
+    terms = four_terms(row_embeddings[a, 0], row_embeddings[a, 1], column_embeddings[b, 0], column_embeddings[b, 1]) * logit_scale
+    value = four_term_value(terms)
+    errors = ((row_sums[a] * column_sums[b]).sum(-1) * logit_scale - value).abs()
+    return [
+        PairNumbers(
+            score=score,
+            terms=terms[k],
+            four_term_value=total,
+            completeness_error=error,
+            completeness_bound=completeness_bound(rows[i], columns[j]) * logit_scale,
+            score_scale=rows[i].difference_norm * columns[j].difference_norm * logit_scale,
+        )
+        for k, ((i, j), score, total, error) in enumerate(zip(pairs, terms[:, 0].tolist(), value.tolist(), errors.tolist()))
+    ]
 
 
 def completeness_bound(a: Contributions, b: Contributions) -> float:

@@ -49,6 +49,23 @@ class Contributions:
 
 
 @dataclass(frozen=True)
+class PairNumbers:
+    """A pair's score and accuracy without its map (see :class:`InteractionMap` for the fields): what a run
+    records of each pair when it does not store maps."""
+
+    score: float
+    terms: Tensor
+    four_term_value: float
+    completeness_error: float
+    completeness_bound: float
+    score_scale: float
+
+    @property
+    def relative_completeness_error(self) -> float:
+        return relative_error(self.completeness_error, self.score_scale)
+
+
+@dataclass(frozen=True)
 class InteractionMap:
     """Second-order attributions of one pair: how much each (row position, column position) interaction adds
     to the similarity.

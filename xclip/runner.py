@@ -19,12 +19,13 @@ import torch
 
 import xclip
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, read_image, text_problem
-from xclip.attribution import InteractionAttribution, interaction_maps
+from xclip.attribution import InteractionAttribution, interaction_maps, pair_numbers
 from xclip.config import RunConfig, settings_differences
 from xclip.data import Dataset, read_dataset
 from xclip.errors import ConfigError, XclipError
 from xclip.inspection import describe_accuracy
 from xclip.loading import load_model
+from xclip.result import PairNumbers
 from xclip.store import (
     DONE,
     FAILED,
@@ -364,11 +365,13 @@ class _FiniteCheck:
         self.model = model
         self._cause: str | None = None
 
-    def __call__(self, result: xclip.Contributions | xclip.InteractionMap, what: str) -> str | None:
+    def __call__(self, result: xclip.Contributions | xclip.InteractionMap | PairNumbers, what: str) -> str | None:
         if isinstance(result, xclip.Contributions):
             arrays = (result.values, result.embedding)
-        else:
+        elif isinstance(result, xclip.InteractionMap):
             arrays = (result.interactions, result.terms)
+        else:
+            arrays = (result.terms, torch.tensor(result.completeness_error))
         if all(bool(torch.isfinite(array).all()) for array in arrays):
             return None
         if self._cause is None:
@@ -483,7 +486,9 @@ def _attribute_pairs(
         if ready:
             text = [stored("captions", c) for _, c, _ in ready]
             image = [stored("images", i) for _, _, i in ready]
-            maps = interaction_maps(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
+            # without stored maps a pair's numbers come from its inputs' summed contributions: no L x S map
+            compute = interaction_maps if run.has_pair_maps else pair_numbers
+            maps = compute(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
             written, results = [], []
             for (index, _, _), result in zip(ready, maps):
                 problem = check(result, "pair")
