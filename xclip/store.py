@@ -249,7 +249,7 @@ def _lock_holder(path: Path) -> dict[str, Any] | None:
     return holder
 
 
-def open_run_file(path: Path, mode: str = "r") -> h5py.File:
+def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
     """Open ``run.h5``; a clear :class:`StoreError` for missing or damaged files."""
     if not path.is_file():
         msg = f"no run file at {path}"
@@ -308,7 +308,7 @@ def _sync(f: h5py.File) -> None:
 
 
 @contextmanager
-def damaged_file_errors(path: Path) -> Iterator[None]:
+def _damaged_file_errors(path: Path) -> Iterator[None]:
     """h5py's errors while reading an open run file (a damaged heap or table) as one :class:`StoreError` naming
     the file; h5py raises them as ``OSError`` (without an errno), ``KeyError`` or ``RuntimeError``, without
     saying which file."""
@@ -425,7 +425,7 @@ class RunReader:
 
     def __init__(self, run_dir: str | Path) -> None:
         self.path = run_file_path(run_dir)
-        self._file = open_run_file(self.path, self._mode)
+        self._file = _open_run_file(self.path, self._mode)
         with self._reading():
             self.attrs: dict[str, Any] = dict(self._file.attrs)
             self.config: dict[str, Any] = json.loads(self.attrs["config"])
@@ -435,7 +435,7 @@ class RunReader:
             self.has_pair_maps = "interactions" in self._file["pairs"]
         self._fixed: dict[str, Any] = {}  # what a run never changes after creating the file, read once
 
-    def __enter__(self) -> Any:
+    def __enter__(self):  # noqa: ANN204  (the subclass's own type; typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -446,7 +446,7 @@ class RunReader:
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
-        with damaged_file_errors(self.path):
+        with _damaged_file_errors(self.path):
             yield
 
     def status(self, group: str) -> np.ndarray:
@@ -589,7 +589,7 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
     unfinished = []
     first: dict[str, Any] = {}
     for path in shards:
-        with open_run_file(path) as f:
+        with _open_run_file(path) as f:
             fingerprint = json.loads(f.attrs["fingerprint"])
             fingerprint["runtime"].pop("shard_index", None)  # the one setting shards differ in
             identity = {
@@ -625,7 +625,7 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
     target = directory / "run.h5"
     temporary = target.with_suffix(".h5.tmp")
     temporary.unlink(missing_ok=True)
-    sources = [open_run_file(path) for path in shards]
+    sources = [_open_run_file(path) for path in shards]
     try:
         with h5py.File(temporary, "w-") as merged:
             for key, value in sources[0].attrs.items():
