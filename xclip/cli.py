@@ -239,6 +239,8 @@ def inspect(
     for group, c in report["counts"].items():
         counts.add_row(group, *(str(c[k]) for k in ("total", "done", "failed", "pending")))
     console.print(counts)
+    if report["rejected_records"]:
+        console.print(f"[red]{len(report['rejected_records'])} record(s) of the data files rejected[/] (listed below as failed records)")
     _print_accuracy(console, report["accuracy"])
     ranked = Table("pair", "score", "caption", "image", "relative completeness error", title=f"top {top} pairs by score")
     scored = (p for p in report["pairs"] if p["status"] == "done" and p["score"] is not None)
