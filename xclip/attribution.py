@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any, Literal, get_args
 
 import torch
@@ -336,31 +337,18 @@ def interaction_maps(
         return []
     row_values = torch.nn.utils.rnn.pad_sequence([r.values for r in rows], batch_first=True)  # (M, L, E)
     column_values = torch.nn.utils.rnn.pad_sequence([c.values for c in columns], batch_first=True)  # (K, S, E)
-    row_embeddings = torch.stack([torch.stack([r.embedding, r.reference_embedding]) for r in rows])  # (M, 2, E)
-    column_embeddings = torch.stack([torch.stack([c.embedding, c.reference_embedding]) for c in columns])
     maps: list[InteractionMap] = []
     for start in range(0, len(pairs), block):
-        index = torch.tensor(pairs[start : start + block], device=row_values.device)
-        a, b = index[:, 0], index[:, 1]
-        values = interactions(row_values[a], column_values[b]) * logit_scale  # (P, L, S)
-        terms = four_terms(
-            row_embeddings[a, 0], row_embeddings[a, 1], column_embeddings[b, 0], column_embeddings[b, 1]
-        ) * logit_scale
-        value = four_term_value(terms)
-        errors = (values.sum(dim=(1, 2)) - value).abs()
-        for k, (i, j), score, total, error in zip(
-            range(len(index)), pairs[start : start + block], terms[:, 0].tolist(), value.tolist(), errors.tolist()
-        ):
+        chunk = pairs[start : start + block]
+        index = torch.tensor(chunk, device=row_values.device)
+        values = interactions(row_values[index[:, 0]], column_values[index[:, 1]]) * logit_scale  # (P, L, S)
+        numbers = _pair_numbers(rows, columns, chunk, values.sum(dim=(1, 2)), logit_scale)
+        for k, ((i, j), pair) in enumerate(zip(chunk, numbers)):
             row, column = rows[i], columns[j]
             maps.append(
                 InteractionMap(
+                    **{field.name: getattr(pair, field.name) for field in fields(PairNumbers)},
                     interactions=values[k, : row.values.shape[0], : column.values.shape[0]],
-                    score=score,
-                    terms=terms[k],
-                    four_term_value=total,
-                    completeness_error=error,
-                    completeness_bound=completeness_bound(row, column) * logit_scale,
-                    score_scale=row.difference_norm * column.difference_norm * logit_scale,
                     row_labels=row.labels,
                     column_labels=column.labels,
                     grid=column.grid,
@@ -384,14 +372,27 @@ def pair_numbers(
     if not pairs:
         return []
     index = torch.tensor(pairs, device=rows[0].values.device)
-    a, b = index[:, 0], index[:, 1]
     row_sums = torch.stack([r.values.sum(0) for r in rows])  # (M, E)
     column_sums = torch.stack([c.values.sum(0) for c in columns])
-    row_embeddings = torch.stack([torch.stack([r.embedding, r.reference_embedding]) for r in rows])
+    map_sums = (row_sums[index[:, 0]] * column_sums[index[:, 1]]).sum(-1) * logit_scale
+    return _pair_numbers(rows, columns, pairs, map_sums, logit_scale)
+
+
+def _pair_numbers(
+    rows: Sequence[Contributions],
+    columns: Sequence[Contributions],
+    pairs: Sequence[tuple[int, int]],
+    map_sums: Tensor,
+    logit_scale: float,
+) -> list[PairNumbers]:
+    """Score, four terms and completeness of each pair, given the sum of each pair's map."""
+    index = torch.tensor(pairs, device=map_sums.device)
+    a, b = index[:, 0], index[:, 1]
+    row_embeddings = torch.stack([torch.stack([r.embedding, r.reference_embedding]) for r in rows])  # (M, 2, E)
     column_embeddings = torch.stack([torch.stack([c.embedding, c.reference_embedding]) for c in columns])
     terms = four_terms(row_embeddings[a, 0], row_embeddings[a, 1], column_embeddings[b, 0], column_embeddings[b, 1]) * logit_scale
     value = four_term_value(terms)
-    errors = ((row_sums[a] * column_sums[b]).sum(-1) * logit_scale - value).abs()
+    errors = (map_sums - value).abs()
     return [
         PairNumbers(
             score=score,

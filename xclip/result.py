@@ -62,11 +62,12 @@ class PairNumbers:
 
     @property
     def relative_completeness_error(self) -> float:
+        """``completeness_error / score_scale``; at most ``rel_a + rel_b + rel_a rel_b`` of the two inputs."""
         return relative_error(self.completeness_error, self.score_scale)
 
 
 @dataclass(frozen=True)
-class InteractionMap:
+class InteractionMap(PairNumbers):
     """Second-order attributions of one pair: how much each (row position, column position) interaction adds
     to the similarity.
 
@@ -90,22 +91,11 @@ class InteractionMap:
     """
 
     interactions: Tensor
-    score: float
-    terms: Tensor
-    four_term_value: float
-    completeness_error: float
-    completeness_bound: float
-    score_scale: float
     row_labels: list[str]
     column_labels: list[str]
     grid: tuple[int, int] | None = None
     n_prefix: int = 0
     logit_scale: float = 1.0
-
-    @property
-    def relative_completeness_error(self) -> float:
-        """``completeness_error / score_scale``; at most ``rel_a + rel_b + rel_a rel_b`` of the two inputs."""
-        return relative_error(self.completeness_error, self.score_scale)
 
     @property
     def interaction_map(self) -> Tensor:

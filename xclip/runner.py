@@ -365,7 +365,7 @@ class _FiniteCheck:
         self.model = model
         self._cause: str | None = None
 
-    def __call__(self, result: xclip.Contributions | xclip.InteractionMap | PairNumbers, what: str) -> str | None:
+    def __call__(self, result: xclip.Contributions | PairNumbers, what: str) -> str | None:
         if isinstance(result, xclip.Contributions):
             arrays = (result.values, result.embedding)
         elif isinstance(result, xclip.InteractionMap):

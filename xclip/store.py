@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 
 from xclip.errors import StoreError
-from xclip.result import Contributions, InteractionMap, PairNumbers
+from xclip.result import Contributions, PairNumbers
 
 SCHEMA_VERSION = 3
 RUN_FILE = "run.h5"
@@ -387,7 +387,7 @@ def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], gri
     )
 
 
-def _write_pairs(group: h5py.Group, indices: Sequence[int], items: Sequence[InteractionMap] | Sequence[PairNumbers]) -> None:
+def _write_pairs(group: h5py.Group, indices: Sequence[int], items: Sequence[PairNumbers]) -> None:
     """Pairs' results, one write per dataset for the whole batch (``indices`` increasing); :func:`_commit` marks
     them done."""
     order = np.asarray(indices, dtype=np.int64)
@@ -399,7 +399,7 @@ def _write_pairs(group: h5py.Group, indices: Sequence[int], items: Sequence[Inte
         values = np.full((len(items), *group["interactions"].shape[1:]), np.nan, dtype="f4")
         for k, item in enumerate(items):
             n_rows, n_columns = item.interactions.shape
-            values[k, :n_rows, :n_columns] = item.interactions.float().cpu().numpy()  # type: ignore[union-attr]
+            values[k, :n_rows, :n_columns] = item.interactions.float().cpu().numpy()  # type: ignore[attr-defined]  (maps are stored only as maps)
         group["interactions"][rows] = values
     group["terms"][rows] = np.stack([item.terms.float().cpu().numpy() for item in items])
     for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error", "completeness_bound"):
@@ -548,7 +548,7 @@ class RunWriter(RunReader):
             _write_image_source(group, int(index), size, note)
             _write_contributions(group, int(index), item)
 
-    def write_pairs(self, indices: Sequence[int], items: Sequence[InteractionMap] | Sequence[PairNumbers]) -> None:
+    def write_pairs(self, indices: Sequence[int], items: Sequence[PairNumbers]) -> None:
         _write_pairs(self._file["pairs"], indices, items)
 
     def commit(self, group: str, indices: Sequence[int]) -> None:
