@@ -19,8 +19,6 @@ NOT_CONVERGED_HINT = (
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
     with RunReader(run_dir) as run:
         counts = {}
-        rejected = run.rejected_records()
-        failures = [f"record {line}" for line in rejected]
         for group in ("captions", "images", "pairs"):
             status = run.status(group)
             counts[group] = {
@@ -29,8 +27,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
                 "failed": int((status == FAILED).sum()),
                 "pending": int((status == PENDING).sum()),
             }
-            failed = np.flatnonzero(status == FAILED)
-            failures += [f"{group[:-1]} {i}: {error}" for i, error in zip(failed, run.errors(group, failed))]
+        rejected = run.rejected_records()
         captions, images = run.captions(), run.image_paths()
         status = run.status("pairs")
         numbers = {name: run.column("pairs", name) for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error")}
@@ -51,9 +48,18 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "counts": counts,
             "rejected_records": rejected,
             "accuracy": describe_accuracy(run),
-            "failures": failures,
+            "failures": describe_failures(run, ("captions", "images", "pairs")),
             "pairs": rows,
         }
+
+
+def describe_failures(run: RunReader, groups: tuple[str, ...]) -> list[str]:
+    """Every rejected record and every failed item of ``groups``, with its reason, one line each."""
+    failures = [f"record {line}" for line in run.rejected_records()]
+    for group in groups:
+        failed = np.flatnonzero(run.status(group) == FAILED)
+        failures += [f"{group[:-1]} {i}: {error}" for i, error in zip(failed, run.errors(group, failed))]
+    return failures
 
 
 def describe_accuracy(run: RunReader) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from xclip.attribution import InteractionAttribution, interaction_maps, pair_num
 from xclip.config import RunConfig, settings_differences
 from xclip.data import Dataset, read_dataset
 from xclip.errors import ConfigError, XclipError
-from xclip.inspection import describe_accuracy
+from xclip.inspection import describe_accuracy, describe_failures
 from xclip.loading import load_model
 from xclip.result import PairNumbers
 from xclip.store import (
@@ -173,12 +173,8 @@ def _run_locked(
         summary.accuracy = describe_accuracy(finished)
         truncated = finished.column("captions", "is_truncated") & (finished.status("captions") == DONE)
         summary.n_truncated = int(truncated.sum())
-        rejected = finished.rejected_records()
-        summary.n_rejected = len(rejected)
-        summary.failures += [f"record {line}" for line in rejected]
-        for group in ("captions", "images"):
-            failed = np.flatnonzero(finished.status(group) == FAILED)
-            summary.failures += [f"{group[:-1]} {i}: {error}" for i, error in zip(failed, finished.errors(group, failed))]
+        summary.n_rejected = len(finished.rejected_records())
+        summary.failures = describe_failures(finished, ("captions", "images"))  # a pair fails with its input
     if config.output.render and not summary.is_interrupted:
         from xclip.render import render_run
 
@@ -463,6 +459,11 @@ def _attribute_pairs(
     todo = run.pending("pairs")
     caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
     caption_status, image_status = run.status("captions"), run.status("images")
+    # why each failed input failed, read once: all of an input's pairs fail with its reason
+    reasons: dict[str, dict[int, str]] = {}
+    for group, status in (("captions", caption_status), ("images", image_status)):
+        failed = np.flatnonzero(status == FAILED)
+        reasons[group] = dict(zip(failed.tolist(), run.errors(group, failed)))
     scale = attributor.logit_scale
     cache: dict[tuple[str, int], xclip.Contributions] = {}
 
@@ -478,9 +479,9 @@ def _attribute_pairs(
         for index in batch_indices:
             c, i = int(caption_index[index]), int(image_index[index])
             if caption_status[c] != DONE:
-                run.fail("pairs", index, f"caption {c} failed: {run.errors('captions', [c])[0]}")
+                run.fail("pairs", index, f"caption {c} failed: {reasons['captions'].get(c, '')}")
             elif image_status[i] != DONE:
-                run.fail("pairs", index, f"image {i} failed: {run.errors('images', [i])[0]}")
+                run.fail("pairs", index, f"image {i} failed: {reasons['images'].get(i, '')}")
             else:
                 ready.append((int(index), c, i))
         if ready:
