@@ -94,13 +94,14 @@ def _run_locked(
         shutil.rmtree(directory / "heatmaps", ignore_errors=True)
     dataset = read_dataset(config.data)
     data_digest = dataset.digest(config.data.root)
+    weights_digest = _weights_digest(config.model.name)  # hashes every weight file: once per run
     if run_path.exists():
         with RunReader(run_path) as stored:
             if stored.attrs["fingerprint"] != config.result_fingerprint():
                 differences = "\n  ".join(settings_differences(stored.attrs["fingerprint"], config.result_fingerprint()))
                 msg = f"{directory} holds a run made with other settings (stored -> now):\n  {differences}\nrerun with the stored settings to resume it, or pass --overwrite to replace it"
                 raise ConfigError(msg)
-            if stored.attrs.get("model_weights_sha256", "") != (_weights_digest(config.model.name) or ""):
+            if stored.attrs.get("model_weights_sha256", "") != (weights_digest or ""):
                 msg = f"{directory} was made with other weights at {config.model.name}; use --overwrite to replace it"
                 raise ConfigError(msg)
             if stored.attrs["data_sha256"] != data_digest:
@@ -123,7 +124,8 @@ def _run_locked(
     )
     directory.mkdir(parents=True, exist_ok=True)
     if not run_path.exists():
-        chosen = _choose_pairs(config, dataset, attributor, progress, data_digest)[: config.data.limit]
+        ranking = _ranking_path(config, data_digest, weights_digest)
+        chosen = _choose_pairs(config, dataset, attributor, progress, ranking)[: config.data.limit]
         stores_pair_maps = _stores_pair_maps(config, len(chosen), model)  # decided on all shards' pairs together
         dataset = _subset(dataset, chosen, config)
         grid = model.patch_grid
@@ -132,7 +134,7 @@ def _run_locked(
         create_run_file(
             skeleton,
             attributes={
-                **_provenance(config, model, command),
+                **_provenance(config, model, command, weights_digest),
                 "data_sha256": data_digest,
                 # lets readers find the images after the project moved as a whole
                 "data_root_from_run": os.path.relpath(config.data.root, directory),
@@ -215,11 +217,11 @@ def _subset(dataset: Dataset, pairs: np.ndarray, config: RunConfig) -> Dataset:
 
 
 def _choose_pairs(
-    config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress, data_digest: str
+    config: RunConfig, dataset: Dataset, attributor: InteractionAttribution, progress: Progress, shared: Path
 ) -> np.ndarray:
     """``(P, 2)`` (caption, image) pairs of the pairing mode, as one integer array (``all`` of 5,000 x 25,000
     is 2 GB of it, where Python tuples would take ten times that). A top-k ranking is computed once per run
-    and shared by its shards through a file in the output directory."""
+    and shared by its shards through the file ``shared`` in the output directory."""
     mode = config.pairing.mode
     n_captions, n_images = len(dataset.captions), len(dataset.images)
     if mode == "given":
@@ -227,7 +229,6 @@ def _choose_pairs(
     if mode == "all":
         return np.stack(np.divmod(np.arange(n_captions * n_images, dtype=np.int64), n_images), axis=1)
     # topk: each image with its k best captions by the model's own score (plain embeddings, cheap)
-    shared = _ranking_path(config, data_digest)
     if shared.is_file():
         return np.load(shared)
     scores = _similarities(attributor.model, dataset, config.runtime.batch_size, progress)
@@ -242,11 +243,11 @@ def _choose_pairs(
     return pairs
 
 
-def _ranking_path(config: RunConfig, data_digest: str) -> Path:
+def _ranking_path(config: RunConfig, data_digest: str, weights_digest: str | None) -> Path:
     """Where the shards of one run share their top-k ranking: named by everything the ranking depends on."""
     fingerprint = json.loads(config.result_fingerprint())
     fingerprint["runtime"].pop("shard_index")
-    key = json.dumps([fingerprint, data_digest, _weights_digest(config.model.name)], sort_keys=True)
+    key = json.dumps([fingerprint, data_digest, weights_digest], sort_keys=True)
     return config.output.directory / f".topk-ranking-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
 
 
@@ -274,7 +275,7 @@ def _similarities(model: DualEncoderAdapter, dataset: Dataset, batch_size: int, 
     return scores.nan_to_num(nan=float("-inf"))
 
 
-def _provenance(config: RunConfig, model: DualEncoderAdapter, command: str) -> dict[str, object]:
+def _provenance(config: RunConfig, model: DualEncoderAdapter, command: str, weights_digest: str | None) -> dict[str, object]:
     import transformers
 
     attributes: dict[str, object] = {
@@ -293,9 +294,8 @@ def _provenance(config: RunConfig, model: DualEncoderAdapter, command: str) -> d
         "preprocessing": json.dumps(model.preprocessing_geometry()),
         "logit_scale": model.logit_scale,
     }
-    digest = _weights_digest(config.model.name)
-    if digest is not None:
-        attributes["model_weights_sha256"] = digest
+    if weights_digest is not None:
+        attributes["model_weights_sha256"] = weights_digest
     return attributes
 
 
