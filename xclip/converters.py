@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xclip.errors import ConfigError
+from xclip.textfiles import read_text
 
 ENTITY = re.compile(r"\[/EN#(\d+)((?:/[^\s\]]+)+)\s+([^\]]+)\]")
 
@@ -56,18 +57,18 @@ def convert_flickr30k_entities(root: str | Path, out: str | Path, *, split: str 
         msg = f"{root} must contain the Flickr30k Entities folders Sentences/ and Annotations/"
         raise ConfigError(msg)
     if split:
-        ids = _read_text(root / f"{split}.txt", f"the {split!r} split file").split()
+        ids = read_text(root / f"{split}.txt", f"the {split!r} split file").split()
     else:
         ids = sorted(p.stem for p in (root / "Sentences").glob("*.txt"))
     records = []
     for image_id in ids:
         annotation = root / "Annotations" / f"{image_id}.xml"
         try:
-            boxes = parse_flickr30k_boxes(_read_text(annotation, "annotation")) if annotation.is_file() else {}
+            boxes = parse_flickr30k_boxes(read_text(annotation, "annotation")) if annotation.is_file() else {}
         except (ET.ParseError, ValueError) as e:
             msg = f"{annotation}: not a Flickr30k Entities annotation ({e})"
             raise ConfigError(msg) from None
-        for line in _read_text(root / "Sentences" / f"{image_id}.txt", f"the sentences of image {image_id}").splitlines():
+        for line in read_text(root / "Sentences" / f"{image_id}.txt", f"the sentences of image {image_id}").splitlines():
             if not line.strip():
                 continue
             caption, phrases = parse_flickr30k_sentence(line.strip())
@@ -118,20 +119,9 @@ def convert_coco_instances(instances: str | Path, captions: str | Path, out: str
     return _write(records, out)
 
 
-def _read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        msg = f"cannot read {what} {path}: {e.strerror or e}"
-        raise ConfigError(msg) from None
-    except UnicodeDecodeError as e:
-        msg = f"{path}: not UTF-8 text (byte {e.start})"
-        raise ConfigError(msg) from None
-
-
 def _read_json(path: Path, what: str) -> Any:
     try:
-        data = json.loads(_read_text(path, what))
+        data = json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         msg = f"{path}:{e.lineno}: the {what} is not valid JSON: {e.msg}"
         raise ConfigError(msg) from None

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from xclip.adapters.base import text_problem
 from xclip.config import DataConfig
 from xclip.errors import ConfigError
+from xclip.textfiles import read_text, text_lines
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -97,42 +97,6 @@ def _type_name(value: object) -> str:
             dict: "an object", str: "a string"}.get(type(value), type(value).__name__)
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        msg = f"cannot read {what} {path}: {e.strerror or e}"
-        raise ConfigError(msg) from e
-
-
-def text_lines(path: Path, what: str) -> Iterator[tuple[int, str | None, str]]:
-    """``(line number, text, problem)`` of each non-blank line, split on ``\\n`` only: U+2028, U+0085 and other
-    Unicode line breaks are characters of a record, not ends of lines. A line that is not UTF-8 comes with
-    text None and the problem."""
-    data = _read_bytes(path, what)
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write: not part of the text
-        data = data[3:]
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.removesuffix(b"\r")
-        if not raw.strip():
-            continue
-        try:
-            yield number, raw.decode("utf-8"), ""
-        except UnicodeDecodeError as e:
-            yield number, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-
-
-def _text(path: Path, what: str) -> str:
-    """A whole file as UTF-8 text; a :class:`ConfigError` naming the line of the first byte that is not."""
-    data = _read_bytes(path, what)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        msg = f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
-        raise ConfigError(msg) from None
-
-
 def _read_imagefolder(metadata: Path, builder: _Builder) -> None:
     for number, line, problem in text_lines(metadata, "data.metadata"):
         where = f"{metadata}:{number}"
@@ -162,7 +126,7 @@ def _read_imagefolder(metadata: Path, builder: _Builder) -> None:
 
 
 def _read_csv(config: DataConfig, metadata: Path, builder: _Builder) -> None:
-    text = _text(metadata, "data.metadata")
+    text = read_text(metadata, "data.metadata")
     # strict: an unterminated quote is an error, not a field that swallows the rest of the file
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=config.csv_separator, strict=True)
     first = 1
@@ -193,7 +157,7 @@ def _read_csv(config: DataConfig, metadata: Path, builder: _Builder) -> None:
 
 def _read_coco(metadata: Path, builder: _Builder) -> None:
     try:
-        coco = json.loads(_text(metadata, "data.metadata"))
+        coco = json.loads(read_text(metadata, "data.metadata"))
         images, annotations = coco["images"], coco["annotations"]
         if not isinstance(images, list) or not isinstance(annotations, list):
             raise TypeError("images and annotations must be lists")

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from xclip.data import text_lines
 from xclip.errors import ConfigError
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.render import model_view
 from xclip.store import DONE, RunReader, run_file_path
+from xclip.textfiles import text_lines
 
 METRICS = ("pointing_game", "energy_in_box", "mass_ratio")
 DIRECTIONS = ("phrase_to_image", "box_to_phrase")
