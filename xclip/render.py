@@ -272,7 +272,7 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         n_prefix=run.n_prefix,
         image=view,
         to_view=to_view,
-        score=float(run.column("pairs", "score")[index]),
+        score=float(run.value("pairs", "score", index)),
     )
 
 

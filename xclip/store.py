@@ -455,9 +455,19 @@ class RunReader:
             return self._file[group]["status"][:]
 
     def errors(self, group: str, indices: Sequence[int]) -> list[str]:
-        """Why the given items failed."""
+        """Why the given items failed, in the order of ``indices``."""
+        if not len(indices):
+            return []
+        # h5py reads increasing, distinct indices: read those, then give them back in the caller's order
+        distinct, order = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
         with self._reading():
-            return list(self._file[group]["error"].asstr()[np.sort(np.asarray(indices, dtype=np.int64))]) if len(indices) else []
+            errors = self._file[group]["error"].asstr()[distinct]
+        return [str(errors[k]) for k in order]
+
+    def value(self, group: str, name: str, index: int) -> Any:
+        """One item's entry of a per-item dataset (one read, where :meth:`column` reads them all)."""
+        with self._reading():
+            return self._file[group][name][index]
 
     def column(self, group: str, name: str) -> np.ndarray:
         """One per-item dataset of the README's table, whole (scores, errors, node counts, sizes, ...)."""
