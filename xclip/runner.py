@@ -186,7 +186,7 @@ def _run_locked(
 
 # pairs mapped, written and committed together: one write per dataset and one fsync per batch
 PAIR_BATCH = 1024
-# output.pair_maps: auto stores the maps while they take at most this much (the demo: 2 MB; COCO val's 25,014
+# output.pair_maps: auto stores the maps while they take at most this much (the demo's 144 pairs: 1.2 MB; COCO val's 25,014
 # given pairs at ViT-B/16: 1.5 GB); beyond it readers compute each map from the stored contributions
 AUTO_PAIR_MAPS_BYTES = 2 * 1024**3
 
