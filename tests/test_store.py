@@ -402,3 +402,28 @@ def _named_pairs(run_file) -> list[tuple[str, str]]:
     with h5py.File(run_file, "r") as f:
         captions, images = f["captions/text"].asstr()[:], f["images/path"].asstr()[:]
         return sorted(zip(captions[f["pairs/caption_index"][:]], images[f["pairs/image_index"][:]]))
+
+
+def test_a_failed_background_write_surfaces_and_keeps_the_batches_before_it(tmp_path, model_dirs, monkeypatch):
+    import errno
+
+    from xclip.store import RunReader, RunWriter
+
+    config = _project(tmp_path, model_dirs)  # one image per batch: each batch written in the background
+    write_images, calls = RunWriter.write_images, []
+
+    def failing_second_write(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        write_images(self, *args)
+
+    monkeypatch.setattr(RunWriter, "write_images", failing_second_write)
+    with pytest.raises(OSError, match="injected"):  # raised in the writer thread, surfaced to the run's caller
+        run(load_config(config))
+    with RunReader(tmp_path / "run") as stored:
+        assert (stored.status("captions") == DONE).all()
+        assert stored.status("images").tolist() == [DONE, PENDING]
+    monkeypatch.undo()
+    assert run(load_config(config)).n_done == 3
+

@@ -9,8 +9,10 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -327,30 +329,69 @@ def _attribute_captions(
     todo = run.pending("captions")
     texts = run.captions()
     model = attributor.model
-    for done, batch_indices in enumerate(_batches(todo, config.runtime.batch_size)):
-        if stop():
-            return
-        good = []
-        for index in batch_indices:
-            problem = text_problem(texts[index])
-            if problem is None:
-                good.append(int(index))
-            else:  # the data readers reject such captions; a file written by another tool may still hold one
-                run.fail("captions", index, problem)
-        written, token_ids, results = [], [], []
-        if good:
-            batch = model.tokenize([texts[index] for index in good])
-            for index, ids, result in zip(good, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
-                problem = check(result, "caption")
+    with _BackgroundWrites(run, "captions") as writes:
+        for done, batch_indices in enumerate(_batches(todo, config.runtime.batch_size)):
+            if stop():
+                return
+            good, failed = [], []
+            for index in batch_indices:
+                problem = text_problem(texts[index])
                 if problem is None:
-                    written.append(index)
-                    token_ids.append(ids)
-                    results.append(result)
-                else:
-                    run.fail("captions", index, problem)
-        run.write_captions(written, token_ids, results)
-        run.commit("captions", written)
-        progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
+                    good.append(int(index))
+                else:  # the data readers reject such captions; a file written by another tool may still hold one
+                    failed.append((int(index), problem))
+            written, token_ids, results = [], [], []
+            if good:
+                batch = model.tokenize([texts[index] for index in good])
+                for index, ids, result in zip(good, batch.input_ids.tolist(), attributor.text_batch_contributions(batch)):
+                    problem = check(result, "caption")
+                    if problem is None:
+                        written.append(index)
+                        token_ids.append(ids)
+                        results.append(result)
+                    else:
+                        failed.append((index, problem))
+            writes.submit(failed, written, partial(run.write_captions, written, token_ids, results))
+            progress("captions", min((done + 1) * config.runtime.batch_size, len(todo)), len(todo))
+
+
+class _BackgroundWrites:
+    """Stores a stage's batches from one background thread while the main thread computes the next batch, so
+    that writing and fsyncing leave the critical path. One thread with one batch in flight keeps the store's
+    order (a batch's data reach the disk before its status) and bounds the results held in memory to two
+    batches. A failed write surfaces in the main thread at the next batch, or when the stage ends; the stage
+    always waits for the batch in flight, so an interrupted run keeps every batch it computed."""
+
+    def __init__(self, run: RunWriter, group: str) -> None:
+        self.run, self.group = run, group
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xclip-{group}-writes")
+        self._in_flight: Future[None] | None = None
+
+    def submit(self, failed: Sequence[tuple[int, str]], written: Sequence[int], write: Callable[[], None]) -> None:
+        """Mark ``failed`` items failed, ``write()`` the results of ``written``, then commit them. ``write``
+        binds its arguments now (a ``functools.partial``; a lambda would see the next batch's lists)."""
+        self.wait()
+        self._in_flight = self._thread.submit(self._store, failed, written, write)
+
+    def _store(self, failed: Sequence[tuple[int, str]], written: Sequence[int], write: Callable[[], None]) -> None:
+        for index, reason in failed:
+            self.run.fail(self.group, index, reason)
+        write()
+        self.run.commit(self.group, written)
+
+    def wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def __enter__(self) -> _BackgroundWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self._thread.shutdown()
 
 
 class _FiniteCheck:
@@ -417,35 +458,35 @@ def _attribute_images(
         files, batch_size=config.runtime.batch_size, num_workers=config.runtime.num_workers, collate_fn=list
     )
     finished = 0
-    for items in loader:
-        if stop():
-            return
-        good = []
-        for index, loaded, reason in items:
-            if loaded is None:
-                run.fail("images", index, reason)
-            else:
-                good.append((index, *loaded))
-        written, sizes, notes, results = [], [], [], []
-        if good:
-            batch = ImageBatch(
-                pixel_values=torch.stack([pixels for _, pixels, _, _ in good]).to(model.device, model.dtype),
-                original_sizes=[image.size for _, _, image, _ in good],
-                images=[image for _, _, image, _ in good],
-            )
-            for (index, _, image, note), result in zip(good, attributor.image_batch_contributions(batch)):
-                problem = check(result, "image")
-                if problem is None:
-                    written.append(index)
-                    sizes.append(image.size)
-                    notes.append(note)
-                    results.append(result)
+    with _BackgroundWrites(run, "images") as writes:
+        for items in loader:
+            if stop():
+                return
+            good, failed = [], []
+            for index, loaded, reason in items:
+                if loaded is None:
+                    failed.append((index, reason))
                 else:
-                    run.fail("images", index, problem)
-        run.write_images(written, sizes, notes, results)
-        run.commit("images", written)
-        finished += len(items)
-        progress("images", finished, len(todo))
+                    good.append((index, *loaded))
+            written, sizes, notes, results = [], [], [], []
+            if good:
+                batch = ImageBatch(
+                    pixel_values=torch.stack([pixels for _, pixels, _, _ in good]).to(model.device, model.dtype),
+                    original_sizes=[image.size for _, _, image, _ in good],
+                    images=[image for _, _, image, _ in good],
+                )
+                for (index, _, image, note), result in zip(good, attributor.image_batch_contributions(batch)):
+                    problem = check(result, "image")
+                    if problem is None:
+                        written.append(index)
+                        sizes.append(image.size)
+                        notes.append(note)
+                        results.append(result)
+                    else:
+                        failed.append((index, problem))
+            writes.submit(failed, written, partial(run.write_images, written, sizes, notes, results))
+            finished += len(items)
+            progress("images", finished, len(todo))
 
 
 def _attribute_pairs(
@@ -472,34 +513,34 @@ def _attribute_pairs(
             cache[group, index] = run.contributions(group, index)
         return cache[group, index]
 
-    for done, batch_indices in enumerate(_batches(todo, PAIR_BATCH)):
-        if stop():
-            return
-        ready = []
-        for index in batch_indices:
-            c, i = int(caption_index[index]), int(image_index[index])
-            if caption_status[c] != DONE:
-                run.fail("pairs", index, f"caption {c} failed: {reasons['captions'].get(c, '')}")
-            elif image_status[i] != DONE:
-                run.fail("pairs", index, f"image {i} failed: {reasons['images'].get(i, '')}")
-            else:
-                ready.append((int(index), c, i))
-        if ready:
-            text = [stored("captions", c) for _, c, _ in ready]
-            image = [stored("images", i) for _, _, i in ready]
-            # without stored maps a pair's numbers come from its inputs' summed contributions: no L x S map
-            compute = interaction_maps if run.has_pair_maps else pair_numbers
-            maps = compute(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
-            written, results = [], []
-            for (index, _, _), result in zip(ready, maps):
-                problem = check(result, "pair")
-                if problem is None:
-                    written.append(index)
-                    results.append(result)
+    with _BackgroundWrites(run, "pairs") as writes:
+        for done, batch_indices in enumerate(_batches(todo, PAIR_BATCH)):
+            if stop():
+                return
+            ready, failed = [], []
+            for index in batch_indices:
+                c, i = int(caption_index[index]), int(image_index[index])
+                if caption_status[c] != DONE:
+                    failed.append((int(index), f"caption {c} failed: {reasons['captions'].get(c, '')}"))
+                elif image_status[i] != DONE:
+                    failed.append((int(index), f"image {i} failed: {reasons['images'].get(i, '')}"))
                 else:
-                    run.fail("pairs", index, problem)
-            run.write_pairs(written, results)
-            run.commit("pairs", written)
-        if len(cache) > 4096:
-            cache.clear()
-        progress("pairs", min((done + 1) * PAIR_BATCH, len(todo)), len(todo))
+                    ready.append((int(index), c, i))
+            written, results = [], []
+            if ready:
+                text = [stored("captions", c) for _, c, _ in ready]
+                image = [stored("images", i) for _, _, i in ready]
+                # without stored maps a pair's numbers come from its inputs' summed contributions: no L x S map
+                compute = interaction_maps if run.has_pair_maps else pair_numbers
+                maps = compute(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
+                for (index, _, _), result in zip(ready, maps):
+                    problem = check(result, "pair")
+                    if problem is None:
+                        written.append(index)
+                        results.append(result)
+                    else:
+                        failed.append((index, problem))
+            writes.submit(failed, written, partial(run.write_pairs, written, results))
+            if len(cache) > 4096:
+                cache.clear()
+            progress("pairs", min((done + 1) * PAIR_BATCH, len(todo)), len(todo))
