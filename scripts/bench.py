@@ -165,6 +165,7 @@ def main() -> None:
     many_captions = text_contributions * 8
     pairs = [(t, i) for t in range(len(many_captions)) for i in range(len(image_contributions))]
     maps_s = timed(lambda: xclip.interaction_maps(many_captions, image_contributions, pairs), device, args.repeats)
+    numbers_s = timed(lambda: xclip.pair_numbers(many_captions, image_contributions, pairs), device, args.repeats)
     maps = xclip.interaction_maps(many_captions, image_contributions, pairs)
     relative = [m.relative_completeness_error for m in maps]
     single_caption = model.tokenize(caption_texts[:1])
@@ -187,6 +188,8 @@ def main() -> None:
         "quadrature": f"fixed, {args.n_steps} nodes" if args.n_steps else f"adaptive, tolerance {args.tolerance:g}",
         "caption_tokens": max(captions.n_positions),
         "image_positions": int(image_contributions[0].values.shape[0]),
+        "text_positions": model.max_text_positions,  # the stored arrays' sizes (scripts/plan.py reads them)
+        "embedding_dim": model.embedding_dim,
         "plain_images_per_s": n / plain_image_s,
         "plain_captions_per_s": n / plain_text_s,
         "images_per_s": n / image_s,
@@ -196,6 +199,7 @@ def main() -> None:
         **node_counts("caption", text_contributions),
         **node_counts("image", image_contributions),
         "pair_maps_per_s": len(pairs) / maps_s,
+        "pair_numbers_per_s": len(pairs) / numbers_s,  # a pair's score and terms without its map
         "engine_seconds_per_pair_unbatched": pair_s,
         "completeness_error_relative_mean": sum(relative) / len(relative),
         "completeness_error_relative_max": max(relative),

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
@@ -24,10 +26,11 @@ def bench(tmp_path, *args: str) -> dict:
 
 def test_bench_reports_throughput_errors_and_speedup(tmp_path):
     report = bench(tmp_path, "--architecture", "tiny", "--batch-size", "2", "--end-to-end", "4", "--num-workers", "0")
-    for key in ("plain_images_per_s", "images_per_s", "captions_per_s", "pair_maps_per_s", "image_ratio_to_plain",
-                "naive_seconds_per_pair", "peak_rss_gb"):
+    for key in ("plain_images_per_s", "images_per_s", "captions_per_s", "pair_maps_per_s", "pair_numbers_per_s",
+                "image_ratio_to_plain", "naive_seconds_per_pair", "peak_rss_gb"):
         assert report[key] > 0, key
     assert report["completeness_error_relative_max"] < 1e-2
+    assert (report["image_positions"], report["embedding_dim"]) == (17, 16) and report["text_positions"] > 0  # for plan.py
     assert report["speedup_vs_naive_unbatched"] > 1  # even a tiny model: the naive loop is slower
     assert set(report["scaling"]) == {"caption_seconds_by_tokens", "image_seconds_by_steps", "image_seconds_by_patches"}
     assert set(report["memory_knob"]) == {"8", "16", "32", "64", "128", "256"}
@@ -46,3 +49,31 @@ def test_bench_on_the_demo_model_reports_the_nodes_trained_weights_need(tmp_path
     assert report["image_relative_error_max"] <= 1e-3 and report["image_not_converged"] == 0
     fixed = bench(tmp_path, "--architecture", "demo", "--batch-size", "4", "--no-naive", "--n-steps", "10", "--end-to-end", "0")
     assert fixed["image_nodes_max"] == 10 and fixed["image_not_converged"] >= 1
+
+
+def test_plan_multiplies_measured_rates_and_the_layouts_bytes(tmp_path):
+    rates = {"captions_per_s": 10.0, "images_per_s": 2.0, "pair_maps_per_s": 100.0, "pair_numbers_per_s": 1000.0}
+    bench_json = {"architecture": "vit-b-16", "device": "test", "dtype": "float32", "quadrature": "adaptive",
+                  "text_positions": 77, "image_positions": 197, "embedding_dim": 512, **rates}
+    (tmp_path / "bench.json").write_text(json.dumps(bench_json))
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("plan.py")), str(tmp_path / "bench.json"), "--images", "500",
+         "--captions", "2000", "--shards", "4"], capture_output=True, text=True, timeout=120, check=True,
+    )
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines() if line.startswith("| ") and "pairs |" not in line}
+    images, captions = 500 / 2.0, 2000 / 10.0  # seconds
+    # given pairs: each input once, split among the shards; `all`: every shard attributes every image
+    expected = {
+        "given pairs, no maps": (2000, images + captions + 2000 / 1000, (images + captions + 2000 / 1000) / 4),
+        "given pairs, maps stored": (2000, images + captions + 2000 / 100, (images + captions + 2000 / 100) / 4),
+        "`all`, no maps": (10**6, 4 * images + captions + 10**6 / 1000, images + (captions + 10**6 / 1000) / 4),
+        "`all`, maps stored": (10**6, 4 * images + captions + 10**6 / 100, images + (captions + 10**6 / 100) / 4),
+    }
+    assert set(rows) == set(expected)
+    for name, (pairs, seconds, shard_seconds) in expected.items():
+        assert rows[name][0] == f"{pairs:,}"
+        assert float(rows[name][1].replace(",", "")) == pytest.approx(seconds / 3600, abs=0.05)
+        assert float(rows[name][2].replace(",", "")) == pytest.approx(shard_seconds / 3600, abs=0.005)
+    # the map of a pair: 77 x 197 float32
+    assert "map 60.7 KB" in result.stdout

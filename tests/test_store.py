@@ -427,3 +427,22 @@ def test_a_failed_background_write_surfaces_and_keeps_the_batches_before_it(tmp_
     monkeypatch.undo()
     assert run(load_config(config)).n_done == 3
 
+
+@pytest.mark.parametrize(("precision", "maps"), [("float32", False), ("float32", True), ("float16", True)])
+def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps):
+    from xclip.store import RunReader, create_run_file
+
+    L, S, E = 5, 3, 4  # noqa: N806  (text positions, image positions, embedding size)
+    create_run_file(
+        tmp_path / "run.h5", attributes={"config": {}, "preprocessing": {}}, captions=["a", "b"], images=["x.png"], pairs=[(0, 0), (1, 0)],
+        rejected_records=[], store_pair_maps=maps, precision=precision, max_text_positions=L, n_image_positions=S,
+        embedding_dim=E, grid=(1, 2), n_prefix=1,
+    )
+    array = 2 if precision == "float16" else 4
+    # status, error, embedding and reference embedding, 3 float errors, n_nodes, is_converged, contributions
+    inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 1
+    caption = inputs + L * array * E + L * 4 + L * 48 + 4 + 1  # + token ids, tokens, n_positions, is_truncated
+    image = inputs + S * array * E + 2 * 4 + 200  # + original size, notes
+    pair = 1 + 100 + 2 * 8 + 9 * 4 + (L * S * array if maps else 0)  # status, error, indices, 9 floats, the map
+    with RunReader(tmp_path) as stored:
+        assert [stored.bytes_per_item(g) for g in ("captions", "images", "pairs")] == [caption, image, pair]

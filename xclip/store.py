@@ -493,6 +493,15 @@ class RunReader:
         with self._reading():
             return list(self._file["rejected_records"].asstr()[:])
 
+    def bytes_per_item(self, group: str) -> int:
+        """Bytes one item of ``captions``, ``images`` or ``pairs`` takes in the file: its rows of every
+        fixed-size dataset (variable-length text, the captions and image paths, is not counted)."""
+        with self._reading():
+            items = self._file[group]
+            n = len(items["status"])
+            rows = [d for d in items.values() if d.dtype.kind != "O" and d.shape[:1] == (n,)]
+            return sum(d.nbytes for d in rows) // n if n else 0
+
     def tokens(self, caption: int) -> list[str]:
         with self._reading():
             n = int(self._file["captions/n_positions"][caption])
