@@ -572,8 +572,14 @@ def test_moved_images_are_named_and_found_again(finished_run, tmp_path):
         (["--box", "0,0,500,500"], r"--box 0,0,500,500 is not inside the image of pair 0 \(50 x 40 pixels\)"),
         (["--limit", "0"], r"Invalid value for '--limit': Input should be greater than or equal to 1"),
         (["--pair", "99"], r"pair 99 is not a finished pair of .*\(it has 3 pairs\)"),
-        (["--upsample", "cubic"], r"--upsample must be bilinear or nearest, got 'cubic'"),
+        (["--upsample", "cubic"], r"upsample must be bilinear or nearest, got 'cubic'"),
         (["--span", "zebra", "--pair", "0"], r"span 'zebra' does not occur in the caption"),
+        (["--span", "zebra"], r"no finished pair's caption holds the span 'zebra' \(3 finished pairs\)"),
+        (["--scale", "0"], r"--scale must be figure, run or a positive number .*got '0'"),
+        (["--scale", "nan"], r"--scale must be figure, run or a positive number .*got 'nan'"),
+        (["--scale", "page"], r"--scale must be figure, run or a positive number .*got 'page'"),
+        (["--format", "gif"], r"--format must be one of png, svg, pdf, got 'gif'"),
+        (["--dpi", "5"], r"dpi must be between 30 and 600, got 5"),
     ],
 )
 def test_bad_render_arguments(finished_run, arguments, message):

@@ -201,21 +201,31 @@ def render(
     span: Annotated[str | None, typer.Option(help="caption span: a substring such as 'black dog', or token indices '2:4'")] = None,
     box: Annotated[str | None, typer.Option(help="image box x0,y0,x1,y1 in original-image pixels")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN_DIR/heatmaps)")] = None,
+    scale: Annotated[str, typer.Option(help="map colour scale: figure (each its own), run (one for all figures drawn), or a number")] = "figure",
+    file_format: Annotated[str, typer.Option("--format", help="png, svg or pdf")] = "png",
+    dpi: Annotated[int, typer.Option(help="resolution: 100 draws a map panel 200 pixels wide")] = 100,
+    all_words: Annotated[bool, typer.Option("--all-words", help="a panel for stop-words and punctuation too")] = False,
     upsample: Annotated[str, typer.Option(help="bilinear or nearest")] = "bilinear",
     limit: Annotated[int, typer.Option(min=1, help="render at most this many pairs")] = 100,
     data_root: Annotated[Path | None, typer.Option(help="the images' folder, when it moved since the run (default: the run's data.root)")] = None,
 ) -> None:
-    """Draw heatmap PNGs of finished pairs: per-word panels, a caption span's image map, or a box's tokens."""
-    from xclip.render import parse_box, render_run
+    """Draw figures of finished pairs: per-word maps, a caption span's map, or a box's match with the words."""
+    from xclip.render import STOP_WORDS, FigureOptions, parse_box, parse_scale, render_run
 
     with _errors():
-        written = render_run(
-            run_dir, pairs=pair, span=span, box=None if box is None else parse_box(box), out=out, upsample=upsample,
-            limit=limit, data_root=data_root,
+        options = FigureOptions(scale=parse_scale(scale), upsample=upsample, dpi=dpi,  # type: ignore[arg-type]
+                                skip_words=frozenset() if all_words else STOP_WORDS)
+        report = render_run(
+            run_dir, pairs=pair, span=span, box=None if box is None else parse_box(box), out=out, options=options,
+            file_format=file_format, limit=limit, data_root=data_root,
         )
-    for path in written:
+    for path in report.written:
         print(path)
-    if not written:
+    for note in report.notes:
+        stderr.print(f"note: {note}")
+    if report.skipped_without_span:
+        stderr.print(f"skipped {report.skipped_without_span} pairs whose caption does not hold {span!r}")
+    if not report.written:
         stderr.print("no finished pairs to render yet")
 
 

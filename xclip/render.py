@@ -1,53 +1,152 @@
-"""Heatmap PNGs from a run file: a caption span's map over the image, a box's scores over the caption tokens.
+"""Figures of interaction maps: a caption span's map on the image, a box's interactions with the caption's words.
 
-Signed values use a diverging colour map centred at zero (red: the pair raises the score, blue: it lowers it);
-the patch grid is upsampled as a float map before colouring, so no hue outside the colour map appears. Each
-PNG records the colour scale it used in a text chunk (``xclip:halfrange``).
+Colour means the map and nothing else. Maps are drawn at full opacity in a diverging colour map centred at
+zero (``RdBu_r``: red raises the score, blue lowers it, white is zero), so every map pixel has a colour of the
+colour bar; the image is shown once in colour beside them, and as its contours (dark grey lines where its
+grey levels change) over each map, so that shapes can be found without their colours mixing into the map's.
+Every map panel of a figure shares one scale, its colour bar's; the words of the caption below are coloured on
+a second scale with a bar of its own (a word's total is a sum over many patches). ``scale`` fixes either the
+map scale (a number) or shares it among all figures of one call (``"run"``).
+
+Figures are composed with Pillow (matplotlib supplies the colour map and the font), which makes them fast:
+the demo draws more than ten per-word figures a second on one core (``scripts/render_speed.py``). They are
+rasters in every format: PNG, or the same picture in a PDF or an SVG file at the requested DPI.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 import re
 import textwrap
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from xclip.adapters.base import read_image
+from xclip.adapters.base import DualEncoderAdapter, read_image
 from xclip.errors import ConfigError
+from xclip.result import InteractionMap
 from xclip.store import DONE, RunReader
 
 COLORMAP = "RdBu_r"
-DISPLAY_SIDE = 256  # views smaller than this are enlarged for drawing
-ALPHA = 0.55
+FORMATS = ("png", "svg", "pdf")
+PANEL_SIDE = 200  # a map panel's width at 100 DPI
 SPECIAL = {"<|startoftext|>", "<|endoftext|>", "</s>", "<s>", "<pad>", "[CLS]", "[SEP]", "[PAD]"}
+UNKNOWN = {"<unk>", "[UNK]", "<|unk|>"}
+# words that get no panel of their own in per-word figures (they stay in the caption strip, coloured)
+STOP_WORDS = frozenset(
+    "a an the of on in at to and or with next by for from is are this that its it there here some".split()
+)
+Scale = Literal["figure", "run"] | float
+Upsample = Literal["bilinear", "nearest"]
+_CONTOUR = (45, 45, 45)
+# a map panel sums its patches; a word's total also has the CLS position, so that the words' totals and the
+# special tokens' add up to the pair's four-term value
+_WORD_TOTAL = "each coloured by its total with the image (its patches and CLS)"
 
 
 @dataclass(frozen=True)
 class PairView:
-    """What the figures of one pair need, read from the run file."""
+    """What a figure of one pair needs: from a run file (:func:`load_pair_view`) or an API result
+    (:func:`pair_view`)."""
 
-    index: int
+    title: str  # "pair 12", or what the caller names it
+    name: str  # the start of the figures' file names: "pair000012"
     caption: str
     tokens: list[str]
-    interactions: np.ndarray  # (n_tokens, n_image_positions)
+    interactions: np.ndarray  # (n_tokens, n_image_positions), prefix (CLS) columns first
     grid: tuple[int, int]
     n_prefix: int
     image: Image.Image  # the model's view: the original resized and cropped as the processor did
     to_view: Any  # maps original (x, y) to view pixels
     score: float
+    four_term_value: float
+    completeness_error: float
 
-    def patch_map(self, token_rows: list[int]) -> np.ndarray:
+    def patch_map(self, token_rows: Sequence[int]) -> np.ndarray:
         """``(H, W)``: the summed interactions of the given caption positions with every patch."""
-        summed = self.interactions[token_rows].sum(0)[self.n_prefix :]
+        summed = self.interactions[list(token_rows)].sum(0)[self.n_prefix :]
         return summed.reshape(self.grid)
 
+    def word_totals(self, columns: Sequence[int] | None = None) -> list[tuple[str, list[int], float]]:
+        """Each caption word, its token rows, and its total interaction with the image (every position, CLS
+        included, so the totals and the special tokens' add up to the score) or with ``columns``."""
+        values = self.interactions if columns is None else self.interactions[:, list(columns)]
+        row_totals = values.sum(1)
+        return [(word, rows, float(row_totals[rows].sum())) for word, rows in _word_groups(self.tokens)]
 
+
+@dataclass(frozen=True)
+class FigureOptions:
+    scale: Scale = "figure"  # map scale: each figure its own, one for all figures of a call, or a fixed value
+    upsample: Upsample = "bilinear"
+    dpi: int = 100
+    skip_words: frozenset[str] = STOP_WORDS  # per-word figures draw no panel for these (and for punctuation)
+
+    def __post_init__(self) -> None:
+        if not (self.scale in ("figure", "run") or (isinstance(self.scale, float) and math.isfinite(self.scale) and self.scale > 0)):
+            msg = f"scale must be figure, run or a positive number, got {self.scale!r}"
+            raise ConfigError(msg)
+        if self.upsample not in ("bilinear", "nearest"):
+            msg = f"upsample must be bilinear or nearest, got {self.upsample!r}"
+            raise ConfigError(msg)
+        if not 30 <= self.dpi <= 600:
+            msg = f"dpi must be between 30 and 600, got {self.dpi}"
+            raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A drawn figure: the picture, the scales its two colour bars show, and notes for the reader."""
+
+    picture: Image.Image
+    name: str  # a file name without suffix: "pair000012", "pair000012_span-red-square", ...
+    map_halfrange: float  # the map colour bar spans [-map_halfrange, +map_halfrange]
+    word_halfrange: float
+    dpi: int
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the figure as PNG, PDF or SVG (by the suffix); the scales go into the file's metadata."""
+        path = Path(path)
+        kind = path.suffix.lower().lstrip(".")
+        if kind not in FORMATS:
+            msg = f"cannot save a figure as {path.name!r}: the suffix must be one of {', '.join(FORMATS)}"
+            raise ConfigError(msg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"xclip:halfrange": f"{self.map_halfrange:.6g}", "xclip:word_halfrange": f"{self.word_halfrange:.6g}",
+                    "xclip:colormap": COLORMAP}
+        if kind == "png":
+            info = PngInfo()
+            for key, value in metadata.items():
+                info.add_text(key, value)
+            self.picture.save(path, pnginfo=info, dpi=(self.dpi, self.dpi), compress_level=3)
+        elif kind == "pdf":
+            self.picture.save(path, "PDF", resolution=float(self.dpi), title=self.name,
+                              subject=" ".join(f"{k}={v}" for k, v in metadata.items()))
+        else:
+            buffer = io.BytesIO()
+            self.picture.save(buffer, "PNG", compress_level=3)
+            width, height = self.picture.size
+            inches = f'width="{width / self.dpi:.3f}in" height="{height / self.dpi:.3f}in"'
+            described = " ".join(f"{k}={v}" for k, v in metadata.items())
+            path.write_text(
+                f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" {inches} '
+                f'viewBox="0 0 {width} {height}"><desc>{described}</desc>'
+                f'<image width="{width}" height="{height}" xlink:href="data:image/png;base64,'
+                f'{base64.b64encode(buffer.getvalue()).decode()}"/></svg>\n'
+            )
+        return path
+
+
+# --- selections: spans of the caption, boxes of the image ----------------------------------------------
 def parse_box(text: str) -> tuple[float, float, float, float]:
     try:
         x0, y0, x1, y1 = (float(v) for v in text.split(","))
@@ -61,6 +160,26 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
         msg = f"--box {text!r}: need x0 < x1 and y0 < y1"
         raise ConfigError(msg)
     return x0, y0, x1, y1
+
+
+def parse_scale(text: str) -> Scale:
+    if text in ("figure", "run"):
+        return text  # type: ignore[return-value]
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        msg = f"--scale must be figure, run or a positive number (the map colour bar's end), got {text!r}"
+        raise ConfigError(msg)
+    return value
+
+
+def check_box_inside(box: tuple[float, float, float, float], size: tuple[int, int], what: str) -> None:
+    width, height = size
+    if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+        msg = f"--box {','.join(f'{v:g}' for v in box)} is not inside the image of {what} ({width} x {height} pixels)"
+        raise ConfigError(msg)
 
 
 def model_view(image: Image.Image, geometry: dict[str, Any]) -> tuple[Image.Image, Any]:
@@ -86,7 +205,8 @@ def model_view(image: Image.Image, geometry: dict[str, Any]) -> tuple[Image.Imag
 
 
 def box_patches(box: tuple[float, float, float, float], view: PairView) -> list[int]:
-    """Patch indices (row-major, without prefix) whose centres fall in an original-pixel box; at least one."""
+    """Patch indices (row-major, without prefix) whose centres fall in an original-pixel box; a box too small
+    to hold a centre selects the patch under its own centre."""
     (x0, y0), (x1, y1) = view.to_view(box[0], box[1]), view.to_view(box[2], box[3])
     rows, cols = view.grid
     cell_w, cell_h = view.image.size[0] / cols, view.image.size[1] / rows
@@ -98,26 +218,9 @@ def box_patches(box: tuple[float, float, float, float], view: PairView) -> list[
     ]
     if inside:
         return inside
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    r = min(rows - 1, max(0, int(cy / cell_h)))
-    c = min(cols - 1, max(0, int(cx / cell_w)))
+    r = min(rows - 1, max(0, int((y0 + y1) / 2 / cell_h)))
+    c = min(cols - 1, max(0, int((x0 + x1) / 2 / cell_w)))
     return [r * cols + c]
-
-
-def heatmap_overlay(image: Image.Image, patch_map: np.ndarray, halfrange: float, upsample: str = "bilinear") -> Image.Image:
-    """The image with a signed patch map upsampled onto it and blended in ``RdBu_r`` (zero = white)."""
-    from matplotlib import colormaps
-    from matplotlib.colors import CenteredNorm
-
-    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}.get(upsample)
-    if resample is None:
-        msg = f"upsample must be bilinear or nearest, got {upsample!r}"
-        raise ConfigError(msg)
-    field = Image.fromarray(patch_map.astype(np.float32), mode="F").resize(image.size, resample)
-    norm = CenteredNorm(vcenter=0.0, halfrange=halfrange or 1.0)
-    colours = colormaps[COLORMAP](norm(np.asarray(field)), bytes=True)[..., :3].astype(np.float32)
-    blended = (1 - ALPHA) * np.asarray(image.convert("RGB"), dtype=np.float32) + ALPHA * colours
-    return Image.fromarray(blended.round().astype(np.uint8))
 
 
 def _token_text(token: str) -> str:
@@ -159,11 +262,15 @@ def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
     return groups
 
 
-def span_rows(span: str, tokens: list[str]) -> list[int]:
-    """Token rows of a span: ``"2:4"`` / ``"3"`` (indices) or a substring of the caption's words."""
+def _check_span(span: str) -> None:
     if not span.strip():
         msg = "--span is empty: give words of the caption (such as 'red dog') or token indices (such as 2:4)"
         raise ConfigError(msg)
+
+
+def span_rows(span: str, tokens: list[str]) -> list[int]:
+    """Token rows of a span: ``"2:4"`` / ``"3"`` (indices) or a substring of the caption's words."""
+    _check_span(span)
     if re.fullmatch(r"\d+(:\d+)?", span):
         first, _, last = span.partition(":")
         rows = list(range(int(first), int(last) if last else int(first) + 1))
@@ -184,76 +291,263 @@ def span_rows(span: str, tokens: list[str]) -> list[int]:
     return [row for (word, rows), s in zip(words, starts) if s < end and s + len(word) > begin for row in rows]
 
 
-def _figure(view: PairView, panels: list[tuple[str, np.ndarray]], token_scores: np.ndarray | None,
-            highlight_rows: list[int], box: tuple[float, float, float, float] | None, upsample: str, path: Path,
-            context: tuple[str, np.ndarray] | None = None) -> Path:
-    """Panels and token strip on one symmetric colour scale (the colour bar's); ``context``, a map whose
-    magnitude would drown the others (the whole caption, which includes BOS and EOS), gets its own scale."""
+def _is_skipped(word: str, skip_words: frozenset[str]) -> bool:
+    return word.lower() in skip_words or not any(ch.isalnum() for ch in word)
+
+
+# --- what a figure shows --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Content:
+    name: str
+    panels: list[tuple[str, np.ndarray]]  # (title, patch map)
+    words: list[tuple[str, list[int], float]]  # the strip: word, token rows, value
+    word_label: str  # what the strip's values are
+    highlighted: list[int]  # token rows outlined in the strip
+    box: tuple[float, float, float, float] | None
+    notes: list[str]
+
+
+def _content(view: PairView, span: str | None, box: tuple[float, float, float, float] | None,
+             skip_words: frozenset[str]) -> _Content:
+    unknown = sorted({_token_text(t) for t in view.tokens if t in UNKNOWN})
+    notes = [f"{', '.join(unknown)}: unknown to the tokenizer; its panel is the unknown token's, not the word's"] if unknown else []
+    stem = view.name
+    if span is not None:
+        rows = span_rows(span, view.tokens)
+        label = " ".join(_token_text(view.tokens[r]) for r in rows)
+        patch_map = view.patch_map(rows)
+        return _Content(f"{stem}_span-{_slug(label)}", [_panel(f"'{label}'", patch_map)],
+                        view.word_totals(), _WORD_TOTAL, rows, box, notes)
+    if box is not None:
+        patches = [view.n_prefix + p for p in box_patches(box, view)]
+        words = view.word_totals(patches)
+        total = float(view.interactions[:, patches].sum())
+        notes.append(f"the box covers {len(patches)} patch{'es' if len(patches) > 1 else ''}; its total with the caption: {total:+.3g}")
+        return _Content(f"{stem}_box-{_slug(' '.join(f'{v:g}' for v in box))}", [], words,
+                        "each coloured by its interaction with the box's patches", [], box, notes)
+    words = view.word_totals()
+    panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words if not _is_skipped(word, skip_words)]
+    skipped = [word for word, _, _ in words if _is_skipped(word, skip_words)]
+    if skipped:
+        notes.append(f"no panel for {', '.join(dict.fromkeys(skipped))} (stop-words and punctuation; --all-words draws them)")
+    if not panels:  # a caption of stop-words only: draw them rather than nothing
+        panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words]
+    return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes)
+
+
+def _panel(label: str, patch_map: np.ndarray) -> tuple[str, np.ndarray]:
+    """A map panel titled with what it draws: the sum over its patches."""
+    return f"{label}: {patch_map.sum():+.3g}", patch_map
+
+
+def _halfranges(content: _Content) -> tuple[float, float]:
+    map_range = max((float(np.abs(m).max()) for _, m in content.panels), default=0.0)
+    word_range = max((abs(v) for _, _, v in content.words), default=0.0)
+    return map_range or 1.0, word_range or 1.0
+
+
+# --- drawing --------------------------------------------------------------------------------------------
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    from matplotlib import font_manager
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+@lru_cache(maxsize=1)
+def _lut() -> np.ndarray:
     from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import CenteredNorm
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
 
-    values = [m for _, m in panels] + ([token_scores] if token_scores is not None else [])
-    halfrange = float(max(np.abs(v).max() for v in values)) or 1.0
-    norm, cmap = CenteredNorm(vcenter=0.0, halfrange=halfrange), colormaps[COLORMAP]
-    scales = [halfrange] * len(panels)
-    if context is not None:
-        context_range = float(np.abs(context[1]).max()) or 1.0
-        panels = [*panels, (f"{context[0]} (own scale ±{context_range:.2g})", context[1])]
-        scales.append(context_range)
-    n = len(panels)
-    columns = min(n, 4)
-    rows = -(-n // columns)
-    fig = Figure(figsize=(max(3.2 * columns + 1.4, 6.0), 3.2 * rows + 1.4), dpi=100, layout="constrained")
-    grid = fig.add_gridspec(rows + 1, columns + 1, height_ratios=[*[1.0] * rows, 0.28], width_ratios=[*[1.0] * columns, 0.06])
-    # small model inputs (a 64-pixel view) are enlarged before the map is laid on, so the smooth upsampling
-    # happens at display resolution rather than in matplotlib's blur
-    zoom = max(1, -(-DISPLAY_SIDE // max(view.image.size)))
-    display = view.image.resize((view.image.size[0] * zoom, view.image.size[1] * zoom), Image.Resampling.BICUBIC)
-    for k, ((title, patch_map), scale) in enumerate(zip(panels, scales)):
-        ax = fig.add_subplot(grid[k // columns, k % columns])
-        ax.imshow(heatmap_overlay(display, patch_map, scale, upsample))
-        ax.set_title(title, fontsize=10)
-        ax.set_axis_off()
-        if box is not None:
-            (x0, y0), (x1, y1) = view.to_view(box[0], box[1]), view.to_view(box[2], box[3])
-            ax.add_patch(Rectangle((x0 * zoom, y0 * zoom), (x1 - x0) * zoom, (y1 - y0) * zoom, fill=False,
-                                   edgecolor="black", linewidth=2))
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=fig.add_subplot(grid[:rows, columns]), label="interaction")
-    _token_strip(fig, fig.add_subplot(grid[rows, :]), view.tokens, token_scores, highlight_rows, norm, cmap)
-    title = f"pair {view.index}: {view.caption!r}  (score {view.score:.4f})"
-    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=11)  # ~11 characters an inch
-    metadata = PngInfo()
-    metadata.add_text("xclip:halfrange", f"{halfrange:.6g}")
-    metadata.add_text("xclip:colormap", COLORMAP)
-    metadata.add_text("xclip:upsample", upsample)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, pil_kwargs={"pnginfo": metadata})
-    return path
+    return colormaps[COLORMAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
 
 
-def _token_strip(fig: Any, strip: Any, tokens: list[str], token_scores: np.ndarray | None,
-                 highlight_rows: list[int], norm: Any, cmap: Any) -> None:
-    """The caption's words left to right, wrapped, each on its summed score's colour; the span outlined."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def map_colours(values: np.ndarray, halfrange: float) -> np.ndarray:
+    """``(..., 3)`` uint8: the colour bar's colour of each value (values beyond ``halfrange`` clip to its
+    ends); matplotlib's ``RdBu_r`` with its 256 levels, indexed as matplotlib indexes it."""
+    normalised = np.clip((np.asarray(values, dtype=np.float64) / halfrange + 1.0) / 2.0, 0.0, 1.0)
+    return _lut()[np.minimum((normalised * 256).astype(np.int64), 255)]
 
-    renderer = FigureCanvasAgg(fig).get_renderer()
-    strip.set_axis_off()
-    width = strip.get_window_extent(renderer).width
-    x, y = 0.01, 0.75
-    for word, rows in _word_groups(tokens):
-        score = float(token_scores[rows].sum()) if token_scores is not None else None
-        face = cmap(norm(score)) if score is not None else "white"
-        is_highlighted = any(r in highlight_rows for r in rows)
-        text = strip.text(x, y, word, fontsize=11, va="center", transform=strip.transAxes,
-                          fontweight="bold" if is_highlighted else "normal",
-                          bbox={"facecolor": face, "edgecolor": "black" if is_highlighted else "0.8",
-                                "boxstyle": "round,pad=0.3"})
-        x += text.get_window_extent(renderer).width / width + 0.03
-        if x > 0.92:
-            x, y = 0.01, y - 0.45
+
+def _contours(view: Image.Image) -> np.ndarray:
+    """Where the image's colours change sharply (its shapes' outlines), as a boolean mask: the steepest
+    gradients of any colour channel (a red square on a grey of equal brightness has one) of a lightly blurred
+    copy (so that texture draws fewer lines), those above a sixth of the near-largest, and never more than a
+    tenth of the pixels."""
+    blurred = view.convert("RGB").filter(ImageFilter.GaussianBlur(max(1.0, max(view.size) / 160)))
+    rgb = np.asarray(blurred, dtype=np.float32)
+    gradient = np.zeros(rgb.shape[:2], dtype=np.float32)
+    gradient[1:-1, 1:-1] = np.hypot(rgb[1:-1, 2:] - rgb[1:-1, :-2], rgb[2:, 1:-1] - rgb[:-2, 1:-1]).max(-1)
+    threshold = max(16.0, float(np.percentile(gradient, 99.5)) / 6, float(np.percentile(gradient, 90)))
+    return gradient > threshold
+
+
+def map_panel(view: Image.Image, patch_map: np.ndarray, halfrange: float, upsample: Upsample = "bilinear",
+              contours: np.ndarray | None = None) -> Image.Image:
+    """The patch map at the view's size in the colour bar's colours, with the view's contours over it."""
+    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}[upsample]
+    field_ = Image.fromarray(np.asarray(patch_map, dtype=np.float32), mode="F").resize(view.size, resample)
+    colours = map_colours(np.asarray(field_), halfrange)
+    if contours is None:
+        contours = _contours(view)
+    colours[contours] = _CONTOUR
+    return Image.fromarray(colours)
+
+
+def _text_width(text: str, font: ImageFont.FreeTypeFont) -> float:
+    return font.getlength(text)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    average = max(1.0, _text_width("abcdefghij", font) / 10)
+    return textwrap.wrap(text, width=max(10, int(width / average))) or [""]
+
+
+def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, float, float] | None = None,
+         options: FigureOptions | None = None, halfranges: tuple[float, float] | None = None) -> Figure:
+    """One figure of a pair: the span's map (``span``), the box's interactions with the words (``box``), or a
+    panel per content word (neither). ``halfranges`` (map, words) overrides the scales, as ``render_run`` does
+    for ``scale="run"``."""
+    options = options or FigureOptions()
+    content = _content(view, span, box, options.skip_words)
+    map_range, word_range = halfranges or _halfranges(content)
+    notes = list(content.notes)
+    if isinstance(options.scale, float):
+        peak = max((float(np.abs(m).max()) for _, m in content.panels), default=0.0)
+        map_range = options.scale
+        if peak > map_range:
+            notes.append(f"map values reach ±{peak:.3g}, beyond the fixed scale ±{map_range:.3g}: they are drawn at its ends")
+    k = options.dpi / 100  # every length below is in pixels at 100 DPI
+    px = lambda v: round(v * k)  # noqa: E731
+    title_font, text_font, small_font = _font(px(15)), _font(px(13)), _font(px(11))
+    margin, gap = px(14), px(12)
+
+    side = px(PANEL_SIDE)
+    width_v, height_v = view.image.size
+    panel_w, panel_h = side, max(1, round(side * height_v / width_v))
+    display = view.image.convert("RGB").resize((panel_w, panel_h), Image.Resampling.BICUBIC)
+    contours = _contours(display)
+    tiles = [("image", display)] + [(title, map_panel(display, m, map_range, options.upsample, contours))
+                                    for title, m in content.panels]
+    columns = min(len(tiles), 5)
+    rows = -(-len(tiles) // columns)
+    bar_area = px(96) if content.panels else 0
+    width = max(px(620), 2 * margin + columns * panel_w + (columns - 1) * gap + bar_area)
+    header = [f"{view.title}: score {view.score:.4f}, four-term value {view.four_term_value:.4f}, "
+              f"completeness error {view.completeness_error:.2e}", f"“{view.caption}”"]
+    header_lines = [line for text in header for line in _wrap(text, title_font, width - 2 * margin)]
+    line_h = px(20)
+    tile_title_h = px(18)
+    panels_top = margin + line_h * len(header_lines) + gap
+    panels_h = rows * (tile_title_h + panel_h) + (rows - 1) * gap
+    strip = _layout_strip(content.words, text_font, width - 2 * margin, px)
+    strip_top = panels_top + panels_h + gap + px(22)
+    strip_h = (strip[-1][2] + px(36)) if strip else 0
+    notes_top = strip_top + strip_h + px(34)
+    note_lines = [line for note in notes for line in _wrap(note, small_font, width - 2 * margin)]
+    height = notes_top + px(16) * len(note_lines) + margin
+
+    picture = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(picture)
+    for n, line in enumerate(header_lines):
+        pen.text((margin, margin + n * line_h), line, fill="black", font=title_font)
+    for n, (title, tile) in enumerate(tiles):
+        x = margin + (n % columns) * (panel_w + gap)
+        y = panels_top + (n // columns) * (tile_title_h + panel_h + gap)
+        label = title if _text_width(title, text_font) <= panel_w else _wrap(title, text_font, panel_w)[0] + "…"
+        pen.text((x, y), label, fill="black", font=text_font)
+        picture.paste(tile, (x, y + tile_title_h))
+        if content.box is not None and n == 0:
+            (x0, y0), (x1, y1) = view.to_view(*content.box[:2]), view.to_view(*content.box[2:])
+            zoom = panel_w / width_v
+            outline = [x + x0 * zoom, y + tile_title_h + y0 * zoom, x + x1 * zoom, y + tile_title_h + y1 * zoom]
+            pen.rectangle(outline, outline="black", width=max(1, px(3)))
+            pen.rectangle([v + (1 if i < 2 else -1) * px(1) for i, v in enumerate(outline)], outline="white", width=max(1, px(1)))
+    if content.panels:
+        _vertical_bar(picture, pen, (margin + columns * (panel_w + gap) + px(4), panels_top + tile_title_h),
+                      (px(14), max(px(120), panels_h - tile_title_h)), map_range, "per patch", small_font, px)
+    pen.text((margin, strip_top - px(18)), f"caption words, {content.word_label}:", fill="black", font=small_font)
+    for (word, word_rows, value), (x, w, y) in zip(content.words, strip):
+        colour = tuple(int(c) for c in map_colours(np.array(value), word_range))
+        bounds = [margin + x, strip_top + y, margin + x + w, strip_top + y + px(22)]
+        is_highlighted = any(r in content.highlighted for r in word_rows)
+        pen.rectangle(bounds, fill=colour, outline="black" if is_highlighted else (190, 190, 190), width=px(2) if is_highlighted else 1)
+        light = sum(colour) / 3 > 110
+        pen.text((bounds[0] + px(5), bounds[1] + px(3)), word, fill="black" if light else "white", font=text_font)
+    if strip:
+        _horizontal_bar(picture, pen, (margin + px(16), strip_top + strip_h - px(10)), (px(220), px(10)), word_range, small_font, px)
+    for n, line in enumerate(note_lines):
+        pen.text((margin, notes_top + n * px(16)), line, fill=(90, 90, 90), font=small_font)
+    return Figure(picture, content.name, map_range, word_range, options.dpi, notes)
+
+
+def _layout_strip(words: list[tuple[str, list[int], float]], font: ImageFont.FreeTypeFont, width: float,
+                  px: Any) -> list[tuple[int, int, int]]:
+    """(x, width, y) of each word's box, wrapped to ``width``."""
+    placed, x, y = [], 0, 0
+    for word, _, _ in words:
+        w = round(_text_width(word, font)) + px(10)
+        if x > 0 and x + w > width:
+            x, y = 0, y + px(28)
+        placed.append((x, w, y))
+        x += w + px(6)
+    return placed
+
+
+def _ticks(halfrange: float) -> list[float]:
+    return [-halfrange, -halfrange / 2, 0.0, halfrange / 2, halfrange]
+
+
+def _vertical_bar(picture: Image.Image, pen: ImageDraw.ImageDraw, origin: tuple[int, int], size: tuple[int, int],
+                  halfrange: float, label: str, font: ImageFont.FreeTypeFont, px: Any) -> None:
+    (x, y), (w, h) = origin, size
+    values = np.linspace(halfrange, -halfrange, h)[:, None].repeat(w, 1)
+    picture.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
+    pen.rectangle([x, y, x + w, y + h], outline="black")
+    for tick in _ticks(halfrange):
+        ty = y + round((halfrange - tick) / (2 * halfrange) * (h - 1))
+        pen.line([x + w, ty, x + w + px(4), ty], fill="black")
+        pen.text((x + w + px(6), ty - px(7)), f"{tick:+.2g}" if tick else "0", fill="black", font=font)
+    pen.text((x, y + h + px(4)), label, fill="black", font=font)
+
+
+def _horizontal_bar(picture: Image.Image, pen: ImageDraw.ImageDraw, origin: tuple[int, int], size: tuple[int, int],
+                    halfrange: float, font: ImageFont.FreeTypeFont, px: Any) -> None:
+    (x, y), (w, h) = origin, size
+    values = np.linspace(-halfrange, halfrange, w)[None, :].repeat(h, 0)
+    picture.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
+    pen.rectangle([x, y, x + w, y + h], outline="black")
+    for tick in _ticks(halfrange):
+        tx = x + round((tick + halfrange) / (2 * halfrange) * (w - 1))
+        text = f"{tick:+.2g}" if tick else "0"
+        pen.text((tx - _text_width(text, font) / 2, y + h + px(2)), text, fill="black", font=font)
+
+
+# --- from the API and from run files ---------------------------------------------------------------------
+def pair_view(result: InteractionMap, image: Image.Image | str | Path, model: DualEncoderAdapter, *,
+              title: str = "pair") -> PairView:
+    """A :class:`PairView` of an API result: ``result`` from :func:`xclip.interaction_map` of a caption and
+    ``image`` (the picture, or its file) attributed with ``model``."""
+    if result.grid is None:
+        msg = "the result's columns are not an image's patches: draw caption-image maps (caption first, image second)"
+        raise ConfigError(msg)
+    picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
+    view, to_view = model_view(picture, model.preprocessing_geometry())
+    return PairView(
+        title=title, name=_slug(title), caption=" ".join(word for word, _ in _word_groups(result.row_labels)), tokens=list(result.row_labels),
+        interactions=result.interactions.detach().double().cpu().numpy(), grid=result.grid, n_prefix=result.n_prefix,
+        image=view, to_view=to_view, score=result.score, four_term_value=result.four_term_value,
+        completeness_error=result.completeness_error,
+    )
+
+
+def figure(result: InteractionMap, image: Image.Image | str | Path, model: DualEncoderAdapter, *,
+           span: str | None = None, box: tuple[float, float, float, float] | None = None,
+           options: FigureOptions | None = None, title: str = "pair") -> Figure:
+    """Draw an API result as ``xclip render`` draws a run's pair; ``.save(path)`` writes it."""
+    view = pair_view(result, image, model, title=title)
+    if box is not None:
+        check_box_inside(box, (image if isinstance(image, Image.Image) else read_image(Path(image))[0]).size, title)
+    return draw(view, span=span, box=box, options=options)
 
 
 def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
@@ -264,7 +558,8 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         raise ConfigError(msg)
     view, to_view = model_view(read_image(image_path)[0], run.geometry)
     return PairView(
-        index=index,
+        title=f"pair {index}",
+        name=f"pair{index:06d}",
         caption=run.captions()[c],
         tokens=run.tokens(c),
         interactions=run.interactions(index),
@@ -273,6 +568,8 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         image=view,
         to_view=to_view,
         score=float(run.value("pairs", "score", index)),
+        four_term_value=float(run.value("pairs", "four_term_value", index)),
+        completeness_error=float(run.value("pairs", "completeness_error", index)),
     )
 
 
@@ -280,35 +577,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-") or "tokens"
 
 
-def render_pair(view: PairView, out: Path, *, span: str | None = None,
-                box: tuple[float, float, float, float] | None = None, upsample: str = "bilinear") -> Path:
-    """One PNG: the span's map (``span``), the box's token scores (``box``), or per-word panels (neither)."""
-    if span is not None:
-        rows = span_rows(span, view.tokens)
-        label = " ".join(_token_text(view.tokens[r]) for r in rows)
-        return _figure(view, [(f"span: {label}", view.patch_map(rows))], None, rows, box, upsample,
-                       out / f"pair{view.index:06d}_span-{_slug(label)}.png")  # one file per span
-    if box is not None:
-        patches = [view.n_prefix + p for p in box_patches(box, view)]
-        token_scores = view.interactions[:, patches].sum(1)
-        whole = ("whole caption", view.patch_map(list(range(len(view.tokens)))))
-        return _figure(view, [], token_scores, [], box, upsample, out / f"pair{view.index:06d}_box-{_slug(' '.join(f'{v:g}' for v in box))}.png", whole)
-    panels = [(word, view.patch_map(rows)) for word, rows in _word_groups(view.tokens)]
-    whole = ("whole caption", view.patch_map(list(range(len(view.tokens)))))
-    return _figure(view, panels, None, [], None, upsample, out / f"pair{view.index:06d}.png", whole)
+@dataclass
+class RenderReport:
+    written: list[Path]
+    skipped_without_span: int = 0  # pairs whose caption lacks the span (when no pairs were named)
+    notes: list[str] = field(default_factory=list)  # "pair 3: ..." for what a reader should know
 
 
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
                box: tuple[float, float, float, float] | None = None, out: Path | None = None,
-               upsample: str = "bilinear", limit: int = 100, data_root: Path | None = None) -> list[Path]:
-    """Render finished pairs of a run (also while it is still running); returns the PNG paths.
+               options: FigureOptions | None = None, file_format: str = "png", limit: int = 100,
+               data_root: Path | None = None) -> RenderReport:
+    """Draw finished pairs of a run (also while it is still running) into ``out`` (default RUN_DIR/heatmaps).
 
-    ``data_root`` replaces the run's ``data.root`` when the images have moved since the run."""
+    Named ``pairs`` must be finished, and hold the ``span``; otherwise the first ``limit`` finished pairs are
+    drawn, skipping those whose caption lacks the span. ``data_root`` replaces the run's ``data.root`` when the
+    images have moved since the run."""
+    options = options or FigureOptions()
     if limit < 1:
         msg = f"--limit must be at least 1, got {limit}"
         raise ConfigError(msg)
-    if upsample not in ("bilinear", "nearest"):
-        msg = f"--upsample must be bilinear or nearest, got {upsample!r}"
+    if file_format not in FORMATS:
+        msg = f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}"
         raise ConfigError(msg)
     with RunReader(run_dir) as run:
         out = out or run.path.parent / "heatmaps"
@@ -318,16 +608,53 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
                 if not 0 <= index < len(status) or status[index] != DONE:
                     msg = f"pair {index} is not a finished pair of {run.path} (it has {len(status)} pairs)"
                     raise ConfigError(msg)
-            selected = pairs
+            candidates = list(pairs)
         else:
-            selected = [int(i) for i in np.flatnonzero(status == DONE)[:limit]]
+            candidates = [int(i) for i in np.flatnonzero(status == DONE)]
+        report = RenderReport(written=[])
+        if span is not None:
+            _check_span(span)
+        if span is not None and not pairs:  # keep the pairs whose caption holds the span
+            caption_index = run.column("pairs", "caption_index")
+            holds: dict[int, bool] = {}
+            kept = []
+            for index in candidates:
+                c = int(caption_index[index])
+                if c not in holds:
+                    try:
+                        span_rows(span, run.tokens(c))
+                        holds[c] = True
+                    except ConfigError:
+                        holds[c] = False
+                if holds[c]:
+                    kept.append(index)
+                elif len(kept) < limit:
+                    report.skipped_without_span += 1
+                if len(kept) == limit:
+                    break
+            if not kept and candidates:
+                msg = f"no finished pair's caption holds the span {span!r} ({len(candidates)} finished pairs)"
+                raise ConfigError(msg)
+            candidates = kept
+        selected = candidates if pairs else candidates[:limit]
         if box is not None:
             sizes, image_index = run.column("images", "original_size"), run.column("pairs", "image_index")
             for index in selected:
-                width, height = (int(v) for v in sizes[int(image_index[index])])
-                if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
-                    msg = f"--box {','.join(f'{v:g}' for v in box)} is not inside the image of pair {index} ({width} x {height} pixels)"
-                    raise ConfigError(msg)
+                check_box_inside(box, tuple(int(v) for v in sizes[int(image_index[index])]), f"pair {index}")  # type: ignore[arg-type]
         root = run.data_root(data_root)
-        return [render_pair(load_pair_view(run, index, root), out, span=span, box=box, upsample=upsample)
-                for index in selected]
+        views = [load_pair_view(run, index, root) for index in selected]
+    halfranges = None
+    if options.scale == "run":  # one scale for every figure of this call: the largest value any of them shows
+        ranges = [_halfranges(_content(v, span, box, options.skip_words)) for v in views]
+        halfranges = (max((r[0] for r in ranges), default=1.0), max((r[1] for r in ranges), default=1.0))
+    for view in views:
+        drawn = draw(view, span=span, box=box, options=options, halfranges=halfranges)
+        report.written.append(drawn.save(out / f"{drawn.name}.{file_format}"))
+        report.notes += [f"{view.title}: {note}" for note in drawn.notes if "unknown to the tokenizer" in note or "beyond the fixed scale" in note]
+    return report
+
+
+__all__ = [
+    "COLORMAP", "Figure", "FigureOptions", "PairView", "RenderReport", "draw", "figure", "load_pair_view",
+    "map_colours", "map_panel", "model_view", "pair_view", "parse_box", "parse_scale", "render_run",
+]
