@@ -156,6 +156,58 @@ def attribute(
         raise typer.Exit(EXIT_FAILED_ITEMS)
 
 
+@app.command()
+def explain(
+    image: Annotated[Path, typer.Argument(help="an image file")],
+    captions: Annotated[list[str], typer.Argument(help="one or more captions")],
+    model: Annotated[str | None, typer.Option(help="hub id or local checkpoint (default: the shipped demo model)")] = None,
+    output: Annotated[Path | None, typer.Option(help="keep the run directory here, for render, inspect and view (default: a temporary one)")] = None,
+    figures: Annotated[Path | None, typer.Option(help="figures folder (default: OUTPUT/heatmaps, or ./xclip-explain-IMAGE without --output)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64")] = "float32",
+    scale: Annotated[str, typer.Option(help="map colour scale: run (one for all captions, so they compare), figure, or a number")] = "run",
+    file_format: Annotated[str, typer.Option("--format", help="png, svg or pdf")] = "png",
+    dpi: Annotated[int, typer.Option(help="resolution: 100 draws a map panel 200 pixels wide")] = 100,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace what OUTPUT holds")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print the pairs as JSON on stdout")] = False,
+) -> None:
+    """Attribute one image with each caption and draw them: no config file. Prints each pair's score,
+    four-term value, completeness error and figure."""
+    import tempfile
+
+    from xclip.explain import explain as explain_pairs
+    from xclip.render import FigureOptions, parse_scale
+
+    with _errors(), tempfile.TemporaryDirectory() as temporary:
+        options = FigureOptions(scale=parse_scale(scale), dpi=dpi)
+        run_directory = output or Path(temporary) / "run"
+        figures = figures or (None if output else Path(f"xclip-explain-{image.stem}"))
+        with _StopFlag().installed() as stop:
+            result = explain_pairs(image, captions, output=run_directory, model=model, device=device, dtype=dtype,
+                                   figures=figures, options=options, file_format=file_format, overwrite=overwrite,
+                                   should_stop=stop)
+    rows = [{"caption": p.caption, "score": p.score, "four_term_value": p.four_term_value,
+             "completeness_error": p.completeness_error, "figure": str(p.figure) if p.figure else None, "error": p.error}
+            for p in result.pairs]
+    if json_output:
+        print(json.dumps({"run_directory": str(output) if output else None, "pairs": rows}, allow_nan=True))
+    else:
+        table = Table(title=f"xclip explain {image.name}")
+        for column in ("caption", "score", "four-term value", "completeness error", "figure"):
+            table.add_column(column, overflow="fold", no_wrap=column == "figure")
+        for p in result.pairs:
+            if p.figure is None:
+                table.add_row(escape(p.caption), "[red]failed[/]", "", "", escape(p.error))
+            else:
+                table.add_row(escape(p.caption), f"{p.score:.4f}", f"{p.four_term_value:.4f}",
+                              f"{p.completeness_error:.2e}", str(p.figure))
+        Console(width=max(120, Console().width)).print(table)
+    if result.summary.is_interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if any(p.figure is None for p in result.pairs):
+        raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
 def _shard_overrides(shard: str | None) -> list[str]:
     """``runtime.shard_index``/``num_shards`` overrides from ``I/N`` or from the environment (``env``)."""
     if shard is None:

@@ -1,0 +1,102 @@
+"""One image and its captions to numbers and figures, without a config file (``xclip explain``).
+
+It writes what ``xclip attribute`` would read: the image copied into ``OUTPUT/inputs/`` with a metadata file,
+and ``OUTPUT/explain.yaml``; then it runs the same pipeline and draws the finished pairs. So the numbers are
+those of an equivalent ``xclip attribute`` run, and ``OUTPUT`` is a run directory that ``render``, ``inspect``,
+``evaluate`` and ``view`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from xclip.config import load_config
+from xclip.errors import ConfigError
+from xclip.render import FigureOptions, render_run
+from xclip.runner import Progress, RunSummary, run
+from xclip.store import DONE, RunReader
+
+DEMO_MODEL = Path(__file__).resolve().parent / "models" / "shapes-clip"
+
+
+@dataclass(frozen=True)
+class ExplainedPair:
+    caption: str
+    score: float  # NaN where the pair failed
+    four_term_value: float
+    completeness_error: float
+    figure: Path | None  # None where the pair failed
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    run_directory: Path
+    pairs: list[ExplainedPair]
+    summary: RunSummary
+
+
+def explain(
+    image: str | Path,
+    captions: Sequence[str],
+    *,
+    output: Path,
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    figures: Path | None = None,
+    options: FigureOptions | None = None,
+    file_format: str = "png",
+    overwrite: bool = False,
+    on_progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Explanation:
+    """Attribute ``image`` with each caption into the run directory ``output`` and draw each finished pair
+    (per-word figures, into ``figures``, default ``output/heatmaps``). ``model``: a hub id or a local
+    checkpoint; the shipped demo model when None."""
+    image = Path(image)
+    if not image.is_file():
+        msg = f"image {image} is not there"
+        raise ConfigError(msg)
+    if not captions:
+        msg = "give at least one caption after the image"
+        raise ConfigError(msg)
+    inputs = output / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    copy = inputs / image.name
+    if not copy.exists() or copy.read_bytes() != image.read_bytes():
+        shutil.copyfile(image, copy)  # the run directory keeps its input: it renders after the original moved
+    metadata = inputs / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": image.name, "text": list(captions)}, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {
+        "model": {"name": str(model) if model else str(DEMO_MODEL), "device": device, "dtype": dtype},
+        "data": {"format": "imagefolder", "root": "inputs", "metadata": "inputs/metadata.jsonl"},
+        "output": {"directory": "."},
+    }
+    config_path = output / "explain.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    summary = run(load_config(config_path), overwrite=overwrite, on_progress=on_progress,
+                  should_stop=should_stop or (lambda: False), command=f"xclip explain {image.name}")
+    with RunReader(output) as stored:
+        status = stored.status("pairs")
+        texts = stored.captions()
+        caption_index = stored.column("pairs", "caption_index")
+        finished = [int(p) for p in range(len(status)) if status[p] == DONE]
+        errors = dict(zip(range(len(status)), stored.errors("pairs", list(range(len(status))))))
+        numbers = {p: tuple(float(stored.value("pairs", name, p)) for name in ("score", "four_term_value", "completeness_error"))
+                   for p in finished}
+    drawn = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format).written if finished else []
+    paths = dict(zip(finished, drawn))
+    nan = float("nan")
+    pairs = [
+        ExplainedPair(texts[int(caption_index[p])], *numbers.get(p, (nan, nan, nan)), figure=paths.get(p),
+                      error="" if p in paths else errors[p] or "not attributed: the run was interrupted")
+        for p in range(len(status))
+    ]
+    return Explanation(run_directory=output, pairs=pairs, summary=summary)
