@@ -490,17 +490,17 @@ def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
     assert bad.exit_code == 2 and "shard_index 3 must be below" in bad.output
 
 
-def test_word_groups_follow_each_tokenizers_marks():
-    from xclip.render import _word_groups
+def testword_groups_follow_each_tokenizers_marks():
+    from xclip.render import word_groups
 
     clip = ["<|startoftext|>", "a</w>", "bl", "ack</w>", "dog</w>", "<|endoftext|>"]
-    assert _word_groups(clip) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
+    assert word_groups(clip) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
     sentencepiece = ["▁a", "▁bl", "ack", "▁dog", "</s>", "</s>"]
-    assert _word_groups(sentencepiece) == [("a", [0]), ("black", [1, 2]), ("dog", [3])]
+    assert word_groups(sentencepiece) == [("a", [0]), ("black", [1, 2]), ("dog", [3])]
     word_level = ["<|startoftext|>", "a", "red", "circle", ",", "<|endoftext|>"]
-    assert [w for w, _ in _word_groups(word_level)] == ["a", "red", "circle", ","]
+    assert [w for w, _ in word_groups(word_level)] == ["a", "red", "circle", ","]
     wordpiece = ["[CLS]", "a", "bl", "##ack", "dog", "[SEP]"]
-    assert _word_groups(wordpiece) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
+    assert word_groups(wordpiece) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
 
 
 def test_new_weights_at_the_same_path_are_refused(tmp_path, model_dirs):

@@ -208,6 +208,40 @@ def explain(
         raise typer.Exit(EXIT_FAILED_ITEMS)
 
 
+@app.command()
+def view(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1 (0: any free one)")] = 8765,
+    data_root: Annotated[Path | None, typer.Option(help="the images' folder, when it moved since the run")] = None,
+    export: Annotated[Path | None, typer.Option(help="write a static site of chosen pairs here instead of serving")] = None,
+    pair: Annotated[list[int] | None, typer.Option("--pair", "-p", help="with --export: a pair to export; repeat for several")] = None,
+    top: Annotated[int, typer.Option(min=0, help="with --export and no --pair: the best pairs by score")] = 50,
+    bottom: Annotated[int, typer.Option(min=0, help="with --export and no --pair: the worst pairs by score")] = 50,
+) -> None:
+    """Browse a run in the browser (also while it is being written): the pair table, maps of spans and boxes."""
+    from xclip.viewer import RunData, choose_pairs, export_site, make_server
+
+    with _errors():
+        if export is not None:
+            chosen = choose_pairs(RunData(run_dir, data_root), pair, top, bottom)
+            if not chosen:
+                raise ConfigError(f"{run_dir} has no finished pairs to export yet")
+            index = export_site(run_dir, export, chosen, data_root)
+            print(index)
+            stderr.print(f"{len(chosen)} pairs exported: open {index} in a browser (no server needed)")
+            return
+        server = make_server(run_dir, port, data_root)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    print(url, flush=True)
+    stderr.print(f"serving {run_dir} at {url} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _shard_overrides(shard: str | None) -> list[str]:
     """``runtime.shard_index``/``num_shards`` overrides from ``I/N`` or from the environment (``env``)."""
     if shard is None:

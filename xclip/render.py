@@ -80,7 +80,7 @@ class PairView:
         included, so the totals and the special tokens' add up to the score) or with ``columns``."""
         values = self.interactions if columns is None else self.interactions[:, list(columns)]
         row_totals = values.sum(1)
-        return [(word, rows, float(row_totals[rows].sum())) for word, rows in _word_groups(self.tokens)]
+        return [(word, rows, float(row_totals[rows].sum())) for word, rows in word_groups(self.tokens)]
 
 
 @dataclass(frozen=True)
@@ -224,11 +224,11 @@ def box_patches(box: tuple[float, float, float, float], view: PairView) -> list[
 
 
 def _token_text(token: str) -> str:
-    """A token as text, without its tokenizer's word marks (see :func:`_word_groups`)."""
+    """A token as text, without its tokenizer's word marks (see :func:`word_groups`)."""
     return token.replace("</w>", "").lstrip("▁Ġ").removeprefix("##")
 
 
-def _word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
+def word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
     """Caption words and their token rows, special tokens left out.
 
     Word boundaries follow the tokenizer's own marks: CLIP's BPE ends a word with ``</w>``, SentencePiece
@@ -278,7 +278,7 @@ def span_rows(span: str, tokens: list[str]) -> list[int]:
             msg = f"span {span!r} is outside the caption's {len(tokens)} tokens"
             raise ConfigError(msg)
         return rows
-    words = _word_groups(tokens)
+    words = word_groups(tokens)
     text, starts = "", []
     for word, _ in words:
         starts.append(len(text))
@@ -368,7 +368,7 @@ def map_colours(values: np.ndarray, halfrange: float) -> np.ndarray:
     return _lut()[np.minimum((normalised * 256).astype(np.int64), 255)]
 
 
-def _contours(view: Image.Image) -> np.ndarray:
+def outline_mask(view: Image.Image) -> np.ndarray:
     """Where the image's colours change sharply (its shapes' outlines), as a boolean mask: the steepest
     gradients of any colour channel (a red square on a grey of equal brightness has one) of a lightly blurred
     copy (so that texture draws fewer lines), those above a sixth of the near-largest, and never more than a
@@ -388,7 +388,7 @@ def map_panel(view: Image.Image, patch_map: np.ndarray, halfrange: float, upsamp
     field_ = Image.fromarray(np.asarray(patch_map, dtype=np.float32), mode="F").resize(view.size, resample)
     colours = map_colours(np.asarray(field_), halfrange)
     if contours is None:
-        contours = _contours(view)
+        contours = outline_mask(view)
     colours[contours] = _CONTOUR
     return Image.fromarray(colours)
 
@@ -425,7 +425,7 @@ def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, fl
     width_v, height_v = view.image.size
     panel_w, panel_h = side, max(1, round(side * height_v / width_v))
     display = view.image.convert("RGB").resize((panel_w, panel_h), Image.Resampling.BICUBIC)
-    contours = _contours(display)
+    contours = outline_mask(display)
     tiles = [("image", display)] + [(title, map_panel(display, m, map_range, options.upsample, contours))
                                     for title, m in content.panels]
     columns = min(len(tiles), 5)
@@ -533,7 +533,7 @@ def pair_view(result: InteractionMap, image: Image.Image | str | Path, model: Du
     picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
     view, to_view = model_view(picture, model.preprocessing_geometry())
     return PairView(
-        title=title, name=_slug(title), caption=" ".join(word for word, _ in _word_groups(result.row_labels)), tokens=list(result.row_labels),
+        title=title, name=_slug(title), caption=" ".join(word for word, _ in word_groups(result.row_labels)), tokens=list(result.row_labels),
         interactions=result.interactions.detach().double().cpu().numpy(), grid=result.grid, n_prefix=result.n_prefix,
         image=view, to_view=to_view, score=result.score, four_term_value=result.four_term_value,
         completeness_error=result.completeness_error,

@@ -1,0 +1,353 @@
+"""``xclip view``: a run in the browser. A small HTTP server on 127.0.0.1 (the standard library's) answers
+JSON questions about one run directory, and the page in ``xclip/static/`` draws the answers.
+
+Every request opens the run file anew through :class:`xclip.store.RunReader` and reads only what it needs (a
+page of the pair table, one pair's map), so a 100,000-pair run opens as fast as a 10-pair one, and a run that
+is still being written shows what is finished at each reload. ``export_site`` writes the same page with the
+data of chosen pairs into a folder that opens from the file system, for sharing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import shutil
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+from PIL import Image
+
+from xclip.adapters.base import read_image
+from xclip.errors import ConfigError, XclipError
+from xclip.loading import looks_like_path
+from xclip.render import COLORMAP, SPECIAL, model_view, outline_mask, word_groups
+from xclip.store import DONE, FAILED, PENDING, RunReader
+
+STATIC = Path(__file__).resolve().parent / "static"
+ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
+DISPLAY_SIDE = 320  # the image as the page shows it: contours are found at this size
+SORT_KEYS = ("index", "score", "four_term_value", "completeness_error", "relative_completeness_error", "status", "caption")
+STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+RUN_SCALE_SAMPLE = 256
+
+
+@dataclass(frozen=True)
+class PairQuery:
+    """A page of the pair table: sorted by one column, filtered by status, caption text, score and error."""
+
+    sort: str = "index"
+    descending: bool = False
+    status: str = "all"  # all, done, failed, pending
+    text: str = ""  # caption contains (case-insensitive)
+    min_score: float = -math.inf
+    max_score: float = math.inf
+    max_error: float = math.inf  # relative completeness error
+    offset: int = 0
+    limit: int = 100
+
+    @classmethod
+    def from_params(cls, params: dict[str, list[str]]) -> PairQuery:
+        def one(name: str, default: str) -> str:
+            return params.get(name, [default])[0]
+
+        try:
+            query = cls(
+                sort=one("sort", "index"), descending=one("order", "asc") == "desc", status=one("status", "all"),
+                text=one("text", ""), min_score=float(one("min_score", "-inf") or "-inf"),
+                max_score=float(one("max_score", "inf") or "inf"), max_error=float(one("max_error", "inf") or "inf"),
+                offset=int(one("offset", "0")), limit=int(one("limit", "100")),
+            )
+        except ValueError as e:
+            raise ConfigError(f"bad table query: {e}") from None
+        if query.sort not in SORT_KEYS or query.status not in ("all", *STATUS_NAMES.values()):
+            msg = f"bad table query: sort must be one of {', '.join(SORT_KEYS)}, status one of all, done, failed, pending"
+            raise ConfigError(msg)
+        if query.offset < 0 or not 1 <= query.limit <= 1000:
+            msg = "bad table query: offset must be >= 0 and limit between 1 and 1000"
+            raise ConfigError(msg)
+        return query
+
+
+class RunData:
+    """The viewer's answers about one run directory, as JSON-ready values."""
+
+    def __init__(self, run_dir: str | Path, data_root: Path | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.data_root = data_root
+        with RunReader(self.run_dir):  # a clear error now rather than at the first request
+            pass
+        self._run_scale: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    def summary(self) -> dict[str, Any]:
+        with RunReader(self.run_dir) as run:
+            counts = {}
+            for group in ("captions", "images", "pairs"):
+                status = run.status(group)
+                counts[group] = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+                counts[group]["total"] = len(status)
+            attribution = run.config.get("attribution", {})
+            from matplotlib import colormaps
+
+            lut = colormaps[COLORMAP](np.linspace(0, 1, 256), bytes=True)[:, :3]
+            return {
+                "run": str(run.path.parent),
+                "model": _model_label(run.config.get("model", {}).get("name", "")),
+                "attribution": attribution,
+                "counts": counts,
+                "grid": list(run.grid),
+                "n_prefix": run.n_prefix,
+                "has_pair_maps": run.has_pair_maps,
+                "colormap": COLORMAP,
+                "lut": ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in lut],
+            }
+
+    def pairs(self, query: PairQuery) -> dict[str, Any]:
+        with RunReader(self.run_dir) as run:
+            status = run.status("pairs")
+            captions = run.captions()
+            caption_index = run.column("pairs", "caption_index")
+            image_index = run.column("pairs", "image_index")
+            score = run.column("pairs", "score")
+            keep = np.ones(len(status), dtype=bool)
+            if query.status != "all":
+                code = next(c for c, name in STATUS_NAMES.items() if name == query.status)
+                keep &= status == code
+            if query.text:
+                needle = query.text.lower()
+                holds = np.array([needle in text.lower() for text in captions], dtype=bool)
+                keep &= holds[caption_index] if len(captions) else keep
+            if math.isfinite(query.min_score) or math.isfinite(query.max_score):
+                keep &= (score >= query.min_score) & (score <= query.max_score)
+            relative = run.column("pairs", "relative_completeness_error")
+            if math.isfinite(query.max_error):
+                keep &= relative <= query.max_error
+            chosen = np.flatnonzero(keep)
+            if query.sort == "caption":
+                key = np.array([captions[c].lower() for c in caption_index[chosen]], dtype=object)
+                order = np.argsort(key, kind="stable")
+            elif query.sort == "index":
+                order = np.arange(len(chosen))
+            else:
+                values = status if query.sort == "status" else run.column("pairs", query.sort)
+                # unfinished pairs (NaN) sort last either way
+                key = np.nan_to_num(values[chosen].astype(np.float64), nan=-np.inf if query.descending else np.inf)
+                order = np.argsort(key, kind="stable")
+            if query.descending:
+                order = order[::-1]
+            page = chosen[order][query.offset : query.offset + query.limit]
+            paths = run.image_paths()
+            errors = run.errors("pairs", page.tolist())
+            table = {name: run.column("pairs", name) for name in ("four_term_value", "completeness_error")}
+            rows = [
+                {
+                    "index": int(p),
+                    "caption": captions[int(caption_index[p])],
+                    "image": paths[int(image_index[p])],
+                    "status": STATUS_NAMES[int(status[p])],
+                    "score": _number(score[p]),
+                    "four_term_value": _number(table["four_term_value"][p]),
+                    "completeness_error": _number(table["completeness_error"][p]),
+                    "relative_completeness_error": _number(relative[p]),
+                    "error": error,
+                }
+                for p, error in zip(page, errors)
+            ]
+            return {"total": int(len(chosen)), "offset": query.offset, "rows": rows}
+
+    def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Failed captions and images with their reasons (their pairs fail with them), then failed pairs
+        whose inputs are fine."""
+        with RunReader(self.run_dir) as run:
+            found = []
+            names = {"captions": run.captions(), "images": run.image_paths()}
+            for group in ("captions", "images", "pairs"):
+                failed = np.flatnonzero(run.status(group) == FAILED)[:limit]
+                for index, reason in zip(failed.tolist(), run.errors(group, failed.tolist())):
+                    if group == "pairs" and reason.startswith(("caption ", "image ")):
+                        continue  # listed under its input
+                    found.append({"group": group, "index": index, "item": names[group][index] if group in names else f"pair {index}",
+                                  "reason": reason})
+            return found[:limit]
+
+    def pair(self, index: int) -> dict[str, Any]:
+        with RunReader(self.run_dir) as run:
+            status = run.status("pairs")
+            if not 0 <= index < len(status) or status[index] != DONE:
+                msg = f"pair {index} is not a finished pair of this run ({len(status)} pairs)"
+                raise ConfigError(msg)
+            c = int(run.column("pairs", "caption_index")[index])
+            i = int(run.column("pairs", "image_index")[index])
+            tokens = run.tokens(c)
+            interactions = run.interactions(index)
+            numbers = {name: _number(run.value("pairs", name, index)) for name in
+                       ("score", "four_term_value", "completeness_error", "relative_completeness_error", "completeness_bound")}
+            return {
+                "index": index,
+                "caption": run.captions()[c],
+                "image": run.image_paths()[i],
+                "tokens": tokens,
+                "chips": _chips(tokens),
+                "interactions": interactions.astype(np.float64).tolist(),  # exactly the stored values
+                "grid": list(run.grid),
+                "n_prefix": run.n_prefix,
+                "terms": [float(v) for v in run.value("pairs", "terms", index)],
+                **numbers,
+            }
+
+    def image(self, index: int) -> tuple[bytes, bytes]:
+        """The pair's image as the model saw it, at the page's size, and its contours (PNG with alpha)."""
+        with RunReader(self.run_dir) as run:
+            i = int(run.column("pairs", "image_index")[index])
+            path = run.data_root(self.data_root) / run.image_paths()[i]
+            if not path.is_file():
+                msg = f"image {path} is not there: was the data moved? start the viewer with --data-root"
+                raise ConfigError(msg)
+            view, _ = model_view(read_image(path)[0], run.geometry)
+        width, height = view.size
+        display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
+        lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
+        lines[outline_mask(display)] = (45, 45, 45, 255)
+        return _png(display), _png(Image.fromarray(lines, mode="RGBA"))
+
+    def run_scale(self) -> dict[str, Any]:
+        """A scale shared by every pair: the largest magnitude of one token's patch map over up to 256
+        finished pairs (all of them in smaller runs, evenly spread otherwise)."""
+        with self._lock:
+            if self._run_scale is None:
+                with RunReader(self.run_dir) as run:
+                    done = np.flatnonzero(run.status("pairs") == DONE)
+                    sample = done if len(done) <= RUN_SCALE_SAMPLE else done[np.linspace(0, len(done) - 1, RUN_SCALE_SAMPLE).astype(int)]
+                    peak = max((float(np.abs(run.interactions(int(p))[:, run.n_prefix:]).max()) for p in sample), default=0.0)
+                self._run_scale = {"value": peak or 1.0, "pairs": int(len(sample)), "finished": int(len(done))}
+            return self._run_scale
+
+
+def _model_label(name: str) -> str:
+    """A hub id as it is; a local checkpoint by its folder's name (the page is shared, the path is private)."""
+    return f"local checkpoint {Path(name).name}" if looks_like_path(name) else name
+
+
+def _chips(tokens: list[str]) -> list[dict[str, Any]]:
+    """The caption as the page shows it: its words (with their token rows) and its special tokens, in order."""
+    chips = [{"text": word, "rows": rows, "special": False} for word, rows in word_groups(tokens)]
+    chips += [{"text": token, "rows": [row], "special": True} for row, token in enumerate(tokens) if token in SPECIAL or not token]
+    return sorted(chips, key=lambda chip: chip["rows"][0])
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", compress_level=3)
+    return buffer.getvalue()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    data: RunData  # set on the subclass made by ``serve``
+
+    def do_GET(self) -> None:  # noqa: N802  (the standard library's name)
+        url = urlparse(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        try:
+            if not parts:
+                self._file("index.html")
+            elif len(parts) == 1 and parts[0] in ASSETS:
+                self._file(parts[0])
+            elif parts == ["favicon.ico"]:
+                self._send(b"", "image/x-icon", HTTPStatus.NO_CONTENT)
+            elif parts == ["data.js"]:  # the exported site's data; a live page asks the server instead
+                self._send(b"window.XCLIP_STATIC = null;\n", "text/javascript")
+            elif parts == ["api", "run"]:
+                self._json(self.data.summary())
+            elif parts == ["api", "pairs"]:
+                self._json(self.data.pairs(PairQuery.from_params(parse_qs(url.query))))
+            elif parts == ["api", "failures"]:
+                self._json(self.data.failures())
+            elif parts == ["api", "scale"]:
+                self._json(self.data.run_scale())
+            elif len(parts) == 3 and parts[:2] == ["api", "pair"]:
+                self._json(self.data.pair(_index(parts[2])))
+            elif len(parts) == 4 and parts[:2] == ["api", "pair"] and parts[3] in ("image.png", "contours.png"):
+                image, contours = self.data.image(_index(parts[2]))
+                self._send(image if parts[3] == "image.png" else contours, "image/png")
+            else:
+                self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+        except XclipError as e:
+            self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+
+    def _file(self, name: str) -> None:
+        self._send((STATIC / name).read_bytes(), ASSETS[name])
+
+    def _json(self, value: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(json.dumps(value).encode(), "application/json", status)
+
+    def _send(self, body: bytes, kind: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", f"{kind}; charset=utf-8" if kind.startswith(("text", "application")) else kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # a live run changes between reloads
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # no line per request on the terminal
+
+
+def _index(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"not a pair index: {text!r}") from None
+
+
+def make_server(run_dir: str | Path, port: int = 8765, data_root: Path | None = None) -> ThreadingHTTPServer:
+    """A server for ``run_dir`` on 127.0.0.1:``port`` (0: any free port); ``serve_forever()`` runs it."""
+    handler = type("Handler", (_Handler,), {"data": RunData(run_dir, data_root)})
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as e:
+        msg = f"cannot serve on 127.0.0.1:{port} ({e.strerror}): choose another --port, or --port 0 for any free one"
+        raise XclipError(msg) from None
+
+
+def choose_pairs(data: RunData, pairs: list[int] | None, top: int, bottom: int) -> list[int]:
+    """Pairs to export: the given ones, or the ``top`` and ``bottom`` finished pairs by score."""
+    if pairs:
+        return list(dict.fromkeys(pairs))
+    best = data.pairs(PairQuery(sort="score", descending=True, status="done", limit=max(1, top)))["rows"][:top]
+    worst = data.pairs(PairQuery(sort="score", descending=False, status="done", limit=max(1, bottom)))["rows"][:bottom]
+    return list(dict.fromkeys([row["index"] for row in best + worst]))
+
+
+def export_site(run_dir: str | Path, out: Path, pairs: list[int], data_root: Path | None = None) -> Path:
+    """Write the viewer with the data of ``pairs`` into ``out``: ``out/index.html`` opens without a server."""
+    data = RunData(run_dir, data_root)
+    details, images, contours = {}, {}, {}
+    for index in pairs:
+        details[index] = data.pair(index)
+        image, lines = data.image(index)
+        images[index] = "data:image/png;base64," + base64.b64encode(image).decode()
+        contours[index] = "data:image/png;base64," + base64.b64encode(lines).decode()
+    rows = [row for index in pairs for row in data.pairs(PairQuery(offset=index, limit=1))["rows"]]
+    peak = max((float(np.abs(np.asarray(d["interactions"])[:, d["n_prefix"]:]).max()) for d in details.values()), default=1.0)
+    site = {
+        "summary": data.summary(), "rows": rows, "failures": data.failures(), "pairs": details, "images": images,
+        "contours": contours, "scale": {"value": peak or 1.0, "pairs": len(pairs), "finished": len(pairs)},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ASSETS:
+        shutil.copyfile(STATIC / name, out / name)
+    (out / "data.js").write_text(f"window.XCLIP_STATIC = {json.dumps(site)};\n", encoding="utf-8")
+    return out / "index.html"
