@@ -70,3 +70,9 @@ def test_explain_errors_are_clear(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     expect(["explain", tmp_path / "x.png", "a cat", "--scale", "-1"], 2, r"--scale must be figure, run or a positive number")
     expect(["explain", tmp_path / "x.png", ""], 2, r"caption")
+
+
+def test_words_the_tokenizer_does_not_know_are_noted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = invoke("explain", SCENES / "scene00000.png", "a zebra star")  # the demo's vocabulary has no zebra
+    assert code == 0 and "pair 0: <unk>: unknown to the tokenizer" in " ".join(output.split())

@@ -202,6 +202,8 @@ def explain(
                 table.add_row(escape(p.caption), f"{p.score:.4f}", f"{p.four_term_value:.4f}",
                               f"{p.completeness_error:.2e}", str(p.figure))
         Console(width=max(120, Console().width)).print(table)
+    for note in result.notes:
+        stderr.print(f"note: {escape(note)}")
     if result.summary.is_interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if any(p.figure is None for p in result.pairs):

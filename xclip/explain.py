@@ -40,6 +40,7 @@ class Explanation:
     run_directory: Path
     pairs: list[ExplainedPair]
     summary: RunSummary
+    notes: list[str]  # what the figures note for a reader (words unknown to the tokenizer, clipped values)
 
 
 def explain(
@@ -91,12 +92,12 @@ def explain(
         errors = dict(zip(range(len(status)), stored.errors("pairs", list(range(len(status))))))
         numbers = {p: tuple(float(stored.value("pairs", name, p)) for name in ("score", "four_term_value", "completeness_error"))
                    for p in finished}
-    drawn = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format).written if finished else []
-    paths = dict(zip(finished, drawn))
+    report = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format) if finished else None
+    paths = dict(zip(finished, report.written if report else []))
     nan = float("nan")
     pairs = [
         ExplainedPair(texts[int(caption_index[p])], *numbers.get(p, (nan, nan, nan)), figure=paths.get(p),
                       error="" if p in paths else errors[p] or "not attributed: the run was interrupted")
         for p in range(len(status))
     ]
-    return Explanation(run_directory=output, pairs=pairs, summary=summary)
+    return Explanation(run_directory=output, pairs=pairs, summary=summary, notes=report.notes if report else [])

@@ -53,6 +53,7 @@ class RunSummary:
     n_truncated: int = 0  # captions longer than the model's context, attributed as far as it reads them
     accuracy: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_accuracy
     seconds: float = 0.0
+    model_load_seconds: float = 0.0  # of ``seconds``: loading the checkpoint
     is_interrupted: bool = False
     failures: list[str] = field(default_factory=list)
 
@@ -113,6 +114,7 @@ def _run_locked(
                 )
                 raise ConfigError(msg)
     torch.manual_seed(config.runtime.seed)
+    load_start = time.perf_counter()
     model = load_model(
         config.model.name,
         revision=config.model.revision,
@@ -120,6 +122,7 @@ def _run_locked(
         device=config.model.device,
         local_files_only=config.model.local_files_only,
     )
+    model_load_seconds = time.perf_counter() - load_start
     # the config's attribution section holds InteractionAttribution's settings under the same names
     attributor = InteractionAttribution(
         model, **config.attribution.model_dump(), internal_batch_size=config.runtime.internal_batch_size
@@ -155,7 +158,7 @@ def _run_locked(
         )
         skeleton.replace(run_path)  # so a run.h5 that exists always has every dataset
 
-    summary = RunSummary(directory=directory, n_pairs=0)
+    summary = RunSummary(directory=directory, n_pairs=0, model_load_seconds=model_load_seconds)
     with RunWriter(run_path) as run:
         status = run.status("pairs")
         summary.n_pairs, summary.n_skipped = len(status), int((status == DONE).sum())
