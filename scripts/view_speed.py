@@ -2,8 +2,9 @@
 
     python scripts/view_speed.py [--small 4] [--large 400] [--out view_speed.json]
 
-Builds two `pairing.mode: all` runs of N synthetic scenes on the demo model (N x distinct captions pairs; the
-large one holds about 100,000 pairs and, by `auto`, no stored maps), then times the requests the page makes
+Builds `pairing.mode: all` runs of N synthetic scenes on the demo model (N x distinct captions pairs): a small
+one, and a large one of more than 100,000 pairs with and without stored maps (without, the pair's map is
+computed from the stored contributions at the request), then times the requests the page makes
 through the viewer's own server on 127.0.0.1: the run summary, the first table page sorted by score, the
 failures, one pair's map and its image. Median of 5 rounds, in milliseconds.
 """
@@ -35,13 +36,13 @@ REQUESTS = {
 }
 
 
-def build(root: Path, n: int) -> Path:
+def build(root: Path, n: int, pair_maps: str) -> Path:
     write_scenes(generate(n, seed=40000), root / "scenes")
     (root / "run.yaml").write_text(json.dumps({
         "model": {"name": str(DEMO_MODEL), "device": "cpu"},
         "data": {"format": "imagefolder", "root": "scenes", "metadata": "scenes/metadata.jsonl"},
         "pairing": {"mode": "all"},
-        "output": {"directory": "run"},
+        "output": {"directory": "run", "pair_maps": pair_maps},
         "runtime": {"batch_size": 64},
     }))
     run(load_config(root / "run.yaml"))
@@ -78,8 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     report = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, n in (("small", args.small), ("large", args.large)):
-            run_dir = build(Path(folder) / name, n)
+        cases = (("small", args.small, "auto"), ("large", args.large, "store"), ("large_without_maps", args.large, "none"))
+        for name, n, pair_maps in cases:
+            run_dir = build(Path(folder) / name, n, pair_maps)
             with RunReader(run_dir) as stored:
                 pairs, maps = len(stored.status("pairs")), stored.has_pair_maps
             report[name] = {"scenes": n, "pairs": pairs, "stored_maps": maps, **timings(run_dir)}
