@@ -196,10 +196,14 @@ class DualEncoderAdapter:
         self.image_processor = processor.image_processor
         self.name = name
         self.revision = revision
-        self.text_blocks = tuple(hf_block(layer) for layer in self._text_layers())
-        self.image_blocks = tuple(hf_block(layer) for layer in self._image_layers())
+        self.text_blocks = tuple(self._block(layer) for layer in self._text_layers())
+        self.image_blocks = tuple(self._block(layer) for layer in self._image_layers())
 
     # --- family-specific pieces ----------------------------------------------------------------------
+    def _block(self, layer: nn.Module) -> Block:
+        """The shared :class:`Block` view of one of the family's layers (HF's layer layout by default)."""
+        return hf_block(layer)
+
     def _text_layers(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 

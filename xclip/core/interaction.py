@@ -233,7 +233,7 @@ def _pooled_block_tangents(
     values = block.split_heads(block.v_proj(normed))  # (P, H, S, dh)
     d_values = block.split_heads(F.linear(d_normed, block.v_proj.weight))
     attended = torch.einsum("phs,phse->phe", attn, values)
-    pooled_state = path_point[rows, pooled] + block.out_proj(attended.flatten(1))  # (P, d)
+    pooled_state = path_point[rows, pooled] + block.ls1(block.out_proj(attended.flatten(1)))  # (P, d)
 
     # tangent s through its own key and value: a_s (dlogit_s (v_s - o) + dv_s) per head
     own_d_logit = torch.einsum("phd,psd->phs", key_of_query, d_normed)
@@ -244,7 +244,7 @@ def _pooled_block_tangents(
     d_attn = attn * (d_logits - (attn * d_logits).sum(-1, keepdim=True))
     d_attended[rows, :, pooled] += torch.einsum("phs,phse->phe", d_attn, values)
     d_attended = d_attended.transpose(1, 2).flatten(2)  # (P, S, d)
-    d_pooled_state = F.linear(d_attended, block.out_proj.weight)
+    d_pooled_state = block.ls1(F.linear(d_attended, block.out_proj.weight))  # LayerScale is linear: its own derivative
     d_pooled_state[rows, pooled] += delta[rows, pooled]  # the residual path of the pooled token
 
     # the MLP by hand: its activation is elementwise, so its Jacobian is a diagonal between fc1 and fc2, and
@@ -252,9 +252,9 @@ def _pooled_block_tangents(
     normed2, d_normed2 = _jvp_per_tangent(block.ln2, pooled_state, d_pooled_state)
     pre_activation = block.fc1(normed2)  # (P, 4d)
     slope = jvp(block.activation, (pre_activation,), (torch.ones_like(pre_activation),))[1]
-    block_output = pooled_state + block.fc2(block.activation(pre_activation))
+    block_output = pooled_state + block.ls2(block.fc2(block.activation(pre_activation)))
     d_hidden = F.linear(d_normed2, block.fc1.weight) * slope[:, None, :]
-    d_block_output = d_pooled_state + F.linear(d_hidden, block.fc2.weight)
+    d_block_output = d_pooled_state + block.ls2(F.linear(d_hidden, block.fc2.weight))
     return _jvp_per_tangent(readout, block_output, d_block_output)[1]
 
 

@@ -1,6 +1,7 @@
 """A pre-LayerNorm transformer block and the part of an encoder above a cut, written without model families.
 
-CLIP and SigLIP towers are stacks of the same block: ``x + Attn(LN1(x))`` then ``y + MLP(LN2(y))``. The
+CLIP and SigLIP towers are stacks of the same block: ``x + Attn(LN1(x))`` then ``y + MLP(LN2(y))`` (open_clip's
+may scale each branch by a learned LayerScale vector before adding it). The
 adapters lend their modules to :class:`Block`; this module runs them with plain tensor ops so that forward-
 and reverse-mode AD work through every piece (the fused attention kernels have no forward-AD formulas).
 """
@@ -31,6 +32,10 @@ class Block:
     fc1: nn.Linear
     activation: Callable[[Tensor], Tensor]
     fc2: nn.Linear
+    # LayerScale of the attention and MLP branches (identity where none). They must be linear (an elementwise
+    # scale): the engine's hand-linearised last block applies them to tangents as they are
+    ls1: Callable[[Tensor], Tensor] = nn.Identity()
+    ls2: Callable[[Tensor], Tensor] = nn.Identity()
 
     def to(self, dtype: torch.dtype) -> Block:
         """A copy whose modules hold ``dtype`` weights (the model's own modules stay as they are)."""
@@ -38,7 +43,7 @@ class Block:
 
     def mlp_residual(self, y: Tensor) -> Tensor:
         """``y + MLP(LN2(y))``; acts on the last dimension only."""
-        return y + self.fc2(self.activation(self.fc1(self.ln2(y))))
+        return y + self.ls2(self.fc2(self.activation(self.fc1(self.ln2(y)))))
 
     def split_heads(self, x: Tensor) -> Tensor:
         """``(..., S, d)`` -> ``(..., n_heads, S, d / n_heads)``."""
@@ -69,7 +74,7 @@ def block_forward(block: Block, x: Tensor, mask: Tensor | None, *, fused: bool =
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
         attended = attention(q, k, v, mask)
-    y = x + block.out_proj(attended.transpose(-3, -2).flatten(-2))
+    y = x + block.ls1(block.out_proj(attended.transpose(-3, -2).flatten(-2)))
     return block.mlp_residual(y)
 
 
