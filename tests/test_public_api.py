@@ -19,13 +19,13 @@ def test_public_names():
     )
     for name in xclip.__all__:
         assert hasattr(xclip, name)
-    assert xclip.list_families() == ["clip", "siglip"]
+    assert xclip.list_families() == ["clip", "open_clip", "siglip"]
 
 
 def test_core_imports_no_model_family_or_io_library():
     code = (
         "import sys, xclip.core.interaction, xclip.core.quadrature, xclip.core.transformer; "
-        "print(sorted(m for m in ('transformers', 'h5py', 'matplotlib', 'rich', 'typer') if m in sys.modules))"
+        "print(sorted(m for m in ('transformers', 'open_clip', 'h5py', 'matplotlib', 'rich', 'typer') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,7 +15,7 @@ from xclip.attribution import Convention
 from xclip.core.interaction import Mode
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_FIXED_NODES, MAX_NODES, MIN_ADAPTIVE_STEPS, Rule
 from xclip.errors import ConfigError
-from xclip.loading import Dtype, looks_like_path
+from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
 _SHOWN_INPUT_CHARS = 120  # an offending value is quoted in the message up to this length
@@ -26,7 +26,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field(description="hub id or local directory")
+    name: str = Field(description="hub id, local directory, open_clip:ARCH[/TAG] or hf-hub:ORG/NAME")
+    checkpoint: str | None = Field(None, description="weights file for open_clip:ARCH (relative to the config file)")
     revision: str | None = None
     dtype: Dtype = "float32"
     device: str = "auto"
@@ -143,6 +144,7 @@ class RunConfig(_Section):
         keep = self.model_dump(mode="json", exclude=exclude)
         if Path(self.model.name).is_absolute():  # a local checkpoint, resolved by load_config
             keep["model"].pop("name")
+        keep["model"].pop("checkpoint")  # a weights file: identified by its digest, not its path
         keep["model"].pop("device")
         keep["attribution"].pop("mode")
         keep["runtime"].pop("internal_batch_size")
@@ -270,7 +272,13 @@ def _describe(error: dict[str, Any]) -> str:
 def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> ModelConfig:
     """A local checkpoint named relative to the config file, as an absolute path; an error before any loading
     when the name can only be a directory and none is there."""
+    if model.checkpoint is not None:  # checked by the loader; here made absolute, like every path of a config
+        model = model.model_copy(update={"checkpoint": str((base / Path(model.checkpoint).expanduser()).resolve())})
+    if is_open_clip_name(model.name):
+        return model
     local = (base / Path(model.name).expanduser()).resolve()
+    if local.is_dir() and (local / OPEN_CLIP_CONFIG).is_file():
+        return model.model_copy(update={"name": str(local)})
     if local.is_dir():
         if not (local / "config.json").is_file():
             msg = f"model.name: {local} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"

@@ -1,4 +1,5 @@
-"""Load an HF CLIP or SigLIP checkpoint (hub id or local directory) into its family adapter."""
+"""Load a checkpoint into its family adapter: transformers CLIP and SigLIP (hub id or local directory), and
+open_clip's own models (``open_clip:ARCH/TAG``, ``hf-hub:ORG/NAME``, a local checkpoint file)."""
 
 from __future__ import annotations
 
@@ -77,11 +78,17 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str = "auto",
     local_files_only: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> DualEncoderAdapter:
     """Load a dual encoder and its processor through ``from_pretrained`` and wrap it in its family adapter.
 
     Args:
-        name_or_path: a hub id (``openai/clip-vit-base-patch32``) or a local directory.
+        name_or_path: a hub id (``openai/clip-vit-base-patch32``) or a local directory of a transformers
+            checkpoint; or an open_clip model: ``open_clip:ARCH/PRETRAINED_TAG`` (``open_clip:ViT-B-32/openai``),
+            ``open_clip:ARCH`` with ``checkpoint``, ``hf-hub:ORG/NAME`` (a hub repository in open_clip's
+            format), or a local directory holding ``open_clip_config.json``.
+        checkpoint: a weights file (``.safetensors``, or ``.pt``/``.bin`` read with ``weights_only=True``) for
+            ``open_clip:ARCH``, such as a fine-tuned ``epoch_10.pt``.
         revision: a branch, tag or commit hash to pin (hub ids only).
         dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``float64``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -97,6 +104,12 @@ def load_model(
     torch_device = resolve_device(device)
     source = str(name_or_path)
     directory = Path(source).expanduser()
+    if is_open_clip_name(source) or (directory / OPEN_CLIP_CONFIG).is_file():
+        model, processor = _load_open_clip(source, checkpoint, revision=revision, local_files_only=local_files_only)
+        return get_adapter_cls("open_clip")(model.to(torch_device, torch_dtype), processor, name=source, revision=revision)
+    if checkpoint is not None:
+        msg = f"model.checkpoint names a weights file for an open_clip architecture (open_clip:ARCH); {source!r} is not one"
+        raise ConfigError(msg)
     if directory.is_dir():
         if not (directory / "config.json").is_file():
             msg = f"{directory.resolve()} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
@@ -122,3 +135,98 @@ def load_model(
             msg = f"cannot load model {source!r}: {e}"
         raise ModelFamilyError(msg) from e
     return adapter_cls(model.to(torch_device), processor, name=source, revision=revision)
+
+
+OPEN_CLIP_PREFIX = "open_clip:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_INSTALL = "pip install 'xclip[open_clip]' (open_clip_torch, and a torchvision built for your torch)"
+
+
+def is_open_clip_name(name: str) -> bool:
+    """``open_clip:ARCH[/TAG]`` or ``hf-hub:ORG/NAME``: names that open_clip resolves."""
+    return name.startswith((OPEN_CLIP_PREFIX, "hf-hub:"))
+
+
+def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str | None,
+                    local_files_only: bool) -> tuple[torch.nn.Module, object]:
+    """An open_clip model with its own transform and tokenizer, weights read with ``weights_only=True``."""
+    try:
+        import open_clip
+    except ImportError as e:  # torchvision's compiled ops failing to load also surfaces here
+        msg = f"cannot load {source!r}: open_clip models need {OPEN_CLIP_INSTALL} ({e})"
+        raise ModelFamilyError(msg) from e
+    from xclip.adapters.openclip import OpenClipImageProcessor, OpenClipProcessor, OpenClipTokenizer
+
+    if revision is not None:
+        msg = "model.revision is not supported for open_clip names: pin a version with a local checkpoint file instead"
+        raise ConfigError(msg)
+    pretrained: str | None = None
+    if source.startswith(OPEN_CLIP_PREFIX):
+        architecture, _, tag = source.removeprefix(OPEN_CLIP_PREFIX).partition("/")
+        if architecture not in open_clip.list_models():
+            msg = f"unknown open_clip architecture {architecture!r}; open_clip knows {len(open_clip.list_models())}, such as ViT-B-32, ViT-B-16, ViT-L-14 (open_clip.list_models())"
+            raise ModelFamilyError(msg)
+        if tag and checkpoint is not None:
+            msg = f"{source!r} names a pretrained tag and model.checkpoint a file: give one of them"
+            raise ConfigError(msg)
+        if not tag and checkpoint is None:
+            msg = f"{source!r} has no weights: add a pretrained tag (open_clip:{architecture}/openai) or set model.checkpoint"
+            raise ConfigError(msg)
+        model_name, pretrained = architecture, tag or str(_checkpoint_file(checkpoint))
+    elif source.startswith("hf-hub:"):
+        model_name = source
+    else:
+        model_name = f"local-dir:{Path(source).expanduser()}"
+    if checkpoint is not None and pretrained is None:
+        msg = f"model.checkpoint is for open_clip:ARCH names; {source!r} brings its own weights"
+        raise ConfigError(msg)
+    try:
+        with _offline(local_files_only):
+            model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, weights_only=True)
+            tokenizer = open_clip.get_tokenizer(model_name)
+    except Exception as e:  # open_clip raises RuntimeError, ValueError, OSError and pickle errors alike
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            msg = (f"cannot load {pretrained}: it holds pickled objects that are not tensors. xclip reads .pt and .bin "
+                   "checkpoints with torch.load(weights_only=True) and never runs code from them; save the state "
+                   "dict alone, or as .safetensors")
+        elif _is_offline(local_files_only) and not Path(str(pretrained or "")).is_file() and not model_name.startswith("local-dir:"):
+            msg = f"cannot load model {source!r} offline: its weights must already be in the Hugging Face cache ({str(e).splitlines()[0]})"
+        else:
+            msg = f"cannot load model {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        raise ModelFamilyError(msg) from e
+    context_length = int(getattr(model, "context_length", getattr(getattr(model, "text", None), "context_length", 77)))
+    processor = OpenClipProcessor(
+        OpenClipTokenizer(tokenizer, context_length),
+        OpenClipImageProcessor(transform, open_clip.get_model_preprocess_cfg(model)),
+    )
+    return model.eval(), processor
+
+
+def _checkpoint_file(checkpoint: str | Path | None) -> Path:
+    path = Path(str(checkpoint)).expanduser()
+    if not path.is_file():
+        msg = f"model.checkpoint: no file at {path.resolve()}"
+        raise ConfigError(msg)
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        msg = f"model.checkpoint: {path.name} is not a .safetensors, .pt, .pth or .bin weights file"
+        raise ConfigError(msg)
+    return path
+
+
+@contextmanager
+def _offline(local_files_only: bool) -> Iterator[None]:
+    """open_clip downloads through huggingface_hub, which reads HF_HUB_OFFLINE: set it for the load."""
+    if not local_files_only:
+        yield
+        return
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous

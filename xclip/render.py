@@ -38,7 +38,7 @@ from xclip.store import DONE, RunReader
 COLORMAP = "RdBu_r"
 FORMATS = ("png", "svg", "pdf")
 PANEL_SIDE = 200  # a map panel's width at 100 DPI
-SPECIAL = {"<|startoftext|>", "<|endoftext|>", "</s>", "<s>", "<pad>", "[CLS]", "[SEP]", "[PAD]"}
+SPECIAL = {"<|startoftext|>", "<|endoftext|>", "<start_of_text>", "<end_of_text>", "</s>", "<s>", "<pad>", "[CLS]", "[SEP]", "[PAD]"}
 UNKNOWN = {"<unk>", "[UNK]", "<|unk|>"}
 # words that get no panel of their own in per-word figures (they stay in the caption strip, coloured)
 STOP_WORDS = frozenset(

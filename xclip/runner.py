@@ -22,7 +22,7 @@ import torch
 import xclip
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, read_image, text_problem
 from xclip.attribution import InteractionAttribution, interaction_maps, pair_numbers
-from xclip.config import RunConfig, settings_differences
+from xclip.config import ModelConfig, RunConfig, settings_differences
 from xclip.data import Dataset, read_dataset
 from xclip.errors import ConfigError, XclipError
 from xclip.inspection import describe_accuracy, describe_failures
@@ -97,7 +97,7 @@ def _run_locked(
         shutil.rmtree(directory / "heatmaps", ignore_errors=True)
     dataset = read_dataset(config.data)
     data_digest = dataset.digest(config.data.root)
-    weights_digest = _weights_digest(config.model.name)  # hashes every weight file: once per run
+    weights_digest = _weights_digest(config.model)  # hashes every weight file: once per run
     if run_path.exists():
         with RunReader(run_path) as stored:
             if stored.attrs["fingerprint"] != config.result_fingerprint():
@@ -121,6 +121,7 @@ def _run_locked(
         dtype=config.model.dtype,
         device=config.model.device,
         local_files_only=config.model.local_files_only,
+        checkpoint=config.model.checkpoint,
     )
     model_load_seconds = time.perf_counter() - load_start
     # the config's attribution section holds InteractionAttribution's settings under the same names
@@ -301,16 +302,25 @@ def _provenance(config: RunConfig, model: DualEncoderAdapter, command: str, weig
     }
     if weights_digest is not None:
         attributes["model_weights_sha256"] = weights_digest
+    if model.family == "open_clip":  # its tokenizer and transforms are open_clip's: their version matters
+        import open_clip
+
+        attributes["open_clip_version"] = open_clip.__version__
     return attributes
 
 
-def _weights_digest(name: str) -> str | None:
-    """SHA-256 of a local checkpoint's weight files (it has no revision to pin); None for hub ids."""
-    weights = Path(name)
-    if not weights.is_dir():
+def _weights_digest(model: ModelConfig) -> str | None:
+    """SHA-256 of a local checkpoint's weight files (it has no revision to pin): a checkpoint file, or a local
+    directory's weights; None for hub names."""
+    if model.checkpoint is not None:
+        files = [Path(model.checkpoint)]
+    elif Path(model.name).is_dir():
+        weights = Path(model.name)
+        files = sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))
+    else:
         return None
     digest = hashlib.sha256()
-    for file in sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin")):
+    for file in files:
         with file.open("rb") as stream:  # in chunks: a large checkpoint need not fit in memory twice
             while chunk := stream.read(1 << 24):
                 digest.update(chunk)

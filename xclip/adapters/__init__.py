@@ -1,13 +1,14 @@
-"""Model-family adapters, keyed by the HF ``config.model_type``."""
+"""Model-family adapters, keyed by the HF ``config.model_type`` (``open_clip`` for open_clip's own models)."""
 
 from __future__ import annotations
 
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, TextBatch
 from xclip.adapters.clip import ClipAdapter
+from xclip.adapters.openclip import OpenClipAdapter
 from xclip.adapters.siglip import SiglipAdapter
 from xclip.errors import ModelFamilyError
 
-ADAPTERS: dict[str, type[DualEncoderAdapter]] = {"clip": ClipAdapter, "siglip": SiglipAdapter}
+ADAPTERS: dict[str, type[DualEncoderAdapter]] = {"clip": ClipAdapter, "siglip": SiglipAdapter, "open_clip": OpenClipAdapter}
 
 
 def list_families() -> list[str]:

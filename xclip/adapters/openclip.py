@@ -1,0 +1,246 @@
+"""The open_clip family: open_clip's own ``CLIP`` and ``CustomTextCLIP`` with a ViT image tower and a
+transformer text tower, loaded and preprocessed by open_clip itself (its tokenizer, its transforms).
+
+Its blocks differ from transformers' in layout only, which :func:`open_clip_block` translates exactly: the
+packed ``in_proj`` of ``nn.MultiheadAttention`` is split into q/k/v projections (views, no copy), LayerScale
+becomes the block's branch scales, ``ln_pre`` belongs to the image embeddings, and the readouts are
+``ln_post``/``ln_final`` then the projection matrix, pooled at CLS (``tok``), over the patches (``avg``) or at
+EOT (text ``argmax``/``eos``/``last``/``first``). What the common checkpoints do not use is refused with
+``not supported: <feature>`` (:func:`check_supported`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xclip.adapters.base import DualEncoderAdapter
+from xclip.core.transformer import Block, Positions, UpperEncoder
+from xclip.errors import ModelFamilyError
+
+
+def _towers(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(image tower, text tower) of an open_clip model: ``CLIP`` keeps its text tower's parts on itself,
+    ``CustomTextCLIP`` in ``model.text``."""
+    return model.visual, getattr(model, "text", model)
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`ModelFamilyError` naming the first feature of ``model`` that this family does not cover."""
+    from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
+
+    visual, text = _towers(model)
+    problems = []
+    if not isinstance(visual, VisionTransformer):
+        problems.append(f"image tower {type(visual).__name__} (timm and ResNet towers; only open_clip's VisionTransformer is)")
+    elif visual.attn_pool is not None:
+        problems.append("attentional pooling of the image tower (CoCa)")
+    elif visual.pool_type not in ("tok", "avg"):
+        problems.append(f"image pooling {visual.pool_type!r}")
+    if text is not model and not isinstance(text, TextTransformer):
+        problems.append(f"text tower {type(text).__name__} (HF text towers; only open_clip's TextTransformer is)")
+    elif getattr(text, "cls_emb", None) is not None:
+        problems.append("a text CLS token appended to the caption (CoCa)")
+    elif text.attn_mask is None:
+        problems.append("a bidirectional text tower (no causal mask)")
+    pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+    if pool not in ("argmax", "eos", "first", "last"):
+        problems.append(f"text pooling {pool!r}")
+    projection = getattr(text, "text_projection", None)
+    if isinstance(projection, nn.Linear) and projection.bias is not None:
+        problems.append("a text projection with a bias")
+    for name, tower in (("image", visual), ("text", text)):
+        blocks = getattr(getattr(tower, "transformer", None), "resblocks", [])
+        kinds = {type(block).__name__ for block in blocks if not isinstance(block, ResidualAttentionBlock)}
+        if any(getattr(scale, "inplace", False) for block in blocks for scale in (block.ls_1, block.ls_2)):
+            problems.append(f"in-place LayerScale in the {name} tower")
+        if kinds:
+            problems.append(f"{name} blocks of type {', '.join(sorted(kinds))} (qk-norm, scaled cosine attention, scaled heads)")
+    if problems:
+        msg = f"not supported: {problems[0]}"
+        raise ModelFamilyError(msg)
+
+
+def open_clip_block(block: nn.Module) -> Block:
+    """A :class:`Block` view of an open_clip ``ResidualAttentionBlock`` (its weights shared, not copied)."""
+    attention = block.attn
+    width = attention.embed_dim
+    projections = []
+    for k in range(3):  # in_proj packs the q, k and v projections row-wise
+        projection = nn.Linear(width, width, bias=attention.in_proj_bias is not None)
+        projection.weight = nn.Parameter(attention.in_proj_weight[k * width : (k + 1) * width], requires_grad=False)
+        if attention.in_proj_bias is not None:
+            projection.bias = nn.Parameter(attention.in_proj_bias[k * width : (k + 1) * width], requires_grad=False)
+        projections.append(projection)
+    return Block(
+        ln1=block.ln_1, q_proj=projections[0], k_proj=projections[1], v_proj=projections[2],
+        out_proj=attention.out_proj, n_heads=attention.num_heads, ln2=block.ln_2, fc1=block.mlp.c_fc,
+        activation=block.mlp.gelu, fc2=block.mlp.c_proj, ls1=block.ls_1, ls2=block.ls_2,
+    )
+
+
+class _Project(nn.Module):
+    """``x @ projection``: open_clip keeps its projections as bare matrices."""
+
+    def __init__(self, projection: Tensor | nn.Module | None) -> None:
+        super().__init__()
+        self.projection = projection
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.projection is None:
+            return x
+        return self.projection(x) if isinstance(self.projection, nn.Module) else x @ self.projection
+
+
+class OpenClipTokenizer:
+    """What the adapters use of a transformers tokenizer, over open_clip's own tokenizer (so that token ids
+    equal open_clip's). Its pad id, the reference captions' default filler, is EOT, as in transformers' CLIP."""
+
+    def __init__(self, tokenizer: Any, context_length: int) -> None:
+        self.inner = tokenizer
+        self.context_length = context_length
+        self.bos_token_id = int(tokenizer.sot_token_id)
+        self.eos_token_id = int(tokenizer.eot_token_id)
+        self.pad_token_id = self.eos_token_id
+        self.all_special_ids = [self.bos_token_id, self.eos_token_id]
+        self._decoder = getattr(tokenizer, "decoder", None)
+        if self._decoder is None:
+            msg = f"not supported: the tokenizer {type(tokenizer).__name__} (only open_clip's CLIP BPE tokenizer is)"
+            raise ModelFamilyError(msg)
+
+    def ids(self, captions: list[str]) -> Tensor:
+        """``(B, context_length)`` token ids as open_clip gives them (SOT ... EOT, zero padding)."""
+        return self.inner(captions, context_length=self.context_length)
+
+    def __call__(self, captions: list[str], truncation: bool = False) -> dict[str, list[list[int]]]:
+        """Untruncated ids (for the adapters' truncation check)."""
+        return {"input_ids": [[self.bos_token_id, *self.inner.encode(text), self.eos_token_id] for text in captions]}
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._decoder[int(i)] for i in ids]
+
+    def __len__(self) -> int:
+        return len(self._decoder)
+
+
+class OpenClipImageProcessor:
+    """open_clip's own transform behind a transformers-like ``image_processor`` interface."""
+
+    def __init__(self, transform: Any, config: dict[str, Any]) -> None:
+        self.transform = transform
+        self.image_mean = list(config.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.image_std = list(config.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        size = config.get("size", 224)
+        height, width = (size, size) if isinstance(size, int) else size
+        mode = config.get("resize_mode", "shortest")
+        if mode not in ("shortest", "squash"):
+            msg = f"not supported: image resize mode {mode!r} (shortest and squash are)"
+            raise ModelFamilyError(msg)
+        self.do_resize = True
+        self.do_center_crop = mode == "shortest"
+        self.size = {"shortest_edge": min(height, width)} if mode == "shortest" else {"height": height, "width": width}
+        self.crop_size = {"height": height, "width": width}
+
+    def __call__(self, images: Sequence[Any], return_tensors: str = "pt") -> dict[str, Tensor]:
+        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
+
+
+class OpenClipProcessor:
+    def __init__(self, tokenizer: OpenClipTokenizer, image_processor: OpenClipImageProcessor) -> None:
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+
+class OpenClipAdapter(DualEncoderAdapter):
+    family = "open_clip"
+    n_image_prefix = 1  # open_clip's ViT always has a class token; `avg` pooling reads past it
+
+    def __init__(self, model: nn.Module, processor: OpenClipProcessor, *, name: str = "", revision: str | None = None) -> None:
+        check_supported(model)
+        self.visual, self.text = _towers(model)
+        super().__init__(model, processor, name=name, revision=revision)
+
+    def _block(self, layer: nn.Module) -> Block:
+        return open_clip_block(layer)
+
+    def _text_layers(self) -> Sequence[nn.Module]:
+        return self.text.transformer.resblocks
+
+    def _image_layers(self) -> Sequence[nn.Module]:
+        return self.visual.transformer.resblocks
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.visual.output_dim)
+
+    @property
+    def max_text_positions(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        rows, cols = self.visual.grid_size
+        return int(rows), int(cols)
+
+    def _tokenize(self, captions: list[str]) -> dict[str, Tensor]:
+        ids = self.tokenizer.ids(captions)
+        # causal attention: positions after the last EOT cannot change any pooled state, so they are dropped
+        length = int(self.pooled_index(ids).max()) + 1
+        ids = ids[:, :length]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def pooled_index(self, input_ids: Tensor) -> Tensor:
+        pool = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", "argmax"))
+        if pool == "first":
+            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        if pool == "last":
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+        if pool == "eos":
+            eos = getattr(self.text, "text_eos_id", getattr(self.text, "eos_id", self.tokenizer.eos_token_id))
+            return (input_ids == eos).int().argmax(dim=-1)
+        return input_ids.argmax(dim=-1)  # argmax: EOT is the largest id of CLIP's vocabulary
+
+    def _text_positions(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Positions, Tensor, list[int]]:
+        n_tokens = input_ids.shape[1]
+        causal = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=input_ids.device).tril()
+        mask = causal[None, None].expand(input_ids.shape[0], 1, n_tokens, n_tokens)
+        eos_index = self.pooled_index(input_ids)
+        return Positions(mask=mask, pooled_index=eos_index), eos_index, (eos_index + 1).tolist()
+
+    def _text_embeddings(self, input_ids: Tensor) -> Tensor:
+        text = self.text
+        return text.token_embedding(input_ids) + text.positional_embedding[: input_ids.shape[1]]
+
+    def _image_embeddings(self, pixel_values: Tensor) -> Tensor:
+        visual = self.visual
+        x = visual.conv1(pixel_values).flatten(2).transpose(1, 2)  # (B, patches, width)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
+
+    def text_upper(self, layer: int) -> UpperEncoder:
+        readout = nn.Sequential(self.text.ln_final, _Project(self.text.text_projection))
+        return UpperEncoder(blocks=self.text_blocks[layer:], pooled_readout=readout)
+
+    def image_upper(self, layer: int) -> UpperEncoder:
+        visual = self.visual
+        projection = _Project(visual.proj)
+        if visual.pool_type == "tok":
+            return UpperEncoder(blocks=self.image_blocks[layer:], pooled_readout=nn.Sequential(visual.ln_post, projection))
+        # avg: the mean of the patch positions, normalised before or after pooling as the model was built
+        if visual.final_ln_after_pool:
+            readout = nn.Sequential(_PatchMean(), visual.ln_post, projection)
+        else:
+            readout = nn.Sequential(visual.ln_post, _PatchMean(), projection)
+        return UpperEncoder(blocks=self.image_blocks[layer:], readout=readout)
+
+    def image_pooled_index(self, n_images: int) -> Tensor | None:
+        if self.visual.pool_type == "avg":
+            return None
+        return torch.zeros(n_images, dtype=torch.long, device=self.device)
+
+
+class _PatchMean(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 1:].mean(dim=1)
