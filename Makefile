@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU machines take this local build; anywhere else pip resolves it as usual
-TORCH_SPEC ?= torch==2.13.0
+# torch with a torchvision built for it (open_clip's preprocessing imports torchvision, and transformers' image
+# processors break beside a torchvision whose compiled ops do not load): these pairs lie on the build machines'
+# disk (x86_64: 2.14.1; aarch64: a 2.9.1 CPU build); anywhere else pip resolves them as usual
+TORCH_SPEC ?= $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
 .PHONY: install test lint demo grounding bench clean
 
@@ -12,8 +14,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test,open_clip]"
 	touch $@
 
 install: $(VENV)/.installed
