@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the naive implementation lives there
 
@@ -65,20 +66,65 @@ def caption(n_words: int, offset: int = 0) -> str:
     return " ".join(WORDS[(i + offset) % len(WORDS)] for i in range(n_words))
 
 
+def input_side(model: xclip.DualEncoderAdapter) -> int:
+    """The model's input image side, as its own preprocessing gives it."""
+    return int(model.preprocess([Image.new("RGB", (8, 8))]).pixel_values.shape[-1])
+
+
 def image_batch(model: xclip.DualEncoderAdapter, n: int, seed: int = 0) -> ImageBatch:
-    config = model.model.config.vision_config
+    side = input_side(model)
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randn(n, 3, config.image_size, config.image_size, generator=generator)
+    pixels = torch.randn(n, 3, side, side, generator=generator)
     return ImageBatch(pixel_values=pixels.to(model.device, model.dtype), original_sizes=[(224, 224)] * n, images=[])
 
 
 def load(family: str, architecture: str, device: str, dtype: str, image_size: int | None = None):
     if architecture == "demo":
         return xclip.load_model(DEMO_MODEL, device=device, dtype=dtype)
+    if family == "open_clip":
+        return load_open_clip(architecture, device, dtype)
     hf_model, processor = build_random_model(family, architecture, seed=0, image_size=image_size)
     adapter_cls = xclip.get_adapter_cls(family)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
     return adapter_cls(hf_model.to(device, torch_dtype), processor, name=f"random {architecture}")
+
+
+def load_open_clip(architecture: str, device: str, dtype: str) -> xclip.DualEncoderAdapter:
+    """A randomly initialised open_clip model of a named architecture (``ViT-B-16``, or a config file), loaded
+    through xclip's public path from a weights file."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import open_clip
+
+    if architecture.endswith(".json"):  # a model config of your own (open_clip's format), named by its file
+        open_clip.add_model_config(architecture)
+        architecture = Path(architecture).stem
+    if architecture not in open_clip.list_models():
+        sys.exit(f"unknown open_clip architecture {architecture!r} (open_clip.list_models())")
+    folder = Path(tempfile.mkdtemp(prefix="xclip-bench-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    torch.manual_seed(0)
+    save_weights(open_clip.create_model(architecture), folder / "weights.safetensors")
+    return xclip.load_model(f"open_clip:{architecture}", checkpoint=folder / "weights.safetensors", device=device, dtype=dtype)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: value.contiguous() for name, value in model.state_dict().items()}, path)
+
+
+def plain_embedders(model: xclip.DualEncoderAdapter, caption_texts: list[str], images: ImageBatch) -> tuple[Callable[[], object], Callable[[], object]]:
+    """The model's own image and text embedding, without attribution (open_clip's encoders take its full
+    context of tokens)."""
+    if model.family == "open_clip":
+        tokens = model.tokenizer.ids(caption_texts).to(model.device)
+        return (lambda: model.model.encode_image(images.pixel_values)), (lambda: model.model.encode_text(tokens))
+    captions = model.tokenize(caption_texts)
+    return (lambda: model.model.get_image_features(pixel_values=images.pixel_values)), \
+        (lambda: model.model.get_text_features(input_ids=captions.input_ids))
 
 
 def inputs(model, architecture: str, n: int, caption_words: int) -> tuple[list[str], ImageBatch]:
@@ -121,8 +167,10 @@ def naive_pair_seconds(model, text: TextBatch, images: ImageBatch, n_steps: int)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="clip", choices=["clip", "siglip"])
-    parser.add_argument("--architecture", default="vit-b-32", choices=[*ARCHITECTURES, "demo"])
+    parser.add_argument("--family", default="clip", choices=["clip", "siglip", "open_clip"])
+    parser.add_argument("--architecture", default="vit-b-32",
+                        help=f"{', '.join(ARCHITECTURES)} or demo; for --family open_clip an open_clip architecture "
+                             "(ViT-B-16) or a model config file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -139,6 +187,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="image-decoding workers of the end-to-end run")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.family != "open_clip" and args.architecture not in (*ARCHITECTURES, "demo"):
+        parser.error(f"--architecture must be one of {', '.join(ARCHITECTURES)} or demo for --family {args.family}")
 
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -154,9 +204,10 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
+    embed_images, embed_texts = plain_embedders(model, caption_texts, images)
     with torch.no_grad():  # plain inference: the model's own forward pass (padding masks do not change its cost)
-        plain_image_s = timed(lambda: model.model.get_image_features(pixel_values=images.pixel_values), device, args.repeats)
-        plain_text_s = timed(lambda: model.model.get_text_features(input_ids=captions.input_ids), device, args.repeats)
+        plain_image_s = timed(embed_images, device, args.repeats)
+        plain_text_s = timed(embed_texts, device, args.repeats)
     image_s = timed(lambda: attributor.image_batch_contributions(images), device, args.repeats)
     text_s = timed(lambda: attributor.text_batch_contributions(captions), device, args.repeats)
     text_contributions = attributor.text_batch_contributions(captions)
@@ -219,8 +270,9 @@ def main() -> None:
     if args.end_to_end:
         report["end_to_end"] = end_to_end(model, attributor, args, caption_texts, image_s / n + text_s / n)
 
-    if not args.no_scaling and args.architecture != "demo":  # the sweeps rebuild random models of other sizes
-        report["scaling"] = scaling(model, args, device)
+    if not args.no_scaling and args.architecture != "demo":
+        if args.family != "open_clip":  # the sweeps rebuild random transformers models of other sizes
+            report["scaling"] = scaling(model, args, device)
         report["memory_knob"] = memory_knob(model, args, device)
     text = json.dumps(report, indent=2)
     print(text)
@@ -236,7 +288,6 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
 
     import numpy as np
     import yaml
-    from PIL import Image
 
     from xclip.config import load_config
     from xclip.runner import run
@@ -244,11 +295,16 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
     n = args.end_to_end
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        model.model.save_pretrained(root / "model")
-        model.processor.save_pretrained(root / "model")
+        if model.family == "open_clip":
+            save_weights(model.model, root / "weights.safetensors")
+            model_config = {"name": model.name, "checkpoint": "weights.safetensors"}
+        else:
+            model.model.save_pretrained(root / "model")
+            model.processor.save_pretrained(root / "model")
+            model_config = {"name": "model"}
         (root / "images").mkdir()
         rng = np.random.default_rng(0)
-        side = model.model.config.vision_config.image_size
+        side = input_side(model)
         if args.architecture == "demo":
             pictures = [scene.image for scene in generate(n, seed=DEMO_SCENE_SEED)]
             texts = [scene.caption for scene in generate(n, seed=DEMO_SCENE_SEED)]
@@ -261,7 +317,7 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
             lines.append(json.dumps({"file_name": f"{k:05d}.jpg", "text": text}))
         (root / "images" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         config = {
-            "model": {"name": "model", "device": args.device, "dtype": args.dtype},
+            "model": {**model_config, "device": args.device, "dtype": args.dtype},
             "attribution": {**quadrature_settings(args)},
             "data": {"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl"},
             "output": {"directory": "run"},

@@ -77,3 +77,16 @@ def test_plan_multiplies_measured_rates_and_the_layouts_bytes(tmp_path):
         assert float(rows[name][2].replace(",", "")) == pytest.approx(shard_seconds / 3600, abs=0.005)
     # the map of a pair: 77 x 197 float32
     assert "map 60.7 KB" in result.stdout
+
+
+def test_bench_runs_an_open_clip_architecture(tmp_path):
+    pytest.importorskip("open_clip")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+    (tmp_path / "tiny-open-clip.json").write_text(json.dumps(config))
+    report = bench(tmp_path, "--family", "open_clip", "--architecture", str(tmp_path / "tiny-open-clip.json"),
+                   "--batch-size", "2", "--no-naive", "--no-scaling", "--end-to-end", "2", "--num-workers", "0")
+    assert report["family"] == "open_clip" and (report["image_positions"], report["embedding_dim"]) == (17, 16)
+    for key in ("plain_images_per_s", "plain_captions_per_s", "image_ratio_to_plain", "caption_ratio_to_plain"):
+        assert report[key] > 0, key  # the ratio is to open_clip's own encode_image / encode_text
+    assert report["end_to_end"]["pairs"] == 2  # `xclip attribute` on the open_clip checkpoint, from a config

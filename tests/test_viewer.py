@@ -168,7 +168,7 @@ def driver():
     chrome.quit()
 
 
-def wait_for(condition, timeout: float = 20.0):
+def wait_for(condition, timeout: float = 60.0):  # generous: CI machines are slow and shared
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
