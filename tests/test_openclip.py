@@ -281,3 +281,32 @@ def test_the_production_config_names_a_known_architecture():
     architecture, _, tag = config.model.name.removeprefix("open_clip:").partition("/")
     assert architecture in open_clip.list_models()
     assert tag in open_clip.list_pretrained_tags_by_model(architecture)
+
+
+def test_hub_repositories_load_offline_at_a_pinned_revision(checkpoints, tmp_path, monkeypatch):
+    """hf-hub:ORG/NAME from the Hugging Face cache (as after a download): the revision picks the snapshot."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repository = tmp_path / "cache" / "models--someone--tiny-open-clip"
+    commits = {"old": "1" * 40, "new": "2" * 40}
+    for which, commit in commits.items():  # two snapshots with different weights; main points at the new one
+        snapshot = repository / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        name = "xclip-tiny-openai" if which == "old" else "xclip-tiny-custom"
+        (snapshot / "open_clip_config.json").write_text(json.dumps({"model_cfg": CONFIGS[name]}))
+        shutil.copyfile(checkpoints[name], snapshot / "open_clip_model.safetensors")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commits["new"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    pinned = xclip.load_model("hf-hub:someone/tiny-open-clip", revision=commits["old"], local_files_only=True, dtype="float64", device="cpu")
+    latest = xclip.load_model("hf-hub:someone/tiny-open-clip", local_files_only=True, dtype="float64", device="cpu")
+    assert pinned.visual.pool_type == "tok" and latest.visual.pool_type == "avg"  # the old and the new model
+    reference_model = load(checkpoints, "xclip-tiny-openai")
+    batch = reference_model.tokenize(CAPTIONS)
+    torch.testing.assert_close(pinned.embed_text(batch), reference_model.embed_text(batch), rtol=0, atol=0)
+    with pytest.raises(ModelFamilyError, match=r"'hf-hub:someone/elsewhere'.*not found in the Hugging Face cache \(offline\)"):
+        xclip.load_model("hf-hub:someone/elsewhere", local_files_only=True, device="cpu")
+    with pytest.raises(xclip.XclipError, match="model.revision pins hub repositories"):
+        xclip.load_model("open_clip:ViT-B-32/openai", revision="main", device="cpu")

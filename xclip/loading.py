@@ -157,10 +157,11 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
         raise ModelFamilyError(msg) from e
     from xclip.adapters.openclip import OpenClipImageProcessor, OpenClipProcessor, OpenClipTokenizer
 
-    if revision is not None:
-        msg = "model.revision is not supported for open_clip names: pin a version with a local checkpoint file instead"
-        raise ConfigError(msg)
     pretrained: str | None = None
+    if source.startswith(OPEN_CLIP_PREFIX) and revision is not None:
+        msg = ("model.revision pins hub repositories: name the tag's repository as hf-hub:ORG/NAME "
+               "(open_clip.get_pretrained_cfg(ARCH, TAG)['hf_hub']), or point model.checkpoint at a file")
+        raise ConfigError(msg)
     if source.startswith(OPEN_CLIP_PREFIX):
         architecture, _, tag = source.removeprefix(OPEN_CLIP_PREFIX).partition("/")
         if architecture not in open_clip.list_models():
@@ -173,8 +174,10 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
             msg = f"{source!r} has no weights: add a pretrained tag (open_clip:{architecture}/openai) or set model.checkpoint"
             raise ConfigError(msg)
         model_name, pretrained = architecture, tag or str(_checkpoint_file(checkpoint))
-    elif source.startswith("hf-hub:"):
-        model_name = source
+    elif source.startswith("hf-hub:"):  # fetched (or found in the cache) at the pinned revision, then read locally
+        with _offline(local_files_only):
+            snapshot = _hub_snapshot(source.removeprefix("hf-hub:"), revision, local_files_only)
+        model_name = f"local-dir:{snapshot}"
     else:
         model_name = f"local-dir:{Path(source).expanduser()}"
     if checkpoint is not None and pretrained is None:
@@ -204,6 +207,29 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
     return model.eval(), processor
 
 
+def _hub_snapshot(repository: str, revision: str | None, local_files_only: bool) -> Path:
+    """The folder of an open_clip-format hub repository at ``revision``: its config and its weights
+    (safetensors where the repository has them)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repository, name, revision=revision, local_files_only=local_files_only))
+
+    try:
+        config = fetch(OPEN_CLIP_CONFIG)
+        try:
+            fetch("open_clip_model.safetensors")
+        except EntryNotFoundError:
+            fetch("open_clip_pytorch_model.bin")
+    except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these
+        where = "in the Hugging Face cache (offline)" if _is_offline(local_files_only) else "on the hub"
+        at = f" at revision {revision!r}" if revision else ""
+        msg = f"cannot load model 'hf-hub:{repository}'{at}: not found {where} ({str(e).splitlines()[0]})"
+        raise ModelFamilyError(msg) from e
+    return config.parent
+
+
 def _checkpoint_file(checkpoint: str | Path | None) -> Path:
     path = Path(str(checkpoint)).expanduser()
     if not path.is_file():
@@ -217,16 +243,13 @@ def _checkpoint_file(checkpoint: str | Path | None) -> Path:
 
 @contextmanager
 def _offline(local_files_only: bool) -> Iterator[None]:
-    """open_clip downloads through huggingface_hub, which reads HF_HUB_OFFLINE: set it for the load."""
-    if not local_files_only:
-        yield
-        return
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    """open_clip downloads through huggingface_hub, which checks its HF_HUB_OFFLINE constant at each download
+    (read from the environment when it was imported): set it for the load."""
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or local_files_only
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["HF_HUB_OFFLINE"]
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
+        constants.HF_HUB_OFFLINE = previous
