@@ -310,3 +310,13 @@ def test_hub_repositories_load_offline_at_a_pinned_revision(checkpoints, tmp_pat
         xclip.load_model("hf-hub:someone/elsewhere", local_files_only=True, device="cpu")
     with pytest.raises(xclip.XclipError, match="model.revision pins hub repositories"):
         xclip.load_model("open_clip:ViT-B-32/openai", revision="main", device="cpu")
+
+
+def test_explain_draws_an_open_clip_model(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_images(1)[0].save(tmp_path / "photo.png")
+    code, output = invoke("explain", "photo.png", "a red dog", "--model", "open_clip:xclip-tiny-custom",
+                          "--checkpoint", checkpoints["xclip-tiny-custom"], "--json")
+    assert code == 0, output
+    (pair,) = json.loads(output)["pairs"]
+    assert Path(pair["figure"]).is_file() and np.isfinite(pair["score"])

@@ -160,7 +160,8 @@ def attribute(
 def explain(
     image: Annotated[Path, typer.Argument(help="an image file")],
     captions: Annotated[list[str], typer.Argument(help="one or more captions")],
-    model: Annotated[str | None, typer.Option(help="hub id or local checkpoint (default: the shipped demo model)")] = None,
+    model: Annotated[str | None, typer.Option(help="hub id, local checkpoint or open_clip:ARCH[/TAG] (default: the shipped demo model)")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="weights file for --model open_clip:ARCH")] = None,
     output: Annotated[Path | None, typer.Option(help="keep the run directory here, for render, inspect and view (default: a temporary one)")] = None,
     figures: Annotated[Path | None, typer.Option(help="figures folder (default: OUTPUT/heatmaps, or ./xclip-explain-IMAGE without --output)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
@@ -183,7 +184,7 @@ def explain(
         run_directory = output or Path(temporary) / "run"
         figures = figures or (None if output else Path(f"xclip-explain-{image.stem}"))
         with _StopFlag().installed() as stop:
-            result = explain_pairs(image, captions, output=run_directory, model=model, device=device, dtype=dtype,
+            result = explain_pairs(image, captions, output=run_directory, model=model, checkpoint=checkpoint, device=device, dtype=dtype,
                                    figures=figures, options=options, file_format=file_format, overwrite=overwrite,
                                    should_stop=stop)
     rows = [{"caption": p.caption, "score": p.score, "four_term_value": p.four_term_value,

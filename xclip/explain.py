@@ -49,6 +49,7 @@ def explain(
     *,
     output: Path,
     model: str | None = None,
+    checkpoint: Path | None = None,
     device: str = "auto",
     dtype: str = "float32",
     figures: Path | None = None,
@@ -60,7 +61,7 @@ def explain(
 ) -> Explanation:
     """Attribute ``image`` with each caption into the run directory ``output`` and draw each finished pair
     (per-word figures, into ``figures``, default ``output/heatmaps``). ``model``: a hub id or a local
-    checkpoint; the shipped demo model when None."""
+    checkpoint; the shipped demo model when None. ``checkpoint``: a weights file for ``open_clip:ARCH``."""
     image = Path(image)
     if not image.is_file():
         msg = f"image {image} is not there"
@@ -76,7 +77,8 @@ def explain(
     metadata = inputs / "metadata.jsonl"
     metadata.write_text(json.dumps({"file_name": image.name, "text": list(captions)}, ensure_ascii=False) + "\n", encoding="utf-8")
     config = {
-        "model": {"name": str(model) if model else str(DEMO_MODEL), "device": device, "dtype": dtype},
+        "model": {"name": str(model) if model else str(DEMO_MODEL), "device": device, "dtype": dtype,
+                  **({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {})},
         "data": {"format": "imagefolder", "root": "inputs", "metadata": "inputs/metadata.jsonl"},
         "output": {"directory": "."},
     }
