@@ -128,21 +128,35 @@ def test_a_span_over_many_pairs_skips_and_counts_the_pairs_without_it(finished_r
     assert "skipped 2 pairs whose caption does not hold 'blue'" in output
 
 
-def test_svg_and_pdf_hold_the_same_picture(finished_run, tmp_path):  # noqa: F811
+def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_path):  # noqa: F811
+    from xclip.render import load_pair_view
+    from xclip.store import RunReader
+
     (png,) = render(finished_run, "--pair", "0", "--out", tmp_path / "png", "--dpi", "120")[0]
     (svg,) = render(finished_run, "--pair", "0", "--out", tmp_path / "svg", "--format", "svg", "--dpi", "120")[0]
     (pdf,) = render(finished_run, "--pair", "0", "--out", tmp_path / "pdf", "--format", "pdf", "--dpi", "120")[0]
     with Image.open(png) as picture:
-        pixels, size, dpi = np.asarray(picture.convert("RGB")), picture.size, picture.info["dpi"]
+        size, dpi = picture.size, picture.info["dpi"]
     assert round(dpi[0]) == 120
-    root = ET.parse(svg).getroot()  # well-formed SVG whose embedded picture is the PNG's, pixel for pixel
-    assert root.tag == "{http://www.w3.org/2000/svg}svg" and root.get("width") == f"{size[0] / 120:.3f}in"
-    href = root.find("{http://www.w3.org/2000/svg}image").get("{http://www.w3.org/1999/xlink}href")
-    embedded = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))
-    assert (np.asarray(embedded.convert("RGB")) == pixels).all()
+    with RunReader(finished_run) as run:  # the same figure through the API: what the files must hold
+        drawn = draw(load_pair_view(run, 0, run.data_root()), options=FigureOptions(dpi=120))
+    pictures = [item[2] for item in drawn.drawn if item[0] == "image"]
+    svg_ns, link = "{http://www.w3.org/2000/svg}", "{http://www.w3.org/1999/xlink}href"
+    root = ET.parse(svg).getroot()
+    assert root.tag == f"{svg_ns}svg" and float(root.get("width").removesuffix("pt")) == pytest.approx(size[0] * 72 / 120)
+    texts = ["".join(t.itertext()) for t in root.iter(f"{svg_ns}text")]
+    assert texts[0].startswith("pair 0: score") and "“a red dog”" in texts and {"red", "dog"} <= set(texts)
+    assert "xclip:halfrange=" in ET.tostring(root, encoding="unicode")
+    embedded = [Image.open(io.BytesIO(base64.b64decode((e.get(link) or e.get("href")).split(",", 1)[1]))).convert("RGB")
+                for e in root.iter(f"{svg_ns}image")]
+    # the image, each map panel and both colour bars, pixel for pixel as in the PNG
+    assert len(embedded) == len(pictures)
+    for ours, theirs in zip(pictures, embedded):
+        assert (np.asarray(ours.convert("RGB")) == np.asarray(theirs)).all()
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF-") and data.rstrip().endswith(b"%%EOF")
-    assert re.search(rb"/Width %d\b" % size[0], data) and re.search(rb"/Height %d\b" % size[1], data)
+    assert b"/FontFile2" in data and b"DejaVuSans" in data  # text set in an embedded TrueType font, not pixels
+    assert len(re.findall(rb"/Subtype\s*/Image", data)) == len(pictures)
 
 
 def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  # noqa: F811

@@ -9,14 +9,13 @@ a second scale with a bar of its own (a word's total is a sum over many patches)
 map scale (a number) or shares it among all figures of one call (``"run"``).
 
 Figures are composed with Pillow (matplotlib supplies the colour map and the font), which makes them fast:
-the demo draws more than ten per-word figures a second on one core (``scripts/render_speed.py``). They are
-rasters in every format: PNG, or the same picture in a PDF or an SVG file at the requested DPI.
+the demo draws more than ten per-word figures a second on one core (``scripts/render_speed.py``). For SVG
+and PDF the same drawing is replayed through matplotlib's vector backends: text stays text, and the image, maps
+and colour bars are embedded pixel for pixel as in the PNG.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 import re
 import textwrap
@@ -112,9 +111,11 @@ class Figure:
     word_halfrange: float
     dpi: int
     notes: list[str] = field(default_factory=list)
+    drawn: tuple[tuple[Any, ...], ...] = ()  # what drew the picture, replayed for SVG and PDF (see _Canvas)
 
     def save(self, path: str | Path) -> Path:
-        """Write the figure as PNG, PDF or SVG (by the suffix); the scales go into the file's metadata."""
+        """Write the figure as PNG, PDF or SVG (by the suffix); the scales go into the file's metadata. SVG
+        and PDF keep the text as text and embed the maps at the figure's DPI."""
         path = Path(path)
         kind = path.suffix.lower().lstrip(".")
         if kind not in FORMATS:
@@ -128,21 +129,8 @@ class Figure:
             for key, value in metadata.items():
                 info.add_text(key, value)
             self.picture.save(path, pnginfo=info, dpi=(self.dpi, self.dpi), compress_level=3)
-        elif kind == "pdf":
-            self.picture.save(path, "PDF", resolution=float(self.dpi), title=self.name,
-                              subject=" ".join(f"{k}={v}" for k, v in metadata.items()))
         else:
-            buffer = io.BytesIO()
-            self.picture.save(buffer, "PNG", compress_level=3)
-            width, height = self.picture.size
-            inches = f'width="{width / self.dpi:.3f}in" height="{height / self.dpi:.3f}in"'
-            described = " ".join(f"{k}={v}" for k, v in metadata.items())
-            path.write_text(
-                f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" {inches} '
-                f'viewBox="0 0 {width} {height}"><desc>{described}</desc>'
-                f'<image width="{width}" height="{height}" xlink:href="data:image/png;base64,'
-                f'{base64.b64encode(buffer.getvalue()).decode()}"/></svg>\n'
-            )
+            _save_vector(self, path, kind, metadata)
         return path
 
 
@@ -402,6 +390,73 @@ def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
     return textwrap.wrap(text, width=max(10, int(width / average))) or [""]
 
 
+class _Canvas:
+    """Draws a figure onto a raster picture and records each call, so that SVG and PDF files get the same
+    figure with its text as text (the record is replayed through matplotlib's vector backends)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.picture = Image.new("RGB", size, "white")
+        self._pen = ImageDraw.Draw(self.picture)
+        self.drawn: list[tuple[Any, ...]] = []
+
+    def text(self, xy: tuple[float, float], text: str, fill: Any, font: ImageFont.FreeTypeFont) -> None:
+        self._pen.text(xy, text, fill=fill, font=font)
+        self.drawn.append(("text", xy, text, fill, font.size))
+
+    def rectangle(self, bounds: Sequence[float], fill: Any = None, outline: Any = None, width: int = 1) -> None:
+        self._pen.rectangle(list(bounds), fill=fill, outline=outline, width=width)
+        self.drawn.append(("rectangle", tuple(bounds), fill, outline, width))
+
+    def line(self, points: Sequence[float], fill: Any) -> None:
+        self._pen.line(list(points), fill=fill)
+        self.drawn.append(("line", tuple(points), fill))
+
+    def paste(self, picture: Image.Image, xy: tuple[int, int]) -> None:
+        self.picture.paste(picture, xy)
+        self.drawn.append(("image", xy, picture))
+
+
+def _colour(fill: Any) -> Any:
+    """A Pillow colour (a name or 0-255 channels) as matplotlib takes it."""
+    return tuple(c / 255 for c in fill) if isinstance(fill, tuple) else fill
+
+
+def _save_vector(figure: Figure, path: Path, kind: str, metadata: dict[str, str]) -> None:
+    """Replay the figure's drawing into matplotlib's SVG or PDF backend: text stays text (in DejaVu Sans,
+    the font of the PNG), the maps and colour bars are embedded as the PNG's own pixels."""
+    import matplotlib
+    from matplotlib.figure import Figure as Page
+    from matplotlib.patches import Rectangle
+
+    width, height = figure.picture.size
+    points = 72 / figure.dpi  # matplotlib measures text and lines in points
+    # each picture embedded on its own, pixel for pixel, and fonts kept as text (TrueType in PDF)
+    settings = {"svg.fonttype": "none", "pdf.fonttype": 42, "font.family": "DejaVu Sans", "image.composite_image": False}
+    with matplotlib.rc_context(settings):
+        page = Page(figsize=(width / figure.dpi, height / figure.dpi), dpi=figure.dpi)
+        axes = page.add_axes((0, 0, 1, 1))
+        for kind_, *item in figure.drawn:
+            if kind_ == "image":
+                (x, y), picture = item
+                axes.imshow(np.asarray(picture), extent=(x, x + picture.size[0], y + picture.size[1], y),
+                            interpolation="none", aspect="auto")  # "none": embedded as they are, not resampled
+            elif kind_ == "text":
+                (x, y), text, fill, size = item
+                axes.text(x, y, text, color=_colour(fill), fontsize=size * points, va="top", ha="left")
+            elif kind_ == "rectangle":
+                (x0, y0, x1, y1), fill, outline, line_width = item
+                axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=_colour(fill) if fill else "none",
+                                         edgecolor=_colour(outline) if outline else "none", linewidth=line_width * points))
+            else:
+                (x0, y0, x1, y1), fill = item
+                axes.plot([x0, x1], [y0, y1], color=_colour(fill), linewidth=points)
+        axes.set_xlim(0, width)
+        axes.set_ylim(height, 0)
+        axes.set_axis_off()
+        described = " ".join(f"{key}={value}" for key, value in metadata.items())
+        page.savefig(path, format=kind, metadata={"Title": figure.name, "Description" if kind == "svg" else "Subject": described})
+
+
 def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, float, float] | None = None,
          options: FigureOptions | None = None, halfranges: tuple[float, float] | None = None) -> Figure:
     """One figure of a pair: the span's map (``span``), the box's interactions with the words (``box``), or a
@@ -446,8 +501,7 @@ def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, fl
     note_lines = [line for note in notes for line in _wrap(note, small_font, width - 2 * margin)]
     height = notes_top + px(16) * len(note_lines) + margin
 
-    picture = Image.new("RGB", (width, height), "white")
-    pen = ImageDraw.Draw(picture)
+    pen = _Canvas((width, height))
     for n, line in enumerate(header_lines):
         pen.text((margin, margin + n * line_h), line, fill="black", font=title_font)
     for n, (title, tile) in enumerate(tiles):
@@ -455,7 +509,7 @@ def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, fl
         y = panels_top + (n // columns) * (tile_title_h + panel_h + gap)
         label = title if _text_width(title, text_font) <= panel_w else _wrap(title, text_font, panel_w)[0] + "…"
         pen.text((x, y), label, fill="black", font=text_font)
-        picture.paste(tile, (x, y + tile_title_h))
+        pen.paste(tile, (x, y + tile_title_h))
         if content.box is not None and n == 0:
             (x0, y0), (x1, y1) = view.to_view(*content.box[:2]), view.to_view(*content.box[2:])
             zoom = panel_w / width_v
@@ -463,7 +517,7 @@ def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, fl
             pen.rectangle(outline, outline="black", width=max(1, px(3)))
             pen.rectangle([v + (1 if i < 2 else -1) * px(1) for i, v in enumerate(outline)], outline="white", width=max(1, px(1)))
     if content.panels:
-        _vertical_bar(picture, pen, (margin + columns * (panel_w + gap) + px(4), panels_top + tile_title_h),
+        _vertical_bar(pen, (margin + columns * (panel_w + gap) + px(4), panels_top + tile_title_h),
                       (px(14), max(px(120), panels_h - tile_title_h)), map_range, "per patch", small_font, px)
     pen.text((margin, strip_top - px(18)), f"caption words, {content.word_label}:", fill="black", font=small_font)
     for (word, word_rows, value), (x, w, y) in zip(content.words, strip):
@@ -474,10 +528,10 @@ def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, fl
         light = sum(colour) / 3 > 110
         pen.text((bounds[0] + px(5), bounds[1] + px(3)), word, fill="black" if light else "white", font=text_font)
     if strip:
-        _horizontal_bar(picture, pen, (margin + px(16), strip_top + strip_h - px(10)), (px(220), px(10)), word_range, small_font, px)
+        _horizontal_bar(pen, (margin + px(16), strip_top + strip_h - px(10)), (px(220), px(10)), word_range, small_font, px)
     for n, line in enumerate(note_lines):
         pen.text((margin, notes_top + n * px(16)), line, fill=(90, 90, 90), font=small_font)
-    return Figure(picture, content.name, map_range, word_range, options.dpi, notes)
+    return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, tuple(pen.drawn))
 
 
 def _layout_strip(words: list[tuple[str, list[int], float]], font: ImageFont.FreeTypeFont, width: float,
@@ -497,11 +551,11 @@ def _ticks(halfrange: float) -> list[float]:
     return [-halfrange, -halfrange / 2, 0.0, halfrange / 2, halfrange]
 
 
-def _vertical_bar(picture: Image.Image, pen: ImageDraw.ImageDraw, origin: tuple[int, int], size: tuple[int, int],
+def _vertical_bar(pen: _Canvas, origin: tuple[int, int], size: tuple[int, int],
                   halfrange: float, label: str, font: ImageFont.FreeTypeFont, px: Any) -> None:
     (x, y), (w, h) = origin, size
     values = np.linspace(halfrange, -halfrange, h)[:, None].repeat(w, 1)
-    picture.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
+    pen.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
     pen.rectangle([x, y, x + w, y + h], outline="black")
     for tick in _ticks(halfrange):
         ty = y + round((halfrange - tick) / (2 * halfrange) * (h - 1))
@@ -510,11 +564,11 @@ def _vertical_bar(picture: Image.Image, pen: ImageDraw.ImageDraw, origin: tuple[
     pen.text((x, y + h + px(4)), label, fill="black", font=font)
 
 
-def _horizontal_bar(picture: Image.Image, pen: ImageDraw.ImageDraw, origin: tuple[int, int], size: tuple[int, int],
+def _horizontal_bar(pen: _Canvas, origin: tuple[int, int], size: tuple[int, int],
                     halfrange: float, font: ImageFont.FreeTypeFont, px: Any) -> None:
     (x, y), (w, h) = origin, size
     values = np.linspace(-halfrange, halfrange, w)[None, :].repeat(h, 0)
-    picture.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
+    pen.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
     pen.rectangle([x, y, x + w, y + h], outline="black")
     for tick in _ticks(halfrange):
         tx = x + round((tick + halfrange) / (2 * halfrange) * (w - 1))
