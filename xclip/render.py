@@ -110,7 +110,8 @@ class Figure:
     map_halfrange: float  # the map colour bar spans [-map_halfrange, +map_halfrange]
     word_halfrange: float
     dpi: int
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # everything written under the figure
+    warnings: list[str] = field(default_factory=list)  # of those, what a caller should pass on (unknown words, clipping)
     drawn: tuple[tuple[Any, ...], ...] = ()  # what drew the picture, replayed for SVG and PDF (see _Canvas)
 
     def save(self, path: str | Path) -> Path:
@@ -292,27 +293,29 @@ class _Content:
     word_label: str  # what the strip's values are
     highlighted: list[int]  # token rows outlined in the strip
     box: tuple[float, float, float, float] | None
-    notes: list[str]
+    notes: list[str]  # drawn under the figure
+    warnings: list[str]  # drawn too, and told to whoever drew the figure
 
 
 def _content(view: PairView, span: str | None, box: tuple[float, float, float, float] | None,
              skip_words: frozenset[str]) -> _Content:
     unknown = sorted({_token_text(t) for t in view.tokens if t in UNKNOWN})
-    notes = [f"{', '.join(unknown)}: unknown to the tokenizer; its panel is the unknown token's, not the word's"] if unknown else []
+    warnings = [f"{', '.join(unknown)}: unknown to the tokenizer; its panel is the unknown token's, not the word's"] if unknown else []
+    notes: list[str] = []
     stem = view.name
     if span is not None:
         rows = span_rows(span, view.tokens)
         label = " ".join(_token_text(view.tokens[r]) for r in rows)
         patch_map = view.patch_map(rows)
         return _Content(f"{stem}_span-{_slug(label)}", [_panel(f"'{label}'", patch_map)],
-                        view.word_totals(), _WORD_TOTAL, rows, box, notes)
+                        view.word_totals(), _WORD_TOTAL, rows, box, notes, warnings)
     if box is not None:
         patches = [view.n_prefix + p for p in box_patches(box, view)]
         words = view.word_totals(patches)
         total = float(view.interactions[:, patches].sum())
         notes.append(f"the box covers {len(patches)} patch{'es' if len(patches) > 1 else ''}; its total with the caption: {total:+.3g}")
         return _Content(f"{stem}_box-{_slug(' '.join(f'{v:g}' for v in box))}", [], words,
-                        "each coloured by its interaction with the box's patches", [], box, notes)
+                        "each coloured by its interaction with the box's patches", [], box, notes, warnings)
     words = view.word_totals()
     panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words if not _is_skipped(word, skip_words)]
     skipped = [word for word, _, _ in words if _is_skipped(word, skip_words)]
@@ -320,7 +323,7 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
         notes.append(f"no panel for {', '.join(dict.fromkeys(skipped))} (stop-words and punctuation; --all-words draws them)")
     if not panels:  # a caption of stop-words only: draw them rather than nothing
         panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words]
-    return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes)
+    return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes, warnings)
 
 
 def _panel(label: str, patch_map: np.ndarray) -> tuple[str, np.ndarray]:
@@ -458,19 +461,23 @@ def _save_vector(figure: Figure, path: Path, kind: str, metadata: dict[str, str]
 
 
 def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, float, float] | None = None,
-         options: FigureOptions | None = None, halfranges: tuple[float, float] | None = None) -> Figure:
+         options: FigureOptions | None = None) -> Figure:
     """One figure of a pair: the span's map (``span``), the box's interactions with the words (``box``), or a
-    panel per content word (neither). ``halfranges`` (map, words) overrides the scales, as ``render_run`` does
-    for ``scale="run"``."""
+    panel per content word (neither)."""
     options = options or FigureOptions()
-    content = _content(view, span, box, options.skip_words)
+    return _draw(view, _content(view, span, box, options.skip_words), options)
+
+
+def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges: tuple[float, float] | None = None) -> Figure:
+    """``halfranges`` (map, words) replaces the figure's own scales: ``render_run``'s ``scale="run"``."""
     map_range, word_range = halfranges or _halfranges(content)
-    notes = list(content.notes)
+    warnings = list(content.warnings)
     if isinstance(options.scale, float):
         peak = max((float(np.abs(m).max()) for _, m in content.panels), default=0.0)
         map_range = options.scale
         if peak > map_range:
-            notes.append(f"map values reach ±{peak:.3g}, beyond the fixed scale ±{map_range:.3g}: they are drawn at its ends")
+            warnings.append(f"map values reach ±{peak:.3g}, beyond the fixed scale ±{map_range:.3g}: they are drawn at its ends")
+    notes = warnings + content.notes
     k = options.dpi / 100  # every length below is in pixels at 100 DPI
     px = lambda v: round(v * k)  # noqa: E731
     title_font, text_font, small_font = _font(px(15)), _font(px(13)), _font(px(11))
@@ -531,7 +538,7 @@ def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, fl
         _horizontal_bar(pen, (margin + px(16), strip_top + strip_h - px(10)), (px(220), px(10)), word_range, small_font, px)
     for n, line in enumerate(note_lines):
         pen.text((margin, notes_top + n * px(16)), line, fill=(90, 90, 90), font=small_font)
-    return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, tuple(pen.drawn))
+    return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, warnings, tuple(pen.drawn))
 
 
 def _layout_strip(words: list[tuple[str, list[int], float]], font: ImageFont.FreeTypeFont, width: float,
@@ -598,10 +605,10 @@ def figure(result: InteractionMap, image: Image.Image | str | Path, model: DualE
            span: str | None = None, box: tuple[float, float, float, float] | None = None,
            options: FigureOptions | None = None, title: str = "pair") -> Figure:
     """Draw an API result as ``xclip render`` draws a run's pair; ``.save(path)`` writes it."""
-    view = pair_view(result, image, model, title=title)
+    picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
     if box is not None:
-        check_box_inside(box, (image if isinstance(image, Image.Image) else read_image(Path(image))[0]).size, title)
-    return draw(view, span=span, box=box, options=options)
+        check_box_inside(box, picture.size, title)
+    return draw(pair_view(result, picture, model, title=title), span=span, box=box, options=options)
 
 
 def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
@@ -635,7 +642,7 @@ def _slug(text: str) -> str:
 class RenderReport:
     written: list[Path]
     skipped_without_span: int = 0  # pairs whose caption lacks the span (when no pairs were named)
-    notes: list[str] = field(default_factory=list)  # "pair 3: ..." for what a reader should know
+    notes: list[str] = field(default_factory=list)  # the figures' warnings, "pair 3: ..."
 
 
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
@@ -697,14 +704,15 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
                 check_box_inside(box, tuple(int(v) for v in sizes[int(image_index[index])]), f"pair {index}")  # type: ignore[arg-type]
         root = run.data_root(data_root)
         views = [load_pair_view(run, index, root) for index in selected]
+    contents = [_content(view, span, box, options.skip_words) for view in views]
     halfranges = None
     if options.scale == "run":  # one scale for every figure of this call: the largest value any of them shows
-        ranges = [_halfranges(_content(v, span, box, options.skip_words)) for v in views]
+        ranges = [_halfranges(content) for content in contents]
         halfranges = (max((r[0] for r in ranges), default=1.0), max((r[1] for r in ranges), default=1.0))
-    for view in views:
-        drawn = draw(view, span=span, box=box, options=options, halfranges=halfranges)
+    for view, content in zip(views, contents):
+        drawn = _draw(view, content, options, halfranges)
         report.written.append(drawn.save(out / f"{drawn.name}.{file_format}"))
-        report.notes += [f"{view.title}: {note}" for note in drawn.notes if "unknown to the tokenizer" in note or "beyond the fixed scale" in note]
+        report.notes += [f"{view.title}: {warning}" for warning in drawn.warnings]
     return report
 
 
