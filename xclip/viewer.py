@@ -115,7 +115,6 @@ class RunData:
             status = run.status("pairs")
             captions = run.captions()
             caption_index = run.column("pairs", "caption_index")
-            image_index = run.column("pairs", "image_index")
             score = run.column("pairs", "score")
             keep = np.ones(len(status), dtype=bool)
             if query.status != "all":
@@ -144,24 +143,13 @@ class RunData:
             if query.descending:
                 order = order[::-1]
             page = chosen[order][query.offset : query.offset + query.limit]
-            paths = run.image_paths()
-            errors = run.errors("pairs", page.tolist())
-            table = {name: run.column("pairs", name) for name in ("four_term_value", "completeness_error")}
-            rows = [
-                {
-                    "index": int(p),
-                    "caption": captions[int(caption_index[p])],
-                    "image": paths[int(image_index[p])],
-                    "status": STATUS_NAMES[int(status[p])],
-                    "score": _number(score[p]),
-                    "four_term_value": _number(table["four_term_value"][p]),
-                    "completeness_error": _number(table["completeness_error"][p]),
-                    "relative_completeness_error": _number(relative[p]),
-                    "error": error,
-                }
-                for p, error in zip(page, errors)
-            ]
+            rows = _rows(run, page)
             return {"total": int(len(chosen)), "offset": query.offset, "rows": rows}
+
+    def rows(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The table rows of the given pairs, in that order."""
+        with RunReader(self.run_dir) as run:
+            return _rows(run, np.asarray(indices, dtype=np.int64))
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Failed captions and images with their reasons (their pairs fail with them), then failed pairs
@@ -226,9 +214,34 @@ class RunData:
                 with RunReader(self.run_dir) as run:
                     done = np.flatnonzero(run.status("pairs") == DONE)
                     sample = done if len(done) <= RUN_SCALE_SAMPLE else done[np.linspace(0, len(done) - 1, RUN_SCALE_SAMPLE).astype(int)]
-                    peak = max((float(np.abs(run.interactions(int(p))[:, run.n_prefix:]).max()) for p in sample), default=0.0)
+                    peak = max((_token_map_peak(run.interactions(int(p)), run.n_prefix) for p in sample), default=0.0)
                 self._run_scale = {"value": peak or 1.0, "pairs": int(len(sample)), "finished": int(len(done))}
             return self._run_scale
+
+
+def _rows(run: RunReader, pairs: np.ndarray) -> list[dict[str, Any]]:
+    """Table rows of ``pairs``: each column read once, whatever the number of rows."""
+    captions, paths, status = run.captions(), run.image_paths(), run.status("pairs")
+    caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
+    numbers = {name: run.column("pairs", name)
+               for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error")}
+    errors = run.errors("pairs", pairs.tolist())
+    return [
+        {
+            "index": int(p),
+            "caption": captions[int(caption_index[p])],
+            "image": paths[int(image_index[p])],
+            "status": STATUS_NAMES[int(status[p])],
+            **{name: _number(column[p]) for name, column in numbers.items()},
+            "error": error,
+        }
+        for p, error in zip(pairs, errors)
+    ]
+
+
+def _token_map_peak(interactions: np.ndarray, n_prefix: int) -> float:
+    """The largest magnitude of one token's map over the patches (the viewer's run-wide scale)."""
+    return float(np.abs(np.asarray(interactions)[:, n_prefix:]).max())
 
 
 def _model_label(name: str) -> str:
@@ -340,10 +353,9 @@ def export_site(run_dir: str | Path, out: Path, pairs: list[int], data_root: Pat
         image, lines = data.image(index)
         images[index] = "data:image/png;base64," + base64.b64encode(image).decode()
         contours[index] = "data:image/png;base64," + base64.b64encode(lines).decode()
-    rows = [row for index in pairs for row in data.pairs(PairQuery(offset=index, limit=1))["rows"]]
-    peak = max((float(np.abs(np.asarray(d["interactions"])[:, d["n_prefix"]:]).max()) for d in details.values()), default=1.0)
+    peak = max((_token_map_peak(d["interactions"], d["n_prefix"]) for d in details.values()), default=1.0)
     site = {
-        "summary": data.summary(), "rows": rows, "failures": data.failures(), "pairs": details, "images": images,
+        "summary": data.summary(), "rows": data.rows(pairs), "failures": data.failures(), "pairs": details, "images": images,
         "contours": contours, "scale": {"value": peak or 1.0, "pairs": len(pairs), "finished": len(pairs)},
     }
     out.mkdir(parents=True, exist_ok=True)
