@@ -164,15 +164,10 @@ def _run_locked(
         status = run.status("pairs")
         summary.n_pairs, summary.n_skipped = len(status), int((status == DONE).sum())
         check = _FiniteCheck(model)
-        stages = (
-            ("captions", lambda: _attribute_captions(run, attributor, check, config, progress, should_stop)),
-            ("images", lambda: _attribute_images(run, attributor, check, config, progress, should_stop)),
-            ("pairs", lambda: _attribute_pairs(run, attributor, check, config, progress, should_stop)),
-        )
-        for _, stage in stages:
+        for stage in (_attribute_captions, _attribute_images, _attribute_pairs):
             if should_stop():
                 break
-            stage()
+            stage(run, attributor, check, config, progress, should_stop)
     with RunReader(run_path) as finished:
         status = finished.status("pairs")
         summary.n_done = int((status == DONE).sum()) - summary.n_skipped
@@ -519,6 +514,8 @@ def _attribute_pairs(
         failed = np.flatnonzero(status == FAILED)
         reasons[group] = dict(zip(failed.tolist(), run.errors(group, failed)))
     scale = attributor.logit_scale
+    # without stored maps a pair's numbers come from its inputs' summed contributions: no L x S map
+    compute = interaction_maps if run.has_pair_maps else pair_numbers
     cache: dict[tuple[str, int], xclip.Contributions] = {}
 
     def stored(group: str, index: int) -> xclip.Contributions:
@@ -543,8 +540,6 @@ def _attribute_pairs(
             if ready:
                 text = [stored("captions", c) for _, c, _ in ready]
                 image = [stored("images", i) for _, _, i in ready]
-                # without stored maps a pair's numbers come from its inputs' summed contributions: no L x S map
-                compute = interaction_maps if run.has_pair_maps else pair_numbers
                 maps = compute(text, image, [(k, k) for k in range(len(ready))], logit_scale=scale)
                 for (index, _, _), result in zip(ready, maps):
                     problem = check(result, "pair")
