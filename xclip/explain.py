@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from xclip.config import load_config
@@ -90,15 +91,15 @@ def explain(
         status = stored.status("pairs")
         texts = stored.captions()
         caption_index = stored.column("pairs", "caption_index")
-        finished = [int(p) for p in range(len(status)) if status[p] == DONE]
-        errors = dict(zip(range(len(status)), stored.errors("pairs", list(range(len(status))))))
-        numbers = {p: tuple(float(stored.value("pairs", name, p)) for name in ("score", "four_term_value", "completeness_error"))
-                   for p in finished}
+        errors = stored.errors("pairs", list(range(len(status))))
+        numbers = np.stack([stored.column("pairs", name) for name in ("score", "four_term_value", "completeness_error")], axis=1)
+    numbers = numbers.astype(np.float64)
+    numbers[status != DONE] = np.nan  # unfinished items hold no results
+    finished = np.flatnonzero(status == DONE).tolist()
     report = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format) if finished else None
     paths = dict(zip(finished, report.written if report else []))
-    nan = float("nan")
     pairs = [
-        ExplainedPair(texts[int(caption_index[p])], *numbers.get(p, (nan, nan, nan)), figure=paths.get(p),
+        ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p),
                       error="" if p in paths else errors[p] or "not attributed: the run was interrupted")
         for p in range(len(status))
     ]
