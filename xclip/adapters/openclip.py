@@ -11,7 +11,7 @@ EOT (text ``argmax``/``eos``/``last``/``first``). What the common checkpoints do
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -28,40 +28,47 @@ def _towers(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model.visual, getattr(model, "text", model)
 
 
+def _text_pool(text: nn.Module) -> str:
+    """How the text tower pools (``CLIP`` keeps it as ``text_pool_type``, ``TextTransformer`` as ``pool_type``)."""
+    return getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise :class:`ModelFamilyError` naming the first feature of ``model`` that this family does not cover."""
+    problem = next(_unsupported_features(model), None)
+    if problem is not None:
+        msg = f"not supported: {problem}"
+        raise ModelFamilyError(msg)
+
+
+def _unsupported_features(model: nn.Module) -> Iterator[str]:
     from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 
     visual, text = _towers(model)
-    problems = []
     if not isinstance(visual, VisionTransformer):
-        problems.append(f"image tower {type(visual).__name__} (timm and ResNet towers; only open_clip's VisionTransformer is)")
+        yield f"image tower {type(visual).__name__} (timm and ResNet towers; only open_clip's VisionTransformer is)"
     elif visual.attn_pool is not None:
-        problems.append("attentional pooling of the image tower (CoCa)")
+        yield "attentional pooling of the image tower (CoCa)"
     elif visual.pool_type not in ("tok", "avg"):
-        problems.append(f"image pooling {visual.pool_type!r}")
+        yield f"image pooling {visual.pool_type!r}"
     if text is not model and not isinstance(text, TextTransformer):
-        problems.append(f"text tower {type(text).__name__} (HF text towers; only open_clip's TextTransformer is)")
+        yield f"text tower {type(text).__name__} (HF text towers; only open_clip's TextTransformer is)"
     elif getattr(text, "cls_emb", None) is not None:
-        problems.append("a text CLS token appended to the caption (CoCa)")
+        yield "a text CLS token appended to the caption (CoCa)"
     elif text.attn_mask is None:
-        problems.append("a bidirectional text tower (no causal mask)")
-    pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
-    if pool not in ("argmax", "eos", "first", "last"):
-        problems.append(f"text pooling {pool!r}")
+        yield "a bidirectional text tower (no causal mask)"
+    if _text_pool(text) not in ("argmax", "eos", "first", "last"):
+        yield f"text pooling {_text_pool(text)!r}"
     projection = getattr(text, "text_projection", None)
     if isinstance(projection, nn.Linear) and projection.bias is not None:
-        problems.append("a text projection with a bias")
+        yield "a text projection with a bias"
     for name, tower in (("image", visual), ("text", text)):
         blocks = getattr(getattr(tower, "transformer", None), "resblocks", [])
-        kinds = {type(block).__name__ for block in blocks if not isinstance(block, ResidualAttentionBlock)}
         if any(getattr(scale, "inplace", False) for block in blocks for scale in (block.ls_1, block.ls_2)):
-            problems.append(f"in-place LayerScale in the {name} tower")
+            yield f"in-place LayerScale in the {name} tower"
+        kinds = {type(block).__name__ for block in blocks if not isinstance(block, ResidualAttentionBlock)}
         if kinds:
-            problems.append(f"{name} blocks of type {', '.join(sorted(kinds))} (qk-norm, scaled cosine attention, scaled heads)")
-    if problems:
-        msg = f"not supported: {problems[0]}"
-        raise ModelFamilyError(msg)
+            yield f"{name} blocks of type {', '.join(sorted(kinds))} (qk-norm, scaled cosine attention, scaled heads)"
 
 
 def open_clip_block(block: nn.Module) -> Block:
@@ -192,7 +199,7 @@ class OpenClipAdapter(DualEncoderAdapter):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def pooled_index(self, input_ids: Tensor) -> Tensor:
-        pool = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", "argmax"))
+        pool = _text_pool(self.text)
         if pool == "first":
             return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         if pool == "last":
