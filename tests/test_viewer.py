@@ -23,6 +23,7 @@ from PIL import Image
 from test_bad_inputs import expect, finished_run, invoke, jsonl_folder, write_config  # noqa: F401  (a fixture)
 
 from xclip.config import load_config
+from xclip.errors import ConfigError
 from xclip.runner import run
 from xclip.viewer import PairQuery, RunData, export_site, make_server
 
@@ -79,7 +80,7 @@ def test_a_run_being_written_shows_what_is_finished(tmp_path, model_dirs):
     data = RunData(tmp_path / "run")
     assert data.summary()["counts"]["pairs"] == {"pending": 3, "done": 0, "failed": 0, "total": 3}
     assert [r["status"] for r in data.pairs(PairQuery())["rows"]] == ["pending"] * 3
-    with pytest.raises(Exception, match="pair 0 is not a finished pair"):
+    with pytest.raises(ConfigError, match="pair 0 is not a finished pair"):
         data.pair(0)
     run(config)  # the same viewer, the next request: finished
     assert data.summary()["counts"]["pairs"]["done"] == 3
