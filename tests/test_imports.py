@@ -1,0 +1,78 @@
+"""`import xclip` and the CLI's help stay light: no torch, transformers or matplotlib until a command needs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import xclip
+
+HEAVY = ("torch", "transformers", "matplotlib")
+
+
+def _run(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter; it leaves its result in ``out``, returned with the heavy modules loaded."""
+    probe = f"import json, sys\nout = {{}}\n{code}\nout['heavy'] = [m for m in {HEAVY!r} if m in sys.modules]\nprint(json.dumps(out))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_import_xclip_loads_no_heavy_library():
+    assert _run("import xclip")["heavy"] == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["attribute", "--help"], ["render", "--help"], ["explain", "--help"],
+                                  ["evaluate", "--help"]], ids=" ".join)
+def test_cli_help_exits_0_without_heavy_libraries(argv):
+    code = (
+        "from typer.testing import CliRunner\nfrom xclip.cli import app\n"
+        f"result = CliRunner().invoke(app, {argv!r})\n"
+        "out.update(exit_code=result.exit_code, output=result.output, error=repr(result.exception))"
+    )
+    out = _run(code)
+    assert out["exit_code"] == 0, out["output"] + out["error"]
+    assert "Usage" in out["output"]
+    assert out["heavy"] == []
+
+
+def test_every_subcommand_help_exits_0():
+    from typer.testing import CliRunner
+
+    from xclip.cli import app
+
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+    assert {"attribute", "explain", "render", "evaluate"} <= set(names)
+    for name in names:
+        result = CliRunner().invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output, result.exception)
+
+
+def test_explain_help_prints_the_open_clip_tag_literally():
+    from typer.testing import CliRunner
+
+    from xclip.cli import app
+
+    result = CliRunner().invoke(app, ["explain", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.exception
+    assert "open_clip:ARCH[/TAG]" in result.output
+
+
+def test_public_names_resolve_lazily():
+    for name in xclip.__all__:
+        assert getattr(xclip, name) is not None
+    assert xclip.InteractionAttribution.__module__ == "xclip.attribution"
+    assert xclip.XclipError is __import__("xclip.errors", fromlist=["XclipError"]).XclipError
+    assert set(xclip.__all__) <= set(dir(xclip))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        xclip.no_such_name  # noqa: B018
+    assert not hasattr(xclip, "no_such_name")
+
+
+def test_from_import_in_a_fresh_process():
+    out = _run("from xclip import InteractionAttribution, XclipError\nout['name'] = InteractionAttribution.__name__")
+    assert out["name"] == "InteractionAttribution"
+    assert "torch" in out["heavy"]  # the lazy names do load their modules
