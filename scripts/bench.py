@@ -35,6 +35,7 @@ import xclip  # noqa: E402
 from xclip.adapters.base import ImageBatch, TextBatch  # noqa: E402
 from xclip.core.quadrature import DEFAULT_TOLERANCE, quadrature  # noqa: E402
 from xclip.core.transformer import Positions  # noqa: E402
+from xclip.geometry import Preprocessing  # noqa: E402
 from xclip.random_models import ARCHITECTURES, build_random_model  # noqa: E402
 from xclip.synthetic import generate  # noqa: E402
 
@@ -75,7 +76,8 @@ def image_batch(model: xclip.DualEncoderAdapter, n: int, seed: int = 0) -> Image
     side = input_side(model)
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(n, 3, side, side, generator=generator)
-    return ImageBatch(pixel_values=pixels.to(model.device, model.dtype), original_sizes=[(224, 224)] * n, images=[])
+    geometry = Preprocessing((side, side), (0.0, 0.0, float(side), float(side)), (side, side), model.patch_grid)
+    return ImageBatch(pixel_values=pixels.to(model.device, model.dtype), geometry=[geometry] * n, images=[])
 
 
 def load(family: str, architecture: str, device: str, dtype: str, image_size: int | None = None):
@@ -120,7 +122,8 @@ def plain_embedders(model: xclip.DualEncoderAdapter, caption_texts: list[str], i
     """The model's own image and text embedding, without attribution (open_clip's encoders take its full
     context of tokens)."""
     if model.family == "open_clip":
-        tokens = model.tokenizer.ids(caption_texts).to(model.device)
+        ids = model.tokenize(caption_texts).input_ids  # padded with zeros to the full context, as open_clip pads
+        tokens = torch.nn.functional.pad(ids, (0, model.max_text_positions - ids.shape[1]))
         return (lambda: model.model.encode_image(images.pixel_values)), (lambda: model.model.encode_text(tokens))
     captions = model.tokenize(caption_texts)
     return (lambda: model.model.get_image_features(pixel_values=images.pixel_values)), \
@@ -137,7 +140,7 @@ def inputs(model, architecture: str, n: int, caption_words: int) -> tuple[list[s
 
 
 def first(images: ImageBatch) -> ImageBatch:
-    return ImageBatch(images.pixel_values[:1], images.original_sizes[:1], images.images[:1])
+    return ImageBatch(images.pixel_values[:1], images.geometry[:1], images.images[:1])
 
 
 def quadrature_settings(args: argparse.Namespace) -> dict[str, object]:

@@ -40,7 +40,7 @@ def measured_bytes(text_positions: int, image_positions: int, embedding_dim: int
         for maps in (False, True):
             path = Path(folder) / f"run-{maps}.h5"
             create_run_file(
-                path, attributes={"config": {}, "preprocessing": {}}, captions=["a"], images=["a.jpg"], pairs=[(0, 0)], rejected_records=[],
+                path, attributes={"config": {}}, captions=["a"], images=["a.jpg"], pairs=[(0, 0)], rejected_records=[],
                 store_pair_maps=maps, precision=precision, max_text_positions=text_positions,
                 n_image_positions=image_positions, embedding_dim=embedding_dim, grid=(1, image_positions - 1), n_prefix=1,
             )
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5000, help="default: COCO val")
     parser.add_argument("--captions", type=int, default=25014, help="given pairs: one per caption")
     parser.add_argument("--shards", type=int, default=8, help="Slurm array tasks")
-    parser.add_argument("--precision", choices=["float32", "float16"], default="float32", help="output.precision")
+    parser.add_argument("--precision", choices=["float64", "float32", "float16"], default="float32", help="output.precision")
     parser.add_argument("--input-time-factor", type=float, default=1.0,
                         help="multiply input times: trained weights take more quadrature nodes than a random "
                              "model's (2.5x for captions, 2.8x for images on the demo model; see the README's Accuracy section)")

@@ -12,9 +12,9 @@ from xclip.core.transformer import Positions, embed_from_hidden
 
 def test_split_at_every_layer_reproduces_hf_features(model64):
     captions, images = CAPTIONS, make_images(3)
-    encoded = model64._tokenize(captions)
-    kwargs = {"attention_mask": encoded["attention_mask"]} if model64.family == "clip" else {}
-    hf_text = model64.model.get_text_features(input_ids=encoded["input_ids"], **kwargs).pooler_output
+    encoded = model64._encode_captions(captions)
+    kwargs = {"attention_mask": encoded.attention_mask} if model64.family == "clip" else {}
+    hf_text = model64.model.get_text_features(input_ids=encoded.input_ids, **kwargs).pooler_output
     pixels = model64.preprocess(images).pixel_values
     hf_image = model64.model.get_image_features(pixel_values=pixels).pooler_output
     text = model64.tokenize(captions)
@@ -121,9 +121,9 @@ def test_bad_inputs_raise_clear_errors(model64):
         attributor.image_contributions(["missing.png"])
     with pytest.raises(xclip.ConfigError, match="unknown quadrature rule 'simpson'"):
         xclip.InteractionAttribution(model64, rule="simpson")
-    with pytest.raises(xclip.ConfigError, match="reference convention .* give n_steps"):
+    with pytest.raises(xclip.ConfigError, match="convention 'reference' .* give n_steps"):
         xclip.InteractionAttribution(model64, convention="reference")
-    with pytest.raises(xclip.ConfigError, match="riemann-right rule is for fixed-step comparisons"):
+    with pytest.raises(xclip.ConfigError, match="rule 'riemann-right' is for fixed-step comparisons"):
         xclip.InteractionAttribution(model64, rule="riemann-right")
     with pytest.raises(AttributeError):  # a changed setting would be ignored: it cannot be changed
         attributor.n_steps = 10

@@ -550,12 +550,12 @@ def test_unreadable_run_file(finished_run, damage, message):
 def test_run_file_of_another_schema_version(finished_run):
     with h5py.File(finished_run / "run.h5", "r+") as f:
         f.attrs["schema_version"] = 1
-    expect(["inspect", finished_run], 1, r"run.h5 has schema version 1, this xclip reads 3")
+    expect(["inspect", finished_run], 1, r"run.h5 has schema version 1, this xclip reads 4")
 
 
 def test_moved_images_are_named_and_found_again(finished_run, tmp_path):
     (tmp_path / "images").rename(tmp_path / "moved")
-    expect(["render", finished_run, "--pair", "0"], 2, r"image .*images/img0.png of pair 0 is not there: was the data moved\? pass --data-root")
+    expect(["render", finished_run, "--pair", "0"], 2, r"--data-root: image .*images/img0.png of pair 0 is not there: was the data moved\? give the images' new folder")
     expect(["render", finished_run, "--pair", "0", "--data-root", tmp_path / "moved"], 0, r"pair000000.png")
 
 
@@ -667,7 +667,7 @@ def test_a_bug_is_not_recorded_as_a_bad_image(tmp_path, model_dirs, monkeypatch)
     def bug(path):
         raise TypeError("a bug in xclip")
 
-    monkeypatch.setattr("xclip.runner.read_image", bug)
+    monkeypatch.setattr("xclip.adapters.base.read_image", bug)
     result = runner.invoke(app, ["attribute", str(write_config(tmp_path, model_dirs["clip"])), "-q"])
     assert isinstance(result.exception, TypeError)  # surfaces with its traceback; no image is marked failed
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:

@@ -11,7 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from xclip.cli import app
-from xclip.evaluation import patch_mask, read_annotations
+from xclip.evaluation import box_weights, read_annotations
+from xclip.geometry import Preprocessing
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.errors import ConfigError
 
@@ -56,14 +57,17 @@ def test_bootstrap_interval():
     assert bootstrap_ci(np.full(10, 0.7)) == pytest.approx((0.7, 0.7))
 
 
-def test_patch_mask_maps_boxes_through_the_preprocessing():
+def test_box_weights_map_boxes_through_the_preprocessing():
     # a 64 x 32 image, resized so the short side is 32 and centre-cropped to 32 x 32: x 16..48 stays
-    geometry = {"resize": {"shortest_edge": 32}, "center_crop": {"height": 32, "width": 32}}
-    mask = patch_mask([[16, 0, 32, 32]], (64, 32), geometry, (4, 4))  # the left half of the crop
-    assert mask[:, :2].all() and not mask[:, 2:].any()
-    squash = {"resize": {"height": 32, "width": 32}, "center_crop": None}
-    mask = patch_mask([[0, 0, 32, 16]], (64, 32), squash, (4, 4))  # top-left quarter of the original
-    assert mask[:2, :2].all() and mask.sum() == 4
+    crop = Preprocessing.resize_then_crop((64, 32), (64, 32), (16, 0), (32, 32), (4, 4))
+    weights = box_weights([[16, 0, 32, 32]], crop).reshape(4, 4)  # the left half of the crop
+    assert (weights[:, :2] == 1).all() and not weights[:, 2:].any()
+    squash = Preprocessing.resize_then_crop((64, 32), (32, 32), (0, 0), (32, 32), (4, 4))
+    weights = box_weights([[0, 0, 32, 16]], squash).reshape(4, 4)  # top-left quarter of the original
+    assert (weights[:2, :2] == 1).all() and weights.sum() == 4
+    # a box smaller than a patch (16 x 8 original pixels) covers its share, not 0 or 1
+    weights = box_weights([[2, 1, 6, 5]], squash).reshape(4, 4)
+    assert weights[0, 0] == pytest.approx(16 / 128) and weights.sum() == pytest.approx(16 / 128)
 
 
 def test_bad_annotations_name_the_line(tmp_path):
@@ -91,14 +95,14 @@ def _plant(run_file, annotations, model_dirs, *, correct: bool) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dirs["clip"])
-    geometry = {"resize": {"shortest_edge": 32}, "center_crop": {"height": 32, "width": 32}}
+    geometry = Preprocessing((32, 32), (0.0, 0.0, 32.0, 32.0), (32, 32), (4, 4))
     with h5py.File(run_file, "r+") as f:
         for index, record in enumerate(annotations):
             planted = np.nan_to_num(f["pairs/interactions"][index]) * 0.0
             offsets = tokenizer(record["caption"], return_offsets_mapping=True)["offset_mapping"]
             for phrase in record["phrases"]:
                 rows = [r for r, (a, b) in enumerate(offsets) if b > a and a < phrase["end"] and b > phrase["start"]]
-                mask = patch_mask(phrase["boxes"], (32, 32), geometry, (4, 4)).reshape(-1)
+                mask = box_weights(phrase["boxes"], geometry) > 0
                 for row in rows:
                     planted[row, 1:] = np.where(mask if correct else ~mask, 1.0, 0.0) + planted[row, 1:]
             f["pairs/interactions"][index] = planted
@@ -115,7 +119,12 @@ def test_evaluate_scores_planted_maps(tmp_path, model_dirs, correct):
     assert overall["n_phrases"] == sum(len(r["phrases"]) for r in annotations)
     if correct:
         assert overall["phrase_to_image/pointing_game"]["mean"] == 1.0
-        assert overall["phrase_to_image/mass_ratio"]["mean"] == 1.0
+        # patches at a box's edge are partly outside it: they count inside by the share the box covers
+        geometry = Preprocessing((32, 32), (0.0, 0.0, 32.0, 32.0), (32, 32), (4, 4))
+        shares = [box_weights(p["boxes"], geometry) for r in annotations for p in r["phrases"]]
+        expected = np.mean([w[w > 0].mean() for w in shares])  # 1 on each touched patch, inside by its share
+        assert overall["phrase_to_image/mass_ratio"]["mean"] == pytest.approx(expected)
+        assert overall["phrase_to_image/energy_in_box"]["mean"] == pytest.approx(expected)
         assert overall["box_to_phrase/pointing_game"]["mean"] >= 0.9  # boxes may share a patch
     else:
         assert overall["phrase_to_image/pointing_game"]["mean"] == 0.0

@@ -22,8 +22,9 @@ from xclip.cli import app
 from xclip.config import load_config
 from xclip.data import read_dataset
 from xclip.errors import ConfigError
-from xclip.render import map_colours, span_rows
+from xclip.render import map_colours
 from xclip.runner import run
+from xclip.store import RunReader
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()
@@ -183,19 +184,24 @@ def test_run_matches_the_library(tmp_path, model_dirs, family):
     expected = xclip.InteractionAttribution(model, n_steps=6).attribute(CAPTIONS, images)
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         pairs = f["pairs"]
+        assert pairs["interactions"].dtype == np.float64  # a float64 run stores float64: as exact as the API
         for index, m in enumerate(expected):
             rows, columns = m.interactions.shape
             stored = pairs["interactions"][index]
-            np.testing.assert_allclose(stored[:rows, :columns], m.interactions.numpy(), rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(stored[:rows, :columns], m.interactions.numpy(), rtol=0, atol=1e-13)
             assert np.isnan(stored[rows:]).all()
-            assert pairs["score"][index] == pytest.approx(m.score, abs=1e-6)
-            assert pairs["completeness_error"][index] == pytest.approx(m.completeness_error, abs=1e-6)
-            assert pairs["four_term_value"][index] == pytest.approx(m.four_term_value, abs=1e-6)
+            assert pairs["score"][index] == pytest.approx(m.score, abs=1e-13)
+            assert pairs["completeness_error"][index] == pytest.approx(m.completeness_error, abs=1e-13)
+            assert pairs["four_term_value"][index] == pytest.approx(m.four_term_value, abs=1e-13)
         n_tokens = f["captions/n_positions"][0]
         assert list(f["captions/tokens"].asstr()[0, :n_tokens]) == expected[0].row_labels
         assert tuple(f["images/original_size"][1]) == images[1].size
         assert json.loads(f.attrs["config"])["attribution"]["n_steps"] == 6
         assert f.attrs["model_family"] == family and len(f.attrs["model_weights_sha256"]) == 64
+    with RunReader(tmp_path / "run") as stored_run:  # what readers get back instead of a tokenizer and processor
+        for index, m in enumerate(expected):
+            c, i = stored_run.pair_inputs(index)
+            assert stored_run.caption_tokens(c) == m.caption_tokens and stored_run.preprocessing(i) == m.geometry
 
 
 def test_topk_pairs_each_image_with_its_best_captions(tmp_path, model_dirs):
@@ -281,7 +287,7 @@ def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
             expected = tuple(sizes[s.strip()] if not s.strip().isdigit() else int(s) for s in shape.split(",") if s.strip())
             assert f[name].shape == expected, name
             fixed = re.fullmatch(r"str\((\d+)\)", dtype)
-            kind = "S" if fixed else {"float32": "f", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
+            kind = "S" if fixed else {"float32": "f", "float64": "f", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
             assert f[name].dtype.kind == kind, name
             if fixed:
                 assert f[name].dtype.itemsize == int(fixed.group(1)), name
@@ -397,11 +403,18 @@ def test_render_writes_heatmaps_and_follows_planted_maps(tmp_path, folder_config
 
 
 def test_span_selection_by_words_and_indices():
-    tokens = ["<|startoftext|>", "a</w>", "bl", "ack</w>", "dog</w>", "<|endoftext|>"]
-    assert span_rows("black dog", tokens) == [2, 3, 4]
-    assert span_rows("2:4", tokens) == [2, 3]
+    from xclip.tokens import CaptionTokens
+
+    tokens = CaptionTokens("a Black dog", ["<|startoftext|>", "a</w>", "bl", "ack</w>", "dog</w>", "<|endoftext|>"],
+                           [(0, 0), (0, 1), (2, 4), (4, 7), (8, 11), (0, 0)], [True, False, False, False, False, True], [False] * 6)
+    assert tokens.span_rows("black dog") == [2, 3, 4]  # case-insensitive, over the caption's own text
+    assert tokens.span_rows("lac") == [2, 3]  # every token the span overlaps
+    assert tokens.span_rows("2:4") == [2, 3]
+    assert tokens.label([2, 3, 4]) == "Black dog"
     with pytest.raises(ConfigError, match="outside the caption"):
-        span_rows("9", tokens)
+        tokens.span_rows("9")
+    with pytest.raises(ConfigError, match="does not occur in the caption"):
+        tokens.span_rows("cat")
 
 
 def test_inspect_json_has_every_pair(tmp_path, folder_config):
@@ -490,17 +503,21 @@ def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
     assert bad.exit_code == 2 and "shard_index 3 must be below" in bad.output
 
 
-def testword_groups_follow_each_tokenizers_marks():
-    from xclip.render import word_groups
+def test_words_follow_the_captions_own_text():
+    from xclip.tokens import CaptionTokens
 
-    clip = ["<|startoftext|>", "a</w>", "bl", "ack</w>", "dog</w>", "<|endoftext|>"]
-    assert word_groups(clip) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
-    sentencepiece = ["▁a", "▁bl", "ack", "▁dog", "</s>", "</s>"]
-    assert word_groups(sentencepiece) == [("a", [0]), ("black", [1, 2]), ("dog", [3])]
-    word_level = ["<|startoftext|>", "a", "red", "circle", ",", "<|endoftext|>"]
-    assert [w for w, _ in word_groups(word_level)] == ["a", "red", "circle", ","]
-    wordpiece = ["[CLS]", "a", "bl", "##ack", "dog", "[SEP]"]
-    assert word_groups(wordpiece) == [("a", [1]), ("black", [2, 3]), ("dog", [4])]
+    def words(caption, offsets, special=None):
+        n = len(offsets)
+        tokens = CaptionTokens(caption, ["t"] * n, offsets, special or [False] * n, [False] * n)
+        return [(w.text, w.rows) for w in tokens.words()]
+
+    # pieces of one word join (BPE, SentencePiece, WordPiece alike: only the spans matter); specials never do
+    assert words("a black dog", [(0, 0), (0, 1), (2, 4), (4, 7), (8, 11), (0, 0)], [True, False, False, False, False, True]) == [
+        ("a", [1]), ("black", [2, 3]), ("dog", [4])]
+    # punctuation is a word of its own, and ends the word before it
+    assert [w for w, _ in words("a red circle, x", [(0, 1), (2, 5), (6, 12), (12, 13), (14, 15)])] == ["a", "red", "circle", ",", "x"]
+    # a token without a span (text the tokenizer changed) is shown by its token string
+    assert words("é", [(0, 0)]) == [("t", [0])]
 
 
 def test_new_weights_at_the_same_path_are_refused(tmp_path, model_dirs):

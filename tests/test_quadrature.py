@@ -16,6 +16,7 @@ from xclip.core.quadrature import (
     _rank_within_item,
     quadrature,
 )
+from xclip.errors import ConfigError
 
 
 def test_gauss_legendre_closed_forms():
@@ -163,7 +164,7 @@ def test_fixed_rule_spends_n_steps_in_one_call():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"tolerance": None}, "needs a tolerance"),
+        ({"tolerance": None}, "give a tolerance to adapt to"),
         ({"rule": "midpoint"}, "give n_steps with it"),
         ({"max_steps": 8}, "max_steps must be at least 16"),
         ({"tolerance": 0.0}, "between 0 and 1"),
@@ -174,8 +175,9 @@ def test_fixed_rule_spends_n_steps_in_one_call():
     ],
 )
 def test_bad_quadrature_settings(settings, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message) as raised:
         PathQuadrature(**settings)
+    assert raised.value.setting == next(iter(settings))  # the setting at fault, for the CLI to name
 
 
 def test_rank_within_item_counts_earlier_masked_entries_of_the_same_item():

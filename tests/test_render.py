@@ -19,20 +19,41 @@ from test_bad_inputs import finished_run, invoke  # noqa: F401  (finished_run is
 
 import xclip
 from xclip.errors import ConfigError
+from xclip.geometry import Preprocessing
 from xclip.render import FigureOptions, PairView, draw, figure, map_colours
+from xclip.tokens import CaptionTokens
 
 GRID = (4, 4)
 
 
-def planted_view(image: Image.Image, token_values: dict[str, np.ndarray], tokens: list[str] | None = None) -> PairView:
+SPECIAL = {"<|startoftext|>", "<|endoftext|>", "<s>", "</s>"}
+
+
+def caption_tokens(tokens: list[str], words: dict[str, str] | None = None) -> CaptionTokens:
+    """A caption of the given tokens, a word each (``words`` names what an unknown token stood for)."""
+    words = words or {}
+    caption, offsets = "", []
+    for token in tokens:
+        if token in SPECIAL:
+            offsets.append((0, 0))
+            continue
+        text = words.get(token, token.removesuffix("</w>"))
+        start = len(caption) + (1 if caption else 0)
+        caption = f"{caption} {text}" if caption else text
+        offsets.append((start, len(caption)))
+    return CaptionTokens(caption, tokens, offsets, [t in SPECIAL for t in tokens], [t == "<unk>" for t in tokens])
+
+
+def planted_view(image: Image.Image, token_values: dict[str, np.ndarray], tokens: list[str] | None = None,
+                 words: dict[str, str] | None = None) -> PairView:
     """A pair whose map is hand-made: ``token_values`` gives each listed token's 4 x 4 patch values."""
     tokens = tokens or ["<|startoftext|>", *token_values, "<|endoftext|>"]
     interactions = np.zeros((len(tokens), 1 + GRID[0] * GRID[1]))
     for token, values in token_values.items():
         interactions[tokens.index(token), 1:] = np.asarray(values, dtype=float).reshape(-1)
-    return PairView(title="pair 0", name="pair000000", caption=" ".join(t.removesuffix("</w>") for t in token_values),
-                    tokens=tokens, interactions=interactions, grid=GRID, n_prefix=1, image=image,
-                    to_view=lambda x, y: (x, y), score=0.3, four_term_value=0.2, completeness_error=1e-6)
+    geometry = Preprocessing(image.size, (0.0, 0.0, *map(float, image.size)), image.size, GRID)
+    return PairView(title="pair 0", name="pair000000", tokens=caption_tokens(tokens, words), interactions=interactions,
+                    geometry=geometry, n_prefix=1, image=image, score=0.3, four_term_value=0.2, completeness_error=1e-6)
 
 
 def reference_colour(value: float, halfrange: float) -> np.ndarray:
@@ -73,11 +94,11 @@ def test_planted_patches_take_their_values_colours_at_any_position():
         assert count(picture, reference_colour(value, 1.0)) >= 50 * 50 - 4 * 50, value
 
 
-def test_unknown_tokens_are_noted_and_stop_words_get_no_panel():
+def test_unknown_tokens_are_noted_by_their_words_and_stop_words_get_no_panel():
     tokens = ["<s>", "a", "<unk>", "dog", "</s>"]
-    view = planted_view(red_and_blue(), {"<unk>": np.ones(GRID), "dog": np.ones(GRID)}, tokens=tokens)
+    view = planted_view(red_and_blue(), {"<unk>": np.ones(GRID), "dog": np.ones(GRID)}, tokens=tokens, words={"<unk>": "zebra"})
     drawn = draw(view)
-    assert any("<unk>: unknown to the tokenizer" in note for note in drawn.notes)
+    assert any("zebra: unknown to the tokenizer" in note for note in drawn.notes)  # the caption's word, not <unk>
     assert any(note.startswith("no panel for a ") for note in drawn.notes)
     everything = draw(view, options=FigureOptions(skip_words=frozenset()))
     # one more panel ("a"), in the same row
@@ -167,13 +188,13 @@ def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  #
     (caption,) = attributor.text_contributions(["a red dog"])
     (picture,) = attributor.image_contributions([image])
     result = xclip.interaction_map(caption, picture)
-    drawn = figure(result, image, model, span="red", title="pair 0")
+    drawn = figure(result, image, span="red", title="pair 0")
     with Image.open(rendered) as from_run:
         same = (np.asarray(from_run.convert("RGB")) == np.asarray(drawn.picture)).all(-1)
     assert same.mean() > 0.999  # float32 storage may move a colour to its neighbouring level at a few pixels
     saved = drawn.save(tmp_path / "api.png")
     assert halfrange(saved) == pytest.approx(halfrange(rendered), rel=1e-5)
     with pytest.raises(ConfigError, match="not inside the image"):
-        figure(result, image, model, box=(0, 0, 500, 500))
+        figure(result, image, box=(0, 0, 500, 500))
     with pytest.raises(ConfigError, match="does not occur in the caption"):
-        figure(result, image, model, span="zebra")
+        figure(result, image, span="zebra")

@@ -391,7 +391,7 @@ def test_shards_share_one_topk_ranking(tmp_path, config, monkeypatch):
     def no_second_ranking(*args, **kwargs):
         raise AssertionError("the second shard ranked again")
 
-    monkeypatch.setattr("xclip.runner._similarities", no_second_ranking)
+    monkeypatch.setattr("xclip.pairing._similarities", no_second_ranking)
     assert invoke("attribute", config, "-q", "--shard", "1/2", *config_topk)[0] == 0
     expect(["merge", tmp_path / "run"], 0, "run.h5")
     merged, whole = (_named_pairs(tmp_path / name / "run.h5") for name in ("run", "whole"))
@@ -434,15 +434,16 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
 
     L, S, E = 5, 3, 4  # noqa: N806  (text positions, image positions, embedding size)
     create_run_file(
-        tmp_path / "run.h5", attributes={"config": {}, "preprocessing": {}}, captions=["a", "b"], images=["x.png"], pairs=[(0, 0), (1, 0)],
+        tmp_path / "run.h5", attributes={"config": {}}, captions=["a", "b"], images=["x.png"], pairs=[(0, 0), (1, 0)],
         rejected_records=[], store_pair_maps=maps, precision=precision, max_text_positions=L, n_image_positions=S,
         embedding_dim=E, grid=(1, 2), n_prefix=1,
     )
     array = 2 if precision == "float16" else 4
     # status, error, embedding and reference embedding, 3 float errors, n_nodes, is_converged, contributions
     inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 1
-    caption = inputs + L * array * E + L * 4 + L * 48 + 4 + 1  # + token ids, tokens, n_positions, is_truncated
-    image = inputs + S * array * E + 2 * 4 + 200  # + original size, notes
+    # + token ids, tokens, offsets, special and unknown flags, n_positions, is_truncated
+    caption = inputs + L * array * E + L * 4 + L * 48 + L * 8 + 2 * L + 4 + 1
+    image = inputs + S * array * E + 2 * 4 + 10 * 8 + 200  # + original size, preprocessing, notes
     pair = 1 + 100 + 2 * 8 + 9 * 4 + (L * S * array if maps else 0)  # status, error, indices, 9 floats, the map
     with RunReader(tmp_path) as stored:
         assert [stored.bytes_per_item(g) for g in ("captions", "images", "pairs")] == [caption, image, pair]

@@ -237,10 +237,13 @@ def test_the_browser_shows_the_files_values_for_spans_and_boxes(finished_run, dr
             .click_and_hold().move_by_offset(size["width"] // 2 - 10, size["height"] // 2 - 10).release().perform()
         wait_for(lambda: driver.find_element(By.ID, "box-info").is_displayed())
         patches = json.loads(driver.find_element(By.ID, "box-patches").get_attribute("data-patches"))
+        weights = np.array(json.loads(driver.find_element(By.ID, "box-patches").get_attribute("data-weights")))
         assert patches == [0, 1, 4, 5]  # the 4 x 4 grid's top-left quarter
+        # the box starts 5 px inside the corner and ends 5 px short of the middle: partial shares of the four
+        assert np.flatnonzero(weights).tolist() == patches and ((weights[patches] > 0.5) & (weights[patches] < 1)).all()
         for chip in driver.find_elements(By.CSS_SELECTOR, ".chip"):
             chip_rows = [int(r) for r in chip.get_attribute("data-rows").split(",")]
-            expected = float(maps[np.ix_(chip_rows, [1 + p for p in patches])].astype(np.float64).sum())
+            expected = float((maps[np.ix_(chip_rows, [1 + p for p in patches])].astype(np.float64) @ weights[patches]).sum())
             assert float(chip.get_attribute("data-value")) == pytest.approx(expected, rel=1e-6, abs=1e-12), chip.text
     finally:
         process.terminate()

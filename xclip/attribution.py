@@ -19,7 +19,7 @@ from xclip.adapters.base import (
     resolve_layer,
 )
 from xclip.core.interaction import MODES, Mode, contributions, four_term_value, four_terms, interactions
-from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule
+from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule, check_quadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError
 from xclip.result import Contributions, InteractionMap, PairNumbers, relative_error
@@ -82,24 +82,19 @@ class InteractionAttribution:
         _check_whole("text_layer", text_layer)
         _check_whole("image_layer", image_layer)
         if text_filler is not None:
-            vocabulary = len(model.tokenizer)
+            vocabulary = model.vocabulary_size
             _check_whole("text_filler", text_filler, low=0)
             if text_filler >= vocabulary:
                 msg = f"text_filler {text_filler} is not a token id of this tokenizer (0..{vocabulary - 1})"
-                raise ConfigError(msg)
+                raise ConfigError(msg, setting="text_filler")
         if isinstance(blur_radius, bool) or not isinstance(blur_radius, (int, float)) or not 0 < blur_radius < float("inf"):
             msg = f"blur_radius must be a positive number of pixels, got {blur_radius!r}"
-            raise ConfigError(msg)
+            raise ConfigError(msg, setting="blur_radius")
         if not isinstance(scale_by_logit, bool):
             msg = f"scale_by_logit must be true or false, got {scale_by_logit!r}"
-            raise ConfigError(msg)
-        if convention == "reference" and n_steps is None:
-            msg = "the reference convention reproduces the reference code's fixed rule: give n_steps (its maps do not sum to the four-term value, so there is no tolerance to refine to)"
-            raise ConfigError(msg)
-        try:
-            self._quadrature = PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(msg, setting="scale_by_logit")
+        check_quadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule, convention=convention)
+        self._quadrature = PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule)
         self.model = model
         self.text_layer = resolve_layer(text_layer, len(model.text_blocks), "text")
         self.image_layer = resolve_layer(image_layer, len(model.image_blocks), "image")
@@ -177,7 +172,8 @@ class InteractionAttribution:
                 values=values[b, :n],
                 embedding=embedding[b],
                 reference_embedding=reference_embedding[b],
-                labels=batch.tokens[b],
+                labels=batch.tokens[b].tokens,
+                caption_tokens=batch.tokens[b],
                 is_truncated=batch.is_truncated[b],
                 **checks[b],
             )
@@ -205,6 +201,7 @@ class InteractionAttribution:
                 labels=labels,
                 grid=grid,
                 n_prefix=n_prefix,
+                geometry=batch.geometry[b],
                 **checks[b],
             )
             for b in range(hidden.shape[0])
@@ -301,14 +298,14 @@ class InteractionAttribution:
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         msg = f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
-        raise ConfigError(msg)
+        raise ConfigError(msg, setting=name)
 
 
 def _check_whole(name: str, value: object, low: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         bound = f" of at least {low}" if low is not None else ""
         msg = f"{name} must be a whole number{bound}, got {value!r}"
-        raise ConfigError(msg)
+        raise ConfigError(msg, setting=name)
 
 
 def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 1.0) -> InteractionMap:
@@ -354,6 +351,8 @@ def interaction_maps(
                     grid=column.grid,
                     n_prefix=column.n_prefix,
                     logit_scale=logit_scale,
+                    caption_tokens=row.caption_tokens,
+                    geometry=column.geometry,
                 )
             )
     return maps

@@ -4,6 +4,7 @@ progress, logs and errors go to stderr."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -19,9 +20,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 from rich.table import Table
 
 from xclip.errors import ConfigError, XclipError
-from xclip.inspection import NOT_CONVERGED_HINT
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+NOT_CONVERGED_HINT = (
+    "raise attribution.max_steps or loosen attribution.tolerance; in float32 the relative error stops between "
+    "about 3e-7 and 5e-6 (demo model), so tolerances below 1e-5 may need model.dtype float64"
+)
 
 app = typer.Typer(
     help="Second-order caption-token x image-patch attributions for CLIP-style models.",
@@ -105,7 +109,7 @@ def attribute(
 
     bar, update = _progress_callback(quiet)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    with _errors():
+    with _errors(CONFIG_KEYS):
         run_config = load_config(config, [*(overrides or []), *_shard_overrides(shard)])
         try:
             with _StopFlag().installed() as stop, bar or nullcontext():
@@ -160,7 +164,7 @@ def attribute(
 def explain(
     image: Annotated[Path, typer.Argument(help="an image file")],
     captions: Annotated[list[str], typer.Argument(help="one or more captions")],
-    model: Annotated[str | None, typer.Option(help="hub id, local checkpoint or open_clip:ARCH[/TAG] (default: the shipped demo model)")] = None,
+    model: Annotated[str | None, typer.Option(help="hub id, local checkpoint or open_clip:ARCH\\[/TAG] (default: the shipped demo model)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="weights file for --model open_clip:ARCH")] = None,
     output: Annotated[Path | None, typer.Option(help="keep the run directory here, for render, inspect and view (default: a temporary one)")] = None,
     figures: Annotated[Path | None, typer.Option(help="figures folder (default: OUTPUT/heatmaps, or ./xclip-explain-IMAGE without --output)")] = None,
@@ -177,10 +181,10 @@ def explain(
     import tempfile
 
     from xclip.explain import explain as explain_pairs
-    from xclip.render import FigureOptions, parse_scale
+    from xclip.render import FigureOptions
 
-    with _errors(), tempfile.TemporaryDirectory() as temporary:
-        options = FigureOptions(scale=parse_scale(scale), dpi=dpi)
+    with _errors(EXPLAIN_FLAGS), tempfile.TemporaryDirectory() as temporary:
+        options = FigureOptions(scale=_parse_scale(scale), dpi=dpi)
         run_directory = output or Path(temporary) / "run"
         figures = figures or (None if output else Path(f"xclip-explain-{image.stem}"))
         with _StopFlag().installed() as stop:
@@ -224,7 +228,7 @@ def view(
     """Browse a run in the browser (also while it is being written): the pair table, maps of spans and boxes."""
     from xclip.viewer import RunData, choose_pairs, export_site, make_server
 
-    with _errors():
+    with _errors({**STORE_FLAGS, "data_root": "--data-root"}):
         if export is not None:
             chosen = choose_pairs(RunData(run_dir, data_root), pair, top, bottom)
             if not chosen:
@@ -278,7 +282,7 @@ def merge(
     their settings and be finished (or --allow-partial)."""
     from xclip.store import merge_shards
 
-    with _errors():
+    with _errors({**STORE_FLAGS, "allow_partial": "--allow-partial"}):
         merged = merge_shards(run_dir, allow_partial=allow_partial)
     print(merged)
 
@@ -299,13 +303,13 @@ def render(
     data_root: Annotated[Path | None, typer.Option(help="the images' folder, when it moved since the run (default: the run's data.root)")] = None,
 ) -> None:
     """Draw figures of finished pairs: per-word maps, a caption span's map, or a box's match with the words."""
-    from xclip.render import STOP_WORDS, FigureOptions, parse_box, parse_scale, render_run
+    from xclip.render import STOP_WORDS, FigureOptions, render_run
 
-    with _errors():
-        options = FigureOptions(scale=parse_scale(scale), upsample=upsample, dpi=dpi,  # type: ignore[arg-type]
+    with _errors(RENDER_FLAGS):
+        options = FigureOptions(scale=_parse_scale(scale), upsample=upsample, dpi=dpi,  # type: ignore[arg-type]
                                 skip_words=frozenset() if all_words else STOP_WORDS)
         report = render_run(
-            run_dir, pairs=pair, span=span, box=None if box is None else parse_box(box), out=out, options=options,
+            run_dir, pairs=pair, span=span, box=None if box is None else _parse_box(box), out=out, options=options,
             file_format=file_format, limit=limit, data_root=data_root,
         )
     for path in report.written:
@@ -327,7 +331,7 @@ def inspect(
     """Show what a run holds: config, counts, failures, completeness statistics, top pairs."""
     from xclip.inspection import describe_run
 
-    with _errors():
+    with _errors(STORE_FLAGS):
         report = describe_run(run_dir)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -376,6 +380,7 @@ def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
 
 
 def _print_not_converged(console: Console, accuracy: dict[str, Any], limit: int | None) -> None:
+
     missed = accuracy["not_converged"]
     tolerance = accuracy["tolerance"]
     console.print(f"[yellow]{len(missed)} input(s) missed the completeness tolerance {tolerance:g}[/]; their maps are written but flagged (is_converged = false):")
@@ -401,7 +406,7 @@ def evaluate(
     """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals."""
     from xclip.evaluation import DIRECTIONS, METRICS, bar_chart, score_run, summarize
 
-    with _errors():
+    with _errors(STORE_FLAGS):
         report = summarize(score_run(run_dir, annotations), seed=seed)
         folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
         folder.mkdir(parents=True, exist_ok=True)
@@ -458,20 +463,72 @@ def convert(
     print(written)
 
 
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    """``--box x0,y0,x1,y1``."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"--box must be x0,y0,x1,y1 in pixels, got {text!r}"
+        raise ConfigError(msg) from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        msg = f"--box {text!r}: coordinates must be finite numbers of pixels"
+        raise ConfigError(msg)
+    if x1 <= x0 or y1 <= y0:
+        msg = f"--box {text!r}: need x0 < x1 and y0 < y1"
+        raise ConfigError(msg)
+    return x0, y0, x1, y1
+
+
+def _parse_scale(text: str) -> float | str:
+    """``--scale figure|run|NUMBER``."""
+    if text in ("figure", "run"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        msg = f"--scale must be figure, run or a positive number (the map colour bar's end), got {text!r}"
+        raise ConfigError(msg)
+    return value
+
+
+# advice a run file gives any reader: start it again with `xclip attribute --overwrite`
+STORE_FLAGS = {"overwrite": "--overwrite"}
+# what the library's settings are called where the user typed them: config keys for a run config, flags for
+# the commands that take them as options
+CONFIG_KEYS = {
+    **{name: f"model.{name}" for name in ("checkpoint", "revision", "dtype", "device")},
+    **{name: f"attribution.{name}" for name in (
+        "text_layer", "image_layer", "tolerance", "max_steps", "n_steps", "rule", "convention", "text_filler",
+        "image_reference", "reference_seed", "blur_radius", "scale_by_logit", "mode")},
+    "internal_batch_size": "runtime.internal_batch_size",
+    **STORE_FLAGS,
+}
+FIGURE_FLAGS = {**STORE_FLAGS, "scale": "--scale", "dpi": "--dpi", "upsample": "--upsample", "file_format": "--format"}
+RENDER_FLAGS = {**FIGURE_FLAGS, "span": "--span", "box": "--box", "limit": "--limit", "data_root": "--data-root"}
+EXPLAIN_FLAGS = {**CONFIG_KEYS, **FIGURE_FLAGS, "checkpoint": "--checkpoint", "dtype": "--dtype", "device": "--device"}
+
+
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Errors a user can cause as one message on stderr and an exit code: 2 for config and usage, 1 at runtime.
-    Anything else is a bug in xclip and keeps its traceback; ``XCLIP_DEBUG=1`` shows tracebacks of all."""
+def _errors(names: dict[str, str] | None = None) -> Iterator[None]:
+    """Errors a user can cause as one message on stderr and an exit code: 2 for config and usage, 1 at runtime;
+    a library setting at fault is called by its flag or config key in ``names``. Anything else is a bug in
+    xclip and keeps its traceback; ``XCLIP_DEBUG=1`` shows tracebacks of all."""
     try:
         yield
     except Exception as e:
         if os.environ.get("XCLIP_DEBUG"):
             raise
+        if isinstance(e, XclipError) and e.setting in (names or {}):
+            message = e.naming((names or {})[e.setting])
+        else:
+            message = str(e)
         if isinstance(e, ConfigError):
-            _print_error(str(e))
+            _print_error(message)
             raise typer.Exit(EXIT_USAGE) from None
         if isinstance(e, XclipError):
-            _print_error(f"{e}\n(set XCLIP_DEBUG=1 for a traceback)")
+            _print_error(f"{message}\n(set XCLIP_DEBUG=1 for a traceback)")
             raise typer.Exit(EXIT_ERROR) from None
         if isinstance(e, OSError) and e.errno is not None:  # the system's: a full disk, a permission
             _print_error(f"{e.strerror}: {e.filename or ''} (errno {e.errno}){' ' + repr(e.filename2) if e.filename2 else ''}")

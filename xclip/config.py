@@ -13,7 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from xclip.adapters.base import ImageReference
 from xclip.attribution import Convention
 from xclip.core.interaction import Mode
-from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_FIXED_NODES, MAX_NODES, MIN_ADAPTIVE_STEPS, Rule
+from xclip.core.quadrature import (
+    DEFAULT_MAX_STEPS,
+    DEFAULT_TOLERANCE,
+    MAX_FIXED_NODES,
+    MAX_NODES,
+    MIN_ADAPTIVE_STEPS,
+    Rule,
+    check_quadrature,
+)
 from xclip.errors import ConfigError
 from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path
 
@@ -53,16 +61,11 @@ class AttributionConfig(_Section):
 
     @model_validator(mode="after")
     def _check_quadrature(self) -> AttributionConfig:
-        if self.n_steps is None:
-            if self.tolerance is None:
-                msg = "attribution.tolerance is null and attribution.n_steps is not set: give a tolerance to adapt to, or n_steps for a fixed rule"
-                raise ValueError(msg)
-            if self.convention == "reference":
-                msg = "attribution.convention 'reference' reproduces the reference code's fixed rule: set attribution.n_steps"
-                raise ValueError(msg)
-            if self.rule != "gauss-legendre":
-                msg = f"attribution.rule {self.rule!r} is for fixed-step comparisons: set attribution.n_steps (the adaptive rule is composite Gauss-Legendre)"
-                raise ValueError(msg)
+        try:
+            check_quadrature(n_steps=self.n_steps, tolerance=self.tolerance, max_steps=self.max_steps, rule=self.rule,
+                             convention=self.convention)
+        except ConfigError as e:
+            raise ValueError(e.naming(f"attribution.{e.setting}")) from None
         return self
 
 
@@ -85,9 +88,16 @@ class PairingConfig(_Section):
 class OutputConfig(_Section):
     directory: Path
     render: bool = Field(False, strict=True, description="draw the default heatmaps of every pair when the run ends")
-    precision: Literal["float32", "float16"] = Field(
-        "float32", description="storage of contributions and pair maps (embeddings and numbers stay float32)"
+    precision: Literal["auto", "float64", "float32", "float16"] = Field(
+        "auto", description="storage of contributions and pair maps: float16 halves them (embeddings and numbers stay float32); "
+        "float64 stores everything in float64; auto: float64 for a float64 model, else float32"
     )
+
+    def storage_precision(self, model_dtype: str) -> str:
+        """The precision the run file stores, ``auto`` resolved for the model's dtype."""
+        if self.precision != "auto":
+            return self.precision
+        return "float64" if model_dtype == "float64" else "float32"
     pair_maps: Literal["auto", "store", "none"] = Field(
         "auto", description="store each pair's map, or compute maps from the stored contributions when read (auto: store up to 2 GiB)"
     )

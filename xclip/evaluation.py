@@ -7,8 +7,9 @@ Annotations are JSON lines, one per image-caption pair::
 
 ``image`` is the path relative to the run's ``data.root``, ``start``/``end`` a character span of the caption and
 boxes are in original-image pixels. Each phrase is scored in both directions: phrase -> image (its tokens'
-summed map over the patches, against the patches whose centres lie in its boxes) and box -> phrase (the
-tokens' summed interactions with those patches, against the phrase's tokens).
+summed map over the patches, against its boxes) and box -> phrase (the tokens' interactions with the boxes,
+against the phrase's tokens). A patch belongs to the boxes by the share of its area they cover
+(:mod:`xclip.geometry`), so a box smaller than a patch scores what it covers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from xclip.errors import ConfigError
+from xclip.geometry import Preprocessing
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
-from xclip.render import model_view
+from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, PAIRS
 from xclip.store import DONE, RunReader, run_file_path
 from xclip.textfiles import text_lines
 
@@ -87,69 +89,46 @@ def _annotation_problem(record: object) -> str | None:
     return None
 
 
-def patch_mask(boxes: list[list[float]], original_size: tuple[int, int], geometry: dict[str, Any],
-               grid: tuple[int, int]) -> np.ndarray:
-    """``(H, W)`` boolean: patches whose centres fall inside any box (original-image pixels)."""
-    from PIL import Image
-
-    view, to_view = model_view(Image.new("RGB", original_size), geometry)
-    rows, cols = grid
-    cell_w, cell_h = view.size[0] / cols, view.size[1] / rows
-    centres_x = (np.arange(cols) + 0.5) * cell_w
-    centres_y = (np.arange(rows) + 0.5) * cell_h
-    mask = np.zeros(grid, dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        (vx0, vy0), (vx1, vy1) = to_view(x0, y0), to_view(x1, y1)
-        mask |= ((centres_y >= vy0) & (centres_y <= vy1))[:, None] & ((centres_x >= vx0) & (centres_x <= vx1))[None, :]
-    return mask
-
-
-def _token_rows(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Token positions whose character offsets overlap ``[start, end)``; special tokens have empty offsets."""
-    return [row for row, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+def box_weights(boxes: list[list[float]], geometry: Preprocessing) -> np.ndarray:
+    """``(rows * columns,)``: the share of each patch's area inside a phrase's boxes (the shares of several
+    boxes add up, capped at the whole patch)."""
+    return np.clip(sum(geometry.box_coverage(tuple(box)) for box in boxes), 0.0, 1.0)
 
 
 def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseScore]:
-    """Score every annotated phrase of the run's finished pairs."""
-    from transformers import AutoTokenizer
-
-    from xclip.loading import quiet_transformers
-
+    """Score every annotated phrase of the run's finished pairs, from what the run file stores (the tokens'
+    character spans, the images' geometry): no model or tokenizer is loaded."""
     annotations = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)}
     scores: list[PhraseScore] = []
     with RunReader(run_dir) as run:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(run.attrs["model_name"], local_files_only=True)
         texts, paths = run.captions(), run.image_paths()
-        caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
-        sizes = run.column("images", "original_size")
-        for index in np.flatnonzero(run.status("pairs") == DONE):
+        caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
+        for index in np.flatnonzero(run.status(PAIRS) == DONE):
             c, i = int(caption_index[index]), int(image_index[index])
             record = annotations.get((paths[i], texts[c]))
             if record is None:
                 continue
             patch_values = run.interactions(int(index)).astype(np.float64)[:, run.n_prefix :]
-            tokens = run.tokens(c)
-            n_positions = len(tokens)
-            special = np.array([t in tokenizer.all_special_tokens for t in tokens])
-            size = tuple(int(v) for v in sizes[i])
-            offsets = tokenizer(texts[c], return_offsets_mapping=True, truncation=True, max_length=n_positions)[
-                "offset_mapping"
-            ]
+            tokens = run.caption_tokens(c)
+            geometry = run.preprocessing(i)
+            content = ~np.array(tokens.special)  # special tokens are no phrase
             for phrase in record["phrases"]:
-                rows = _token_rows(offsets, phrase["start"], phrase["end"])
+                rows = tokens.rows_overlapping(phrase["start"], phrase["end"])
                 if not rows:
                     continue
-                inside_image = patch_mask(phrase["boxes"], size, run.geometry, run.grid).reshape(-1)
+                try:
+                    inside_image = box_weights(phrase["boxes"], geometry)
+                except ConfigError as e:
+                    msg = f"pair {int(index)} ({paths[i]}), phrase {phrase['text']!r}: {e}"
+                    raise ConfigError(msg) from None
                 phrase_map = patch_values[rows].sum(0)
-                inside_tokens = np.zeros(n_positions, dtype=bool)
+                inside_tokens = np.zeros(len(tokens), dtype=bool)
                 inside_tokens[rows] = True
-                token_scores = patch_values[:, inside_image].sum(1)[~special]  # special tokens are no phrase
-                inside_tokens = inside_tokens[~special]
+                token_scores = (patch_values @ inside_image)[content]
                 values = {}
                 for direction, (v, inside) in {
                     "phrase_to_image": (phrase_map, inside_image),
-                    "box_to_phrase": (token_scores, inside_tokens),
+                    "box_to_phrase": (token_scores, inside_tokens[content]),
                 }.items():
                     values[f"{direction}/pointing_game"] = pointing_game(v, inside)
                     values[f"{direction}/energy_in_box"] = energy_in_box(v, inside)

@@ -21,9 +21,11 @@ from xclip.config import load_config
 from xclip.errors import ConfigError
 from xclip.render import FigureOptions, render_run
 from xclip.runner import Progress, RunSummary, run
+from xclip.schema import CAPTION_INDEX, PAIRS
 from xclip.store import DONE, RunReader
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "shapes-clip"
+_NUMBERS = ("score", "four_term_value", "completeness_error")  # the ExplainedPair fields read from the run file
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,11 @@ def explain(
     summary = run(load_config(config_path), overwrite=overwrite, on_progress=on_progress,
                   should_stop=should_stop or (lambda: False), command=f"xclip explain {image.name}")
     with RunReader(output) as stored:
-        status = stored.status("pairs")
+        status = stored.status(PAIRS)
         texts = stored.captions()
-        caption_index = stored.column("pairs", "caption_index")
-        errors = stored.errors("pairs", list(range(len(status))))
-        numbers = np.stack([stored.column("pairs", name) for name in ("score", "four_term_value", "completeness_error")], axis=1)
+        caption_index = stored.column(PAIRS, CAPTION_INDEX)
+        errors = stored.errors(PAIRS, list(range(len(status))))
+        numbers = np.stack([stored.column(PAIRS, name) for name in _NUMBERS], axis=1)
     numbers = numbers.astype(np.float64)
     numbers[status != DONE] = np.nan  # unfinished items hold no results
     finished = np.flatnonzero(status == DONE).tolist()

@@ -7,36 +7,28 @@ from typing import Any
 
 import numpy as np
 
-from xclip.store import DONE, FAILED, PENDING, RunReader
+from xclip.schema import CAPTION_INDEX, CAPTIONS, GROUPS, IMAGE_INDEX, IMAGES, PAIR_TABLE_NUMBERS, PAIRS, TERMS, Status
+from xclip.store import RunReader
 
-STATUS = {PENDING: "pending", DONE: "done", FAILED: "failed"}
-NOT_CONVERGED_HINT = (
-    "raise attribution.max_steps or loosen attribution.tolerance; in float32 the relative error stops between "
-    "about 3e-7 and 5e-6 (demo model), so tolerances below 1e-5 may need model.dtype float64"
-)
+DONE, FAILED = Status.DONE, Status.FAILED
 
 
 def describe_run(run_dir: str | Path) -> dict[str, Any]:
     with RunReader(run_dir) as run:
         counts = {}
-        for group in ("captions", "images", "pairs"):
+        for group in GROUPS:
             status = run.status(group)
-            counts[group] = {
-                "total": int(status.size),
-                "done": int((status == DONE).sum()),
-                "failed": int((status == FAILED).sum()),
-                "pending": int((status == PENDING).sum()),
-            }
+            counts[group] = {"total": int(status.size), **{code.label: int((status == code).sum()) for code in Status}}
         rejected = run.rejected_records()
         captions, images = run.captions(), run.image_paths()
-        status = run.status("pairs")
-        numbers = {name: run.column("pairs", name) for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error")}
-        terms = run.column("pairs", "terms")
+        status = run.status(PAIRS)
+        numbers = {name: run.column(PAIRS, name) for name in PAIR_TABLE_NUMBERS}
+        terms = run.column(PAIRS, TERMS)
         rows = []
-        for i, (c, m) in enumerate(zip(run.column("pairs", "caption_index"), run.column("pairs", "image_index"))):
+        for i, (c, m) in enumerate(zip(run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX))):
             is_done = status[i] == DONE  # numbers of unfinished pairs are not results
             row = {"index": i, "caption_index": int(c), "image_index": int(m), "caption": captions[c], "image": images[m],
-                   "status": STATUS[int(status[i])], "terms": [float(t) for t in terms[i]] if is_done else None}
+                   "status": Status(int(status[i])).label, "terms": [float(t) for t in terms[i]] if is_done else None}
             row.update({name: float(values[i]) if is_done and np.isfinite(values[i]) else None for name, values in numbers.items()})
             rows.append(row)
         return {
@@ -48,7 +40,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "counts": counts,
             "rejected_records": rejected,
             "accuracy": describe_accuracy(run),
-            "failures": describe_failures(run, ("captions", "images", "pairs")),
+            "failures": describe_failures(run, GROUPS),
             "pairs": rows,
         }
 
@@ -69,14 +61,14 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
     Pair errors are taken relative to ``|d_a| |d_b|`` (the largest the four-term value can be), not to the
     four-term value itself, which can be near zero for an accurate map and would then dominate any mean.
     """
-    attribution = run.config["attribution"]
+    attribution = run.settings.attribution
     report: dict[str, Any] = {
-        "tolerance": attribution["tolerance"],
-        "max_steps": attribution["max_steps"],
-        "n_steps": attribution["n_steps"],
+        "tolerance": attribution.tolerance,
+        "max_steps": attribution.max_steps,
+        "n_steps": attribution.n_steps,
         "not_converged": [],
     }
-    for group, names in (("captions", run.captions()), ("images", run.image_paths())):
+    for group, names in ((CAPTIONS, run.captions()), (IMAGES, run.image_paths())):
         done = run.status(group) == DONE
         nodes, relative = run.column(group, "n_nodes"), run.column(group, "relative_completeness_error")
         missed = np.flatnonzero(done & ~run.column(group, "is_converged"))
@@ -98,13 +90,13 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
             }
             for i in missed
         ]
-    done = run.status("pairs") == DONE
+    done = run.status(PAIRS) == DONE
     report["pairs"] = {
         "done": int(done.sum()),
-        "relative_error_median": _statistic(np.median, run.column("pairs", "relative_completeness_error")[done]),
-        "relative_error_max": _statistic(np.max, run.column("pairs", "relative_completeness_error")[done]),
-        "error_max": _statistic(np.max, run.column("pairs", "completeness_error")[done]),
-        "bound_max": _statistic(np.max, run.column("pairs", "completeness_bound")[done]),
+        "relative_error_median": _statistic(np.median, run.column(PAIRS, "relative_completeness_error")[done]),
+        "relative_error_max": _statistic(np.max, run.column(PAIRS, "relative_completeness_error")[done]),
+        "error_max": _statistic(np.max, run.column(PAIRS, "completeness_error")[done]),
+        "bound_max": _statistic(np.max, run.column(PAIRS, "completeness_bound")[done]),
     }
     return report
 

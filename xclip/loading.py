@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -98,18 +98,18 @@ def load_model(
         ConfigError: bad dtype or device.
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers import AutoConfig, AutoModel, AutoProcessor
+    from xclip.adapters.hf import from_pretrained
 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     source = str(name_or_path)
     directory = Path(source).expanduser()
     if is_open_clip_name(source) or (directory / OPEN_CLIP_CONFIG).is_file():
-        model, processor = _load_open_clip(source, checkpoint, revision=revision, local_files_only=local_files_only)
-        return get_adapter_cls("open_clip")(model.to(torch_device, torch_dtype), processor, name=source, revision=revision)
+        model, *preprocessing = _load_open_clip(source, checkpoint, revision=revision, local_files_only=local_files_only)
+        return get_adapter_cls("open_clip")(model.to(torch_device, torch_dtype), *preprocessing, name=source, revision=revision)
     if checkpoint is not None:
-        msg = f"model.checkpoint names a weights file for an open_clip architecture (open_clip:ARCH); {source!r} is not one"
-        raise ConfigError(msg)
+        msg = f"checkpoint names a weights file for an open_clip architecture (open_clip:ARCH); {source!r} is not one"
+        raise ConfigError(msg, setting="checkpoint")
     if directory.is_dir():
         if not (directory / "config.json").is_file():
             msg = f"{directory.resolve()} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
@@ -120,10 +120,8 @@ def load_model(
     options = {"revision": revision, "local_files_only": local_files_only, "trust_remote_code": False}
     try:
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(source, **options)
-            adapter_cls = get_adapter_cls(config.model_type)
-            model = AutoModel.from_pretrained(source, dtype=torch_dtype, **options)
-            processor = AutoProcessor.from_pretrained(source, **options)
+            model_type, model, preprocessing = from_pretrained(source, torch_dtype, get_adapter_cls, **options)
+            adapter_cls = get_adapter_cls(model_type)
     except (OSError, ValueError) as e:
         if not directory.is_dir() and _is_offline(local_files_only):
             msg = (
@@ -134,7 +132,7 @@ def load_model(
         else:
             msg = f"cannot load model {source!r}: {e}"
         raise ModelFamilyError(msg) from e
-    return adapter_cls(model.to(torch_device), processor, name=source, revision=revision)
+    return adapter_cls(model.to(torch_device), preprocessing, name=source, revision=revision)
 
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -148,32 +146,33 @@ def is_open_clip_name(name: str) -> bool:
 
 
 def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str | None,
-                    local_files_only: bool) -> tuple[torch.nn.Module, object]:
-    """An open_clip model with its own transform and tokenizer, weights read with ``weights_only=True``."""
+                    local_files_only: bool) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+    """An open_clip model with its own tokenizer, transform and preprocessing config, weights read with
+    ``weights_only=True``."""
     try:
         import open_clip
+
+        from xclip.adapters.openclip import create_open_clip
     except ImportError as e:  # torchvision's compiled ops failing to load also surfaces here
         msg = f"cannot load {source!r}: open_clip models need {OPEN_CLIP_INSTALL} ({e})"
         raise ModelFamilyError(msg) from e
-    from xclip.adapters.openclip import OpenClipImageProcessor, OpenClipProcessor, OpenClipTokenizer
-
     pretrained: str | None = None
     if source.startswith(OPEN_CLIP_PREFIX) and revision is not None:
-        msg = ("model.revision pins hub repositories: name the tag's repository as hf-hub:ORG/NAME "
-               "(open_clip.get_pretrained_cfg(ARCH, TAG)['hf_hub']), or point model.checkpoint at a file")
-        raise ConfigError(msg)
+        msg = ("revision pins hub repositories: name the tag's repository as hf-hub:ORG/NAME "
+               "(open_clip.get_pretrained_cfg(ARCH, TAG)['hf_hub']), or give a weights file as the checkpoint")
+        raise ConfigError(msg, setting="revision")
     if source.startswith(OPEN_CLIP_PREFIX):
         architecture, _, tag = source.removeprefix(OPEN_CLIP_PREFIX).partition("/")
         if architecture not in open_clip.list_models():
             msg = f"unknown open_clip architecture {architecture!r}; open_clip knows {len(open_clip.list_models())}, such as ViT-B-32, ViT-B-16, ViT-L-14 (open_clip.list_models())"
             raise ModelFamilyError(msg)
         if tag and checkpoint is not None:
-            msg = f"{source!r} names a pretrained tag and model.checkpoint a file: give one of them"
-            raise ConfigError(msg)
+            msg = f"{source!r} names a pretrained tag and the checkpoint a file: give one of them"
+            raise ConfigError(msg, setting="checkpoint")
         if not tag and checkpoint is None:
-            msg = f"{source!r} has no weights: add a pretrained tag (open_clip:{architecture}/openai) or set model.checkpoint"
-            raise ConfigError(msg)
-        model_name, pretrained = architecture, tag or str(_checkpoint_file(checkpoint))
+            msg = f"{source!r} has no weights: add a pretrained tag (open_clip:{architecture}/openai) or give a weights file as the checkpoint"
+            raise ConfigError(msg, setting="checkpoint")
+        model_name, pretrained = architecture, tag or str(checkpoint_file(checkpoint))
     elif source.startswith("hf-hub:"):  # fetched (or found in the cache) at the pinned revision, then read locally
         with _offline(local_files_only):
             snapshot = _hub_snapshot(source.removeprefix("hf-hub:"), revision, local_files_only)
@@ -181,12 +180,11 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
     else:
         model_name = f"local-dir:{Path(source).expanduser()}"
     if checkpoint is not None and pretrained is None:
-        msg = f"model.checkpoint is for open_clip:ARCH names; {source!r} brings its own weights"
-        raise ConfigError(msg)
+        msg = f"checkpoint is for open_clip:ARCH names; {source!r} brings its own weights"
+        raise ConfigError(msg, setting="checkpoint")
     try:
         with _offline(local_files_only):
-            model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, weights_only=True)
-            tokenizer = open_clip.get_tokenizer(model_name)
+            loaded = create_open_clip(model_name, pretrained)
     except Exception as e:  # open_clip raises RuntimeError, ValueError, OSError and pickle errors alike
         import pickle
 
@@ -199,12 +197,7 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
         else:
             msg = f"cannot load model {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         raise ModelFamilyError(msg) from e
-    context_length = int(getattr(model, "context_length", getattr(getattr(model, "text", None), "context_length", 77)))
-    processor = OpenClipProcessor(
-        OpenClipTokenizer(tokenizer, context_length),
-        OpenClipImageProcessor(transform, open_clip.get_model_preprocess_cfg(model)),
-    )
-    return model.eval(), processor
+    return loaded
 
 
 def _hub_snapshot(repository: str, revision: str | None, local_files_only: bool) -> Path:
@@ -230,14 +223,15 @@ def _hub_snapshot(repository: str, revision: str | None, local_files_only: bool)
     return config.parent
 
 
-def _checkpoint_file(checkpoint: str | Path | None) -> Path:
+def checkpoint_file(checkpoint: str | Path | None) -> Path:
+    """The weights file a checkpoint setting names; :class:`ConfigError` when it is missing or of no known kind."""
     path = Path(str(checkpoint)).expanduser()
     if not path.is_file():
-        msg = f"model.checkpoint: no file at {path.resolve()}"
-        raise ConfigError(msg)
+        msg = f"checkpoint: no file at {path.resolve()}"
+        raise ConfigError(msg, setting="checkpoint")
     if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        msg = f"model.checkpoint: {path.name} is not a .safetensors, .pt, .pth or .bin weights file"
-        raise ConfigError(msg)
+        msg = f"checkpoint: {path.name} is not a .safetensors, .pt, .pth or .bin weights file"
+        raise ConfigError(msg, setting="checkpoint")
     return path
 
 

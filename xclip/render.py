@@ -26,26 +26,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from xclip.adapters.base import DualEncoderAdapter, read_image
+from xclip.adapters.base import read_image
+from xclip.colours import COLORMAP, Upsample, map_colours, map_panel, outline_mask
 from xclip.errors import ConfigError
+from xclip.geometry import Preprocessing
 from xclip.result import InteractionMap
+from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, IMAGES, ORIGINAL_SIZE, PAIRS
 from xclip.store import DONE, RunReader
+from xclip.tokens import CaptionTokens, check_span
 
-COLORMAP = "RdBu_r"
 FORMATS = ("png", "svg", "pdf")
 PANEL_SIDE = 200  # a map panel's width at 100 DPI
-SPECIAL = {"<|startoftext|>", "<|endoftext|>", "<start_of_text>", "<end_of_text>", "</s>", "<s>", "<pad>", "[CLS]", "[SEP]", "[PAD]"}
-UNKNOWN = {"<unk>", "[UNK]", "<|unk|>"}
 # words that get no panel of their own in per-word figures (they stay in the caption strip, coloured)
 STOP_WORDS = frozenset(
     "a an the of on in at to and or with next by for from is are this that its it there here some".split()
 )
 Scale = Literal["figure", "run"] | float
-Upsample = Literal["bilinear", "nearest"]
-_CONTOUR = (45, 45, 45)
 # a map panel sums its patches; a word's total also has the CLS position, so that the words' totals and the
 # special tokens' add up to the pair's four-term value
 _WORD_TOTAL = "each coloured by its total with the image (its patches and CLS)"
@@ -58,28 +57,37 @@ class PairView:
 
     title: str  # "pair 12", or what the caller names it
     name: str  # the start of the figures' file names: "pair000012"
-    caption: str
-    tokens: list[str]
+    tokens: CaptionTokens  # the rows: the caption's positions as its text
     interactions: np.ndarray  # (n_tokens, n_image_positions), prefix (CLS) columns first
-    grid: tuple[int, int]
+    geometry: Preprocessing  # where the columns' patches lie in the original image
     n_prefix: int
-    image: Image.Image  # the model's view: the original resized and cropped as the processor did
-    to_view: Any  # maps original (x, y) to view pixels
+    image: Image.Image  # the model's view: the original's crop box resized to the input size
     score: float
     four_term_value: float
     completeness_error: float
+
+    @property
+    def caption(self) -> str:
+        return self.tokens.caption
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.geometry.grid
 
     def patch_map(self, token_rows: Sequence[int]) -> np.ndarray:
         """``(H, W)``: the summed interactions of the given caption positions with every patch."""
         summed = self.interactions[list(token_rows)].sum(0)[self.n_prefix :]
         return summed.reshape(self.grid)
 
-    def word_totals(self, columns: Sequence[int] | None = None) -> list[tuple[str, list[int], float]]:
+    def word_totals(self, patch_weights: np.ndarray | None = None) -> list[tuple[str, list[int], float]]:
         """Each caption word, its token rows, and its total interaction with the image (every position, CLS
-        included, so the totals and the special tokens' add up to the score) or with ``columns``."""
-        values = self.interactions if columns is None else self.interactions[:, list(columns)]
-        row_totals = values.sum(1)
-        return [(word, rows, float(row_totals[rows].sum())) for word, rows in word_groups(self.tokens)]
+        included, so the totals and the special tokens' add up to the score) or with the patches weighted by
+        ``patch_weights`` (a box's coverage)."""
+        if patch_weights is None:
+            row_totals = self.interactions.sum(1)
+        else:
+            row_totals = self.interactions[:, self.n_prefix :] @ patch_weights
+        return [(word.text, word.rows, float(row_totals[word.rows].sum())) for word in self.tokens.words()]
 
 
 @dataclass(frozen=True)
@@ -92,13 +100,13 @@ class FigureOptions:
     def __post_init__(self) -> None:
         if not (self.scale in ("figure", "run") or (isinstance(self.scale, float) and math.isfinite(self.scale) and self.scale > 0)):
             msg = f"scale must be figure, run or a positive number, got {self.scale!r}"
-            raise ConfigError(msg)
+            raise ConfigError(msg, setting="scale")
         if self.upsample not in ("bilinear", "nearest"):
             msg = f"upsample must be bilinear or nearest, got {self.upsample!r}"
-            raise ConfigError(msg)
+            raise ConfigError(msg, setting="upsample")
         if not 30 <= self.dpi <= 600:
             msg = f"dpi must be between 30 and 600, got {self.dpi}"
-            raise ConfigError(msg)
+            raise ConfigError(msg, setting="dpi")
 
 
 @dataclass(frozen=True)
@@ -135,151 +143,6 @@ class Figure:
         return path
 
 
-# --- selections: spans of the caption, boxes of the image ----------------------------------------------
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    except ValueError:
-        msg = f"--box must be x0,y0,x1,y1 in pixels, got {text!r}"
-        raise ConfigError(msg) from None
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        msg = f"--box {text!r}: coordinates must be finite numbers of pixels"
-        raise ConfigError(msg)
-    if x1 <= x0 or y1 <= y0:
-        msg = f"--box {text!r}: need x0 < x1 and y0 < y1"
-        raise ConfigError(msg)
-    return x0, y0, x1, y1
-
-
-def parse_scale(text: str) -> Scale:
-    if text in ("figure", "run"):
-        return text  # type: ignore[return-value]
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        msg = f"--scale must be figure, run or a positive number (the map colour bar's end), got {text!r}"
-        raise ConfigError(msg)
-    return value
-
-
-def check_box_inside(box: tuple[float, float, float, float], size: tuple[int, int], what: str) -> None:
-    width, height = size
-    if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
-        msg = f"--box {','.join(f'{v:g}' for v in box)} is not inside the image of {what} ({width} x {height} pixels)"
-        raise ConfigError(msg)
-
-
-def model_view(image: Image.Image, geometry: dict[str, Any]) -> tuple[Image.Image, Any]:
-    """Apply the processor's resize and centre crop; returns the view and a map of original (x, y) onto it."""
-    width, height = image.size
-    resize, crop = geometry.get("resize"), geometry.get("center_crop")
-    sx = sy = 1.0
-    if resize and "shortest_edge" in resize:
-        sx = sy = resize["shortest_edge"] / min(width, height)
-    elif resize and "height" in resize:
-        sx, sy = resize["width"] / width, resize["height"] / height
-    new_w, new_h = max(1, round(width * sx)), max(1, round(height * sy))
-    view = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left = top = 0
-    if crop:
-        left, top = (new_w - crop["width"]) // 2, (new_h - crop["height"]) // 2
-        view = view.crop((left, top, left + crop["width"], top + crop["height"]))
-
-    def to_view(x: float, y: float) -> tuple[float, float]:
-        return x * sx - left, y * sy - top
-
-    return view, to_view
-
-
-def box_patches(box: tuple[float, float, float, float], view: PairView) -> list[int]:
-    """Patch indices (row-major, without prefix) whose centres fall in an original-pixel box; a box too small
-    to hold a centre selects the patch under its own centre."""
-    (x0, y0), (x1, y1) = view.to_view(box[0], box[1]), view.to_view(box[2], box[3])
-    rows, cols = view.grid
-    cell_w, cell_h = view.image.size[0] / cols, view.image.size[1] / rows
-    inside = [
-        r * cols + c
-        for r in range(rows)
-        for c in range(cols)
-        if x0 <= (c + 0.5) * cell_w <= x1 and y0 <= (r + 0.5) * cell_h <= y1
-    ]
-    if inside:
-        return inside
-    r = min(rows - 1, max(0, int((y0 + y1) / 2 / cell_h)))
-    c = min(cols - 1, max(0, int((x0 + x1) / 2 / cell_w)))
-    return [r * cols + c]
-
-
-def _token_text(token: str) -> str:
-    """A token as text, without its tokenizer's word marks (see :func:`word_groups`)."""
-    return token.replace("</w>", "").lstrip("▁Ġ").removeprefix("##")
-
-
-def word_groups(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """Caption words and their token rows, special tokens left out.
-
-    Word boundaries follow the tokenizer's own marks: CLIP's BPE ends a word with ``</w>``, SentencePiece
-    starts one with ``▁``, byte-level BPE with ``Ġ``, WordPiece continues one with ``##``; a word-level
-    vocabulary has none of these, and then every token is a word.
-    """
-    content = [t for t in tokens if t not in SPECIAL and t]
-    if any(t.endswith("</w>") for t in content):
-        def starts_new(token: str, previous: str | None) -> bool:
-            return previous is None or previous.endswith("</w>")
-    elif any(t.startswith(("▁", "Ġ")) for t in content):
-        def starts_new(token: str, previous: str | None) -> bool:
-            return previous is None or token.startswith(("▁", "Ġ"))
-    else:
-        def starts_new(token: str, previous: str | None) -> bool:
-            return previous is None or not token.startswith("##")
-
-    groups: list[tuple[str, list[int]]] = []
-    previous: str | None = None
-    for row, token in enumerate(tokens):
-        if token in SPECIAL or not token:
-            previous = None
-            continue
-        clean = _token_text(token)
-        if starts_new(token, previous) or not groups:
-            groups.append((clean, [row]))
-        else:
-            word, rows = groups[-1]
-            groups[-1] = (word + clean, [*rows, row])
-        previous = token
-    return groups
-
-
-def _check_span(span: str) -> None:
-    if not span.strip():
-        msg = "--span is empty: give words of the caption (such as 'red dog') or token indices (such as 2:4)"
-        raise ConfigError(msg)
-
-
-def span_rows(span: str, tokens: list[str]) -> list[int]:
-    """Token rows of a span: ``"2:4"`` / ``"3"`` (indices) or a substring of the caption's words."""
-    _check_span(span)
-    if re.fullmatch(r"\d+(:\d+)?", span):
-        first, _, last = span.partition(":")
-        rows = list(range(int(first), int(last) if last else int(first) + 1))
-        if not rows or rows[-1] >= len(tokens):
-            msg = f"span {span!r} is outside the caption's {len(tokens)} tokens"
-            raise ConfigError(msg)
-        return rows
-    words = word_groups(tokens)
-    text, starts = "", []
-    for word, _ in words:
-        starts.append(len(text))
-        text += word + " "
-    begin = text.lower().find(span.lower())
-    if begin < 0:
-        msg = f"span {span!r} does not occur in the caption {text.strip()!r}"
-        raise ConfigError(msg)
-    end = begin + len(span)
-    return [row for (word, rows), s in zip(words, starts) if s < end and s + len(word) > begin for row in rows]
-
-
 def _is_skipped(word: str, skip_words: frozenset[str]) -> bool:
     return word.lower() in skip_words or not any(ch.isalnum() for ch in word)
 
@@ -299,28 +162,33 @@ class _Content:
 
 def _content(view: PairView, span: str | None, box: tuple[float, float, float, float] | None,
              skip_words: frozenset[str]) -> _Content:
-    unknown = sorted({_token_text(t) for t in view.tokens if t in UNKNOWN})
+    unknown = view.tokens.unknown_words()
     warnings = [f"{', '.join(unknown)}: unknown to the tokenizer; its panel is the unknown token's, not the word's"] if unknown else []
     notes: list[str] = []
     stem = view.name
     if span is not None:
-        rows = span_rows(span, view.tokens)
-        label = " ".join(_token_text(view.tokens[r]) for r in rows)
+        rows = view.tokens.span_rows(span)
+        label = view.tokens.label(rows)
         patch_map = view.patch_map(rows)
         return _Content(f"{stem}_span-{_slug(label)}", [_panel(f"'{label}'", patch_map)],
                         view.word_totals(), _WORD_TOTAL, rows, box, notes, warnings)
     if box is not None:
-        patches = [view.n_prefix + p for p in box_patches(box, view)]
-        words = view.word_totals(patches)
-        total = float(view.interactions[:, patches].sum())
-        notes.append(f"the box covers {len(patches)} patch{'es' if len(patches) > 1 else ''}; its total with the caption: {total:+.3g}")
+        weights = view.geometry.box_coverage(box)
+        words = view.word_totals(weights)
+        total = float((view.interactions[:, view.n_prefix :] @ weights).sum())
+        n_patches = int((weights > 0).sum())
+        notes.append(f"the box covers {n_patches} patch{'es' if n_patches > 1 else ''} ({weights.sum():.3g} patches' area); "
+                     f"its total with the caption: {total:+.3g}")
+        outside = 1.0 - view.geometry.crop_share(box)
+        if outside > 0:
+            warnings.append(f"{outside:.0%} of the box lies outside the part of the image the model sees (the crop)")
         return _Content(f"{stem}_box-{_slug(' '.join(f'{v:g}' for v in box))}", [], words,
                         "each coloured by its interaction with the box's patches", [], box, notes, warnings)
     words = view.word_totals()
     panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words if not _is_skipped(word, skip_words)]
     skipped = [word for word, _, _ in words if _is_skipped(word, skip_words)]
     if skipped:
-        notes.append(f"no panel for {', '.join(dict.fromkeys(skipped))} (stop-words and punctuation; --all-words draws them)")
+        notes.append(f"no panel for {', '.join(dict.fromkeys(skipped))} (stop-words and punctuation; drawing all words shows them)")
     if not panels:  # a caption of stop-words only: draw them rather than nothing
         panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words]
     return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes, warnings)
@@ -343,45 +211,6 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     from matplotlib import font_manager
 
     return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-
-
-@lru_cache(maxsize=1)
-def _lut() -> np.ndarray:
-    from matplotlib import colormaps
-
-    return colormaps[COLORMAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
-
-
-def map_colours(values: np.ndarray, halfrange: float) -> np.ndarray:
-    """``(..., 3)`` uint8: the colour bar's colour of each value (values beyond ``halfrange`` clip to its
-    ends); matplotlib's ``RdBu_r`` with its 256 levels, indexed as matplotlib indexes it."""
-    normalised = np.clip((np.asarray(values, dtype=np.float64) / halfrange + 1.0) / 2.0, 0.0, 1.0)
-    return _lut()[np.minimum((normalised * 256).astype(np.int64), 255)]
-
-
-def outline_mask(view: Image.Image) -> np.ndarray:
-    """Where the image's colours change sharply (its shapes' outlines), as a boolean mask: the steepest
-    gradients of any colour channel (a red square on a grey of equal brightness has one) of a lightly blurred
-    copy (so that texture draws fewer lines), those above a sixth of the near-largest, and never more than a
-    tenth of the pixels."""
-    blurred = view.convert("RGB").filter(ImageFilter.GaussianBlur(max(1.0, max(view.size) / 160)))
-    rgb = np.asarray(blurred, dtype=np.float32)
-    gradient = np.zeros(rgb.shape[:2], dtype=np.float32)
-    gradient[1:-1, 1:-1] = np.hypot(rgb[1:-1, 2:] - rgb[1:-1, :-2], rgb[2:, 1:-1] - rgb[:-2, 1:-1]).max(-1)
-    threshold = max(16.0, float(np.percentile(gradient, 99.5)) / 6, float(np.percentile(gradient, 90)))
-    return gradient > threshold
-
-
-def map_panel(view: Image.Image, patch_map: np.ndarray, halfrange: float, upsample: Upsample = "bilinear",
-              contours: np.ndarray | None = None) -> Image.Image:
-    """The patch map at the view's size in the colour bar's colours, with the view's contours over it."""
-    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}[upsample]
-    field_ = Image.fromarray(np.asarray(patch_map, dtype=np.float32), mode="F").resize(view.size, resample)
-    colours = map_colours(np.asarray(field_), halfrange)
-    if contours is None:
-        contours = outline_mask(view)
-    colours[contours] = _CONTOUR
-    return Image.fromarray(colours)
 
 
 def _text_width(text: str, font: ImageFont.FreeTypeFont) -> float:
@@ -518,7 +347,7 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
         pen.text((x, y), label, fill="black", font=text_font)
         pen.paste(tile, (x, y + tile_title_h))
         if content.box is not None and n == 0:
-            (x0, y0), (x1, y1) = view.to_view(*content.box[:2]), view.to_view(*content.box[2:])
+            (x0, y0), (x1, y1) = view.geometry.to_input(*content.box[:2]), view.geometry.to_input(*content.box[2:])
             zoom = panel_w / width_v
             outline = [x + x0 * zoom, y + tile_title_h + y0 * zoom, x + x1 * zoom, y + tile_title_h + y1 * zoom]
             pen.rectangle(outline, outline="black", width=max(1, px(3)))
@@ -584,53 +413,57 @@ def _horizontal_bar(pen: _Canvas, origin: tuple[int, int], size: tuple[int, int]
 
 
 # --- from the API and from run files ---------------------------------------------------------------------
-def pair_view(result: InteractionMap, image: Image.Image | str | Path, model: DualEncoderAdapter, *,
-              title: str = "pair") -> PairView:
+def pair_view(result: InteractionMap, image: Image.Image | str | Path, *, title: str = "pair") -> PairView:
     """A :class:`PairView` of an API result: ``result`` from :func:`xclip.interaction_map` of a caption and
-    ``image`` (the picture, or its file) attributed with ``model``."""
-    if result.grid is None:
-        msg = "the result's columns are not an image's patches: draw caption-image maps (caption first, image second)"
+    ``image`` (the picture, or its file)."""
+    if result.geometry is None or result.caption_tokens is None:
+        msg = "the result's rows and columns are not a caption's tokens and an image's patches: draw caption-image maps (caption first, image second)"
         raise ConfigError(msg)
     picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
-    view, to_view = model_view(picture, model.preprocessing_geometry())
     return PairView(
-        title=title, name=_slug(title), caption=" ".join(word for word, _ in word_groups(result.row_labels)), tokens=list(result.row_labels),
-        interactions=result.interactions.detach().double().cpu().numpy(), grid=result.grid, n_prefix=result.n_prefix,
-        image=view, to_view=to_view, score=result.score, four_term_value=result.four_term_value,
-        completeness_error=result.completeness_error,
+        title=title, name=_slug(title), tokens=result.caption_tokens,
+        interactions=result.interactions.detach().double().cpu().numpy(), geometry=result.geometry,
+        n_prefix=result.n_prefix, image=result.geometry.model_view(picture), score=result.score,
+        four_term_value=result.four_term_value, completeness_error=result.completeness_error,
     )
 
 
-def figure(result: InteractionMap, image: Image.Image | str | Path, model: DualEncoderAdapter, *,
-           span: str | None = None, box: tuple[float, float, float, float] | None = None,
-           options: FigureOptions | None = None, title: str = "pair") -> Figure:
+def figure(result: InteractionMap, image: Image.Image | str | Path, *, span: str | None = None,
+           box: tuple[float, float, float, float] | None = None, options: FigureOptions | None = None,
+           title: str = "pair") -> Figure:
     """Draw an API result as ``xclip render`` draws a run's pair; ``.save(path)`` writes it."""
     picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
     if box is not None:
         check_box_inside(box, picture.size, title)
-    return draw(pair_view(result, picture, model, title=title), span=span, box=box, options=options)
+    return draw(pair_view(result, picture, title=title), span=span, box=box, options=options)
+
+
+def check_box_inside(box: tuple[float, float, float, float], size: tuple[int, int], what: str) -> None:
+    """Refuse a box that reaches beyond the image of ``what``."""
+    width, height = size
+    if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+        msg = f"box {','.join(f'{v:g}' for v in box)} is not inside the image of {what} ({width} x {height} pixels)"
+        raise ConfigError(msg, setting="box")
 
 
 def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
-    c, i = int(run.column("pairs", "caption_index")[index]), int(run.column("pairs", "image_index")[index])
-    image_path = data_root / run.image_paths()[i]
+    c, i = run.pair_inputs(index)
+    image_path = data_root / run.image_path(i)
     if not image_path.is_file():
-        msg = f"image {image_path} of pair {index} is not there: was the data moved? pass --data-root with its new folder"
-        raise ConfigError(msg)
-    view, to_view = model_view(read_image(image_path)[0], run.geometry)
+        msg = f"image {image_path} of pair {index} is not there: was the data moved? give the images' new folder"
+        raise ConfigError(msg, setting="data_root")
+    geometry = run.preprocessing(i)
     return PairView(
         title=f"pair {index}",
         name=f"pair{index:06d}",
-        caption=run.captions()[c],
-        tokens=run.tokens(c),
+        tokens=run.caption_tokens(c),
         interactions=run.interactions(index),
-        grid=run.grid,
+        geometry=geometry,
         n_prefix=run.n_prefix,
-        image=view,
-        to_view=to_view,
-        score=float(run.value("pairs", "score", index)),
-        four_term_value=float(run.value("pairs", "four_term_value", index)),
-        completeness_error=float(run.value("pairs", "completeness_error", index)),
+        image=geometry.model_view(read_image(image_path)[0]),
+        score=float(run.value(PAIRS, "score", index)),
+        four_term_value=float(run.value(PAIRS, "four_term_value", index)),
+        completeness_error=float(run.value(PAIRS, "completeness_error", index)),
     )
 
 
@@ -656,14 +489,14 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
     images have moved since the run."""
     options = options or FigureOptions()
     if limit < 1:
-        msg = f"--limit must be at least 1, got {limit}"
-        raise ConfigError(msg)
+        msg = f"limit must be at least 1, got {limit}"
+        raise ConfigError(msg, setting="limit")
     if file_format not in FORMATS:
-        msg = f"--format must be one of {', '.join(FORMATS)}, got {file_format!r}"
-        raise ConfigError(msg)
+        msg = f"file_format must be one of {', '.join(FORMATS)}, got {file_format!r}"
+        raise ConfigError(msg, setting="file_format")
     with RunReader(run_dir) as run:
         out = out or run.path.parent / "heatmaps"
-        status = run.status("pairs")
+        status = run.status(PAIRS)
         if pairs:
             for index in pairs:
                 if not 0 <= index < len(status) or status[index] != DONE:
@@ -674,16 +507,16 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
             candidates = [int(i) for i in np.flatnonzero(status == DONE)]
         report = RenderReport(written=[])
         if span is not None:
-            _check_span(span)
+            check_span(span)
         if span is not None and not pairs:  # keep the pairs whose caption holds the span
-            caption_index = run.column("pairs", "caption_index")
+            caption_index = run.column(PAIRS, CAPTION_INDEX)
             holds: dict[int, bool] = {}
             kept = []
             for index in candidates:
                 c = int(caption_index[index])
                 if c not in holds:
                     try:
-                        span_rows(span, run.tokens(c))
+                        run.caption_tokens(c).span_rows(span)
                         holds[c] = True
                     except ConfigError:
                         holds[c] = False
@@ -695,11 +528,11 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
                     break
             if not kept and candidates:
                 msg = f"no finished pair's caption holds the span {span!r} ({len(candidates)} finished pairs)"
-                raise ConfigError(msg)
+                raise ConfigError(msg, setting="span")
             candidates = kept
         selected = candidates if pairs else candidates[:limit]
         if box is not None:
-            sizes, image_index = run.column("images", "original_size"), run.column("pairs", "image_index")
+            sizes, image_index = run.column(IMAGES, ORIGINAL_SIZE), run.column(PAIRS, IMAGE_INDEX)
             for index in selected:
                 check_box_inside(box, tuple(int(v) for v in sizes[int(image_index[index])]), f"pair {index}")  # type: ignore[arg-type]
         root = run.data_root(data_root)
@@ -717,6 +550,6 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
 
 
 __all__ = [
-    "COLORMAP", "Figure", "FigureOptions", "PairView", "RenderReport", "draw", "figure", "load_pair_view",
-    "map_colours", "map_panel", "model_view", "pair_view", "parse_box", "parse_scale", "render_run",
+    "COLORMAP", "Figure", "FigureOptions", "PairView", "RenderReport", "check_box_inside", "draw", "figure",
+    "load_pair_view", "map_colours", "map_panel", "pair_view", "render_run",
 ]

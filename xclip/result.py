@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from xclip.geometry import Preprocessing
+    from xclip.tokens import CaptionTokens
 
 Modality = Literal["text", "image"]
 
@@ -27,6 +33,8 @@ class Contributions:
         is_converged: the relative completeness error is at most the attribution's tolerance (always True
             when no tolerance was set).
         is_truncated: the caption was cut to the model's context length.
+        caption_tokens: a caption's positions as its own text (character spans, special flags).
+        geometry: where an image's patches lie in the original image.
     """
 
     modality: Modality
@@ -41,6 +49,8 @@ class Contributions:
     n_nodes: int = 0
     is_converged: bool = True
     is_truncated: bool = False
+    caption_tokens: CaptionTokens | None = None
+    geometry: Preprocessing | None = None
 
     @property
     def relative_completeness_error(self) -> float:
@@ -88,6 +98,8 @@ class InteractionMap(PairNumbers):
         grid: ``(H, W)`` when the columns are an image's patches.
         n_prefix: leading column positions that are not patches (CLS).
         logit_scale: factor applied to interactions and terms (1.0 = plain cosine).
+        caption_tokens: the rows as the caption's text, for :meth:`span` (caption-image maps).
+        geometry: where the columns' patches lie in the original image, for :meth:`box`.
     """
 
     interactions: Tensor
@@ -96,6 +108,74 @@ class InteractionMap(PairNumbers):
     grid: tuple[int, int] | None = None
     n_prefix: int = 0
     logit_scale: float = 1.0
+    caption_tokens: CaptionTokens | None = None
+    geometry: Preprocessing | None = None
+
+    def span(self, span: str) -> Tensor:
+        """``(H, W)``: the summed interactions of a caption span (words of the caption, or token indices
+        ``"2:4"``) with every patch."""
+        if self.caption_tokens is None or self.grid is None:
+            msg = "span() needs a caption-image map (caption first, image second)"
+            raise ValueError(msg)
+        return self.interaction_map[self.caption_tokens.span_rows(span)].sum(0)
+
+    def box(self, box: tuple[float, float, float, float]) -> Tensor:
+        """``(S_t,)``: each caption position's interaction with the patches of a box in original-image pixels,
+        each patch weighted by the share of its area inside the box (see :mod:`xclip.geometry`)."""
+        if self.geometry is None:
+            msg = "box() needs a caption-image map (caption first, image second)"
+            raise ValueError(msg)
+        import torch
+
+        weights = torch.as_tensor(self.geometry.box_coverage(box), dtype=self.interactions.dtype, device=self.interactions.device)
+        return self.interactions[:, self.n_prefix :] @ weights
+
+    def plot(self, image: object, **options: object) -> object:
+        """The figure ``xclip render`` draws of this map over ``image`` (a PIL image or its file): see
+        :func:`xclip.render.figure` for ``span``, ``box``, ``options`` and ``title``."""
+        from xclip.render import figure
+
+        return figure(self, image, **options)  # type: ignore[arg-type]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the map, its numbers, labels, tokens and geometry to an ``.npz`` file (no pickled objects)."""
+        import numpy as np
+
+        path = Path(path)
+        meta = {
+            "numbers": {name: getattr(self, name) for name in _NUMBERS}, "row_labels": self.row_labels,
+            "column_labels": self.column_labels, "grid": self.grid, "n_prefix": self.n_prefix,
+            "logit_scale": self.logit_scale,
+            "caption_tokens": None if self.caption_tokens is None else vars(self.caption_tokens),
+            "geometry": None if self.geometry is None else self.geometry.to_row().tolist(),
+        }
+        with path.open("wb") as stream:
+            np.savez(stream, interactions=self.interactions.detach().cpu().numpy(), terms=self.terms.detach().cpu().numpy(),
+                     meta=np.array(json.dumps(meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> InteractionMap:
+        """A map written by :meth:`save`."""
+        import numpy as np
+        import torch
+
+        from xclip.geometry import Preprocessing
+        from xclip.tokens import CaptionTokens
+
+        with np.load(Path(path), allow_pickle=False) as stored:
+            meta = json.loads(str(stored["meta"]))
+            interactions, terms = torch.from_numpy(stored["interactions"]), torch.from_numpy(stored["terms"])
+        tokens = meta["caption_tokens"]
+        return cls(
+            **meta["numbers"], terms=terms, interactions=interactions, row_labels=meta["row_labels"],
+            column_labels=meta["column_labels"], grid=None if meta["grid"] is None else tuple(meta["grid"]),
+            n_prefix=meta["n_prefix"], logit_scale=meta["logit_scale"],
+            caption_tokens=None if tokens is None else CaptionTokens(
+                **{**tokens, "offsets": [tuple(o) for o in tokens["offsets"]]}),
+            geometry=None if meta["geometry"] is None else Preprocessing.from_row(np.array(meta["geometry"])),
+        )
+
 
     @property
     def interaction_map(self) -> Tensor:
@@ -115,3 +195,7 @@ def relative_error(error: float, scale: float) -> float:
     if scale > 0:
         return error / scale
     return 0.0 if error == 0 else float("inf")
+
+
+# the scalar fields of a pair's numbers, saved as they are
+_NUMBERS = ("score", "four_term_value", "completeness_error", "completeness_bound", "score_scale")

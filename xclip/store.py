@@ -20,22 +20,28 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
+from xclip import schema
 from xclip.errors import StoreError
+from xclip.geometry import Preprocessing
 from xclip.result import Contributions, PairNumbers
+from xclip.schema import RUN_FILE, SCHEMA_VERSION, Status
+from xclip.tokens import CaptionTokens
 
-SCHEMA_VERSION = 3
-RUN_FILE = "run.h5"
+if TYPE_CHECKING:
+    from xclip.config import RunConfig
+
 LOCK_FILE = ".writer.lock"
 _UNREADABLE_LOCK_GRACE_SECONDS = 30  # a lock file is written right after it is created
-PENDING, DONE, FAILED = 0, 1, 2
+PENDING, DONE, FAILED = Status.PENDING, Status.DONE, Status.FAILED
 _STRING = h5py.string_dtype()  # variable length: only for text written when the file is created
 # text written during a run is fixed-length UTF-8 (cut at a character boundary), so that it is stored in place
 _ERROR = h5py.string_dtype("utf-8", 400)
@@ -54,10 +60,6 @@ def _fixed(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any, fil
     plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
     plist.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     return group.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fillvalue, dcpl=plist)
-
-
-def _floats(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str = "f4") -> None:
-    _fixed(group, name, shape, dtype, np.nan)
 
 
 def _status(group: h5py.Group, n: int, error: Any = _ERROR) -> None:
@@ -88,8 +90,14 @@ def create_run_file(
 ) -> None:
     """Create ``run.h5`` with every dataset at full size (mode ``w-``: never truncates an existing file)."""
     n_captions, n_images, n_pairs = len(captions), len(images), len(pairs)
-    # contributions and maps in float16 halve the file; embeddings and every number stay float32
-    array_dtype = {"float32": "f4", "float16": "f2"}[precision]
+    # contributions and maps in float16 halve the file, where embeddings and every number stay float32; a
+    # float64 run keeps everything in float64, so that a stored map is as exact as the API's
+    array_dtype = {"float64": "f8", "float32": "f4", "float16": "f2"}[precision]
+    number = "f8" if precision == "float64" else "f4"
+
+    def _floats(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str = number) -> None:
+        _fixed(group, name, shape, dtype, np.nan)
+
     with h5py.File(path, "w-") as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         for key, value in attributes.items():
@@ -99,6 +107,9 @@ def create_run_file(
         text.create_dataset("text", data=list(captions), dtype=_STRING)
         _fixed(text, "token_ids", (n_captions, max_text_positions), "i4", -1)
         _fixed(text, "tokens", (n_captions, max_text_positions), _TOKEN)
+        _fixed(text, schema.OFFSETS, (n_captions, max_text_positions, 2), "i4")
+        _fixed(text, schema.SPECIAL, (n_captions, max_text_positions), "?")
+        _fixed(text, schema.UNKNOWN, (n_captions, max_text_positions), "?")
         _fixed(text, "n_positions", (n_captions,), "i4")
         _fixed(text, "is_truncated", (n_captions,), "?")
         image = f.create_group("images")
@@ -106,6 +117,8 @@ def create_run_file(
         image.attrs["n_prefix"] = n_prefix
         image.create_dataset("path", data=list(images), dtype=_STRING)
         _fixed(image, "original_size", (n_images, 2), "i4")
+        geometry = _fixed(image, schema.PREPROCESSING, (n_images, len(schema.PREPROCESSING_COLUMNS)), "f8", np.nan)
+        geometry.attrs["columns"] = json.dumps(schema.PREPROCESSING_COLUMNS)
         _fixed(image, "notes", (n_images,), _NOTE)
         for group, n, n_positions in ((text, n_captions, max_text_positions), (image, n_images, n_image_positions)):
             _floats(group, "embedding", (n, embedding_dim))
@@ -262,13 +275,13 @@ def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
         else:
             f = h5py.File(path, mode)
     except OSError as e:
-        msg = f"cannot open {path} ({e}): it is not a run file, or it was damaged outside xclip (a full disk while it was being created, a failing disk): rerun with --overwrite to start again"
-        raise StoreError(msg) from e
+        msg = f"cannot open {path} ({e}): it is not a run file, or it was damaged outside xclip (a full disk while it was being created, a failing disk): attribute it again with overwrite=True"
+        raise StoreError(msg, setting="overwrite") from e
     version = f.attrs.get("schema_version")
     if version != SCHEMA_VERSION:
         f.close()
-        msg = f"{path} has schema version {version}, this xclip reads {SCHEMA_VERSION}: attribute it again with this version (--overwrite)"
-        raise StoreError(msg)
+        msg = f"{path} has schema version {version}, this xclip reads {SCHEMA_VERSION}: attribute it again with this version and overwrite=True"
+        raise StoreError(msg, setting="overwrite")
     return f
 
 
@@ -338,11 +351,11 @@ def _mark_failed(group: h5py.Group, index: int, reason: str) -> None:
 def _write_contributions(group: h5py.Group, index: int, item: Contributions) -> None:
     """One caption's or image's results; :func:`_commit` marks it done."""
     n = item.values.shape[0]
-    values = np.full(group["contributions"].shape[1:], np.nan, dtype="f4")
-    values[:n] = item.values.float().cpu().numpy()
+    values = np.full(group["contributions"].shape[1:], np.nan, dtype=group["contributions"].dtype)
+    values[:n] = item.values.double().cpu().numpy()
     group["contributions"][index] = values
-    group["embedding"][index] = item.embedding.float().cpu().numpy()
-    group["reference_embedding"][index] = item.reference_embedding.float().cpu().numpy()
+    group["embedding"][index] = item.embedding.double().cpu().numpy()
+    group["reference_embedding"][index] = item.reference_embedding.double().cpu().numpy()
     group["completeness_error"][index] = item.completeness_error
     group["relative_completeness_error"][index] = item.relative_completeness_error
     group["difference_norm"][index] = item.difference_norm
@@ -359,22 +372,36 @@ def _write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int
     group["tokens"][index] = np.array(tokens, dtype=_TOKEN)
     group["n_positions"][index] = n
     group["is_truncated"][index] = item.is_truncated
+    caption = item.caption_tokens
+    assert caption is not None, "the engine gives every caption its tokens"
+    width = group[schema.OFFSETS].shape[1]
+    offsets = np.zeros((width, 2), dtype="i4")
+    offsets[:n] = np.asarray(caption.offsets, dtype="i4").reshape(n, 2)
+    group[schema.OFFSETS][index] = offsets
+    for name, flags in ((schema.SPECIAL, caption.special), (schema.UNKNOWN, caption.unknown)):
+        row = np.zeros(width, dtype=bool)
+        row[:n] = flags
+        group[name][index] = row
 
 
-def _write_image_source(group: h5py.Group, index: int, size: tuple[int, int], notes: Sequence[str]) -> None:
-    """An image's size as read (after EXIF orientation) and what was done to read it."""
-    group["original_size"][index] = size
+def _write_image_source(group: h5py.Group, index: int, notes: Sequence[str], item: Contributions) -> None:
+    """An image's size as read (after EXIF orientation), where its patches lie, and what was done to read it."""
+    assert item.geometry is not None, "the engine gives every image its geometry"
+    group["original_size"][index] = item.geometry.original_size
+    group[schema.PREPROCESSING][index] = item.geometry.to_row()
     group["notes"][index] = _utf8("; ".join(notes), _NOTE.itemsize)
 
 
 def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], grid: tuple[int, int] | None,
-                       n_prefix: int, n_positions: int) -> Contributions:
-    """One stored caption's or image's contributions, as the engine returned them (in float32)."""
+                       n_prefix: int, n_positions: int, caption_tokens: CaptionTokens | None = None,
+                       geometry: Preprocessing | None = None) -> Contributions:
+    """One stored caption's or image's contributions, as the engine returned them (in float32, or float64 in a
+    float64 run)."""
     import torch
 
     return Contributions(
         modality="image" if grid is not None else "text",
-        values=torch.from_numpy(group["contributions"][index, :n_positions].astype(np.float32)),
+        values=torch.from_numpy(group["contributions"][index, :n_positions].astype(_read_dtype(group["contributions"]))),
         embedding=torch.from_numpy(group["embedding"][index]),
         reference_embedding=torch.from_numpy(group["reference_embedding"][index]),
         labels=labels,
@@ -384,6 +411,8 @@ def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], gri
         difference_norm=float(group["difference_norm"][index]),
         n_nodes=int(group["n_nodes"][index]),
         is_converged=bool(group["is_converged"][index]),
+        caption_tokens=caption_tokens,
+        geometry=geometry,
     )
 
 
@@ -396,14 +425,19 @@ def _write_pairs(group: h5py.Group, indices: Sequence[int], items: Sequence[Pair
     is_contiguous = order[-1] - order[0] + 1 == len(order)
     rows: slice | np.ndarray = slice(int(order[0]), int(order[-1]) + 1) if is_contiguous else order
     if "interactions" in group:
-        values = np.full((len(items), *group["interactions"].shape[1:]), np.nan, dtype="f4")
+        values = np.full((len(items), *group["interactions"].shape[1:]), np.nan, dtype=group["interactions"].dtype)
         for k, item in enumerate(items):
             n_rows, n_columns = item.interactions.shape
-            values[k, :n_rows, :n_columns] = item.interactions.float().cpu().numpy()  # type: ignore[attr-defined]  (maps are stored only as maps)
+            values[k, :n_rows, :n_columns] = item.interactions.double().cpu().numpy()  # type: ignore[attr-defined]  (maps are stored only as maps)
         group["interactions"][rows] = values
-    group["terms"][rows] = np.stack([item.terms.float().cpu().numpy() for item in items])
-    for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error", "completeness_bound"):
-        group[name][rows] = np.array([getattr(item, name) for item in items], dtype="f4")
+    group["terms"][rows] = np.stack([item.terms.double().cpu().numpy() for item in items]).astype(group["terms"].dtype)
+    for name in schema.PAIR_NUMBERS:
+        group[name][rows] = np.array([getattr(item, name) for item in items], dtype=group[name].dtype)
+
+
+def _read_dtype(dataset: h5py.Dataset) -> type:
+    """Stored arrays are read as float32, float64 ones as float64 (float16 storage only saves space)."""
+    return np.float64 if dataset.dtype == np.float64 else np.float32
 
 
 def run_file_path(run_dir: str | Path) -> Path:
@@ -429,7 +463,6 @@ class RunReader:
         with self._reading():
             self.attrs: dict[str, Any] = dict(self._file.attrs)
             self.config: dict[str, Any] = json.loads(self.attrs["config"])
-            self.geometry: dict[str, Any] = json.loads(self.attrs["preprocessing"])
             self.grid: tuple[int, int] = tuple(int(v) for v in self._file["images"].attrs["grid"])  # type: ignore[assignment]
             self.n_prefix = int(self._file["images"].attrs["n_prefix"])
             self.has_pair_maps = "interactions" in self._file["pairs"]
@@ -502,32 +535,81 @@ class RunReader:
             rows = [d for d in items.values() if d.dtype.kind != "O" and d.shape[:1] == (n,)]
             return sum(d.nbytes for d in rows) // n if n else 0
 
+    @property
+    def settings(self) -> RunConfig:
+        """The run's settings as the typed config they were given as (read once)."""
+        from xclip.config import RunConfig
+
+        return self._once("settings", lambda: RunConfig.model_validate_json(self.attrs["config"]))
+
+    def n_items(self, group: str) -> int:
+        """How many captions, images or pairs the run has (no data read)."""
+        with self._reading():
+            return len(self._file[group][schema.STATUS])
+
+    def caption(self, caption: int) -> str:
+        """One caption's text (one row read, where :meth:`captions` reads them all)."""
+        with self._reading():
+            return str(self._file["captions/text"].asstr()[caption])
+
+    def image_path(self, image: int) -> str:
+        """One image's path relative to the data root (one row read)."""
+        with self._reading():
+            return str(self._file["images/path"].asstr()[image])
+
+    def pair_inputs(self, pair: int) -> tuple[int, int]:
+        """A pair's (caption index, image index), read from its own row."""
+        with self._reading():
+            pairs = self._file["pairs"]
+            return int(pairs[schema.CAPTION_INDEX][pair]), int(pairs[schema.IMAGE_INDEX][pair])
+
     def tokens(self, caption: int) -> list[str]:
         with self._reading():
             n = int(self._file["captions/n_positions"][caption])
             return list(self._file["captions/tokens"].asstr()[caption, :n])
+
+    def caption_tokens(self, caption: int) -> CaptionTokens:
+        """A finished caption's positions as its own text: token strings, character spans, flags."""
+        with self._reading():
+            group = self._file["captions"]
+            n = int(group["n_positions"][caption])
+            return CaptionTokens(
+                caption=self.caption(caption),
+                tokens=list(group["tokens"].asstr()[caption, :n]),
+                offsets=[(int(a), int(b)) for a, b in group[schema.OFFSETS][caption, :n]],
+                special=[bool(v) for v in group[schema.SPECIAL][caption, :n]],
+                unknown=[bool(v) for v in group[schema.UNKNOWN][caption, :n]],
+            )
+
+    def preprocessing(self, image: int) -> Preprocessing:
+        """Where a finished image's patches lie in the original image."""
+        with self._reading():
+            return Preprocessing.from_row(self._file["images"][schema.PREPROCESSING][image])
 
     def contributions(self, group: str, index: int) -> Contributions:
         """A finished caption's (``captions``) or image's (``images``) contributions, as the engine gave them."""
         with self._reading():
             items = self._file[group]
             if group == "captions":
-                labels = self.tokens(index)
-                return _read_contributions(items, index, labels=labels, grid=None, n_prefix=0, n_positions=len(labels))
+                tokens = self.caption_tokens(index)
+                return _read_contributions(items, index, labels=tokens.tokens, grid=None, n_prefix=0,
+                                           n_positions=len(tokens), caption_tokens=tokens)
             rows, cols = self.grid
             labels = ["cls"] * self.n_prefix + [f"patch({r},{c})" for r in range(rows) for c in range(cols)]
-            return _read_contributions(items, index, labels=labels, grid=self.grid, n_prefix=self.n_prefix, n_positions=len(labels))
+            return _read_contributions(items, index, labels=labels, grid=self.grid, n_prefix=self.n_prefix,
+                                       n_positions=len(labels), geometry=self.preprocessing(index))
 
     def interactions(self, pair: int) -> np.ndarray:
         """A finished pair's token x image-position map, ``(n_tokens, S)`` (CLS columns first)."""
-        caption, image = int(self.column("pairs", "caption_index")[pair]), int(self.column("pairs", "image_index")[pair])
+        caption, image = self.pair_inputs(pair)
         if self.has_pair_maps:
             with self._reading():
                 n = int(self._file["captions/n_positions"][caption])
-                return self._file["pairs/interactions"][pair, :n].astype(np.float32)
+                stored = self._file["pairs/interactions"]
+                return stored[pair, :n].astype(_read_dtype(stored))
         from xclip.attribution import interaction_map
 
-        scale = float(self.attrs["logit_scale"]) if self.config["attribution"]["scale_by_logit"] else 1.0
+        scale = float(self.attrs["logit_scale"]) if self.settings.attribution.scale_by_logit else 1.0
         result = interaction_map(self.contributions("captions", caption), self.contributions("images", image), logit_scale=scale)
         return result.interactions.numpy()
 
@@ -536,7 +618,7 @@ class RunReader:
         relative to the run (a project moved as a whole)."""
         if override is not None:
             return override
-        configured = Path(self.config["data"]["root"])
+        configured = self.settings.data.root
         moved = (self.path.parent / str(self.attrs.get("data_root_from_run", ""))).resolve()
         return moved if not configured.is_dir() and moved.is_dir() else configured
 
@@ -560,11 +642,10 @@ class RunWriter(RunReader):
             _write_caption_tokens(group, int(index), ids, item)
             _write_contributions(group, int(index), item)
 
-    def write_images(self, indices: Sequence[int], sizes: Sequence[tuple[int, int]], notes: Sequence[Sequence[str]],
-                     items: Sequence[Contributions]) -> None:
+    def write_images(self, indices: Sequence[int], notes: Sequence[Sequence[str]], items: Sequence[Contributions]) -> None:
         group = self._file["images"]
-        for index, size, note, item in zip(indices, sizes, notes, items):
-            _write_image_source(group, int(index), size, note)
+        for index, note, item in zip(indices, notes, items):
+            _write_image_source(group, int(index), note, item)
             _write_contributions(group, int(index), item)
 
     def write_pairs(self, indices: Sequence[int], items: Sequence[PairNumbers]) -> None:
@@ -636,8 +717,8 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
             if n_pending:
                 unfinished.append(f"{path.parent.name}: {n_pending} of {len(f['pairs/status'])} pairs")
     if unfinished and not allow_partial:
-        msg = "unfinished shards (rerun their `xclip attribute --shard I/N` to finish them, or merge with --allow-partial to keep those pairs pending): " + "; ".join(unfinished)
-        raise StoreError(msg)
+        msg = "unfinished shards (rerun their shard of the run to finish them, or merge with allow_partial=True to keep those pairs pending): " + "; ".join(unfinished)
+        raise StoreError(msg, setting="allow_partial")
 
 
 def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int) -> Path:
@@ -683,3 +764,43 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
             src.close()
     temporary.replace(target)
     return target
+
+
+class BackgroundWrites:
+    """Stores a stage's batches from one background thread while the main thread computes the next batch, so
+    that writing and fsyncing leave the critical path. One thread with one batch in flight keeps the store's
+    order (a batch's data reach the disk before its status) and bounds the results held in memory to two
+    batches. A failed write surfaces in the main thread at the next batch, or when the stage ends; the stage
+    always waits for the batch in flight, so an interrupted run keeps every batch it computed."""
+
+    def __init__(self, run: RunWriter, group: str) -> None:
+        self.run, self.group = run, group
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xclip-{group}-writes")
+        self._in_flight: Future[None] | None = None
+
+    def submit(self, failed: Sequence[tuple[int, str]], written: Sequence[int], write: Callable[[], None]) -> None:
+        """Mark ``failed`` items failed, ``write()`` the results of ``written``, then commit them. ``write``
+        binds its arguments now (a ``functools.partial``; a lambda would see the next batch's lists)."""
+        self.wait()
+        self._in_flight = self._thread.submit(self._store, failed, written, write)
+
+    def _store(self, failed: Sequence[tuple[int, str]], written: Sequence[int], write: Callable[[], None]) -> None:
+        for index, reason in failed:
+            self.run.fail(self.group, index, reason)
+        write()
+        self.run.commit(self.group, written)
+
+    def wait(self) -> None:
+        """Wait for the batch in flight; raises what its write raised."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
+
+    def __enter__(self) -> BackgroundWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self._thread.shutdown()

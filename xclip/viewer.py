@@ -27,15 +27,17 @@ from PIL import Image
 
 from xclip.adapters.base import read_image
 from xclip.errors import ConfigError, XclipError
+from xclip.geometry import Preprocessing
 from xclip.loading import looks_like_path
-from xclip.render import COLORMAP, SPECIAL, model_view, outline_mask, word_groups
-from xclip.store import DONE, FAILED, PENDING, RunReader
+from xclip.colours import COLORMAP, outline_mask
+from xclip.schema import CAPTION_INDEX, GROUPS, IMAGE_INDEX, PAIR_NUMBERS, PAIR_TABLE_NUMBERS, PAIRS, Status
+from xclip.store import RunReader
+from xclip.tokens import CaptionTokens
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
 DISPLAY_SIDE = 320  # the image as the page shows it: contours are found at this size
 SORT_KEYS = ("index", "score", "four_term_value", "completeness_error", "relative_completeness_error", "status", "caption")
-STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 RUN_SCALE_SAMPLE = 256
 
 
@@ -67,7 +69,7 @@ class PairQuery:
             )
         except ValueError as e:
             raise ConfigError(f"bad table query: {e}") from None
-        if query.sort not in SORT_KEYS or query.status not in ("all", *STATUS_NAMES.values()):
+        if query.sort not in SORT_KEYS or query.status not in ("all", *(status.label for status in Status)):
             msg = f"bad table query: sort must be one of {', '.join(SORT_KEYS)}, status one of all, done, failed, pending"
             raise ConfigError(msg)
         if query.offset < 0 or not 1 <= query.limit <= 1000:
@@ -90,17 +92,17 @@ class RunData:
     def summary(self) -> dict[str, Any]:
         with RunReader(self.run_dir) as run:
             counts = {}
-            for group in ("captions", "images", "pairs"):
+            for group in GROUPS:
                 status = run.status(group)
-                counts[group] = {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+                counts[group] = {code.label: int((status == code).sum()) for code in Status}
                 counts[group]["total"] = len(status)
-            attribution = run.config.get("attribution", {})
+            attribution = run.settings.attribution.model_dump(mode="json")
             from matplotlib import colormaps
 
             lut = colormaps[COLORMAP](np.linspace(0, 1, 256), bytes=True)[:, :3]
             return {
                 "run": str(run.path.parent),
-                "model": _model_label(run.config.get("model", {}).get("name", "")),
+                "model": _model_label(run.settings.model.name),
                 "attribution": attribution,
                 "counts": counts,
                 "grid": list(run.grid),
@@ -112,21 +114,20 @@ class RunData:
 
     def pairs(self, query: PairQuery) -> dict[str, Any]:
         with RunReader(self.run_dir) as run:
-            status = run.status("pairs")
+            status = run.status(PAIRS)
             captions = run.captions()
-            caption_index = run.column("pairs", "caption_index")
-            score = run.column("pairs", "score")
+            caption_index = run.column(PAIRS, CAPTION_INDEX)
+            score = run.column(PAIRS, "score")
             keep = np.ones(len(status), dtype=bool)
             if query.status != "all":
-                code = next(c for c, name in STATUS_NAMES.items() if name == query.status)
-                keep &= status == code
+                keep &= status == Status[query.status.upper()]
             if query.text:
                 needle = query.text.lower()
                 holds = np.array([needle in text.lower() for text in captions], dtype=bool)
                 keep &= holds[caption_index] if len(captions) else keep
             if math.isfinite(query.min_score) or math.isfinite(query.max_score):
                 keep &= (score >= query.min_score) & (score <= query.max_score)
-            relative = run.column("pairs", "relative_completeness_error")
+            relative = run.column(PAIRS, "relative_completeness_error")
             if math.isfinite(query.max_error):
                 keep &= relative <= query.max_error
             chosen = np.flatnonzero(keep)
@@ -136,7 +137,7 @@ class RunData:
             elif query.sort == "index":
                 order = np.arange(len(chosen))
             else:
-                values = status if query.sort == "status" else run.column("pairs", query.sort)
+                values = status if query.sort == "status" else run.column(PAIRS, query.sort)
                 # unfinished pairs (NaN) sort last either way
                 key = np.nan_to_num(values[chosen].astype(np.float64), nan=-np.inf if query.descending else np.inf)
                 order = np.argsort(key, kind="stable")
@@ -157,49 +158,51 @@ class RunData:
         with RunReader(self.run_dir) as run:
             found = []
             names = {"captions": run.captions(), "images": run.image_paths()}
-            for group in ("captions", "images", "pairs"):
-                failed = np.flatnonzero(run.status(group) == FAILED)[:limit]
+            for group in GROUPS:
+                failed = np.flatnonzero(run.status(group) == Status.FAILED)[:limit]
                 for index, reason in zip(failed.tolist(), run.errors(group, failed.tolist())):
-                    if group == "pairs" and reason.startswith(("caption ", "image ")):
+                    if group == PAIRS and reason.startswith(("caption ", "image ")):
                         continue  # listed under its input
                     found.append({"group": group, "index": index, "item": names[group][index] if group in names else f"pair {index}",
                                   "reason": reason})
             return found[:limit]
 
     def pair(self, index: int) -> dict[str, Any]:
+        """One finished pair: its map, tokens and numbers, and where its patches lie (its own rows only)."""
         with RunReader(self.run_dir) as run:
-            status = run.status("pairs")
-            if not 0 <= index < len(status) or status[index] != DONE:
-                msg = f"pair {index} is not a finished pair of this run ({len(status)} pairs)"
+            n_pairs = run.n_items(PAIRS)
+            if not 0 <= index < n_pairs or run.value(PAIRS, "status", index) != Status.DONE:
+                msg = f"pair {index} is not a finished pair of this run ({n_pairs} pairs)"
                 raise ConfigError(msg)
-            c = int(run.column("pairs", "caption_index")[index])
-            i = int(run.column("pairs", "image_index")[index])
-            tokens = run.tokens(c)
-            interactions = run.interactions(index)
-            numbers = {name: _number(run.value("pairs", name, index)) for name in
-                       ("score", "four_term_value", "completeness_error", "relative_completeness_error", "completeness_bound")}
+            c, i = run.pair_inputs(index)
+            tokens = run.caption_tokens(c)
+            geometry = run.preprocessing(i)
+            numbers = {name: _number(run.value(PAIRS, name, index)) for name in PAIR_NUMBERS}
             return {
                 "index": index,
-                "caption": run.captions()[c],
-                "image": run.image_paths()[i],
-                "tokens": tokens,
+                "caption": tokens.caption,
+                "image": run.image_path(i),
+                "tokens": tokens.tokens,
                 "chips": _chips(tokens),
-                "interactions": interactions.astype(np.float64).tolist(),  # exactly the stored values
+                "interactions": run.interactions(index).astype(np.float64).tolist(),  # exactly the stored values
                 "grid": list(run.grid),
                 "n_prefix": run.n_prefix,
-                "terms": [float(v) for v in run.value("pairs", "terms", index)],
+                "patches": _patch_rects_in_view(geometry),
+                "crop_box": list(geometry.crop_box),
+                "original_size": list(geometry.original_size),
+                "terms": [float(v) for v in run.value(PAIRS, "terms", index)],
                 **numbers,
             }
 
     def image(self, index: int) -> tuple[bytes, bytes]:
         """The pair's image as the model saw it, at the page's size, and its contours (PNG with alpha)."""
         with RunReader(self.run_dir) as run:
-            i = int(run.column("pairs", "image_index")[index])
-            path = run.data_root(self.data_root) / run.image_paths()[i]
+            _, i = run.pair_inputs(index)
+            path = run.data_root(self.data_root) / run.image_path(i)
             if not path.is_file():
-                msg = f"image {path} is not there: was the data moved? start the viewer with --data-root"
-                raise ConfigError(msg)
-            view, _ = model_view(read_image(path)[0], run.geometry)
+                msg = f"image {path} is not there: was the data moved? give the images' new folder"
+                raise ConfigError(msg, setting="data_root")
+            view = run.preprocessing(i).model_view(read_image(path)[0])
         width, height = view.size
         display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
         lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
@@ -212,7 +215,7 @@ class RunData:
         with self._lock:
             if self._run_scale is None:
                 with RunReader(self.run_dir) as run:
-                    done = np.flatnonzero(run.status("pairs") == DONE)
+                    done = np.flatnonzero(run.status(PAIRS) == Status.DONE)
                     sample = done if len(done) <= RUN_SCALE_SAMPLE else done[np.linspace(0, len(done) - 1, RUN_SCALE_SAMPLE).astype(int)]
                     peak = max((_token_map_peak(run.interactions(int(p)), run.n_prefix) for p in sample), default=0.0)
                 self._run_scale = {"value": peak or 1.0, "pairs": int(len(sample)), "finished": int(len(done))}
@@ -221,17 +224,16 @@ class RunData:
 
 def _rows(run: RunReader, pairs: np.ndarray) -> list[dict[str, Any]]:
     """Table rows of ``pairs``: each column read once, whatever the number of rows."""
-    captions, paths, status = run.captions(), run.image_paths(), run.status("pairs")
-    caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
-    numbers = {name: run.column("pairs", name)
-               for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error")}
-    errors = run.errors("pairs", pairs.tolist())
+    captions, paths, status = run.captions(), run.image_paths(), run.status(PAIRS)
+    caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
+    numbers = {name: run.column(PAIRS, name) for name in PAIR_TABLE_NUMBERS}
+    errors = run.errors(PAIRS, pairs.tolist())
     return [
         {
             "index": int(p),
             "caption": captions[int(caption_index[p])],
             "image": paths[int(image_index[p])],
-            "status": STATUS_NAMES[int(status[p])],
+            "status": Status(int(status[p])).label,
             **{name: _number(column[p]) for name, column in numbers.items()},
             "error": error,
         }
@@ -249,11 +251,20 @@ def _model_label(name: str) -> str:
     return f"local checkpoint {Path(name).name}" if looks_like_path(name) else name
 
 
-def _chips(tokens: list[str]) -> list[dict[str, Any]]:
+def _chips(tokens: CaptionTokens) -> list[dict[str, Any]]:
     """The caption as the page shows it: its words (with their token rows) and its special tokens, in order."""
-    chips = [{"text": word, "rows": rows, "special": False} for word, rows in word_groups(tokens)]
-    chips += [{"text": token, "rows": [row], "special": True} for row, token in enumerate(tokens) if token in SPECIAL or not token]
+    chips = [{"text": word.text, "rows": word.rows, "special": False} for word in tokens.words()]
+    chips += [{"text": token, "rows": [row], "special": True}
+              for row, (token, is_special) in enumerate(zip(tokens.tokens, tokens.special)) if is_special]
     return sorted(chips, key=lambda chip: chip["rows"][0])
+
+
+def _patch_rects_in_view(geometry: Preprocessing) -> list[list[float]]:
+    """Each patch's rectangle as fractions of the model's view (0..1 across the crop), row-major: the page
+    draws and selects patches with these, and computes a box's coverage as :mod:`xclip.geometry` does."""
+    x0, y0, x1, y1 = geometry.crop_box
+    scale = np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0])
+    return ((geometry.patch_rects() - np.array([x0, y0, x0, y0])) / scale).tolist()
 
 
 def _number(value: Any) -> float | None:

@@ -1,4 +1,5 @@
-"""What every model family provides to the engine: token geometry, references and the split at a layer.
+"""What every model family provides to the engine: tokens with their spans, images with their geometry,
+references and the split at a layer.
 
 A family adapter turns captions and images into hidden states at a layer (the part of the encoder below the
 cut) and describes the part above it as an :class:`~xclip.core.transformer.UpperEncoder`. It knows nothing
@@ -11,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 
 from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward, embed_from_hidden
 from xclip.errors import ConfigError, InputError
+from xclip.geometry import Preprocessing
+from xclip.tokens import CaptionTokens
 
 ImageReference = Literal["zeros", "black", "blur", "noise"]
 IMAGE_REFERENCES: tuple[str, ...] = get_args(ImageReference)
@@ -36,7 +39,8 @@ class TextBatch:
         eos_index: ``(B,)`` position of each caption's EOS token.
         n_positions: positions per caption that carry contributions (BOS..EOS for causal towers, all S for
             bidirectional ones, whose padding tokens take part in attention).
-        tokens: token strings per caption, ``n_positions[b]`` of them.
+        tokens: per caption its ``n_positions[b]`` positions: token strings, character spans in the caption,
+            special and unknown flags.
         is_truncated: whether a caption was cut to the model's context length.
     """
 
@@ -44,17 +48,29 @@ class TextBatch:
     positions: Positions
     eos_index: Tensor
     n_positions: list[int]
-    tokens: list[list[str]]
+    tokens: list[CaptionTokens]
     is_truncated: list[bool]
 
 
 @dataclass(frozen=True)
 class ImageBatch:
-    """Preprocessed images: ``pixel_values`` ``(B, 3, H, W)`` in normalised pixel space."""
+    """Preprocessed images: ``pixel_values`` ``(B, 3, H, W)`` in normalised pixel space, where each image's
+    patches lie in it (``geometry``), and the images as read (a blurred reference is made from them)."""
 
     pixel_values: Tensor
-    original_sizes: list[tuple[int, int]]  # (width, height) before preprocessing
+    geometry: list[Preprocessing]
     images: list[Image.Image]
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """One image as read and preprocessed: ``(3, H, W)`` pixels on the CPU, where its patches lie, the image
+    itself (a blurred reference is made from it) and notes on how it was read."""
+
+    pixels: Tensor
+    geometry: Preprocessing
+    image: Image.Image
+    notes: list[str]
 
 
 # A caption is read as at most a context of tokens (77 for CLIP); a record far longer than any caption is a
@@ -163,37 +179,49 @@ def resolve_layer(layer: int, n_layers: int, tower: str) -> int:
     return resolved
 
 
-def hf_block(layer: nn.Module) -> Block:
-    """A :class:`Block` view of an HF CLIP/SigLIP encoder layer (same attribute names in both families)."""
-    attn = layer.self_attn
-    return Block(
-        ln1=layer.layer_norm1,
-        q_proj=attn.q_proj,
-        k_proj=attn.k_proj,
-        v_proj=attn.v_proj,
-        out_proj=attn.out_proj,
-        n_heads=attn.num_heads,
-        ln2=layer.layer_norm2,
-        fc1=layer.mlp.fc1,
-        activation=layer.mlp.activation_fn,
-        fc2=layer.mlp.fc2,
-    )
+@dataclass(frozen=True)
+class EncodedCaptions:
+    """A family's tokenisation of captions, before the shared bookkeeping of :class:`TextBatch`.
+
+    Attributes:
+        input_ids: ``(B, S)`` token ids, padded as the family pads.
+        attention_mask: ``(B, S)`` 1 where a token may be attended to.
+        offsets: per caption, the ``(start, end)`` character span of each of its ``S`` positions; ``(0, 0)``
+            where a token has none.
+        special: ``(B, S)`` special tokens (BOS, EOS, padding).
+        unknown: ``(B, S)`` the tokenizer's unknown token.
+        is_truncated: whether each caption was cut to the context length.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    offsets: list[list[tuple[int, int]]]
+    special: Tensor
+    unknown: Tensor
+    is_truncated: list[bool]
 
 
 class DualEncoderAdapter:
-    """Shared machinery of HF dual encoders; a family subclass fills in embeddings, readouts and tokens.
+    """What the engine needs of a dual encoder, family-neutral; a family subclass fills in tokenisation,
+    image preprocessing, embeddings, readouts and the pooling rules.
 
-    Subclasses set ``family`` and implement the methods that raise ``NotImplementedError``.
+    The family contract: :meth:`_encode_captions` gives token ids with each token's character span and
+    special/unknown flags; :meth:`_preprocess_image` gives an image's pixel tensor with its typed
+    :class:`~xclip.geometry.Preprocessing`. Nothing outside ``xclip.adapters`` touches a tokenizer or an
+    image processor. Subclasses set ``family`` and implement the methods that raise ``NotImplementedError``.
     """
 
     family: str = ""
-    n_image_prefix: int = 0  # positions before the patches (CLS); dropped from image maps
+    n_image_prefix: int = 0  # positions before the patches (CLS)
+    bos_token_id: int | None = None  # set by the family
+    eos_token_id: int = 0
+    pad_token_id: int | None = None  # the default filler of reference captions
+    vocabulary_size: int = 0
+    image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the pixel normalisation of the image tower
+    image_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
-    def __init__(self, model: nn.Module, processor: Any, *, name: str = "", revision: str | None = None) -> None:
+    def __init__(self, model: nn.Module, *, name: str = "", revision: str | None = None) -> None:
         self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
         self.name = name
         self.revision = revision
         self.text_blocks = tuple(self._block(layer) for layer in self._text_layers())
@@ -201,8 +229,8 @@ class DualEncoderAdapter:
 
     # --- family-specific pieces ----------------------------------------------------------------------
     def _block(self, layer: nn.Module) -> Block:
-        """The shared :class:`Block` view of one of the family's layers (HF's layer layout by default)."""
-        return hf_block(layer)
+        """The shared :class:`Block` view of one of the family's layers."""
+        raise NotImplementedError
 
     def _text_layers(self) -> Sequence[nn.Module]:
         raise NotImplementedError
@@ -210,7 +238,15 @@ class DualEncoderAdapter:
     def _image_layers(self) -> Sequence[nn.Module]:
         raise NotImplementedError
 
-    def _tokenize(self, captions: list[str]) -> dict[str, Tensor]:
+    def _encode_captions(self, captions: list[str]) -> EncodedCaptions:
+        raise NotImplementedError
+
+    def _token_strings(self, ids: list[int]) -> list[str]:
+        """The tokenizer's string of each id (how special tokens are shown)."""
+        raise NotImplementedError
+
+    def _preprocess_image(self, image: Image.Image) -> tuple[Tensor, Preprocessing]:
+        """``(3, H, W)`` normalised pixels of an RGB image and where its patches lie in it."""
         raise NotImplementedError
 
     def _text_positions(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Positions, Tensor, list[int]]:
@@ -245,14 +281,11 @@ class DualEncoderAdapter:
 
     @property
     def max_text_positions(self) -> int:
-        return int(self.model.config.text_config.max_position_embeddings)
+        raise NotImplementedError
 
-    def preprocessing_geometry(self) -> dict[str, Any]:
-        """How the image processor maps an original image onto the model's input: for boxes and overlays."""
-        processor = self.image_processor
-        size = dict(processor.size) if getattr(processor, "do_resize", True) else None
-        crop = dict(processor.crop_size) if getattr(processor, "do_center_crop", False) else None
-        return {"resize": size, "center_crop": crop}
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        raise NotImplementedError
 
     @property
     def logit_scale(self) -> float:
@@ -267,12 +300,6 @@ class DualEncoderAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    @property
-    def patch_grid(self) -> tuple[int, int]:
-        config = self.model.config.vision_config
-        side = config.image_size // config.patch_size
-        return side, side
-
     def tokenize(self, captions: Sequence[str]) -> TextBatch:
         """Tokenise captions the way the family was trained; raises :class:`InputError` for empty ones."""
         captions = list(captions)
@@ -284,31 +311,46 @@ class DualEncoderAdapter:
         if not captions:
             msg = "no captions given"
             raise InputError(msg)
-        encoded = self._tokenize(captions)
-        input_ids = encoded["input_ids"].to(self.device)
-        attention_mask = encoded["attention_mask"].to(self.device)
+        encoded = self._encode_captions(captions)
+        input_ids = encoded.input_ids.to(self.device)
+        attention_mask = encoded.attention_mask.to(self.device)
         positions, eos_index, n_positions = self._text_positions(input_ids, attention_mask)
-        max_length = input_ids.shape[1]
-        untruncated = self.tokenizer(captions, truncation=False)["input_ids"]
+        special, unknown = encoded.special.tolist(), encoded.unknown.tolist()
         return TextBatch(
             input_ids=input_ids,
             positions=positions,
             eos_index=eos_index,
             n_positions=n_positions,
-            tokens=[self.tokenizer.convert_ids_to_tokens(ids[:n]) for ids, n in zip(input_ids.tolist(), n_positions)],
-            is_truncated=[len(ids) > max_length for ids in untruncated],
+            tokens=[
+                CaptionTokens(caption, self._token_strings(ids[:n]), [tuple(o) for o in offsets[:n]], flags[:n], unknowns[:n])
+                for caption, ids, n, offsets, flags, unknowns in zip(
+                    captions, input_ids.tolist(), n_positions, encoded.offsets, special, unknown
+                )
+            ],
+            is_truncated=encoded.is_truncated,
         )
 
+    def preprocess_image(self, image: ImageLike) -> PreprocessedImage:
+        """One image read (see :func:`read_image`) and preprocessed as the family was trained. Raises
+        :class:`InputError`."""
+        loaded, notes = read_image(image)
+        try:
+            pixels, geometry = self._preprocess_image(loaded)
+        except ValueError as e:  # how image processors refuse an image they cannot handle
+            msg = f"the image processor refused image {image if isinstance(image, (str, Path)) else ''}: {e}"
+            raise InputError(msg) from e
+        return PreprocessedImage(pixels, geometry, loaded, notes)
+
     def preprocess(self, images: Sequence[ImageLike]) -> ImageBatch:
-        """Load and preprocess images with the model's own image processor."""
-        loaded = [load_image(image) for image in images]
-        if not loaded:
+        """Load and preprocess images as the family was trained (see :meth:`preprocess_image`)."""
+        if not images:
             msg = "no images given"
             raise InputError(msg)
-        pixel_values = self.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
+        loaded = [read_image(image)[0] for image in images]
+        processed = [self._preprocess_image(image) for image in loaded]
         return ImageBatch(
-            pixel_values=pixel_values.to(self.device, self.dtype),
-            original_sizes=[image.size for image in loaded],
+            pixel_values=torch.stack([pixels for pixels, _ in processed]).to(self.device, self.dtype),
+            geometry=[geometry for _, geometry in processed],
             images=loaded,
         )
 
@@ -318,25 +360,27 @@ class DualEncoderAdapter:
         Special tokens (BOS, EOS) and everything from EOS on stay, so the reference has the caption's length
         and EOS position.
         """
-        filler = self.tokenizer.pad_token_id if filler_id is None else filler_id
+        filler = self.pad_token_id if filler_id is None else filler_id
         if filler is None:
             msg = "the tokenizer has no pad token; set a text reference filler token"
             raise ConfigError(msg)
         ids = batch.input_ids
         index = torch.arange(ids.shape[1], device=ids.device)
-        special = torch.isin(ids, torch.tensor(self.tokenizer.all_special_ids, device=ids.device))
+        special = torch.ones_like(ids, dtype=torch.bool)  # positions past a caption's own are no content
+        for b, tokens in enumerate(batch.tokens):
+            special[b, : len(tokens)] = torch.tensor(tokens.special, dtype=torch.bool)
         content = (index[None, :] < batch.eos_index[:, None]) & ~special
         return torch.where(content, torch.full_like(ids, filler), ids)
 
     def reference_code_text_ids(self, batch: TextBatch) -> Tensor:
         """The public reference code's text reference: [BOS,] id 0, EOS, then id 0 up to the caption's length."""
         ids = torch.zeros_like(batch.input_ids)
-        bos = self.tokenizer.bos_token_id
+        bos = self.bos_token_id
         first = 0
         if bos is not None and bool((batch.input_ids[:, 0] == bos).all()):
             ids[:, 0] = bos
             first = 1
-        ids[:, first + 1] = self.tokenizer.eos_token_id
+        ids[:, first + 1] = self.eos_token_id
         return ids
 
     def image_reference_pixels(
@@ -348,13 +392,12 @@ class DualEncoderAdapter:
         if reference == "zeros":
             return torch.zeros(shape, device=self.device, dtype=self.dtype)
         if reference == "black":
-            mean = torch.tensor(self.image_processor.image_mean, device=self.device, dtype=self.dtype)
-            std = torch.tensor(self.image_processor.image_std, device=self.device, dtype=self.dtype)
+            mean = torch.tensor(self.image_mean, device=self.device, dtype=self.dtype)
+            std = torch.tensor(self.image_std, device=self.device, dtype=self.dtype)
             return (-mean / std)[None, :, None, None].expand(shape).clone()
         if reference == "blur":
-            blurred = [image.filter(ImageFilter.GaussianBlur(blur_radius)) for image in batch.images]
-            pixel_values = self.image_processor(images=blurred, return_tensors="pt")["pixel_values"]
-            return pixel_values.to(self.device, self.dtype)
+            blurred = [self._preprocess_image(image.filter(ImageFilter.GaussianBlur(blur_radius)))[0] for image in batch.images]
+            return torch.stack(blurred).to(self.device, self.dtype)
         if reference == "noise":
             generator = torch.Generator().manual_seed(seed)
             return torch.randn(shape, generator=generator, dtype=torch.float64).to(self.device, self.dtype)

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from xclip.adapters.base import DualEncoderAdapter
+from xclip.adapters.hf import HFDualEncoder
 from xclip.core.transformer import Positions, UpperEncoder
 
 
-class ClipAdapter(DualEncoderAdapter):
+class ClipAdapter(HFDualEncoder):
     family = "clip"
     n_image_prefix = 1  # CLS
 
@@ -24,10 +24,6 @@ class ClipAdapter(DualEncoderAdapter):
 
     def _image_layers(self) -> Sequence[nn.Module]:
         return self.model.vision_model.encoder.layers
-
-    def _tokenize(self, captions: list[str]) -> dict[str, Tensor]:
-        max_length = self.model.config.text_config.max_position_embeddings
-        return self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
     def pooled_index(self, input_ids: Tensor) -> Tensor:
         eos = self.model.config.text_config.eos_token_id

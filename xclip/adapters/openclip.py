@@ -17,9 +17,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xclip.adapters.base import DualEncoderAdapter
+from PIL import Image
+
+from xclip.adapters.base import DualEncoderAdapter, EncodedCaptions
 from xclip.core.transformer import Block, Positions, UpperEncoder
 from xclip.errors import ModelFamilyError
+from xclip.geometry import Preprocessing
+
+
+def create_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, transform, preprocessing config)`` as open_clip builds them, weights read with
+    ``weights_only=True``; raises what open_clip raises."""
+    import open_clip
+
+    model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, weights_only=True)
+    return model.eval(), open_clip.get_tokenizer(model_name), transform, open_clip.get_model_preprocess_cfg(model)
 
 
 def _towers(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -102,72 +114,80 @@ class _Project(nn.Module):
         return self.projection(x) if isinstance(self.projection, nn.Module) else x @ self.projection
 
 
-class OpenClipTokenizer:
-    """What the adapters use of a transformers tokenizer, over open_clip's own tokenizer (so that token ids
-    equal open_clip's). Its pad id, the reference captions' default filler, is EOT, as in transformers' CLIP."""
+class OpenClipAdapter(DualEncoderAdapter):
+    """open_clip's model with its own tokenizer (CLIP's byte-level BPE) and image transform."""
 
-    def __init__(self, tokenizer: Any, context_length: int) -> None:
-        self.inner = tokenizer
-        self.context_length = context_length
-        self.bos_token_id = int(tokenizer.sot_token_id)
-        self.eos_token_id = int(tokenizer.eot_token_id)
-        self.pad_token_id = self.eos_token_id
-        self.all_special_ids = [self.bos_token_id, self.eos_token_id]
+    family = "open_clip"
+    n_image_prefix = 1  # open_clip's ViT always has a class token; `avg` pooling reads past it
+
+    def __init__(self, model: nn.Module, tokenizer: Any, transform: Any, preprocess_config: dict[str, Any], *,
+                 name: str = "", revision: str | None = None) -> None:
+        check_supported(model)
+        self.visual, self.text = _towers(model)
+        self._tokenizer, self._transform = tokenizer, transform
         self._decoder = getattr(tokenizer, "decoder", None)
         if self._decoder is None:
             msg = f"not supported: the tokenizer {type(tokenizer).__name__} (only open_clip's CLIP BPE tokenizer is)"
             raise ModelFamilyError(msg)
+        self._context_length = int(getattr(model, "context_length", getattr(self.text, "context_length", 77)))
+        self.bos_token_id = int(tokenizer.sot_token_id)
+        self.eos_token_id = int(tokenizer.eot_token_id)
+        self.pad_token_id = self.eos_token_id  # the reference captions' filler, as in transformers' CLIP
+        self.vocabulary_size = len(self._decoder)
+        self.image_mean = tuple(preprocess_config.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.image_std = tuple(preprocess_config.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        size = preprocess_config.get("size", 224)
+        self._input_size = (size, size) if isinstance(size, int) else (int(size[1]), int(size[0]))  # (width, height)
+        self._resize_mode = preprocess_config.get("resize_mode", "shortest")
+        if self._resize_mode not in ("shortest", "squash"):
+            msg = f"not supported: image resize mode {self._resize_mode!r} (shortest and squash are)"
+            raise ModelFamilyError(msg)
+        if self._resize_mode == "shortest" and self._input_size[0] != self._input_size[1]:
+            msg = f"not supported: a non-square input {self._input_size} with resize mode 'shortest'"
+            raise ModelFamilyError(msg)
+        super().__init__(model, name=name, revision=revision)
 
-    def ids(self, captions: list[str]) -> Tensor:
-        """``(B, context_length)`` token ids as open_clip gives them (SOT ... EOT, zero padding)."""
-        return self.inner(captions, context_length=self.context_length)
+    def _encode_captions(self, captions: list[str]) -> EncodedCaptions:
+        ids = self._tokenizer(captions, context_length=self._context_length)  # SOT ... EOT, zero padding
+        # causal attention: positions after the last EOT cannot change any pooled state, so they are dropped
+        length = int(self.pooled_index(ids).max()) + 1
+        ids = ids[:, :length]
+        eot = self.pooled_index(ids)
+        index = torch.arange(length)
+        special = (index[None, :] == 0) | (index[None, :] >= eot[:, None])
+        contents = [self._tokenizer.encode(caption) for caption in captions]
+        offsets = [
+            [(0, 0), *_aligned_offsets(caption, [self._token_text(i) for i in row[1 : int(end)]]), *[(0, 0)] * (length - int(end))]
+            for caption, row, end in zip(captions, ids.tolist(), eot)
+        ]
+        return EncodedCaptions(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            offsets=offsets,
+            special=special,
+            unknown=torch.zeros_like(ids, dtype=torch.bool),  # byte-level BPE: every word has tokens
+            is_truncated=[len(content) + 2 > self._context_length for content in contents],
+        )
 
-    def __call__(self, captions: list[str], truncation: bool = False) -> dict[str, list[list[int]]]:
-        """Untruncated ids (for the adapters' truncation check)."""
-        return {"input_ids": [[self.bos_token_id, *self.inner.encode(text), self.eos_token_id] for text in captions]}
+    def _token_text(self, token_id: int) -> str:
+        """A BPE token as the text it encodes (its bytes decoded, the end-of-word mark dropped)."""
+        decoded = bytearray(self._tokenizer.byte_decoder[c] for c in self._decoder[token_id])
+        return decoded.decode("utf-8", errors="ignore").replace("</w>", "")
 
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+    def _token_strings(self, ids: list[int]) -> list[str]:
         return [self._decoder[int(i)] for i in ids]
 
-    def __len__(self) -> int:
-        return len(self._decoder)
-
-
-class OpenClipImageProcessor:
-    """open_clip's own transform behind a transformers-like ``image_processor`` interface."""
-
-    def __init__(self, transform: Any, config: dict[str, Any]) -> None:
-        self.transform = transform
-        self.image_mean = list(config.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.image_std = list(config.get("std", (0.26862954, 0.26130258, 0.27577711)))
-        size = config.get("size", 224)
-        height, width = (size, size) if isinstance(size, int) else size
-        mode = config.get("resize_mode", "shortest")
-        if mode not in ("shortest", "squash"):
-            msg = f"not supported: image resize mode {mode!r} (shortest and squash are)"
-            raise ModelFamilyError(msg)
-        self.do_resize = True
-        self.do_center_crop = mode == "shortest"
-        self.size = {"shortest_edge": min(height, width)} if mode == "shortest" else {"height": height, "width": width}
-        self.crop_size = {"height": height, "width": width}
-
-    def __call__(self, images: Sequence[Any], return_tensors: str = "pt") -> dict[str, Tensor]:
-        return {"pixel_values": torch.stack([self.transform(image) for image in images])}
-
-
-class OpenClipProcessor:
-    def __init__(self, tokenizer: OpenClipTokenizer, image_processor: OpenClipImageProcessor) -> None:
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-
-
-class OpenClipAdapter(DualEncoderAdapter):
-    family = "open_clip"
-    n_image_prefix = 1  # open_clip's ViT always has a class token; `avg` pooling reads past it
-
-    def __init__(self, model: nn.Module, processor: OpenClipProcessor, *, name: str = "", revision: str | None = None) -> None:
-        check_supported(model)
-        self.visual, self.text = _towers(model)
-        super().__init__(model, processor, name=name, revision=revision)
+    def _preprocess_image(self, image: Image.Image) -> tuple[Tensor, Preprocessing]:
+        pixels = self._transform(image)
+        width, height = image.size
+        if self._resize_mode == "squash":
+            resized, origin = self._input_size, (0, 0)
+        else:  # torchvision's Resize(int): the long side truncated; CenterCrop: offsets rounded
+            side = self._input_size[0]
+            short, long = sorted((width, height))
+            resized = (side, int(side * long / short)) if width <= height else (int(side * long / short), side)
+            origin = (int(round((resized[0] - side) / 2.0)), int(round((resized[1] - side) / 2.0)))
+        return pixels, Preprocessing.resize_then_crop((width, height), resized, origin, self._input_size, self.patch_grid)
 
     def _block(self, layer: nn.Module) -> Block:
         return open_clip_block(layer)
@@ -184,19 +204,12 @@ class OpenClipAdapter(DualEncoderAdapter):
 
     @property
     def max_text_positions(self) -> int:
-        return int(self.tokenizer.context_length)
+        return self._context_length
 
     @property
     def patch_grid(self) -> tuple[int, int]:
         rows, cols = self.visual.grid_size
         return int(rows), int(cols)
-
-    def _tokenize(self, captions: list[str]) -> dict[str, Tensor]:
-        ids = self.tokenizer.ids(captions)
-        # causal attention: positions after the last EOT cannot change any pooled state, so they are dropped
-        length = int(self.pooled_index(ids).max()) + 1
-        ids = ids[:, :length]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def pooled_index(self, input_ids: Tensor) -> Tensor:
         pool = _text_pool(self.text)
@@ -205,7 +218,7 @@ class OpenClipAdapter(DualEncoderAdapter):
         if pool == "last":
             return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
         if pool == "eos":
-            eos = getattr(self.text, "text_eos_id", getattr(self.text, "eos_id", self.tokenizer.eos_token_id))
+            eos = getattr(self.text, "text_eos_id", getattr(self.text, "eos_id", self.eos_token_id))
             return (input_ids == eos).int().argmax(dim=-1)
         return input_ids.argmax(dim=-1)  # argmax: EOT is the largest id of CLIP's vocabulary
 
@@ -251,3 +264,21 @@ class OpenClipAdapter(DualEncoderAdapter):
 class _PatchMean(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x[:, 1:].mean(dim=1)
+
+
+def _aligned_offsets(caption: str, pieces: list[str]) -> list[tuple[int, int]]:
+    """Character spans of BPE pieces in the caption they came from, found in order. open_clip's tokenizer
+    lowercases and cleans the text first, so a piece is searched case-insensitively from the end of the
+    previous one; a piece that is not found (text the cleaning changed, a byte of a split character) gets
+    ``(0, 0)`` and is shown by its token string."""
+    lowered = caption.lower()
+    text = lowered if len(lowered) == len(caption) else caption
+    spans, cursor = [], 0
+    for piece in pieces:
+        start = text.find(piece.lower(), cursor) if piece.strip() else -1
+        if start < 0:
+            spans.append((0, 0))
+            continue
+        spans.append((start, start + len(piece)))
+        cursor = start + len(piece)
+    return spans

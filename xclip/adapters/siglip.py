@@ -8,13 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from xclip.adapters.base import DualEncoderAdapter
+from xclip.adapters.hf import HFDualEncoder
 from xclip.core.transformer import Positions, UpperEncoder, attention
 
 
-class SiglipAdapter(DualEncoderAdapter):
+class SiglipAdapter(HFDualEncoder):
     family = "siglip"
     n_image_prefix = 0
+    padding = "max_length"  # the text tower was trained on captions padded to its whole context
 
     @property
     def embedding_dim(self) -> int:
@@ -26,19 +27,14 @@ class SiglipAdapter(DualEncoderAdapter):
     def _image_layers(self) -> Sequence[nn.Module]:
         return self.model.vision_model.encoder.layers
 
-    def _tokenize(self, captions: list[str]) -> dict[str, Tensor]:
-        max_length = self.model.config.text_config.max_position_embeddings
-        encoded = self.tokenizer(
-            captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": torch.ones_like(encoded["input_ids"])}
+    def _attention_mask(self, mask: Tensor) -> Tensor:
+        return torch.ones_like(mask)  # no padding mask: the padding tokens take part in attention
 
     def pooled_index(self, input_ids: Tensor) -> Tensor:
         return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
 
     def _text_positions(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Positions, Tensor, list[int]]:
-        eos = self.tokenizer.eos_token_id
-        is_eos = input_ids == eos
+        is_eos = input_ids == self.eos_token_id
         # first EOS; a caption cut at the context length may have none, then the last position stands in
         eos_index = torch.where(is_eos.any(-1), is_eos.int().argmax(-1), input_ids.shape[1] - 1)
         # bidirectional attention without a padding mask: every position carries a contribution

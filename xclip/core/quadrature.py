@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xclip.errors import ConfigError
+
 Rule = Literal["gauss-legendre", "riemann-right", "midpoint"]
 RULES: tuple[str, ...] = get_args(Rule)
 
@@ -92,6 +94,40 @@ class PathIntegral:
     n_nodes: Tensor
 
 
+def check_quadrature(*, n_steps: int | None, tolerance: float | None, max_steps: int, rule: str,
+                     convention: str = "exact") -> None:
+    """The one check of the quadrature settings (the API, the config and :class:`PathQuadrature` use it).
+
+    Raises:
+        ConfigError: naming the setting at fault in its ``setting`` field.
+    """
+    if rule not in RULES:
+        msg = f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)}"
+        raise ConfigError(msg, setting="rule")
+    for name, value, most in (("n_steps", n_steps, MAX_FIXED_NODES), ("max_steps", max_steps, MAX_NODES)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
+            msg = f"{name} must be a whole number from 1 to {most}, got {value!r}"
+            raise ConfigError(msg, setting=name)
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1):
+        msg = f"tolerance must lie between 0 and 1 (a relative completeness error), got {tolerance!r}"
+        raise ConfigError(msg, setting="tolerance")
+    if n_steps is not None:
+        return
+    if convention == "reference":
+        msg = ("convention 'reference' reproduces the reference code's fixed rule: give n_steps (its maps do not sum "
+               "to the four-term value, so there is no tolerance to refine to)")
+        raise ConfigError(msg, setting="convention")
+    if tolerance is None:
+        msg = "tolerance is not set and neither is n_steps: give a tolerance to adapt to, or n_steps for a fixed rule"
+        raise ConfigError(msg, setting="tolerance")
+    if rule != "gauss-legendre":
+        msg = f"rule {rule!r} is for fixed-step comparisons: give n_steps with it (the adaptive rule is composite Gauss-Legendre)"
+        raise ConfigError(msg, setting="rule")
+    if max_steps < MIN_ADAPTIVE_STEPS:
+        msg = f"max_steps must be at least {MIN_ADAPTIVE_STEPS} (the first {FIRST_PANELS} panels of {PANEL_NODES} nodes), got {max_steps}"
+        raise ConfigError(msg, setting="max_steps")
+
+
 @dataclass(frozen=True)
 class PathQuadrature:
     """How the path integral is taken: a fixed rule with ``n_steps`` nodes, or (``n_steps=None``) composite
@@ -108,26 +144,7 @@ class PathQuadrature:
     rule: Rule = "gauss-legendre"
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            msg = f"unknown quadrature rule {self.rule!r}; choose one of {', '.join(RULES)}"
-            raise ValueError(msg)
-        for name, value, most in (("n_steps", self.n_steps, MAX_FIXED_NODES), ("max_steps", self.max_steps, MAX_NODES)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
-                msg = f"{name} must be a whole number from 1 to {most}, got {value!r}"
-                raise ValueError(msg)
-        if self.tolerance is not None and not 0 < self.tolerance < 1:
-            msg = f"tolerance must lie between 0 and 1 (a relative completeness error), got {self.tolerance}"
-            raise ValueError(msg)
-        if self.is_adaptive:
-            if self.tolerance is None:
-                msg = "adaptive quadrature needs a tolerance; give n_steps for a fixed rule without one"
-                raise ValueError(msg)
-            if self.rule != "gauss-legendre":
-                msg = f"the {self.rule} rule is for fixed-step comparisons: give n_steps with it"
-                raise ValueError(msg)
-            if self.max_steps < MIN_ADAPTIVE_STEPS:
-                msg = f"max_steps must be at least {MIN_ADAPTIVE_STEPS} (the first {FIRST_PANELS} panels of {PANEL_NODES} nodes), got {self.max_steps}"
-                raise ValueError(msg)
+        check_quadrature(n_steps=self.n_steps, tolerance=self.tolerance, max_steps=self.max_steps, rule=self.rule)
 
     @property
     def is_adaptive(self) -> bool:

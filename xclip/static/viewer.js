@@ -91,8 +91,13 @@ async function loadSummary() {
   return state.summary;
 }
 
+let tableRequests = 0;
+
 async function loadTable() {
+  // typing sends a request per key: only the newest answer may fill the table, whatever order they arrive in
+  const request = ++tableRequests;
   const answer = await api("api/pairs", state.query);
+  if (request !== tableRequests) return;
   const body = $("pairs").querySelector("tbody");
   body.replaceChildren(...answer.rows.map((row) => {
     const tr = document.createElement("tr");
@@ -325,21 +330,15 @@ function boxFrom([ax, ay], [bx, by]) {
 }
 
 // patches whose centres lie in the box; a box too small to hold a centre takes the patch under its centre
-function boxPatches(box) {
-  const [rows, cols] = state.pair.grid;
-  const layer = $("box-layer");
-  const cellW = layer.width / cols, cellH = layer.height / rows;
-  const inside = [];
-  for (let r = 0; r < rows; r++) {
-    for (let c = 0; c < cols; c++) {
-      const cx = (c + 0.5) * cellW, cy = (r + 0.5) * cellH;
-      if (box.x0 <= cx && cx <= box.x1 && box.y0 <= cy && cy <= box.y1) inside.push(r * cols + c);
-    }
-  }
-  if (inside.length) return inside;
-  const r = Math.min(rows - 1, Math.floor((box.y0 + box.y1) / 2 / cellH));
-  const c = Math.min(cols - 1, Math.floor((box.x0 + box.x1) / 2 / cellW));
-  return [r * cols + c];
+// the share of each patch's area inside the box, as xclip.geometry computes it (the server sends each patch's
+// rectangle as fractions of the view); a box smaller than a patch covers it by its share, not 0 or 1
+function boxCoverage(box, patches, width, height) {
+  return patches.map(([px0, py0, px1, py1]) => {
+    const x0 = px0 * width, y0 = py0 * height, x1 = px1 * width, y1 = py1 * height;
+    const w = Math.max(0, Math.min(x1, box.x1) - Math.max(x0, box.x0));
+    const h = Math.max(0, Math.min(y1, box.y1) - Math.max(y0, box.y0));
+    return (w * h) / ((x1 - x0) * (y1 - y0));
+  });
 }
 
 function drawBox() {
@@ -367,9 +366,11 @@ function showBoxValues() {
     }
     return;
   }
-  const patches = boxPatches(state.box);
+  const layer = $("box-layer");
+  const weights = boxCoverage(state.box, state.pair.patches, layer.width, layer.height);
+  const patches = weights.flatMap((w, p) => (w > 0 ? [p] : []));
   const { interactions, n_prefix: prefix } = state.pair;
-  const rowValue = (r) => patches.reduce((sum, p) => sum + interactions[r][prefix + p], 0);
+  const rowValue = (r) => patches.reduce((sum, p) => sum + weights[p] * interactions[r][prefix + p], 0);
   const values = state.pair.chips.map((chip) => chip.rows.reduce((sum, r) => sum + rowValue(r), 0));
   const h = values.reduce((peak, v) => Math.max(peak, Math.abs(v)), 0) || 1;
   chips.forEach((element, k) => {
@@ -382,6 +383,7 @@ function showBoxValues() {
   });
   $("box-patches").textContent = patches.length;
   $("box-patches").dataset.patches = JSON.stringify(patches);
+  $("box-patches").dataset.weights = JSON.stringify(weights);
   setNumber("box-total", interactions.reduce((sum, _, r) => sum + rowValue(r), 0));
 }
 

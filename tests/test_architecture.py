@@ -1,0 +1,123 @@
+"""The shape of the code: no import cycles, tokenizers and image processors only inside adapters, and readers
+of one pair that read that pair's rows only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_viewer import demo_run  # noqa: F401  (a fixture)
+
+from xclip.render import load_pair_view
+from xclip.store import RunReader
+from xclip.viewer import RunData
+
+PACKAGE = Path(__file__).resolve().parents[1] / "xclip"
+# what a tokenizer or an image processor offers; outside xclip/adapters/ no module may use it
+TOKENIZER_AND_PROCESSOR = {
+    "tokenizer", "image_processor", "processor", "convert_ids_to_tokens", "all_special_ids", "all_special_tokens",
+    "get_tokenizer", "AutoTokenizer", "AutoProcessor", "CLIPTokenizer", "CLIPProcessor", "CLIPImageProcessor",
+    "SiglipProcessor", "PreTrainedTokenizerFast", "return_offsets_mapping", "offset_mapping",
+}
+# writes random checkpoints (a tokenizer and processor included) for tests and benchmarks; never reads one
+WRITES_CHECKPOINTS = {"random_models.py"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """xclip modules a module imports when it is imported (not inside functions or ``if TYPE_CHECKING``)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        found |= {name for name in names if name.startswith("xclip")}
+    return found
+
+
+def test_the_import_graph_has_no_cycles():
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: {m for m in module_level_imports(path) if m in modules and m != name} for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                pytest.fail("import cycle: " + " -> ".join([*trail[trail.index(target):], target]))
+            if target not in state:
+                visit(target, [*trail, target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert "xclip.store" in graph["xclip.runner"]  # the graph is read: the runner writes through the store
+
+
+def test_no_module_outside_the_adapters_uses_a_tokenizer_or_an_image_processor():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "adapters" in path.relative_to(PACKAGE).parts or path.name in WRITES_CHECKPOINTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else \
+                node.name if isinstance(node, ast.alias) else node.arg if isinstance(node, ast.keyword) else None
+            if name in TOKENIZER_AND_PROCESSOR:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {name}")
+    assert not found, found
+
+
+def test_readers_of_one_pair_read_its_rows_only(demo_run, monkeypatch):  # noqa: F811
+    with RunReader(demo_run) as run:
+        c, i = run.pair_inputs(7)
+        expected = (run.captions()[c], run.image_paths()[i], run.interactions(7))
+
+    def whole_column(*args, **kwargs):
+        raise AssertionError("read a whole column to answer for one pair")
+
+    for name in ("captions", "image_paths", "column", "status"):  # what reads every caption, path or pair
+        monkeypatch.setattr(RunReader, name, whole_column)
+    answer = RunData(demo_run).pair(7)
+    assert (answer["caption"], answer["image"]) == expected[:2]
+    assert np.array_equal(np.array(answer["interactions"]), expected[2].astype(np.float64))
+    RunData(demo_run).image(7)
+    with RunReader(demo_run) as run:
+        view = load_pair_view(run, 7, run.data_root())
+    assert view.caption == expected[0] and np.array_equal(view.interactions, expected[2])
+
+
+def test_errors_name_the_setting_as_the_user_gave_it(tmp_path, model_dirs):
+    from test_bad_inputs import expect, jsonl_folder, write_config
+    from PIL import Image
+
+    import xclip
+    from xclip.runner import run
+    from xclip.config import load_config
+
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(xclip.ConfigError, match=r"^checkpoint: no file at") as raised:  # the API's own name
+        xclip.load_model("open_clip:ViT-B-32", checkpoint=missing, device="cpu")
+    assert raised.value.setting == "checkpoint"
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    expect(["explain", tmp_path / "x.png", "a cat", "--model", "open_clip:ViT-B-32", "--checkpoint", missing], 2,
+           r"Error: --checkpoint: no file at")
+    jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
+    config = write_config(tmp_path, "open_clip:ViT-B-32")
+    config.write_text(config.read_text().replace("name: open_clip:ViT-B-32", f"name: open_clip:ViT-B-32\n  checkpoint: {missing}"))
+    expect(["attribute", config], 2, r"Error: model.checkpoint: no file at")
+    # a run made with other settings: the API is told overwrite=True, the command line --overwrite
+    finished = write_config(tmp_path, model_dirs["clip"])
+    assert run(load_config(finished)).n_done == 3
+    with pytest.raises(xclip.ConfigError, match=r"or pass overwrite=True to replace it"):
+        run(load_config(finished, ["attribution.n_steps=3"]))
+    expect(["attribute", finished, "attribution.n_steps=3"], 2, r"or pass --overwrite to replace it")
+    expect(["attribute", finished, "attribution.n_steps=0"], 2, r"attribution.n_steps: Input should be greater than or equal to 1")

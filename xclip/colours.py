@@ -1,0 +1,56 @@
+"""The colour scale of every map and the image's outlines drawn over it, shared by the figures and the viewer.
+
+Colour means the map and nothing else: a diverging colour map centred at zero (``RdBu_r``: red raises the
+score, blue lowers it, white is zero), 256 levels indexed as matplotlib indexes them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+COLORMAP = "RdBu_r"
+Upsample = Literal["bilinear", "nearest"]
+CONTOUR = (45, 45, 45)  # the outlines' dark grey, which no level of the colour map has
+
+
+@lru_cache(maxsize=1)
+def _lut() -> np.ndarray:
+    from matplotlib import colormaps
+
+    return colormaps[COLORMAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
+
+
+def map_colours(values: np.ndarray, halfrange: float) -> np.ndarray:
+    """``(..., 3)`` uint8: the colour bar's colour of each value (values beyond ``halfrange`` clip to its
+    ends); matplotlib's ``RdBu_r`` with its 256 levels, indexed as matplotlib indexes it."""
+    normalised = np.clip((np.asarray(values, dtype=np.float64) / halfrange + 1.0) / 2.0, 0.0, 1.0)
+    return _lut()[np.minimum((normalised * 256).astype(np.int64), 255)]
+
+
+def outline_mask(view: Image.Image) -> np.ndarray:
+    """Where the image's colours change sharply (its shapes' outlines), as a boolean mask: the steepest
+    gradients of any colour channel (a red square on a grey of equal brightness has one) of a lightly blurred
+    copy (so that texture draws fewer lines), those above a sixth of the near-largest, and never more than a
+    tenth of the pixels."""
+    blurred = view.convert("RGB").filter(ImageFilter.GaussianBlur(max(1.0, max(view.size) / 160)))
+    rgb = np.asarray(blurred, dtype=np.float32)
+    gradient = np.zeros(rgb.shape[:2], dtype=np.float32)
+    gradient[1:-1, 1:-1] = np.hypot(rgb[1:-1, 2:] - rgb[1:-1, :-2], rgb[2:, 1:-1] - rgb[:-2, 1:-1]).max(-1)
+    threshold = max(16.0, float(np.percentile(gradient, 99.5)) / 6, float(np.percentile(gradient, 90)))
+    return gradient > threshold
+
+
+def map_panel(view: Image.Image, patch_map: np.ndarray, halfrange: float, upsample: Upsample = "bilinear",
+              contours: np.ndarray | None = None) -> Image.Image:
+    """The patch map at the view's size in the colour bar's colours, with the view's contours over it."""
+    resample = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}[upsample]
+    field_ = Image.fromarray(np.asarray(patch_map, dtype=np.float32), mode="F").resize(view.size, resample)
+    colours = map_colours(np.asarray(field_), halfrange)
+    if contours is None:
+        contours = outline_mask(view)
+    colours[contours] = CONTOUR
+    return Image.fromarray(colours)

@@ -1,0 +1,156 @@
+"""Where each patch of the model's input lies in the original image, and which patches a box covers.
+
+An adapter describes its preprocessing of one image as a :class:`Preprocessing`: the rectangle of the original
+image that the model's input shows (``crop_box``, in original pixels; the whole image for a squash resize, the
+centred part for resize-then-crop) and the patch grid laid over it. Every reader (render, evaluate, the viewer,
+an :class:`~xclip.InteractionMap`) answers "which patches does this box cover" through :meth:`box_coverage`,
+so that they agree to the bit.
+
+How a box counts: each patch counts with the share of its area that the box covers, a weight in (0, 1]. A
+10 x 10 px box inside one 32 x 32 px patch covers that patch with weight 0.098, not 0 (it lies between
+centres) and not 1 (it is not the whole patch). Render and the viewer sum a box's interactions with these
+weights; the grounding metrics weigh patches by them. A box wholly outside the crop covers nothing the model
+saw and is refused; a box partly outside counts for its part inside, and :meth:`crop_share` says how much.
+Pure numpy and Pillow: no model, no tokenizer, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xclip.errors import ConfigError
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels, x0 < x1, y0 < y1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How one image became the model's input.
+
+    Attributes:
+        original_size: ``(width, height)`` of the image as read (upright, before any resize).
+        crop_box: ``(x0, y0, x1, y1)``: the rectangle of the original image, in its pixels, that the model's
+            input shows; it is resized onto ``input_size``.
+        input_size: ``(width, height)`` of the model's input in pixels.
+        grid: ``(rows, columns)`` of patches over the input.
+    """
+
+    original_size: tuple[int, int]
+    crop_box: Box
+    input_size: tuple[int, int]
+    grid: tuple[int, int]
+
+    @classmethod
+    def resize_then_crop(
+        cls, original_size: tuple[int, int], resized_size: tuple[int, int], crop_origin: tuple[int, int],
+        input_size: tuple[int, int], grid: tuple[int, int],
+    ) -> Preprocessing:
+        """A resize to ``resized_size`` followed by a crop of ``input_size`` at ``crop_origin`` (``left, top``
+        in resized pixels); a squash resize is the crop at (0, 0) of a resize to ``input_size``."""
+        (width, height), (resized_w, resized_h) = original_size, resized_size
+        scale_x, scale_y = resized_w / width, resized_h / height
+        left, top = crop_origin
+        box = (left / scale_x, top / scale_y, (left + input_size[0]) / scale_x, (top + input_size[1]) / scale_y)
+        return cls(tuple(original_size), box, tuple(input_size), tuple(grid))  # type: ignore[arg-type]
+
+    # --- stored as one row of numbers (the run file's images/preprocessing) ----------------------------------
+    def to_row(self) -> np.ndarray:
+        """``(10,)`` float64: original width, height; crop box; input width, height; grid rows, columns."""
+        return np.array([*self.original_size, *self.crop_box, *self.input_size, *self.grid], dtype=np.float64)
+
+    @classmethod
+    def from_row(cls, row: np.ndarray) -> Preprocessing:
+        values = [float(v) for v in row]
+        return cls(
+            (int(values[0]), int(values[1])), tuple(values[2:6]),  # type: ignore[arg-type]
+            (int(values[6]), int(values[7])), (int(values[8]), int(values[9])),
+        )
+
+    # --- patches --------------------------------------------------------------------------------------------
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def patch_rects(self) -> np.ndarray:
+        """``(rows * columns, 4)``: each patch's rectangle ``x0, y0, x1, y1`` in original pixels, row-major."""
+        rows, cols = self.grid
+        x0, y0, x1, y1 = self.crop_box
+        xs, ys = np.linspace(x0, x1, cols + 1), np.linspace(y0, y1, rows + 1)
+        left, top = np.meshgrid(xs[:-1], ys[:-1])
+        right, bottom = np.meshgrid(xs[1:], ys[1:])
+        return np.stack([left, top, right, bottom], axis=-1).reshape(-1, 4)
+
+    def box_coverage(self, box: Box) -> np.ndarray:
+        """``(rows * columns,)``: the share of each patch's area inside ``box`` (original pixels).
+
+        Raises:
+            ConfigError: the box lies wholly outside the crop, so the model saw none of it.
+        """
+        box = check_box(box)
+        if self.crop_share(box) == 0.0:
+            x0, y0, x1, y1 = self.crop_box
+            msg = (
+                f"box {_format_box(box)} lies wholly outside the part of the image the model sees "
+                f"(x {x0:.4g}..{x1:.4g}, y {y0:.4g}..{y1:.4g} of the {self.original_size[0]} x {self.original_size[1]} "
+                "image; the preprocessing cropped the rest)"
+            )
+            raise ConfigError(msg, setting="box")
+        rects = self.patch_rects()
+        return _overlap(rects, box) / ((rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1]))
+
+    def box_patches(self, box: Box) -> np.ndarray:
+        """Indices (row-major) of the patches a box covers any part of; their weights are :meth:`box_coverage`."""
+        return np.flatnonzero(self.box_coverage(box) > 0)
+
+    def crop_share(self, box: Box) -> float:
+        """The share of the box's area that lies inside the crop (what the model saw of it)."""
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        return float(_overlap(np.asarray([self.crop_box]), box)[0] / area) if area > 0 else 0.0
+
+    def to_input(self, x: float, y: float) -> tuple[float, float]:
+        """Original-image coordinates in input pixels."""
+        x0, y0, x1, y1 = self.crop_box
+        return (x - x0) * self.input_size[0] / (x1 - x0), (y - y0) * self.input_size[1] / (y1 - y0)
+
+    def cropped_share_of_image(self) -> float:
+        """The share of the original image's area that the crop cut off (0 for a squash resize)."""
+        width, height = self.original_size
+        return 1.0 - float(_overlap(np.asarray([self.crop_box]), (0.0, 0.0, float(width), float(height)))[0]) / (width * height)
+
+    def model_view(self, image: object, size: tuple[int, int] | None = None) -> object:
+        """The original ``image`` (PIL) as the model saw it: the crop box resized to ``size`` (default the
+        input size), bicubic."""
+        from PIL import Image
+
+        width, height = self.original_size
+        x0, y0, x1, y1 = self.crop_box
+        inside = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))  # Pillow takes no box beyond the image
+        return image.resize(size or self.input_size, Image.Resampling.BICUBIC, box=inside)  # type: ignore[attr-defined]
+
+
+def _overlap(rects: np.ndarray, box: Box) -> np.ndarray:
+    """Area of each rectangle ``(N, 4)`` inside ``box``."""
+    width = np.clip(np.minimum(rects[:, 2], box[2]) - np.maximum(rects[:, 0], box[0]), 0, None)
+    height = np.clip(np.minimum(rects[:, 3], box[3]) - np.maximum(rects[:, 1], box[1]), 0, None)
+    return width * height
+
+
+def _format_box(box: Box) -> str:
+    return ",".join(f"{v:g}" for v in box)
+
+
+def check_box(box: object, *, what: str = "box") -> Box:
+    """``box`` as four finite floats with ``x0 < x1`` and ``y0 < y1``; :class:`ConfigError` otherwise."""
+    try:
+        values = tuple(float(v) for v in box)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4 or not all(np.isfinite(values)):
+        msg = f"{what} must be four finite numbers x0, y0, x1, y1 in pixels, got {box!r}"
+        raise ConfigError(msg)
+    if values[2] <= values[0] or values[3] <= values[1]:
+        msg = f"{what} {_format_box(values)}: need x0 < x1 and y0 < y1"  # type: ignore[arg-type]
+        raise ConfigError(msg)
+    return values  # type: ignore[return-value]
