@@ -21,11 +21,11 @@ from xclip.config import load_config
 from xclip.errors import ConfigError
 from xclip.render import FigureOptions, render_run
 from xclip.runner import Progress, RunSummary, run
-from xclip.schema import CAPTION_INDEX, PAIRS
+from xclip.schema import CAPTION_INDEX, COMPLETENESS_ERROR, FOUR_TERM_VALUE, PAIRS, SCORE
 from xclip.store import DONE, RunReader
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "shapes-clip"
-_NUMBERS = ("score", "four_term_value", "completeness_error")  # the ExplainedPair fields read from the run file
+_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR)  # the ExplainedPair fields read from the run file
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,22 @@ from typing import Any
 
 import numpy as np
 
-from xclip.schema import CAPTION_INDEX, CAPTIONS, GROUPS, IMAGE_INDEX, IMAGES, PAIR_TABLE_NUMBERS, PAIRS, TERMS, Status
+from xclip.schema import (
+    CAPTION_INDEX,
+    CAPTIONS,
+    COMPLETENESS_BOUND,
+    COMPLETENESS_ERROR,
+    GROUPS,
+    IMAGE_INDEX,
+    IMAGES,
+    IS_CONVERGED,
+    N_NODES,
+    PAIR_TABLE_NUMBERS,
+    PAIRS,
+    RELATIVE_COMPLETENESS_ERROR,
+    TERMS,
+    Status,
+)
 from xclip.store import RunReader
 
 DONE, FAILED = Status.DONE, Status.FAILED
@@ -70,8 +85,8 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
     }
     for group, names in ((CAPTIONS, run.captions()), (IMAGES, run.image_paths())):
         done = run.status(group) == DONE
-        nodes, relative = run.column(group, "n_nodes"), run.column(group, "relative_completeness_error")
-        missed = np.flatnonzero(done & ~run.column(group, "is_converged"))
+        nodes, relative = run.column(group, N_NODES), run.column(group, RELATIVE_COMPLETENESS_ERROR)
+        missed = np.flatnonzero(done & ~run.column(group, IS_CONVERGED))
         report[group] = {
             "done": int(done.sum()),
             "nodes_mean": _statistic(np.mean, nodes[done]),
@@ -93,10 +108,10 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
     done = run.status(PAIRS) == DONE
     report["pairs"] = {
         "done": int(done.sum()),
-        "relative_error_median": _statistic(np.median, run.column(PAIRS, "relative_completeness_error")[done]),
-        "relative_error_max": _statistic(np.max, run.column(PAIRS, "relative_completeness_error")[done]),
-        "error_max": _statistic(np.max, run.column(PAIRS, "completeness_error")[done]),
-        "bound_max": _statistic(np.max, run.column(PAIRS, "completeness_bound")[done]),
+        "relative_error_median": _statistic(np.median, run.column(PAIRS, RELATIVE_COMPLETENESS_ERROR)[done]),
+        "relative_error_max": _statistic(np.max, run.column(PAIRS, RELATIVE_COMPLETENESS_ERROR)[done]),
+        "error_max": _statistic(np.max, run.column(PAIRS, COMPLETENESS_ERROR)[done]),
+        "bound_max": _statistic(np.max, run.column(PAIRS, COMPLETENESS_BOUND)[done]),
     }
     return report
 

@@ -34,7 +34,16 @@ from xclip.colours import COLORMAP, Upsample, map_colours, map_panel, outline_ma
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
 from xclip.result import InteractionMap
-from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, IMAGES, ORIGINAL_SIZE, PAIRS
+from xclip.schema import (
+    CAPTION_INDEX,
+    COMPLETENESS_ERROR,
+    FOUR_TERM_VALUE,
+    IMAGE_INDEX,
+    IMAGES,
+    ORIGINAL_SIZE,
+    PAIRS,
+    SCORE,
+)
 from xclip.store import DONE, RunReader
 from xclip.tokens import CaptionTokens, check_span
 
@@ -461,9 +470,9 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         geometry=geometry,
         n_prefix=run.n_prefix,
         image=geometry.model_view(read_image(image_path)[0]),
-        score=float(run.value(PAIRS, "score", index)),
-        four_term_value=float(run.value(PAIRS, "four_term_value", index)),
-        completeness_error=float(run.value(PAIRS, "completeness_error", index)),
+        score=float(run.value(PAIRS, SCORE, index)),
+        four_term_value=float(run.value(PAIRS, FOUR_TERM_VALUE, index)),
+        completeness_error=float(run.value(PAIRS, COMPLETENESS_ERROR, index)),
     )
 
 

@@ -25,6 +25,7 @@ from xclip.inspection import describe_accuracy, describe_failures
 from xclip.loading import load_model
 from xclip.pairing import choose_pairs, shard_dataset
 from xclip.result import PairNumbers
+from xclip.schema import CAPTION_INDEX, CAPTIONS, IMAGE_INDEX, IMAGES, IS_TRUNCATED, PAIRS
 from xclip.store import (
     DONE,
     FAILED,
@@ -103,7 +104,7 @@ def _run_locked(
     if not run_path.exists():
         _create_run_file(run_path, config, dataset, attributor.model, identity, command, progress)
     with RunWriter(run_path) as run:
-        n_skipped = int((run.status("pairs") == DONE).sum())
+        n_skipped = int((run.status(PAIRS) == DONE).sum())
         check = _FiniteCheck(attributor.model)
         for stage in (_caption_stage, _image_stage, _pair_stage):
             if should_stop():
@@ -175,8 +176,8 @@ def _summarise(
 ) -> RunSummary:
     """What the run file holds after this invocation, which found ``n_skipped`` pairs finished."""
     with RunReader(directory / RUN_FILE) as finished:
-        status = finished.status("pairs")
-        truncated = finished.column("captions", "is_truncated") & (finished.status("captions") == DONE)
+        status = finished.status(PAIRS)
+        truncated = finished.column(CAPTIONS, IS_TRUNCATED) & (finished.status(CAPTIONS) == DONE)
         return RunSummary(
             directory=directory,
             n_pairs=len(status),
@@ -188,7 +189,7 @@ def _summarise(
             accuracy=describe_accuracy(finished),
             model_load_seconds=model_load_seconds,
             is_interrupted=should_stop() or bool((status == PENDING).any()),
-            failures=describe_failures(finished, ("captions", "images")),  # a pair fails with its input
+            failures=describe_failures(finished, (CAPTIONS, IMAGES)),  # a pair fails with its input
         )
 
 
@@ -257,7 +258,7 @@ def _run_stage(
 
 def _caption_stage(run: RunWriter, attributor: InteractionAttribution, config: RunConfig) -> _Stage:
     """Captions in batches of ``runtime.batch_size``; a caption's token ids are stored beside its result."""
-    todo = run.pending("captions")
+    todo = run.pending(CAPTIONS)
     texts = run.captions()
     model = attributor.model
 
@@ -300,7 +301,7 @@ class _ImageFiles(torch.utils.data.Dataset):
 def _image_stage(run: RunWriter, attributor: InteractionAttribution, config: RunConfig) -> _Stage:
     """Images decoded by a DataLoader in batches of ``runtime.batch_size``; an image's preprocessing notes are
     stored beside its result."""
-    todo = run.pending("images")
+    todo = run.pending(IMAGES)
     model = attributor.model
     files = _ImageFiles(config.data.root.resolve(), run.image_paths(), todo, model.preprocess_image)
     loader = torch.utils.data.DataLoader(
@@ -332,9 +333,9 @@ def _image_stage(run: RunWriter, attributor: InteractionAttribution, config: Run
 def _pair_stage(run: RunWriter, attributor: InteractionAttribution, config: RunConfig) -> _Stage:
     """Pairs in batches of ``PAIR_BATCH``, from their inputs' stored contributions; a pair whose caption or
     image failed fails with its input's reason."""
-    todo = run.pending("pairs")
-    caption_index, image_index = run.column("pairs", "caption_index"), run.column("pairs", "image_index")
-    caption_status, image_status = run.status("captions"), run.status("images")
+    todo = run.pending(PAIRS)
+    caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
+    caption_status, image_status = run.status(CAPTIONS), run.status(IMAGES)
     # why each failed input failed, read once: all of an input's pairs fail with its reason
     reasons: dict[str, dict[int, str]] = {}
     for group, status in (("captions", caption_status), ("images", image_status)):

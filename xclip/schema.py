@@ -29,12 +29,15 @@ class Status(IntEnum):
 
 
 # per-pair numbers, float32, NaN until the pair is done
-PAIR_NUMBERS = ("score", "four_term_value", "completeness_error", "relative_completeness_error", "completeness_bound")
+SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR = "score", "four_term_value", "completeness_error"
+RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND = "relative_completeness_error", "completeness_bound"
+PAIR_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND)
 PAIR_TABLE_NUMBERS = PAIR_NUMBERS[:4]  # the columns of the pair tables (inspect, the viewer)
 CAPTION_INDEX, IMAGE_INDEX = "caption_index", "image_index"
 TERMS, INTERACTIONS = "terms", "interactions"
 # per-input columns shared by captions and images
-INPUT_NUMBERS = ("completeness_error", "relative_completeness_error", "difference_norm")
+DIFFERENCE_NORM = "difference_norm"
+INPUT_NUMBERS = (COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, DIFFERENCE_NORM)
 CONTRIBUTIONS, EMBEDDING, REFERENCE_EMBEDDING = "contributions", "embedding", "reference_embedding"
 N_NODES, IS_CONVERGED, STATUS, ERROR = "n_nodes", "is_converged", "status", "error"
 # captions: the text, and per position its token id and string, character span and flags

@@ -26,11 +26,23 @@ import numpy as np
 from PIL import Image
 
 from xclip.adapters.base import read_image
+from xclip.colours import COLORMAP, outline_mask
 from xclip.errors import ConfigError, XclipError
 from xclip.geometry import Preprocessing
 from xclip.loading import looks_like_path
-from xclip.colours import COLORMAP, outline_mask
-from xclip.schema import CAPTION_INDEX, GROUPS, IMAGE_INDEX, PAIR_NUMBERS, PAIR_TABLE_NUMBERS, PAIRS, Status
+from xclip.schema import (
+    CAPTION_INDEX,
+    GROUPS,
+    IMAGE_INDEX,
+    PAIR_NUMBERS,
+    PAIR_TABLE_NUMBERS,
+    PAIRS,
+    RELATIVE_COMPLETENESS_ERROR,
+    SCORE,
+    STATUS,
+    TERMS,
+    Status,
+)
 from xclip.store import RunReader
 from xclip.tokens import CaptionTokens
 
@@ -117,7 +129,7 @@ class RunData:
             status = run.status(PAIRS)
             captions = run.captions()
             caption_index = run.column(PAIRS, CAPTION_INDEX)
-            score = run.column(PAIRS, "score")
+            score = run.column(PAIRS, SCORE)
             keep = np.ones(len(status), dtype=bool)
             if query.status != "all":
                 keep &= status == Status[query.status.upper()]
@@ -127,7 +139,7 @@ class RunData:
                 keep &= holds[caption_index] if len(captions) else keep
             if math.isfinite(query.min_score) or math.isfinite(query.max_score):
                 keep &= (score >= query.min_score) & (score <= query.max_score)
-            relative = run.column(PAIRS, "relative_completeness_error")
+            relative = run.column(PAIRS, RELATIVE_COMPLETENESS_ERROR)
             if math.isfinite(query.max_error):
                 keep &= relative <= query.max_error
             chosen = np.flatnonzero(keep)
@@ -171,7 +183,7 @@ class RunData:
         """One finished pair: its map, tokens and numbers, and where its patches lie (its own rows only)."""
         with RunReader(self.run_dir) as run:
             n_pairs = run.n_items(PAIRS)
-            if not 0 <= index < n_pairs or run.value(PAIRS, "status", index) != Status.DONE:
+            if not 0 <= index < n_pairs or run.value(PAIRS, STATUS, index) != Status.DONE:
                 msg = f"pair {index} is not a finished pair of this run ({n_pairs} pairs)"
                 raise ConfigError(msg)
             c, i = run.pair_inputs(index)
@@ -190,7 +202,7 @@ class RunData:
                 "patches": _patch_rects_in_view(geometry),
                 "crop_box": list(geometry.crop_box),
                 "original_size": list(geometry.original_size),
-                "terms": [float(v) for v in run.value(PAIRS, "terms", index)],
+                "terms": [float(v) for v in run.value(PAIRS, TERMS, index)],
                 **numbers,
             }
 
