@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import struct
 import zlib
@@ -184,6 +185,46 @@ def test_caption_beyond_the_context_is_truncated_and_flagged(tmp_path, model_dir
         assert f["captions/is_truncated"][:].tolist() == [False, False, True] and f["captions/n_positions"][2] == 77
 
 
+def assert_read_as_text(adapter: xclip.DualEncoderAdapter, caption: str) -> None:
+    """``caption`` is tokenised as its characters: its tokens spell it, with exactly one BOS (where the family has
+    one) before them and one EOS after them; no special flag and no BOS/EOS id among them; not truncated."""
+    batch = adapter.tokenize([caption, "a dog"])  # in a batch, so that padding follows the shorter caption
+    tokens, ids = batch.tokens[0], batch.input_ids[0, : batch.n_positions[0]].tolist()
+    text = [row for row, is_special in enumerate(tokens.special) if not is_special]
+    first = 0 if adapter.bos_token_id is None else 1
+    assert text == list(range(first, first + len(text))), tokens.tokens
+    assert "".join(tokens.text_of(row) for row in text) == caption.replace(" ", ""), tokens.tokens
+    assert {adapter.bos_token_id, adapter.eos_token_id}.isdisjoint(ids[row] for row in text), tokens.tokens
+    assert ids[first + len(text)] == adapter.eos_token_id and all(tokens.special[first + len(text) :])
+    if adapter.bos_token_id is not None:  # causal towers: BOS, the text, EOS, and nothing after it
+        assert ids[0] == adapter.bos_token_id and len(ids) == len(text) + 2
+    assert batch.is_truncated == [False, False]
+
+
+def test_special_strings_in_captions_are_text(model32):
+    for special in model32.tokenizer.all_special_tokens:
+        assert_read_as_text(model32, f"{special} a red circle")
+        assert_read_as_text(model32, f"a red {special.upper()} circle {special}")
+
+
+def test_a_caption_spelling_end_of_text_is_attributed_whole(tmp_path, model_dirs):
+    """Once attributed as [<|startoftext|>, <|endoftext|>], not truncated, with a four-term value of about 0."""
+    caption = "<|endoftext|> a red circle"
+    jsonl_folder(tmp_path, json.dumps({"file_name": "img0.png", "text": caption}))
+    expect(["attribute", write_config(tmp_path, model_dirs["clip"]), "-q"], 0, "run.h5")
+    assert ("img0.png", caption) in done_pairs(tmp_path)
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        captions = f["captions"]
+        row = list(captions["text"].asstr()[:]).index(caption)
+        n = int(captions["n_positions"][row])
+        tokens = captions["tokens"][row, :n].astype(str).tolist()
+        spans = captions["offsets"][row, :n].tolist()
+        assert not captions["is_truncated"][row]
+        assert captions["special"][row, :n].tolist() == [True] + [False] * (n - 2) + [True]
+        assert tokens[0] == "<|startoftext|>" and tokens[-1] == "<|endoftext|>" and "<|endoftext|>" not in tokens[1:-1]
+        assert "".join(caption[a:b] for a, b in spans[1:-1]) == caption.replace(" ", "")
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -321,6 +362,9 @@ BAD_IMAGES: dict[str, tuple[Callable[[Path], object], str]] = {
     "150000 x 1": (lambda p: Image.new("L", (150000, 1)).save(p), r"image .*bad.png is 150000 x 1 pixels: an aspect ratio beyond 50:1 is refused"),
     "decompression bomb": (lambda p: p.write_bytes(png_header(20000, 20000)), r"image .*bad.png is refused as a decompression bomb: Image size \(400000000 pixels\) exceeds limit"),
     "floating point": (_float_tiff, r"image .*bad.png holds floating-point pixels \(mode F\)"),
+    "symlink loop": (lambda p: p.symlink_to(p.name), r"image file .*bad.png is a symlink loop"),
+    "FIFO": (lambda p: os.mkfifo(p), r"image file .*bad.png is not a regular file \(a FIFO\)"),  # never opened: it would block
+    "directory": (lambda p: p.mkdir(), r"image file .*bad.png is not a regular file \(a directory\)"),
 }
 
 
@@ -350,6 +394,14 @@ def _exif_rotated(path: Path) -> None:
     image.save(path, exif=exif)
 
 
+def _exif_orientation(orientation: int) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (40, 20), (0, 0, 255)).save(path, exif=exif)
+    return write
+
+
 def _palette_transparent(path: Path) -> None:
     image = Image.new("P", (16, 16), 1)
     image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
@@ -367,6 +419,9 @@ HANDLED_IMAGES: dict[str, tuple[Callable[[Path], object], str, Callable[[Image.I
                                   lambda im: tuple(np.asarray(im)[0, 0]) == (255, 255, 255) and tuple(np.asarray(im)[0, 15]) == (255, 0, 0)),
     "animated GIF": (_animated, "first of 3 frames", lambda im: tuple(np.asarray(im)[5, 5]) == (255, 0, 0)),
     "EXIF orientation": (_exif_rotated, "EXIF orientation 6 applied", lambda im: im.size == (20, 40)),
+    # only 2-8 are flips and rotations: other values are not applied, and not noted as applied
+    **{f"EXIF orientation {n}": (_exif_orientation(n), f"EXIF orientation {n} ignored (not 1-8)", lambda im: im.size == (40, 20))
+       for n in (0, 9, 65535)},
     "CMYK JPEG": (lambda p: Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(p, format="JPEG"), "",
                   lambda im: im.mode == "RGB" and np.asarray(im)[..., 0].mean() > 200),
     "greyscale": (lambda p: Image.new("L", (16, 16), 128).save(p), "", lambda im: tuple(np.asarray(im)[0, 0]) == (128, 128, 128)),
@@ -422,6 +477,8 @@ CONFIGS: dict[str, tuple[Callable[[Path], object], str]] = {
     "no tolerance, no steps": (_edit("attribution.n_steps", None), r"give a tolerance to adapt to, or n_steps for a fixed rule"),
     "huge bad value": (_edit("data.format", "x" * 5000), r"data.format: Input should be .* \(got 'xxxx.*\.\.\. \(5002 characters\)\)"),
     "bad shard": (_edit("runtime.shard_index", 3), r"runtime.shard_index 3 must be below runtime.num_shards 1"),
+    "meta device": (_edit("model.device", "meta"), r"model.device 'meta' is not supported; use auto, cpu, cuda, cuda:N or mps"),
+    "xpu device": (_edit("model.device", "xpu:0"), r"model.device 'xpu:0' is not supported"),
     "missing model dir": (_edit("model.name", "./checkpoints/mine"), r"no model directory at .*/checkpoints/mine \(model.name is relative to the config file .*run.yaml\)"),
     "model dir without config.json": (_edit("model.name", "images"), r"model.name: .*/images holds no config.json, so it is not a transformers checkpoint"),
 }
@@ -469,6 +526,28 @@ def test_overrides_are_typed_by_the_schema(tmp_path, model_dirs):
     assert config.attribution.n_steps == 5 and config.model.local_files_only is True
 
 
+SHARD_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP",
+                   "RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"SLURM_ARRAY_TASK_ID": "abc", "SLURM_ARRAY_TASK_COUNT": "4"}, r"--shard env: SLURM_ARRAY_TASK_ID='abc' is not a whole number"),
+        ({"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_STEP": "0"}, r"--shard env: SLURM_ARRAY_TASK_STEP='0' must be at least 1"),
+        ({"RANK": "0", "WORLD_SIZE": "two"}, r"--shard env: WORLD_SIZE='two' is not a whole number"),
+    ],
+)
+def test_bad_shard_environment_is_exit_2(tmp_path, model_dirs, monkeypatch, variables, message):
+    for name in SHARD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
+    expect(["attribute", write_config(tmp_path, model_dirs["clip"]), "--shard", "env"], 2, message)
+    assert not (tmp_path / "run").exists()
+
+
 # --- models ----------------------------------------------------------------------------------------------------
 def _broken_model(tmp_path: Path, model_dirs: dict[str, str], value: float) -> str:
     model = xclip.load_model(model_dirs["clip"], device="cpu")
@@ -501,6 +580,51 @@ def test_checkpoint_of_another_family(tmp_path, model_dirs):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     expect(["attribute", write_config(tmp_path, "bert")], 1, r"no adapter for model_type 'bert'")
+
+
+def _header_length(length: int) -> Callable[[Path], None]:
+    return lambda p: p.write_bytes(struct.pack("<Q", length) + p.read_bytes()[8:])
+
+
+def _one_token_fewer(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    state["text_model.embeddings.token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"][:-1].clone()
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def _pickled_bin(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    path.unlink()
+    torch.save({**state, "extra": np.random.default_rng(0)}, path.with_name("pytorch_model.bin"))  # not a tensor
+
+
+DAMAGED_WEIGHTS: dict[str, tuple[Callable[[Path], object], str]] = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+                  r"model.safetensors is not a readable safetensors file \(.*incomplete metadata.*\): it is truncated or damaged"),
+    "empty": (lambda p: p.write_bytes(b""), r"model.safetensors \(empty, 0 bytes\) is not a readable safetensors file"),
+    "header not JSON": (lambda p: p.write_bytes(struct.pack("<Q", 8) + b"not json" + p.read_bytes()[8:]),
+                        r"model.safetensors is not a readable safetensors file \(.*invalid JSON in header"),
+    "huge header length": (_header_length(2**62), r"model.safetensors is not a readable safetensors file \(.*header too large"),
+    "wrong shape": (_one_token_fewer, r"tensors in its weights do not have the shapes its config.json asks for: "
+                    r"text_model.embeddings.token_embedding.weight is \[\d+, \d+\] in model.safetensors, \[\d+, \d+\] in config.json"),
+    "pickled .bin": (_pickled_bin, r"pytorch_model.bin holds pickled objects that are not tensors, and xclip never loads those"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_WEIGHTS))
+def test_damaged_weights_are_named(tmp_path, model_dirs, case):
+    damage, message = DAMAGED_WEIGHTS[case]
+    shutil.copytree(model_dirs["clip"], tmp_path / "damaged")
+    damage(tmp_path / "damaged" / "model.safetensors")
+    jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
+    output = expect(["attribute", write_config(tmp_path, str(tmp_path / "damaged"))], 1,
+                    rf"cannot load model '{re.escape(str(tmp_path / 'damaged'))}': {re.escape(str(tmp_path / 'damaged'))}/.*{message}"
+                    if case != "wrong shape" else rf"cannot load model '.*damaged': {message}")
+    assert "weights_only=False" not in output  # never advise unpickling what could run code
 
 
 # --- runs and run files ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import h5py
 import numpy as np
+from conftest import plant_map
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -105,7 +106,7 @@ def _plant(run_file, annotations, model_dirs, *, correct: bool) -> None:
                 mask = box_weights(phrase["boxes"], geometry) > 0
                 for row in rows:
                     planted[row, 1:] = np.where(mask if correct else ~mask, 1.0, 0.0) + planted[row, 1:]
-            f["pairs/interactions"][index] = planted
+            plant_map(f, index, planted)
 
 
 @pytest.mark.parametrize("correct", [True, False])

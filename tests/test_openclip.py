@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CAPTIONS, make_images
 from naive import integrated_jacobian, naive_interactions
-from test_bad_inputs import invoke
+from test_bad_inputs import assert_read_as_text, expect, invoke
 
 import xclip
 from xclip.core.quadrature import quadrature
@@ -355,3 +356,46 @@ def test_evaluate_reads_an_open_clip_run_like_the_same_weights_in_transformers(c
             assert value["mean"] == pytest.approx(theirs[key]["mean"], abs=1e-3), key
     shutil.rmtree(converted)
     assert evaluate("clip") == reports["clip"]
+
+
+@pytest.mark.parametrize("name", ["xclip-tiny-openai", "xclip-tiny-custom"])  # pooled at argmax, at the EOT id
+def test_special_strings_in_captions_are_text(checkpoints, name):
+    """open_clip's tokenizer matches <start_of_text>/<end_of_text> in the text (any case) before anything else:
+    a caption spelling one is still read as its characters, not cut at a second EOT."""
+    adapter = load(checkpoints, name)
+    for caption in ("<end_of_text> a red circle", "a <START_OF_TEXT> red circle <end_of_text>", "<|endoftext|> a dog"):
+        assert_read_as_text(adapter, caption)
+    assert adapter._tokenizer.encode("<end_of_text>") == [adapter.eos_token_id]  # open_clip's own tokenizer is left alone
+
+
+def test_a_tokenizer_whose_pattern_is_not_known_refuses_special_strings(checkpoints):
+    """Where xclip cannot take the special tokens out of the tokenizer's pattern, it refuses such a caption."""
+    import copy
+
+    import regex
+
+    adapter = load(checkpoints, "xclip-tiny-openai")
+    adapter._tokenizer = copy.copy(adapter._tokenizer)
+    adapter._tokenizer.pat = regex.compile(r"<end_of_text>|[\p{L}]+|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
+    with pytest.raises(xclip.InputError, match=r"the caption holds '<end_of_text>', a special token of the tokenizer"):
+        adapter.tokenize(["a dog <END_OF_TEXT>"])
+    assert adapter.tokenize(["a dog"]).n_positions == [4]
+
+
+@pytest.mark.parametrize("damage", ["pickled", "truncated"])
+def test_an_open_clip_folder_with_bad_weights_names_the_file(checkpoints, tmp_path, damage):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": CONFIGS["xclip-tiny-openai"]}))
+    if damage == "pickled":
+        weights = folder / "open_clip_pytorch_model.bin"
+        state = torch.load(checkpoints["xclip-tiny-openai.pt"], weights_only=True)
+        torch.save({"state_dict": state, "extra": np.random.default_rng(0)}, weights)  # not a tensor
+        message = rf"cannot load {re.escape(str(weights))}: it holds pickled objects that are not tensors"
+    else:
+        weights = folder / "open_clip_model.safetensors"
+        weights.write_bytes(checkpoints["xclip-tiny-openai"].read_bytes()[:1000])
+        message = rf"cannot load model '{re.escape(str(folder))}': {re.escape(str(weights))} is not a readable safetensors file"
+    make_images(1)[0].save(tmp_path / "photo.png")
+    output = expect(["explain", tmp_path / "photo.png", "a red dog", "--model", folder], 1, message)
+    assert "None" not in output and "weights_only=False" not in output

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import DEMO_MODEL, demo_pairs, make_images
+from conftest import DEMO_MODEL, demo_pairs, make_images, plant_map
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -287,7 +287,7 @@ def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
             expected = tuple(sizes[s.strip()] if not s.strip().isdigit() else int(s) for s in shape.split(",") if s.strip())
             assert f[name].shape == expected, name
             fixed = re.fullmatch(r"str\((\d+)\)", dtype)
-            kind = "S" if fixed else {"float32": "f", "float64": "f", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
+            kind = "S" if fixed else {"float32": "f", "float64": "f", "uint32": "u", "int8": "i", "int32": "i", "int64": "i", "bool": "b", "str": "O"}[dtype]
             assert f[name].dtype.kind == kind, name
             if fixed:
                 assert f[name].dtype.itemsize == int(fixed.group(1)), name
@@ -382,7 +382,7 @@ def test_render_writes_heatmaps_and_follows_planted_maps(tmp_path, folder_config
         grid = np.zeros((4, 4))
         grid[:2, :2] = 1.0
         planted[red, 1:] = grid.reshape(-1)
-        f["pairs/interactions"][0] = planted
+        plant_map(f, 0, planted)
     result = runner.invoke(app, ["render", str(tmp_path / "run"), "--pair", "0", "--span", "red", "--upsample", "nearest"])
     assert result.exit_code == 0, result.output
     (path,) = [Path(line) for line in result.stdout.split()]

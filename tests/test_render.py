@@ -11,6 +11,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from conftest import plant_map
 import pytest
 from matplotlib import colormaps
 from matplotlib.colors import CenteredNorm
@@ -111,7 +112,7 @@ def plant(run_dir: Path, pair: int, token: str, patch_values: np.ndarray) -> Non
         tokens = list(f["captions/tokens"].asstr()[caption, : f["captions/n_positions"][caption]])
         planted = np.zeros_like(f["pairs/interactions"][pair])
         planted[tokens.index(token), 1:] = np.asarray(patch_values, dtype=np.float32).reshape(-1)
-        f["pairs/interactions"][pair] = planted
+        plant_map(f, pair, planted)
 
 
 def render(*arguments) -> tuple[list[Path], str]:

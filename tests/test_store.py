@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -17,28 +21,58 @@ from test_bad_inputs import expect, invoke, jsonl_folder, write_config
 from xclip.config import load_config
 from xclip.errors import StoreError
 from xclip.runner import run
-from xclip.store import DONE, LOCK_FILE, PENDING, writer_lock
+from xclip.store import DONE, EXCLUSIVE_LOCK_FILE, LOCK_FILE, PENDING, writer_lock
+
+
+# --- the writer lock -----------------------------------------------------------------------------------------------
+# a live process holding a directory's writer lock as xclip does (flock, then its record written into the file)
+HOLD = """
+import fcntl, json, os, sys, time
+record = json.loads(sys.argv[2])
+record.setdefault("pid", os.getpid())
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(descriptor, json.dumps(record).encode())
+print("held", flush=True)
+time.sleep(120)
+"""
+# a writer killed by SIGKILL while it holds the lock: its lock file and record stay behind
+KILLED = """
+import os, signal, sys
+from pathlib import Path
+from xclip.store import writer_lock
+with writer_lock(Path(sys.argv[1]), "xclip attribute run.yaml"):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 @pytest.fixture()
-def live_process():
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    yield process
-    process.kill()
-    process.wait()
+def hold():
+    """hold(directory, host=..., slurm_job=...): a live process holds the directory's lock; returns its PID."""
+    processes = []
+
+    def hold(directory, host: str | None = None, slurm_job: str = "") -> int:
+        directory.mkdir(parents=True, exist_ok=True)
+        record = {"host": host or socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
+                  "command": "xclip attribute other.yaml", "slurm_job": slurm_job}
+        process = subprocess.Popen([sys.executable, "-c", HOLD, str(directory / LOCK_FILE), json.dumps(record)], stdout=subprocess.PIPE)
+        processes.append(process)
+        assert process.stdout.readline() == b"held\n"
+        return process.pid
+
+    yield hold
+    for process in processes:
+        process.kill()
+        process.wait()
 
 
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def hold(directory, pid: int, host: str | None = None, slurm_job: str = "") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    holder = {"pid": pid, "host": host or socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
-              "command": "xclip attribute other.yaml", "slurm_job": slurm_job}
-    (directory / LOCK_FILE).write_text(json.dumps(holder))
+def kill_while_holding(directory, slurm_job: str = "") -> int:
+    env = {**os.environ, "SLURM_JOB_ID": slurm_job}
+    process = subprocess.run([sys.executable, "-c", KILLED, str(directory)], env=env, capture_output=True, timeout=120)
+    assert process.returncode == -9, process.stderr.decode()
+    record = json.loads((directory / LOCK_FILE).read_text())  # left behind, naming the dead writer
+    assert record["slurm_job"] == slurm_job
+    return record["pid"]
 
 
 @pytest.fixture()
@@ -47,50 +81,53 @@ def config(tmp_path, model_dirs):
     return write_config(tmp_path, model_dirs["clip"])
 
 
-def test_a_second_writer_is_refused_with_the_holder_named(tmp_path, config, live_process):
-    hold(tmp_path / "run", live_process.pid)
-    expect(["attribute", config], 1, rf"run is being written by process {live_process.pid} on {socket.gethostname()} since 2026-01-01T00:00:00\+00:00 \(xclip attribute other.yaml\)")
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path, config, hold):
+    pid = hold(tmp_path / "run")
+    expect(["attribute", config], 1, rf"run is being written by process {pid} on {socket.gethostname()} since 2026-01-01T00:00:00\+00:00 \(xclip attribute other.yaml\)")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]  # nothing written
 
 
-def test_overwrite_never_deletes_a_live_writers_run(tmp_path, config, live_process):
-    assert invoke("attribute", config, "-q")[0] == 0
+def test_overwrite_never_deletes_a_live_writers_run(tmp_path, config, hold):
+    assert invoke("attribute", config, "-q", "output.render=true")[0] == 0
     before = (tmp_path / "run" / "run.h5").read_bytes()
-    hold(tmp_path / "run", live_process.pid)
-    expect(["attribute", config, "--overwrite", "attribution.n_steps=3"], 1, rf"being written by process {live_process.pid}")
+    figures = sorted((tmp_path / "run" / "heatmaps").iterdir())
+    pid = hold(tmp_path / "run")
+    expect(["attribute", config, "--overwrite", "attribution.n_steps=3"], 1, rf"being written by process {pid}")
     assert (tmp_path / "run" / "run.h5").read_bytes() == before
+    assert sorted((tmp_path / "run" / "heatmaps").iterdir()) == figures
 
 
-def test_a_lock_of_another_host_is_respected(tmp_path, config):
-    hold(tmp_path / "run", 1, host="node-that-is-not-this-one")
-    expect(["attribute", config], 1, r"being written by process 1 on node-that-is-not-this-one .* If that process is gone, delete .*\.writer\.lock")
+def test_a_holder_on_another_host_is_named(tmp_path, config, hold):
+    pid = hold(tmp_path / "run", host="node-that-is-not-this-one")
+    expect(["attribute", config], 1, rf"being written by process {pid} on node-that-is-not-this-one .* The lock ends with that process")
 
 
-def test_a_requeued_slurm_job_takes_over_its_own_lock(tmp_path, config, monkeypatch):
-    hold(tmp_path / "run", 1, host="node-of-the-first-attempt", slurm_job="4242")
-    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: refused
-    expect(["attribute", config], 1, r"being written by process 1 on node-of-the-first-attempt")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued onto another node
-    assert invoke("attribute", config, "-q")[0] == 0
-
-
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, config):
-    hold(tmp_path / "run", dead_pid())
+@pytest.mark.parametrize("slurm_job", ["4242", ""])
+def test_a_killed_writers_lock_never_blocks_a_rerun(tmp_path, config, monkeypatch, slurm_job):
+    # a requeued Slurm job (same SLURM_JOB_ID, maybe on another node) or a plain rerun after a kill
+    dead = kill_while_holding(tmp_path / "run", slurm_job)
+    monkeypatch.setenv("SLURM_JOB_ID", slurm_job)
     assert invoke("attribute", config, "-q")[0] == 0
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released after the run
     assert (tmp_path / "run" / "run.h5").is_file()
+    assert dead != os.getpid()
 
 
-def test_an_empty_lock_file_is_stale_only_when_old(tmp_path):
+def test_a_live_writer_of_the_same_slurm_job_is_refused(tmp_path, config, hold, monkeypatch):
+    # two tasks of one job on one directory: the same SLURM_JOB_ID is no licence to take a live lock
+    pid = hold(tmp_path / "run", host="node-of-the-other-task", slurm_job="4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    expect(["attribute", config], 1, rf"being written by process {pid} on node-of-the-other-task")
+
+
+@pytest.mark.parametrize("content", ["", "{\"pid\": 12", "not json"])
+def test_an_empty_or_broken_lock_record_never_blocks(tmp_path, content):
     directory = tmp_path / "run"
     directory.mkdir()
-    (directory / LOCK_FILE).write_text("")  # a writer killed between creating and writing its lock
-    with pytest.raises(StoreError, match="being written by process"):
-        with writer_lock(directory):
-            pass
-    os.utime(directory / LOCK_FILE, (0, 0))
-    with writer_lock(directory):
+    (directory / LOCK_FILE).write_text(content)  # a writer killed between locking and writing its record
+    with writer_lock(directory, "xclip attribute"):
         assert json.loads((directory / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (directory / LOCK_FILE).exists()
 
 
 def test_the_lock_is_released_when_the_run_fails(tmp_path, config):
@@ -100,6 +137,177 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path, config):
     data.write_text("1\n")
     expect(["attribute", config], 2, "every record was rejected")
     assert not (tmp_path / "run").exists()
+
+
+class Writer(threading.Thread):
+    """Takes the writer lock with its name as the command, holds it until ``leave`` is set; ``outcome`` is
+    "held" or the refusal's message."""
+
+    def __init__(self, directory, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.directory, self.outcome = directory, ""
+        self.held, self.leave = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        try:
+            with writer_lock(self.directory, self.name):
+                self.outcome = "held"
+                self.held.set()
+                assert self.leave.wait(20)
+        except StoreError as e:
+            self.outcome = str(e)
+
+    def settle(self) -> str:
+        """Start (unless started), and wait until it holds the lock or was refused."""
+        if self.ident is None:
+            self.start()
+        while not self.held.wait(0.01) and self.is_alive():
+            pass
+        return self.outcome
+
+    def finish(self) -> str:
+        self.settle()
+        self.leave.set()
+        self.join(20)
+        assert not self.is_alive()
+        return self.outcome
+
+
+@pytest.fixture()
+def pause(monkeypatch):
+    """pause(thread, step): that thread stops at that step of the lock (opened, locked, releasing) until the
+    returned gate's ``go`` is set; ``reached`` says it got there."""
+    from xclip import store
+
+    gates = {}
+
+    def step(name: str) -> None:
+        gate = gates.get((threading.current_thread().name, name))
+        if gate is not None:
+            gate.reached.set()
+            assert gate.go.wait(20)
+
+    monkeypatch.setattr(store, "_lock_step", step)
+
+    def pause(thread: str, step: str) -> SimpleNamespace:
+        gates[thread, step] = SimpleNamespace(reached=threading.Event(), go=threading.Event())
+        return gates[thread, step]
+
+    return pause
+
+
+def refused_by(name: str) -> str:
+    return rf"is being written by process {os.getpid()} on {re.escape(socket.gethostname())} since \S+ \({name}\)"
+
+
+def recorded(directory) -> str:
+    return json.loads((directory / LOCK_FILE).read_text())["command"]
+
+
+def test_a_writer_that_opened_the_lock_file_before_another_locked_it_is_refused(tmp_path, pause):
+    directory = tmp_path / "run"
+    gate = pause("A", "opened")
+    a = Writer(directory, "A")
+    a.start()
+    assert gate.reached.wait(20)
+    b = Writer(directory, "B")
+    assert b.settle() == "held"
+    gate.go.set()
+    assert re.search(refused_by("B"), a.finish())
+    assert b.finish() == "held"
+    assert not (directory / LOCK_FILE).exists()
+
+
+def test_a_writer_that_locked_but_wrote_no_record_yet_still_refuses_others(tmp_path, pause):
+    directory = tmp_path / "run"
+    gate = pause("A", "locked")
+    a = Writer(directory, "A")
+    a.start()
+    assert gate.reached.wait(20)
+    b = Writer(directory, "B")
+    assert "is being written by process" in b.finish()
+    gate.go.set()
+    assert a.settle() == "held"
+    assert recorded(directory) == "A"
+    a.finish()
+
+
+def test_two_writers_after_a_killed_one_one_gets_in(tmp_path, pause):
+    # the takeover race of an O_EXCL lock: both read the dead writer's record, both took it over
+    directory = tmp_path / "run"
+    kill_while_holding(directory)
+    gates = {name: pause(name, "opened") for name in "AB"}
+    writers = {name: Writer(directory, name) for name in "AB"}
+    for name in "AB":
+        writers[name].start()
+        assert gates[name].reached.wait(20)  # both opened the dead writer's file
+    gates["A"].go.set()
+    assert writers["A"].settle() == "held"
+    gates["B"].go.set()
+    assert re.search(refused_by("A"), writers["B"].finish())
+    assert recorded(directory) == "A"  # B removed nothing of A's
+    writers["A"].finish()
+    assert not (directory / LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("is_new", [True, False])
+def test_a_writer_that_opened_a_lock_file_its_holder_removed_starts_over(tmp_path, pause, is_new):
+    directory = tmp_path / "run"
+    if not is_new:
+        directory.mkdir()
+    a = Writer(directory, "A")
+    assert a.settle() == "held"
+    gate = pause("B", "opened")
+    b = Writer(directory, "B")
+    b.start()
+    assert gate.reached.wait(20)  # B opened A's lock file
+    a.finish()  # A removes that file and unlocks it (and its directory, when it made it)
+    c = Writer(directory, "C")
+    assert c.settle() == "held"  # C locks a new file at the path
+    gate.go.set()  # B now locks A's removed file: it must see that the path names another file
+    assert re.search(refused_by("C"), b.finish())
+    assert recorded(directory) == "C"
+    c.finish()
+
+
+def test_a_releasing_writer_removes_only_its_own_lock_file(tmp_path, pause):
+    directory = tmp_path / "run"
+    directory.mkdir()
+    gate = pause("A", "releasing")
+    a = Writer(directory, "A")
+    assert a.settle() == "held"
+    a.leave.set()
+    assert gate.reached.wait(20)  # A is about to remove its lock file
+    assert re.search(refused_by("A"), Writer(directory, "B").finish())  # still held
+    (directory / LOCK_FILE).unlink()  # deleted by hand, and C takes the lock on a new file
+    c = Writer(directory, "C")
+    assert c.settle() == "held"
+    gate.go.set()
+    a.finish()
+    assert recorded(directory) == "C"  # A left C's file alone
+    assert re.search(refused_by("C"), Writer(directory, "D").finish())
+    c.finish()
+
+
+def test_without_file_locks_an_exclusive_record_is_the_lock(tmp_path, monkeypatch):
+    import errno
+
+    from xclip import store
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    directory = tmp_path / "run"
+    a = Writer(directory, "A")
+    assert a.settle() == "held"
+    assert json.loads((directory / EXCLUSIVE_LOCK_FILE).read_text())["command"] == "A"
+    assert re.search(refused_by("A") + r".* If that process is gone, delete .*\.writer\.excl", Writer(directory, "B").finish())
+    a.finish()
+    assert not directory.exists()
+    directory.mkdir()
+    (directory / EXCLUSIVE_LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "h", "started": "s", "command": "C"}))
+    assert "being written by process 1 on h since s (C)" in Writer(directory, "D").finish()  # never taken over
 
 
 # --- merges -------------------------------------------------------------------------------------------------------
@@ -172,10 +380,12 @@ RESULTS = ("status", "error", "contributions", "embedding", "reference_embedding
 
 
 def _results(run_file) -> dict[str, np.ndarray]:
-    """Every dataset of a run file (attributes such as the creation time aside)."""
+    """Every dataset of a run file (attributes such as the creation time aside, and the images' modification
+    times: each trial writes its project's image files anew; their sizes and digests are compared)."""
     out = {}
     with h5py.File(run_file, "r") as f:
         f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    out.pop("images/mtime_ns")
     return out
 
 
@@ -278,24 +488,237 @@ def test_a_run_changes_only_bytes_inside_datasets(tmp_path, model_dirs):
     assert (before[~outside] != after[~outside]).any()  # while the results were written
 
 
-@pytest.mark.parametrize("how", ["free space", "ENOSPC"])
+FULL_DISK = r"not enough disk space for {target}: it needs (about )?[\d.]+ MB( \([\d.]+ MB more\))?, and the disk at \S+ has [\d.]+ [MG]B free: {advice}"
+
+
+def no_space(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def fail_at_call(function, n: int, error: Callable[[], BaseException], then: Callable[[], None] = lambda: None):
+    """``function``, failing with ``error()`` at its ``n``-th call (after calling ``then()``)."""
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            then()
+            raise error()
+        return function(*args, **kwargs)
+
+    return failing
+
+
+@pytest.mark.parametrize("how", ["free space", "ENOSPC reserving", "ENOSPC creating", "HDF5 error on a full disk"])
 def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how):
     import errno
 
     from xclip import store
 
-    if how == "free space":
-        disk_usage = shutil.disk_usage
-        monkeypatch.setattr(store.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=1000))
-    else:
-        def no_space(descriptor, offset, length):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
+    assert invoke("attribute", config, "-q", "output.directory=reference")[0] == 0  # a clean run of the same data
+    disk_usage = shutil.disk_usage
+    is_full = {"now": how == "free space"}
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=4096) if is_full["now"] else disk_usage(path))
+    if how == "ENOSPC reserving":
         monkeypatch.setattr(store.os, "posix_fallocate", no_space)
-    expect(["attribute", config], 1, r"not enough disk space for .*run/run.h5: it needs [\d.]+ MB \([\d.]+ MB more\), and the disk at \S+ has [\d.]+ [MG]B free")
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    elif how == "ENOSPC creating":  # HDF5 passes the system's error on
+        monkeypatch.setattr(store, "_fixed", fail_at_call(store._fixed, 10, lambda: OSError(errno.ENOSPC, "Unable to create dataset (file write failed)")))
+    elif how == "HDF5 error on a full disk":  # or says something else, without an errno
+        monkeypatch.setattr(store, "_fixed", fail_at_call(store._fixed, 10, lambda: RuntimeError("Unable to create dataset (bad global heap)"), lambda: is_full.update(now=True)))
+    expect(["attribute", config], 1, FULL_DISK.format(target=".*run/run.h5", advice="free space, or choose another output.directory, then rerun"))
+    assert not (tmp_path / "run").exists()  # no run.h5.tmp, no lock record: the directory the run made is gone
     monkeypatch.undo()  # space freed
     expect(["attribute", config, "-q", "--json"], 0, r'"done": 3')
+    _assert_same_results(tmp_path / "run" / "run.h5", tmp_path / "reference" / "run.h5")
+
+
+def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
+    from xclip.store import _estimated_size, create_run_file
+
+    for n, maps, precision in ((1, False, "float32"), (40, True, "float16"), (300, True, "float64")):
+        arguments = dict(
+            attributes={"config": {}}, captions=["a caption"] * n, images=["some/image.png"] * n,
+            pairs=[(i, i) for i in range(n)], rejected_records=["line 3: bad"], store_pair_maps=maps, precision=precision,
+            max_text_positions=77, n_image_positions=50, embedding_dim=64, grid=(7, 7), n_prefix=1,
+        )
+        path = tmp_path / f"{n}.h5"
+        create_run_file(path, **arguments)
+        size, estimate = path.stat().st_size, _estimated_size(arguments)
+        assert size <= estimate <= 1.2 * size + 1.5e6 + 1024 * 3 * n
+        with pytest.raises(FileExistsError):  # mode w-: an existing file is refused, and left alone
+            create_run_file(path, **arguments)
+        assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("how", ["free space", "ENOSPC writing"])
+def test_a_full_disk_while_merging_is_one_message_and_leaves_nothing(shards, monkeypatch, how):
+    from xclip import store
+
+    if how == "free space":
+        disk_usage = shutil.disk_usage
+        monkeypatch.setattr(store.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=4096))
+    else:
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", fail_at_call(h5py.Dataset.__setitem__, 20, lambda: no_space()))
+    expect(["merge", shards], 1, FULL_DISK.format(target=".*run/run.h5", advice="free space, then merge again"))
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-00000-of-00002", "shard-00001-of-00002"]  # no temporary
+    monkeypatch.undo()
+    expect(["merge", shards], 0, r"run.h5")
+    with h5py.File(shards / "run.h5", "r") as f:
+        assert (f["pairs/status"][:] == DONE).all() and len(f["pairs/status"]) == 3
+
+
+def fsyncs_and_renames(monkeypatch) -> list[tuple]:
+    """Records ("fsync", inode, is a directory) and ("replace", source, target) in order."""
+    import stat
+
+    events: list[tuple] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        status = os.fstat(descriptor)
+        events.append(("fsync", status.st_ino, stat.S_ISDIR(status.st_mode)))
+        return fsync(descriptor)
+
+    def recording_replace(source, target, **kwargs):
+        events.append(("replace", os.fspath(source), os.fspath(target)))
+        return replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return events
+
+
+def assert_synced_around_the_rename(events: list[tuple], target) -> None:
+    """The file reached the disk before its rename to ``target``, the directory's entry after it."""
+    renames = [k for k, event in enumerate(events) if event[0] == "replace" and event[2] == str(target)]
+    assert len(renames) == 1, events
+    file, folder = os.stat(target).st_ino, os.stat(target.parent).st_ino
+    assert ("fsync", file, False) in events[: renames[0]], events
+    assert ("fsync", folder, True) in events[renames[0] :], events
+
+
+def test_the_run_file_is_synced_before_and_after_its_rename(tmp_path, config, monkeypatch):
+    events = fsyncs_and_renames(monkeypatch)
+    run(load_config(config), should_stop=lambda: True)  # creates the file, attributes nothing
+    assert_synced_around_the_rename(events, tmp_path / "run" / "run.h5")
+
+
+def test_the_merged_file_is_synced_before_and_after_its_rename(shards, monkeypatch):
+    from xclip.store import merge_shards
+
+    events = fsyncs_and_renames(monkeypatch)
+    merge_shards(shards)
+    assert_synced_around_the_rename(events, shards / "run.h5")
+
+
+def test_overwrite_deletes_only_what_xclip_wrote(tmp_path, config):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    figures = run_dir / "heatmaps"
+    assert invoke("attribute", config, "-q", "output.render=true")[0] == 0
+    drawn = sorted(p.name for p in figures.iterdir())
+    assert drawn == ["pair000000.png", "pair000001.png", "pair000002.png"]
+    # the user's own files, one named as xclip names figures but not drawn by it, and a killed run's leftovers
+    Image.new("RGB", (4, 4)).save(figures / "figure1.png")
+    Image.new("RGB", (4, 4)).save(figures / "pair000099.png")
+    (figures / "notes.txt").write_text("mine")
+    (run_dir / "notes.txt").write_text("mine too")
+    (run_dir / "run.h5.tmp").write_bytes(b"a killed run's file")
+    (figures / ".pair000001.png.tmp-123-0a1b2c3d").write_bytes(b"half a figure")
+    assert invoke("attribute", config, "-q", "--overwrite", "attribution.n_steps=3")[0] == 0
+    assert sorted(p.name for p in figures.iterdir()) == ["figure1.png", "notes.txt", "pair000099.png"]
+    assert (run_dir / "notes.txt").read_text() == "mine too"
+    assert not (run_dir / "run.h5.tmp").exists()
+    with h5py.File(run_dir / "run.h5", "r") as f:
+        assert json.loads(f.attrs["config"])["attribution"]["n_steps"] == 3
+    for name in ("figure1.png", "notes.txt", "pair000099.png"):
+        (figures / name).unlink()
+    assert invoke("render", run_dir)[0] == 0
+    assert invoke("attribute", config, "-q", "--overwrite")[0] == 0
+    assert not figures.exists()  # only xclip's figures were in it
+
+
+def half_then(error: Callable[[], BaseException]):
+    """A Pillow save that writes half of the figure's bytes, then fails with ``error()``."""
+    import io
+
+    from PIL import Image
+
+    save = Image.Image.save
+
+    def half(self, target, *args, **kwargs):
+        buffer = io.BytesIO()
+        save(self, buffer, *args, **kwargs)
+        with open(target, "wb") as stream:
+            stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise error()
+
+    return half
+
+
+def test_a_full_disk_while_rendering_is_one_message_and_leaves_nothing(tmp_path, config, monkeypatch):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    assert invoke("attribute", config, "-q")[0] == 0
+    assert invoke("render", run_dir, "--out", tmp_path / "clean")[0] == 0
+    monkeypatch.setattr(Image.Image, "save", half_then(no_space))
+    expect(["render", run_dir], 1, r"not enough disk space for .*run/heatmaps/pair000000.png: the disk at \S+ has [\d.]+ [MG]B "
+                                   r"free: free space, or choose another output folder, then rerun")
+    assert not (run_dir / "heatmaps").exists()  # the folder it made, and no partial figure
+    monkeypatch.undo()  # space freed
+    assert invoke("render", run_dir)[0] == 0
+    clean = sorted((tmp_path / "clean").iterdir())
+    assert [p.name for p in sorted((run_dir / "heatmaps").iterdir())] == [p.name for p in clean]
+    for path in clean:
+        assert (run_dir / "heatmaps" / path.name).read_bytes() == path.read_bytes()
+
+
+def test_a_figure_that_fails_while_written_never_lies_half_written_under_its_name(tmp_path, config, monkeypatch):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    assert invoke("attribute", config, "-q", "output.render=true")[0] == 0
+    before = {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()}
+    monkeypatch.setattr(Image.Image, "save", half_then(lambda: RuntimeError("the encoder broke")))
+    with pytest.raises(RuntimeError, match="the encoder broke"):
+        from xclip.render import render_run
+
+        render_run(run_dir)
+    assert {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()} == before  # the old figures, whole
+
+
+def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, config):
+    from xclip.store import is_xclip_figure
+
+    run_dir = tmp_path / "run"
+    assert invoke("attribute", config, "-q")[0] == 0
+    killed = (
+        "import os, signal, sys\n"
+        "from PIL import Image\n"
+        "save = Image.Image.save\n"
+        "def half(self, target, *args, **kwargs):\n"
+        "    import io\n"
+        "    buffer = io.BytesIO()\n"
+        "    save(self, buffer, *args, **kwargs)\n"
+        "    with open(target, 'wb') as stream:\n"
+        "        stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])\n"
+        "        stream.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "Image.Image.save = half\n"
+        "from xclip.render import render_run\n"
+        "render_run(sys.argv[1])\n"
+    )
+    process = subprocess.run([sys.executable, "-c", killed, str(run_dir)], capture_output=True, timeout=300)
+    assert process.returncode == -9, process.stderr.decode()
+    left = list((run_dir / "heatmaps").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".pair000000.png.tmp-")  # the half figure, under a temporary name
+    assert is_xclip_figure(left[0])  # which --overwrite knows as xclip's
+    assert invoke("attribute", config, "-q", "--overwrite")[0] == 0
+    assert not (run_dir / "heatmaps").exists()
 
 
 # --- maps on demand -------------------------------------------------------------------------------------------------
@@ -439,11 +862,13 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
         embedding_dim=E, grid=(1, 2), n_prefix=1,
     )
     array = 2 if precision == "float16" else 4
-    # status, error, embedding and reference embedding, 3 float errors, n_nodes, is_converged, contributions
-    inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 1
+    # status, error, embedding and reference embedding, 3 float errors, n_nodes, is_converged, checksum,
+    # contributions
+    inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 1 + 4
     # + token ids, tokens, offsets, special and unknown flags, n_positions, is_truncated
     caption = inputs + L * array * E + L * 4 + L * 48 + L * 8 + 2 * L + 4 + 1
-    image = inputs + S * array * E + 2 * 4 + 10 * 8 + 200  # + original size, preprocessing, notes
-    pair = 1 + 100 + 2 * 8 + 9 * 4 + (L * S * array if maps else 0)  # status, error, indices, 9 floats, the map
+    # + original size, preprocessing, notes, the file's sha256, size and modification time
+    image = inputs + S * array * E + 2 * 4 + 10 * 8 + 200 + 64 + 8 + 8
+    pair = 1 + 100 + 2 * 8 + 9 * 4 + 4 + (L * S * array if maps else 0)  # status, error, indices, 9 floats, checksum, map
     with RunReader(tmp_path) as stored:
         assert [stored.bytes_per_item(g) for g in ("captions", "images", "pairs")] == [caption, image, pair]

@@ -3,11 +3,15 @@ Selenium; those tests are skipped where no browser is installed, and `.ci/run` i
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
 import json
 import math
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from conftest import plant_map
 import pytest
 from PIL import Image
 from test_bad_inputs import expect, finished_run, invoke, jsonl_folder, write_config  # noqa: F401  (a fixture)
@@ -94,14 +99,34 @@ def test_failures_are_listed_with_their_reasons(tmp_path, model_dirs):
     assert failure["group"] == "images" and failure["item"] == "img1.png" and "img1.png" in failure["reason"]
 
 
-@pytest.fixture()
-def server(demo_run):
-    server = make_server(demo_run, port=0)
+@contextlib.contextmanager
+def serving(run_dir: Path, **options):
+    """A server for ``run_dir`` on a free port, in this process (its stderr is the test's)."""
+    server = make_server(run_dir, port=0, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture()
+def server(demo_run):
+    with serving(demo_run) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def ask(port: int, path: str, host: str | None = None) -> tuple[int, bytes]:
+    """GET ``path`` with the ``Host`` header a browser would send for ``host`` (default: the server's own)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Host": host} if host else {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -131,6 +156,94 @@ def test_a_busy_port_is_named(demo_run):
         expect(["view", demo_run, "--port", str(first.server_address[1])], 1, rf"cannot serve on 127.0.0.1:{first.server_address[1]} .*choose another --port")
     finally:
         first.server_close()
+
+
+def test_only_the_servers_own_host_is_answered(finished_run):  # noqa: F811
+    with serving(finished_run) as server:
+        port = server.server_address[1]
+        for path in ("/", "/api/run", "/api/pair/0/image.png"):
+            for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}", f"127.0.0.1:{port + 1}"):
+                status, body = ask(port, path, host)  # a page of a site rebound to 127.0.0.1 sends its own name
+                assert status == 421 and "this server answers only" in json.loads(body)["error"], (path, host)
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}"):
+                assert ask(port, path, host)[0] == 200, (path, host)
+
+
+def test_no_answer_holds_a_path_of_the_machine(tmp_path, tmp_path_factory, model_dirs):
+    jsonl_folder(tmp_path, '{"file_name": "missing.png", "text": "a cat"}')  # its reason names the absolute path
+    run(load_config(write_config(tmp_path, model_dirs["clip"])))
+    with serving(tmp_path / "run") as server:
+        port = server.server_address[1]
+        answers = {path: ask(port, path) for path in ("/api/run", "/api/pairs", "/api/pair/0", "/api/failures", "/api/pair/2")}
+        (tmp_path / "images" / "img0.png").rename(tmp_path / "img0.png")  # a moved image: its error names it
+        answers["/api/pair/0/image.png"] = ask(port, "/api/pair/0/image.png")
+    for path, (_, body) in answers.items():
+        assert str(tmp_path_factory.getbasetemp()) not in body.decode(), path  # nor any part of the tests' folder
+    assert [status for status, _ in answers.values()] == [200, 200, 200, 200, 404, 404]
+    assert json.loads(answers["/api/run"][1])["run"] == "run"
+    (failure,) = json.loads(answers["/api/failures"][1])
+    assert failure["item"] == "missing.png" and failure["reason"].endswith(": missing.png"), failure
+    row = json.loads(answers["/api/pairs"][1])["rows"][2]
+    assert row["error"].startswith("image 2 failed: "), row  # the stored reason is cut at 100 bytes: maybe mid-path
+    cut_reason = f"image 2 failed: image file not found: {tmp_path}"[:-3]  # cut within the data root's folders
+    assert RunData(tmp_path / "run").public(cut_reason) == "image 2 failed: image file not found: …"
+
+
+def test_every_pair_route_refuses_other_indices(demo_run):
+    with h5py.File(demo_run / "run.h5", "r+") as f:
+        f["pairs/status"][5] = 0  # pending, as in a run still being written
+    with serving(demo_run) as server:
+        port = server.server_address[1]
+        for index in ("-1", "40", "99999999999999999999", "1.5", "abc", "+1", "%31", "5"):  # 40 pairs
+            for route in ("", "/image.png", "/contours.png"):
+                status, body = ask(port, f"/api/pair/{index}{route}")
+                assert status == 404 and json.loads(body)["error"], (index, route)
+        assert [ask(port, f"/api/pair/39{route}")[0] for route in ("", "/image.png", "/contours.png")] == [200] * 3
+
+
+def test_images_outside_the_data_root_are_not_served(finished_run):  # noqa: F811
+    root = finished_run.parent / "images"
+    with h5py.File(finished_run / "run.h5", "r") as f:
+        image = int(f["pairs/image_index"][0])
+        stored = f["images/path"].asstr()[image]
+    outside = shutil.copyfile(root / stored, finished_run.parent / "outside.png")  # the same pixels, out of the root
+    (root / "link.png").symlink_to(outside)
+    (root / "alias.png").symlink_to(root / stored)  # a link that stays inside is served
+    with serving(finished_run) as server:
+        for path, expected in (("../outside.png", 403), (str(outside), 403), ("link.png", 403), ("alias.png", 200), (stored, 200)):
+            with h5py.File(finished_run / "run.h5", "r+") as f:
+                f["images/path"][image] = path
+            status, body = ask(server.server_address[1], "/api/pair/0/image.png")
+            assert status == expected, path
+            if expected == 403:
+                assert "lies outside the data root" in json.loads(body)["error"], path
+
+
+def test_a_stalled_client_is_disconnected(finished_run):  # noqa: F811
+    with serving(finished_run, socket_timeout=0.5) as server:
+        for sent in (b"", b"GET /api/ru"):  # nothing, half a request line
+            with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5) as client:
+                client.sendall(sent)
+                start = time.monotonic()
+                assert client.recv(1024) == b"", sent  # closed by the server: our own 5 s would raise instead
+                assert time.monotonic() - start < 3, sent
+        assert ask(server.server_address[1], "/api/run")[0] == 200
+
+
+def test_a_client_that_leaves_mid_answer_prints_no_traceback(finished_run, capfd):  # noqa: F811
+    with serving(finished_run) as server:
+        port = server.server_address[1]
+        for path in ("/api/pair/0/image.png", "/api/pair/0", "/api/pairs?limit=1000"):
+            for _ in range(3):
+                client = socket.create_connection(("127.0.0.1", port), timeout=5)
+                client.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+                client.close()
+        deadline = time.monotonic() + 30
+        while any("process_request_thread" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ask(port, "/api/run")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_export_writes_the_top_and_bottom_pairs(demo_run, tmp_path):
@@ -192,7 +305,7 @@ def plant_corner(run_dir: Path, pair: int, token: str) -> list[int]:
         tokens = list(f["captions/tokens"].asstr()[caption, : f["captions/n_positions"][caption]])
         planted = np.zeros_like(f["pairs/interactions"][pair])
         planted[tokens.index(token), 1] = 1.0
-        f["pairs/interactions"][pair] = planted
+        plant_map(f, pair, planted)
     return [tokens.index(token)]
 
 

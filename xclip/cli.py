@@ -126,6 +126,7 @@ def attribute(
         "failed": summary.n_failed,
         "rejected_records": summary.n_rejected,
         "truncated_captions": summary.n_truncated,
+        "changed_images": len(summary.changed_images),
         "not_converged": len(accuracy["not_converged"]),
         "mean_nodes_per_caption": accuracy["captions"]["nodes_mean"],
         "mean_nodes_per_image": accuracy["images"]["nodes_mean"],
@@ -149,6 +150,11 @@ def attribute(
         stderr.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if len(summary.failures) > 5 and not verbose:
         stderr.print(f"... and {len(summary.failures) - 5} more (--verbose lists all, `xclip inspect` too)")
+    if summary.changed_images:  # printed even with --quiet: results of the old files were replaced
+        shown = ", ".join(summary.changed_images[: None if verbose else 5])
+        more = f" and {len(summary.changed_images) - 5} more" if len(summary.changed_images) > 5 and not verbose else ""
+        stderr.print(f"[yellow]attributed again: {len(summary.changed_images)} image(s) whose files changed since they "
+                     f"were attributed[/] ({escape(shown)}{more})", soft_wrap=True)
     if summary.n_truncated:
         stderr.print(f"[yellow]{summary.n_truncated} caption(s) are longer than the model's context[/]: their maps cover the tokens it reads (captions/is_truncated in the run file)")
     if accuracy["not_converged"]:  # printed even with --quiet: these results are finished but not to be trusted
@@ -255,14 +261,29 @@ def _shard_overrides(shard: str | None) -> list[str]:
         return []
     if shard == "env":
         env = os.environ
+
+        def number(name: str, default: int | None = None, minimum: int | None = None) -> int:
+            text = env.get(name)
+            if text is None and default is not None:
+                return default
+            try:
+                value = int(str(text))
+            except ValueError:
+                msg = f"--shard env: {name}={text!r} is not a whole number"
+                raise ConfigError(msg) from None
+            if minimum is not None and value < minimum:
+                msg = f"--shard env: {name}={text!r} must be at least {minimum}"
+                raise ConfigError(msg)
+            return value
+
         if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
             # array ids need not start at 0 or be contiguous: --array=1-7:2 gives ids 1, 3, 5, 7
-            low, step = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env.get("SLURM_ARRAY_TASK_STEP", 1))
-            index, count = (int(env["SLURM_ARRAY_TASK_ID"]) - low) // step, int(env["SLURM_ARRAY_TASK_COUNT"])
+            low, step = number("SLURM_ARRAY_TASK_MIN", 0), number("SLURM_ARRAY_TASK_STEP", 1, minimum=1)
+            index, count = (number("SLURM_ARRAY_TASK_ID") - low) // step, number("SLURM_ARRAY_TASK_COUNT")
         elif "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or srun with these exported
-            index, count = int(env["RANK"]), int(env["WORLD_SIZE"])
+            index, count = number("RANK"), number("WORLD_SIZE")
         elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-            index, count = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+            index, count = number("SLURM_PROCID"), number("SLURM_NTASKS")
         else:
             raise ConfigError("--shard env: none of SLURM_ARRAY_TASK_ID/COUNT, RANK/WORLD_SIZE, SLURM_PROCID/NTASKS is set")
     else:

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,8 +57,12 @@ class _Builder:
 
     def image(self, relative: str, where: str) -> int:
         """The image's index; an image path outside the data root is refused outright (a config that reaches
-        out of its data root is not a bad record but a bad config)."""
-        path = (self.root / relative).resolve()
+        out of its data root is not a bad record but a bad config). A symlink loop resolves as far as it goes (as
+        Python >= 3.13 does): reading the image then fails that image alone, naming the loop."""
+        try:
+            path = (self.root / relative).resolve()
+        except RuntimeError:  # Python < 3.13 raises on a symlink loop
+            path = Path(os.path.realpath(self.root / relative))
         if not path.is_relative_to(self.root):
             msg = f"{where}: image path {relative!r} escapes the data root {self.root}"
             raise ConfigError(msg)

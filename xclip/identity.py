@@ -4,7 +4,6 @@ provenance stored with it."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import xclip
 from xclip.adapters.base import DualEncoderAdapter
 from xclip.config import ModelConfig, RunConfig, settings_differences
 from xclip.data import Dataset
+from xclip.digests import sha256_of
 from xclip.errors import ConfigError
 from xclip.loading import checkpoint_file
 from xclip.store import RunReader
@@ -46,12 +46,7 @@ def weights_digest(model: ModelConfig) -> str | None:
         files = sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))
     else:
         return None
-    digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as stream:  # in chunks: a large checkpoint need not fit in memory twice
-            while chunk := stream.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(files)
 
 
 def check_resumable(stored_run: Path, config: RunConfig, identity: RunIdentity) -> None:

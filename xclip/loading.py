@@ -4,7 +4,7 @@ open_clip's own models (``open_clip:ARCH/TAG``, ``hf-hub:ORG/NAME``, a local che
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -28,10 +28,19 @@ def resolve_device(device: str = "auto") -> torch.device:
         resolved = torch.device(device)
     except RuntimeError as e:
         msg = f"invalid device {device!r}: {e}"
-        raise ConfigError(msg) from e
+        raise ConfigError(msg, setting="device") from e
+    if resolved.type not in ("cpu", "cuda", "mps"):  # meta holds no data; other backends are untested
+        msg = f"device {device!r} is not supported; use auto, cpu, cuda, cuda:N or mps"
+        raise ConfigError(msg, setting="device")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         msg = f"device {device!r} was requested but CUDA is not available; use device 'cpu' or 'auto'"
-        raise ConfigError(msg)
+        raise ConfigError(msg, setting="device")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        msg = f"device {device!r} was requested but there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        raise ConfigError(msg, setting="device")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        msg = f"device {device!r} was requested but MPS is not available; use device 'cpu' or 'auto'"
+        raise ConfigError(msg, setting="device")
     return resolved
 
 
@@ -132,7 +141,87 @@ def load_model(
         else:
             msg = f"cannot load model {source!r}: {e}"
         raise ModelFamilyError(msg) from e
+    except Exception as e:  # safetensors', pickle's and transformers' own errors about the weights files
+        problem = _weights_problem(e, directory if directory.is_dir() else None)
+        if problem is None:
+            raise
+        msg = f"cannot load model {source!r}: {problem}"
+        raise ModelFamilyError(msg) from e
     return adapter_cls(model.to(torch_device), preprocessing, name=source, revision=revision)
+
+
+def _weights_problem(error: Exception, directory: Path | None) -> str | None:
+    """What is wrong with a transformers checkpoint's weights, from the error loading them raised, naming the
+    file where ``directory`` (a local checkpoint) has it; None for an error that is not about the weights."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(error, SafetensorError):
+        file = _first_failing(directory, "*.safetensors", _read_safetensors_header)
+        where = str(file) if file else "its .safetensors weights file"
+        empty = " (empty, 0 bytes)" if file and file.stat().st_size == 0 else ""
+        return f"{where}{empty} is not a readable safetensors file ({error}): it is truncated or damaged; download or save it again"
+    if isinstance(error, pickle.UnpicklingError):
+        file = _first_failing(directory, "*.bin", _read_pickled_tensors)
+        where = str(file) if file else "its .bin weights file"
+        return (f"{where} holds pickled objects that are not tensors, and xclip never loads those (unpickling them "
+                "can run code); save the weights with save_pretrained, which writes model.safetensors")
+    if isinstance(error, RuntimeError) and ("ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error)):
+        mismatches = _shape_mismatches(directory) if directory is not None else []
+        listed = f": {'; '.join(mismatches[:5])}" + (f"; and {len(mismatches) - 5} more" if len(mismatches) > 5 else "") if mismatches else ""
+        return (f"tensors in its weights do not have the shapes its config.json asks for{listed}; the weights "
+                "belong to another configuration, or config.json was edited")
+    return None
+
+
+def _first_failing(directory: Path | None, pattern: str, read: Callable[[Path], None]) -> Path | None:
+    """The first file of ``directory`` matching ``pattern`` that ``read`` fails on (the only one, unread)."""
+    if directory is None:
+        return None
+    files = sorted(path for path in directory.glob(pattern) if path.name != "training_args.bin")
+    if len(files) == 1:
+        return files[0]
+    for file in files:
+        try:
+            read(file)
+        except Exception:  # whatever the reader raises marks the file that the loader failed on
+            return file
+    return None
+
+
+def _read_safetensors_header(file: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as opened:
+        opened.keys()
+
+
+def _read_pickled_tensors(file: Path) -> None:
+    torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _shape_mismatches(directory: Path) -> list[str]:
+    """``name is [shape] in file.safetensors, [shape] in config.json`` for each tensor whose shape differs from
+    the model that config.json describes (built on the meta device, without memory); empty where that cannot be
+    told (.bin weights, a config transformers cannot build)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        with quiet_transformers(), torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+        expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+        found = []
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as opened:
+                for name in opened.keys():
+                    shape = list(opened.get_slice(name).get_shape())
+                    if name in expected and expected[name] != shape:
+                        found.append(f"{name} is {shape} in {file.name}, {expected[name]} in config.json")
+    except Exception:  # only a detail of the message: the error itself is reported either way
+        return []
+    return found
 
 
 OPEN_CLIP_PREFIX = "open_clip:"
@@ -188,16 +277,35 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
     except Exception as e:  # open_clip raises RuntimeError, ValueError, OSError and pickle errors alike
         import pickle
 
+        from safetensors import SafetensorError
+
+        weights = _open_clip_weights(model_name, pretrained) or f"the weights of {source!r}"
         if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
-            msg = (f"cannot load {pretrained}: it holds pickled objects that are not tensors. xclip reads .pt and .bin "
+            msg = (f"cannot load {weights}: it holds pickled objects that are not tensors. xclip reads .pt and .bin "
                    "checkpoints with torch.load(weights_only=True) and never runs code from them; save the state "
                    "dict alone, or as .safetensors")
+        elif isinstance(e, SafetensorError):
+            msg = f"cannot load model {source!r}: {weights} is not a readable safetensors file ({e}): it is truncated or damaged; download or save it again"
         elif _is_offline(local_files_only) and not Path(str(pretrained or "")).is_file() and not model_name.startswith("local-dir:"):
             msg = f"cannot load model {source!r} offline: its weights must already be in the Hugging Face cache ({str(e).splitlines()[0]})"
         else:
             msg = f"cannot load model {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         raise ModelFamilyError(msg) from e
     return loaded
+
+
+def _open_clip_weights(model_name: str, pretrained: str | None) -> str | None:
+    """The weights file open_clip reads for ``model_name``: the checkpoint file, or the one it picks in a
+    ``local-dir:`` folder (hub snapshots included); None for a pretrained tag's weights in the cache."""
+    if pretrained is not None and Path(pretrained).is_file():
+        return pretrained
+    if model_name.startswith("local-dir:"):
+        from open_clip import factory
+
+        find = getattr(factory, "_find_checkpoint_in_dir", None)  # open_clip's own choice among the folder's files
+        found = find(Path(model_name.removeprefix("local-dir:"))) if find is not None else None
+        return str(found) if found else None
+    return None
 
 
 def _hub_snapshot(repository: str, revision: str | None, local_files_only: bool) -> Path:

@@ -16,10 +16,14 @@ and colour bars are embedded pixel for pixel as in the PNG.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
+import secrets
 import textwrap
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, Upsample, map_colours, map_panel, outline_mask
+from xclip.digests import has_changed
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
 from xclip.result import InteractionMap
@@ -44,7 +49,7 @@ from xclip.schema import (
     PAIRS,
     SCORE,
 )
-from xclip.store import DONE, RunReader
+from xclip.store import DONE, RunReader, no_space_error
 from xclip.tokens import CaptionTokens, check_span
 
 FORMATS = ("png", "svg", "pdf")
@@ -139,16 +144,31 @@ class Figure:
         if kind not in FORMATS:
             msg = f"cannot save a figure as {path.name!r}: the suffix must be one of {', '.join(FORMATS)}"
             raise ConfigError(msg)
+        made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"xclip:halfrange": f"{self.map_halfrange:.6g}", "xclip:word_halfrange": f"{self.word_halfrange:.6g}",
                     "xclip:colormap": COLORMAP}
-        if kind == "png":
-            info = PngInfo()
-            for key, value in metadata.items():
-                info.add_text(key, value)
-            self.picture.save(path, pnginfo=info, dpi=(self.dpi, self.dpi), compress_level=3)
-        else:
-            _save_vector(self, path, kind, metadata)
+        # written under a temporary name beside it, then renamed: a figure killed while being written never lies
+        # half written under its name, and a figure drawn again replaces the old one whole (a figure is redrawn
+        # from the run file in a moment, so it is not fsynced)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            if kind == "png":
+                info = PngInfo()
+                for key, value in metadata.items():
+                    info.add_text(key, value)
+                self.picture.save(temporary, format="PNG", pnginfo=info, dpi=(self.dpi, self.dpi), compress_level=3)
+            else:
+                _save_vector(self, temporary, kind, metadata)
+            os.replace(temporary, path)
+        except BaseException as e:
+            temporary.unlink(missing_ok=True)
+            for folder in made:  # the folders this call made, if nothing is in them
+                with suppress(OSError):
+                    folder.rmdir()
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise no_space_error(path) from e
+            raise
         return path
 
 
@@ -461,6 +481,10 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
     if not image_path.is_file():
         msg = f"image {image_path} of pair {index} is not there: was the data moved? give the images' new folder"
         raise ConfigError(msg, setting="data_root")
+    if has_changed(image_path, run.image_file(i)):
+        msg = (f"image {image_path} of pair {index} changed since it was attributed (its content differs from the "
+               "digest in the run file): its map is of the old picture; resume the run to attribute it again")
+        raise ConfigError(msg)
     geometry = run.preprocessing(i)
     return PairView(
         title=f"pair {index}",

@@ -3,7 +3,6 @@ callback, stopping is asked through ``should_stop``."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,22 +18,26 @@ from xclip.adapters.base import DualEncoderAdapter, ImageBatch, text_problem
 from xclip.attribution import InteractionAttribution, interaction_maps, pair_numbers
 from xclip.config import RunConfig
 from xclip.data import Dataset, read_dataset
+from xclip.digests import FileIdentity, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.identity import RunIdentity, check_resumable, identify_run, provenance
 from xclip.inspection import describe_accuracy, describe_failures
 from xclip.loading import load_model
 from xclip.pairing import choose_pairs, shard_dataset
 from xclip.result import PairNumbers
-from xclip.schema import CAPTION_INDEX, CAPTIONS, IMAGE_INDEX, IMAGES, IS_TRUNCATED, PAIRS
+from xclip.schema import CAPTION_INDEX, CAPTIONS, FILE_SIZE, IMAGE_INDEX, IMAGES, IS_TRUNCATED, MTIME_NS, PAIRS, SHA256
 from xclip.store import (
     DONE,
     FAILED,
     PENDING,
     RUN_FILE,
     BackgroundWrites,
+    ImageSource,
     RunReader,
     RunWriter,
     create_run_file,
+    install_file,
+    remove_run_outputs,
     writer_lock,
 )
 
@@ -55,6 +58,7 @@ class RunSummary:
     model_load_seconds: float = 0.0  # of ``seconds``: loading the checkpoint
     is_interrupted: bool = False
     failures: list[str] = field(default_factory=list)
+    changed_images: list[str] = field(default_factory=list)  # finished before, their files changed: attributed again
 
     @property
     def pairs_per_second(self) -> float:
@@ -91,9 +95,8 @@ def _run_locked(
 ) -> RunSummary:
     directory = config.run_directory
     run_path = directory / RUN_FILE
-    if overwrite and directory.exists():
-        run_path.unlink(missing_ok=True)
-        shutil.rmtree(directory / "heatmaps", ignore_errors=True)
+    if overwrite and directory.exists():  # only what xclip wrote: a user's own files in the directory stay
+        remove_run_outputs(directory)
     dataset = read_dataset(config.data)
     identity = identify_run(config, dataset)
     if run_path.exists():
@@ -104,6 +107,7 @@ def _run_locked(
     if not run_path.exists():
         _create_run_file(run_path, config, dataset, attributor.model, identity, command, progress)
     with RunWriter(run_path) as run:
+        changed = _redo_changed_images(run, config.data.root.resolve())
         n_skipped = int((run.status(PAIRS) == DONE).sum())
         check = _FiniteCheck(attributor.model)
         for stage in (_caption_stage, _image_stage, _pair_stage):
@@ -111,11 +115,24 @@ def _run_locked(
                 break
             _run_stage(run, stage(run, attributor, config), check, progress, should_stop)
     summary = _summarise(directory, n_skipped, model_load_seconds, should_stop)
+    summary.changed_images = changed
     if config.output.render and not summary.is_interrupted:
         from xclip.render import render_run
 
         render_run(directory)
     return summary
+
+
+def _redo_changed_images(run: RunWriter, root: Path) -> list[str]:
+    """Finished images whose files changed since they were attributed (or are gone), marked pending again with
+    their pairs; their paths."""
+    paths = run.image_paths()
+    done = np.flatnonzero(run.status(IMAGES) == DONE)
+    sizes, times, digests = (run.column(IMAGES, name) for name in (FILE_SIZE, MTIME_NS, SHA256))  # read once
+    changed = [int(i) for i in done
+               if has_changed(root / paths[i], FileIdentity(int(sizes[i]), int(times[i]), digests[i].decode()))]
+    run.redo_images(changed)
+    return [paths[i] for i in changed]
 
 
 def _load_attributor(config: RunConfig) -> tuple[InteractionAttribution, float]:
@@ -168,7 +185,7 @@ def _create_run_file(
         grid=grid,
         n_prefix=model.n_image_prefix,
     )
-    skeleton.replace(run_path)  # so a run.h5 that exists always has every dataset
+    install_file(skeleton, run_path)  # so a run.h5 that exists always has every dataset, also after a power cut
 
 
 def _summarise(
@@ -292,10 +309,14 @@ class _ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> tuple[int, object, str]:
         index = int(self.indices[position])
+        path = self.root / self.paths[index]
         try:
-            return index, self.preprocess(self.root / self.paths[index]), ""
+            file = file_identity(path) if path.is_file() else None  # the reader names what is wrong otherwise
+            return index, (self.preprocess(path), file), ""
         except XclipError as e:
             return index, None, str(e)
+        except OSError as e:  # unreadable while hashing: the item fails, the run goes on
+            return index, None, f"cannot read image {self.paths[index]}: {e.strerror or e}"
 
 
 def _image_stage(run: RunWriter, attributor: InteractionAttribution, config: RunConfig) -> _Stage:
@@ -318,14 +339,14 @@ def _image_stage(run: RunWriter, attributor: InteractionAttribution, config: Run
                     batch.ready.append((index, loaded))
             yield batch
 
-    def attribute(ready: list[tuple[int, Any]]) -> Iterable[tuple[int, list[str], xclip.Contributions]]:
+    def attribute(ready: list[tuple[int, Any]]) -> Iterable[tuple[int, ImageSource, xclip.Contributions]]:
         images = ImageBatch(
-            pixel_values=torch.stack([loaded.pixels for _, loaded in ready]).to(model.device, model.dtype),
-            geometry=[loaded.geometry for _, loaded in ready],
-            images=[loaded.image for _, loaded in ready],
+            pixel_values=torch.stack([loaded.pixels for _, (loaded, _) in ready]).to(model.device, model.dtype),
+            geometry=[loaded.geometry for _, (loaded, _) in ready],
+            images=[loaded.image for _, (loaded, _) in ready],
         )
         results = attributor.image_batch_contributions(images)
-        return [(index, loaded.notes, result) for (index, loaded), result in zip(ready, results)]
+        return [(index, ImageSource(loaded.notes, file), result) for (index, (loaded, file)), result in zip(ready, results)]
 
     return _Stage("images", "image", len(todo), batches(), attribute, run.write_images)
 

@@ -45,6 +45,10 @@ TEXT, TOKEN_IDS, TOKENS, OFFSETS, SPECIAL, UNKNOWN = "text", "token_ids", "token
 N_POSITIONS, IS_TRUNCATED = "n_positions", "is_truncated"
 # images: the path under the data root, the size as read, notes, and the preprocessing geometry
 PATH, ORIGINAL_SIZE, NOTES, PREPROCESSING = "path", "original_size", "notes", "preprocessing"
+# images: the file as it was read, to tell when it changed (digests.FileIdentity)
+SHA256, FILE_SIZE, MTIME_NS = "sha256", "file_size", "mtime_ns"
+# every group: a CRC-32 of an item's stored results, checked when they are read (zeroed or altered bytes)
+CHECKSUM = "checksum"
 PREPROCESSING_COLUMNS = (
     "original_width", "original_height", "crop_x0", "crop_y0", "crop_x1", "crop_y1", "input_width", "input_height",
     "grid_rows", "grid_columns",

@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
+import functools
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import h5py
 import numpy as np
 
 from xclip import schema
+from xclip.digests import FileIdentity
 from xclip.errors import StoreError
 from xclip.geometry import Preprocessing
 from xclip.result import Contributions, PairNumbers
@@ -40,7 +45,11 @@ if TYPE_CHECKING:
     from xclip.config import RunConfig
 
 LOCK_FILE = ".writer.lock"
-_UNREADABLE_LOCK_GRACE_SECONDS = 30  # a lock file is written right after it is created
+EXCLUSIVE_LOCK_FILE = ".writer.excl"  # the lock on file systems without file locks (see writer_lock)
+_HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}  # flock's answers when another process holds the lock
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}  # NFS without a lock daemon, Lustre without -o flock
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_ALMOST_FULL = 10**6  # bytes: HDF5 fails without an errno; with less than this free, a full disk is the cause
 PENDING, DONE, FAILED = Status.PENDING, Status.DONE, Status.FAILED
 _STRING = h5py.string_dtype()  # variable length: only for text written when the file is created
 # text written during a run is fixed-length UTF-8 (cut at a character boundary), so that it is stored in place
@@ -72,6 +81,74 @@ def _utf8(text: str, size: int) -> bytes:
     return text.encode()[:size].decode(errors="ignore").encode()
 
 
+def _no_space(target: Path, needed: str | None = None, free: int | None = None, *,
+              advice: str = "free space, or choose another output.directory, then rerun") -> StoreError:
+    """The one message of a full disk, at every stage: what was to be written, what it needs, and the disk."""
+    folder = next(p for p in [target.parent, *target.parents] if p.exists())
+    mount = next((p for p in [folder, *folder.parents] if os.path.ismount(p)), folder)
+    free = shutil.disk_usage(folder).free if free is None else free
+    needs = f": it needs {needed}, and" if needed else ":"
+    return StoreError(f"not enough disk space for {target}{needs} the disk at {mount} has {_size(free)} free: {advice}")
+
+
+def no_space_error(target: Path) -> StoreError:
+    """A full disk while writing ``target`` (a figure) as one :class:`StoreError` naming it and its disk."""
+    return _no_space(target, advice="free space, or choose another output folder, then rerun")
+
+
+def _is_disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error`` came from a full disk: the system says so (``ENOSPC``, ``EDQUOT``), or HDF5 failed (its
+    errors carry no errno) while the disk has almost nothing left."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in _DISK_FULL
+    if isinstance(error, (OSError, RuntimeError, ValueError)):
+        with suppress(OSError):
+            return shutil.disk_usage(folder).free < _ALMOST_FULL
+    return False
+
+
+def _estimated_size(arguments: dict[str, Any]) -> int:
+    """The size of the file :func:`create_run_file` makes from ``arguments``, before HDF5 writes a byte: its large
+    datasets exactly, and a margin (1 MB, 10 % and 1 KB an item) for the small ones, the text and HDF5's own
+    metadata. :func:`_reserve` checks the real size after creation."""
+    array = {"float64": 8, "float32": 4, "float16": 2}[arguments["precision"]]
+    number = 8 if arguments["precision"] == "float64" else 4
+    n_text, n_image, width = arguments["max_text_positions"], arguments["n_image_positions"], arguments["embedding_dim"]
+    per_caption = n_text * (width * array + 4 + _TOKEN.itemsize + 8 + 2) + 2 * width * number + _ERROR.itemsize
+    per_image = n_image * width * array + 2 * width * number + _NOTE.itemsize + _ERROR.itemsize
+    per_pair = (n_text * n_image * array if arguments["store_pair_maps"] else 0) + 16 + 10 * number + _PAIR_ERROR.itemsize
+    n_captions, n_images, n_pairs = len(arguments["captions"]), len(arguments["images"]), len(arguments["pairs"])
+    text = sum(len(str(s).encode()) + 16 for part in ("captions", "images", "rejected_records") for s in arguments[part])
+    items = n_captions * per_caption + n_images * per_image + n_pairs * per_pair + 1024 * (n_captions + n_images + n_pairs)
+    return int(1.1 * (items + text)) + 10**6
+
+
+def _refuse_a_full_disk(create: Callable[..., None]) -> Callable[..., None]:
+    """:func:`create_run_file` with a full disk as one :class:`StoreError` at every step: the space the file needs
+    is checked before HDF5 writes a byte (on a disk with a few KB free HDF5 fails with raw messages, or crashes),
+    a full disk while creating gives the same message, and a failed creation leaves no file behind."""
+
+    @functools.wraps(create)
+    def create_checked(path: Path, **arguments: Any) -> None:
+        target, needed = path.parent / RUN_FILE, _estimated_size(arguments)
+        free = shutil.disk_usage(path.parent).free
+        if needed > free:
+            raise _no_space(target, f"about {_size(needed)}", free)
+        is_ours = not path.exists()  # mode w- refuses an existing file: that one is not removed
+        try:
+            create(path, **arguments)
+        except BaseException as e:
+            is_full = not isinstance(e, StoreError) and _is_disk_full(e, path.parent)
+            if is_ours:
+                path.unlink(missing_ok=True)
+            if is_full:
+                raise _no_space(target, f"about {_size(needed)}") from e
+            raise
+
+    return create_checked
+
+
+@_refuse_a_full_disk
 def create_run_file(
     path: Path,
     *,
@@ -120,6 +197,9 @@ def create_run_file(
         geometry = _fixed(image, schema.PREPROCESSING, (n_images, len(schema.PREPROCESSING_COLUMNS)), "f8", np.nan)
         geometry.attrs["columns"] = json.dumps(schema.PREPROCESSING_COLUMNS)
         _fixed(image, "notes", (n_images,), _NOTE)
+        _fixed(image, schema.SHA256, (n_images,), "S64")
+        _fixed(image, schema.FILE_SIZE, (n_images,), "i8")
+        _fixed(image, schema.MTIME_NS, (n_images,), "i8")
         for group, n, n_positions in ((text, n_captions, max_text_positions), (image, n_images, n_image_positions)):
             _floats(group, "embedding", (n, embedding_dim))
             _floats(group, "reference_embedding", (n, embedding_dim))
@@ -129,6 +209,7 @@ def create_run_file(
             _fixed(group, "n_nodes", (n,), "i4")
             _fixed(group, "is_converged", (n,), "?")
             _floats(group, "contributions", (n, n_positions, embedding_dim), array_dtype)
+            _fixed(group, schema.CHECKSUM, (n,), "u4")
             _status(group, n)
         pair = f.create_group("pairs")
         table = np.asarray(pairs, dtype=np.int64).reshape(n_pairs, 2)
@@ -142,6 +223,7 @@ def create_run_file(
         _floats(pair, "completeness_bound", (n_pairs,))
         if store_pair_maps:  # otherwise readers compute a pair's map from its two stored contribution arrays
             _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), array_dtype)
+        _fixed(pair, schema.CHECKSUM, (n_pairs,), "u4")
         _status(pair, n_pairs, _PAIR_ERROR)
         f.create_dataset("rejected_records", data=list(rejected_records), dtype=_STRING, shape=(len(rejected_records),))
     _reserve(path)
@@ -153,26 +235,18 @@ def _reserve(path: Path) -> None:
     size = path.stat().st_size
     needed = max(0, size - path.stat().st_blocks * 512)  # what the file does not occupy yet
     free = shutil.disk_usage(path.parent).free
-
-    def no_space() -> StoreError:
-        mount = next((p for p in [path.parent, *path.parent.parents] if os.path.ismount(p)), path.parent)
-        return StoreError(
-            f"not enough disk space for {path.parent / 'run.h5'}: it needs {_size(size)} ({_size(needed)} more), and the "
-            f"disk at {mount} has {_size(free)} free: free space, or choose another output.directory, then rerun"
-        )
-
     if needed > free:
         path.unlink()
-        raise no_space()
+        raise _no_space(path.parent / RUN_FILE, f"{_size(size)} ({_size(needed)} more)", free)
     if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check above is all there is
         return
     descriptor = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(descriptor, 0, size)
     except OSError as e:
-        if e.errno == errno.ENOSPC:
+        if e.errno in _DISK_FULL:
             path.unlink()
-            raise no_space() from None
+            raise _no_space(path.parent / RUN_FILE, f"{_size(size)} ({_size(needed)} more)") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
             raise
     finally:
@@ -183,20 +257,76 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
+def install_file(temporary: Path, target: Path) -> None:
+    """Rename a finished ``temporary`` file to ``target`` durably: its bytes reach the disk before the rename
+    (else a power cut can leave ``target`` naming an empty or partial file), and the directory's new entry
+    reaches it after."""
+    descriptor = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, target)
+    descriptor = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems whose directories cannot be synced
+            raise
+    finally:
+        os.close(descriptor)
+
+
+# what --overwrite deletes of heatmaps/: the figures render names (render._content: pair000012.png,
+# pair000012_span-red-dog.svg, pair000012_box-0-0-10-10.pdf), and Figure.save's temporaries of a killed render
+_FIGURE = r"pair\d{6,}(_span-[0-9a-z-]+|_box-[0-9a-z-]+)?\.(png|svg|pdf)"
+_FIGURE_NAME = re.compile(_FIGURE)
+_FIGURE_TEMPORARY = re.compile(rf"\.{_FIGURE}\.tmp-\d+-[0-9a-f]+")
+_FIGURE_MARK = b"xclip:halfrange"  # every figure's metadata (PNG text, SVG description, PDF subject) holds it
+
+
+def is_xclip_figure(path: Path) -> bool:
+    """Whether ``path`` is a figure xclip drew: its name is one xclip gives, and the file carries xclip's mark
+    (a temporary of a killed render, named as only xclip names them, needs no mark)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    if _FIGURE_TEMPORARY.fullmatch(path.name):
+        return True
+    return bool(_FIGURE_NAME.fullmatch(path.name)) and _FIGURE_MARK in path.read_bytes()
+
+
+def remove_run_outputs(directory: Path) -> None:
+    """What ``overwrite`` deletes: the run file (and a temporary one), the figures xclip drew into ``heatmaps/``,
+    then ``heatmaps/`` if that left it empty. Everything else, a user's own figures and notes, stays."""
+    for name in (RUN_FILE, RUN_FILE + ".tmp"):
+        (directory / name).unlink(missing_ok=True)
+    figures = directory / "heatmaps"
+    if figures.is_dir() and not figures.is_symlink():
+        for path in figures.iterdir():
+            if is_xclip_figure(path):
+                path.unlink(missing_ok=True)
+        with suppress(OSError):  # only an empty folder is removed
+            figures.rmdir()
+
+
 @contextmanager
 def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
-    """Hold the run directory's writer lock: one ``xclip attribute`` per directory at a time.
+    """Hold the run directory's writer lock: one ``xclip attribute`` or ``xclip merge`` per directory at a time.
 
-    The lock is a file created with ``O_EXCL`` (atomic, also on NFS) that names its holder: PID, host, start time
-    and command. A lock left by a process that is gone (same host, PID not running) is taken over; a lock of a
-    live process, or of another host (whose processes cannot be checked), is refused with the holder named; a
-    lock of an earlier run of the same Slurm job (a requeued job keeps its ``SLURM_JOB_ID``) is taken over.
-    Readers (inspect, render, evaluate) never take it. A directory the lock created is removed again if the run
-    left nothing in it (a config error after the lock was taken writes nothing).
+    The lock is ``flock`` on ``directory/.writer.lock``: taking it is one atomic step, and the kernel releases it
+    when its process ends, however it ends, so a lock is never stale and never taken over (a requeued Slurm job
+    finds its dead predecessor's lock released). The holder then writes its record (PID, host, start time,
+    command, Slurm job) into the file, and a refused process names that holder. A process only removes the lock
+    file it holds. Readers (inspect, render, evaluate) never take the lock. A directory the lock created is
+    removed again if the run left nothing in it.
+
+    On NFS, Linux takes ``flock`` as an NFS lock held by the server, so it holds across hosts (a crashed host's
+    lock ends with its lease), unless the mount has ``local_lock=flock`` or ``nolock``, which make locks local
+    to each host. A file system without locks (``ENOLCK``, ``ENOSYS``, ``EOPNOTSUPP``: NFS without a lock daemon,
+    Lustre without ``-o flock``) gets a record created with ``O_EXCL`` (``.writer.excl``) instead: atomic there
+    too, but never released by the kernel, so a killed writer's record stays until it is deleted by hand.
     """
     is_new = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_FILE
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -204,62 +334,130 @@ def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
         "command": command,
         "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
     }
-    for _ in range(3):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            current = _lock_holder(path)
-            if current is not None:
-                msg = (
-                    f"{directory} is being written by process {current.get('pid')} on {current.get('host')} since "
-                    f"{current.get('started')} ({current.get('command') or 'xclip attribute'}): wait for it to finish or "
-                    f"stop it (its finished items are kept). If that process is gone, delete {path}"
-                )
-                raise StoreError(msg) from None
-            path.unlink(missing_ok=True)  # its writer is gone: take it over
-            continue
-        with os.fdopen(descriptor, "w") as stream:
-            json.dump(holder, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        break
-    else:
-        msg = f"cannot take the writer lock {path}: other processes keep taking it"
-        raise StoreError(msg)
+    release = _take_lock(directory, holder)
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
-        if is_new and not any(directory.iterdir()):
-            directory.rmdir()
+        release()
+        if is_new:
+            with suppress(OSError):  # only an empty directory is removed: a run's files, or a next writer's lock, stay
+                directory.rmdir()
+
+
+def _lock_step(step: str) -> None:
+    """Called between the lock's steps (``opened``, ``locked``, ``releasing``): the race tests pause here."""
+
+
+def _take_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
+    """Take ``directory``'s writer lock for ``holder``, or refuse naming its holder; returns what releases it."""
+    path = directory / LOCK_FILE
+    for _ in range(100):
+        directory.mkdir(parents=True, exist_ok=True)
+        is_writable = True
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the holder before us removed the directory it had left empty: make it again
+            continue
+        except PermissionError:  # another user's lock file: it can still be locked (flock needs no write access)
+            descriptor, is_writable = os.open(path, os.O_RDONLY), False
+        try:
+            _lock_step("opened")
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_step("locked")
+        except BaseException as e:
+            os.close(descriptor)
+            if isinstance(e, OSError) and e.errno in _HELD:
+                raise _refusal(directory, path) from None
+            if isinstance(e, OSError) and e.errno in _NO_LOCKS:
+                return _take_exclusive_lock(directory, holder)
+            raise
+        if not _names(path, descriptor):
+            # we locked a file that its holder removed while releasing it, after we had opened it: start over
+            # on the file the path names now (see _release_lock)
+            os.close(descriptor)
+            continue
+        if is_writable:  # (else the file keeps its last writer's record)
+            _write_record(descriptor, holder)
+        return functools.partial(_release_lock, path, descriptor)
+    msg = f"cannot take the writer lock {path}: other processes keep taking and releasing it"
+    raise StoreError(msg)
+
+
+def _take_exclusive_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
+    """The lock on a file system without file locks: a record created with ``O_EXCL``, atomic on NFS too. It is
+    never taken over, since that cannot be one atomic step without locks; a dead holder's record is deleted by
+    hand, as the refusal says."""
+    with suppress(OSError):  # the flock file just made: nobody can lock it here, and a record (size > 0) stays
+        if (directory / LOCK_FILE).stat().st_size == 0:
+            (directory / LOCK_FILE).unlink()
+    path = directory / EXCLUSIVE_LOCK_FILE
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise _refusal(directory, path, is_kept=True) from None
+    _write_record(descriptor, holder)
+    return functools.partial(_release_lock, path, descriptor)
+
+
+def _names(path: Path, descriptor: int) -> bool:
+    """Whether ``path`` still names the open file ``descriptor``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(descriptor)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _write_record(descriptor: int, holder: dict[str, Any]) -> None:
+    """The holder's record, written once the lock is held (a killed holder's record stays in the file until the
+    next holder writes its own over it; it never blocks anyone)."""
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+        os.fsync(descriptor)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:  # a full disk is refused, with its message, when the run file is created
+            raise
+
+
+def _release_lock(path: Path, descriptor: int) -> None:
+    """Remove the lock file, then unlock it (by closing it). Removing a file that other processes may have
+    opened is safe because each checks, after locking, that the path still names the file it locked
+    (:func:`_names`): one that locks the removed file after we close it starts over on the file the path names
+    then, so two processes never both hold the lock of the file at the path. Only the file we hold is removed:
+    if someone deleted it by hand and another writer made a new one, that one stays."""
+    try:
+        _lock_step("releasing")
+        if _names(path, descriptor):
+            path.unlink()
+    finally:
+        os.close(descriptor)
+
+
+def _refusal(directory: Path, path: Path, *, is_kept: bool = False) -> StoreError:
+    """The refusal of a held lock, naming its holder from the record in ``path``."""
+    current = _lock_holder(path) or {"pid": "?", "host": "?", "started": "just now", "command": ""}
+    ending = (f"If that process is gone, delete {path} (this file system has no file locks, so its lock outlives it)"
+              if is_kept else "The lock ends with that process, however it ends")
+    msg = (
+        f"{directory} is being written by process {current.get('pid')} on {current.get('host')} since "
+        f"{current.get('started')} ({current.get('command') or 'xclip attribute'}): wait for it to finish or stop it "
+        f"(its finished items are kept). {ending}"
+    )
+    return StoreError(msg)
 
 
 def _lock_holder(path: Path) -> dict[str, Any] | None:
-    """The live holder recorded in a lock file, or None when the lock is stale (its process is gone)."""
-    try:
-        holder = json.loads(path.read_text())
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        # unreadable: being written this instant, or left by a writer killed in between
-        try:
-            is_fresh = time.time() - path.stat().st_mtime < _UNREADABLE_LOCK_GRACE_SECONDS
-        except FileNotFoundError:
-            return None
-        return {"pid": "?", "host": "?", "started": "just now", "command": ""} if is_fresh else None
-    job = str(holder.get("slurm_job") or "")
-    if job and job == os.environ.get("SLURM_JOB_ID"):
-        return None  # an earlier run of this same Slurm job (requeued, maybe onto another node): Slurm ended it
-    if host != socket.gethostname():
-        return holder  # another machine's process: assume it lives
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # another user's process
-        return holder
-    return holder
+    """The holder recorded in a lock file, or None when there is no readable record. A holder writes its record
+    just after taking the lock, so an empty or half-written one is read again for up to half a second."""
+    for _ in range(20):
+        with suppress(OSError, ValueError):
+            holder = json.loads(path.read_text())
+            if isinstance(holder, dict) and "pid" in holder:
+                return holder
+        time.sleep(0.025)
+    return None
 
 
 def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
@@ -349,13 +547,16 @@ def _mark_failed(group: h5py.Group, index: int, reason: str) -> None:
 
 
 def _write_contributions(group: h5py.Group, index: int, item: Contributions) -> None:
-    """One caption's or image's results; :func:`_commit` marks it done."""
+    """One caption's or image's results, with the checksum of its stored arrays; :func:`_commit` marks it done."""
     n = item.values.shape[0]
     values = np.full(group["contributions"].shape[1:], np.nan, dtype=group["contributions"].dtype)
     values[:n] = item.values.double().cpu().numpy()
+    embedding = item.embedding.double().cpu().numpy().astype(group["embedding"].dtype)
+    reference = item.reference_embedding.double().cpu().numpy().astype(group["reference_embedding"].dtype)
     group["contributions"][index] = values
-    group["embedding"][index] = item.embedding.double().cpu().numpy()
-    group["reference_embedding"][index] = item.reference_embedding.double().cpu().numpy()
+    group["embedding"][index] = embedding
+    group["reference_embedding"][index] = reference
+    group[schema.CHECKSUM][index] = _checksum(values, embedding, reference)
     group["completeness_error"][index] = item.completeness_error
     group["relative_completeness_error"][index] = item.relative_completeness_error
     group["difference_norm"][index] = item.difference_norm
@@ -384,9 +585,21 @@ def _write_caption_tokens(group: h5py.Group, index: int, token_ids: Sequence[int
         group[name][index] = row
 
 
-def _write_image_source(group: h5py.Group, index: int, notes: Sequence[str], item: Contributions) -> None:
-    """An image's size as read (after EXIF orientation), where its patches lie, and what was done to read it."""
+class ImageSource(NamedTuple):
+    """What a run stores of an image beside its results."""
+
+    notes: Sequence[str]  # what was done to read it (EXIF orientation applied, ...)
+    file: FileIdentity  # the file it was read from
+
+
+def _write_image_source(group: h5py.Group, index: int, source: ImageSource, item: Contributions) -> None:
+    """An image's size as read (after EXIF orientation), where its patches lie, what was done to read it, and
+    the file it was read from."""
     assert item.geometry is not None, "the engine gives every image its geometry"
+    notes, file = source
+    group[schema.SHA256][index] = file.sha256.encode()
+    group[schema.FILE_SIZE][index] = file.size
+    group[schema.MTIME_NS][index] = file.mtime_ns
     group["original_size"][index] = item.geometry.original_size
     group[schema.PREPROCESSING][index] = item.geometry.to_row()
     group["notes"][index] = _utf8("; ".join(notes), _NOTE.itemsize)
@@ -399,11 +612,14 @@ def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], gri
     float64 run)."""
     import torch
 
+    values, embedding = group["contributions"][index], group["embedding"][index]
+    reference = group["reference_embedding"][index]
+    _verify(group, index, _checksum(values, embedding, reference))
     return Contributions(
         modality="image" if grid is not None else "text",
-        values=torch.from_numpy(group["contributions"][index, :n_positions].astype(_read_dtype(group["contributions"]))),
-        embedding=torch.from_numpy(group["embedding"][index]),
-        reference_embedding=torch.from_numpy(group["reference_embedding"][index]),
+        values=torch.from_numpy(values[:n_positions].astype(_read_dtype(group["contributions"]))),
+        embedding=torch.from_numpy(embedding),
+        reference_embedding=torch.from_numpy(reference),
         labels=labels,
         grid=grid,
         n_prefix=n_prefix,
@@ -424,15 +640,46 @@ def _write_pairs(group: h5py.Group, indices: Sequence[int], items: Sequence[Pair
         return
     is_contiguous = order[-1] - order[0] + 1 == len(order)
     rows: slice | np.ndarray = slice(int(order[0]), int(order[-1]) + 1) if is_contiguous else order
+    maps: list[np.ndarray] = []
     if "interactions" in group:
         values = np.full((len(items), *group["interactions"].shape[1:]), np.nan, dtype=group["interactions"].dtype)
         for k, item in enumerate(items):
             n_rows, n_columns = item.interactions.shape
             values[k, :n_rows, :n_columns] = item.interactions.double().cpu().numpy()  # type: ignore[attr-defined]  (maps are stored only as maps)
         group["interactions"][rows] = values
-    group["terms"][rows] = np.stack([item.terms.double().cpu().numpy() for item in items]).astype(group["terms"].dtype)
-    for name in schema.PAIR_NUMBERS:
-        group[name][rows] = np.array([getattr(item, name) for item in items], dtype=group[name].dtype)
+        maps = list(values)
+    terms = np.stack([item.terms.double().cpu().numpy() for item in items]).astype(group["terms"].dtype)
+    group["terms"][rows] = terms
+    numbers = [np.array([getattr(item, name) for item in items], dtype=group[name].dtype) for name in schema.PAIR_NUMBERS]
+    for name, column in zip(schema.PAIR_NUMBERS, numbers):
+        group[name][rows] = column
+    group[schema.CHECKSUM][rows] = np.array(
+        [_checksum(*maps[k : k + 1], terms[k], *(column[k] for column in numbers)) for k in range(len(items))], dtype="u4"
+    )
+
+
+def _pair_numbers_row(group: h5py.Group, pair: int) -> list[np.ndarray]:
+    """A pair's terms and numbers as stored, in the order its checksum covers them."""
+    return [group["terms"][pair], *(group[name][pair] for name in schema.PAIR_NUMBERS)]
+
+
+def _checksum(*arrays: np.ndarray) -> int:
+    """CRC-32 of arrays' bytes as stored, one after the other."""
+    crc = 0
+    for array in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(array).tobytes(), crc)
+    return crc
+
+
+def _verify(group: h5py.Group, index: int, checksum: int) -> None:
+    """Refuse an item whose stored results no longer match the checksum written with them."""
+    if int(group[schema.CHECKSUM][index]) != checksum:
+        msg = (
+            f"{group.file.filename}: {group.name.strip('/')} {index} is damaged (its stored results do not match "
+            "their checksum: zeroed or altered bytes, a failing disk or an incomplete copy); attribute the run "
+            "again with overwrite=True"
+        )
+        raise StoreError(msg, setting="overwrite")
 
 
 def _read_dtype(dataset: h5py.Dataset) -> type:
@@ -581,6 +828,13 @@ class RunReader:
                 unknown=[bool(v) for v in group[schema.UNKNOWN][caption, :n]],
             )
 
+    def image_file(self, image: int) -> FileIdentity:
+        """The file a finished image was read from: its size, modification time and content digest."""
+        with self._reading():
+            group = self._file["images"]
+            return FileIdentity(int(group[schema.FILE_SIZE][image]), int(group[schema.MTIME_NS][image]),
+                                group[schema.SHA256][image].decode())
+
     def preprocessing(self, image: int) -> Preprocessing:
         """Where a finished image's patches lie in the original image."""
         with self._reading():
@@ -605,8 +859,10 @@ class RunReader:
         if self.has_pair_maps:
             with self._reading():
                 n = int(self._file["captions/n_positions"][caption])
-                stored = self._file["pairs/interactions"]
-                return stored[pair, :n].astype(_read_dtype(stored))
+                pairs = self._file["pairs"]
+                row = pairs["interactions"][pair]
+                _verify(pairs, pair, _checksum(row, *_pair_numbers_row(pairs, pair)))
+                return row[:n].astype(_read_dtype(pairs["interactions"]))
         from xclip.attribution import interaction_map
 
         scale = float(self.attrs["logit_scale"]) if self.settings.attribution.scale_by_logit else 1.0
@@ -633,6 +889,18 @@ class RunWriter(RunReader):
         """Indices of items not yet done (pending or failed items are retried by a rerun)."""
         return np.flatnonzero(self.status(group) != DONE)
 
+    def redo_images(self, images: Sequence[int]) -> None:
+        """Mark finished images pending again, with every pair that uses them (their files changed): the pairs
+        first, so that a kill in between leaves an image done whose pairs are pending, which the next check of
+        the files finds again."""
+        if not len(images):
+            return
+        pairs = np.flatnonzero(np.isin(self.column(schema.PAIRS, schema.IMAGE_INDEX), np.asarray(images)))
+        for group, indices in ((schema.PAIRS, pairs), (schema.IMAGES, np.sort(np.asarray(images)))):
+            if len(indices):
+                self._file[group][schema.STATUS][indices] = np.full(len(indices), PENDING, dtype="i1")
+            _sync(self._file)
+
     def fail(self, group: str, index: int, reason: str) -> None:
         _mark_failed(self._file[group], int(index), reason)
 
@@ -642,10 +910,10 @@ class RunWriter(RunReader):
             _write_caption_tokens(group, int(index), ids, item)
             _write_contributions(group, int(index), item)
 
-    def write_images(self, indices: Sequence[int], notes: Sequence[Sequence[str]], items: Sequence[Contributions]) -> None:
+    def write_images(self, indices: Sequence[int], sources: Sequence[ImageSource], items: Sequence[Contributions]) -> None:
         group = self._file["images"]
-        for index, note, item in zip(indices, notes, items):
-            _write_image_source(group, int(index), note, item)
+        for index, source, item in zip(indices, sources, items):
+            _write_image_source(group, int(index), source, item)
             _write_contributions(group, int(index), item)
 
     def write_pairs(self, indices: Sequence[int], items: Sequence[PairNumbers]) -> None:
@@ -725,6 +993,12 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
     target = directory / "run.h5"
     temporary = target.with_suffix(".h5.tmp")
     temporary.unlink(missing_ok=True)
+    # the merged file holds what the shards hold: their files' sizes, and a margin for HDF5's own metadata
+    needed = int(1.1 * sum(path.stat().st_size for path in shards)) + 10**6
+    advice = "free space, then merge again"
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise _no_space(target, f"about {_size(needed)}", free, advice=advice)
     sources = [_open_run_file(path) for path in shards]
     try:
         with h5py.File(temporary, "w-") as merged:
@@ -759,10 +1033,16 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
                             merged[group_name][name][start + row : start + row + len(rows)] = rows + shift if shift else rows
                 for group_name in offsets:
                     offsets[group_name] += len(src[group_name]["status"])
+        install_file(temporary, target)
+    except BaseException as e:
+        is_full = _is_disk_full(e, directory)
+        temporary.unlink(missing_ok=True)
+        if is_full:
+            raise _no_space(target, f"about {_size(needed)}", advice=advice) from e
+        raise
     finally:
         for src in sources:
             src.close()
-    temporary.replace(target)
     return target
 
 

@@ -5,6 +5,11 @@ Every request opens the run file anew through :class:`xclip.store.RunReader` and
 page of the pair table, one pair's map), so a 100,000-pair run opens as fast as a 10-pair one, and a run that
 is still being written shows what is finished at each reload. ``export_site`` writes the same page with the
 data of chosen pairs into a folder that opens from the file system, for sharing.
+
+The server answers only pages of its own origin (the ``Host`` a browser sends for ``127.0.0.1:PORT`` or
+``localhost:PORT``), so a site whose name is rebound to 127.0.0.1 cannot read the run. Its answers hold no
+absolute path of the machine (the run folder by its name, the data root cut from failure reasons), it serves
+images only from inside the data root, and it drops clients that stall or leave without a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import base64
 import io
 import json
 import math
+import os
+import re
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -27,6 +35,7 @@ from PIL import Image
 
 from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, outline_mask
+from xclip.digests import has_changed
 from xclip.errors import ConfigError, XclipError
 from xclip.geometry import Preprocessing
 from xclip.loading import looks_like_path
@@ -51,6 +60,16 @@ ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css
 DISPLAY_SIDE = 320  # the image as the page shows it: contours are found at this size
 SORT_KEYS = ("index", "score", "four_term_value", "completeness_error", "relative_completeness_error", "status", "caption")
 RUN_SCALE_SAMPLE = 256
+SOCKET_TIMEOUT_S = 10.0  # a client silent this long, mid-request or mid-answer, is disconnected
+
+
+class NotFound(ConfigError):
+    """A pair that is not a finished pair of the run, or an image that is not there: the server answers 404."""
+
+
+class OutsideDataRoot(ConfigError):
+    """An image whose stored path leads out of the data root (``..``, an absolute path, a link): the server
+    answers 403 rather than read a file the run file points at."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +115,11 @@ class RunData:
     def __init__(self, run_dir: str | Path, data_root: Path | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.data_root = data_root
-        with RunReader(self.run_dir):  # a clear error now rather than at the first request
-            pass
+        with RunReader(self.run_dir) as run:  # a clear error now rather than at the first request
+            folders = [run.settings.data.root, run.data_root(data_root), run.path.parent.parent]
+        # longest first, so that a data root inside the run's parent folder is cut whole
+        self._private_prefixes = sorted({_folder_prefix(form) for folder in folders for form in (folder.absolute(), folder.resolve())
+                                         if len(form.parts) > 1}, key=len, reverse=True)
         self._run_scale: dict[str, Any] | None = None
         self._lock = threading.Lock()
 
@@ -113,7 +135,7 @@ class RunData:
 
             lut = colormaps[COLORMAP](np.linspace(0, 1, 256), bytes=True)[:, :3]
             return {
-                "run": str(run.path.parent),
+                "run": run.path.parent.resolve().name,
                 "model": _model_label(run.settings.model.name),
                 "attribution": attribution,
                 "counts": counts,
@@ -156,13 +178,13 @@ class RunData:
             if query.descending:
                 order = order[::-1]
             page = chosen[order][query.offset : query.offset + query.limit]
-            rows = _rows(run, page)
+            rows = self._rows(run, page)
             return {"total": int(len(chosen)), "offset": query.offset, "rows": rows}
 
     def rows(self, indices: list[int]) -> list[dict[str, Any]]:
         """The table rows of the given pairs, in that order."""
         with RunReader(self.run_dir) as run:
-            return _rows(run, np.asarray(indices, dtype=np.int64))
+            return self._rows(run, np.asarray(indices, dtype=np.int64))
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Failed captions and images with their reasons (their pairs fail with them), then failed pairs
@@ -175,25 +197,21 @@ class RunData:
                 for index, reason in zip(failed.tolist(), run.errors(group, failed.tolist())):
                     if group == PAIRS and reason.startswith(("caption ", "image ")):
                         continue  # listed under its input
-                    found.append({"group": group, "index": index, "item": names[group][index] if group in names else f"pair {index}",
-                                  "reason": reason})
+                    item = self.public(names[group][index]) if group in names else f"pair {index}"
+                    found.append({"group": group, "index": index, "item": item, "reason": self.public(reason)})
             return found[:limit]
 
     def pair(self, index: int) -> dict[str, Any]:
         """One finished pair: its map, tokens and numbers, and where its patches lie (its own rows only)."""
         with RunReader(self.run_dir) as run:
-            n_pairs = run.n_items(PAIRS)
-            if not 0 <= index < n_pairs or run.value(PAIRS, STATUS, index) != Status.DONE:
-                msg = f"pair {index} is not a finished pair of this run ({n_pairs} pairs)"
-                raise ConfigError(msg)
-            c, i = run.pair_inputs(index)
+            c, i = _finished_pair_inputs(run, index)
             tokens = run.caption_tokens(c)
             geometry = run.preprocessing(i)
             numbers = {name: _number(run.value(PAIRS, name, index)) for name in PAIR_NUMBERS}
             return {
                 "index": index,
                 "caption": tokens.caption,
-                "image": run.image_path(i),
+                "image": self.public(run.image_path(i)),
                 "tokens": tokens.tokens,
                 "chips": _chips(tokens),
                 "interactions": run.interactions(index).astype(np.float64).tolist(),  # exactly the stored values
@@ -209,17 +227,58 @@ class RunData:
     def image(self, index: int) -> tuple[bytes, bytes]:
         """The pair's image as the model saw it, at the page's size, and its contours (PNG with alpha)."""
         with RunReader(self.run_dir) as run:
-            _, i = run.pair_inputs(index)
-            path = run.data_root(self.data_root) / run.image_path(i)
+            _, i = _finished_pair_inputs(run, index)
+            root = run.data_root(self.data_root).resolve()
+            stored = run.image_path(i)
+            path = (root / stored).resolve()  # an absolute ``stored`` replaces the root; links are followed
+            if not path.is_relative_to(root):
+                msg = f"image {stored!r} of pair {index} lies outside the data root (through '..', an absolute path or a link): not served"
+                raise OutsideDataRoot(msg)
             if not path.is_file():
                 msg = f"image {path} is not there: was the data moved? give the images' new folder"
-                raise ConfigError(msg, setting="data_root")
+                raise NotFound(msg, setting="data_root")
+            if has_changed(path, run.image_file(i)):
+                msg = (f"image {stored} of pair {index} changed since it was attributed: its map is of the old picture; "
+                       "resume the run to attribute it again")
+                raise ConfigError(msg)
             view = run.preprocessing(i).model_view(read_image(path)[0])
         width, height = view.size
         display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
         lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
         lines[outline_mask(display)] = (45, 45, 45, 255)
         return _png(display), _png(Image.fromarray(lines, mode="RGBA"))
+
+    def public(self, text: str) -> str:
+        """``text`` without the machine's folders: the data root is cut (paths read relative to it, as the run
+        stores them) and the run's parent folder too (the run by its name)."""
+        for prefix in self._private_prefixes:
+            text = text.replace(prefix, "")
+        for prefix in self._private_prefixes:
+            # reasons are cut to their column's width (a pair's to 100 bytes), which may end inside a folder
+            start = text.find(prefix[:2])
+            while start != -1 and not prefix.startswith(text[start:]):
+                start = text.find(prefix[:2], start + 1)
+            if start != -1:
+                text = text[:start] + "…"
+        return text
+
+    def _rows(self, run: RunReader, pairs: np.ndarray) -> list[dict[str, Any]]:
+        """Table rows of ``pairs``: each column read once, whatever the number of rows."""
+        captions, paths, status = run.captions(), run.image_paths(), run.status(PAIRS)
+        caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
+        numbers = {name: run.column(PAIRS, name) for name in PAIR_TABLE_NUMBERS}
+        errors = run.errors(PAIRS, pairs.tolist())
+        return [
+            {
+                "index": int(p),
+                "caption": captions[int(caption_index[p])],
+                "image": self.public(paths[int(image_index[p])]),
+                "status": Status(int(status[p])).label,
+                **{name: _number(column[p]) for name, column in numbers.items()},
+                "error": self.public(error),
+            }
+            for p, error in zip(pairs, errors)
+        ]
 
     def run_scale(self) -> dict[str, Any]:
         """A scale shared by every pair: the largest magnitude of one token's patch map over up to 256
@@ -234,23 +293,17 @@ class RunData:
             return self._run_scale
 
 
-def _rows(run: RunReader, pairs: np.ndarray) -> list[dict[str, Any]]:
-    """Table rows of ``pairs``: each column read once, whatever the number of rows."""
-    captions, paths, status = run.captions(), run.image_paths(), run.status(PAIRS)
-    caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
-    numbers = {name: run.column(PAIRS, name) for name in PAIR_TABLE_NUMBERS}
-    errors = run.errors(PAIRS, pairs.tolist())
-    return [
-        {
-            "index": int(p),
-            "caption": captions[int(caption_index[p])],
-            "image": paths[int(image_index[p])],
-            "status": Status(int(status[p])).label,
-            **{name: _number(column[p]) for name, column in numbers.items()},
-            "error": error,
-        }
-        for p, error in zip(pairs, errors)
-    ]
+def _finished_pair_inputs(run: RunReader, index: int) -> tuple[int, int]:
+    """A finished pair's (caption index, image index); :class:`NotFound` for any other index."""
+    n_pairs = run.n_items(PAIRS)
+    if not 0 <= index < n_pairs or run.value(PAIRS, STATUS, index) != Status.DONE:
+        msg = f"pair {index} is not a finished pair of this run ({n_pairs} pairs)"
+        raise NotFound(msg)
+    return run.pair_inputs(index)
+
+
+def _folder_prefix(folder: Path) -> str:
+    return str(folder).rstrip(os.sep) + os.sep
 
 
 def _token_map_peak(interactions: np.ndarray, n_prefix: int) -> float:
@@ -291,9 +344,14 @@ def _png(picture: Image.Image) -> bytes:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    data: RunData  # set on the subclass made by ``serve``
+    data: RunData  # set, with ``timeout``, on the subclass made by ``make_server``
 
     def do_GET(self) -> None:  # noqa: N802  (the standard library's name)
+        if not self._is_own_host():
+            port = self.server.server_address[1]
+            msg = f"this server answers only http://127.0.0.1:{port}/ and http://localhost:{port}/, not Host {self.headers.get('Host')!r}"
+            self._json({"error": msg}, HTTPStatus.MISDIRECTED_REQUEST)
+            return
         url = urlparse(self.path)
         parts = [p for p in url.path.split("/") if p]
         try:
@@ -321,7 +379,16 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
         except XclipError as e:
-            self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
+            status = {NotFound: HTTPStatus.NOT_FOUND, OutsideDataRoot: HTTPStatus.FORBIDDEN}.get(type(e), HTTPStatus.BAD_REQUEST)
+            self._json({"error": self.data.public(str(e))}, status)
+
+    def _is_own_host(self) -> bool:
+        """Whether the request names this server's own address: a page of a site whose name was rebound to
+        127.0.0.1 (DNS rebinding) sends that name, and is refused."""
+        host, port = self.server.server_address[:2]
+        names = (host, "localhost")
+        own = {f"{name}:{port}" for name in names} | (set(names) if port == 80 else set())  # browsers leave out :80
+        return self.headers.get("Host", "").lower() in own
 
     def _file(self, name: str) -> None:
         self._send((STATIC / name).read_bytes(), ASSETS[name])
@@ -341,18 +408,32 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # no line per request on the terminal
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that left (a closed tab, a reload mid-image) or stalled past the timeout is no error of ours;
+        # anything else is a bug, and its traceback is printed
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 def _index(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"not a pair index: {text!r}") from None
+    # int() would also take " 7", "+7", "7_0" and other scripts' digits: the page sends plain decimals only
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise NotFound(f"not a pair index: {text!r}")
+    return int(text)
 
 
-def make_server(run_dir: str | Path, port: int = 8765, data_root: Path | None = None) -> ThreadingHTTPServer:
-    """A server for ``run_dir`` on 127.0.0.1:``port`` (0: any free port); ``serve_forever()`` runs it."""
-    handler = type("Handler", (_Handler,), {"data": RunData(run_dir, data_root)})
+def make_server(run_dir: str | Path, port: int = 8765, data_root: Path | None = None,
+                socket_timeout: float = SOCKET_TIMEOUT_S) -> ThreadingHTTPServer:
+    """A server for ``run_dir`` on 127.0.0.1:``port`` (0: any free port); ``serve_forever()`` runs it.
+
+    Args:
+        socket_timeout: seconds a client may stay silent mid-request, or not take the answer, before it is
+            disconnected.
+    """
+    handler = type("Handler", (_Handler,), {"data": RunData(run_dir, data_root), "timeout": socket_timeout})
     try:
-        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+        return _Server(("127.0.0.1", port), handler)
     except OSError as e:
         msg = f"cannot serve on 127.0.0.1:{port} ({e.strerror}): choose another --port, or --port 0 for any free one"
         raise XclipError(msg) from None

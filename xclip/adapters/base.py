@@ -8,6 +8,8 @@ about quadrature or interactions.
 
 from __future__ import annotations
 
+import errno
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,7 +114,8 @@ def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
     8 bits, not clipped; of an animated image the first frame is used. Refused with :class:`InputError`
     naming the problem: missing, empty, truncated or unrecognised files, decompression bombs (more pixels than
     Pillow's ``Image.MAX_IMAGE_PIXELS``, about 89 million),
-    an aspect ratio beyond ``MAX_ASPECT_RATIO``, floating-point images.
+    an aspect ratio beyond ``MAX_ASPECT_RATIO``, floating-point images, symlink loops, and paths that are not
+    regular files (a FIFO is never opened: reading it would block the run).
     """
     if isinstance(image, Image.Image):
         return _to_rgb(image, image, [])
@@ -121,7 +124,14 @@ def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
         raise InputError(msg)
     path = Path(image)
     try:
-        if path.stat().st_size == 0:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+                     stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+            kind = next((name for is_kind, name in kinds.items() if is_kind(status.st_mode)), "of an unknown kind")
+            msg = f"image file {path} is not a regular file ({kind})"
+            raise InputError(msg)
+        if status.st_size == 0:
             msg = f"image file {path} is empty (0 bytes)"
             raise InputError(msg)
         with warnings.catch_warnings():
@@ -138,7 +148,10 @@ def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
         msg = f"image {image} is refused as a decompression bomb: {e}"
         raise InputError(msg) from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's decoders report damaged data with these
-        msg = f"cannot read image {image}: {e}"
+        if isinstance(e, OSError) and e.errno == errno.ELOOP:
+            msg = f"image file {image} is a symlink loop (or its path runs through one)"
+        else:
+            msg = f"cannot read image {image}: {e}"
         raise InputError(msg) from e
 
 
@@ -153,9 +166,11 @@ def _to_rgb(image: Image.Image, source: object, notes: list[str]) -> tuple[Image
         notes.append(f"first of {n_frames} frames")
     image.load()
     orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation
-    if orientation not in (1, None):
+    if orientation in range(2, 9):  # 1 is upright; 2-8 are the flips and rotations
         image = ImageOps.exif_transpose(image)
         notes.append(f"EXIF orientation {orientation} applied")
+    elif orientation not in (1, None):
+        notes.append(f"EXIF orientation {orientation} ignored (not 1-8)")
     if image.mode == "F":
         msg = f"image {source} holds floating-point pixels (mode F); save it as 8- or 16-bit"
         raise InputError(msg)

@@ -82,11 +82,13 @@ class HFDualEncoder(DualEncoderAdapter):
         return side, side
 
     def _encode_captions(self, captions: list[str]) -> EncodedCaptions:
+        # a caption's text is text: "<|endoftext|> a dog" is tokenised as the characters it holds, never cut at
+        # a special token it spells (the tokenizer's special tokens are only the ones it adds)
         encoded = self.tokenizer(
             captions, padding=self.padding, truncation=True, max_length=self.max_text_positions, return_tensors="pt",
-            return_offsets_mapping=True, return_special_tokens_mask=True,
+            return_offsets_mapping=True, return_special_tokens_mask=True, split_special_tokens=True,
         )
-        untruncated = self.tokenizer(captions, truncation=False)["input_ids"]
+        untruncated = self.tokenizer(captions, truncation=False, split_special_tokens=True)["input_ids"]
         input_ids = encoded["input_ids"]
         special = encoded["special_tokens_mask"].bool()
         unknown = self.tokenizer.unk_token_id  # CLIP's tokenizer names EOS its unknown token: only content counts

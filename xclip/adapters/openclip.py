@@ -148,14 +148,15 @@ class OpenClipAdapter(DualEncoderAdapter):
         super().__init__(model, name=name, revision=revision)
 
     def _encode_captions(self, captions: list[str]) -> EncodedCaptions:
-        ids = self._tokenizer(captions, context_length=self._context_length)  # SOT ... EOT, zero padding
+        tokenizer = _text_only_tokenizer(self._tokenizer, captions)
+        ids = tokenizer(captions, context_length=self._context_length)  # SOT ... EOT, zero padding
         # causal attention: positions after the last EOT cannot change any pooled state, so they are dropped
         length = int(self.pooled_index(ids).max()) + 1
         ids = ids[:, :length]
         eot = self.pooled_index(ids)
         index = torch.arange(length)
         special = (index[None, :] == 0) | (index[None, :] >= eot[:, None])
-        contents = [self._tokenizer.encode(caption) for caption in captions]
+        contents = [tokenizer.encode(caption) for caption in captions]
         offsets = [
             [(0, 0), *_aligned_offsets(caption, [self._token_text(i) for i in row[1 : int(end)]]), *[(0, 0)] * (length - int(end))]
             for caption, row, end in zip(captions, ids.tolist(), eot)
@@ -282,3 +283,30 @@ def _aligned_offsets(caption: str, pieces: list[str]) -> list[tuple[int, int]]:
         spans.append((start, start + len(piece)))
         cursor = start + len(piece)
     return spans
+
+
+def _text_only_tokenizer(tokenizer: Any, captions: list[str]) -> Any:
+    """open_clip's tokenizer reading a caption's special strings (``<end_of_text>``) as text. Its pattern
+    matches its special tokens first, case-insensitively, so a caption spelling one would be cut there (a
+    second EOT); this is a shallow copy whose pattern lacks them, sharing the BPE tables. Where the pattern is
+    not built that way, a caption holding a special string is refused with :class:`InputError`."""
+    import copy
+
+    import regex
+
+    from xclip.errors import InputError
+
+    specials = [str(tokenizer.decoder[i]) for i in getattr(tokenizer, "all_special_ids", [])]
+    pattern = getattr(tokenizer, "pat", None)
+    prefix = "|".join(specials) + "|"
+    if specials and isinstance(pattern, regex.Pattern) and pattern.pattern.startswith(prefix):
+        text_only = copy.copy(tokenizer)
+        text_only.pat = regex.compile(pattern.pattern.removeprefix(prefix), pattern.flags)
+        return text_only
+    for i, caption in enumerate(captions):
+        found = next((s for s in specials if s.lower() in caption.lower()), None)
+        if found is not None:
+            where = f"caption {i}" if len(captions) > 1 else "the caption"
+            msg = f"{where} holds {found!r}, a special token of the tokenizer, which xclip cannot read as text: remove it"
+            raise InputError(msg)
+    return tokenizer
