@@ -21,7 +21,8 @@ from test_bad_inputs import expect, invoke, jsonl_folder, write_config
 from xclip.config import load_config
 from xclip.errors import StoreError
 from xclip.runner import run
-from xclip.store import DONE, EXCLUSIVE_LOCK_FILE, LOCK_FILE, PENDING, writer_lock
+from xclip.locking import EXCLUSIVE_LOCK_FILE, LOCK_FILE, writer_lock
+from xclip.store import DONE, PENDING
 
 
 # --- the writer lock -----------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ time.sleep(120)
 KILLED = """
 import os, signal, sys
 from pathlib import Path
-from xclip.store import writer_lock
+from xclip.locking import writer_lock
 with writer_lock(Path(sys.argv[1]), "xclip attribute run.yaml"):
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -177,7 +178,7 @@ class Writer(threading.Thread):
 def pause(monkeypatch):
     """pause(thread, step): that thread stops at that step of the lock (opened, locked, releasing) until the
     returned gate's ``go`` is set; ``reached`` says it got there."""
-    from xclip import store
+    from xclip import locking
 
     gates = {}
 
@@ -187,7 +188,7 @@ def pause(monkeypatch):
             gate.reached.set()
             assert gate.go.wait(20)
 
-    monkeypatch.setattr(store, "_lock_step", step)
+    monkeypatch.setattr(locking, "_lock_step", step)
 
     def pause(thread: str, step: str) -> SimpleNamespace:
         gates[thread, step] = SimpleNamespace(reached=threading.Event(), go=threading.Event())
@@ -292,12 +293,12 @@ def test_a_releasing_writer_removes_only_its_own_lock_file(tmp_path, pause):
 def test_without_file_locks_an_exclusive_record_is_the_lock(tmp_path, monkeypatch):
     import errno
 
-    from xclip import store
+    from xclip import locking
 
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    monkeypatch.setattr(locking.fcntl, "flock", no_locks)
     directory = tmp_path / "run"
     a = Writer(directory, "A")
     assert a.settle() == "held"
@@ -520,9 +521,9 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how
     assert invoke("attribute", config, "-q", "output.directory=reference")[0] == 0  # a clean run of the same data
     disk_usage = shutil.disk_usage
     is_full = {"now": how == "free space"}
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=4096) if is_full["now"] else disk_usage(path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=4096) if is_full["now"] else disk_usage(path))
     if how == "ENOSPC reserving":
-        monkeypatch.setattr(store.os, "posix_fallocate", no_space)
+        monkeypatch.setattr(os, "posix_fallocate", no_space)
     elif how == "ENOSPC creating":  # HDF5 passes the system's error on
         monkeypatch.setattr(store, "_fixed", fail_at_call(store._fixed, 10, lambda: OSError(errno.ENOSPC, "Unable to create dataset (file write failed)")))
     elif how == "HDF5 error on a full disk":  # or says something else, without an errno
@@ -554,11 +555,10 @@ def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
 
 @pytest.mark.parametrize("how", ["free space", "ENOSPC writing"])
 def test_a_full_disk_while_merging_is_one_message_and_leaves_nothing(shards, monkeypatch, how):
-    from xclip import store
 
     if how == "free space":
         disk_usage = shutil.disk_usage
-        monkeypatch.setattr(store.shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=4096))
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=4096))
     else:
         monkeypatch.setattr(h5py.Dataset, "__setitem__", fail_at_call(h5py.Dataset.__setitem__, 20, lambda: no_space()))
     expect(["merge", shards], 1, FULL_DISK.format(target=".*run/run.h5", advice="free space, then merge again"))
@@ -692,7 +692,7 @@ def test_a_figure_that_fails_while_written_never_lies_half_written_under_its_nam
 
 
 def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, config):
-    from xclip.store import is_xclip_figure
+    from xclip.files import is_xclip_figure
 
     run_dir = tmp_path / "run"
     assert invoke("attribute", config, "-q")[0] == 0

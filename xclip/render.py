@@ -49,7 +49,8 @@ from xclip.schema import (
     PAIRS,
     SCORE,
 )
-from xclip.store import DONE, RunReader, no_space_error
+from xclip.files import no_space_error
+from xclip.store import DONE, RunReader
 from xclip.tokens import CaptionTokens, check_span
 
 FORMATS = ("png", "svg", "pdf")

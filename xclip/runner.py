@@ -18,6 +18,8 @@ from xclip.adapters.base import DualEncoderAdapter, ImageBatch, text_problem
 from xclip.attribution import InteractionAttribution, interaction_maps, pair_numbers
 from xclip.config import RunConfig
 from xclip.data import Dataset, read_dataset
+from xclip.files import install_file, remove_run_outputs
+from xclip.locking import writer_lock
 from xclip.digests import FileIdentity, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.identity import RunIdentity, check_resumable, identify_run, provenance
@@ -36,9 +38,6 @@ from xclip.store import (
     RunReader,
     RunWriter,
     create_run_file,
-    install_file,
-    remove_run_outputs,
-    writer_lock,
 )
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

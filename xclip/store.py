@@ -11,22 +11,17 @@ whose items are still pending, and a rerun redoes them. See the README for the t
 
 from __future__ import annotations
 
-import datetime as dt
 import errno
-import fcntl
 import functools
 import io
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -36,6 +31,8 @@ import numpy as np
 from xclip import schema
 from xclip.digests import FileIdentity
 from xclip.errors import StoreError
+from xclip.files import DISK_FULL, install_file, is_disk_full, no_space, size_text
+from xclip.locking import writer_lock
 from xclip.geometry import Preprocessing
 from xclip.result import Contributions, PairNumbers
 from xclip.schema import RUN_FILE, SCHEMA_VERSION, Status
@@ -44,12 +41,6 @@ from xclip.tokens import CaptionTokens
 if TYPE_CHECKING:
     from xclip.config import RunConfig
 
-LOCK_FILE = ".writer.lock"
-EXCLUSIVE_LOCK_FILE = ".writer.excl"  # the lock on file systems without file locks (see writer_lock)
-_HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}  # flock's answers when another process holds the lock
-_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}  # NFS without a lock daemon, Lustre without -o flock
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-_ALMOST_FULL = 10**6  # bytes: HDF5 fails without an errno; with less than this free, a full disk is the cause
 PENDING, DONE, FAILED = Status.PENDING, Status.DONE, Status.FAILED
 _STRING = h5py.string_dtype()  # variable length: only for text written when the file is created
 # text written during a run is fixed-length UTF-8 (cut at a character boundary), so that it is stored in place
@@ -81,32 +72,6 @@ def _utf8(text: str, size: int) -> bytes:
     return text.encode()[:size].decode(errors="ignore").encode()
 
 
-def _no_space(target: Path, needed: str | None = None, free: int | None = None, *,
-              advice: str = "free space, or choose another output.directory, then rerun") -> StoreError:
-    """The one message of a full disk, at every stage: what was to be written, what it needs, and the disk."""
-    folder = next(p for p in [target.parent, *target.parents] if p.exists())
-    mount = next((p for p in [folder, *folder.parents] if os.path.ismount(p)), folder)
-    free = shutil.disk_usage(folder).free if free is None else free
-    needs = f": it needs {needed}, and" if needed else ":"
-    return StoreError(f"not enough disk space for {target}{needs} the disk at {mount} has {_size(free)} free: {advice}")
-
-
-def no_space_error(target: Path) -> StoreError:
-    """A full disk while writing ``target`` (a figure) as one :class:`StoreError` naming it and its disk."""
-    return _no_space(target, advice="free space, or choose another output folder, then rerun")
-
-
-def _is_disk_full(error: BaseException, folder: Path) -> bool:
-    """Whether ``error`` came from a full disk: the system says so (``ENOSPC``, ``EDQUOT``), or HDF5 failed (its
-    errors carry no errno) while the disk has almost nothing left."""
-    if isinstance(error, OSError) and error.errno is not None:
-        return error.errno in _DISK_FULL
-    if isinstance(error, (OSError, RuntimeError, ValueError)):
-        with suppress(OSError):
-            return shutil.disk_usage(folder).free < _ALMOST_FULL
-    return False
-
-
 def _estimated_size(arguments: dict[str, Any]) -> int:
     """The size of the file :func:`create_run_file` makes from ``arguments``, before HDF5 writes a byte: its large
     datasets exactly, and a margin (1 MB, 10 % and 1 KB an item) for the small ones, the text and HDF5's own
@@ -133,16 +98,16 @@ def _refuse_a_full_disk(create: Callable[..., None]) -> Callable[..., None]:
         target, needed = path.parent / RUN_FILE, _estimated_size(arguments)
         free = shutil.disk_usage(path.parent).free
         if needed > free:
-            raise _no_space(target, f"about {_size(needed)}", free)
+            raise no_space(target, f"about {size_text(needed)}", free)
         is_ours = not path.exists()  # mode w- refuses an existing file: that one is not removed
         try:
             create(path, **arguments)
         except BaseException as e:
-            is_full = not isinstance(e, StoreError) and _is_disk_full(e, path.parent)
+            is_full = not isinstance(e, StoreError) and is_disk_full(e, path.parent)
             if is_ours:
                 path.unlink(missing_ok=True)
             if is_full:
-                raise _no_space(target, f"about {_size(needed)}") from e
+                raise no_space(target, f"about {size_text(needed)}") from e
             raise
 
     return create_checked
@@ -237,227 +202,20 @@ def _reserve(path: Path) -> None:
     free = shutil.disk_usage(path.parent).free
     if needed > free:
         path.unlink()
-        raise _no_space(path.parent / RUN_FILE, f"{_size(size)} ({_size(needed)} more)", free)
+        raise no_space(path.parent / RUN_FILE, f"{size_text(size)} ({size_text(needed)} more)", free)
     if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check above is all there is
         return
     descriptor = os.open(path, os.O_RDWR)
     try:
         os.posix_fallocate(descriptor, 0, size)
     except OSError as e:
-        if e.errno in _DISK_FULL:
+        if e.errno in DISK_FULL:
             path.unlink()
-            raise _no_space(path.parent / RUN_FILE, f"{_size(size)} ({_size(needed)} more)") from None
+            raise no_space(path.parent / RUN_FILE, f"{size_text(size)} ({size_text(needed)} more)") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
             raise
     finally:
         os.close(descriptor)
-
-
-def _size(n_bytes: int) -> str:
-    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
-
-
-def install_file(temporary: Path, target: Path) -> None:
-    """Rename a finished ``temporary`` file to ``target`` durably: its bytes reach the disk before the rename
-    (else a power cut can leave ``target`` naming an empty or partial file), and the directory's new entry
-    reaches it after."""
-    descriptor = os.open(temporary, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, target)
-    descriptor = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # file systems whose directories cannot be synced
-            raise
-    finally:
-        os.close(descriptor)
-
-
-# what --overwrite deletes of heatmaps/: the figures render names (render._content: pair000012.png,
-# pair000012_span-red-dog.svg, pair000012_box-0-0-10-10.pdf), and Figure.save's temporaries of a killed render
-_FIGURE = r"pair\d{6,}(_span-[0-9a-z-]+|_box-[0-9a-z-]+)?\.(png|svg|pdf)"
-_FIGURE_NAME = re.compile(_FIGURE)
-_FIGURE_TEMPORARY = re.compile(rf"\.{_FIGURE}\.tmp-\d+-[0-9a-f]+")
-_FIGURE_MARK = b"xclip:halfrange"  # every figure's metadata (PNG text, SVG description, PDF subject) holds it
-
-
-def is_xclip_figure(path: Path) -> bool:
-    """Whether ``path`` is a figure xclip drew: its name is one xclip gives, and the file carries xclip's mark
-    (a temporary of a killed render, named as only xclip names them, needs no mark)."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    if _FIGURE_TEMPORARY.fullmatch(path.name):
-        return True
-    return bool(_FIGURE_NAME.fullmatch(path.name)) and _FIGURE_MARK in path.read_bytes()
-
-
-def remove_run_outputs(directory: Path) -> None:
-    """What ``overwrite`` deletes: the run file (and a temporary one), the figures xclip drew into ``heatmaps/``,
-    then ``heatmaps/`` if that left it empty. Everything else, a user's own figures and notes, stays."""
-    for name in (RUN_FILE, RUN_FILE + ".tmp"):
-        (directory / name).unlink(missing_ok=True)
-    figures = directory / "heatmaps"
-    if figures.is_dir() and not figures.is_symlink():
-        for path in figures.iterdir():
-            if is_xclip_figure(path):
-                path.unlink(missing_ok=True)
-        with suppress(OSError):  # only an empty folder is removed
-            figures.rmdir()
-
-
-@contextmanager
-def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
-    """Hold the run directory's writer lock: one ``xclip attribute`` or ``xclip merge`` per directory at a time.
-
-    The lock is ``flock`` on ``directory/.writer.lock``: taking it is one atomic step, and the kernel releases it
-    when its process ends, however it ends, so a lock is never stale and never taken over (a requeued Slurm job
-    finds its dead predecessor's lock released). The holder then writes its record (PID, host, start time,
-    command, Slurm job) into the file, and a refused process names that holder. A process only removes the lock
-    file it holds. Readers (inspect, render, evaluate) never take the lock. A directory the lock created is
-    removed again if the run left nothing in it.
-
-    On NFS, Linux takes ``flock`` as an NFS lock held by the server, so it holds across hosts (a crashed host's
-    lock ends with its lease), unless the mount has ``local_lock=flock`` or ``nolock``, which make locks local
-    to each host. A file system without locks (``ENOLCK``, ``ENOSYS``, ``EOPNOTSUPP``: NFS without a lock daemon,
-    Lustre without ``-o flock``) gets a record created with ``O_EXCL`` (``.writer.excl``) instead: atomic there
-    too, but never released by the kernel, so a killed writer's record stays until it is deleted by hand.
-    """
-    is_new = not directory.exists()
-    holder = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
-    }
-    release = _take_lock(directory, holder)
-    try:
-        yield
-    finally:
-        release()
-        if is_new:
-            with suppress(OSError):  # only an empty directory is removed: a run's files, or a next writer's lock, stay
-                directory.rmdir()
-
-
-def _lock_step(step: str) -> None:
-    """Called between the lock's steps (``opened``, ``locked``, ``releasing``): the race tests pause here."""
-
-
-def _take_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
-    """Take ``directory``'s writer lock for ``holder``, or refuse naming its holder; returns what releases it."""
-    path = directory / LOCK_FILE
-    for _ in range(100):
-        directory.mkdir(parents=True, exist_ok=True)
-        is_writable = True
-        try:
-            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the holder before us removed the directory it had left empty: make it again
-            continue
-        except PermissionError:  # another user's lock file: it can still be locked (flock needs no write access)
-            descriptor, is_writable = os.open(path, os.O_RDONLY), False
-        try:
-            _lock_step("opened")
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _lock_step("locked")
-        except BaseException as e:
-            os.close(descriptor)
-            if isinstance(e, OSError) and e.errno in _HELD:
-                raise _refusal(directory, path) from None
-            if isinstance(e, OSError) and e.errno in _NO_LOCKS:
-                return _take_exclusive_lock(directory, holder)
-            raise
-        if not _names(path, descriptor):
-            # we locked a file that its holder removed while releasing it, after we had opened it: start over
-            # on the file the path names now (see _release_lock)
-            os.close(descriptor)
-            continue
-        if is_writable:  # (else the file keeps its last writer's record)
-            _write_record(descriptor, holder)
-        return functools.partial(_release_lock, path, descriptor)
-    msg = f"cannot take the writer lock {path}: other processes keep taking and releasing it"
-    raise StoreError(msg)
-
-
-def _take_exclusive_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
-    """The lock on a file system without file locks: a record created with ``O_EXCL``, atomic on NFS too. It is
-    never taken over, since that cannot be one atomic step without locks; a dead holder's record is deleted by
-    hand, as the refusal says."""
-    with suppress(OSError):  # the flock file just made: nobody can lock it here, and a record (size > 0) stays
-        if (directory / LOCK_FILE).stat().st_size == 0:
-            (directory / LOCK_FILE).unlink()
-    path = directory / EXCLUSIVE_LOCK_FILE
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        raise _refusal(directory, path, is_kept=True) from None
-    _write_record(descriptor, holder)
-    return functools.partial(_release_lock, path, descriptor)
-
-
-def _names(path: Path, descriptor: int) -> bool:
-    """Whether ``path`` still names the open file ``descriptor``."""
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(descriptor)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
-def _write_record(descriptor: int, holder: dict[str, Any]) -> None:
-    """The holder's record, written once the lock is held (a killed holder's record stays in the file until the
-    next holder writes its own over it; it never blocks anyone)."""
-    try:
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(holder).encode(), 0)
-        os.fsync(descriptor)
-    except OSError as e:
-        if e.errno not in _DISK_FULL:  # a full disk is refused, with its message, when the run file is created
-            raise
-
-
-def _release_lock(path: Path, descriptor: int) -> None:
-    """Remove the lock file, then unlock it (by closing it). Removing a file that other processes may have
-    opened is safe because each checks, after locking, that the path still names the file it locked
-    (:func:`_names`): one that locks the removed file after we close it starts over on the file the path names
-    then, so two processes never both hold the lock of the file at the path. Only the file we hold is removed:
-    if someone deleted it by hand and another writer made a new one, that one stays."""
-    try:
-        _lock_step("releasing")
-        if _names(path, descriptor):
-            path.unlink()
-    finally:
-        os.close(descriptor)
-
-
-def _refusal(directory: Path, path: Path, *, is_kept: bool = False) -> StoreError:
-    """The refusal of a held lock, naming its holder from the record in ``path``."""
-    current = _lock_holder(path) or {"pid": "?", "host": "?", "started": "just now", "command": ""}
-    ending = (f"If that process is gone, delete {path} (this file system has no file locks, so its lock outlives it)"
-              if is_kept else "The lock ends with that process, however it ends")
-    msg = (
-        f"{directory} is being written by process {current.get('pid')} on {current.get('host')} since "
-        f"{current.get('started')} ({current.get('command') or 'xclip attribute'}): wait for it to finish or stop it "
-        f"(its finished items are kept). {ending}"
-    )
-    return StoreError(msg)
-
-
-def _lock_holder(path: Path) -> dict[str, Any] | None:
-    """The holder recorded in a lock file, or None when there is no readable record. A holder writes its record
-    just after taking the lock, so an empty or half-written one is read again for up to half a second."""
-    for _ in range(20):
-        with suppress(OSError, ValueError):
-            holder = json.loads(path.read_text())
-            if isinstance(holder, dict) and "pid" in holder:
-                return holder
-        time.sleep(0.025)
-    return None
 
 
 def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
@@ -998,7 +756,7 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
     advice = "free space, then merge again"
     free = shutil.disk_usage(directory).free
     if needed > free:
-        raise _no_space(target, f"about {_size(needed)}", free, advice=advice)
+        raise no_space(target, f"about {size_text(needed)}", free, advice=advice)
     sources = [_open_run_file(path) for path in shards]
     try:
         with h5py.File(temporary, "w-") as merged:
@@ -1035,10 +793,10 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
                     offsets[group_name] += len(src[group_name]["status"])
         install_file(temporary, target)
     except BaseException as e:
-        is_full = _is_disk_full(e, directory)
+        is_full = is_disk_full(e, directory)
         temporary.unlink(missing_ok=True)
         if is_full:
-            raise _no_space(target, f"about {_size(needed)}", advice=advice) from e
+            raise no_space(target, f"about {size_text(needed)}", advice=advice) from e
         raise
     finally:
         for src in sources:
