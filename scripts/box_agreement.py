@@ -18,7 +18,7 @@ import xclip
 from xclip.errors import ConfigError
 from xclip.evaluation import box_weights
 from xclip.geometry import Preprocessing
-from xclip.render import PairView, draw
+from xclip.render import PairView, _content
 from xclip.tokens import CaptionTokens
 from xclip.viewer import _patch_rects_in_view
 
@@ -53,8 +53,8 @@ def render_weights(geometry: Preprocessing, box: tuple[float, float, float, floa
     interactions = np.zeros((n + 2, 1 + n))
     interactions[1 : n + 1, 1:] = np.eye(n)
     view = PairView("pair", "pair", tokens, interactions, geometry, 1, Image.new("RGB", geometry.input_size), 0.0, 0.0, 0.0)
-    draw(view, box=box)  # refuses what render refuses
-    return np.array([value for _, _, value in view.word_totals(geometry.box_coverage(box))])
+    drawn = _content(view, None, box, frozenset())  # what a figure of the box colours its words with
+    return np.array([value for _, _, value in drawn.words])
 
 
 def centre_rule_is_empty(geometry: Preprocessing, box: tuple[float, float, float, float]) -> bool:

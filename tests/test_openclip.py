@@ -272,7 +272,7 @@ def test_attribute_runs_on_an_open_clip_model_from_a_config(checkpoints, tmp_pat
     with RunReader(tmp_path / "run") as run:
         assert run.attrs["model_family"] == "open_clip" and run.attrs["open_clip_version"] == open_clip.__version__
         assert len(run.attrs["model_weights_sha256"]) == 64
-        assert run.tokens(0)[0] == "<start_of_text>"
+        assert run.caption_tokens(0).tokens[0] == "<start_of_text>"
 
 
 def test_the_production_config_names_a_known_architecture():

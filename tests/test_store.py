@@ -205,12 +205,18 @@ def recorded(directory) -> str:
     return json.loads((directory / LOCK_FILE).read_text())["command"]
 
 
+def paused_writer(directory, name: str, step: str, pause) -> tuple:
+    """A writer started and stopped at ``step`` of taking the lock; the gate lets it go on."""
+    gate = pause(name, step)
+    writer = Writer(directory, name)
+    writer.start()
+    assert gate.reached.wait(20)
+    return writer, gate
+
+
 def test_a_writer_that_opened_the_lock_file_before_another_locked_it_is_refused(tmp_path, pause):
     directory = tmp_path / "run"
-    gate = pause("A", "opened")
-    a = Writer(directory, "A")
-    a.start()
-    assert gate.reached.wait(20)
+    a, gate = paused_writer(directory, "A", "opened", pause)
     b = Writer(directory, "B")
     assert b.settle() == "held"
     gate.go.set()
@@ -221,10 +227,7 @@ def test_a_writer_that_opened_the_lock_file_before_another_locked_it_is_refused(
 
 def test_a_writer_that_locked_but_wrote_no_record_yet_still_refuses_others(tmp_path, pause):
     directory = tmp_path / "run"
-    gate = pause("A", "locked")
-    a = Writer(directory, "A")
-    a.start()
-    assert gate.reached.wait(20)
+    a, gate = paused_writer(directory, "A", "locked", pause)
     b = Writer(directory, "B")
     assert "is being written by process" in b.finish()
     gate.go.set()

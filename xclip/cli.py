@@ -486,18 +486,9 @@ def convert(
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
     """``--box x0,y0,x1,y1``."""
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    except ValueError:
-        msg = f"--box must be x0,y0,x1,y1 in pixels, got {text!r}"
-        raise ConfigError(msg) from None
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        msg = f"--box {text!r}: coordinates must be finite numbers of pixels"
-        raise ConfigError(msg)
-    if x1 <= x0 or y1 <= y0:
-        msg = f"--box {text!r}: need x0 < x1 and y0 < y1"
-        raise ConfigError(msg)
-    return x0, y0, x1, y1
+    from xclip.geometry import check_box
+
+    return check_box(text.split(","), name="--box", given=text)
 
 
 def _parse_scale(text: str) -> float | str:

@@ -100,10 +100,6 @@ class Preprocessing:
         rects = self.patch_rects()
         return _overlap(rects, box) / ((rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1]))
 
-    def box_patches(self, box: Box) -> np.ndarray:
-        """Indices (row-major) of the patches a box covers any part of; their weights are :meth:`box_coverage`."""
-        return np.flatnonzero(self.box_coverage(box) > 0)
-
     def crop_share(self, box: Box) -> float:
         """The share of the box's area that lies inside the crop (what the model saw of it)."""
         area = (box[2] - box[0]) * (box[3] - box[1])
@@ -114,20 +110,14 @@ class Preprocessing:
         x0, y0, x1, y1 = self.crop_box
         return (x - x0) * self.input_size[0] / (x1 - x0), (y - y0) * self.input_size[1] / (y1 - y0)
 
-    def cropped_share_of_image(self) -> float:
-        """The share of the original image's area that the crop cut off (0 for a squash resize)."""
-        width, height = self.original_size
-        return 1.0 - float(_overlap(np.asarray([self.crop_box]), (0.0, 0.0, float(width), float(height)))[0]) / (width * height)
-
-    def model_view(self, image: object, size: tuple[int, int] | None = None) -> object:
-        """The original ``image`` (PIL) as the model saw it: the crop box resized to ``size`` (default the
-        input size), bicubic."""
+    def model_view(self, image: object) -> object:
+        """The original ``image`` (PIL) as the model saw it: the crop box resized to the input size, bicubic."""
         from PIL import Image
 
         width, height = self.original_size
         x0, y0, x1, y1 = self.crop_box
         inside = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))  # Pillow takes no box beyond the image
-        return image.resize(size or self.input_size, Image.Resampling.BICUBIC, box=inside)  # type: ignore[attr-defined]
+        return image.resize(self.input_size, Image.Resampling.BICUBIC, box=inside)  # type: ignore[attr-defined]
 
 
 def _overlap(rects: np.ndarray, box: Box) -> np.ndarray:
@@ -141,16 +131,21 @@ def _format_box(box: Box) -> str:
     return ",".join(f"{v:g}" for v in box)
 
 
-def check_box(box: object, *, what: str = "box") -> Box:
-    """``box`` as four finite floats with ``x0 < x1`` and ``y0 < y1``; :class:`ConfigError` otherwise."""
+def check_box(box: object, *, name: str = "box", given: object = None) -> Box:
+    """``box`` (four numbers, or their texts) as four finite floats with ``x0 < x1`` and ``y0 < y1``;
+    :class:`ConfigError` otherwise, calling it ``name`` and quoting ``given`` (default: ``box``)."""
+    shown = repr(box if given is None else given)
     try:
         values = tuple(float(v) for v in box)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         values = ()
-    if len(values) != 4 or not all(np.isfinite(values)):
-        msg = f"{what} must be four finite numbers x0, y0, x1, y1 in pixels, got {box!r}"
-        raise ConfigError(msg)
+    if len(values) != 4:
+        msg = f"{name} must be x0,y0,x1,y1 in pixels, got {shown}"
+        raise ConfigError(msg, setting="box")
+    if not all(np.isfinite(values)):
+        msg = f"{name} {shown}: coordinates must be finite numbers of pixels"
+        raise ConfigError(msg, setting="box")
     if values[2] <= values[0] or values[3] <= values[1]:
-        msg = f"{what} {_format_box(values)}: need x0 < x1 and y0 < y1"  # type: ignore[arg-type]
-        raise ConfigError(msg)
+        msg = f"{name} {shown}: need x0 < x1 and y0 < y1"
+        raise ConfigError(msg, setting="box")
     return values  # type: ignore[return-value]

@@ -168,7 +168,10 @@ def _weights_problem(error: Exception, directory: Path | None) -> str | None:
         return (f"{where} holds pickled objects that are not tensors, and xclip never loads those (unpickling them "
                 "can run code); save the weights with save_pretrained, which writes model.safetensors")
     if isinstance(error, RuntimeError) and ("ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error)):
-        mismatches = _shape_mismatches(directory) if directory is not None else []
+        from xclip.adapters.hf import shape_mismatches
+
+        with quiet_transformers():
+            mismatches = shape_mismatches(directory) if directory is not None else []
         listed = f": {'; '.join(mismatches[:5])}" + (f"; and {len(mismatches) - 5} more" if len(mismatches) > 5 else "") if mismatches else ""
         return (f"tensors in its weights do not have the shapes its config.json asks for{listed}; the weights "
                 "belong to another configuration, or config.json was edited")
@@ -199,29 +202,6 @@ def _read_safetensors_header(file: Path) -> None:
 
 def _read_pickled_tensors(file: Path) -> None:
     torch.load(file, map_location="cpu", weights_only=True)
-
-
-def _shape_mismatches(directory: Path) -> list[str]:
-    """``name is [shape] in file.safetensors, [shape] in config.json`` for each tensor whose shape differs from
-    the model that config.json describes (built on the meta device, without memory); empty where that cannot be
-    told (.bin weights, a config transformers cannot build)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        with quiet_transformers(), torch.device("meta"):
-            model = AutoModel.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
-        expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-        found = []
-        for file in sorted(directory.glob("*.safetensors")):
-            with safe_open(str(file), "pt") as opened:
-                for name in opened.keys():
-                    shape = list(opened.get_slice(name).get_shape())
-                    if name in expected and expected[name] != shape:
-                        found.append(f"{name} is {shape} in {file.name}, {expected[name]} in config.json")
-    except Exception:  # only a detail of the message: the error itself is reported either way
-        return []
-    return found
 
 
 OPEN_CLIP_PREFIX = "open_clip:"

@@ -200,8 +200,7 @@ def _reserve(path: Path) -> None:
     size = path.stat().st_size
     needed = max(0, size - path.stat().st_blocks * 512)  # what the file does not occupy yet
     free = shutil.disk_usage(path.parent).free
-    if needed > free:
-        path.unlink()
+    if needed > free:  # create_run_file removes the file it made when this fails
         raise no_space(path.parent / RUN_FILE, f"{size_text(size)} ({size_text(needed)} more)", free)
     if not hasattr(os, "posix_fallocate"):  # macOS: the free-space check above is all there is
         return
@@ -210,7 +209,6 @@ def _reserve(path: Path) -> None:
         os.posix_fallocate(descriptor, 0, size)
     except OSError as e:
         if e.errno in DISK_FULL:
-            path.unlink()
             raise no_space(path.parent / RUN_FILE, f"{size_text(size)} ({size_text(needed)} more)") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without fallocate
             raise
@@ -567,11 +565,6 @@ class RunReader:
         with self._reading():
             pairs = self._file["pairs"]
             return int(pairs[schema.CAPTION_INDEX][pair]), int(pairs[schema.IMAGE_INDEX][pair])
-
-    def tokens(self, caption: int) -> list[str]:
-        with self._reading():
-            n = int(self._file["captions/n_positions"][caption])
-            return list(self._file["captions/tokens"].asstr()[caption, :n])
 
     def caption_tokens(self, caption: int) -> CaptionTokens:
         """A finished caption's positions as its own text: token strings, character spans, flags."""

@@ -361,12 +361,11 @@ class DualEncoderAdapter:
         if not images:
             msg = "no images given"
             raise InputError(msg)
-        loaded = [read_image(image)[0] for image in images]
-        processed = [self._preprocess_image(image) for image in loaded]
+        processed = [self.preprocess_image(image) for image in images]
         return ImageBatch(
-            pixel_values=torch.stack([pixels for pixels, _ in processed]).to(self.device, self.dtype),
-            geometry=[geometry for _, geometry in processed],
-            images=loaded,
+            pixel_values=torch.stack([item.pixels for item in processed]).to(self.device, self.dtype),
+            geometry=[item.geometry for item in processed],
+            images=[item.image for item in processed],
         )
 
     def text_reference_ids(self, batch: TextBatch, filler_id: int | None = None) -> Tensor:

@@ -4,6 +4,7 @@ behind the family contract (token ids with character spans; pixels with their ge
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,3 +141,25 @@ def _hf_resize_and_crop(processor: Any) -> tuple[dict[str, int] | None, dict[str
         raise ModelFamilyError(msg)
     return resize, crop
 
+
+def shape_mismatches(directory: Path) -> list[str]:
+    """``name is [shape] in file.safetensors, [shape] in config.json`` for each tensor whose shape differs from
+    the model that config.json describes (built on the meta device, without memory); empty where that cannot be
+    told (.bin weights, a config transformers cannot build)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        with torch.device("meta"):
+            model = AutoModel.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+        expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+        found = []
+        for file in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as opened:
+                for name in opened.keys():
+                    shape = list(opened.get_slice(name).get_shape())
+                    if name in expected and expected[name] != shape:
+                        found.append(f"{name} is {shape} in {file.name}, {expected[name]} in config.json")
+    except Exception:  # only a detail of the message: the error itself is reported either way
+        return []
+    return found
