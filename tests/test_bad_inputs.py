@@ -46,6 +46,11 @@ def invoke(*args: str) -> tuple[int, str]:
     return result.exit_code, output
 
 
+def json_line(output: str) -> dict:
+    """A command's --json line among its warnings (the test runner mixes stderr into the output)."""
+    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+
+
 def expect(args: list, code: int, message: str) -> str:
     exit_code, output = invoke(*args)
     flat = " ".join(output.split())  # Rich and typer wrap long lines
@@ -746,6 +751,10 @@ def test_missing_annotations_file(finished_run, tmp_path):
         (["convert", "flickr30k-entities", "{tmp}/flickr", "{tmp}/out"], 2, r"123.xml: not a Flickr30k Entities annotation"),
         (["convert", "flickr30k-entities", "{tmp}/flickr", "{tmp}/out", "--split", "test"], 2, r"cannot read the 'test' split file .*test.txt"),
         (["convert", "imagenet", "{tmp}/flickr", "{tmp}/out"], 2, r"unknown kind 'imagenet'"),
+        (["convert", "flickr30k-entities", "{tmp}/empty", "{tmp}/out"], 2, r"nothing to convert: .*empty/Sentences holds no .txt files"),
+        (["convert", "flickr30k-entities", "{tmp}/unboxed", "{tmp}/out"], 2, r"nothing to convert: 1 caption\(s\) read, none with a grounded phrase, from .*unboxed/Annotations"),
+        (["convert", "flickr30k-entities", "{tmp}/nowhere", "{tmp}/out"], 2, r"nowhere must contain the Flickr30k Entities folders Sentences/ and Annotations/"),
+        (["convert", "coco-instances", "{tmp}/no-instances.json", "{tmp}/out", "--captions", "{tmp}/no-captions.json"], 2, r"nothing to convert: 0 caption\(s\) read"),
         (["merge", "{tmp}"], 1, r"no shard-\*-of-\*/run.h5 under"),
         (["inspect", "{tmp}", "--top", "-1"], 2, r"Invalid value for '--top'"),
         (["attribute", "{tmp}/run.yaml", "--shard", "3"], 2, r"--shard must be I/N \(such as 3/32\) or env, got '3'"),
@@ -761,6 +770,12 @@ def test_bad_cli_arguments(tmp_path, model_dirs, arguments, code, message):
         (tmp_path / "flickr" / folder).mkdir(parents=True)
     (tmp_path / "flickr" / "Sentences" / "123.txt").write_text("[/EN#1/people A man] runs\n")
     (tmp_path / "flickr" / "Annotations" / "123.xml").write_text("<annotation><object>")
+    for folder in ("empty", "unboxed"):
+        for part in ("Sentences", "Annotations"):
+            (tmp_path / folder / part).mkdir(parents=True)
+    (tmp_path / "unboxed" / "Sentences" / "123.txt").write_text("[/EN#1/people A man] runs\n")  # no 123.xml
+    (tmp_path / "no-captions.json").write_text(json.dumps({"annotations": []}))
+    (tmp_path / "no-instances.json").write_text(json.dumps({"images": [], "categories": [], "annotations": []}))
     jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
     write_config(tmp_path, model_dirs["clip"])
     expect([a.replace("{tmp}", str(tmp_path)) for a in arguments], code, message)

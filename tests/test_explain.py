@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
-from test_bad_inputs import expect, invoke
+from test_bad_inputs import expect, invoke, json_line
 
-from xclip.explain import DEMO_MODEL
 from xclip.store import RunReader
 
 SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
@@ -29,7 +29,7 @@ def test_explain_prints_the_numbers_of_an_equivalent_attribute_run(tmp_path):
     shutil.copyfile(image, folder / "scene.png")
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "scene.png", "text": CAPTIONS}) + "\n")
     (tmp_path / "run.yaml").write_text(json.dumps({
-        "model": {"name": str(DEMO_MODEL), "device": "cpu"},
+        "model": {"name": "xclip:demo", "device": "cpu"},  # what explain loads by default
         "data": {"format": "imagefolder", "root": "data", "metadata": "data/metadata.jsonl"},
         "output": {"directory": "attributed"},
     }))
@@ -77,3 +77,76 @@ def test_words_the_tokenizer_does_not_know_are_noted(tmp_path, monkeypatch):
     code, output = invoke("explain", SCENES / "scene00000.png", "a zebra star")  # the demo's vocabulary has no zebra
     # named by the caption's own word, not the unknown token's string
     assert code == 0 and "pair 0: zebra: unknown to the tokenizer" in " ".join(output.split())
+
+
+def test_the_shipped_model_is_named_xclip_demo_everywhere(tmp_path):
+    import torch
+
+    import xclip
+    from xclip.loading import SHIPPED_MODELS
+
+    by_name, by_path = xclip.load_model("xclip:demo", device="cpu"), xclip.load_model(SHIPPED_MODELS["demo"], device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(by_name.model.state_dict().values(), by_path.model.state_dict().values()))
+    with pytest.raises(xclip.ConfigError, match=r"no shipped model is called 'xclip:demo2'; xclip ships xclip:demo"):
+        xclip.load_model("xclip:demo2")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    expect(["explain", tmp_path / "x.png", "a star", "--model", "xclip:nope"], 2, r"--model: no shipped model is called 'xclip:nope'")
+    (tmp_path / "run.yaml").write_text(json.dumps({
+        "model": {"name": "xclip:nope"}, "data": {"format": "queries", "root": ".", "queries": ["a"]}, "output": {"directory": "r"}}))
+    expect(["attribute", tmp_path / "run.yaml"], 2, r"model.name: no shipped model is called 'xclip:nope'")
+
+
+def test_explain_lists_failures_readably_naming_the_users_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.png").write_text("not an image")
+    code, output = invoke("explain", "notes.png", "a dog", "a blue star")
+    assert code == 3
+    # one line for the one problem, with both captions, about the file the user gave (not the run's copy)
+    assert output.splitlines() == [
+        "failed (2 captions: “a dog”, “a blue star”): cannot read image notes.png: not an image format Pillow "
+        "recognises, or the file is damaged"
+    ]
+
+
+def wide_scene(path: Path) -> Path:
+    """Two demo scenes with white between them: 192 x 64, a centre crop keeps the white third only."""
+    wide = Image.new("RGB", (192, 64), "white")
+    wide.paste(Image.open(SCENES / "scene00000.png"), (0, 0))
+    wide.paste(Image.open(SCENES / "scene00001.png"), (128, 0))
+    wide.save(path)
+    return path
+
+
+def test_unknown_words_and_cropped_images_are_warned_once_and_counted(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    wide_scene(folder / "wide.png")
+    shutil.copyfile(SCENES / "scene00000.png", folder / "square.png")
+    records = [{"file_name": "wide.png", "text": ["a zebra star", "a dog and a zebra"]},
+               {"file_name": "square.png", "text": ["a blue star"]}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "run.yaml").write_text(json.dumps({
+        "model": {"name": "xclip:demo", "device": "cpu"}, "attribution": {"n_steps": 2, "tolerance": None},
+        "data": {"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl"},
+        "output": {"directory": "run"}}))
+    code, output = invoke("attribute", tmp_path / "run.yaml", "--json")
+    flat = " ".join(output.split())
+    assert code == 0, output
+    assert flat.count("'zebra' is unknown to the tokenizer (2 captions)") == 1
+    assert flat.count("'dog' is unknown to the tokenizer (1 caption)") == 1
+    assert "cut more than 20% of 1 image(s) away" in flat and "wide.png: the model saw 33% of it" in flat
+    assert "square.png" not in flat
+    summary = json_line(output)
+    assert summary["captions_with_unknown_words"] == 2 and summary["cropped_images"] == 1
+    code, output = invoke("inspect", tmp_path / "run", "--json")
+    report = json.loads(output)
+    assert report["unknown_words"] == {"captions": 2, "searched": 2, "words": {"zebra": 2, "dog": 1}}
+    (cropped,) = report["cropped_images"]["images"]
+    assert cropped["image"] == "wide.png" and cropped["seen_share"] == pytest.approx(1 / 3)
+    # padded, the model sees all of the image: nothing to warn about, and the run refuses to mix the two
+    expect(["attribute", tmp_path / "run.yaml", "image.resize=pad"], 2, r"image.resize: \"native\" -> \"pad\"")
+    code, output = invoke("attribute", tmp_path / "run.yaml", "image.resize=pad", "output.directory=padded", "--json")
+    assert code == 0 and json_line(output)["cropped_images"] == 0
+    with RunReader(tmp_path / "padded") as padded:
+        assert padded.preprocessing(0).crop_box == pytest.approx((0, -64, 192, 128))
+        assert padded.config["image"]["resize"] == "pad"

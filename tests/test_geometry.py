@@ -41,9 +41,15 @@ def assert_patches_where_the_processor_put_them(model: xclip.DualEncoderAdapter,
     height, width = pixels.shape[1:]
     assert (width, height) == geometry.input_size
     patch_h, patch_w = height // rows, width // cols
+    mean_colour = np.array(model.image_mean) * 255
     for index, (x0, y0, x1, y1) in enumerate(geometry.patch_rects()):
         r, c = divmod(index, cols)
         patch = pixels[:, r * patch_h : (r + 1) * patch_h, c * patch_w : (c + 1) * patch_w].mean(axis=(1, 2))
+        if x1 <= 0 or y1 <= 0 or x0 >= size[0] or y0 >= size[1]:  # wholly in the padding: the mean colour
+            assert patch == pytest.approx(mean_colour, abs=1.5), (size, index, patch)
+            continue
+        if x0 < 0 or y0 < 0 or x1 > size[0] or y1 > size[1]:  # part image, part padding
+            continue
         centre = ((x0 + x1) / 2 / size[0] * 255, (y0 + y1) / 2 / size[1] * 255)
         # within 3 original pixels (resampling blurs edges); a crop misplaced by one input pixel is further off
         assert abs(patch[0] - centre[0]) <= 3 * 255 / size[0] + 1, (size, index, patch[:2], centre)
@@ -53,6 +59,32 @@ def assert_patches_where_the_processor_put_them(model: xclip.DualEncoderAdapter,
 @pytest.mark.parametrize("size", [(150, 90), (90, 150), (77, 33), (64, 64)])
 def test_patches_lie_where_the_processor_put_them(model32, size):
     assert_patches_where_the_processor_put_them(model32, size)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("resize", ["native", "crop", "pad", "squash"])
+def test_every_resize_puts_the_patches_where_its_geometry_says(model_dirs, family, resize):
+    model = xclip.load_model(model_dirs[family], device="cpu", image_resize=resize)
+    for size in [(150, 90), (90, 150)]:
+        assert_patches_where_the_processor_put_them(model, size)
+    geometry = model.preprocess_image(gradient(150, 90)).geometry
+    squashes = resize == "squash" or (resize == "native" and family == "siglip")
+    expected_box = {
+        "crop": (30.0, 0.0, 120.0, 90.0),  # the centred 90 x 90 square
+        "pad": (0.0, -30.0, 150.0, 120.0),  # the image centred on a 150 x 150 square
+        "squash": (0.0, 0.0, 150.0, 90.0),
+    }.get("squash" if squashes else resize)
+    if expected_box is not None:
+        assert geometry.crop_box == pytest.approx(expected_box, abs=0.6)  # within a processor's rounding
+    seen = {"crop": 0.6, "pad": 1.0, "squash": 1.0}.get("squash" if squashes else resize, 32 / 53)
+    assert geometry.seen_share == pytest.approx(seen, abs=0.01)
+
+
+def test_the_model_view_of_a_padded_image_shows_the_padding():
+    padded = Preprocessing((100, 50), (0.0, -25.0, 100.0, 75.0), (40, 40), (2, 2))
+    view = np.asarray(padded.model_view(Image.new("RGB", (100, 50), (255, 0, 0)), fill=(0, 0, 255)))
+    assert (view[:9, :, 2] == 255).all() and (view[31:, :, 2] == 255).all()  # rows 0-9 and 30-39: padding
+    assert (view[11:29, :, 0] == 255).all() and (view[11:29, :, 2] == 0).all()  # rows 10-29: the image
 
 
 def test_the_crop_box_of_resize_then_crop_and_of_squash(model_dirs):

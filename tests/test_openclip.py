@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from conftest import CAPTIONS, make_images
 from naive import integrated_jacobian, naive_interactions
-from test_bad_inputs import assert_read_as_text, expect, invoke
+from test_bad_inputs import assert_read_as_text, expect, invoke, json_line
 
 import xclip
 from xclip.core.quadrature import quadrature
@@ -319,7 +319,7 @@ def test_explain_draws_an_open_clip_model(checkpoints, tmp_path, monkeypatch):
     code, output = invoke("explain", "photo.png", "a red dog", "--model", "open_clip:xclip-tiny-custom",
                           "--checkpoint", checkpoints["xclip-tiny-custom"], "--json")
     assert code == 0, output
-    (pair,) = json.loads(output)["pairs"]
+    (pair,) = json_line(output)["pairs"]
     assert Path(pair["figure"]).is_file() and np.isfinite(pair["score"])
 
 

@@ -29,3 +29,16 @@ def test_core_imports_no_model_family_or_io_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_renamed_and_misspelt_arguments_say_what_to_write(model_dirs):
+    import pytest
+
+    model = xclip.load_model(model_dirs["clip"], device="cpu")
+    with pytest.raises(TypeError, match=r"^InteractionAttribution\(\) got an unexpected keyword argument 'steps': it is called n_steps now$"):
+        xclip.InteractionAttribution(model, steps=20)
+    with pytest.raises(TypeError, match=r"'method': it is called rule now$"):
+        xclip.InteractionAttribution(model, method="riemann-right")
+    with pytest.raises(TypeError, match=r"'tolerence': did you mean tolerance\?$"):
+        xclip.InteractionAttribution(model, tolerence=1e-3)
+    assert xclip.InteractionAttribution(model, n_steps=4, rule="riemann-right").n_steps == 4  # the right names pass

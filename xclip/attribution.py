@@ -21,11 +21,15 @@ from xclip.adapters.base import (
 from xclip.core.interaction import MODES, Mode, contributions, four_term_value, four_terms, interactions
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule, check_quadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
-from xclip.errors import ConfigError
+from xclip.errors import ConfigError, hint_unknown_arguments
 from xclip.result import Contributions, InteractionMap, PairNumbers, relative_error
 
 Convention = Literal["exact", "reference"]
 CONVENTIONS: tuple[str, ...] = get_args(Convention)
+
+
+# settings renamed since the first API (steps and method were the paper code's words): say the new name
+RENAMED_SETTINGS = {"steps": "n_steps", "method": "rule"}
 
 
 class InteractionAttribution:
@@ -55,6 +59,7 @@ class InteractionAttribution:
     Make a new ``InteractionAttribution`` for other settings; the model can be shared.
     """
 
+    @hint_unknown_arguments(RENAMED_SETTINGS)
     def __init__(
         self,
         model: DualEncoderAdapter,

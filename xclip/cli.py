@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -127,6 +128,8 @@ def attribute(
         "rejected_records": summary.n_rejected,
         "truncated_captions": summary.n_truncated,
         "changed_images": len(summary.changed_images),
+        "captions_with_unknown_words": summary.unknown_words["captions"],
+        "cropped_images": len(summary.cropped_images["images"]),
         "not_converged": len(accuracy["not_converged"]),
         "mean_nodes_per_caption": accuracy["captions"]["nodes_mean"],
         "mean_nodes_per_image": accuracy["images"]["nodes_mean"],
@@ -155,6 +158,7 @@ def attribute(
         more = f" and {len(summary.changed_images) - 5} more" if len(summary.changed_images) > 5 and not verbose else ""
         stderr.print(f"[yellow]attributed again: {len(summary.changed_images)} image(s) whose files changed since they "
                      f"were attributed[/] ({escape(shown)}{more})", soft_wrap=True)
+    _print_input_warnings(stderr, summary.unknown_words, summary.cropped_images, limit=None if verbose else 5)
     if summary.n_truncated:
         stderr.print(f"[yellow]{summary.n_truncated} caption(s) are longer than the model's context[/]: their maps cover the tokens it reads (captions/is_truncated in the run file)")
     if accuracy["not_converged"]:  # printed even with --quiet: these results are finished but not to be trusted
@@ -176,6 +180,7 @@ def explain(
     figures: Annotated[Path | None, typer.Option(help="figures folder (default: OUTPUT/heatmaps, or ./xclip-explain-IMAGE without --output)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or float64")] = "float32",
+    resize: Annotated[str, typer.Option(help="how a non-square image becomes square: native (the model's own: CLIP crops the centre, SigLIP squashes), crop, pad or squash")] = "native",
     scale: Annotated[str, typer.Option(help="map colour scale: run (one for all captions, so they compare), figure, or a number")] = "run",
     file_format: Annotated[str, typer.Option("--format", help="png, svg or pdf")] = "png",
     dpi: Annotated[int, typer.Option(help="resolution: 100 draws a map panel 200 pixels wide")] = 100,
@@ -195,7 +200,7 @@ def explain(
         figures = figures or (None if output else Path(f"xclip-explain-{image.stem}"))
         with _StopFlag().installed() as stop:
             result = explain_pairs(image, captions, output=run_directory, model=model, checkpoint=checkpoint, device=device, dtype=dtype,
-                                   figures=figures, options=options, file_format=file_format, overwrite=overwrite,
+                                   image_resize=resize, figures=figures, options=options, file_format=file_format, overwrite=overwrite,
                                    should_stop=stop)
     rows = [{"caption": p.caption, "score": p.score, "four_term_value": p.four_term_value,
              "completeness_error": p.completeness_error, "figure": str(p.figure) if p.figure else None, "error": p.error}
@@ -203,22 +208,35 @@ def explain(
     if json_output:
         print(json.dumps({"run_directory": str(output) if output else None, "pairs": rows}, allow_nan=True))
     else:
-        table = Table(title=f"xclip explain {image.name}")
-        for column in ("caption", "score", "four-term value", "completeness error", "figure"):
-            table.add_column(column, overflow="fold", no_wrap=column == "figure")
-        for p in result.pairs:
-            if p.figure is None:
-                table.add_row(escape(p.caption), "[red]failed[/]", "", "", escape(p.error))
-            else:
-                table.add_row(escape(p.caption), f"{p.score:.4f}", f"{p.four_term_value:.4f}",
-                              f"{p.completeness_error:.2e}", str(p.figure))
-        Console(width=max(120, Console().width)).print(table)
+        _print_explained(image, result.pairs)
+    _print_input_warnings(stderr, result.summary.unknown_words, result.summary.cropped_images, limit=None, pad="--resize pad")
     for note in result.notes:
         stderr.print(f"note: {escape(note)}")
     if result.summary.is_interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
     if any(p.figure is None for p in result.pairs):
         raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
+def _print_explained(image: Path, pairs: list[Any]) -> None:
+    """The finished pairs as a table; failures as a list below it, one line per distinct problem with the
+    captions it hit (a bad image fails every caption the same way)."""
+    finished = [p for p in pairs if p.figure is not None]
+    if finished:
+        table = Table(title=f"xclip explain {image.name}")
+        for column in ("caption", "score", "four-term value", "completeness error", "figure"):
+            table.add_column(column, overflow="fold", no_wrap=column == "figure")
+        for p in finished:
+            table.add_row(escape(p.caption), f"{p.score:.4f}", f"{p.four_term_value:.4f}",
+                          f"{p.completeness_error:.2e}", str(p.figure))
+        Console(width=max(120, Console().width)).print(table)
+    problems: dict[str, list[str]] = {}
+    for p in pairs:
+        if p.figure is None:
+            problems.setdefault(p.error, []).append(p.caption)
+    for problem, captions in problems.items():
+        quoted = ", ".join(f"“{caption}”" for caption in captions)
+        print(f"failed ({len(captions)} caption{'s' * (len(captions) != 1)}: {quoted}): {problem}")
 
 
 @app.command()
@@ -373,8 +391,32 @@ def inspect(
     console.print(ranked)
     for failure in report["failures"]:
         console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
+    _print_input_warnings(console, report["unknown_words"], report["cropped_images"], limit=None)
     if report["accuracy"]["not_converged"]:
         _print_not_converged(console, report["accuracy"], limit=None)
+
+
+def _print_input_warnings(console: Console, unknown_words: dict[str, Any], cropped_images: dict[str, Any], *,
+                          limit: int | None, pad: str = "image.resize: pad") -> None:
+    """Each word unknown to the tokenizer once, with its captions, and the images a crop cut most of (see
+    xclip.inspection.describe_unknown_words and describe_crops): finished results that mean less than they seem."""
+    words = list(unknown_words["words"].items())
+    for word, n_captions in words[:limit]:
+        console.print(f"[yellow]warning[/]: {escape(repr(word))} is unknown to the tokenizer ({n_captions} caption"
+                      f"{'s' * (n_captions != 1)}): its maps show the unknown token, not the word", soft_wrap=True)
+    if limit is not None and len(words) > limit:
+        console.print(f"... and {len(words) - limit} more unknown words (`xclip inspect` lists all)")
+    if unknown_words["searched"] < unknown_words["captions"]:
+        console.print(f"(words looked up in {unknown_words['searched']} of the {unknown_words['captions']} captions with unknown tokens)")
+    cropped = cropped_images["images"]
+    if cropped:
+        share = cropped_images["threshold"]
+        console.print(f"[yellow]warning[/]: the preprocessing cut more than {share:.0%} of {len(cropped)} image(s) away; "
+                      f"boxes and objects there are not in the maps ({pad} keeps the whole image)", soft_wrap=True)
+        for item in cropped[:limit]:
+            console.print(f"  {escape(item['image'])}: the model saw {item['seen_share']:.0%} of it", soft_wrap=True)
+        if limit is not None and len(cropped) > limit:
+            console.print(f"  ... and {len(cropped) - limit} more (`xclip inspect` lists all)")
 
 
 def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
@@ -511,15 +553,17 @@ STORE_FLAGS = {"overwrite": "--overwrite"}
 # the commands that take them as options
 CONFIG_KEYS = {
     **{name: f"model.{name}" for name in ("checkpoint", "revision", "dtype", "device")},
+    "name_or_path": "model.name",
     **{name: f"attribution.{name}" for name in (
         "text_layer", "image_layer", "tolerance", "max_steps", "n_steps", "rule", "convention", "text_filler",
         "image_reference", "reference_seed", "blur_radius", "scale_by_logit", "mode")},
     "internal_batch_size": "runtime.internal_batch_size",
+    "image_resize": "image.resize",
     **STORE_FLAGS,
 }
 FIGURE_FLAGS = {**STORE_FLAGS, "scale": "--scale", "dpi": "--dpi", "upsample": "--upsample", "file_format": "--format"}
 RENDER_FLAGS = {**FIGURE_FLAGS, "span": "--span", "box": "--box", "limit": "--limit", "data_root": "--data-root"}
-EXPLAIN_FLAGS = {**CONFIG_KEYS, **FIGURE_FLAGS, "checkpoint": "--checkpoint", "dtype": "--dtype", "device": "--device"}
+EXPLAIN_FLAGS = {**CONFIG_KEYS, **FIGURE_FLAGS, "name_or_path": "--model", "image_resize": "--resize", "checkpoint": "--checkpoint", "dtype": "--dtype", "device": "--device"}
 
 
 @contextmanager
@@ -566,4 +610,7 @@ def _print_error(message: str) -> None:
 
 def main() -> None:
     """Console entry point."""
+    # torch warns about its own use of torch.jit.script the first time forward-mode AD runs: nothing a user
+    # of xclip can act on, and it would sit in every log
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     app()

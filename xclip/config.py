@@ -22,8 +22,9 @@ from xclip.core.quadrature import (
     Rule,
     check_quadrature,
 )
+from xclip.geometry import ImageResize
 from xclip.errors import ConfigError
-from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path
+from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
 _SHOWN_INPUT_CHARS = 120  # an offending value is quoted in the message up to this length
@@ -34,7 +35,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field(description="hub id, local directory, open_clip:ARCH[/TAG] or hf-hub:ORG/NAME")
+    name: str = Field(description="hub id, local directory, xclip:demo (shipped), open_clip:ARCH[/TAG] or hf-hub:ORG/NAME")
     checkpoint: str | None = Field(None, description="weights file for open_clip:ARCH (relative to the config file)")
     revision: str | None = None
     dtype: Dtype = "float32"
@@ -67,6 +68,11 @@ class AttributionConfig(_Section):
         except ConfigError as e:
             raise ValueError(e.naming(f"attribution.{e.setting}")) from None
         return self
+
+
+class ImageConfig(_Section):
+    resize: ImageResize = Field("native", description="native (the checkpoint's processor), crop, pad or squash")
+    crop_warning: float = Field(0.2, ge=0, le=1, description="name images whose preprocessing cut away more than this share")
 
 
 class DataConfig(_Section):
@@ -122,6 +128,7 @@ class RuntimeConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     attribution: AttributionConfig = AttributionConfig()
+    image: ImageConfig = ImageConfig()
     data: DataConfig
     pairing: PairingConfig = PairingConfig()
     output: OutputConfig
@@ -150,7 +157,7 @@ class RunConfig(_Section):
         Paths are left out, so that a project moved as a whole (config, data, run directory) still resumes: the
         data are identified by their contents (the run file's ``data_sha256``) and a local checkpoint by its
         weights (``model_weights_sha256``)."""
-        exclude = {"output": {"render", "directory"}, "runtime": {"batch_size", "num_workers"}, "data": {"root", "metadata"}}
+        exclude = {"image": {"crop_warning"}, "output": {"render", "directory"}, "runtime": {"batch_size", "num_workers"}, "data": {"root", "metadata"}}
         keep = self.model_dump(mode="json", exclude=exclude)
         if Path(self.model.name).is_absolute():  # a local checkpoint, resolved by load_config
             keep["model"].pop("name")
@@ -285,6 +292,8 @@ def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> Mo
     if model.checkpoint is not None:  # checked by the loader; here made absolute, like every path of a config
         model = model.model_copy(update={"checkpoint": str((base / Path(model.checkpoint).expanduser()).resolve())})
     if is_open_clip_name(model.name):
+        return model
+    if shipped_model(model.name) is not None:
         return model
     local = (base / Path(model.name).expanduser()).resolve()
     if local.is_dir() and (local / OPEN_CLIP_CONFIG).is_file():

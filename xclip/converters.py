@@ -60,6 +60,10 @@ def convert_flickr30k_entities(root: str | Path, out: str | Path, *, split: str 
         ids = read_text(root / f"{split}.txt", f"the {split!r} split file").split()
     else:
         ids = sorted(p.stem for p in (root / "Sentences").glob("*.txt"))
+    if not ids:
+        where = f"the split file {root / f'{split}.txt'} lists no image ids" if split else f"{root / 'Sentences'} holds no .txt files"
+        msg = f"nothing to convert: {where}"
+        raise ConfigError(msg)
     records = []
     for image_id in ids:
         annotation = root / "Annotations" / f"{image_id}.xml"
@@ -79,7 +83,7 @@ def convert_flickr30k_entities(root: str | Path, out: str | Path, *, split: str 
                 if p["phrase_id"] != "0" and boxes.get(p["phrase_id"])  # 0 = not visual
             ]
             records.append({"image": f"{image_id}.jpg", "caption": caption, "phrases": grounded})
-    return _write(records, out)
+    return _write(records, out, f"{root / 'Annotations'} (no sentence phrase has a box there)")
 
 
 def convert_coco_instances(instances: str | Path, captions: str | Path, out: str | Path) -> Path:
@@ -116,7 +120,7 @@ def convert_coco_instances(instances: str | Path, captions: str | Path, out: str
                                 "class": name})
         if a["image_id"] in files:
             records.append({"image": files[a["image_id"]], "caption": caption, "phrases": phrases})
-    return _write(records, out)
+    return _write(records, out, f"{instances} and {captions} (no caption names a category with a box in its image)")
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -131,9 +135,14 @@ def _read_json(path: Path, what: str) -> Any:
     return data
 
 
-def _write(records: list[dict[str, Any]], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+def _write(records: list[dict[str, Any]], out: Path, source: str) -> Path:
+    """The captions with grounded phrases as annotations.jsonl and metadata.jsonl in ``out``; none is an error
+    naming ``source`` (empty files would only fail later, in evaluate)."""
     with_phrases = [r for r in records if r["phrases"]]
+    if not with_phrases:
+        msg = f"nothing to convert: {len(records)} caption(s) read, none with a grounded phrase, from {source}"
+        raise ConfigError(msg)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in with_phrases))
     (out / "metadata.jsonl").write_text(
         "".join(json.dumps({"file_name": r["image"], "text": r["caption"]}) + "\n" for r in with_phrases)

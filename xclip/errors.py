@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class XclipError(Exception):
@@ -44,3 +51,29 @@ class ModelFamilyError(XclipError):
 
 class StoreError(XclipError):
     """A run directory or HDF5 file that cannot be read or written."""
+
+
+def hint_unknown_arguments(renamed: dict[str, str]) -> Callable[[F], F]:
+    """Make a function's TypeError for an unknown keyword argument say what to write instead: the new name of
+    a renamed one (``renamed``: old -> new), else the closest parameter name."""
+
+    def decorate(function: F) -> F:
+        parameters = inspect.signature(function).parameters
+
+        @functools.wraps(function)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            for name in kwargs:
+                if name in parameters:
+                    continue
+                if name in renamed:
+                    hint = f"it is called {renamed[name]} now"
+                else:
+                    close = difflib.get_close_matches(name, parameters, n=1)
+                    hint = f"did you mean {close[0]}?" if close else f"the parameters are {', '.join(p for p in parameters if p != 'self')}"
+                msg = f"{function.__qualname__.removesuffix('.__init__')}() got an unexpected keyword argument {name!r}: {hint}"
+                raise TypeError(msg)
+            return function(*args, **kwargs)
+
+        return checked  # type: ignore[return-value]
+
+    return decorate

@@ -19,12 +19,12 @@ import yaml
 
 from xclip.config import load_config
 from xclip.errors import ConfigError
+from xclip.geometry import IMAGE_RESIZES
 from xclip.render import FigureOptions, render_run
 from xclip.runner import Progress, RunSummary, run
-from xclip.schema import CAPTION_INDEX, COMPLETENESS_ERROR, FOUR_TERM_VALUE, PAIRS, SCORE
-from xclip.store import DONE, RunReader
+from xclip.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, FOUR_TERM_VALUE, IMAGES, PAIRS, SCORE
+from xclip.store import DONE, FAILED, RunReader
 
-DEMO_MODEL = Path(__file__).resolve().parent / "models" / "shapes-clip"
 _NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR)  # the ExplainedPair fields read from the run file
 
 
@@ -55,6 +55,7 @@ def explain(
     checkpoint: Path | None = None,
     device: str = "auto",
     dtype: str = "float32",
+    image_resize: str = "native",
     figures: Path | None = None,
     options: FigureOptions | None = None,
     file_format: str = "png",
@@ -64,7 +65,8 @@ def explain(
 ) -> Explanation:
     """Attribute ``image`` with each caption into the run directory ``output`` and draw each finished pair
     (per-word figures, into ``figures``, default ``output/heatmaps``). ``model``: a hub id or a local
-    checkpoint; the shipped demo model when None. ``checkpoint``: a weights file for ``open_clip:ARCH``."""
+    checkpoint; the shipped demo model (``xclip:demo``) when None. ``checkpoint``: a weights file for ``open_clip:ARCH``;
+    ``image_resize``: how a non-square image becomes square (see :func:`xclip.load_model`)."""
     image = Path(image)
     if not image.is_file():
         msg = f"image {image} is not there"
@@ -72,6 +74,9 @@ def explain(
     if not captions:
         msg = "give at least one caption after the image"
         raise ConfigError(msg)
+    if image_resize not in IMAGE_RESIZES:
+        msg = f"image_resize {image_resize!r} is not one of {', '.join(IMAGE_RESIZES)}"
+        raise ConfigError(msg, setting="image_resize")
     inputs = output / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     copy = inputs / image.name
@@ -80,8 +85,9 @@ def explain(
     metadata = inputs / "metadata.jsonl"
     metadata.write_text(json.dumps({"file_name": image.name, "text": list(captions)}, ensure_ascii=False) + "\n", encoding="utf-8")
     config = {
-        "model": {"name": str(model) if model else str(DEMO_MODEL), "device": device, "dtype": dtype,
+        "model": {"name": str(model) if model else "xclip:demo", "device": device, "dtype": dtype,
                   **({"checkpoint": str(Path(checkpoint).resolve())} if checkpoint else {})},
+        "image": {"resize": image_resize},
         "data": {"format": "imagefolder", "root": "inputs", "metadata": "inputs/metadata.jsonl"},
         "output": {"directory": "."},
     }
@@ -94,15 +100,22 @@ def explain(
         texts = stored.captions()
         caption_index = stored.column(PAIRS, CAPTION_INDEX)
         errors = stored.errors(PAIRS, list(range(len(status))))
+        # a pair's error is short ("image 0 failed: ..."): the whole story is the failed input's own error
+        image_failed = stored.status(IMAGES)[0] == FAILED
+        input_errors = stored.errors(IMAGES, [0]) * len(status) if image_failed else stored.errors(CAPTIONS, caption_index.tolist())
+        captions_failed = stored.status(CAPTIONS)[caption_index] == FAILED
         numbers = np.stack([stored.column(PAIRS, name) for name in _NUMBERS], axis=1)
     numbers = numbers.astype(np.float64)
     numbers[status != DONE] = np.nan  # unfinished items hold no results
     finished = np.flatnonzero(status == DONE).tolist()
     report = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format) if finished else None
     paths = dict(zip(finished, report.written if report else []))
-    pairs = [
-        ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p),
-                      error="" if p in paths else errors[p] or "not attributed: the run was interrupted")
-        for p in range(len(status))
-    ]
+    def error(p: int) -> str:  # about the user's file, not the run directory's copy of it
+        if p in paths:
+            return ""
+        told = input_errors[p] if image_failed or captions_failed[p] else errors[p]
+        return (told or "not attributed: the run was interrupted").replace(str(copy), str(image))
+
+    pairs = [ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p), error=error(p))
+             for p in range(len(status))]
     return Explanation(run_directory=output, pairs=pairs, summary=summary, notes=report.notes if report else [])

@@ -17,12 +17,19 @@ Pure numpy and Pillow: no model, no tokenizer, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from xclip.errors import ConfigError
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels, x0 < x1, y0 < y1
+# How a non-square image reaches a square model input: ``native`` is the checkpoint's own processor (CLIP and
+# open_clip: resize the short side, then crop the centre; SigLIP: squash); the others make the image square first.
+ImageResize = Literal["native", "crop", "pad", "squash"]
+IMAGE_RESIZES: tuple[str, ...] = get_args(ImageResize)
+# a squashed image's side: larger than any supported model input, so the processor's own resize sets the pixels
+_SQUASH_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,21 @@ class Preprocessing:
         left, top = crop_origin
         box = (left / scale_x, top / scale_y, (left + input_size[0]) / scale_x, (top + input_size[1]) / scale_y)
         return cls(tuple(original_size), box, tuple(input_size), tuple(grid))  # type: ignore[arg-type]
+
+    def placed(self, original_size: tuple[int, int], scale: tuple[float, float], offset: tuple[float, float]) -> Preprocessing:
+        """This preprocessing of an image made from ``original_size`` pixels (padded, cropped or squashed before
+        the family's own preprocessing), in that original's pixels: a point ``(x, y)`` of the made image is
+        ``(x * scale[0] + offset[0], y * scale[1] + offset[1])`` of the original."""
+        x0, y0, x1, y1 = self.crop_box
+        (sx, sy), (ox, oy) = scale, offset
+        box = (x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy)
+        return Preprocessing(tuple(original_size), box, self.input_size, self.grid)  # type: ignore[arg-type]
+
+    @property
+    def seen_share(self) -> float:
+        """The share of the original image's area that the model's input shows (1.0 unless a crop cut some)."""
+        width, height = self.original_size
+        return float(_overlap(np.asarray([self.crop_box]), (0.0, 0.0, float(width), float(height)))[0] / (width * height))
 
     # --- stored as one row of numbers (the run file's images/preprocessing) ----------------------------------
     def to_row(self) -> np.ndarray:
@@ -110,14 +132,22 @@ class Preprocessing:
         x0, y0, x1, y1 = self.crop_box
         return (x - x0) * self.input_size[0] / (x1 - x0), (y - y0) * self.input_size[1] / (y1 - y0)
 
-    def model_view(self, image: object) -> object:
-        """The original ``image`` (PIL) as the model saw it: the crop box resized to the input size, bicubic."""
+    def model_view(self, image: object, fill: tuple[int, int, int] = (128, 128, 128)) -> object:
+        """The original ``image`` (PIL) as the model saw it: the crop box resized to the input size, bicubic;
+        where the box reaches beyond the image (``image.resize: pad``), ``fill`` shows the padding."""
         from PIL import Image
 
         width, height = self.original_size
         x0, y0, x1, y1 = self.crop_box
         inside = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))  # Pillow takes no box beyond the image
-        return image.resize(self.input_size, Image.Resampling.BICUBIC, box=inside)  # type: ignore[attr-defined]
+        if inside == (x0, y0, x1, y1):
+            return image.resize(self.input_size, Image.Resampling.BICUBIC, box=inside)  # type: ignore[attr-defined]
+        scale_x, scale_y = self.input_size[0] / (x1 - x0), self.input_size[1] / (y1 - y0)
+        left, top = round((inside[0] - x0) * scale_x), round((inside[1] - y0) * scale_y)
+        size = (max(1, round((inside[2] - x0) * scale_x) - left), max(1, round((inside[3] - y0) * scale_y) - top))
+        view = Image.new("RGB", self.input_size, fill)
+        view.paste(image.resize(size, Image.Resampling.BICUBIC, box=inside), (left, top))  # type: ignore[attr-defined]
+        return view
 
 
 def _overlap(rects: np.ndarray, box: Box) -> np.ndarray:
@@ -149,3 +179,27 @@ def check_box(box: object, *, name: str = "box", given: object = None) -> Box:
         msg = f"{name} {shown}: need x0 < x1 and y0 < y1"
         raise ConfigError(msg, setting="box")
     return values  # type: ignore[return-value]
+
+
+def square_image(image: Any, resize: ImageResize, fill: tuple[int, int, int]) -> tuple[Any, tuple[float, float], tuple[float, float]]:
+    """``image`` (PIL) made square as ``resize`` says, before the family's own preprocessing, with the map back
+    to its pixels (``scale``, ``offset``: see :meth:`Preprocessing.placed`). ``pad`` centres the image on a
+    square of ``fill`` (the model's mean colour, so padding looks like the mean-colour reference); ``crop``
+    keeps the centred square; ``squash`` stretches the image onto a square; ``native`` leaves it as it is."""
+    from PIL import Image
+
+    width, height = image.size
+    if resize == "native" or width == height:
+        return image, (1.0, 1.0), (0.0, 0.0)
+    if resize == "pad":
+        side = max(width, height)
+        left, top = (side - width) // 2, (side - height) // 2
+        padded = Image.new("RGB", (side, side), fill)
+        padded.paste(image, (left, top))
+        return padded, (1.0, 1.0), (-float(left), -float(top))
+    if resize == "crop":
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        return image.crop((left, top, left + side, top + side)), (1.0, 1.0), (float(left), float(top))
+    side = min(max(width, height), _SQUASH_SIDE)
+    return image.resize((side, side), Image.Resampling.BICUBIC), (width / side, height / side), (0.0, 0.0)

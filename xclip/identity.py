@@ -16,7 +16,7 @@ from xclip.config import ModelConfig, RunConfig, settings_differences
 from xclip.data import Dataset
 from xclip.digests import sha256_of
 from xclip.errors import ConfigError
-from xclip.loading import checkpoint_file
+from xclip.loading import checkpoint_file, shipped_model
 from xclip.store import RunReader
 
 
@@ -34,15 +34,14 @@ def identify_run(config: RunConfig, dataset: Dataset) -> RunIdentity:
 
 
 def weights_digest(model: ModelConfig) -> str | None:
-    """SHA-256 of a local checkpoint's weight files (it has no revision to pin).
+    """SHA-256 of a local or shipped checkpoint's weight files (it has no revision to pin).
 
     Returns:
         The digest of a checkpoint file, or of a local directory's weights; None for hub names.
     """
     if model.checkpoint is not None:
         files = [checkpoint_file(model.checkpoint)]
-    elif Path(model.name).is_dir():
-        weights = Path(model.name)
+    elif (weights := shipped_model(model.name) or Path(model.name)).is_dir():
         files = sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))
     else:
         return None

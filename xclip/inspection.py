@@ -19,10 +19,13 @@ from xclip.schema import (
     N_NODES,
     PAIR_TABLE_NUMBERS,
     PAIRS,
+    PREPROCESSING,
     RELATIVE_COMPLETENESS_ERROR,
     TERMS,
+    UNKNOWN,
     Status,
 )
+from xclip.geometry import Preprocessing
 from xclip.store import RunReader
 
 DONE, FAILED = Status.DONE, Status.FAILED
@@ -56,8 +59,39 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "rejected_records": rejected,
             "accuracy": describe_accuracy(run),
             "failures": describe_failures(run, GROUPS),
+            "unknown_words": describe_unknown_words(run),
+            "cropped_images": describe_crops(run, float(run.config["image"]["crop_warning"])),
             "pairs": rows,
         }
+
+
+# unknown words are looked up in at most this many captions (each a read of its tokens); the rest are counted
+MAX_CAPTIONS_SEARCHED_FOR_UNKNOWN_WORDS = 10_000
+
+
+def describe_unknown_words(run: RunReader) -> dict[str, Any]:
+    """Finished captions holding tokens unknown to the tokenizer: how many, and each unknown word (as the
+    caption wrote it) with the number of captions it is in, most frequent first."""
+    finished = run.status(CAPTIONS) == DONE
+    affected = np.flatnonzero(run.column(CAPTIONS, UNKNOWN).any(axis=1) & finished)
+    counts: dict[str, int] = {}
+    for caption in affected[:MAX_CAPTIONS_SEARCHED_FOR_UNKNOWN_WORDS]:
+        for word in run.caption_tokens(int(caption)).unknown_words():
+            counts[word] = counts.get(word, 0) + 1
+    words = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    return {"captions": int(affected.size), "searched": int(min(affected.size, MAX_CAPTIONS_SEARCHED_FOR_UNKNOWN_WORDS)), "words": words}
+
+
+def describe_crops(run: RunReader, warn_above: float) -> dict[str, Any]:
+    """Finished images whose preprocessing cut away more than ``warn_above`` of their area: how many, and each
+    image's path with the share the model saw, least seen first."""
+    finished = np.flatnonzero(run.status(IMAGES) == DONE)
+    rows = run.column(IMAGES, PREPROCESSING)[finished]
+    seen = np.array([Preprocessing.from_row(row).seen_share for row in rows])
+    cut = np.argsort(seen, kind="stable")
+    cut = cut[seen[cut] < 1.0 - warn_above]
+    paths = run.image_paths()
+    return {"threshold": warn_above, "images": [{"image": paths[finished[k]], "seen_share": float(seen[k])} for k in cut]}
 
 
 def describe_failures(run: RunReader, groups: tuple[str, ...]) -> list[str]:

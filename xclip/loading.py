@@ -13,6 +13,7 @@ import torch
 
 from xclip.adapters import DualEncoderAdapter, get_adapter_cls
 from xclip.errors import ConfigError, ModelFamilyError
+from xclip.geometry import IMAGE_RESIZES, ImageResize
 
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 DTYPES: dict[str, torch.dtype] = {
@@ -59,6 +60,24 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
 
 
+SHIPPED_PREFIX = "xclip:"
+# Models that ship inside the package, named ``xclip:NAME`` in configs, ``explain --model`` and load_model.
+SHIPPED_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "models" / "shapes-clip"}
+
+
+def shipped_model(name: str) -> Path | None:
+    """The directory of a shipped model named ``xclip:NAME``; None for any other name; :class:`ConfigError`
+    for an ``xclip:`` name that ships with no model."""
+    if not name.startswith(SHIPPED_PREFIX):
+        return None
+    directory = SHIPPED_MODELS.get(name.removeprefix(SHIPPED_PREFIX))
+    if directory is None:
+        known = ", ".join(SHIPPED_PREFIX + shipped for shipped in SHIPPED_MODELS)
+        msg = f"no shipped model is called {name!r}; xclip ships {known}"
+        raise ConfigError(msg, setting="name_or_path")
+    return directory
+
+
 def _is_offline(local_files_only: bool) -> bool:
     return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
@@ -88,12 +107,14 @@ def load_model(
     device: str = "auto",
     local_files_only: bool = False,
     checkpoint: str | Path | None = None,
+    image_resize: ImageResize = "native",
 ) -> DualEncoderAdapter:
-    """Load a dual encoder and its processor through ``from_pretrained`` and wrap it in its family adapter.
+    """Load a dual encoder with its tokenizer and image preprocessing and wrap it in its family adapter:
+    transformers' ``from_pretrained`` for CLIP and SigLIP checkpoints, open_clip's own loader for open_clip models.
 
     Args:
         name_or_path: a hub id (``openai/clip-vit-base-patch32``) or a local directory of a transformers
-            checkpoint; or an open_clip model: ``open_clip:ARCH/PRETRAINED_TAG`` (``open_clip:ViT-B-32/openai``),
+            checkpoint; ``xclip:demo``, the small CLIP shipped inside the package; or an open_clip model: ``open_clip:ARCH/PRETRAINED_TAG`` (``open_clip:ViT-B-32/openai``),
             ``open_clip:ARCH`` with ``checkpoint``, ``hf-hub:ORG/NAME`` (a hub repository in open_clip's
             format), or a local directory holding ``open_clip_config.json``.
         checkpoint: a weights file (``.safetensors``, or ``.pt``/``.bin`` read with ``weights_only=True``) for
@@ -101,20 +122,35 @@ def load_model(
         revision: a branch, tag or commit hash to pin (hub ids only).
         dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``float64``.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        image_resize: how a non-square image becomes the square input: ``native`` (the checkpoint's own
+            processor: CLIP and open_clip crop the centre, SigLIP squashes), ``crop``, ``pad`` (the whole image
+            on a square of the model's mean colour) or ``squash``.
 
     Raises:
         ModelFamilyError: the checkpoint cannot be loaded or its family has no adapter.
         ConfigError: bad dtype or device.
     """
+    if image_resize not in IMAGE_RESIZES:
+        msg = f"image_resize {image_resize!r} is not one of {', '.join(IMAGE_RESIZES)}"
+        raise ConfigError(msg, setting="image_resize")
+    adapter = _load_adapter(name_or_path, revision=revision, dtype=dtype, device=device,
+                            local_files_only=local_files_only, checkpoint=checkpoint)
+    adapter.image_resize = image_resize
+    return adapter
+
+
+def _load_adapter(name_or_path: str | Path, *, revision: str | None, dtype: str | torch.dtype, device: str,
+                  local_files_only: bool, checkpoint: str | Path | None) -> DualEncoderAdapter:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from xclip.adapters.hf import from_pretrained
 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     source = str(name_or_path)
-    directory = Path(source).expanduser()
+    directory = shipped_model(source) or Path(source).expanduser()
+    location = str(directory) if source.startswith(SHIPPED_PREFIX) else source  # what the loaders read
     if is_open_clip_name(source) or (directory / OPEN_CLIP_CONFIG).is_file():
-        model, *preprocessing = _load_open_clip(source, checkpoint, revision=revision, local_files_only=local_files_only)
+        model, *preprocessing = _load_open_clip(location, checkpoint, revision=revision, local_files_only=local_files_only)
         return get_adapter_cls("open_clip")(model.to(torch_device, torch_dtype), *preprocessing, name=source, revision=revision)
     if checkpoint is not None:
         msg = f"checkpoint names a weights file for an open_clip architecture (open_clip:ARCH); {source!r} is not one"
@@ -129,7 +165,7 @@ def load_model(
     options = {"revision": revision, "local_files_only": local_files_only, "trust_remote_code": False}
     try:
         with quiet_transformers():
-            model_type, model, preprocessing = from_pretrained(source, torch_dtype, get_adapter_cls, **options)
+            model_type, model, preprocessing = from_pretrained(location, torch_dtype, get_adapter_cls, **options)
             adapter_cls = get_adapter_cls(model_type)
     except (OSError, ValueError) as e:
         if not directory.is_dir() and _is_offline(local_files_only):
@@ -233,7 +269,11 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
     if source.startswith(OPEN_CLIP_PREFIX):
         architecture, _, tag = source.removeprefix(OPEN_CLIP_PREFIX).partition("/")
         if architecture not in open_clip.list_models():
-            msg = f"unknown open_clip architecture {architecture!r}; open_clip knows {len(open_clip.list_models())}, such as ViT-B-32, ViT-B-16, ViT-L-14 (open_clip.list_models())"
+            msg = (f"unknown open_clip architecture {architecture!r}; open_clip knows {len(open_clip.list_models())}, such as "
+                   "ViT-B-32, ViT-B-16, ViT-L-14 (open_clip.list_models()). An architecture of your own (registered with "
+                   "open_clip.add_model_config in your code, which a command in a new process never runs): put its "
+                   f"{OPEN_CLIP_CONFIG} ({{\"model_cfg\": ..., \"preprocess_cfg\": ...}}) beside its weights "
+                   "(open_clip_model.safetensors) in a folder and name that folder as the model")
             raise ModelFamilyError(msg)
         if tag and checkpoint is not None:
             msg = f"{source!r} names a pretrained tag and the checkpoint a file: give one of them"

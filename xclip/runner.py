@@ -23,7 +23,7 @@ from xclip.locking import writer_lock
 from xclip.digests import FileIdentity, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.identity import RunIdentity, check_resumable, identify_run, provenance
-from xclip.inspection import describe_accuracy, describe_failures
+from xclip.inspection import describe_accuracy, describe_crops, describe_failures, describe_unknown_words
 from xclip.loading import load_model
 from xclip.pairing import choose_pairs, shard_dataset
 from xclip.result import PairNumbers
@@ -58,6 +58,8 @@ class RunSummary:
     is_interrupted: bool = False
     failures: list[str] = field(default_factory=list)
     changed_images: list[str] = field(default_factory=list)  # finished before, their files changed: attributed again
+    unknown_words: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_unknown_words
+    cropped_images: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_crops
 
     @property
     def pairs_per_second(self) -> float:
@@ -113,7 +115,7 @@ def _run_locked(
             if should_stop():
                 break
             _run_stage(run, stage(run, attributor, config), check, progress, should_stop)
-    summary = _summarise(directory, n_skipped, model_load_seconds, should_stop)
+    summary = _summarise(directory, n_skipped, model_load_seconds, should_stop, config.image.crop_warning)
     summary.changed_images = changed
     if config.output.render and not summary.is_interrupted:
         from xclip.render import render_run
@@ -144,6 +146,7 @@ def _load_attributor(config: RunConfig) -> tuple[InteractionAttribution, float]:
         device=config.model.device,
         local_files_only=config.model.local_files_only,
         checkpoint=config.model.checkpoint,
+        image_resize=config.image.resize,
     )
     seconds = time.perf_counter() - start
     # the config's attribution section holds InteractionAttribution's settings under the same names
@@ -188,7 +191,7 @@ def _create_run_file(
 
 
 def _summarise(
-    directory: Path, n_skipped: int, model_load_seconds: float, should_stop: Callable[[], bool]
+    directory: Path, n_skipped: int, model_load_seconds: float, should_stop: Callable[[], bool], crop_warning: float
 ) -> RunSummary:
     """What the run file holds after this invocation, which found ``n_skipped`` pairs finished."""
     with RunReader(directory / RUN_FILE) as finished:
@@ -206,6 +209,8 @@ def _summarise(
             model_load_seconds=model_load_seconds,
             is_interrupted=should_stop() or bool((status == PENDING).any()),
             failures=describe_failures(finished, (CAPTIONS, IMAGES)),  # a pair fails with its input
+            unknown_words=describe_unknown_words(finished),
+            cropped_images=describe_crops(finished, crop_warning),
         )
 
 

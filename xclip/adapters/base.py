@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward, embed_from_hidden
 from xclip.errors import ConfigError, InputError
-from xclip.geometry import Preprocessing
+from xclip.geometry import ImageResize, Preprocessing, square_image
 from xclip.tokens import CaptionTokens
 
 ImageReference = Literal["zeros", "black", "blur", "noise"]
@@ -234,6 +234,7 @@ class DualEncoderAdapter:
     vocabulary_size: int = 0
     image_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # the pixel normalisation of the image tower
     image_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    image_resize: ImageResize = "native"  # how a non-square image is made square (see xclip.geometry.square_image)
 
     def __init__(self, model: nn.Module, *, name: str = "", revision: str | None = None) -> None:
         self.model = model.eval()
@@ -346,15 +347,17 @@ class DualEncoderAdapter:
         )
 
     def preprocess_image(self, image: ImageLike) -> PreprocessedImage:
-        """One image read (see :func:`read_image`) and preprocessed as the family was trained. Raises
-        :class:`InputError`."""
+        """One image read (see :func:`read_image`), made square as ``image_resize`` says and preprocessed as
+        the family was trained. Raises :class:`InputError`."""
         loaded, notes = read_image(image)
+        mean_colour = tuple(round(255 * channel) for channel in self.image_mean)
+        square, scale, offset = square_image(loaded, self.image_resize, mean_colour)  # type: ignore[arg-type]
         try:
-            pixels, geometry = self._preprocess_image(loaded)
+            pixels, geometry = self._preprocess_image(square)
         except ValueError as e:  # how image processors refuse an image they cannot handle
             msg = f"the image processor refused image {image if isinstance(image, (str, Path)) else ''}: {e}"
             raise InputError(msg) from e
-        return PreprocessedImage(pixels, geometry, loaded, notes)
+        return PreprocessedImage(pixels, geometry.placed(loaded.size, scale, offset), loaded, notes)
 
     def preprocess(self, images: Sequence[ImageLike]) -> ImageBatch:
         """Load and preprocess images as the family was trained (see :meth:`preprocess_image`)."""
