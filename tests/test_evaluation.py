@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from xclip.cli import app
-from xclip.evaluation import box_weights, read_annotations
+from xclip.evaluation import DIRECTIONS, METRICS, PhraseScore, _chart, bar_charts, box_weights, chance_levels, read_annotations, summarize
 from xclip.geometry import Preprocessing
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.errors import ConfigError
@@ -56,6 +56,53 @@ def test_bootstrap_interval():
     low, high = bootstrap_ci(samples, seed=1)
     assert low < 0.5 < high and high - low < 0.3
     assert bootstrap_ci(np.full(10, 0.7)) == pytest.approx((0.7, 0.7))
+
+
+def synthetic_report() -> dict:
+    """Three classes of 20 phrases; "circle" scores near 1, where a legend inside the axes would lie."""
+    rng = np.random.default_rng(0)
+    scores = []
+    for label, level in (("square", 0.5), ("star", 0.7), ("circle", 0.97)):
+        for n in range(20):
+            values = {f"{d}/{m}": float(np.clip(level + rng.normal(0, 0.05), 0, 1)) for d in DIRECTIONS for m in METRICS}
+            chance = {f"{d}/{m}": level for d in DIRECTIONS for m, level in chance_levels(INSIDE).items()}
+            scores.append(PhraseScore(n, label, label, values, chance))
+    return summarize(scores)
+
+
+def test_a_chart_for_every_metric_with_its_chance_level(tmp_path):
+    report = synthetic_report()
+    charts = bar_charts(report, tmp_path)
+    assert sorted(p.name for p in charts) == sorted(f"{d}_{m}.png" for d in DIRECTIONS for m in METRICS)
+    assert all(p.is_file() for p in charts)
+    # a random map's expected score: the box touches 4 of 16 patches, covers 4/16 of the area; random signs: 0.5
+    assert report["overall"]["phrase_to_image/pointing_game"]["chance"] == pytest.approx(4 / 16)
+    assert report["per_class"]["star"]["phrase_to_image/energy_in_box"]["chance"] == pytest.approx(4 / 16)
+    assert report["per_class"]["circle"]["box_to_phrase/mass_ratio"]["chance"] == 0.5
+    weights = np.zeros((4, 4))
+    weights[0, :2] = [1.0, 0.5]
+    assert chance_levels(weights) == {"pointing_game": 2 / 16, "energy_in_box": 1.5 / 16, "mass_ratio": 0.5}
+
+
+@pytest.mark.parametrize("metric", [f"{d}/{m}" for d in DIRECTIONS for m in METRICS])
+def test_the_legend_hides_no_bar_whisker_or_line(metric):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    figure = _chart(synthetic_report(), metric)
+    FigureCanvasAgg(figure).draw()
+    renderer = figure.canvas.get_renderer()
+    (legend,) = figure.legends
+    box = legend.get_window_extent(renderer)
+    (axes,) = figure.axes
+    assert len(axes.patches) == 3 and len(axes.collections) >= 2  # bars; whiskers and chance dashes
+    extents = [artist.get_window_extent(renderer) for artist in (*axes.patches, *axes.lines)]
+    for lines in axes.collections:  # whiskers and chance dashes: their segments' ends on the canvas
+        ends = lines.get_transform().transform(np.concatenate(lines.get_segments()))
+        extents.append(Bbox([ends.min(0), ends.max(0)]))
+    for extent in extents:
+        assert not box.overlaps(extent), extent
+    assert {text.get_text() for text in legend.get_texts()} == {"mean, 95 % interval", "chance", "overall mean"}
 
 
 def test_box_weights_map_boxes_through_the_preprocessing():

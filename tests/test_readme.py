@@ -24,7 +24,7 @@ def test_readme_api_example_runs(tmp_path):
     assert float(error) <= 1e-3 * abs(float(value)) and float(error) <= float(bound)
     assert lines[3] == "True"
     assert lines[4] == "16 True"
-    assert lines[5] == "pair.pdf (930, 603)" and (tmp_path / "pair.pdf").read_bytes().startswith(b"%PDF-")
+    assert lines[5] == "pair.pdf (755, 739)" and (tmp_path / "pair.pdf").read_bytes().startswith(b"%PDF-")
 
 
 def section(title: str) -> str:

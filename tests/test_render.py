@@ -9,16 +9,20 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from dataclasses import replace
+
 import h5py
 import numpy as np
 from conftest import plant_map
 import pytest
 from matplotlib import colormaps
 from matplotlib.colors import CenteredNorm
-from PIL import Image
+from PIL import Image, ImageDraw
 from test_bad_inputs import finished_run, invoke  # noqa: F401  (finished_run is a fixture)
 
 import xclip
+import xclip.render as rendering
+from xclip.colours import CONTOUR, outline_mask
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
 from xclip.render import FigureOptions, PairView, draw, figure, map_colours
@@ -95,15 +99,216 @@ def test_planted_patches_take_their_values_colours_at_any_position():
         assert count(picture, reference_colour(value, 1.0)) >= 50 * 50 - 4 * 50, value
 
 
-def test_unknown_tokens_are_noted_by_their_words_and_stop_words_get_no_panel():
-    tokens = ["<s>", "a", "<unk>", "dog", "</s>"]
-    view = planted_view(red_and_blue(), {"<unk>": np.ones(GRID), "dog": np.ones(GRID)}, tokens=tokens, words={"<unk>": "zebra"})
+def texts_of(drawn) -> list[str]:
+    return [item[2] for item in drawn.drawn if item[0] == "text"]
+
+
+def panel_titles(drawn) -> list[str]:
+    """The words that got a map panel: titles read "word: sum"."""
+    return [text.rsplit(": ", 1)[0] for text in texts_of(drawn) if re.fullmatch(r".+: [+-]\S+", text)]
+
+
+def test_unknown_words_are_named_with_their_token_and_stop_words_get_a_quoted_note():
+    tokens = ["<s>", "a", "<unk>", "dog", ",", "and", "cat", "</s>"]
+    values = {token: np.ones(GRID) for token in ("<unk>", "dog", "cat")}
+    view = planted_view(red_and_blue(), values, tokens=tokens, words={"<unk>": "zebra"})
     drawn = draw(view)
-    assert any("zebra: unknown to the tokenizer" in note for note in drawn.notes)  # the caption's word, not <unk>
-    assert any(note.startswith("no panel for a ") for note in drawn.notes)
+    # the caption's word, and the token the model read instead
+    assert any(note.startswith("zebra: unknown to the tokenizer (“zebra” → <unk>)") for note in drawn.notes)
+    assert any(note.startswith("no panel for “a”, “,”, “and” (") for note in drawn.notes)  # punctuation reads as a word
+    assert panel_titles(drawn) == ["zebra", "dog", "cat"]
+
+
+def test_all_words_draws_punctuation_and_stop_words_too():
+    tokens = ["<s>", "a", "dog", ",", "and", "cat", "</s>"]
+    view = planted_view(red_and_blue(), {"dog": np.ones(GRID), ",": -np.ones(GRID)}, tokens=tokens)
     everything = draw(view, options=FigureOptions(skip_words=frozenset()))
-    # one more panel ("a"), in the same row
-    assert everything.picture.size[0] == drawn.picture.size[0] + 200 + 12 and not any("no panel" in n for n in everything.notes)
+    assert panel_titles(everything) == ["a", "dog", ",", "and", "cat"]
+    assert not any("no panel" in note for note in everything.notes)
+
+
+# --- layout: no text meets another or leaves the page --------------------------------------------------------
+def recorded_text_boxes(monkeypatch) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """Every text drawn from now on, with its box on the picture (as Pillow sets it)."""
+    boxes: list[tuple[str, tuple[float, float, float, float]]] = []
+    draw_text = rendering._Canvas.text
+
+    def text(self, xy, text, fill, font):
+        boxes.append((text, ImageDraw.Draw(self.picture).textbbox(xy, text, font=font)))
+        draw_text(self, xy, text, fill, font)
+
+    monkeypatch.setattr(rendering._Canvas, "text", text)
+    return boxes
+
+
+def overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def assert_clean_layout(drawn, boxes) -> None:
+    width, height = drawn.picture.size
+    boxes = [(text, box) for text, box in boxes if text.strip()]
+    for text, (x0, y0, x1, y1) in boxes:
+        assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height, f"{text!r} leaves the {width} x {height} page"
+    for n, (text, box) in enumerate(boxes):
+        for other, other_box in boxes[n + 1 :]:
+            assert not overlaps(box, other_box), f"{text!r} {box} meets {other!r} {other_box}"
+    # nor does any text lie on a picture (the image, a map, a colour bar)
+    pictures = [(x, y, x + p.size[0], y + p.size[1]) for (x, y), p in (item[1:3] for item in drawn.drawn if item[0] == "image")]
+    for text, box in boxes:
+        assert not any(overlaps(box, picture) for picture in pictures), f"{text!r} {box} lies on a picture"
+
+
+ASPECTS = {"4:1": (256, 64), "1:4": (64, 256), "1:1": (64, 64)}
+
+
+@pytest.mark.parametrize("layout", ["wide", "column"])
+@pytest.mark.parametrize("aspect", list(ASPECTS))
+@pytest.mark.parametrize("kind", ["words", "span", "box"])
+@pytest.mark.parametrize("peak", [7.7e-5, 0.15, 2400.0])
+def test_no_text_meets_another_or_leaves_the_page(monkeypatch, layout, aspect, kind, peak):
+    size = ASPECTS[aspect]
+    tokens = ["<s>", "a", "large", "red", "dog", ",", "and", "the", "small", "blue", "cat", "</s>"]
+    rng = np.random.default_rng(0)
+    values = {token: peak * rng.uniform(-1, 1, GRID) for token in ("large", "red", "dog", "small", "blue", "cat")}
+    view = planted_view(Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)), values, tokens=tokens)
+    boxes = recorded_text_boxes(monkeypatch)
+    selection = {"words": {}, "span": {"span": "red dog"}, "box": {"box": (0.0, 0.0, size[0] / 2, size[1] / 2)}}[kind]
+    drawn = draw(view, layout=layout, **selection)
+    assert_clean_layout(drawn, boxes)
+    labels = [text for text, _ in boxes]
+    assert not any("-" in label for label in labels if re.fullmatch(r"[-+−]?[\d.]+", label))  # a true minus sign
+
+
+def test_tick_labels_share_one_compact_format():
+    from xclip.render import _tick_labels
+
+    assert _tick_labels(0.15, 5)[1:] == (["−0.150", "−0.075", "0", "+0.075", "+0.150"], "")
+    assert _tick_labels(7.7e-5, 5)[1:] == (["−7.7", "−3.8", "0", "+3.8", "+7.7"], "×10⁻⁵")
+    assert _tick_labels(1.0, 5)[1:] == (["−1.0", "−0.5", "0", "+0.5", "+1.0"], "")
+    assert _tick_labels(2.0, 3)[1:] == (["−2", "0", "+2"], "")
+    assert _tick_labels(24000.0, 3)[1:] == (["−2.4", "0", "+2.4"], "×10⁴")
+
+
+def test_tick_labels_keep_a_gap_from_their_tick_marks():
+    view = planted_view(red_and_blue(), {"red</w>": np.full(GRID, -0.15)})
+    drawn = draw(view, span="red")
+    pen = ImageDraw.Draw(drawn.picture.copy())
+    ticks = [points for kind, points, *_ in drawn.drawn if kind == "line" and points[1] == points[3]]  # the map bar's
+    labels = [pen.textbbox(xy, text, font=rendering._font(size))
+              for kind, xy, text, _, size in (item for item in drawn.drawn if item[0] == "text") if text[:1] in "−+0"]
+    assert len(ticks) == 5
+    for _, y, end, _ in ticks:
+        label = min(labels, key=lambda box: abs((box[1] + box[3]) / 2 - y))  # the label beside the tick
+        assert label[0] - end >= 3, (label, end)
+
+
+@pytest.mark.parametrize("dpi", [100, 150])
+def test_the_column_layout_fits_a_paper_column_and_the_wide_one_its_page(monkeypatch, tmp_path, dpi):
+    tokens = ["<s>", "a", "red", "dog", "and", "a", "blue", "cat", "on", "green", "grass", "</s>"]
+    values = {token: np.eye(4) for token in ("red", "dog", "blue", "cat", "green", "grass")}
+    view = planted_view(red_and_blue(), values, tokens=tokens)
+    boxes = recorded_text_boxes(monkeypatch)
+    column = draw(view, options=FigureOptions(dpi=dpi), layout="column")
+    assert_clean_layout(column, boxes)
+    assert column.picture.size[0] <= 3.5 * dpi
+    assert len(panel_titles(column)) == 6
+    wide = draw(view, options=FigureOptions(dpi=dpi, layout="wide"))
+    assert column.picture.size[0] < wide.picture.size[0] <= 7 * dpi
+    for drawn, inches in ((column, 3.5), (wide, 7.0)):
+        page = page_size(drawn.save(tmp_path / f"{drawn.name}-{drawn.picture.size[0]}.pdf"))
+        assert page[0] <= inches * 72 + 0.01
+    assert page_size(column.save(tmp_path / "column.pdf"))[0] == pytest.approx(3.5 * 72, abs=0.75)
+    with pytest.raises(ConfigError, match="layout must be wide or column"):
+        FigureOptions(layout="narrow")  # type: ignore[arg-type]
+
+
+def page_size(pdf: Path) -> tuple[float, float]:
+    x0, y0, x1, y1 = map(float, re.search(rb"/MediaBox\s*\[\s*([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", pdf.read_bytes()).groups())
+    return x1 - x0, y1 - y0
+
+
+# --- crops, zeros and outlines -----------------------------------------------------------------------------------
+RED, GREEN, BLUE = (230, 20, 20), (20, 200, 20), (20, 20, 230)
+
+
+def wide_view(crop_box: tuple[float, float, float, float]) -> PairView:
+    """A 640 x 240 image, red, green and blue from left to right (green on x 200..440), seen through
+    ``crop_box`` as a 64 x 64 input."""
+    pixels = np.zeros((240, 640, 3), dtype=np.uint8)
+    pixels[:, :200], pixels[:, 200:440], pixels[:, 440:] = RED, GREEN, BLUE
+    image = Image.fromarray(pixels)
+    geometry = Preprocessing((640, 240), crop_box, (64, 64), GRID)
+    view = planted_view(image, {"dog": np.ones(GRID)})
+    return replace(view, geometry=geometry, image=geometry.model_view(image), original=image)
+
+
+def dimmed(colour: tuple[int, int, int]) -> np.ndarray:
+    return np.round(0.35 * np.array(colour) + 0.65 * 255)
+
+
+def test_a_crop_is_drawn_on_the_whole_image_and_noted():
+    drawn = draw(wide_view((200.0, 0.0, 440.0, 240.0)))  # the centre crop of a CLIP processor
+    _, (x, y), tile = next(item for item in drawn.drawn if item[0] == "image")
+    pixels = np.asarray(tile)
+    width = pixels.shape[1]
+    assert pixels.shape[1] / pixels.shape[0] == pytest.approx(640 / 240, abs=0.02)  # the whole image, not the crop
+    left, right = round(200 / 640 * width), round(440 / 640 * width)
+    inside = pixels[4:-4, left + 4 : right - 4]
+    assert (inside == GREEN).all()  # what the model saw, as it is
+    assert (pixels[:, : left - 3] == dimmed(RED)).all(-1).mean() > 0.95  # what it did not see, dimmed
+    assert (pixels[:, right + 3 :] == dimmed(BLUE)).all(-1).mean() > 0.95
+    assert count(pixels, np.array(RED)) == count(pixels, np.array(BLUE)) == 0
+    crop_outline = [item for item in drawn.drawn if item[0] == "rectangle" and item[3] == rendering.CROP]
+    assert crop_outline and crop_outline[0][1][0] == pytest.approx(x + left, abs=1)
+    note = "the model saw the centre 38% of this image (crop 240 x 240 of 640 x 240)"
+    assert any(w.startswith(note) for w in drawn.warnings) and any(n.startswith(note) for n in drawn.notes)
+    # the maps show the model's view: square, green
+    map_tile = [item[2] for item in drawn.drawn if item[0] == "image"][1]
+    assert map_tile.size[0] == map_tile.size[1]
+
+
+def test_a_square_image_or_a_small_cut_gets_no_note():
+    square = draw(planted_view(red_and_blue(), {"dog": np.ones(GRID)}))
+    assert not any("the model saw" in note for note in square.notes)
+    slight = draw(wide_view((8.0, 0.0, 632.0, 240.0)))  # 2.5% cut off: drawn, not noted
+    assert not any("the model saw" in note for note in slight.notes)
+    assert any(item[0] == "rectangle" and item[3] == rendering.CROP for item in slight.drawn)
+
+
+def test_a_padded_image_is_drawn_inside_its_square():
+    drawn = draw(wide_view((0.0, -200.0, 640.0, 440.0)))  # padded to a 640 x 640 square
+    tile = np.asarray(next(item for item in drawn.drawn if item[0] == "image")[2])
+    assert tile.shape[0] == tile.shape[1]
+    side = tile.shape[0]
+    assert (tile[: side // 4 - 2] == tile[0, 0]).all() and (tile[side * 3 // 4 + 2 :] == tile[0, 0]).all()  # the padding
+    assert (tile[side // 2, side // 2] == GREEN).all() and (tile[side // 2, 2] == RED).all()  # the image, undimmed
+    assert not any("the model saw" in note for note in drawn.notes)
+
+
+def test_a_caption_with_no_interaction_gets_a_note_not_a_made_up_scale(monkeypatch):
+    tokens = ["<s>", "<unk>", "<unk>", "</s>"]
+    view = planted_view(red_and_blue(), {}, tokens=tokens, words={"<unk>": "zebra"})
+    boxes = recorded_text_boxes(monkeypatch)
+    drawn = draw(view)
+    assert "the model gives this caption no interaction with the image: all values are 0" in drawn.warnings
+    labels = {text for text, _ in boxes}
+    assert not labels & {"+1", "−1", "+1.0", "−1.0", "+0.5", "−0.5", "per patch"}  # no ±1 scale drawn
+    assert drawn.map_halfrange == 0.0 and drawn.word_halfrange == 0.0
+    assert_clean_layout(drawn, boxes)
+
+
+def test_outlines_are_dropped_on_noise_and_kept_on_shapes():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    shape = np.full((64, 64, 3), 128, dtype=np.uint8)
+    shape[16:48, 16:48] = RED
+    for image, has_outlines in ((noise, False), (Image.fromarray(shape), True)):
+        drawn = draw(planted_view(image, {"dog": np.ones(GRID)}), span="dog")
+        map_tile = [item[2] for item in drawn.drawn if item[0] == "image"][1]
+        share = count(map_tile, np.array(CONTOUR)) / (map_tile.size[0] * map_tile.size[1])
+        assert (share > 0.01) == has_outlines, share
+    assert outline_mask(noise.resize((400, 400))).sum() == 0
 
 
 def plant(run_dir: Path, pair: int, token: str, patch_values: np.ndarray) -> None:
@@ -181,6 +386,13 @@ def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_pat
     assert len(re.findall(rb"/Subtype\s*/Image", data)) == len(pictures)
 
 
+def test_render_run_takes_a_layout(finished_run, tmp_path):  # noqa: F811
+    from xclip.render import render_run
+
+    (pdf,) = render_run(finished_run, pairs=[0], out=tmp_path, file_format="pdf", layout="column").written
+    assert page_size(pdf)[0] == pytest.approx(3.5 * 72, abs=0.75)
+
+
 def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  # noqa: F811
     (rendered,) = render(finished_run, "--pair", "0", "--span", "red", "--out", tmp_path)[0]
     model = xclip.load_model(model_dirs["clip"], dtype="float32")
@@ -190,6 +402,7 @@ def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  #
     (picture,) = attributor.image_contributions([image])
     result = xclip.interaction_map(caption, picture)
     drawn = figure(result, image, span="red", title="pair 0")
+    assert figure(result, image, span="red", title="pair 0", layout="column").picture.size[0] <= 350
     with Image.open(rendered) as from_run:
         same = (np.asarray(from_run.convert("RGB")) == np.asarray(drawn.picture)).all(-1)
     assert same.mean() > 0.999  # float32 storage may move a colour to its neighbouring level at a few pixels

@@ -183,7 +183,8 @@ def explain(
     resize: Annotated[str, typer.Option(help="how a non-square image becomes square: native (the model's own: CLIP crops the centre, SigLIP squashes), crop, pad or squash")] = "native",
     scale: Annotated[str, typer.Option(help="map colour scale: run (one for all captions, so they compare), figure, or a number")] = "run",
     file_format: Annotated[str, typer.Option("--format", help="png, svg or pdf")] = "png",
-    dpi: Annotated[int, typer.Option(help="resolution: 100 draws a map panel 200 pixels wide")] = 100,
+    dpi: Annotated[int, typer.Option(help="resolution in dots per inch (the size in inches is the layout's)")] = 100,
+    layout: Annotated[str, typer.Option(help="wide (a page's text width, at most 7 in) or column (3.5 in, a paper column)")] = "wide",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace what OUTPUT holds")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the pairs as JSON on stdout")] = False,
 ) -> None:
@@ -195,7 +196,7 @@ def explain(
     from xclip.render import FigureOptions
 
     with _errors(EXPLAIN_FLAGS), tempfile.TemporaryDirectory() as temporary:
-        options = FigureOptions(scale=_parse_scale(scale), dpi=dpi)
+        options = FigureOptions(scale=_parse_scale(scale), dpi=dpi, layout=layout)  # type: ignore[arg-type]
         run_directory = output or Path(temporary) / "run"
         figures = figures or (None if output else Path(f"xclip-explain-{image.stem}"))
         with _StopFlag().installed() as stop:
@@ -335,9 +336,10 @@ def render(
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN_DIR/heatmaps)")] = None,
     scale: Annotated[str, typer.Option(help="map colour scale: figure (each its own), run (one for all figures drawn), or a number")] = "figure",
     file_format: Annotated[str, typer.Option("--format", help="png, svg or pdf")] = "png",
-    dpi: Annotated[int, typer.Option(help="resolution: 100 draws a map panel 200 pixels wide")] = 100,
+    dpi: Annotated[int, typer.Option(help="resolution in dots per inch (the size in inches is the layout's)")] = 100,
     all_words: Annotated[bool, typer.Option("--all-words", help="a panel for stop-words and punctuation too")] = False,
     upsample: Annotated[str, typer.Option(help="bilinear or nearest")] = "bilinear",
+    layout: Annotated[str, typer.Option(help="wide (a page's text width, at most 7 in) or column (3.5 in, a paper column)")] = "wide",
     limit: Annotated[int, typer.Option(min=1, help="render at most this many pairs")] = 100,
     data_root: Annotated[Path | None, typer.Option(help="the images' folder, when it moved since the run (default: the run's data.root)")] = None,
 ) -> None:
@@ -345,7 +347,7 @@ def render(
     from xclip.render import STOP_WORDS, FigureOptions, render_run
 
     with _errors(RENDER_FLAGS):
-        options = FigureOptions(scale=_parse_scale(scale), upsample=upsample, dpi=dpi,  # type: ignore[arg-type]
+        options = FigureOptions(scale=_parse_scale(scale), upsample=upsample, dpi=dpi, layout=layout,  # type: ignore[arg-type]
                                 skip_words=frozenset() if all_words else STOP_WORDS)
         report = render_run(
             run_dir, pairs=pair, span=span, box=None if box is None else _parse_box(box), out=out, options=options,
@@ -467,24 +469,29 @@ def evaluate(
     seed: Annotated[int, typer.Option(min=0, help="bootstrap seed")] = 0,
 ) -> None:
     """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals."""
-    from xclip.evaluation import DIRECTIONS, METRICS, bar_chart, score_run, summarize
+    from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, score_run, summarize
 
     with _errors(STORE_FLAGS):
         report = summarize(score_run(run_dir, annotations), seed=seed)
         folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        charts = [bar_chart(report, folder / f"{d}_{m}.png", f"{d}/{m}") for d in DIRECTIONS for m in ("pointing_game", "mass_ratio")]
+        charts = bar_charts(report, folder)
     table = Table("class", "phrases", *(f"{d.replace('_to_', '→')}\n{m.replace('_', ' ')}" for d in DIRECTIONS for m in METRICS),
-                  title="grounding (mean [95% CI])")
+                  title="grounding: mean [95% CI] (chance)")
     for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
-        cells = [f"{stats[f'{d}/{m}']['mean']:.3f} [{stats[f'{d}/{m}']['ci95'][0]:.2f}, {stats[f'{d}/{m}']['ci95'][1]:.2f}]"
-                 for d in DIRECTIONS for m in METRICS]
+        cells = [_metric_cell(stats[f"{d}/{m}"]) for d in DIRECTIONS for m in METRICS]
         table.add_row(label, str(stats["n_phrases"]), *cells)
     Console(width=200).print(table)
     print(folder / "report.json")
     for chart in charts:
         print(chart)
+
+
+def _metric_cell(stats: dict[str, Any]) -> str:
+    low, high = stats["ci95"]
+    chance = f" ({stats['chance']:.2f})" if stats.get("chance") is not None else ""
+    return f"{stats['mean']:.3f} [{low:.2f}, {high:.2f}]{chance}"
 
 
 @app.command()
@@ -561,7 +568,7 @@ CONFIG_KEYS = {
     "image_resize": "image.resize",
     **STORE_FLAGS,
 }
-FIGURE_FLAGS = {**STORE_FLAGS, "scale": "--scale", "dpi": "--dpi", "upsample": "--upsample", "file_format": "--format"}
+FIGURE_FLAGS = {**STORE_FLAGS, "scale": "--scale", "dpi": "--dpi", "layout": "--layout", "upsample": "--upsample", "file_format": "--format"}
 RENDER_FLAGS = {**FIGURE_FLAGS, "span": "--span", "box": "--box", "limit": "--limit", "data_root": "--data-root"}
 EXPLAIN_FLAGS = {**CONFIG_KEYS, **FIGURE_FLAGS, "name_or_path": "--model", "image_resize": "--resize", "checkpoint": "--checkpoint", "dtype": "--dtype", "device": "--device"}
 

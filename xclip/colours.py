@@ -15,6 +15,10 @@ from PIL import Image, ImageFilter
 COLORMAP = "RdBu_r"
 Upsample = Literal["bilinear", "nearest"]
 CONTOUR = (45, 45, 45)  # the outlines' dark grey, which no level of the colour map has
+# outlines of which more than this share are specks are not drawn: of the demo scenes' outlines at most 0.12
+# are, of noise images' 0.7 to 0.99
+SPECKLED = 0.4
+_JUDGED_SIDE = 200
 
 
 @lru_cache(maxsize=1)
@@ -35,13 +39,34 @@ def outline_mask(view: Image.Image) -> np.ndarray:
     """Where the image's colours change sharply (its shapes' outlines), as a boolean mask: the steepest
     gradients of any colour channel (a red square on a grey of equal brightness has one) of a lightly blurred
     copy (so that texture draws fewer lines), those above a sixth of the near-largest, and never more than a
-    tenth of the pixels."""
+    tenth of the pixels. No outlines at all where most of them would be specks rather than lines (noise, fine
+    texture): they would pepper the maps without showing a shape."""
+    if _is_speckled(view):
+        return np.zeros((view.size[1], view.size[0]), dtype=bool)
+    return _edges(view)
+
+
+def _edges(view: Image.Image) -> np.ndarray:
     blurred = view.convert("RGB").filter(ImageFilter.GaussianBlur(max(1.0, max(view.size) / 160)))
     rgb = np.asarray(blurred, dtype=np.float32)
     gradient = np.zeros(rgb.shape[:2], dtype=np.float32)
     gradient[1:-1, 1:-1] = np.hypot(rgb[1:-1, 2:] - rgb[1:-1, :-2], rgb[2:, 1:-1] - rgb[:-2, 1:-1]).max(-1)
     threshold = max(16.0, float(np.percentile(gradient, 99.5)) / 6, float(np.percentile(gradient, 90)))
     return gradient > threshold
+
+
+def _is_speckled(view: Image.Image) -> bool:
+    """Whether more than ``SPECKLED`` of the outline pixels are specks: judged at one size (200 pixels on the
+    long side), so that a figure's DPI does not change the answer. There a shape's outline is a line at least
+    3 pixels thick, so an outline pixel with fewer than 8 others within 2 pixels of it lies in a speck."""
+    scale = _JUDGED_SIDE / max(view.size)
+    judged = view.resize((max(3, round(view.size[0] * scale)), max(3, round(view.size[1] * scale))), Image.Resampling.BICUBIC)
+    edges = _edges(judged)
+    if not edges.any():
+        return False
+    counts = np.pad(edges.astype(np.int32), ((3, 2), (3, 2))).cumsum(0).cumsum(1)  # a summed-area table
+    near = counts[5:, 5:] - counts[:-5, 5:] - counts[5:, :-5] + counts[:-5, :-5]  # within 2 pixels, itself included
+    return float((edges & (near < 9)).sum() / edges.sum()) > SPECKLED
 
 
 def map_panel(view: Image.Image, patch_map: np.ndarray, halfrange: float, upsample: Upsample = "bilinear",

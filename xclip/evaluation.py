@@ -40,6 +40,7 @@ class PhraseScore:
     phrase: str
     label: str
     values: dict[str, float]  # "<direction>/<metric>" -> score
+    chance: dict[str, float]  # "<direction>/<metric>" -> what a map that knows nothing of the phrase scores
 
 
 def read_annotations(path: str | Path) -> list[dict[str, Any]]:
@@ -125,7 +126,7 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                 inside_tokens = np.zeros(len(tokens), dtype=bool)
                 inside_tokens[rows] = True
                 token_scores = (patch_values @ inside_image)[content]
-                values = {}
+                values, chance = {}, {}
                 for direction, (v, inside) in {
                     "phrase_to_image": (phrase_map, inside_image),
                     "box_to_phrase": (token_scores, inside_tokens[content]),
@@ -133,15 +134,25 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                     values[f"{direction}/pointing_game"] = pointing_game(v, inside)
                     values[f"{direction}/energy_in_box"] = energy_in_box(v, inside)
                     values[f"{direction}/mass_ratio"] = mass_ratio(v, inside)
-                scores.append(PhraseScore(int(index), phrase["text"], str(phrase.get("class", "all")), values))
+                    chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
+                scores.append(PhraseScore(int(index), phrase["text"], str(phrase.get("class", "all")), values, chance))
     if not scores:
         msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}"
         raise ConfigError(msg)
     return scores
 
 
+def chance_levels(inside: np.ndarray) -> dict[str, float]:
+    """What each metric scores, on average, for a map that knows nothing of the region ``inside`` (weights or
+    booleans): the pointing game's largest value falls on a random position (the share of positions the region
+    touches), energy in box of an even positive map is the region's share by weight, and mass ratio of a map
+    of random signs is 0.5."""
+    weights = np.asarray(inside, dtype=np.float64)
+    return {"pointing_game": float((weights > 0).mean()), "energy_in_box": float(weights.mean()), "mass_ratio": 0.5}
+
+
 def summarize(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, Any]:
-    """Means with 95 % bootstrap intervals, overall and per class."""
+    """Means with 95 % bootstrap intervals and the mean chance level, overall and per class."""
     groups: dict[str, list[PhraseScore]] = defaultdict(list)
     for score in scores:
         groups[score.label].append(score)
@@ -151,28 +162,45 @@ def summarize(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, Any]:
         for key in items[0].values:
             samples = np.array([s.values[key] for s in items])
             low, high = bootstrap_ci(samples, seed=seed)
-            out[key] = {"mean": float(samples.mean()), "ci95": [low, high]}
+            chance = float(np.mean([s.chance[key] for s in items]))
+            out[key] = {"mean": float(samples.mean()), "ci95": [low, high], "chance": chance}
         return out
 
     return {"overall": stats(scores), "per_class": {label: stats(items) for label, items in sorted(groups.items())}}
 
 
+def bar_charts(report: dict[str, Any], folder: Path) -> list[Path]:
+    """A bar chart of every direction and metric in ``folder``: ``phrase_to_image_pointing_game.png``, ..."""
+    return [bar_chart(report, folder / f"{d}_{m}.png", f"{d}/{m}") for d in DIRECTIONS for m in METRICS]
+
+
 def bar_chart(report: dict[str, Any], path: Path, metric: str = "phrase_to_image/pointing_game") -> Path:
-    """A bar per class of one metric, with its 95 % interval; the overall mean as a line."""
+    """A bar per class of one metric, with its 95 % interval and its chance level; the overall mean as a line."""
+    figure = _chart(report, metric)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def _chart(report: dict[str, Any], metric: str) -> Any:
+    """The matplotlib figure of :func:`bar_chart`. Each class's chance level (what a map that knows nothing of
+    the phrase scores: see :func:`chance_levels`) is a dotted dash across its bar, since it depends on the
+    boxes' sizes; the legend sits above the axes, where it hides no bar or whisker."""
     from matplotlib.figure import Figure
 
     labels = list(report["per_class"])
-    means = [report["per_class"][k][metric]["mean"] for k in labels]
-    low = [m - report["per_class"][k][metric]["ci95"][0] for m, k in zip(means, labels)]
-    high = [report["per_class"][k][metric]["ci95"][1] - m for m, k in zip(means, labels)]
-    fig = Figure(figsize=(max(4.0, 0.8 * len(labels) + 2), 3.6), layout="constrained")
-    ax = fig.add_subplot()
-    ax.bar(labels, means, yerr=[low, high], capsize=4, color="#b2182b")
-    ax.axhline(report["overall"][metric]["mean"], color="black", linestyle="--", linewidth=1, label="overall")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(metric.replace("/", ": ").replace("_", " "))
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend(loc="upper right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    stats = [report["per_class"][k][metric] for k in labels]
+    means = np.array([s["mean"] for s in stats])
+    whiskers = np.abs(np.array([s["ci95"] for s in stats]).T - means)  # below and above each mean
+    positions = np.arange(len(labels))
+    figure = Figure(figsize=(max(4.5, 0.8 * len(labels) + 2), 3.8), layout="constrained")
+    axes = figure.add_subplot()
+    axes.bar(positions, means, yerr=whiskers, capsize=4, color="#b2182b", label="mean, 95 % interval")
+    axes.hlines([s["chance"] for s in stats], positions - 0.45, positions + 0.45, colors="#2166ac", linestyles=":",
+                linewidth=2, label="chance")
+    axes.axhline(report["overall"][metric]["mean"], color="black", linestyle="--", linewidth=1, label="overall mean")
+    axes.set_xticks(positions, labels, rotation=30, ha="right")
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel(metric.replace("/", ": ").replace("_", " "))
+    figure.legend(loc="outside upper center", ncols=3, frameon=False, fontsize="small")
+    return figure

@@ -4,9 +4,15 @@ Colour means the map and nothing else. Maps are drawn at full opacity in a diver
 zero (``RdBu_r``: red raises the score, blue lowers it, white is zero), so every map pixel has a colour of the
 colour bar; the image is shown once in colour beside them, and as its contours (dark grey lines where its
 grey levels change) over each map, so that shapes can be found without their colours mixing into the map's.
+Where the model's preprocessing cut part of the image (a centre crop), the image panel shows the whole image
+with the part the model saw outlined and the rest dimmed, and a note says how much it saw; the map panels
+show the model's view, the only part the maps are of.
 Every map panel of a figure shares one scale, its colour bar's; the words of the caption below are coloured on
 a second scale with a bar of its own (a word's total is a sum over many patches). ``scale`` fixes either the
 map scale (a number) or shares it among all figures of one call (``"run"``).
+
+Two layouts: ``wide`` fits a paper's text width (at most 7 in, up to four panels a row) and ``column`` one
+column of it (3.5 in, two panels a row); panels shrink to fit, up to 2 in.
 
 Figures are composed with Pillow (matplotlib supplies the colour map and the font), which makes them fast:
 the demo draws more than ten per-word figures a second on one core (``scripts/render_speed.py``). For SVG
@@ -21,10 +27,9 @@ import math
 import os
 import re
 import secrets
-import textwrap
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -54,15 +59,34 @@ from xclip.store import DONE, RunReader
 from xclip.tokens import CaptionTokens, check_span
 
 FORMATS = ("png", "svg", "pdf")
-PANEL_SIDE = 200  # a map panel's width at 100 DPI
+PANEL_SIDE = 200  # the most a map panel's side is, in pixels at 100 DPI (2 in)
 # words that get no panel of their own in per-word figures (they stay in the caption strip, coloured)
 STOP_WORDS = frozenset(
     "a an the of on in at to and or with next by for from is are this that its it there here some".split()
 )
 Scale = Literal["figure", "run"] | float
+Layout = Literal["wide", "column"]
+
+
+@dataclass(frozen=True)
+class _Page:
+    """How a layout fits a page: widths in inches (so the same at any DPI), font sizes in pixels at 100 DPI."""
+
+    max_width: float
+    min_width: float
+    columns: int  # panels a row at most (the image's counts as one)
+    fonts: tuple[int, int, int]  # title, text, small
+
+
+# wide: the text width of a two-column paper; column: one of its columns
+_PAGES = {"wide": _Page(7.0, 4.8, 4, (15, 13, 11)), "column": _Page(3.5, 3.5, 2, (13, 12, 10))}
 # a map panel sums its patches; a word's total also has the CLS position, so that the words' totals and the
 # special tokens' add up to the pair's four-term value
 _WORD_TOTAL = "each coloured by its total with the image (its patches and CLS)"
+_SEEN_WHOLE = 0.999  # a crop that keeps more of the image than this cut nothing worth drawing
+_SMALL_CUT = 0.05  # a crop that cut more than this share of the image is noted
+_NOTHING = "the model gives this caption no interaction with the image: all values are 0"
+CROP = (40, 40, 40)  # the outline of the crop on the whole image
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,7 @@ class PairView:
     score: float
     four_term_value: float
     completeness_error: float
+    original: Image.Image | None = None  # the image as read, for the image panel to show what a crop cut off
 
     @property
     def caption(self) -> str:
@@ -110,7 +135,9 @@ class FigureOptions:
     scale: Scale = "figure"  # map scale: each figure its own, one for all figures of a call, or a fixed value
     upsample: Upsample = "bilinear"
     dpi: int = 100
-    skip_words: frozenset[str] = STOP_WORDS  # per-word figures draw no panel for these (and for punctuation)
+    # per-word figures draw no panel for these words, nor for punctuation; an empty set draws every word
+    skip_words: frozenset[str] = STOP_WORDS
+    layout: Layout = "wide"  # "wide": at most 7 in wide; "column": 3.5 in, one column of a paper
 
     def __post_init__(self) -> None:
         if not (self.scale in ("figure", "run") or (isinstance(self.scale, float) and math.isfinite(self.scale) and self.scale > 0)):
@@ -122,6 +149,9 @@ class FigureOptions:
         if not 30 <= self.dpi <= 600:
             msg = f"dpi must be between 30 and 600, got {self.dpi}"
             raise ConfigError(msg, setting="dpi")
+        if self.layout not in _PAGES:
+            msg = f"layout must be {' or '.join(_PAGES)}, got {self.layout!r}"
+            raise ConfigError(msg, setting="layout")
 
 
 @dataclass(frozen=True)
@@ -174,7 +204,14 @@ class Figure:
 
 
 def _is_skipped(word: str, skip_words: frozenset[str]) -> bool:
-    return word.lower() in skip_words or not any(ch.isalnum() for ch in word)
+    """Whether a word gets no panel: a skip word, or punctuation unless every word is drawn (no skip words)."""
+    is_punctuation = not any(ch.isalnum() for ch in word)
+    return word.lower() in skip_words or (bool(skip_words) and is_punctuation)
+
+
+def _quoted(words: Sequence[str]) -> str:
+    """Words in quotes, so that punctuation among them reads as words: “a”, “,”, “and”."""
+    return ", ".join(f"“{word}”" for word in dict.fromkeys(words))
 
 
 # --- what a figure shows --------------------------------------------------------------------------------
@@ -192,8 +229,9 @@ class _Content:
 
 def _content(view: PairView, span: str | None, box: tuple[float, float, float, float] | None,
              skip_words: frozenset[str]) -> _Content:
-    unknown = view.tokens.unknown_words()
-    warnings = [f"{', '.join(unknown)}: unknown to the tokenizer; its panel is the unknown token's, not the word's"] if unknown else []
+    warnings = [*_unknown_note(view.tokens), *_crop_note(view.geometry)]
+    if not np.any(view.interactions):  # said instead of drawing a made-up scale
+        warnings.append(_NOTHING)
     notes: list[str] = []
     stem = view.name
     if span is not None:
@@ -218,10 +256,31 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
     panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words if not _is_skipped(word, skip_words)]
     skipped = [word for word, _, _ in words if _is_skipped(word, skip_words)]
     if skipped:
-        notes.append(f"no panel for {', '.join(dict.fromkeys(skipped))} (stop-words and punctuation; drawing all words shows them)")
+        notes.append(f"no panel for {_quoted(skipped)} (stop-words and punctuation; drawing all words shows them)")
     if not panels:  # a caption of stop-words only: draw them rather than nothing
         panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words]
     return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes, warnings)
+
+
+def _unknown_note(tokens: CaptionTokens) -> list[str]:
+    """Words the tokenizer does not know, each with the token it reads instead: “zebra” → <unk>."""
+    read_as = {tokens.text_of(row): tokens.tokens[row] for row, is_unknown in enumerate(tokens.unknown) if is_unknown}
+    if not read_as:
+        return []
+    pairs = ", ".join(f"“{word}” → {token}" for word, token in read_as.items())
+    return [f"{', '.join(read_as)}: unknown to the tokenizer ({pairs}); its panel shows the unknown token, not the word"]
+
+
+def _crop_note(geometry: Preprocessing) -> list[str]:
+    """How much of the image the model saw, where its crop cut more than a small share."""
+    seen = geometry.seen_share
+    if seen >= 1 - _SMALL_CUT:
+        return []
+    (width, height), (x0, y0, x1, y1) = geometry.original_size, geometry.crop_box
+    is_centred = abs(x0 + x1 - width) <= 2 and abs(y0 + y1 - height) <= 2
+    where = f"the centre {seen:.0%}" if is_centred else f"{seen:.0%}"
+    return [f"the model saw {where} of this image (crop {x1 - x0:.0f} x {y1 - y0:.0f} of {width} x {height}): "
+            "the image panel dims the rest, the maps show only the crop"]
 
 
 def _panel(label: str, patch_map: np.ndarray) -> tuple[str, np.ndarray]:
@@ -230,9 +289,10 @@ def _panel(label: str, patch_map: np.ndarray) -> tuple[str, np.ndarray]:
 
 
 def _halfranges(content: _Content) -> tuple[float, float]:
+    """The largest magnitude the map panels and the words show; 0 where all are 0 (no scale is drawn)."""
     map_range = max((float(np.abs(m).max()) for _, m in content.panels), default=0.0)
     word_range = max((abs(v) for _, _, v in content.words), default=0.0)
-    return map_range or 1.0, word_range or 1.0
+    return map_range, word_range
 
 
 # --- drawing --------------------------------------------------------------------------------------------
@@ -248,8 +308,37 @@ def _text_width(text: str, font: ImageFont.FreeTypeFont) -> float:
 
 
 def _wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
-    average = max(1.0, _text_width("abcdefghij", font) / 10)
-    return textwrap.wrap(text, width=max(10, int(width / average))) or [""]
+    """``text`` in lines no wider than ``width`` as the font measures them: broken at spaces, and inside a word
+    longer than a line."""
+    lines, line = [], ""
+    for word in text.split():
+        joined = f"{line} {word}" if line else word
+        if _text_width(joined, font) <= width:
+            line = joined
+            continue
+        if line:
+            lines.append(line)
+        while _text_width(word, font) > width:
+            cut = _fitting(word, font, width)
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    return [*lines, line] if line or not lines else lines
+
+
+def _fitting(text: str, font: ImageFont.FreeTypeFont, width: float) -> int:
+    """How many leading characters of ``text`` fit in ``width`` (at least one)."""
+    n = len(text)
+    while n > 1 and _text_width(text[:n], font) > width:
+        n -= 1
+    return n
+
+
+def _shortened(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
+    """``text``, cut and ended with an ellipsis where it is wider than ``width``."""
+    if _text_width(text, font) <= width:
+        return text
+    return text[: _fitting(text, font, width - _text_width("…", font))] + "…"
 
 
 class _Canvas:
@@ -320,15 +409,24 @@ def _save_vector(figure: Figure, path: Path, kind: str, metadata: dict[str, str]
 
 
 def draw(view: PairView, *, span: str | None = None, box: tuple[float, float, float, float] | None = None,
-         options: FigureOptions | None = None) -> Figure:
+         options: FigureOptions | None = None, layout: Layout | None = None) -> Figure:
     """One figure of a pair: the span's map (``span``), the box's interactions with the words (``box``), or a
-    panel per content word (neither)."""
-    options = options or FigureOptions()
+    panel per content word (neither). ``layout`` (``"wide"`` or ``"column"``) replaces the options' layout."""
+    options = _with_layout(options, layout)
     return _draw(view, _content(view, span, box, options.skip_words), options)
 
 
+def _with_layout(options: FigureOptions | None, layout: Layout | None) -> FigureOptions:
+    options = options or FigureOptions()
+    return options if layout is None else replace(options, layout=layout)
+
+
 def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges: tuple[float, float] | None = None) -> Figure:
-    """``halfranges`` (map, words) replaces the figure's own scales: ``render_run``'s ``scale="run"``."""
+    """``halfranges`` (map, words) replaces the figure's own scales: ``render_run``'s ``scale="run"``.
+
+    Laid out from the top: the header, the panels in rows (the image first) with the map colour bar on their
+    right, the caption strip with its colour bar, the notes; each part measured before it is placed, so that
+    no text meets another or leaves the page at any DPI, layout or image shape."""
     map_range, word_range = halfranges or _halfranges(content)
     warnings = list(content.warnings)
     if isinstance(options.scale, float):
@@ -337,109 +435,241 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
         if peak > map_range:
             warnings.append(f"map values reach ±{peak:.3g}, beyond the fixed scale ±{map_range:.3g}: they are drawn at its ends")
     notes = warnings + content.notes
+    page = _PAGES[options.layout]
     k = options.dpi / 100  # every length below is in pixels at 100 DPI
     px = lambda v: round(v * k)  # noqa: E731
-    title_font, text_font, small_font = _font(px(15)), _font(px(13)), _font(px(11))
-    margin, gap = px(14), px(12)
+    title_font, text_font, small_font = (_font(px(size)) for size in page.fonts)
+    margin, gap, title_h = px(14), px(10), _line(text_font)
+    max_width = math.floor(page.max_width * options.dpi)
 
-    side = px(PANEL_SIDE)
-    width_v, height_v = view.image.size
-    panel_w, panel_h = side, max(1, round(side * height_v / width_v))
-    display = view.image.convert("RGB").resize((panel_w, panel_h), Image.Resampling.BICUBIC)
+    # the panels: as large as fit beside the map colour bar, up to PANEL_SIDE
+    bar_label = "per patch"
+    bar_w = _vertical_bar_width(map_range, bar_label, small_font, px) if content.panels and map_range > 0 else 0
+    room = max_width - 2 * margin - (gap + bar_w if bar_w else 0)
+    shown = _shown_box(view)
+    image_slots = 2 if (shown[2] - shown[0]) > 1.5 * (shown[3] - shown[1]) else 1  # a wide whole image: two panels' room
+    columns = min(image_slots + len(content.panels), page.columns)
+    side = min(px(PANEL_SIDE), (room - (columns - 1) * gap) // columns)
+    display = view.image.convert("RGB").resize(_fit(view.image.size, (side, side)), Image.Resampling.BICUBIC)
     contours = outline_mask(display)
-    tiles = [("image", display)] + [(title, map_panel(display, m, map_range, options.upsample, contours))
-                                    for title, m in content.panels]
-    columns = min(len(tiles), 5)
-    rows = -(-len(tiles) // columns)
-    bar_area = px(96) if content.panels else 0
-    width = max(px(620), 2 * margin + columns * panel_w + (columns - 1) * gap + bar_area)
+    is_cut = shown != view.geometry.crop_box
+    image_room = (min(room, image_slots * side + (image_slots - 1) * gap), side)
+    image_tile = _whole_image(view, shown, image_room) if is_cut else display
+    # a map of zeros has no scale of its own: any halfrange draws it white
+    pictures = [image_tile] + [map_panel(display, m, map_range or 1.0, options.upsample, contours) for _, m in content.panels]
+    titles = ["image"] + [title for title, _ in content.panels]
+    slots = [max(side, picture.size[0]) for picture in pictures]  # a narrow (tall) panel keeps room for its title
+    corners = _flow(slots, [picture.size[1] for picture in pictures], room, gap, title_h)
+    block_w = max(x + w for (x, _), w in zip(corners, slots))
+    block_h = max(y + title_h + picture.size[1] for (_, y), picture in zip(corners, pictures))
+    min_width = math.floor(page.min_width * options.dpi)
+    width = min(max_width, max(min_width, 2 * margin + block_w + (gap + bar_w if bar_w else 0)))
+
     header = [f"{view.title}: score {view.score:.4f}, four-term value {view.four_term_value:.4f}, "
               f"completeness error {view.completeness_error:.2e}", f"“{view.caption}”"]
     header_lines = [line for text in header for line in _wrap(text, title_font, width - 2 * margin)]
-    line_h = px(20)
-    tile_title_h = px(18)
-    panels_top = margin + line_h * len(header_lines) + gap
-    panels_h = rows * (tile_title_h + panel_h) + (rows - 1) * gap
+    panels_top = margin + _line(title_font) * len(header_lines) + gap
+    bar_h = max(px(100), block_h - title_h)
+    bar_bottom = title_h + bar_h + px(10) + _line(small_font) * len(_under_bar(map_range, bar_label)) if bar_w else 0
+    block_bottom = panels_top + max(block_h, bar_bottom)
+    strip_label = _wrap(f"caption words, {content.word_label}:", small_font, width - 2 * margin)
+    label_top = block_bottom + px(16)
+    strip_top = label_top + _line(small_font) * len(strip_label) + px(4)
     strip = _layout_strip(content.words, text_font, width - 2 * margin, px)
-    strip_top = panels_top + panels_h + gap + px(22)
-    strip_h = (strip[-1][2] + px(36)) if strip else 0
-    notes_top = strip_top + strip_h + px(34)
+    strip_h = (strip[-1][2] + px(22)) if strip else 0
+    word_bar_top = strip_top + strip_h + px(10)
+    has_word_bar = bool(strip) and word_range > 0
+    notes_top = word_bar_top + (px(15) + _line(small_font) if has_word_bar else 0) + px(12)
     note_lines = [line for note in notes for line in _wrap(note, small_font, width - 2 * margin)]
-    height = notes_top + px(16) * len(note_lines) + margin
+    height = notes_top + _line(small_font) * len(note_lines) + margin
 
     pen = _Canvas((width, height))
     for n, line in enumerate(header_lines):
-        pen.text((margin, margin + n * line_h), line, fill="black", font=title_font)
-    for n, (title, tile) in enumerate(tiles):
-        x = margin + (n % columns) * (panel_w + gap)
-        y = panels_top + (n // columns) * (tile_title_h + panel_h + gap)
-        label = title if _text_width(title, text_font) <= panel_w else _wrap(title, text_font, panel_w)[0] + "…"
-        pen.text((x, y), label, fill="black", font=text_font)
-        pen.paste(tile, (x, y + tile_title_h))
-        if content.box is not None and n == 0:
-            (x0, y0), (x1, y1) = view.geometry.to_input(*content.box[:2]), view.geometry.to_input(*content.box[2:])
-            zoom = panel_w / width_v
-            outline = [x + x0 * zoom, y + tile_title_h + y0 * zoom, x + x1 * zoom, y + tile_title_h + y1 * zoom]
-            pen.rectangle(outline, outline="black", width=max(1, px(3)))
-            pen.rectangle([v + (1 if i < 2 else -1) * px(1) for i, v in enumerate(outline)], outline="white", width=max(1, px(1)))
-    if content.panels:
-        _vertical_bar(pen, (margin + columns * (panel_w + gap) + px(4), panels_top + tile_title_h),
-                      (px(14), max(px(120), panels_h - tile_title_h)), map_range, "per patch", small_font, px)
-    pen.text((margin, strip_top - px(18)), f"caption words, {content.word_label}:", fill="black", font=small_font)
-    for (word, word_rows, value), (x, w, y) in zip(content.words, strip):
-        colour = tuple(int(c) for c in map_colours(np.array(value), word_range))
+        pen.text((margin, margin + n * _line(title_font)), line, fill="black", font=title_font)
+    for (x, y), slot, title, picture in zip(corners, slots, titles, pictures):
+        x, y = margin + x, panels_top + y
+        pen.text((x, y), _shortened(title, text_font, slot), fill="black", font=text_font)
+        pen.paste(picture, (x, y + title_h))
+    image_at = (margin + corners[0][0], panels_top + corners[0][1] + title_h)
+    if is_cut:
+        _outline(pen, image_at, _to_tile(view.geometry.crop_box, shown, image_tile.size), CROP, px(2), px)
+    if content.box is not None:
+        _outline(pen, image_at, _to_tile(content.box, shown, image_tile.size), "black", px(3), px)
+    if bar_w:
+        _vertical_bar(pen, (margin + block_w + gap, panels_top + title_h), (px(14), bar_h), map_range, bar_label,
+                      small_font, px)
+    for n, line in enumerate(strip_label):
+        pen.text((margin, label_top + n * _line(small_font)), line, fill="black", font=small_font)
+    for (_, word_rows, value), (x, w, y, text) in zip(content.words, strip):
+        colour = tuple(int(c) for c in map_colours(np.array(value), word_range or 1.0))
         bounds = [margin + x, strip_top + y, margin + x + w, strip_top + y + px(22)]
         is_highlighted = any(r in content.highlighted for r in word_rows)
         pen.rectangle(bounds, fill=colour, outline="black" if is_highlighted else (190, 190, 190), width=px(2) if is_highlighted else 1)
         light = sum(colour) / 3 > 110
-        pen.text((bounds[0] + px(5), bounds[1] + px(3)), word, fill="black" if light else "white", font=text_font)
-    if strip:
-        _horizontal_bar(pen, (margin + px(16), strip_top + strip_h - px(10)), (px(220), px(10)), word_range, small_font, px)
+        pen.text((bounds[0] + px(5), bounds[1] + px(3)), text, fill="black" if light else "white", font=text_font)
+    if has_word_bar:
+        _horizontal_bar(pen, (margin, word_bar_top), (min(px(220), width - 2 * margin - px(90)), px(10)), word_range,
+                        small_font, px)
     for n, line in enumerate(note_lines):
-        pen.text((margin, notes_top + n * px(16)), line, fill=(90, 90, 90), font=small_font)
+        pen.text((margin, notes_top + n * _line(small_font)), line, fill=(90, 90, 90), font=small_font)
     return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, warnings, tuple(pen.drawn))
 
 
+def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """``size`` scaled to fit in ``box``, its aspect kept."""
+    scale = min(box[0] / size[0], box[1] / size[1])
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _flow(widths: list[int], heights: list[int], room: int, gap: int, title_h: int) -> list[tuple[int, int]]:
+    """The top-left corner of each panel (its title above its picture), left to right in rows no wider than
+    ``room``."""
+    corners, x, y, row_h = [], 0, 0, 0
+    for w, h in zip(widths, heights):
+        if x > 0 and x + w > room:
+            x, y, row_h = 0, y + row_h + gap, 0
+        corners.append((x, y))
+        x += w + gap
+        row_h = max(row_h, title_h + h)
+    return corners
+
+
+def _shown_box(view: PairView) -> tuple[float, float, float, float]:
+    """What the image panel shows, in original pixels: the model's view (its crop box) or, where the crop cut
+    part of the image, the whole image with the crop box (which may reach beyond it, as padding does)."""
+    geometry = view.geometry
+    if view.original is None or geometry.seen_share >= _SEEN_WHOLE:
+        return geometry.crop_box
+    (width, height), (x0, y0, x1, y1) = geometry.original_size, geometry.crop_box
+    return min(0.0, x0), min(0.0, y0), max(float(width), x1), max(float(height), y1)
+
+
+def _whole_image(view: PairView, shown: tuple[float, float, float, float], room: tuple[int, int]) -> Image.Image:
+    """The image panel of a cropped image: ``shown`` of the original, fitted into ``room``, dimmed outside the
+    crop box (the part the model never saw)."""
+    x0, y0, x1, y1 = shown
+    size = _fit((max(1, round(x1 - x0)), max(1, round(y1 - y0))), room)
+    geometry = view.geometry
+    picture = Preprocessing(geometry.original_size, shown, size, geometry.grid).model_view(view.original)
+    left, top, right, bottom = (round(v) for v in _to_tile(geometry.crop_box, shown, size))
+    pixels = np.asarray(picture, dtype=np.float32)
+    seen = np.zeros(pixels.shape[:2], dtype=bool)
+    seen[max(0, top) : bottom, max(0, left) : right] = True
+    pixels[~seen] = 0.35 * pixels[~seen] + 0.65 * 255  # faded towards white
+    return Image.fromarray(np.round(pixels).astype(np.uint8))
+
+
+def _to_tile(box: tuple[float, float, float, float], shown: tuple[float, float, float, float],
+             size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A box in original pixels as pixels of a panel of ``size`` that shows ``shown``."""
+    x0, y0, x1, y1 = shown
+    kx, ky = size[0] / (x1 - x0), size[1] / (y1 - y0)
+    return (box[0] - x0) * kx, (box[1] - y0) * ky, (box[2] - x0) * kx, (box[3] - y0) * ky
+
+
+def _outline(pen: _Canvas, origin: tuple[int, int], box: tuple[float, float, float, float], colour: Any, width: int,
+             px: Any) -> None:
+    """A box drawn on a panel at ``origin`` as a line of ``colour`` with a thin white line inside it, so that
+    it shows on dark and light pixels alike."""
+    width = max(1, width)
+    x, y = origin
+    outline = [x + box[0], y + box[1], x + box[2] - 1, y + box[3] - 1]
+    pen.rectangle(outline, outline=colour, width=width)
+    pen.rectangle([v + (width if i < 2 else -width) for i, v in enumerate(outline)], outline="white", width=max(1, px(1)))
+
+
+def _line(font: ImageFont.FreeTypeFont) -> int:
+    """The height of a line of text in ``font``."""
+    return round(font.size * 1.35)
+
+
 def _layout_strip(words: list[tuple[str, list[int], float]], font: ImageFont.FreeTypeFont, width: float,
-                  px: Any) -> list[tuple[int, int, int]]:
-    """(x, width, y) of each word's box, wrapped to ``width``."""
+                  px: Any) -> list[tuple[int, int, int, str]]:
+    """(x, width, y, text) of each word's box, wrapped to ``width`` (a word wider than that is shortened)."""
     placed, x, y = [], 0, 0
     for word, _, _ in words:
-        w = round(_text_width(word, font)) + px(10)
+        text = _shortened(word, font, width - px(10))
+        w = round(_text_width(text, font)) + px(10)
         if x > 0 and x + w > width:
             x, y = 0, y + px(28)
-        placed.append((x, w, y))
+        placed.append((x, w, y, text))
         x += w + px(6)
     return placed
 
 
-def _ticks(halfrange: float) -> list[float]:
-    return [-halfrange, -halfrange / 2, 0.0, halfrange / 2, halfrange]
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _tick_labels(halfrange: float, n_ticks: int) -> tuple[list[float], list[str], str]:
+    """``n_ticks`` (5 or 3) values from ``-halfrange`` to ``+halfrange`` and their labels in one format: a true
+    minus sign, as many decimals as two digits of the smallest need (less the trailing zeros all of them
+    share), and, outside 0.01 to 9999, a power of ten the labels are given in ("×10⁻⁵"; else "")."""
+    ticks = [-halfrange, -halfrange / 2, 0.0, halfrange / 2, halfrange] if n_ticks == 5 else [-halfrange, 0.0, halfrange]
+    exponent = math.floor(math.log10(halfrange))
+    power = 0 if -2 <= exponent <= 3 else exponent
+    scaled = [tick / 10.0**power for tick in ticks]
+    decimals = max(0, 1 - math.floor(math.log10(min(abs(v) for v in scaled if v))))
+    texts = [f"{abs(v):.{decimals}f}" for v in scaled]
+    while decimals > 0 and all(text.endswith("0") for text, v in zip(texts, scaled) if v):
+        decimals -= 1
+        texts = [f"{abs(v):.{decimals}f}" for v in scaled]
+    labels = [("+" if v > 0 else "−") + text if v else "0" for v, text in zip(scaled, texts)]
+    return ticks, labels, f"×10{str(power).translate(_SUPERSCRIPT)}" if power else ""
+
+
+def _vertical_bar_width(halfrange: float, label: str, font: ImageFont.FreeTypeFont, px: Any) -> int:
+    """How wide :func:`_vertical_bar` draws: the bar, its ticks and their labels, or the label under it."""
+    texts = _tick_labels(halfrange, 5)[1]  # the widest labels: three ticks need no more decimals
+    ticks = px(14) + px(8) + max(_text_width(text, font) for text in texts)
+    return math.ceil(max(ticks, *(_text_width(line, font) for line in _under_bar(halfrange, label))))
 
 
 def _vertical_bar(pen: _Canvas, origin: tuple[int, int], size: tuple[int, int],
                   halfrange: float, label: str, font: ImageFont.FreeTypeFont, px: Any) -> None:
+    """The map colour bar, +halfrange at the top; ticks on its right (three where five would crowd), and under
+    it ``label`` and the power of ten of the tick labels."""
     (x, y), (w, h) = origin, size
     values = np.linspace(halfrange, -halfrange, h)[:, None].repeat(w, 1)
     pen.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
     pen.rectangle([x, y, x + w, y + h], outline="black")
-    for tick in _ticks(halfrange):
+    ticks, texts, _ = _tick_labels(halfrange, 5 if h / 4 >= _line(font) else 3)
+    top, bottom = font.getbbox("0")[1::2]  # where the digits lie below a text's origin
+    for tick, text in zip(ticks, texts):
         ty = y + round((halfrange - tick) / (2 * halfrange) * (h - 1))
         pen.line([x + w, ty, x + w + px(4), ty], fill="black")
-        pen.text((x + w + px(6), ty - px(7)), f"{tick:+.2g}" if tick else "0", fill="black", font=font)
-    pen.text((x, y + h + px(4)), label, fill="black", font=font)
+        # a gap between the tick mark and the label, so that the mark never reads as a minus sign
+        pen.text((x + w + px(8), ty - (top + bottom) / 2), text, fill="black", font=font)
+    for n, line in enumerate(_under_bar(halfrange, label)):
+        pen.text((x, y + h + px(10) + n * _line(font)), line, fill="black", font=font)
+
+
+def _under_bar(halfrange: float, label: str) -> list[str]:
+    """The lines under the map colour bar: its label, and the power of ten of its tick labels if they have one."""
+    power = _tick_labels(halfrange, 5)[2]
+    return [label, power] if power else [label]
 
 
 def _horizontal_bar(pen: _Canvas, origin: tuple[int, int], size: tuple[int, int],
                     halfrange: float, font: ImageFont.FreeTypeFont, px: Any) -> None:
+    """The words' colour bar of ``size`` with its tick labels under it (three where five would touch) and
+    their power of ten after it; ``origin`` is where its leftmost label may start."""
     (x, y), (w, h) = origin, size
+    for n_ticks in (5, 3):
+        ticks, texts, power = _tick_labels(halfrange, n_ticks)
+        widths = [_text_width(text, font) for text in texts]
+        spacing = (w - 1) / (n_ticks - 1)
+        if all(spacing >= (a + b) / 2 + px(8) for a, b in zip(widths, widths[1:])):
+            break
+    x += math.ceil(widths[0] / 2)  # room for the first label, centred under the bar's end
     values = np.linspace(-halfrange, halfrange, w)[None, :].repeat(h, 0)
     pen.paste(Image.fromarray(map_colours(values, halfrange)), (x, y))
     pen.rectangle([x, y, x + w, y + h], outline="black")
-    for tick in _ticks(halfrange):
+    for tick, text, text_w in zip(ticks, texts, widths):
         tx = x + round((tick + halfrange) / (2 * halfrange) * (w - 1))
-        text = f"{tick:+.2g}" if tick else "0"
-        pen.text((tx - _text_width(text, font) / 2, y + h + px(2)), text, fill="black", font=font)
+        pen.line([tx, y + h, tx, y + h + px(3)], fill="black")
+        pen.text((tx - text_w / 2, y + h + px(5)), text, fill="black", font=font)
+    if power:
+        pen.text((x + w + widths[-1] / 2 + px(8), y + h + px(5)), power, fill="black", font=font)
 
 
 # --- from the API and from run files ---------------------------------------------------------------------
@@ -454,18 +684,19 @@ def pair_view(result: InteractionMap, image: Image.Image | str | Path, *, title:
         title=title, name=_slug(title), tokens=result.caption_tokens,
         interactions=result.interactions.detach().double().cpu().numpy(), geometry=result.geometry,
         n_prefix=result.n_prefix, image=result.geometry.model_view(picture), score=result.score,
-        four_term_value=result.four_term_value, completeness_error=result.completeness_error,
+        four_term_value=result.four_term_value, completeness_error=result.completeness_error, original=picture,
     )
 
 
 def figure(result: InteractionMap, image: Image.Image | str | Path, *, span: str | None = None,
            box: tuple[float, float, float, float] | None = None, options: FigureOptions | None = None,
-           title: str = "pair") -> Figure:
-    """Draw an API result as ``xclip render`` draws a run's pair; ``.save(path)`` writes it."""
+           title: str = "pair", layout: Layout | None = None) -> Figure:
+    """Draw an API result as ``xclip render`` draws a run's pair; ``.save(path)`` writes it. ``layout``
+    (``"wide"`` or ``"column"``) replaces the options' layout."""
     picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
     if box is not None:
         check_box_inside(box, picture.size, title)
-    return draw(pair_view(result, picture, title=title), span=span, box=box, options=options)
+    return draw(pair_view(result, picture, title=title), span=span, box=box, options=options, layout=layout)
 
 
 def check_box_inside(box: tuple[float, float, float, float], size: tuple[int, int], what: str) -> None:
@@ -487,6 +718,7 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
                "digest in the run file): its map is of the old picture; resume the run to attribute it again")
         raise ConfigError(msg)
     geometry = run.preprocessing(i)
+    original = read_image(image_path)[0]
     return PairView(
         title=f"pair {index}",
         name=f"pair{index:06d}",
@@ -494,10 +726,11 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         interactions=run.interactions(index),
         geometry=geometry,
         n_prefix=run.n_prefix,
-        image=geometry.model_view(read_image(image_path)[0]),
+        image=geometry.model_view(original),
         score=float(run.value(PAIRS, SCORE, index)),
         four_term_value=float(run.value(PAIRS, FOUR_TERM_VALUE, index)),
         completeness_error=float(run.value(PAIRS, COMPLETENESS_ERROR, index)),
+        original=original,
     )
 
 
@@ -515,13 +748,13 @@ class RenderReport:
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
                box: tuple[float, float, float, float] | None = None, out: Path | None = None,
                options: FigureOptions | None = None, file_format: str = "png", limit: int = 100,
-               data_root: Path | None = None) -> RenderReport:
+               data_root: Path | None = None, layout: Layout | None = None) -> RenderReport:
     """Draw finished pairs of a run (also while it is still running) into ``out`` (default RUN_DIR/heatmaps).
 
     Named ``pairs`` must be finished, and hold the ``span``; otherwise the first ``limit`` finished pairs are
     drawn, skipping those whose caption lacks the span. ``data_root`` replaces the run's ``data.root`` when the
-    images have moved since the run."""
-    options = options or FigureOptions()
+    images have moved since the run. ``layout`` (``"wide"`` or ``"column"``) replaces the options' layout."""
+    options = _with_layout(options, layout)
     if limit < 1:
         msg = f"limit must be at least 1, got {limit}"
         raise ConfigError(msg, setting="limit")
@@ -575,7 +808,7 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
     halfranges = None
     if options.scale == "run":  # one scale for every figure of this call: the largest value any of them shows
         ranges = [_halfranges(content) for content in contents]
-        halfranges = (max((r[0] for r in ranges), default=1.0), max((r[1] for r in ranges), default=1.0))
+        halfranges = (max((r[0] for r in ranges), default=0.0), max((r[1] for r in ranges), default=0.0))
     for view, content in zip(views, contents):
         drawn = _draw(view, content, options, halfranges)
         report.written.append(drawn.save(out / f"{drawn.name}.{file_format}"))
@@ -584,6 +817,6 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
 
 
 __all__ = [
-    "COLORMAP", "Figure", "FigureOptions", "PairView", "RenderReport", "check_box_inside", "draw", "figure",
+    "COLORMAP", "Figure", "FigureOptions", "Layout", "PairView", "RenderReport", "check_box_inside", "draw", "figure",
     "load_pair_view", "map_colours", "map_panel", "pair_view", "render_run",
 ]
