@@ -28,7 +28,7 @@ class Status(IntEnum):
         return self.name.lower()
 
 
-# per-pair numbers, float32, NaN until the pair is done
+# per-pair numbers, float32; an unfinished pair holds zeros (its status says it is not done: read that first)
 SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR = "score", "four_term_value", "completeness_error"
 RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND = "relative_completeness_error", "completeness_bound"
 PAIR_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND)

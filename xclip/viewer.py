@@ -6,6 +6,10 @@ page of the pair table, one pair's map), so a 100,000-pair run opens as fast as 
 is still being written shows what is finished at each reload. ``export_site`` writes the same page with the
 data of chosen pairs into a folder that opens from the file system, for sharing.
 
+The run file holds zeros, not NaN, in the numbers of pairs that are not done (the fill value is recorded but
+never written, see :mod:`xclip.store`): the viewer reads them as missing, so that unfinished pairs neither sort
+among nor pass filters as finished ones, and show no value.
+
 The server answers only pages of its own origin (the ``Host`` a browser sends for ``127.0.0.1:PORT`` or
 ``localhost:PORT``), so a site whose name is rebound to 127.0.0.1 cannot read the run. Its answers hold no
 absolute path of the machine (the run folder by its name, the data root cut from failure reasons), it serves
@@ -43,11 +47,13 @@ from xclip.schema import (
     CAPTION_INDEX,
     GROUPS,
     IMAGE_INDEX,
+    IMAGES,
     PAIR_NUMBERS,
     PAIR_TABLE_NUMBERS,
     PAIRS,
     RELATIVE_COMPLETENESS_ERROR,
     SCORE,
+    SHA256,
     STATUS,
     TERMS,
     Status,
@@ -58,7 +64,10 @@ from xclip.tokens import CaptionTokens
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
 DISPLAY_SIDE = 320  # the image as the page shows it: contours are found at this size
-SORT_KEYS = ("index", "score", "four_term_value", "completeness_error", "relative_completeness_error", "status", "caption")
+SORT_KEYS = ("index", "score", "four_term_value", "completeness_error", "relative_completeness_error", "status", "caption", "image")
+THUMBNAIL_SIDE = 80  # the table shows thumbnails at 40 px: twice that stays sharp on high-density screens
+# a thumbnail's address names its image's content (``?v=``), so the browser may keep it for good
+THUMBNAIL_CACHE = "private, max-age=31536000, immutable"
 RUN_SCALE_SAMPLE = 256
 SOCKET_TIMEOUT_S = 10.0  # a client silent this long, mid-request or mid-answer, is disconnected
 
@@ -151,7 +160,7 @@ class RunData:
             status = run.status(PAIRS)
             captions = run.captions()
             caption_index = run.column(PAIRS, CAPTION_INDEX)
-            score = run.column(PAIRS, SCORE)
+            score = _finished_column(run, SCORE, status)
             keep = np.ones(len(status), dtype=bool)
             if query.status != "all":
                 keep &= status == Status[query.status.upper()]
@@ -161,30 +170,32 @@ class RunData:
                 keep &= holds[caption_index] if len(captions) else keep
             if math.isfinite(query.min_score) or math.isfinite(query.max_score):
                 keep &= (score >= query.min_score) & (score <= query.max_score)
-            relative = run.column(PAIRS, RELATIVE_COMPLETENESS_ERROR)
+            relative = _finished_column(run, RELATIVE_COMPLETENESS_ERROR, status)
             if math.isfinite(query.max_error):
                 keep &= relative <= query.max_error
             chosen = np.flatnonzero(keep)
-            if query.sort == "caption":
-                key = np.array([captions[c].lower() for c in caption_index[chosen]], dtype=object)
+            if query.sort in ("caption", "image"):
+                names = captions if query.sort == "caption" else run.image_paths()
+                inputs = caption_index if query.sort == "caption" else run.column(PAIRS, IMAGE_INDEX)
+                key = np.array([names[k].lower() for k in inputs[chosen]], dtype=object)
                 order = np.argsort(key, kind="stable")
             elif query.sort == "index":
                 order = np.arange(len(chosen))
             else:
-                values = status if query.sort == "status" else run.column(PAIRS, query.sort)
+                values = status if query.sort == "status" else _finished_column(run, query.sort, status)
                 # unfinished pairs (NaN) sort last either way
                 key = np.nan_to_num(values[chosen].astype(np.float64), nan=-np.inf if query.descending else np.inf)
                 order = np.argsort(key, kind="stable")
             if query.descending:
                 order = order[::-1]
             page = chosen[order][query.offset : query.offset + query.limit]
-            rows = self._rows(run, page)
+            rows = self._rows(run, page, status)
             return {"total": int(len(chosen)), "offset": query.offset, "rows": rows}
 
     def rows(self, indices: list[int]) -> list[dict[str, Any]]:
         """The table rows of the given pairs, in that order."""
         with RunReader(self.run_dir) as run:
-            return self._rows(run, np.asarray(indices, dtype=np.int64))
+            return self._rows(run, np.asarray(indices, dtype=np.int64), run.status(PAIRS))
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Failed captions and images with their reasons (their pairs fail with them), then failed pairs
@@ -228,25 +239,52 @@ class RunData:
         """The pair's image as the model saw it, at the page's size, and its contours (PNG with alpha)."""
         with RunReader(self.run_dir) as run:
             _, i = _finished_pair_inputs(run, index)
-            root = run.data_root(self.data_root).resolve()
-            stored = run.image_path(i)
-            path = (root / stored).resolve()  # an absolute ``stored`` replaces the root; links are followed
-            if not path.is_relative_to(root):
-                msg = f"image {stored!r} of pair {index} lies outside the data root (through '..', an absolute path or a link): not served"
-                raise OutsideDataRoot(msg)
-            if not path.is_file():
-                msg = f"image {path} is not there: was the data moved? give the images' new folder"
-                raise NotFound(msg, setting="data_root")
-            if has_changed(path, run.image_file(i)):
-                msg = (f"image {stored} of pair {index} changed since it was attributed: its map is of the old picture; "
-                       "resume the run to attribute it again")
-                raise ConfigError(msg)
-            view = run.preprocessing(i).model_view(read_image(path)[0])
+            view = run.preprocessing(i).model_view(read_image(self._image_file(run, i, f" of pair {index}"))[0])
         width, height = view.size
         display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
         lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
         lines[outline_mask(display)] = (45, 45, 45, 255)
         return _png(display), _png(Image.fromarray(lines, mode="RGBA"))
+
+    def thumbnail(self, image: int, version: str | None = None) -> bytes:
+        """A finished image, whole and upright, at most ``THUMBNAIL_SIDE`` pixels a side (PNG).
+
+        Args:
+            version: the content key its address names (:func:`_image_version`); another one is not found,
+                so that a browser never keeps this picture under another picture's address.
+        """
+        with RunReader(self.run_dir) as run:
+            n_images = run.n_items(IMAGES)
+            if not 0 <= image < n_images or run.value(IMAGES, STATUS, image) != Status.DONE:
+                msg = f"image {image} is not a finished image of this run ({n_images} images)"
+                raise NotFound(msg)
+            if version is not None and version != _image_version(run.value(IMAGES, SHA256, image)):
+                msg = f"image {image} is not the picture this address names: reload the page"
+                raise NotFound(msg)
+            path = self._image_file(run, image)
+        with Image.open(path) as opened:
+            opened.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))  # a JPEG decodes at a fraction of its size: cheap
+            picture = read_image(opened)[0]  # upright, over white, as the run read it
+        picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BICUBIC)
+        return _png(picture)
+
+    def _image_file(self, run: RunReader, image: int, owner: str = "") -> Path:
+        """A finished image's file, checked: inside the data root, there, and unchanged since it was attributed
+        (``owner`` says whose image it is in the messages)."""
+        root = run.data_root(self.data_root).resolve()
+        stored = run.image_path(image)
+        path = (root / stored).resolve()  # an absolute ``stored`` replaces the root; links are followed
+        if not path.is_relative_to(root):
+            msg = f"image {stored!r}{owner} lies outside the data root (through '..', an absolute path or a link): not served"
+            raise OutsideDataRoot(msg)
+        if not path.is_file():
+            msg = f"image {path} is not there: was the data moved? give the images' new folder"
+            raise NotFound(msg, setting="data_root")
+        if has_changed(path, run.image_file(image)):
+            msg = (f"image {stored}{owner} changed since it was attributed: its map is of the old picture; "
+                   "resume the run to attribute it again")
+            raise ConfigError(msg)
+        return path
 
     def public(self, text: str) -> str:
         """``text`` without the machine's folders: the data root is cut (paths read relative to it, as the run
@@ -262,17 +300,20 @@ class RunData:
                 text = text[:start] + "…"
         return text
 
-    def _rows(self, run: RunReader, pairs: np.ndarray) -> list[dict[str, Any]]:
-        """Table rows of ``pairs``: each column read once, whatever the number of rows."""
-        captions, paths, status = run.captions(), run.image_paths(), run.status(PAIRS)
+    def _rows(self, run: RunReader, pairs: np.ndarray, status: np.ndarray) -> list[dict[str, Any]]:
+        """Table rows of ``pairs`` (``status``: every pair's): each column read once, whatever the number of rows."""
+        captions, paths = run.captions(), run.image_paths()
         caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
-        numbers = {name: run.column(PAIRS, name) for name in PAIR_TABLE_NUMBERS}
+        numbers = {name: _finished_column(run, name, status) for name in PAIR_TABLE_NUMBERS}
         errors = run.errors(PAIRS, pairs.tolist())
+        thumbnails = _thumbnail_urls(run, image_index[pairs])
         return [
             {
                 "index": int(p),
                 "caption": captions[int(caption_index[p])],
                 "image": self.public(paths[int(image_index[p])]),
+                "image_index": int(image_index[p]),
+                "thumbnail": thumbnails[int(image_index[p])],
                 "status": Status(int(status[p])).label,
                 **{name: _number(column[p]) for name, column in numbers.items()},
                 "error": self.public(error),
@@ -282,13 +323,13 @@ class RunData:
 
     def run_scale(self) -> dict[str, Any]:
         """A scale shared by every pair: the largest magnitude of one token's patch map over up to 256
-        finished pairs (all of them in smaller runs, evenly spread otherwise)."""
-        with self._lock:
-            if self._run_scale is None:
-                with RunReader(self.run_dir) as run:
-                    done = np.flatnonzero(run.status(PAIRS) == Status.DONE)
-                    sample = done if len(done) <= RUN_SCALE_SAMPLE else done[np.linspace(0, len(done) - 1, RUN_SCALE_SAMPLE).astype(int)]
-                    peak = max((_token_map_peak(run.interactions(int(p)), run.n_prefix) for p in sample), default=0.0)
+        finished pairs (all of them in smaller runs, evenly spread otherwise). Kept until more pairs finish: a
+        run being written gets a scale of its newly finished pairs too."""
+        with self._lock, RunReader(self.run_dir) as run:
+            done = np.flatnonzero(run.status(PAIRS) == Status.DONE)
+            if self._run_scale is None or self._run_scale["finished"] != len(done):
+                sample = done if len(done) <= RUN_SCALE_SAMPLE else done[np.linspace(0, len(done) - 1, RUN_SCALE_SAMPLE).astype(int)]
+                peak = max((_token_map_peak(run.interactions(int(p)), run.n_prefix) for p in sample), default=0.0)
                 self._run_scale = {"value": peak or 1.0, "pairs": int(len(sample)), "finished": int(len(done))}
             return self._run_scale
 
@@ -300,6 +341,29 @@ def _finished_pair_inputs(run: RunReader, index: int) -> tuple[int, int]:
         msg = f"pair {index} is not a finished pair of this run ({n_pairs} pairs)"
         raise NotFound(msg)
     return run.pair_inputs(index)
+
+
+def _finished_column(run: RunReader, name: str, status: np.ndarray) -> np.ndarray:
+    """A pair column with NaN wherever the pair is not done: the file holds zeros there, which would sort, filter
+    and show as values (a run whose pairs are still pending listed them first, sorted by error, as 0)."""
+    values = run.column(PAIRS, name).astype(np.float64)
+    values[status != Status.DONE] = np.nan
+    return values
+
+
+def _image_version(sha256: bytes) -> str:
+    """The part of an image's content digest that names its thumbnail's address."""
+    return sha256.decode()[:16]
+
+
+def _thumbnail_urls(run: RunReader, images: np.ndarray) -> dict[int, str | None]:
+    """The thumbnail address of each of ``images`` (one read per image, not per row); none for images not
+    finished, whose content the run has not recorded yet."""
+    status = run.status(IMAGES)
+    return {
+        image: f"api/image/{image}/thumb.png?v={_image_version(run.value(IMAGES, SHA256, image))}" if status[image] == Status.DONE else None
+        for image in map(int, np.unique(images))
+    }
 
 
 def _folder_prefix(folder: Path) -> str:
@@ -376,6 +440,9 @@ class _Handler(BaseHTTPRequestHandler):
             elif len(parts) == 4 and parts[:2] == ["api", "pair"] and parts[3] in ("image.png", "contours.png"):
                 image, contours = self.data.image(_index(parts[2]))
                 self._send(image if parts[3] == "image.png" else contours, "image/png")
+            elif len(parts) == 4 and parts[:2] == ["api", "image"] and parts[3] == "thumb.png":
+                version = parse_qs(url.query).get("v", [""])[0]
+                self._send(self.data.thumbnail(_index(parts[2]), version), "image/png", cache=THUMBNAIL_CACHE)
             else:
                 self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
         except XclipError as e:
@@ -396,11 +463,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, value: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
         self._send(json.dumps(value).encode(), "application/json", status)
 
-    def _send(self, body: bytes, kind: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+    def _send(self, body: bytes, kind: str, status: HTTPStatus = HTTPStatus.OK, cache: str = "no-store") -> None:
         self.send_response(status)
         self.send_header("Content-Type", f"{kind}; charset=utf-8" if kind.startswith(("text", "application")) else kind)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")  # a live run changes between reloads
+        self.send_header("Cache-Control", cache)  # no-store by default: a live run changes between reloads
         self.end_headers()
         self.wfile.write(body)
 
@@ -419,7 +486,7 @@ class _Server(ThreadingHTTPServer):
 def _index(text: str) -> int:
     # int() would also take " 7", "+7", "7_0" and other scripts' digits: the page sends plain decimals only
     if not re.fullmatch(r"-?[0-9]+", text):
-        raise NotFound(f"not a pair index: {text!r}")
+        raise NotFound(f"not an index: {text!r}")
     return int(text)
 
 
@@ -449,7 +516,8 @@ def choose_pairs(data: RunData, pairs: list[int] | None, top: int, bottom: int) 
 
 
 def export_site(run_dir: str | Path, out: Path, pairs: list[int], data_root: Path | None = None) -> Path:
-    """Write the viewer with the data of ``pairs`` into ``out``: ``out/index.html`` opens without a server."""
+    """Write the viewer with the data of ``pairs`` into ``out``: ``out/index.html`` opens without a server, and
+    ``out/thumbnails/`` holds the table's thumbnails, one file an image."""
     data = RunData(run_dir, data_root)
     details, images, contours = {}, {}, {}
     for index in pairs:
@@ -458,12 +526,26 @@ def export_site(run_dir: str | Path, out: Path, pairs: list[int], data_root: Pat
         images[index] = "data:image/png;base64," + base64.b64encode(image).decode()
         contours[index] = "data:image/png;base64," + base64.b64encode(lines).decode()
     peak = max((_token_map_peak(d["interactions"], d["n_prefix"]) for d in details.values()), default=1.0)
+    rows = data.rows(pairs)
+    out.mkdir(parents=True, exist_ok=True)
+    _export_thumbnails(data, rows, out)
     site = {
-        "summary": data.summary(), "rows": data.rows(pairs), "failures": data.failures(), "pairs": details, "images": images,
+        "summary": data.summary(), "rows": rows, "failures": data.failures(), "pairs": details, "images": images,
         "contours": contours, "scale": {"value": peak or 1.0, "pairs": len(pairs), "finished": len(pairs)},
     }
-    out.mkdir(parents=True, exist_ok=True)
     for name in ASSETS:
         shutil.copyfile(STATIC / name, out / name)
     (out / "data.js").write_text(f"window.XCLIP_STATIC = {json.dumps(site)};\n", encoding="utf-8")
     return out / "index.html"
+
+
+def _export_thumbnails(data: RunData, rows: list[dict[str, Any]], out: Path) -> None:
+    """Write the rows' thumbnails as files, once an image, and point the rows at them: a page opened from the
+    file system loads them as any picture."""
+    folder = out / "thumbnails"
+    folder.mkdir(exist_ok=True)
+    for image in sorted({row["image_index"] for row in rows if row["thumbnail"]}):
+        (folder / f"{image}.png").write_bytes(data.thumbnail(image))
+    for row in rows:
+        if row["thumbnail"]:
+            row["thumbnail"] = f"thumbnails/{row['image_index']}.png"

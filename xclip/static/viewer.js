@@ -7,10 +7,31 @@ const STATIC = window.XCLIP_STATIC || null;
 const DISPLAY = 320; // the image's width on the page, as the server draws its contours
 const state = {
   query: { sort: "index", order: "asc", status: "all", text: "", min_score: "", max_score: "", max_error: "", offset: 0, limit: 100 },
-  summary: null, pair: null, selection: [], selectionLabel: "", hover: null, box: null, runScale: null,
-  drag: null, boxDrag: null,
+  summary: null, pair: null, span: null, selection: [], selectionLabel: "", hover: null, box: null, runScale: null,
+  drag: null, boxDrag: null, link: "",
 };
 const $ = (id) => document.getElementById(id);
+
+// --- readiness -------------------------------------------------------------------------------------------
+// body[data-busy] counts the work in flight (requests, and drawing their answers): "0" once the page shows the
+// answer to everything asked of it, so that tests and scripts wait for that rather than for a guessed time
+let busy = 0;
+
+function setBusy(change) {
+  busy += change;
+  document.body.dataset.busy = String(busy);
+}
+
+function tracked(work) {
+  return async (...args) => {
+    setBusy(1); // at once, before the first await: a caller that just clicked sees the page busy
+    try {
+      return await work(...args);
+    } finally {
+      setBusy(-1);
+    }
+  };
+}
 
 // --- data ------------------------------------------------------------------------------------------------
 async function api(path, params = {}) {
@@ -30,7 +51,7 @@ function staticAnswer(path, params) {
   if (path === "api/pairs") return queryRows(STATIC.rows, params);
   const match = path.match(/^api\/pair\/(\d+)$/);
   if (match && STATIC.pairs[match[1]]) return STATIC.pairs[match[1]];
-  throw new Error(`this exported site holds no ${path}`);
+  throw new Error(`this exported site holds no ${path.replace(/^api\//, "")}`);
 }
 
 // the server's PairQuery, for the few rows of an exported site
@@ -44,7 +65,7 @@ function queryRows(rows, q) {
     (!isFinite(maxError) || (row.relative_completeness_error !== null && row.relative_completeness_error <= maxError)));
   const descending = q.order === "desc";
   const key = (row) => {
-    if (q.sort === "caption") return row.caption.toLowerCase();
+    if (q.sort === "caption" || q.sort === "image") return row[q.sort].toLowerCase();
     const value = row[q.sort];
     return value === null ? (descending ? -Infinity : Infinity) : value;
   };
@@ -76,43 +97,61 @@ function format(value, digits = 4) {
   return value === null || value === undefined ? "–" : Number(value).toPrecision(digits);
 }
 
+// a table cell's number: blank for a pair without one (pending or failed), not a dash that reads as a value
+function cellNumber(value, digits) {
+  return value === null ? "" : format(value, digits);
+}
+
 function setNumber(id, value, digits) {
   const element = $(id);
   element.textContent = format(value, digits);
   element.dataset.value = value === null ? "" : String(value);
 }
 
+// a horizontal colour bar from -h (left) to +h (right), with its values
+function drawScale(canvas, h, lowId, highId) {
+  const context = canvas.getContext("2d");
+  const lut = state.summary.lut;
+  for (let x = 0; x < canvas.width; x++) {
+    context.fillStyle = lut[lutIndex(-h + (2 * h * (x + 0.5)) / canvas.width, h)];
+    context.fillRect(x, 0, 1, canvas.height);
+  }
+  canvas.dataset.halfrange = String(h);
+  $(lowId).textContent = `−${format(h, 2)}`;
+  $(highId).textContent = `+${format(h, 2)}`;
+}
+
 // --- the table -------------------------------------------------------------------------------------------
-async function loadSummary() {
+const loadSummary = tracked(async () => {
   state.summary = await api("api/run");
   const c = state.summary.counts.pairs;
   $("run-info").textContent = `${state.summary.run} · ${state.summary.model} · ${c.total} pairs: ${c.done} done, ` +
     `${c.failed} failed, ${c.pending} pending` + (STATIC ? " · exported pairs only" : "");
   return state.summary;
-}
+});
 
 let tableRequests = 0;
 
-async function loadTable() {
-  // typing sends a request per key: only the newest answer may fill the table, whatever order they arrive in
+const loadTable = tracked(async () => {
+  // typing sends a request per key, and the replies may arrive in any order: only the newest request's reply
+  // (or error) is applied, the others are dropped
   const request = ++tableRequests;
-  const answer = await api("api/pairs", state.query);
-  if (request !== tableRequests) return;
-  const body = $("pairs").querySelector("tbody");
-  body.replaceChildren(...answer.rows.map((row) => {
-    const tr = document.createElement("tr");
-    tr.dataset.index = row.index;
-    tr.className = row.status + (state.pair && state.pair.index === row.index ? " current" : "");
-    const cells = [row.index, row.caption, format(row.score), format(row.relative_completeness_error, 2),
-      row.status === "failed" ? `failed: ${row.error}` : row.status];
-    for (const text of cells) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      tr.append(td);
-    }
-    tr.addEventListener("click", () => { if (row.status === "done") showPair(row.index); });
-    return tr;
-  }));
+  let answer;
+  try {
+    answer = await api("api/pairs", state.query);
+  } catch (error) {
+    if (request === tableRequests) throw error;
+    return;
+  }
+  if (request === tableRequests) fillTable(answer);
+});
+
+function refreshTable() {
+  loadTable().catch(showError);
+}
+
+function fillTable(answer) {
+  $("pairs").querySelector("tbody").replaceChildren(...answer.rows.map(tableRow));
   const last = Math.min(answer.offset + state.query.limit, answer.total);
   $("page-info").textContent = answer.total ? `${answer.offset + 1}–${last} of ${answer.total}` : "no pairs";
   $("previous").disabled = answer.offset === 0;
@@ -123,7 +162,39 @@ async function loadTable() {
   }
 }
 
-async function loadFailures() {
+function tableRow(row) {
+  const tr = document.createElement("tr");
+  tr.dataset.index = row.index;
+  tr.className = row.status + (state.pair && state.pair.index === row.index ? " current" : "");
+  tr.append(textCell(row.index), textCell(row.caption), imageCell(row), textCell(cellNumber(row.score)),
+    textCell(cellNumber(row.relative_completeness_error, 2)), textCell(row.status === "failed" ? `failed: ${row.error}` : row.status));
+  tr.addEventListener("click", () => { if (row.status === "done") openPair(row.index); });
+  return tr;
+}
+
+function textCell(text) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  return td;
+}
+
+function imageCell(row) {
+  const td = document.createElement("td");
+  td.className = "image";
+  if (row.thumbnail) { // none for an image the run has not read yet
+    const thumbnail = document.createElement("img");
+    thumbnail.alt = "";
+    thumbnail.loading = "lazy"; // a page of 100 rows fetches only the thumbnails scrolled into view
+    thumbnail.src = row.thumbnail;
+    td.append(thumbnail);
+  }
+  const name = document.createElement("span");
+  name.textContent = row.image;
+  td.append(name);
+  return td;
+}
+
+const loadFailures = tracked(async () => {
   const failures = await api("api/failures");
   $("failure-count").textContent = failures.length;
   $("failures").querySelector("ul").replaceChildren(...failures.map((f) => {
@@ -131,7 +202,7 @@ async function loadFailures() {
     li.textContent = `${f.group.replace(/s$/, "")} ${f.index} (${f.item}): ${f.reason}`;
     return li;
   }));
-}
+});
 
 function bindTable() {
   for (const th of $("pairs").querySelectorAll("th")) {
@@ -140,7 +211,7 @@ function bindTable() {
       state.query.order = same && state.query.order === "asc" ? "desc" : same ? "asc" : th.dataset.sort === "score" ? "desc" : "asc";
       state.query.sort = th.dataset.sort;
       state.query.offset = 0;
-      loadTable();
+      refreshTable();
     });
   }
   const filters = { "filter-text": "text", "filter-status": "status", "min-score": "min_score", "max-score": "max_score", "max-error": "max_error" };
@@ -148,22 +219,30 @@ function bindTable() {
     $(id).addEventListener("input", () => {
       state.query[key] = $(id).value;
       state.query.offset = 0;
-      loadTable().catch(showError);
+      refreshTable();
     });
   }
-  $("previous").addEventListener("click", () => { state.query.offset = Math.max(0, state.query.offset - state.query.limit); loadTable(); });
-  $("next").addEventListener("click", () => { state.query.offset += state.query.limit; loadTable(); });
+  $("previous").addEventListener("click", () => { state.query.offset = Math.max(0, state.query.offset - state.query.limit); refreshTable(); });
+  $("next").addEventListener("click", () => { state.query.offset += state.query.limit; refreshTable(); });
 }
 
 // --- one pair --------------------------------------------------------------------------------------------
-async function showPair(index) {
+let pairRequests = 0;
+
+// a pair, and in it the span and box of `view` (from a link; none: the whole caption, no box)
+const showPair = tracked(async (index, view = {}) => {
+  // clicks and links may come faster than the answers, as filters do: only the newest is shown
+  const request = ++pairRequests;
   const pair = await api(`api/pair/${index}`);
+  if (request !== pairRequests) return;
+  const image = $("image");
+  await loadPicture(image, imageUrl(index, "image"));
+  if (request !== pairRequests) return; // a newer pair's picture replaced this one's
   state.pair = pair;
-  state.box = null;
   state.hover = null;
   $("placeholder").hidden = true;
   $("pair").hidden = false;
-  $("pair-title").textContent = `pair ${index}: “${pair.caption}”`;
+  $("pair-title").textContent = `pair ${index}: “${pair.caption}” · ${pair.image}`;
   setNumber("score", pair.score);
   setNumber("four-term-value", pair.four_term_value);
   setNumber("completeness-error", pair.completeness_error, 3);
@@ -171,19 +250,33 @@ async function showPair(index) {
   $("terms").textContent = pair.terms.map((t) => format(t)).join(", ");
   $("terms").dataset.value = JSON.stringify(pair.terms);
   for (const tr of $("pairs").querySelectorAll("tbody tr")) tr.classList.toggle("current", Number(tr.dataset.index) === index);
-  const image = $("image");
-  await new Promise((resolve) => { image.onload = resolve; image.onerror = resolve; image.src = imageUrl(index, "image"); });
   $("contours").src = imageUrl(index, "contours");
   for (const canvas of [$("map"), $("box-layer")]) {
     canvas.width = image.naturalWidth || DISPLAY;
     canvas.height = image.naturalHeight || DISPLAY;
   }
   buildCaption();
-  const words = pair.chips.filter((chip) => !chip.special);
-  select(words.length ? words : pair.chips, "all words");
+  state.box = view.box ? boxFrom(view.box.slice(0, 2), view.box.slice(2)) : null;
   drawBox();
   showBoxValues();
+  await selectSpan(findSpan(view));
   $("pair").dataset.index = index; // drawn: what tests and scripts wait for
+});
+
+// resolves once `image` shows `url`, or failed to (it shows nothing then); a picture the browser holds already
+// may be complete at once
+function loadPicture(image, url) {
+  return new Promise((resolve) => {
+    for (const event of ["load", "error", "abort"]) image.addEventListener(event, resolve, { once: true });
+    image.src = url;
+    if (image.complete) resolve();
+  });
+}
+
+// a pair chosen in the table: a new entry in the browser's history, so that Back returns to the previous one
+function openPair(index) {
+  notify("");
+  showPair(index).then(() => writeLink(true)).catch(showError);
 }
 
 function buildCaption() {
@@ -197,14 +290,13 @@ function buildCaption() {
     span.addEventListener("mousedown", (event) => {
       event.preventDefault();
       state.drag = position;
-      select([chip]);
+      selectSpan([position, position]);
     });
     span.addEventListener("mouseenter", () => {
       if (state.drag !== null) {
-        const [a, b] = [Math.min(state.drag, position), Math.max(state.drag, position)];
-        select(state.pair.chips.slice(a, b + 1));
+        selectSpan([Math.min(state.drag, position), Math.max(state.drag, position)]);
       } else {
-        state.hover = chip.rows;
+        state.hover = chip;
         drawMap();
       }
     });
@@ -213,18 +305,54 @@ function buildCaption() {
   caption.onmouseleave = () => { state.hover = null; drawMap(); };
 }
 
-function select(chips, label) {
-  state.selection = chips.flatMap((chip) => chip.rows);
-  state.selectionLabel = label || chips.map((chip) => chip.text).join(" ");
+// the words of chips start..end, as a link names a span
+function spanText([start, end]) {
+  return state.pair.chips.slice(start, end + 1).map((chip) => chip.text).join(" ");
+}
+
+// every run of chips whose words are `text`, as [start, end]
+function spanRanges(text) {
+  const ranges = [];
+  for (let start = 0; start < state.pair.chips.length; start++) {
+    for (let end = start; end < state.pair.chips.length; end++) {
+      const words = spanText([start, end]);
+      if (words === text) ranges.push([start, end]);
+      if (words.length >= text.length) break; // longer runs only add words
+    }
+  }
+  return ranges;
+}
+
+// a link's span as chip positions [start, end]: its words, starting at chip `at` where given; null for none (the
+// whole caption), with a notice when the caption holds no such words
+function findSpan({ span, at }) {
+  if (!span) return null;
+  const ranges = spanRanges(span);
+  const range = at === undefined ? ranges[0] : ranges.find(([start]) => start === at);
+  if (range === undefined) {
+    notify(`this link's span “${span}” is not in pair ${state.pair.index}'s caption: the whole caption is shown`);
+    return null;
+  }
+  return range;
+}
+
+// span: chip positions [start, end], or null for all the caption's words; resolves once its map is drawn
+function selectSpan(span) {
+  const { chips } = state.pair;
+  const words = chips.filter((chip) => !chip.special);
+  const chosen = span ? chips.slice(span[0], span[1] + 1) : words.length ? words : chips;
+  state.span = span;
+  state.selection = chosen.flatMap((chip) => chip.rows);
+  state.selectionLabel = span ? spanText(span) : "all words";
   for (const element of $("caption").children) {
-    const rows = element.dataset.rows.split(",").map(Number);
-    element.classList.toggle("selected", label === undefined && rows.every((r) => state.selection.includes(r)));
+    const position = Number(element.dataset.position);
+    element.classList.toggle("selected", span !== null && position >= span[0] && position <= span[1]);
   }
   const total = patchValues(state.selection).reduce((sum, v) => sum + v, 0);
   $("selection-text").textContent = state.selectionLabel;
   $("selection-text").dataset.rows = state.selection.join(",");
   setNumber("selection-total", total);
-  drawMap();
+  return drawMap();
 }
 
 function patchValues(rows) {
@@ -248,9 +376,10 @@ async function halfrange(values) {
 }
 
 // bilinear interpolation of the values (never of colours: every pixel gets a colour of the bar)
-async function drawMap() {
+const drawMap = tracked(async () => {
   if (!state.pair) return;
-  const rows = state.hover || state.selection;
+  const hover = state.hover;
+  const rows = hover ? hover.rows : state.selection;
   const values = patchValues(rows);
   const h = await halfrange(values);
   const [gridRows, gridCols] = state.pair.grid;
@@ -274,9 +403,9 @@ async function drawMap() {
   context.putImageData(picture, 0, 0);
   canvas.dataset.halfrange = String(h);
   canvas.dataset.rows = rows.join(",");
-  $("map-title").textContent = state.hover ? "map of the word under the pointer" : `map of: ${state.selectionLabel}`;
+  $("map-title").textContent = hover ? `map of “${hover.text}” (under the pointer)` : `map of: ${state.selectionLabel}`;
   drawBar(h, lut);
-}
+});
 
 function drawBar(h, lut) {
   const bar = $("bar");
@@ -310,26 +439,30 @@ function bindBox() {
     drawBox();
   });
   document.addEventListener("mouseup", (event) => {
-    state.drag = null;
+    if (state.drag !== null) { // a span was chosen: its link
+      state.drag = null;
+      writeLink();
+    }
     if (!state.boxDrag) return;
     state.box = boxFrom(state.boxDrag, canvasPoint(layer, event));
     state.boxDrag = null;
     drawBox();
     showBoxValues();
+    writeLink();
   });
-  $("clear-box").addEventListener("click", () => { state.box = null; drawBox(); showBoxValues(); });
+  $("clear-box").addEventListener("click", () => { state.box = null; drawBox(); showBoxValues(); writeLink(); });
 }
 
+// whole pixels of the image as the page shows it: the box a link names is the box whose values were shown
 function boxFrom([ax, ay], [bx, by]) {
   const layer = $("box-layer");
-  const clamp = (v, most) => Math.min(Math.max(v, 0), most);
+  const clamp = (v, most) => Math.round(Math.min(Math.max(v, 0), most));
   return {
     x0: clamp(Math.min(ax, bx), layer.width), y0: clamp(Math.min(ay, by), layer.height),
     x1: clamp(Math.max(ax, bx), layer.width), y1: clamp(Math.max(ay, by), layer.height),
   };
 }
 
-// patches whose centres lie in the box; a box too small to hold a centre takes the patch under its centre
 // the share of each patch's area inside the box, as xclip.geometry computes it (the server sends each patch's
 // rectangle as fractions of the view); a box smaller than a patch covers it by its share, not 0 or 1
 function boxCoverage(box, patches, width, height) {
@@ -362,6 +495,7 @@ function showBoxValues() {
     for (const element of chips) {
       element.style.background = "";
       element.style.color = "";
+      element.removeAttribute("title");
       delete element.dataset.value;
     }
     return;
@@ -381,14 +515,71 @@ function showBoxValues() {
     element.dataset.value = String(values[k]);
     element.title = `interaction with the box: ${format(values[k])}`;
   });
+  drawScale($("box-legend-bar"), h, "box-legend-low", "box-legend-high");
   $("box-patches").textContent = patches.length;
   $("box-patches").dataset.patches = JSON.stringify(patches);
   $("box-patches").dataset.weights = JSON.stringify(weights);
   setNumber("box-total", interactions.reduce((sum, _, r) => sum + rowValue(r), 0));
 }
 
+// --- links -----------------------------------------------------------------------------------------------
+// a view's address: #pair=3, then &span=red%20dog (the span's words, and &at=N, the position of its first chip,
+// where those words occur more than once) and &box=x0,y0,x1,y1 (pixels of the image as the page shows it,
+// 320 wide, from its top left)
+function viewLink() {
+  if (!state.pair) return "";
+  const parts = [`pair=${state.pair.index}`];
+  if (state.span) {
+    const text = spanText(state.span);
+    parts.push(`span=${encodeURIComponent(text)}`);
+    if (spanRanges(text).length > 1) parts.push(`at=${state.span[0]}`);
+  }
+  if (state.box) parts.push(`box=${[state.box.x0, state.box.y0, state.box.x1, state.box.y1].join(",")}`);
+  return `#${parts.join("&")}`;
+}
+
+// the browser's address follows the view: a pair opened from the table is a new history entry (push), a span
+// or box chosen in it replaces the entry, so that Back does not step through every drag
+function writeLink(push = false) {
+  const link = viewLink();
+  if (link === state.link) return;
+  state.link = link;
+  history[push ? "pushState" : "replaceState"](null, "", link || window.location.pathname);
+}
+
+// the view a link names: {pair, span, at, box}; null with a notice for a link the page cannot read
+function readLink(hash) {
+  const params = new URLSearchParams(hash.replace(/^#/, ""));
+  const whole = (text) => (/^[0-9]+$/.test(text) ? Number(text) : NaN);
+  const pair = whole(params.get("pair") || "");
+  const at = params.has("at") ? whole(params.get("at")) : undefined;
+  const box = params.has("box") ? params.get("box").split(",").map(Number) : null;
+  if (Number.isNaN(pair) || Number.isNaN(at) || (box && (box.length !== 4 || !box.every(Number.isFinite)))) {
+    notify(`this link names no view the page can show: ${hash} (expected #pair=N, then &span=WORDS, &at=N, &box=X0,Y0,X1,Y1)`);
+    return null;
+  }
+  return { pair, span: params.get("span") || null, at, box };
+}
+
+// opens the view the address names, when it is not the one shown (a loaded, pasted or Back-visited link)
+function followLink() {
+  const hash = window.location.hash;
+  if (!hash || hash === state.link) return;
+  state.link = hash;
+  notify("");
+  const view = readLink(hash);
+  if (view) showPair(view.pair, view).then(() => writeLink()).catch(showError);
+}
+
+// --- messages --------------------------------------------------------------------------------------------
+// a message above the page until the next view is chosen ("": none)
+function notify(message) {
+  $("notice").textContent = message;
+  $("notice").hidden = !message;
+}
+
 function showError(error) {
-  $("run-info").textContent = `error: ${error.message}`;
+  notify(`error: ${error.message}`);
 }
 
 async function main() {
@@ -396,17 +587,25 @@ async function main() {
   bindBox();
   for (const radio of document.querySelectorAll("input[name=scale]")) radio.addEventListener("change", drawMap);
   $("fixed-scale").addEventListener("input", drawMap);
+  window.addEventListener("hashchange", followLink);
+  window.addEventListener("popstate", followLink);
   const summary = await loadSummary();
   await Promise.all([loadTable(), loadFailures()]);
   document.body.dataset.ready = "true";
+  followLink();
   // a run still being written: show what finishes as it finishes
   if (!STATIC && summary.counts.pairs.pending > 0) {
-    const timer = setInterval(async () => {
-      const now = await loadSummary();
-      await loadTable();
-      if (now.counts.pairs.pending === 0) { clearInterval(timer); loadFailures(); }
-    }, 5000);
+    const timer = setInterval(() => pollRun(timer).catch(showError), 5000);
   }
 }
+
+const pollRun = tracked(async (timer) => {
+  const now = await loadSummary();
+  await loadTable();
+  if (now.counts.pairs.pending === 0) {
+    clearInterval(timer);
+    await loadFailures();
+  }
+});
 
 main().catch(showError);
