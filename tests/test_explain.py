@@ -74,9 +74,13 @@ def test_explain_errors_are_clear(tmp_path):
 
 def test_words_the_tokenizer_does_not_know_are_noted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, output = invoke("explain", SCENES / "scene00000.png", "a zebra star")  # the demo's vocabulary has no zebra
-    # named by the caption's own word, not the unknown token's string
-    assert code == 0 and "pair 0: zebra: unknown to the tokenizer" in " ".join(output.split())
+    code, output = invoke("explain", SCENES / "scene00000.png", "a zebra star", "two zebra", "--output", "run")  # the demo's vocabulary has no zebra
+    flat = " ".join(output.split())
+    # named by the caption's own word, not the unknown token's string, once for both captions
+    assert code == 0 and flat.count("zebra") == flat.count("'zebra' is unknown to the tokenizer (2 captions)") + 2
+    # render (which has no run summary) passes on each figure's note, with the token the model read instead
+    code, output = invoke("render", "run", "--pair", "1")
+    assert code == 0 and "pair 1: zebra: unknown to the tokenizer (“zebra” → <unk>)" in " ".join(output.split())
 
 
 def test_the_shipped_model_is_named_xclip_demo_everywhere(tmp_path):
@@ -94,16 +98,20 @@ def test_the_shipped_model_is_named_xclip_demo_everywhere(tmp_path):
     (tmp_path / "run.yaml").write_text(json.dumps({
         "model": {"name": "xclip:nope"}, "data": {"format": "queries", "root": ".", "queries": ["a"]}, "output": {"directory": "r"}}))
     expect(["attribute", tmp_path / "run.yaml"], 2, r"model.name: no shipped model is called 'xclip:nope'")
+    (tmp_path / "run.yaml").write_text(json.dumps({  # "demo" is a hub id, but the error says what was meant
+        "model": {"name": "demo", "local_files_only": True}, "data": {"format": "queries", "root": ".", "queries": ["a"]},
+        "output": {"directory": "r"}}))
+    expect(["attribute", tmp_path / "run.yaml"], 1, r"cannot load model 'demo': .* \(the shipped model is called xclip:demo\)")
 
 
 def test_explain_lists_failures_readably_naming_the_users_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("notes.png").write_text("not an image")
-    code, output = invoke("explain", "notes.png", "a dog", "a blue star")
+    code, output = invoke("explain", "notes.png", "a red star", "a blue star")
     assert code == 3
     # one line for the one problem, with both captions, about the file the user gave (not the run's copy)
     assert output.splitlines() == [
-        "failed (2 captions: “a dog”, “a blue star”): cannot read image notes.png: not an image format Pillow "
+        "failed (2 captions: “a red star”, “a blue star”): cannot read image notes.png: not an image format Pillow "
         "recognises, or the file is damaged"
     ]
 

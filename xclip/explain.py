@@ -43,7 +43,7 @@ class Explanation:
     run_directory: Path
     pairs: list[ExplainedPair]
     summary: RunSummary
-    notes: list[str]  # what the figures note for a reader (words unknown to the tokenizer, clipped values)
+    notes: list[str]  # what the figures note beyond the summary's warnings about inputs (clipped values, a zero map)
 
 
 def explain(
@@ -118,4 +118,4 @@ def explain(
 
     pairs = [ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p), error=error(p))
              for p in range(len(status))]
-    return Explanation(run_directory=output, pairs=pairs, summary=summary, notes=report.notes if report else [])
+    return Explanation(run_directory=output, pairs=pairs, summary=summary, notes=[note for note in report.notes if note not in report.input_notes] if report else [])

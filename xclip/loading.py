@@ -176,6 +176,8 @@ def _load_adapter(name_or_path: str | Path, *, revision: str | None, dtype: str 
             )
         else:
             msg = f"cannot load model {source!r}: {e}"
+        if source in SHIPPED_MODELS:  # "demo": a hub id to transformers, but surely meant the shipped model
+            msg += f"\n(the shipped model is called {SHIPPED_PREFIX}{source})"
         raise ModelFamilyError(msg) from e
     except Exception as e:  # safetensors', pickle's and transformers' own errors about the weights files
         problem = _weights_problem(e, directory if directory.is_dir() else None)

@@ -743,6 +743,8 @@ class RenderReport:
     written: list[Path]
     skipped_without_span: int = 0  # pairs whose caption lacks the span (when no pairs were named)
     notes: list[str] = field(default_factory=list)  # the figures' warnings, "pair 3: ..."
+    # of those, the ones about the pair's inputs (unknown words, a crop), which a run's summary also reports
+    input_notes: list[str] = field(default_factory=list)
 
 
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
@@ -813,6 +815,8 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
         drawn = _draw(view, content, options, halfranges)
         report.written.append(drawn.save(out / f"{drawn.name}.{file_format}"))
         report.notes += [f"{view.title}: {warning}" for warning in drawn.warnings]
+        about_inputs = {*_unknown_note(view.tokens), *_crop_note(view.geometry)}
+        report.input_notes += [f"{view.title}: {warning}" for warning in drawn.warnings if warning in about_inputs]
     return report
 
 
