@@ -284,6 +284,11 @@ def test_a_padded_image_is_drawn_inside_its_square():
     assert (tile[: side // 4 - 2] == tile[0, 0]).all() and (tile[side * 3 // 4 + 2 :] == tile[0, 0]).all()  # the padding
     assert (tile[side // 2, side // 2] == GREEN).all() and (tile[side // 2, 2] == RED).all()  # the image, undimmed
     assert not any("the model saw" in note for note in drawn.notes)
+    # outlines: the colour changes inside the image, but not the padding's edge, which outlines no object
+    map_tile = np.asarray([item[2] for item in drawn.drawn if item[0] == "image"][1])
+    outlined = (map_tile == CONTOUR).all(-1)
+    assert outlined.any(axis=0).sum() >= 2  # the two vertical lines between red, green and blue
+    assert outlined.mean(axis=1).max() < 0.2  # no horizontal line along the padding's edge
 
 
 def test_a_caption_with_no_interaction_gets_a_note_not_a_made_up_scale(monkeypatch):

@@ -77,6 +77,22 @@ class Preprocessing:
         width, height = self.original_size
         return float(_overlap(np.asarray([self.crop_box]), (0.0, 0.0, float(width), float(height)))[0] / (width * height))
 
+    def padding_mask(self, size: tuple[int, int]) -> np.ndarray:
+        """``(height, width)`` bool for a view of the model's input drawn at ``size`` pixels: True where it shows
+        padding (``image.resize: pad``) or lies within a few pixels of it, where an outline detector would find
+        the edge of the padding rather than of an object."""
+        width, height = size
+        x0, y0, x1, y1 = self.crop_box
+        margin = 2 + int(np.ceil(max(size) / 160))  # the outline detector's blur radius and gradient step, and one
+        columns = x0 + (np.arange(width) + 0.5) * (x1 - x0) / width  # each pixel's centre in original pixels
+        rows = y0 + (np.arange(height) + 0.5) * (y1 - y0) / height
+        near_x, near_y = margin * (x1 - x0) / width, margin * (y1 - y0) / height
+        outside_x = (columns < near_x) | (columns > self.original_size[0] - near_x)
+        outside_y = (rows < near_y) | (rows > self.original_size[1] - near_y)
+        pads_x = x0 < 0 or x1 > self.original_size[0]
+        pads_y = y0 < 0 or y1 > self.original_size[1]
+        return (outside_x[None, :] & pads_x) | (outside_y[:, None] & pads_y)
+
     # --- stored as one row of numbers (the run file's images/preprocessing) ----------------------------------
     def to_row(self) -> np.ndarray:
         """``(10,)`` float64: original width, height; crop box; input width, height; grid rows, columns."""

@@ -451,7 +451,7 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
     columns = min(image_slots + len(content.panels), page.columns)
     side = min(px(PANEL_SIDE), (room - (columns - 1) * gap) // columns)
     display = view.image.convert("RGB").resize(_fit(view.image.size, (side, side)), Image.Resampling.BICUBIC)
-    contours = outline_mask(display)
+    contours = outline_mask(display) & ~view.geometry.padding_mask(display.size)  # the padding's edge is no object's
     is_cut = shown != view.geometry.crop_box
     image_room = (min(room, image_slots * side + (image_slots - 1) * gap), side)
     image_tile = _whole_image(view, shown, image_room) if is_cut else display

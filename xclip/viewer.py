@@ -239,11 +239,12 @@ class RunData:
         """The pair's image as the model saw it, at the page's size, and its contours (PNG with alpha)."""
         with RunReader(self.run_dir) as run:
             _, i = _finished_pair_inputs(run, index)
-            view = run.preprocessing(i).model_view(read_image(self._image_file(run, i, f" of pair {index}"))[0])
+            geometry = run.preprocessing(i)
+            view = geometry.model_view(read_image(self._image_file(run, i, f" of pair {index}"))[0])
         width, height = view.size
         display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
         lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
-        lines[outline_mask(display)] = (45, 45, 45, 255)
+        lines[outline_mask(display) & ~geometry.padding_mask(display.size)] = (45, 45, 45, 255)  # the padding's edge is no object's
         return _png(display), _png(Image.fromarray(lines, mode="RGBA"))
 
     def thumbnail(self, image: int, version: str | None = None) -> bytes:
