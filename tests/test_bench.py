@@ -90,3 +90,31 @@ def test_bench_runs_an_open_clip_architecture(tmp_path):
     for key in ("plain_images_per_s", "plain_captions_per_s", "image_ratio_to_plain", "caption_ratio_to_plain"):
         assert report[key] > 0, key  # the ratio is to open_clip's own encode_image / encode_text
     assert report["end_to_end"]["pairs"] == 2  # `xclip attribute` on the open_clip checkpoint, from a config
+
+
+def test_the_gpu_check_runs_in_its_reduced_mode_and_tables_what_it_measured(tmp_path):
+    """CI runs the prepared GPU check on CPU with tiny models, so that it cannot rot before a GPU runs it."""
+    import os
+    import re
+
+    out = tmp_path / "gpu-check"
+    result = subprocess.run(
+        ["bash", str(SCRIPT.with_name("gpu_check.sh")), "--reduced"], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "OUT": str(out), "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stderr
+    junit = (out / "cuda-tests.xml").read_text()
+    assert re.search(r'tests="(\d+)"', junit).group(1) == re.search(r'skipped="(\d+)"', junit).group(1) != "0"  # no CUDA here
+    table = (out / "table.md").read_text()
+    assert result.stdout == table
+    for model in ("clip-tiny", "siglip-tiny", "clip-demo"):
+        adaptive = json.loads((out / f"{model}-float32-adaptive.json").read_text())
+        fixed = json.loads((out / f"{model}-float32-fixed10.json").read_text())
+        assert adaptive["quadrature"] == "adaptive, tolerance 0.001" and fixed["image_nodes_max"] == 10
+        # the table's row is the files' numbers
+        (line,) = [line for line in table.splitlines() if line.startswith(f"| {adaptive['family']} {adaptive['architecture']} |")]
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[2] == f"{adaptive['images_per_s']:.1f} ({adaptive['image_nodes_mean']:.1f} / {adaptive['image_nodes_max']})"
+        assert cells[5] == f"{fixed['images_per_s']:.1f}"
+    end = json.loads((out / "clip-tiny-float32-end-to-end.json").read_text())["end_to_end"]
+    assert f"on {end['pairs']} photo-sized JPEG pairs" in table and f"{end['ratio_to_engine']:.2f} of the engine's speed" in table
