@@ -12,10 +12,22 @@ import yaml
 from typer.testing import CliRunner
 
 from xclip.cli import app
-from xclip.evaluation import DIRECTIONS, METRICS, PhraseScore, _chart, bar_charts, box_weights, chance_levels, read_annotations, summarize
+from xclip.evaluation import (
+    DIRECTIONS,
+    METRICS,
+    PhraseScore,
+    _chart,
+    bar_charts,
+    box_weights,
+    chance_levels,
+    failure_patterns,
+    read_annotations,
+    summarize,
+)
 from xclip.geometry import Preprocessing
 from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.errors import ConfigError
+from xclip.store import RunReader
 
 runner = CliRunner()
 INSIDE = np.zeros((4, 4), dtype=bool)
@@ -221,3 +233,51 @@ def test_coco_instances_converter(tmp_path):
     assert (dog["text"], dog["start"], dog["boxes"]) == ("dogs", 4, [[10, 20, 40, 60], [0, 0, 5, 5]])
     missing = runner.invoke(app, ["convert", "coco-instances", str(tmp_path / "i.json"), str(tmp_path / "out")])
     assert missing.exit_code == 2 and "needs --captions" in missing.output
+
+
+def test_a_planted_miss_is_listed_first_with_its_link_and_counted_in_its_patterns(tmp_path, model_dirs):
+    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
+    _plant(run_file, annotations, model_dirs, correct=True)
+    # one phrase of one pair planted wrong: its map lies wholly outside its boxes
+    index, record = next((k, r) for k, r in enumerate(annotations) if len(r["phrases"]) >= 2)
+    phrase = record["phrases"][0]
+    geometry = Preprocessing((32, 32), (0.0, 0.0, 32.0, 32.0), (32, 32), (4, 4))
+    with RunReader(run_file) as run:
+        rows = run.caption_tokens(run.pair_inputs(index)[0]).rows_overlapping(phrase["start"], phrase["end"])
+    with h5py.File(run_file, "r+") as f:
+        planted = f["pairs/interactions"][index].astype(np.float64)
+        planted[rows, 1:] = np.where(box_weights(phrase["boxes"], geometry) > 0, 0.0, 1.0)
+        plant_map(f, index, planted)
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(tmp_path / "scenes" / "annotations.jsonl"),
+                                 "--misses", "3"])
+    assert result.exit_code == 0, result.output
+    found = json.loads((tmp_path / "run" / "evaluation" / "misses.json").read_text())
+    (miss,) = found["misses"]  # every other phrase's map is in its box
+    assert (miss["pair"], miss["phrase"], miss["energy_in_box"]) == (index, phrase["text"], 0.0)
+    x0, y0, x1, y1 = (round(v * 320 / 32) for v in phrase["boxes"][0])  # the viewer shows the 32-pixel image 320 wide
+    words = phrase["text"].replace(" ", "%20")
+    assert miss["link"] in (f"#pair={index}&span={words}&box={x0},{y0},{x1},{y1}",
+                            f"#pair={index}&span={words}&at={rows[0]}&box={x0},{y0},{x1},{y1}")
+    assert f"http://127.0.0.1:8765/{miss['link']}" in result.output.replace("\n", "")
+    # the patterns count it where it belongs: among phrases of captions naming its number of objects
+    named = len(record["phrases"])
+    group = "4 or more objects named" if named >= 4 else f"{named} objects named"
+    counts = {row["group"]: row for row in found["patterns"]["objects_named"]}
+    n_group = sum(min(len(r["phrases"]), 4) == min(named, 4) for r in annotations for _ in r["phrases"])
+    assert counts[group]["n_phrases"] == n_group
+    assert counts[group]["pointing_game"] == pytest.approx(1 - 1 / n_group)
+    assert all(row["pointing_game"] == 1.0 for name, row in counts.items() if name != group)
+
+
+def test_failure_patterns_group_phrases_by_size_count_and_class():
+    def score(game: float, size: float, named: int, shares: bool) -> PhraseScore:
+        return PhraseScore(0, "p", "c", {"phrase_to_image/pointing_game": game}, {"phrase_to_image/energy_in_box": size},
+                           n_phrases=named, shares_class=shares)
+
+    scores = [score(0.0, 0.01, 1, False), score(1.0, 0.02, 1, False), score(1.0, 0.05, 2, True),
+              score(1.0, 0.06, 2, True), score(1.0, 0.20, 5, False), score(0.0, 0.30, 5, True)]
+    patterns = failure_patterns(scores)
+    assert [(r["n_phrases"], r["pointing_game"]) for r in patterns["object_size"]] == [(2, 0.5), (2, 1.0), (2, 0.5)]
+    assert [(r["group"], r["pointing_game"]) for r in patterns["objects_named"]] == [
+        ("1 object named", 0.5), ("2 objects named", 1.0), ("4 or more objects named", 0.5)]  # no caption named 3
+    assert [r["pointing_game"] for r in patterns["same_class_named"]] == [2 / 3, 2 / 3]

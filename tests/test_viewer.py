@@ -31,6 +31,7 @@ from test_bad_inputs import expect, finished_run, invoke, jsonl_folder, write_co
 from xclip.config import RunConfig, load_config
 from xclip.errors import ConfigError
 from xclip.runner import run
+from xclip.store import RunReader
 from xclip.viewer import PairQuery, RunData, export_site, make_server
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -721,3 +722,25 @@ def test_an_exported_site_opens_from_the_file_system(demo_run, tmp_path, driver)
     rects = np.array(answer["patches"]) * 320
     inside = np.flatnonzero((rects[:, 0] < 160) & (rects[:, 1] < 160)).tolist()
     assert json.loads(attribute(driver, "box-patches", "data-patches")) == inside
+
+
+def test_a_view_link_written_by_python_opens_that_view(finished_run, driver):  # noqa: F811
+    """evaluate's miss list links into the viewer with xclip.viewer.view_link: the page opens what it names."""
+    from selenium.webdriver.common.by import By
+
+    from xclip.viewer import view_link
+
+    with RunReader(finished_run) as run:
+        tokens, geometry = run.caption_tokens(0), run.preprocessing(run.pair_inputs(0)[1])
+    x0, y0, x1, y1 = geometry.crop_box
+    quarter = (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2)  # the top-left quarter of what the model saw
+    start = tokens.caption.index("red dog")
+    link = view_link(0, tokens, geometry, span=(start, start + len("red dog")), box=quarter)
+    assert link == "#pair=0&span=red%20dog&box=0,0,160,160"  # the view is 320 pixels wide
+    with serving(finished_run) as server:
+        driver.get(page_url(server) + link)
+        wait_settled(driver, lambda: attribute(driver, "pair", "data-index") == "0"
+                     and driver.find_element(By.ID, "box-info").is_displayed())
+        assert driver.find_element(By.ID, "selection-text").text == "red dog"
+        patches = json.loads(attribute(driver, "box-patches", "data-patches"))
+        assert patches == list(np.flatnonzero(geometry.box_coverage(quarter) > 0)) == [0, 1, 4, 5]

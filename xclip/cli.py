@@ -467,25 +467,58 @@ def evaluate(
     annotations: Annotated[Path, typer.Option("--annotations", "-a", help="phrase annotations (JSON lines)")],
     out: Annotated[Path | None, typer.Option(help="folder for report.json and the bar charts (default RUN_DIR/evaluation)")] = None,
     seed: Annotated[int, typer.Option(min=0, help="bootstrap seed")] = 0,
+    misses: Annotated[int, typer.Option(min=0, help="list the N worst misses of each class, with viewer links, and the failure patterns")] = 0,
+    miss_figures: Annotated[bool, typer.Option("--miss-figures", help="with --misses: draw the listed misses' phrase maps into OUT/misses")] = False,
 ) -> None:
-    """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals."""
-    from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, score_run, summarize
+    """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals; the
+    phrases whose maps miss their boxes, and the groups of phrases that miss most, in OUT/misses.json."""
+    from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, score_run, summarize, write_misses
 
     with _errors(STORE_FLAGS):
-        report = summarize(score_run(run_dir, annotations), seed=seed)
+        scores = score_run(run_dir, annotations)
+        report = summarize(scores, seed=seed)
         folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         charts = bar_charts(report, folder)
+        found = write_misses(scores, folder / "misses.json", seed=seed)
     table = Table("class", "phrases", *(f"{d.replace('_to_', '→')}\n{m.replace('_', ' ')}" for d in DIRECTIONS for m in METRICS),
                   title="grounding: mean [95% CI] (chance)")
     for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
         cells = [_metric_cell(stats[f"{d}/{m}"]) for d in DIRECTIONS for m in METRICS]
         table.add_row(label, str(stats["n_phrases"]), *cells)
     Console(width=200).print(table)
+    if misses:
+        with _errors(STORE_FLAGS):
+            _print_misses(run_dir, found, misses, folder / "misses" if miss_figures else None)
     print(folder / "report.json")
+    print(folder / "misses.json")
     for chart in charts:
         print(chart)
+
+
+def _print_misses(run_dir: Path, found: dict[str, Any], per_class: int, figures: Path | None) -> None:
+    """The worst misses of each class with their viewer links (and figures), then the failure patterns."""
+    listed: list[dict[str, Any]] = []
+    for label in sorted({miss["label"] for miss in found["misses"]}):
+        listed += [miss for miss in found["misses"] if miss["label"] == label][:per_class]
+    table = Table("class", "pair", "phrase", "energy in box", "image", "link (with `xclip view` on its default port)",
+                  title=f"phrases whose map misses their box: {len(found['misses'])}, the {per_class} worst of each class")
+    for miss in listed:
+        table.add_row(miss["label"], str(miss["pair"]), escape(miss["phrase"]), f"{miss['energy_in_box']:.3f}",
+                      escape(miss["image"]), f"http://127.0.0.1:8765/{miss['link']}")
+    Console(width=200).print(table)
+    for name, rows in found["patterns"].items():
+        patterns = Table(name.replace("_", " "), "phrases", "pointing game [95% CI]", title="where maps miss")
+        for row in rows:
+            patterns.add_row(row["group"], str(row["n_phrases"]), f"{row['pointing_game']:.3f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]")
+        Console(width=200).print(patterns)
+    if figures is not None:
+        from xclip.render import render_run
+
+        for miss in listed:
+            for written in render_run(run_dir, pairs=[miss["pair"]], span=miss["phrase"], out=figures).written:
+                print(written)
 
 
 def _metric_cell(stats: dict[str, Any]) -> str:

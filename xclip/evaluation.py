@@ -29,6 +29,7 @@ from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, PAIRS
 from xclip.store import DONE, RunReader, run_file_path
 from xclip.textfiles import text_lines
+from xclip.viewer import view_link
 
 METRICS = ("pointing_game", "energy_in_box", "mass_ratio")
 DIRECTIONS = ("phrase_to_image", "box_to_phrase")
@@ -41,6 +42,22 @@ class PhraseScore:
     label: str
     values: dict[str, float]  # "<direction>/<metric>" -> score
     chance: dict[str, float]  # "<direction>/<metric>" -> what a map that knows nothing of the phrase scores
+    image: str = ""  # the pair's image, as the run names it
+    link: str = ""  # the viewer's address of the pair with the phrase and its first box (see xclip.viewer.view_link)
+    n_phrases: int = 1  # grounded phrases of the caption: the objects it names
+    shares_class: bool = False  # another phrase of the caption has the same class
+
+
+@dataclass(frozen=True)
+class Miss:
+    """A phrase whose map's largest value lies outside its boxes (phrase -> image pointing game 0)."""
+
+    pair: int
+    phrase: str
+    label: str
+    image: str
+    energy_in_box: float  # the share of its positive mass inside the boxes: the lower, the worse the miss
+    link: str
 
 
 def read_annotations(path: str | Path) -> list[dict[str, Any]]:
@@ -113,7 +130,8 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
             tokens = run.caption_tokens(c)
             geometry = run.preprocessing(i)
             content = ~np.array(tokens.special)  # special tokens are no phrase
-            for phrase in record["phrases"]:
+            labels = [str(p.get("class", "all")) for p in record["phrases"]]
+            for phrase, label in zip(record["phrases"], labels):
                 rows = tokens.rows_overlapping(phrase["start"], phrase["end"])
                 if not rows:
                     continue
@@ -135,11 +153,58 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                     values[f"{direction}/energy_in_box"] = energy_in_box(v, inside)
                     values[f"{direction}/mass_ratio"] = mass_ratio(v, inside)
                     chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
-                scores.append(PhraseScore(int(index), phrase["text"], str(phrase.get("class", "all")), values, chance))
+                link = view_link(int(index), tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(phrase["boxes"][0]))
+                scores.append(PhraseScore(int(index), phrase["text"], label, values, chance, image=paths[i], link=link,
+                                          n_phrases=len(labels), shares_class=labels.count(label) > 1))
     if not scores:
         msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}"
         raise ConfigError(msg)
     return scores
+
+
+def misses(scores: list[PhraseScore]) -> list[Miss]:
+    """The phrases whose map points outside their boxes, worst first (least of their positive mass inside)."""
+    missed = [s for s in scores if s.values["phrase_to_image/pointing_game"] == 0.0]
+    return [Miss(s.pair, s.phrase, s.label, s.image, s.values["phrase_to_image/energy_in_box"], s.link)
+            for s in sorted(missed, key=lambda s: (s.values["phrase_to_image/energy_in_box"], s.pair))]
+
+
+def failure_patterns(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The phrase -> image pointing game (mean and 95 % interval) of groups of phrases, for what the run can
+    tell apart: the object's size (the share of the image's patches its boxes cover, in thirds of the phrases),
+    the number of objects the caption names, and whether the caption names another object of the same class."""
+    game = "phrase_to_image/pointing_game"
+    size = np.array([s.chance["phrase_to_image/energy_in_box"] for s in scores])
+    low, high = np.quantile(size, [1 / 3, 2 / 3])
+    by_size = {
+        f"small (under {low:.1%} of the image)": size < low,
+        f"medium ({low:.1%} to {high:.1%})": (size >= low) & (size < high),
+        f"large ({high:.1%} or more)": size >= high,
+    }
+    named = np.array([s.n_phrases for s in scores])
+    by_count = {f"{n} object{'s' * (n > 1)} named": named == n for n in range(1, 4)}
+    by_count["4 or more objects named"] = named >= 4
+    same = np.array([s.shares_class for s in scores])
+    by_class = {"no other object of its class named": ~same, "another object of its class named": same}
+    values = np.array([s.values[game] for s in scores])
+
+    def rows(groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        out = []
+        for name, members in groups.items():
+            if members.any():
+                ci = bootstrap_ci(values[members], seed=seed)
+                out.append({"group": name, "n_phrases": int(members.sum()), "pointing_game": float(values[members].mean()),
+                            "ci95": list(ci)})
+        return out
+
+    return {"object_size": rows(by_size), "objects_named": rows(by_count), "same_class_named": rows(by_class)}
+
+
+def write_misses(scores: list[PhraseScore], path: Path, *, seed: int = 0) -> dict[str, Any]:
+    """Every miss (worst first, see :func:`misses`) and the :func:`failure_patterns`, as ``path`` (JSON)."""
+    found = {"misses": [vars(miss) for miss in misses(scores)], "patterns": failure_patterns(scores, seed=seed)}
+    path.write_text(json.dumps(found, indent=2) + "\n")
+    return found
 
 
 def chance_levels(inside: np.ndarray) -> dict[str, float]:

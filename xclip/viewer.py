@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import numpy as np
 from PIL import Image
@@ -379,6 +379,31 @@ def _token_map_peak(interactions: np.ndarray, n_prefix: int) -> float:
 def _model_label(name: str) -> str:
     """A hub id as it is; a local checkpoint by its folder's name (the page is shared, the path is private)."""
     return f"local checkpoint {Path(name).name}" if looks_like_path(name) else name
+
+
+def view_link(pair: int, tokens: CaptionTokens, geometry: Preprocessing, *, span: tuple[int, int] | None = None,
+              box: tuple[float, float, float, float] | None = None) -> str:
+    """The page's address (its ``#`` fragment) of a pair, with the words of the caption's characters ``span``
+    selected and a box of original-image pixels drawn, written as the page writes it (``viewLink`` in
+    viewer.js): the span by its words, and ``at`` where those words occur more than once; the box in pixels of
+    the image as the page shows it."""
+    parts = [f"pair={pair}"]
+    if span is not None:
+        chips = _chips(tokens)
+        rows = tokens.rows_overlapping(*span)
+        first = next(k for k, chip in enumerate(chips) if rows[0] in chip["rows"])
+        last = next(k for k, chip in enumerate(chips) if rows[-1] in chip["rows"])
+        texts = [chip["text"] for chip in chips]
+        words = " ".join(texts[first : last + 1])
+        n_runs = sum(" ".join(texts[k : k + last - first + 1]) == words for k in range(len(chips)))
+        parts.append(f"span={quote(words, safe='')}" + (f"&at={first}" if n_runs > 1 else ""))
+    if box is not None:
+        scale = DISPLAY_SIDE / geometry.input_size[0]
+        (x0, y0), (x1, y1) = geometry.to_input(box[0], box[1]), geometry.to_input(box[2], box[3])
+        shown = (DISPLAY_SIDE, round(DISPLAY_SIDE * geometry.input_size[1] / geometry.input_size[0]))
+        corners = [min(max(round(v * scale), 0), shown[k % 2]) for k, v in enumerate((x0, y0, x1, y1))]
+        parts.append("box=" + ",".join(str(v) for v in corners))
+    return "#" + "&".join(parts)
 
 
 def _chips(tokens: CaptionTokens) -> list[dict[str, Any]]:
