@@ -399,3 +399,13 @@ def test_an_open_clip_folder_with_bad_weights_names_the_file(checkpoints, tmp_pa
     make_images(1)[0].save(tmp_path / "photo.png")
     output = expect(["explain", tmp_path / "photo.png", "a red dog", "--model", folder], 1, message)
     assert "None" not in output and "weights_only=False" not in output
+
+
+@pytest.mark.parametrize("resize", ["native", "crop", "pad", "squash"])
+def test_open_clip_patches_lie_where_the_geometry_says_for_every_resize(checkpoints, resize):
+    from test_geometry import assert_patches_where_the_processor_put_them
+
+    model = xclip.load_model("open_clip:xclip-tiny-openai", checkpoint=checkpoints["xclip-tiny-openai"], device="cpu",
+                             image_resize=resize)
+    for size in [(150, 90), (90, 150)]:
+        assert_patches_where_the_processor_put_them(model, size)
