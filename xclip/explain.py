@@ -19,7 +19,7 @@ import yaml
 
 from xclip.config import load_config
 from xclip.errors import ConfigError
-from xclip.geometry import IMAGE_RESIZES
+from xclip.geometry import check_image_resize
 from xclip.render import FigureOptions, render_run
 from xclip.runner import Progress, RunSummary, run
 from xclip.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, FOUR_TERM_VALUE, IMAGES, PAIRS, SCORE
@@ -74,9 +74,7 @@ def explain(
     if not captions:
         msg = "give at least one caption after the image"
         raise ConfigError(msg)
-    if image_resize not in IMAGE_RESIZES:
-        msg = f"image_resize {image_resize!r} is not one of {', '.join(IMAGE_RESIZES)}"
-        raise ConfigError(msg, setting="image_resize")
+    check_image_resize(image_resize)  # before the config is written, so that the message names --resize
     inputs = output / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     copy = inputs / image.name

@@ -74,8 +74,7 @@ class Preprocessing:
     @property
     def seen_share(self) -> float:
         """The share of the original image's area that the model's input shows (1.0 unless a crop cut some)."""
-        width, height = self.original_size
-        return float(_overlap(np.asarray([self.crop_box]), (0.0, 0.0, float(width), float(height)))[0] / (width * height))
+        return float(seen_shares(self.to_row()[None])[0])
 
     def padding_mask(self, size: tuple[int, int]) -> np.ndarray:
         """``(height, width)`` bool for a view of the model's input drawn at ``size`` pixels: True where it shows
@@ -164,6 +163,23 @@ class Preprocessing:
         view = Image.new("RGB", self.input_size, fill)
         view.paste(image.resize(size, Image.Resampling.BICUBIC, box=inside), (left, top))  # type: ignore[attr-defined]
         return view
+
+
+def seen_shares(rows: np.ndarray) -> np.ndarray:
+    """``(N,)``: :attr:`Preprocessing.seen_share` of each of ``N`` stored rows (``(N, 10)``, see
+    :meth:`Preprocessing.to_row`) at once: a run's whole ``images/preprocessing`` column in one step."""
+    width, height = rows[:, 0], rows[:, 1]
+    x0, y0, x1, y1 = (rows[:, k] for k in range(2, 6))
+    inside_w = np.clip(np.minimum(x1, width) - np.maximum(x0, 0.0), 0, None)
+    inside_h = np.clip(np.minimum(y1, height) - np.maximum(y0, 0.0), 0, None)
+    return inside_w * inside_h / (width * height)
+
+
+def check_image_resize(resize: object) -> None:
+    """Refuse a value that is not one of :data:`IMAGE_RESIZES` (:class:`ConfigError` naming ``image_resize``)."""
+    if resize not in IMAGE_RESIZES:
+        msg = f"image_resize {resize!r} is not one of {', '.join(IMAGE_RESIZES)}"
+        raise ConfigError(msg, setting="image_resize")
 
 
 def _overlap(rects: np.ndarray, box: Box) -> np.ndarray:

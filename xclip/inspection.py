@@ -25,7 +25,7 @@ from xclip.schema import (
     UNKNOWN,
     Status,
 )
-from xclip.geometry import Preprocessing
+from xclip.geometry import seen_shares
 from xclip.store import RunReader
 
 DONE, FAILED = Status.DONE, Status.FAILED
@@ -87,7 +87,7 @@ def describe_crops(run: RunReader, warn_above: float) -> dict[str, Any]:
     image's path with the share the model saw, least seen first."""
     finished = np.flatnonzero(run.status(IMAGES) == DONE)
     rows = run.column(IMAGES, PREPROCESSING)[finished]
-    seen = np.array([Preprocessing.from_row(row).seen_share for row in rows])
+    seen = seen_shares(rows)
     cut = np.argsort(seen, kind="stable")
     cut = cut[seen[cut] < 1.0 - warn_above]
     paths = run.image_paths()

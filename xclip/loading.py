@@ -13,7 +13,7 @@ import torch
 
 from xclip.adapters import DualEncoderAdapter, get_adapter_cls
 from xclip.errors import ConfigError, ModelFamilyError
-from xclip.geometry import IMAGE_RESIZES, ImageResize
+from xclip.geometry import ImageResize, check_image_resize
 
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 DTYPES: dict[str, torch.dtype] = {
@@ -130,9 +130,7 @@ def load_model(
         ModelFamilyError: the checkpoint cannot be loaded or its family has no adapter.
         ConfigError: bad dtype or device.
     """
-    if image_resize not in IMAGE_RESIZES:
-        msg = f"image_resize {image_resize!r} is not one of {', '.join(IMAGE_RESIZES)}"
-        raise ConfigError(msg, setting="image_resize")
+    check_image_resize(image_resize)
     adapter = _load_adapter(name_or_path, revision=revision, dtype=dtype, device=device,
                             local_files_only=local_files_only, checkpoint=checkpoint)
     adapter.image_resize = image_resize
