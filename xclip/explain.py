@@ -98,20 +98,21 @@ def explain(
         texts = stored.captions()
         caption_index = stored.column(PAIRS, CAPTION_INDEX)
         errors = stored.errors(PAIRS, list(range(len(status))))
-        # a pair's error is short ("image 0 failed: ..."): the whole story is the failed input's own error
-        image_failed = stored.status(IMAGES)[0] == FAILED
-        input_errors = stored.errors(IMAGES, [0]) * len(status) if image_failed else stored.errors(CAPTIONS, caption_index.tolist())
-        captions_failed = stored.status(CAPTIONS)[caption_index] == FAILED
+        # a pair's own error is cut short ("image 0 failed: ..."): a failed input's error is the whole reason
+        image_error = stored.errors(IMAGES, [0])[0] if stored.status(IMAGES)[0] == FAILED else ""
+        failed_captions = np.flatnonzero(stored.status(CAPTIONS) == FAILED).tolist()
+        caption_errors = dict(zip(failed_captions, stored.errors(CAPTIONS, failed_captions)))
         numbers = np.stack([stored.column(PAIRS, name) for name in _NUMBERS], axis=1)
     numbers = numbers.astype(np.float64)
     numbers[status != DONE] = np.nan  # unfinished items hold no results
     finished = np.flatnonzero(status == DONE).tolist()
     report = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format) if finished else None
     paths = dict(zip(finished, report.written if report else []))
+
     def error(p: int) -> str:  # about the user's file, not the run directory's copy of it
         if p in paths:
             return ""
-        told = input_errors[p] if image_failed or captions_failed[p] else errors[p]
+        told = image_error or caption_errors.get(int(caption_index[p])) or errors[p]
         return (told or "not attributed: the run was interrupted").replace(str(copy), str(image))
 
     pairs = [ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p), error=error(p))
