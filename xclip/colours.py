@@ -12,6 +12,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageFilter
 
+from xclip.geometry import Preprocessing
+
 COLORMAP = "RdBu_r"
 Upsample = Literal["bilinear", "nearest"]
 CONTOUR = (45, 45, 45)  # the outlines' dark grey, which no level of the colour map has
@@ -35,15 +37,17 @@ def map_colours(values: np.ndarray, halfrange: float) -> np.ndarray:
     return _lut()[np.minimum((normalised * 256).astype(np.int64), 255)]
 
 
-def outline_mask(view: Image.Image) -> np.ndarray:
+def outline_mask(view: Image.Image, geometry: Preprocessing | None = None) -> np.ndarray:
     """Where the image's colours change sharply (its shapes' outlines), as a boolean mask: the steepest
     gradients of any colour channel (a red square on a grey of equal brightness has one) of a lightly blurred
     copy (so that texture draws fewer lines), those above a sixth of the near-largest, and never more than a
     tenth of the pixels. No outlines at all where most of them would be specks rather than lines (noise, fine
-    texture): they would pepper the maps without showing a shape."""
-    if _is_speckled(view):
-        return np.zeros((view.size[1], view.size[0]), dtype=bool)
-    return _edges(view)
+    texture): they would pepper the maps without showing a shape. ``view`` drawn from ``geometry`` (the model's
+    view of an image): none along the edge of its padding either, which outlines no object."""
+    edges = _edges(view)
+    if _is_speckled(view, edges):
+        return np.zeros_like(edges)
+    return edges & ~geometry.padding_mask(view.size) if geometry is not None else edges
 
 
 def _edges(view: Image.Image) -> np.ndarray:
@@ -55,13 +59,14 @@ def _edges(view: Image.Image) -> np.ndarray:
     return gradient > threshold
 
 
-def _is_speckled(view: Image.Image) -> bool:
+def _is_speckled(view: Image.Image, edges_of_view: np.ndarray) -> bool:
     """Whether more than ``SPECKLED`` of the outline pixels are specks: judged at one size (200 pixels on the
     long side), so that a figure's DPI does not change the answer. There a shape's outline is a line at least
-    3 pixels thick, so an outline pixel with fewer than 8 others within 2 pixels of it lies in a speck."""
+    3 pixels thick, so an outline pixel with fewer than 8 others within 2 pixels of it lies in a speck.
+    ``edges_of_view`` are the view's own edges: those of a view already at that size."""
     scale = _JUDGED_SIDE / max(view.size)
-    judged = view.resize((max(3, round(view.size[0] * scale)), max(3, round(view.size[1] * scale))), Image.Resampling.BICUBIC)
-    edges = _edges(judged)
+    judged = (max(3, round(view.size[0] * scale)), max(3, round(view.size[1] * scale)))
+    edges = edges_of_view if judged == view.size else _edges(view.resize(judged, Image.Resampling.BICUBIC))
     if not edges.any():
         return False
     counts = np.pad(edges.astype(np.int32), ((3, 2), (3, 2))).cumsum(0).cumsum(1)  # a summed-area table

@@ -239,7 +239,7 @@ def bar_charts(report: dict[str, Any], folder: Path) -> list[Path]:
     return [bar_chart(report, folder / f"{d}_{m}.png", f"{d}/{m}") for d in DIRECTIONS for m in METRICS]
 
 
-def bar_chart(report: dict[str, Any], path: Path, metric: str = "phrase_to_image/pointing_game") -> Path:
+def bar_chart(report: dict[str, Any], path: Path, metric: str) -> Path:
     """A bar per class of one metric, with its 95 % interval and its chance level; the overall mean as a line."""
     figure = _chart(report, metric)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,7 @@ class Figure:
     dpi: int
     notes: list[str] = field(default_factory=list)  # everything written under the figure
     warnings: list[str] = field(default_factory=list)  # of those, what a caller should pass on (unknown words, clipping)
+    input_warnings: list[str] = field(default_factory=list)  # of those, the ones about the pair's inputs (unknown words, a crop)
     drawn: tuple[tuple[Any, ...], ...] = ()  # what drew the picture, replayed for SVG and PDF (see _Canvas)
 
     def save(self, path: str | Path) -> Path:
@@ -225,11 +226,13 @@ class _Content:
     box: tuple[float, float, float, float] | None
     notes: list[str]  # drawn under the figure
     warnings: list[str]  # drawn too, and told to whoever drew the figure
+    input_warnings: list[str]  # the first of the warnings: about the pair's inputs (unknown words, a crop)
 
 
 def _content(view: PairView, span: str | None, box: tuple[float, float, float, float] | None,
              skip_words: frozenset[str]) -> _Content:
-    warnings = [*_unknown_note(view.tokens), *_crop_note(view.geometry)]
+    input_warnings = [*_unknown_note(view.tokens), *_crop_note(view.geometry)]
+    warnings = list(input_warnings)
     if not np.any(view.interactions):  # said instead of drawing a made-up scale
         warnings.append(_NOTHING)
     notes: list[str] = []
@@ -239,7 +242,7 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
         label = view.tokens.label(rows)
         patch_map = view.patch_map(rows)
         return _Content(f"{stem}_span-{_slug(label)}", [_panel(f"'{label}'", patch_map)],
-                        view.word_totals(), _WORD_TOTAL, rows, box, notes, warnings)
+                        view.word_totals(), _WORD_TOTAL, rows, box, notes, warnings, input_warnings)
     if box is not None:
         weights = view.geometry.box_coverage(box)
         words = view.word_totals(weights)
@@ -251,7 +254,7 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
         if outside > 0:
             warnings.append(f"{outside:.0%} of the box lies outside the part of the image the model sees (the crop)")
         return _Content(f"{stem}_box-{_slug(' '.join(f'{v:g}' for v in box))}", [], words,
-                        "each coloured by its interaction with the box's patches", [], box, notes, warnings)
+                        "each coloured by its interaction with the box's patches", [], box, notes, warnings, input_warnings)
     words = view.word_totals()
     panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words if not _is_skipped(word, skip_words)]
     skipped = [word for word, _, _ in words if _is_skipped(word, skip_words)]
@@ -259,12 +262,12 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
         notes.append(f"no panel for {_quoted(skipped)} (stop-words and punctuation; drawing all words shows them)")
     if not panels:  # a caption of stop-words only: draw them rather than nothing
         panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words]
-    return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes, warnings)
+    return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes, warnings, input_warnings)
 
 
 def _unknown_note(tokens: CaptionTokens) -> list[str]:
     """Words the tokenizer does not know, each with the token it reads instead: “zebra” → <unk>."""
-    read_as = {tokens.text_of(row): tokens.tokens[row] for row, is_unknown in enumerate(tokens.unknown) if is_unknown}
+    read_as = tokens.unknown_tokens()
     if not read_as:
         return []
     pairs = ", ".join(f"“{word}” → {token}" for word, token in read_as.items())
@@ -451,7 +454,7 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
     columns = min(image_slots + len(content.panels), page.columns)
     side = min(px(PANEL_SIDE), (room - (columns - 1) * gap) // columns)
     display = view.image.convert("RGB").resize(_fit(view.image.size, (side, side)), Image.Resampling.BICUBIC)
-    contours = outline_mask(display) & ~view.geometry.padding_mask(display.size)  # the padding's edge is no object's
+    contours = outline_mask(display, view.geometry)
     is_cut = shown != view.geometry.crop_box
     image_room = (min(room, image_slots * side + (image_slots - 1) * gap), side)
     image_tile = _whole_image(view, shown, image_room) if is_cut else display
@@ -512,7 +515,8 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
                         small_font, px)
     for n, line in enumerate(note_lines):
         pen.text((margin, notes_top + n * _line(small_font)), line, fill=(90, 90, 90), font=small_font)
-    return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, warnings, tuple(pen.drawn))
+    return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, warnings, content.input_warnings,
+                  tuple(pen.drawn))
 
 
 def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
@@ -815,8 +819,7 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
         drawn = _draw(view, content, options, halfranges)
         report.written.append(drawn.save(out / f"{drawn.name}.{file_format}"))
         report.notes += [f"{view.title}: {warning}" for warning in drawn.warnings]
-        about_inputs = {*_unknown_note(view.tokens), *_crop_note(view.geometry)}
-        report.input_notes += [f"{view.title}: {warning}" for warning in drawn.warnings if warning in about_inputs]
+        report.input_notes += [f"{view.title}: {warning}" for warning in drawn.input_warnings]
     return report
 
 

@@ -118,7 +118,11 @@ class CaptionTokens:
 
     def unknown_words(self) -> list[str]:
         """The caption text of every unknown token, in order, each once."""
-        return list(dict.fromkeys(self.text_of(row) for row, is_unknown in enumerate(self.unknown) if is_unknown))
+        return list(self.unknown_tokens())
+
+    def unknown_tokens(self) -> dict[str, str]:
+        """Each word the tokenizer does not know (the caption's text, in order) with the token it reads instead."""
+        return {self.text_of(row): self.tokens[row] for row, is_unknown in enumerate(self.unknown) if is_unknown}
 
 
 def check_span(span: str) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from xclip.adapters.base import read_image
-from xclip.colours import COLORMAP, outline_mask
+from xclip.colours import COLORMAP, CONTOUR, outline_mask
 from xclip.digests import has_changed
 from xclip.errors import ConfigError, XclipError
 from xclip.geometry import Preprocessing
@@ -244,7 +244,7 @@ class RunData:
         width, height = view.size
         display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
         lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
-        lines[outline_mask(display) & ~geometry.padding_mask(display.size)] = (45, 45, 45, 255)  # the padding's edge is no object's
+        lines[outline_mask(display, geometry)] = (*CONTOUR, 255)
         return _png(display), _png(Image.fromarray(lines, mode="RGBA"))
 
     def thumbnail(self, image: int, version: str | None = None) -> bytes:
