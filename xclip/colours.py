@@ -24,7 +24,8 @@ _JUDGED_SIDE = 200
 
 
 @lru_cache(maxsize=1)
-def _lut() -> np.ndarray:
+def colour_table() -> np.ndarray:
+    """``(256, 3)`` uint8: the colour map's levels, as the figures and the viewer's page draw them."""
     from matplotlib import colormaps
 
     return colormaps[COLORMAP](np.linspace(0.0, 1.0, 256), bytes=True)[:, :3]
@@ -34,7 +35,7 @@ def map_colours(values: np.ndarray, halfrange: float) -> np.ndarray:
     """``(..., 3)`` uint8: the colour bar's colour of each value (values beyond ``halfrange`` clip to its
     ends); matplotlib's ``RdBu_r`` with its 256 levels, indexed as matplotlib indexes it."""
     normalised = np.clip((np.asarray(values, dtype=np.float64) / halfrange + 1.0) / 2.0, 0.0, 1.0)
-    return _lut()[np.minimum((normalised * 256).astype(np.int64), 255)]
+    return colour_table()[np.minimum((normalised * 256).astype(np.int64), 255)]
 
 
 def outline_mask(view: Image.Image, geometry: Preprocessing | None = None) -> np.ndarray:

@@ -40,7 +40,6 @@ from PIL.PngImagePlugin import PngInfo
 
 from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, Upsample, map_colours, map_panel, outline_mask
-from xclip.digests import has_changed
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
 from xclip.result import InteractionMap
@@ -713,14 +712,7 @@ def check_box_inside(box: tuple[float, float, float, float], size: tuple[int, in
 
 def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
     c, i = run.pair_inputs(index)
-    image_path = data_root / run.image_path(i)
-    if not image_path.is_file():
-        msg = f"image {image_path} of pair {index} is not there: was the data moved? give the images' new folder"
-        raise ConfigError(msg, setting="data_root")
-    if has_changed(image_path, run.image_file(i)):
-        msg = (f"image {image_path} of pair {index} changed since it was attributed (its content differs from the "
-               "digest in the run file): its map is of the old picture; resume the run to attribute it again")
-        raise ConfigError(msg)
+    image_path = run.image_source(i, data_root, owner=f" of pair {index}")
     geometry = run.preprocessing(i)
     original = read_image(image_path)[0]
     return PairView(

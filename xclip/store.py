@@ -29,8 +29,8 @@ import h5py
 import numpy as np
 
 from xclip import schema
-from xclip.digests import FileIdentity
-from xclip.errors import StoreError
+from xclip.digests import FileIdentity, has_changed
+from xclip.errors import ConfigError, StoreError
 from xclip.files import DISK_FULL, install_file, is_disk_full, no_space, size_text
 from xclip.locking import writer_lock
 from xclip.geometry import Preprocessing
@@ -620,6 +620,25 @@ class RunReader:
         result = interaction_map(self.contributions("captions", caption), self.contributions("images", image), logit_scale=scale)
         return result.interactions.numpy()
 
+    def image_source(self, image: int, data_root: Path | None = None, *, owner: str = "") -> Path:
+        """A finished image's file under the data root (see :meth:`data_root`), checked: there, and unchanged
+        since it was attributed; ``owner`` says whose image it is in the messages (``" of pair 3"``).
+
+        Raises:
+            MissingImage: no file there (the data moved: name the images' new folder).
+            ConfigError: the file changed since it was attributed, so the stored map is of another picture.
+        """
+        stored = self.image_path(image)
+        path = self.data_root(data_root) / stored
+        if not path.is_file():
+            msg = f"image {path}{owner} is not there: was the data moved? give the images' new folder"
+            raise MissingImage(msg, setting="data_root")
+        if has_changed(path, self.image_file(image)):
+            msg = (f"image {stored}{owner} changed since it was attributed (its content differs from the digest in the "
+                   "run file): its map is of the old picture; resume the run to attribute it again")
+            raise ConfigError(msg)
+        return path
+
     def data_root(self, override: Path | None = None) -> Path:
         """The images' folder: ``override``, the run's ``data.root``, or, when that is gone, the same folder
         relative to the run (a project moved as a whole)."""
@@ -628,6 +647,10 @@ class RunReader:
         configured = self.settings.data.root
         moved = (self.path.parent / str(self.attrs.get("data_root_from_run", ""))).resolve()
         return moved if not configured.is_dir() and moved.is_dir() else configured
+
+
+class MissingImage(ConfigError):
+    """A finished image's file is not where the run read it: the data moved (see :meth:`RunReader.image_source`)."""
 
 
 class RunWriter(RunReader):

@@ -38,8 +38,7 @@ import numpy as np
 from PIL import Image
 
 from xclip.adapters.base import read_image
-from xclip.colours import COLORMAP, CONTOUR, outline_mask
-from xclip.digests import has_changed
+from xclip.colours import COLORMAP, CONTOUR, colour_table, outline_mask
 from xclip.errors import ConfigError, XclipError
 from xclip.geometry import Preprocessing
 from xclip.loading import looks_like_path
@@ -58,7 +57,7 @@ from xclip.schema import (
     TERMS,
     Status,
 )
-from xclip.store import RunReader
+from xclip.store import MissingImage, RunReader
 from xclip.tokens import CaptionTokens
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -140,9 +139,7 @@ class RunData:
                 counts[group] = {code.label: int((status == code).sum()) for code in Status}
                 counts[group]["total"] = len(status)
             attribution = run.settings.attribution.model_dump(mode="json")
-            from matplotlib import colormaps
-
-            lut = colormaps[COLORMAP](np.linspace(0, 1, 256), bytes=True)[:, :3]
+            lut = colour_table()
             return {
                 "run": run.path.parent.resolve().name,
                 "model": _model_label(run.settings.model.name),
@@ -270,22 +267,15 @@ class RunData:
         return _png(picture)
 
     def _image_file(self, run: RunReader, image: int, owner: str = "") -> Path:
-        """A finished image's file, checked: inside the data root, there, and unchanged since it was attributed
-        (``owner`` says whose image it is in the messages)."""
+        """A finished image's file, checked: inside the data root (before the file is touched), then as
+        :meth:`RunReader.image_source` checks it (``owner`` says whose image it is in the messages)."""
         root = run.data_root(self.data_root).resolve()
         stored = run.image_path(image)
         path = (root / stored).resolve()  # an absolute ``stored`` replaces the root; links are followed
         if not path.is_relative_to(root):
             msg = f"image {stored!r}{owner} lies outside the data root (through '..', an absolute path or a link): not served"
             raise OutsideDataRoot(msg)
-        if not path.is_file():
-            msg = f"image {path} is not there: was the data moved? give the images' new folder"
-            raise NotFound(msg, setting="data_root")
-        if has_changed(path, run.image_file(image)):
-            msg = (f"image {stored}{owner} changed since it was attributed: its map is of the old picture; "
-                   "resume the run to attribute it again")
-            raise ConfigError(msg)
-        return path
+        return run.image_source(image, root, owner=owner)
 
     def public(self, text: str) -> str:
         """``text`` without the machine's folders: the data root is cut (paths read relative to it, as the run
@@ -472,7 +462,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
         except XclipError as e:
-            status = {NotFound: HTTPStatus.NOT_FOUND, OutsideDataRoot: HTTPStatus.FORBIDDEN}.get(type(e), HTTPStatus.BAD_REQUEST)
+            status = {NotFound: HTTPStatus.NOT_FOUND, MissingImage: HTTPStatus.NOT_FOUND,
+                      OutsideDataRoot: HTTPStatus.FORBIDDEN}.get(type(e), HTTPStatus.BAD_REQUEST)
             self._json({"error": self.data.public(str(e))}, status)
 
     def _is_own_host(self) -> bool:
