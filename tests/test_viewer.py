@@ -31,6 +31,7 @@ from test_bad_inputs import expect, finished_run, invoke, jsonl_folder, write_co
 from xclip.config import RunConfig, load_config
 from xclip.errors import ConfigError
 from xclip.runner import run
+from xclip.geometry import Preprocessing
 from xclip.store import RunReader
 from xclip.viewer import PairQuery, RunData, export_site, make_server
 
@@ -220,12 +221,15 @@ def test_each_row_names_its_image_with_a_thumbnail_the_browser_keeps(server, dem
 
 def test_a_large_image_is_thumbnailed_small(tmp_path, model_dirs):
     jsonl_folder(tmp_path, '{"file_name": "wide.png", "text": "a wide picture"}')
-    Image.new("RGB", (400, 200), (200, 30, 30)).save(tmp_path / "images" / "wide.png")
+    wide = Image.new("RGB", (400, 200), (200, 30, 30))
+    wide.paste((30, 30, 200), (200, 0, 400, 200))  # red left, blue right: a flipped or cropped thumbnail shows
+    wide.save(tmp_path / "images" / "wide.png")
     run(load_config(write_config(tmp_path, model_dirs["clip"])))
     data = RunData(tmp_path / "run")
     (row,) = [row for row in data.pairs(PairQuery())["rows"] if row["image"] == "wide.png"]
     thumbnail = Image.open(io.BytesIO(data.thumbnail(row["image_index"])))
-    assert thumbnail.size == (80, 40) and thumbnail.getpixel((40, 20)) == (200, 30, 30)
+    assert thumbnail.size == (80, 40) and thumbnail.getpixel((20, 20)) == (200, 30, 30)
+    assert thumbnail.getpixel((60, 20)) == (30, 30, 200)
 
 
 def test_a_busy_port_is_named(demo_run):
@@ -724,19 +728,29 @@ def test_an_exported_site_opens_from_the_file_system(demo_run, tmp_path, driver)
     assert json.loads(attribute(driver, "box-patches", "data-patches")) == inside
 
 
+def quarter_link(run_dir: Path) -> tuple[str, Preprocessing, tuple[float, float, float, float]]:
+    """view_link of pair 0 with its words "red dog" and the top-left quarter of what the model saw."""
+    from xclip.viewer import view_link
+
+    with RunReader(run_dir) as run:
+        tokens, geometry = run.caption_tokens(0), run.preprocessing(run.pair_inputs(0)[1])
+    x0, y0, x1, y1 = geometry.crop_box
+    quarter = (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2)
+    start = tokens.caption.index("red dog")
+    return view_link(0, tokens, geometry, span=(start, start + len("red dog")), box=quarter), geometry, quarter
+
+
+def test_a_view_link_is_written_as_the_page_writes_it(finished_run):  # noqa: F811
+    link, _, _ = quarter_link(finished_run)
+    assert link == "#pair=0&span=red%20dog&box=0,0,160,160"  # the view is 320 pixels wide
+
+
+@browser
 def test_a_view_link_written_by_python_opens_that_view(finished_run, driver):  # noqa: F811
     """evaluate's miss list links into the viewer with xclip.viewer.view_link: the page opens what it names."""
     from selenium.webdriver.common.by import By
 
-    from xclip.viewer import view_link
-
-    with RunReader(finished_run) as run:
-        tokens, geometry = run.caption_tokens(0), run.preprocessing(run.pair_inputs(0)[1])
-    x0, y0, x1, y1 = geometry.crop_box
-    quarter = (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2)  # the top-left quarter of what the model saw
-    start = tokens.caption.index("red dog")
-    link = view_link(0, tokens, geometry, span=(start, start + len("red dog")), box=quarter)
-    assert link == "#pair=0&span=red%20dog&box=0,0,160,160"  # the view is 320 pixels wide
+    link, geometry, quarter = quarter_link(finished_run)
     with serving(finished_run) as server:
         driver.get(page_url(server) + link)
         wait_settled(driver, lambda: attribute(driver, "pair", "data-index") == "0"
