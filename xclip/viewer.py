@@ -157,7 +157,8 @@ class RunData:
             status = run.status(PAIRS)
             captions = run.captions()
             caption_index = run.column(PAIRS, CAPTION_INDEX)
-            score = _finished_column(run, SCORE, status)
+            numbers = _finished_numbers(run, status)  # read once: filtered, sorted and shown
+            score = numbers[SCORE]
             keep = np.ones(len(status), dtype=bool)
             if query.status != "all":
                 keep &= status == Status[query.status.upper()]
@@ -167,9 +168,8 @@ class RunData:
                 keep &= holds[caption_index] if len(captions) else keep
             if math.isfinite(query.min_score) or math.isfinite(query.max_score):
                 keep &= (score >= query.min_score) & (score <= query.max_score)
-            relative = _finished_column(run, RELATIVE_COMPLETENESS_ERROR, status)
             if math.isfinite(query.max_error):
-                keep &= relative <= query.max_error
+                keep &= numbers[RELATIVE_COMPLETENESS_ERROR] <= query.max_error
             chosen = np.flatnonzero(keep)
             if query.sort in ("caption", "image"):
                 names = captions if query.sort == "caption" else run.image_paths()
@@ -179,20 +179,21 @@ class RunData:
             elif query.sort == "index":
                 order = np.arange(len(chosen))
             else:
-                values = status if query.sort == "status" else _finished_column(run, query.sort, status)
+                values = status if query.sort == "status" else numbers[query.sort]
                 # unfinished pairs (NaN) sort last either way
                 key = np.nan_to_num(values[chosen].astype(np.float64), nan=-np.inf if query.descending else np.inf)
                 order = np.argsort(key, kind="stable")
             if query.descending:
                 order = order[::-1]
             page = chosen[order][query.offset : query.offset + query.limit]
-            rows = self._rows(run, page, status)
+            rows = self._rows(run, page, status, numbers)
             return {"total": int(len(chosen)), "offset": query.offset, "rows": rows}
 
     def rows(self, indices: list[int]) -> list[dict[str, Any]]:
         """The table rows of the given pairs, in that order."""
         with RunReader(self.run_dir) as run:
-            return self._rows(run, np.asarray(indices, dtype=np.int64), run.status(PAIRS))
+            status = run.status(PAIRS)
+            return self._rows(run, np.asarray(indices, dtype=np.int64), status, _finished_numbers(run, status))
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Failed captions and images with their reasons (their pairs fail with them), then failed pairs
@@ -291,11 +292,11 @@ class RunData:
                 text = text[:start] + "…"
         return text
 
-    def _rows(self, run: RunReader, pairs: np.ndarray, status: np.ndarray) -> list[dict[str, Any]]:
-        """Table rows of ``pairs`` (``status``: every pair's): each column read once, whatever the number of rows."""
+    def _rows(self, run: RunReader, pairs: np.ndarray, status: np.ndarray, numbers: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        """Table rows of ``pairs`` (``status`` and ``numbers``: every pair's, see :func:`_finished_numbers`):
+        each column read once, whatever the number of rows."""
         captions, paths = run.captions(), run.image_paths()
         caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
-        numbers = {name: _finished_column(run, name, status) for name in PAIR_TABLE_NUMBERS}
         errors = run.errors(PAIRS, pairs.tolist())
         thumbnails = _thumbnail_urls(run, image_index[pairs])
         return [
@@ -334,12 +335,14 @@ def _finished_pair_inputs(run: RunReader, index: int) -> tuple[int, int]:
     return run.pair_inputs(index)
 
 
-def _finished_column(run: RunReader, name: str, status: np.ndarray) -> np.ndarray:
-    """A pair column with NaN wherever the pair is not done: the file holds zeros there, which would sort, filter
-    and show as values (a run whose pairs are still pending listed them first, sorted by error, as 0)."""
-    values = run.column(PAIRS, name).astype(np.float64)
-    values[status != Status.DONE] = np.nan
-    return values
+def _finished_numbers(run: RunReader, status: np.ndarray) -> dict[str, np.ndarray]:
+    """The pair table's number columns with NaN wherever the pair is not done: the file holds zeros there,
+    which would sort, filter and show as values (a run whose pairs are still pending listed them first, sorted
+    by error, as 0)."""
+    numbers = {name: run.column(PAIRS, name).astype(np.float64) for name in PAIR_TABLE_NUMBERS}
+    for values in numbers.values():
+        values[status != Status.DONE] = np.nan
+    return numbers
 
 
 def _image_version(sha256: bytes) -> str:
