@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative completeness tolerance")
     parser.add_argument("--n-steps", type=int, help="a fixed rule of N nodes instead of the adaptive one")
+    parser.add_argument("--panel-layout", default="auto", help="auto (the model's calibrated layout, if any), default, or a layout file")
     parser.add_argument("--naive-steps", type=int, default=10, help="nodes of the naive algorithm (the paper's N)")
     parser.add_argument("--internal-batch-size", type=int, default=64)
     parser.add_argument("--caption-words", type=int, default=12)
@@ -199,7 +200,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     model = load(args.family, args.architecture, args.device, args.dtype)
     attributor = xclip.InteractionAttribution(
-        model, **quadrature_settings(args), internal_batch_size=args.internal_batch_size
+        model, **quadrature_settings(args), internal_batch_size=args.internal_batch_size, panel_layout=args.panel_layout
     )
     n = args.batch_size
     caption_texts, images = inputs(model, args.architecture, n, args.caption_words)
@@ -240,6 +241,7 @@ def main() -> None:
         "dtype": args.dtype,
         "batch_size": n,
         "quadrature": f"fixed, {args.n_steps} nodes" if args.n_steps else f"adaptive, tolerance {args.tolerance:g}",
+        "panel_layout": None if args.n_steps else "calibrated" if attributor.panel_layout.is_calibrated else "default",
         "caption_tokens": max(captions.n_positions),
         "image_positions": int(image_contributions[0].values.shape[0]),
         "text_positions": model.max_text_positions,  # the stored arrays' sizes (scripts/plan.py reads them)
@@ -349,7 +351,10 @@ def node_counts(kind: str, items: list[xclip.Contributions]) -> dict[str, float]
     return {
         f"{kind}_nodes_mean": sum(nodes) / len(nodes),
         f"{kind}_nodes_max": max(nodes),
+        # panel edges: plain forward passes of the layers above the cut, counted apart from the nodes
+        f"{kind}_endpoints_mean": sum(item.n_endpoints for item in items) / len(items),
         f"{kind}_relative_error_max": max(relative),
+        f"{kind}_map_error_estimate_max": max(item.map_error_estimate for item in items),
         f"{kind}_not_converged": sum(not item.is_converged for item in items),
     }
 

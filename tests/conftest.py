@@ -76,6 +76,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _layout_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets an empty layout cache of its own: the user's calibrations never reach a test."""
+    cache = tmp_path_factory.mktemp("layouts")
+    monkeypatch.setenv("XCLIP_LAYOUT_CACHE", str(cache))
+    return cache
+
+
 def plant_map(f, pair: int, interactions: np.ndarray) -> None:
     """Replace a stored pair map in an open run file, with the checksum that readers verify (a plant without it
     is refused as damage)."""

@@ -679,7 +679,7 @@ def test_unreadable_run_file(finished_run, damage, message):
 def test_run_file_of_another_schema_version(finished_run):
     with h5py.File(finished_run / "run.h5", "r+") as f:
         f.attrs["schema_version"] = 1
-    expect(["inspect", finished_run], 1, r"run.h5 has schema version 1, this xclip reads 4")
+    expect(["inspect", finished_run], 1, r"run.h5 has schema version 1, this xclip reads 5")
 
 
 def test_moved_images_are_named_and_found_again(finished_run, tmp_path):

@@ -81,7 +81,8 @@ def test_adaptive_result_equals_a_converged_fixed_rule(demo_inputs):
 def test_a_low_cap_flags_the_inputs_that_miss_the_tolerance(demo_inputs):
     model = xclip.load_model(DEMO_MODEL, dtype="float64", device="cpu")
     captions, images = demo_inputs
-    inputs = attribute_inputs(xclip.InteractionAttribution(model, max_steps=MIN_ADAPTIVE_STEPS), captions, images)
+    attributor = xclip.InteractionAttribution(model, max_steps=MIN_ADAPTIVE_STEPS, panel_layout="default")
+    inputs = attribute_inputs(attributor, captions, images)
     assert sum(not item.is_converged for item in inputs) >= 12
     assert all(item.n_nodes == MIN_ADAPTIVE_STEPS for item in inputs)
     assert_flags_are_honest(inputs, DEFAULT_TOLERANCE)

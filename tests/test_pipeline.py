@@ -332,14 +332,15 @@ def test_run_file_records_nodes_and_convergence_per_input(tmp_path):
 
 def test_inputs_that_miss_the_tolerance_are_finished_flagged_and_listed(tmp_path):
     write_demo_folder(tmp_path, 4)
-    config = write_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution={"n_steps": None, "max_steps": 16})
+    attribution = {"n_steps": None, "max_steps": 12, "panel_layout": "default"}  # the first panels' nodes, no more
+    config = write_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution=attribution)
     result = runner.invoke(app, ["attribute", str(config), "--json"])
     assert result.exit_code == 0, result.output  # finished: the maps are written, the misses flagged
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["done"] == 4
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         flagged = {group: np.flatnonzero(~f[group]["is_converged"][:]).tolist() for group in ("captions", "images")}
-        assert (f["captions/n_nodes"][:] == 16).all() and (f["images/n_nodes"][:] == 16).all()
+        assert (f["captions/n_nodes"][:] == 12).all() and (f["images/n_nodes"][:] == 12).all()
         assert (f["pairs/status"][:] == 1).all()
         for group, indices in flagged.items():
             relative = f[group]["relative_completeness_error"][:]
@@ -361,7 +362,7 @@ def test_inputs_that_miss_the_tolerance_are_finished_flagged_and_listed(tmp_path
         (["attribution.n_steps=", "attribution.tolerance="], "give a tolerance to adapt to, or n_steps for a fixed rule"),
         (["attribution.n_steps=", "attribution.convention=reference"], "'reference' reproduces the reference code's fixed rule"),
         (["attribution.n_steps=", "attribution.rule=midpoint"], "'midpoint' is for fixed-step comparisons"),
-        (["attribution.max_steps=8"], "attribution.max_steps: Input should be greater than or equal to 16"),
+        (["attribution.max_steps=8"], "attribution.max_steps: Input should be greater than or equal to 12"),
     ],
 )
 def test_quadrature_settings_are_checked_before_the_model_loads(folder_config, overrides, message):

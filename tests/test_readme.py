@@ -23,7 +23,7 @@ def test_readme_api_example_runs(tmp_path):
     error, value, bound = re.match(r"completeness error (\S+) of (\S+), bound (\S+)", lines[2]).groups()
     assert float(error) <= 1e-3 * abs(float(value)) and float(error) <= float(bound)
     assert lines[3] == "True"
-    assert lines[4] == "16 True"
+    assert lines[4] == "12 True"
     assert lines[5] == "pair.pdf (755, 739)" and (tmp_path / "pair.pdf").read_bytes().startswith(b"%PDF-")
 
 

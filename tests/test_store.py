@@ -865,9 +865,9 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
         embedding_dim=E, grid=(1, 2), n_prefix=1,
     )
     array = 2 if precision == "float16" else 4
-    # status, error, embedding and reference embedding, 3 float errors, n_nodes, is_converged, checksum,
-    # contributions
-    inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 1 + 4
+    # status, error, embedding and reference embedding, 3 float errors, n_nodes, n_endpoints, the map error
+    # estimate, is_converged, checksum, contributions
+    inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 4 + 4 + 1 + 4
     # + token ids, tokens, offsets, special and unknown flags, n_positions, is_truncated
     caption = inputs + L * array * E + L * 4 + L * 48 + L * 8 + 2 * L + 4 + 1
     # + original size, preprocessing, notes, the file's sha256, size and modification time

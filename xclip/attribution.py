@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -22,6 +23,7 @@ from xclip.core.interaction import MODES, Mode, contributions, four_term_value, 
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule, check_quadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError, hint_unknown_arguments
+from xclip.layouts import PanelLayout, find_layout, layout_from_file, path_settings, weights_fingerprint
 from xclip.result import Contributions, InteractionMap, PairNumbers, relative_error
 
 Convention = Literal["exact", "reference"]
@@ -45,7 +47,7 @@ class InteractionAttribution:
         n_steps: a fixed rule of N nodes instead (for comparisons with published figures and the reference
             convention); ``tolerance`` then only flags inputs that miss it (None: no flag).
         rule: rule of the fixed-step mode: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right``
-            (the reference code's rule). The adaptive rule is composite Gauss-Legendre.
+            (the reference code's rule). The adaptive rule is nested Gauss-Patterson panels.
         convention: ``exact`` (normalisation inside g, one pooled position: maps sum to the four-term value up
             to quadrature error) or ``reference`` (reproduces the paper's public code; needs ``n_steps``).
         text_filler: token id that replaces caption tokens in the text reference (default: pad token).
@@ -53,6 +55,10 @@ class InteractionAttribution:
         scale_by_logit: multiply maps and scores by the model's logit scale.
         mode: ``auto``, ``forward`` or ``reverse`` differentiation.
         internal_batch_size: sequences pushed through the upper encoder at once (memory knob).
+        panel_layout: where the adaptive rule's first panels end: ``auto`` (this model's calibrated layout for
+            these settings, found beside a local checkpoint or in the layout cache; else the default), ``default``,
+            a layout file from ``xclip calibrate``, or a :class:`~xclip.layouts.PanelLayout`. The layout changes the
+            cost, not the guarantee.
 
     Every setting is checked here (a :class:`~xclip.errors.ConfigError` names a bad one) and fixed afterwards:
     assigning to an attribute raises ``AttributeError``, so the maps always match the settings they report.
@@ -78,6 +84,7 @@ class InteractionAttribution:
         scale_by_logit: bool = False,
         mode: Mode = "auto",
         internal_batch_size: int = 64,
+        panel_layout: PanelLayout | str | Path = "auto",
     ) -> None:
         _check_choice("convention", convention, CONVENTIONS)
         _check_choice("image_reference", image_reference, IMAGE_REFERENCES)
@@ -99,10 +106,18 @@ class InteractionAttribution:
             msg = f"scale_by_logit must be true or false, got {scale_by_logit!r}"
             raise ConfigError(msg, setting="scale_by_logit")
         check_quadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule, convention=convention)
-        self._quadrature = PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule)
         self.model = model
         self.text_layer = resolve_layer(text_layer, len(model.text_blocks), "text")
         self.image_layer = resolve_layer(image_layer, len(model.image_blocks), "image")
+        settings = path_settings(
+            text_layer=self.text_layer, image_layer=self.image_layer, image_reference=image_reference,
+            text_filler=text_filler, blur_radius=float(blur_radius), reference_seed=reference_seed,
+        )
+        self.panel_layout = _resolve_layout(panel_layout, model, settings) if n_steps is None else PanelLayout()
+        self._text_quadrature, self._image_quadrature = (
+            PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule, breakpoints=breakpoints)
+            for breakpoints in (self.panel_layout.text, self.panel_layout.image)
+        )
         self.convention = convention
         self.text_filler = text_filler
         self.image_reference = image_reference
@@ -128,20 +143,20 @@ class InteractionAttribution:
 
     @property
     def tolerance(self) -> float | None:
-        return self._quadrature.tolerance
+        return self._text_quadrature.tolerance
 
     @property
     def max_steps(self) -> int:
-        return self._quadrature.max_steps
+        return self._text_quadrature.max_steps
 
     @property
     def n_steps(self) -> int | None:
         """Nodes of the fixed rule; None when the quadrature adapts to ``tolerance``."""
-        return self._quadrature.n_steps
+        return self._text_quadrature.n_steps
 
     @property
     def rule(self) -> Rule:
-        return self._quadrature.rule
+        return self._text_quadrature.rule
 
     @property
     def logit_scale(self) -> float:
@@ -169,7 +184,7 @@ class InteractionAttribution:
         both = Positions(mask=None if mask is None else torch.cat([mask, mask]))
         hidden, reference = self.model.text_hidden(torch.cat([batch.input_ids, reference_ids]), both, layer).chunk(2)
         values, embedding, reference_embedding, checks = self._attribute_tower(
-            self._text_upper, hidden, reference, batch.positions, reference_positions
+            self._text_upper, self._text_quadrature, hidden, reference, batch.positions, reference_positions
         )
         return [
             Contributions(
@@ -192,7 +207,7 @@ class InteractionAttribution:
         reference = self._image_reference_hidden(batch)
         positions = Positions(pooled_index=self.model.image_pooled_index(hidden.shape[0]))
         values, embedding, reference_embedding, checks = self._attribute_tower(
-            self._image_upper, hidden, reference, positions, positions
+            self._image_upper, self._image_quadrature, hidden, reference, positions, positions
         )
         n_prefix = self.model.n_image_prefix
         grid = self.model.patch_grid
@@ -237,6 +252,7 @@ class InteractionAttribution:
     def _attribute_tower(
         self,
         upper: UpperEncoder,
+        quadrature: PathQuadrature,
         hidden: Tensor,
         reference: Tensor,
         positions: Positions,
@@ -252,7 +268,7 @@ class InteractionAttribution:
             hidden,
             reference,
             positions,
-            quadrature=self._quadrature,
+            quadrature=quadrature,
             normalize=is_exact,
             mode=self.mode,
             internal_batch_size=self.internal_batch_size,
@@ -270,14 +286,20 @@ class InteractionAttribution:
             values, target = values / scale[:, :, None], target / scale
         errors = (values.sum(1) - target).norm(dim=-1).tolist()
         difference_norms = target.norm(dim=-1).tolist()
+        # the estimate is a change of the unscaled contributions: relative, so the reference convention's scale cancels
+        map_errors = (path.map_error / path.values.flatten(1).norm(dim=-1).double()).nan_to_num(0.0).tolist()
         checks = [
             {
                 "completeness_error": error,
                 "difference_norm": norm,
                 "n_nodes": n_nodes,
+                "n_endpoints": n_endpoints,
+                "map_error_estimate": map_error,
                 "is_converged": self.tolerance is None or relative_error(error, norm) <= self.tolerance,
             }
-            for error, norm, n_nodes in zip(errors, difference_norms, path.n_nodes.tolist())
+            for error, norm, n_nodes, n_endpoints, map_error in zip(
+                errors, difference_norms, path.n_nodes.tolist(), path.n_endpoints.tolist(), map_errors
+            )
         ]
         embedding = torch.nn.functional.normalize(path.end, dim=-1)
         return values, embedding, reference_embedding, checks
@@ -419,3 +441,17 @@ def completeness_bound(a: Contributions, b: Contributions) -> float:
     """
     eps_a, eps_b = a.completeness_error, b.completeness_error
     return eps_a * b.difference_norm + a.difference_norm * eps_b + eps_a * eps_b
+
+
+def _resolve_layout(panel_layout: PanelLayout | str | Path, model: DualEncoderAdapter, settings: dict[str, Any]) -> PanelLayout:
+    """``auto``: this model's calibrated layout for these settings, else the default; ``default``; a layout file."""
+    if isinstance(panel_layout, PanelLayout):
+        return panel_layout
+    if panel_layout == "default":
+        return PanelLayout()
+    if panel_layout == "auto":
+        return find_layout(model, settings)
+    if isinstance(panel_layout, (str, Path)):
+        return layout_from_file(Path(panel_layout).expanduser(), weights_fingerprint(model), settings, strict=True)
+    msg = f"panel_layout must be auto, default, a layout file or a PanelLayout, got {panel_layout!r}"
+    raise ConfigError(msg, setting="panel_layout")

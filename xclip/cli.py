@@ -23,6 +23,7 @@ from rich.table import Table
 from xclip.errors import ConfigError, XclipError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+CALIBRATION_SEED = 60_000
 NOT_CONVERGED_HINT = (
     "raise attribution.max_steps or loosen attribution.tolerance; in float32 the relative error stops between "
     "about 3e-7 and 5e-6 (demo model), so tolerances below 1e-5 may need model.dtype float64"
@@ -168,6 +169,100 @@ def attribute(
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.n_failed or summary.n_rejected:
         raise typer.Exit(EXIT_FAILED_ITEMS)
+
+
+@app.command()
+def calibrate(
+    source: Annotated[str, typer.Argument(help="a YAML run config (its model, data and attribution settings are used), or a model name with --data")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value overrides (attribution.image_reference=blur, ...)")] = None,
+    data: Annotated[Path | None, typer.Option(help="with a model name: an image folder with metadata.jsonl (file_name, text); xclip:demo defaults to scenes of its own world")] = None,
+    n_inputs: Annotated[int, typer.Option("--inputs", help="captions and images to calibrate on, spread over the data")] = 32,
+    output: Annotated[Path | None, typer.Option(help="layout file to write (default: the layout cache, where attribute and explain find it)")] = None,
+    beside: Annotated[bool, typer.Option("--beside", help="write xclip-layouts.json into the local checkpoint folder, to travel with it")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print the calibration as JSON on stdout")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+) -> None:
+    """Find where along each tower's path the model's integrand is rough and place the adaptive rule's first
+    panels there: the same guarantee for fewer evaluations. Runs that use the model under the same layers and
+    references then use the layout automatically (attribution.panel_layout: auto)."""
+    import tempfile
+
+    from xclip.calibration import calibrate_run_config
+    from xclip.config import load_config
+    from xclip.layouts import beside_checkpoint, cache_file, save_calibration, weights_fingerprint
+
+    with _errors(CONFIG_KEYS), tempfile.TemporaryDirectory() as temporary:
+        config_path = Path(source)
+        if not (config_path.suffix in (".yaml", ".yml") and config_path.is_file()):
+            config_path = _model_config(source, data, Path(temporary), n_inputs)
+        elif data is not None:
+            raise ConfigError("--data is for a model name; a run config names its own data (data.root)")
+        run_config = load_config(config_path, overrides or [])
+        with _plain_progress(quiet, "layouts tried") as progress:
+            calibration, model, unreadable = calibrate_run_config(run_config, n_inputs, progress)
+        fingerprint = weights_fingerprint(model)
+        if beside:
+            target = beside_checkpoint(model)
+            if target is None:
+                raise ConfigError(f"--beside needs a local checkpoint folder; {run_config.model.name!r} is not one (use --output)")
+        else:
+            target = output or cache_file(fingerprint)
+        save_calibration(target, model, calibration, fingerprint)
+    for problem in unreadable:
+        stderr.print(f"[yellow]left out[/] {escape(problem)}", soft_wrap=True)
+    if json_output:
+        print(json.dumps({"layout_file": str(target), "fingerprint": fingerprint, "settings": calibration.settings,
+                          "text": calibration.text, "image": calibration.image, "measured": calibration.measured}))
+        return
+    table = Table("tower", "breakpoints", "inputs", "default layout: mean / max nodes", "calibrated: mean / max nodes",
+                  title=f"xclip calibrate {escape(run_config.model.name)}")
+    for tower in ("text", "image"):
+        measured = calibration.measured[tower]
+        breakpoints = ", ".join(f"{b:g}" for b in getattr(calibration, tower))
+        table.add_row(tower, breakpoints, str(measured["inputs"]),
+                      f"{measured['default_nodes_mean']:.1f} / {measured['default_nodes_max']}",
+                      f"{measured['nodes_mean']:.1f} / {measured['nodes_max']}")
+    Console(width=max(110, Console().width)).print(table)
+    print(target)
+
+
+def _model_config(model: str, data: Path | None, folder: Path, n_inputs: int) -> Path:
+    """A run config for calibrating ``model`` on ``data`` (for xclip:demo without data: scenes of its world)."""
+    import yaml
+
+    from xclip.loading import shipped_model
+    from xclip.synthetic import generate, write_scenes
+
+    if data is None:
+        if shipped_model(model) is None:
+            raise ConfigError(f"give --data FOLDER (an image folder with metadata.jsonl) to calibrate {model!r} on, or a run config")
+        # the demo's world, from a seed neither its training, its demo scenes nor make grounding use
+        data = write_scenes(generate(n_inputs, seed=CALIBRATION_SEED), folder / "scenes")
+    config = {
+        "model": {"name": model},
+        "data": {"format": "imagefolder", "root": str(data.resolve()), "metadata": str((data / "metadata.jsonl").resolve())},
+        "output": {"directory": str(folder / "unused")},
+    }
+    path = folder / "calibrate.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@contextmanager
+def _plain_progress(quiet: bool, unit: str) -> Iterator[Any]:
+    """A spinner-like count on a terminal, nothing in logs or when quiet: for work of unknown length."""
+    if quiet or not stderr.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), TextColumn("{task.completed} " + unit), console=stderr, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"calibrating {stage}", total=None)
+            bar.update(tasks[stage], completed=done)
+
+        yield update
 
 
 @app.command()
@@ -596,7 +691,7 @@ CONFIG_KEYS = {
     "name_or_path": "model.name",
     **{name: f"attribution.{name}" for name in (
         "text_layer", "image_layer", "tolerance", "max_steps", "n_steps", "rule", "convention", "text_filler",
-        "image_reference", "reference_seed", "blur_radius", "scale_by_logit", "mode")},
+        "image_reference", "reference_seed", "blur_radius", "scale_by_logit", "mode", "panel_layout")},
     "internal_batch_size": "runtime.internal_batch_size",
     "image_resize": "image.resize",
     **STORE_FLAGS,

@@ -59,6 +59,7 @@ class AttributionConfig(_Section):
     blur_radius: float = Field(16.0, gt=0, allow_inf_nan=False)
     scale_by_logit: bool = Field(False, strict=True)
     mode: Mode = "auto"
+    panel_layout: str = Field("auto", description="auto (the model's calibrated layout, else the default), default, or a layout file from xclip calibrate (relative to the config file)")
 
     @model_validator(mode="after")
     def _check_quadrature(self) -> AttributionConfig:
@@ -164,6 +165,7 @@ class RunConfig(_Section):
         keep["model"].pop("checkpoint")  # a weights file: identified by its digest, not its path
         keep["model"].pop("device")
         keep["attribution"].pop("mode")
+        keep["attribution"].pop("panel_layout")  # changes the cost, not the guarantee (the run file records the layout)
         keep["runtime"].pop("internal_batch_size")
         return json.dumps(keep, sort_keys=True)
 
@@ -368,4 +370,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     )
     output = config.output.model_copy(update={"directory": (base / config.output.directory).resolve()})
     model = _resolve_model_name(config.model, base, path)
-    return config.model_copy(update={"data": data_config, "output": output, "model": model})
+    attribution = config.attribution
+    if attribution.panel_layout not in ("auto", "default"):
+        attribution = attribution.model_copy(update={"panel_layout": str((base / Path(attribution.panel_layout).expanduser()).resolve())})
+    return config.model_copy(update={"data": data_config, "output": output, "model": model, "attribution": attribution})

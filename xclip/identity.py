@@ -4,6 +4,7 @@ provenance stored with it."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 import xclip
-from xclip.adapters.base import DualEncoderAdapter
+from xclip.attribution import InteractionAttribution
 from xclip.config import ModelConfig, RunConfig, settings_differences
 from xclip.data import Dataset
 from xclip.digests import sha256_of
@@ -71,10 +72,12 @@ def check_resumable(stored_run: Path, config: RunConfig, identity: RunIdentity) 
             raise ConfigError(msg, setting="overwrite")
 
 
-def provenance(config: RunConfig, model: DualEncoderAdapter, command: str, identity: RunIdentity) -> dict[str, object]:
+def provenance(config: RunConfig, attributor: InteractionAttribution, command: str, identity: RunIdentity) -> dict[str, object]:
     """The run file's attributes that say how it was made: versions, model, settings, command and digests."""
     import transformers
 
+    model = attributor.model
+    layout = attributor.panel_layout
     attributes: dict[str, object] = {
         "xclip_version": xclip.__version__,
         "torch_version": torch.__version__,
@@ -89,6 +92,8 @@ def provenance(config: RunConfig, model: DualEncoderAdapter, command: str, ident
         "config": config.model_dump_json(),
         "fingerprint": config.result_fingerprint(),
         "logit_scale": model.logit_scale,
+        # the first panels the adaptive rule used (config panel_layout: auto may find a calibrated one)
+        "panel_layout": json.dumps({"text": layout.text, "image": layout.image, "source": layout.source}),
     }
     if identity.weights_digest is not None:
         attributes["model_weights_sha256"] = identity.weights_digest

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from xclip.schema import (
+    MAP_ERROR_ESTIMATE,
+    N_ENDPOINTS,
     CAPTION_INDEX,
     CAPTIONS,
     COMPLETENESS_BOUND,
@@ -115,18 +117,23 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
         "tolerance": attribution.tolerance,
         "max_steps": attribution.max_steps,
         "n_steps": attribution.n_steps,
+        "panel_layout": run.panel_layout,
         "not_converged": [],
     }
     for group, names in ((CAPTIONS, run.captions()), (IMAGES, run.image_paths())):
         done = run.status(group) == DONE
         nodes, relative = run.column(group, N_NODES), run.column(group, RELATIVE_COMPLETENESS_ERROR)
+        map_error = run.column(group, MAP_ERROR_ESTIMATE)
         missed = np.flatnonzero(done & ~run.column(group, IS_CONVERGED))
         report[group] = {
             "done": int(done.sum()),
             "nodes_mean": _statistic(np.mean, nodes[done]),
             "nodes_max": _statistic(np.max, nodes[done]),
+            "endpoints_mean": _statistic(np.mean, run.column(group, N_ENDPOINTS)[done]),
             "relative_error_median": _statistic(np.median, relative[done]),
             "relative_error_max": _statistic(np.max, relative[done]),
+            "map_error_estimate_median": _statistic(np.median, map_error[done]),
+            "map_error_estimate_max": _statistic(np.max, map_error[done]),
             "not_converged": int(missed.size),
         }
         report["not_converged"] += [

@@ -30,6 +30,10 @@ class Contributions:
         completeness_error: ``|values.sum(0) - (g(x) - g(r))|``, the quadrature error of this input.
         difference_norm: ``|g(x) - g(r)|``, the length of what the contributions sum to.
         n_nodes: integrand evaluations the quadrature spent on this input.
+        n_endpoints: plain evaluations of g at panel edges (each costs a forward pass of the upper encoder).
+        map_error_estimate: relative error of ``values`` (Frobenius), estimated from the nested rules: the summed
+            change between each panel's last two rules over the size of ``values``. The change bounds the coarser
+            rule's error, so it overstates the error of ``values``; 0 for a fixed rule (nothing to compare with).
         is_converged: the relative completeness error is at most the attribution's tolerance (always True
             when no tolerance was set).
         is_truncated: the caption was cut to the model's context length.
@@ -47,6 +51,8 @@ class Contributions:
     completeness_error: float = 0.0
     difference_norm: float = 1.0
     n_nodes: int = 0
+    n_endpoints: int = 0
+    map_error_estimate: float = 0.0
     is_converged: bool = True
     is_truncated: bool = False
     caption_tokens: CaptionTokens | None = None

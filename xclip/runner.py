@@ -103,10 +103,10 @@ def _run_locked(
     if run_path.exists():
         check_resumable(run_path, config, identity)
     torch.manual_seed(config.runtime.seed)
-    attributor, model_load_seconds = _load_attributor(config)
+    attributor, model_load_seconds = load_attributor(config)
     directory.mkdir(parents=True, exist_ok=True)
     if not run_path.exists():
-        _create_run_file(run_path, config, dataset, attributor.model, identity, command, progress)
+        _create_run_file(run_path, config, dataset, attributor, identity, command, progress)
     with RunWriter(run_path) as run:
         changed = _redo_changed_images(run, config.data.root.resolve())
         n_skipped = int((run.status(PAIRS) == DONE).sum())
@@ -136,7 +136,7 @@ def _redo_changed_images(run: RunWriter, root: Path) -> list[str]:
     return [paths[i] for i in changed]
 
 
-def _load_attributor(config: RunConfig) -> tuple[InteractionAttribution, float]:
+def load_attributor(config: RunConfig) -> tuple[InteractionAttribution, float]:
     """The configured model with the run's attribution settings, and the seconds loading the checkpoint took."""
     start = time.perf_counter()
     model = load_model(
@@ -160,12 +160,13 @@ def _create_run_file(
     run_path: Path,
     config: RunConfig,
     dataset: Dataset,
-    model: DualEncoderAdapter,
+    attributor: InteractionAttribution,
     identity: RunIdentity,
     command: str,
     progress: Progress,
 ) -> None:
     """Choose the pairs and create ``run_path`` with every dataset this shard's run fills."""
+    model = attributor.model
     chosen = choose_pairs(config, dataset, model, identity, partial(progress, "ranking"))
     stores_pair_maps = _stores_pair_maps(config, len(chosen), model)  # decided on all shards' pairs together
     shard = shard_dataset(dataset, chosen, config)
@@ -174,7 +175,7 @@ def _create_run_file(
     skeleton.unlink(missing_ok=True)  # left by a run killed while creating it: never complete
     create_run_file(
         skeleton,
-        attributes=provenance(config, model, command, identity),
+        attributes=provenance(config, attributor, command, identity),
         captions=shard.captions,
         images=[str(p.relative_to(config.data.root.resolve())) for p in shard.images],
         pairs=shard.given_pairs,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RUN_FILE = "run.h5"
 
 CAPTIONS, IMAGES, PAIRS = "captions", "images", "pairs"
@@ -40,6 +40,7 @@ DIFFERENCE_NORM = "difference_norm"
 INPUT_NUMBERS = (COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, DIFFERENCE_NORM)
 CONTRIBUTIONS, EMBEDDING, REFERENCE_EMBEDDING = "contributions", "embedding", "reference_embedding"
 N_NODES, IS_CONVERGED, STATUS, ERROR = "n_nodes", "is_converged", "status", "error"
+N_ENDPOINTS, MAP_ERROR_ESTIMATE = "n_endpoints", "map_error_estimate"
 # captions: the text, and per position its token id and string, character span and flags
 TEXT, TOKEN_IDS, TOKENS, OFFSETS, SPECIAL, UNKNOWN = "text", "token_ids", "tokens", "offsets", "special", "unknown"
 N_POSITIONS, IS_TRUNCATED = "n_positions", "is_truncated"

@@ -172,6 +172,8 @@ def create_run_file(
             _floats(group, "relative_completeness_error", (n,))
             _floats(group, "difference_norm", (n,))
             _fixed(group, "n_nodes", (n,), "i4")
+            _fixed(group, schema.N_ENDPOINTS, (n,), "i4")
+            _floats(group, schema.MAP_ERROR_ESTIMATE, (n,))
             _fixed(group, "is_converged", (n,), "?")
             _floats(group, "contributions", (n, n_positions, embedding_dim), array_dtype)
             _fixed(group, schema.CHECKSUM, (n,), "u4")
@@ -317,6 +319,8 @@ def _write_contributions(group: h5py.Group, index: int, item: Contributions) -> 
     group["relative_completeness_error"][index] = item.relative_completeness_error
     group["difference_norm"][index] = item.difference_norm
     group["n_nodes"][index] = item.n_nodes
+    group[schema.N_ENDPOINTS][index] = item.n_endpoints
+    group[schema.MAP_ERROR_ESTIMATE][index] = item.map_error_estimate
     group["is_converged"][index] = item.is_converged
 
 
@@ -382,6 +386,8 @@ def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], gri
         completeness_error=float(group["completeness_error"][index]),
         difference_norm=float(group["difference_norm"][index]),
         n_nodes=int(group["n_nodes"][index]),
+        n_endpoints=int(group[schema.N_ENDPOINTS][index]),
+        map_error_estimate=float(group[schema.MAP_ERROR_ESTIMATE][index]),
         is_converged=bool(group["is_converged"][index]),
         caption_tokens=caption_tokens,
         geometry=geometry,
@@ -537,6 +543,11 @@ class RunReader:
             n = len(items["status"])
             rows = [d for d in items.values() if d.dtype.kind != "O" and d.shape[:1] == (n,)]
             return sum(d.nbytes for d in rows) // n if n else 0
+
+    @property
+    def panel_layout(self) -> dict[str, Any]:
+        """The first panels the run's adaptive rule used: ``{"text": [...], "image": [...], "source": ...}``."""
+        return json.loads(self.attrs["panel_layout"])
 
     @property
     def settings(self) -> RunConfig:

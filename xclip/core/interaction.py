@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from xclip.core.quadrature import PANEL_NODES, PathQuadrature
+from xclip.core.quadrature import PathQuadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 
 Mode = Literal["auto", "forward", "reverse"]
@@ -46,12 +46,16 @@ class PathContributions:
         values: ``(B, S, E)`` contribution vectors.
         start, end: ``(B, E)`` ``g(reference)`` and ``g(hidden)``; ``values.sum(1)`` approximates ``end - start``.
         n_nodes: ``(B,)`` integrand evaluations per input.
+        n_endpoints: ``(B,)`` plain evaluations of g at panel edges per input.
+        map_error: ``(B,)`` estimated Frobenius error of ``values`` (see :class:`~xclip.core.quadrature.PathIntegral`).
     """
 
     values: Tensor
     start: Tensor
     end: Tensor
     n_nodes: Tensor
+    n_endpoints: Tensor
+    map_error: Tensor
 
 
 def contributions(
@@ -101,17 +105,17 @@ def contributions(
     def path_point(item: Tensor, alpha: Tensor) -> Tensor:
         return reference[item] + alpha.to(hidden.dtype)[:, None, None] * delta[item]
 
-    def weighted_sum(item: Tensor, alpha: Tensor, weight: Tensor, slot: Tensor, n_slots: int) -> Tensor:
+    def weighted_sum(item: Tensor, alpha: Tensor, weights: Tensor, slot: Tensor, n_slots: int) -> Tensor:
         result: Tensor | None = None
         for chunk in torch.arange(len(item), device=hidden.device).split(points_per_call):
             point_item = item[chunk]
             tangents = tangent_fn(
                 path_point(point_item, alpha[chunk]), delta[point_item], positions.select(point_item), internal_batch_size
-            )
-            weighted = tangents.to(accumulate_dtype) * weight[chunk, None, None].to(accumulate_dtype)
+            ).to(accumulate_dtype)
             if result is None:
-                result = weighted.new_zeros((n_slots, *weighted.shape[1:]))
-            result.index_add_(0, slot[chunk], weighted)
+                result = tangents.new_zeros((n_slots, weights.shape[1], *tangents.shape[1:]))
+            # one weighted copy per rule: (points, rules, S, E); the rules are few (at most four)
+            result.index_add_(0, slot[chunk], weights[chunk, :, None, None].to(accumulate_dtype) * tangents[:, None])
         assert result is not None
         return result
 
@@ -122,10 +126,8 @@ def contributions(
         start = _embed_reference(upper, shared_reference, positions, n_inputs, normalize=normalize)
         end = embed(hidden, positions)
         start, end = start.to(accumulate_dtype), end.to(accumulate_dtype)
-        integral = quadrature.integrate(
-            weighted_sum, primitive, start, end, panels_per_call=max(n_inputs, points_per_call // PANEL_NODES)
-        )
-    return PathContributions(integral.values, start, end, integral.n_nodes)
+        integral = quadrature.integrate(weighted_sum, primitive, start, end, n_positions=n_positions)
+    return PathContributions(integral.values, start, end, integral.n_nodes, integral.n_endpoints, integral.map_error)
 
 
 def _embed_reference(upper: UpperEncoder, reference: Tensor, positions: Positions, n_inputs: int, *, normalize: bool) -> Tensor:

@@ -3,22 +3,34 @@ path until its completeness error meets a tolerance.
 
 The adaptive rule uses what makes this integral special: the integrand ``f(a)`` (contributions, positions x
 embedding) sums over positions to the derivative of a function we can evaluate, ``F(a) = g(r + a (x - r))``.
-So on every panel ``[lo, hi]`` of the path the quadrature error of the summed integrand is known *exactly*:
-``|sum_s integral_panel f[s] - (F(hi) - F(lo))|``, the panel's completeness residual. A panel whose residual is
-within its share of the tolerance (``tolerance * |F(1) - F(0)| * (hi - lo)``) is kept; any other is bisected.
-When every panel is kept, the residuals add up to at most ``tolerance * |F(1) - F(0)|``, so the input's
-relative completeness error is within the tolerance. No error *estimate* is involved. (A panel whose residual is
-down at the rounding level of ``F`` is kept too: bisecting it cannot help.)
+So on every panel ``[lo, hi]`` of the path the quadrature error of the summed integrand is known *exactly*: the
+panel's completeness residual ``sum_s integral_panel f[s] - (F(hi) - F(lo))``. The residuals of an input's panels
+add up to its completeness error, so an input is finished when that error, measured and not estimated, is within
+the tolerance.
+
+Each panel carries a nested Gauss-Patterson rule (3, 7, then 15 nodes, every rule keeping all nodes of the one
+before), so refining a panel never throws evaluations away. Each round refines, for every unfinished input, the
+panel furthest over its share: one level up, or, at 15 nodes, into two fresh 3-node halves. The integrand of a
+trained model is rough in one narrow stretch of the path per tower; the first panels' breakpoints (per model when
+calibrated, see :mod:`xclip.layouts`) decide how quickly the refinement finds it.
+
+Maps are checked too, since the sum over positions can cancel where the maps do not. A panel's last two nested
+rules differ by about the coarser rule's error; scaled by how much the finer rule improved on it in the sum over
+positions (where both errors are known exactly), that difference estimates the finer rule's map error. An input
+is also refined until the estimate, summed over its panels, is within ``MAP_MARGIN`` of the tolerance relative to
+the contributions' size; the estimate is reported as the input's ``map_error_estimate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import numpy as np
 import torch
+from numpy.polynomial import legendre
 from torch import Tensor
 
 from xclip.errors import ConfigError
@@ -28,25 +40,36 @@ RULES: tuple[str, ...] = get_args(Rule)
 
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_MAX_STEPS = 256
-# Each panel is an 8-node Gauss-Legendre rule and the path starts as two panels. On the twelve demo scenes
-# (float64, tolerance 1e-3) two first panels took fewer evaluations than one at every panel size; per caption
-# and image, 6 and 8 nodes took the fewest (77 and 82; 4 nodes 79, 10 nodes 87, 16 nodes 94), and 8 kept the
-# worst image error lower (2.0e-4 against 2.7e-4).
-PANEL_NODES = 8
-FIRST_PANELS = 2
-MIN_ADAPTIVE_STEPS = PANEL_NODES * FIRST_PANELS
+# The nested rules a panel climbs: 1 (never a stopping rule; it only gives the 3-node rule a partner to compare
+# with), 3, 7, 15 nodes. On 120 demo-model inputs a 31-node level changed no input's count, and stopping at 7
+# nodes cost 10 to 14 % more.
+PATTERSON_SIZES = (1, 3, 7, 15)
+FIRST_LEVEL, TOP_LEVEL = 1, len(PATTERSON_SIZES) - 1
+STORED_LEVELS = TOP_LEVEL - FIRST_LEVEL + 1  # partial sums a panel keeps, one per rule it may still climb to
+BISECTION_NODES = 2 * PATTERSON_SIZES[FIRST_LEVEL]
+# Where the first panels end when a model has no calibrated layout.
+DEFAULT_BREAKPOINTS: tuple[float, ...] = (0.25, 0.5, 0.75)
+MIN_ADAPTIVE_STEPS = PATTERSON_SIZES[FIRST_LEVEL] * (len(DEFAULT_BREAKPOINTS) + 1)
+MAX_BREAKPOINTS = 15
 # A panel's residual cannot be measured below the rounding of F at its ends; in float32 on the demo model it
-# stayed under 13 eps |F| on panels a 64th of the path wide. Panels at this level are not bisected further.
+# stayed under 13 eps |F| on panels a 64th of the path wide. Panels at this level are not refined further.
 ROUNDING_FLOOR = 32
 # The most nodes one input may take: far past any useful accuracy (the float32 floor is reached within 64 nodes on
 # the demo model). A fixed Gauss-Legendre rule of N nodes solves an N x N eigenproblem for its nodes (N = 4096:
 # 134 MB and 4 s; N = 100000, a typo, would take 75 GiB), so fixed rules stop at 1024 nodes (0.1 s).
 MAX_NODES = 4096
 MAX_FIXED_NODES = 1024
+# The adaptive rule's state (three partial sums of positions x embedding per panel) may take at most this much;
+# larger batches are integrated in groups, which changes no result (an input's result does not depend on its batch).
+MAX_STATE_BYTES = 2 << 30
+# An input's map error estimate must be within this share of the tolerance: on 120 demo-model inputs (default and
+# calibrated layouts) the estimate was 0.70 to 4.9 times the true error (median 1.1 to 1.5), so at 0.8 the true
+# error stays within the tolerance (at most 8.0e-4 there).
+MAP_MARGIN = 0.8
 
 WeightedSum = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
-"""``(item, alpha, weight, slot, n_slots) -> (n_slots, S, E)``: per slot, the sum of ``weight * f_item(alpha)``
-over the points (one entry of each argument per point) assigned to it."""
+"""``(item, alpha, weights, slot, n_slots) -> (n_slots, W, S, E)``: per slot, and for each of the ``W`` columns of
+``weights`` ``(P, W)``, the sum of ``weight * f_item(alpha)`` over the points (one entry per point) assigned to it."""
 Primitive = Callable[[Tensor, Tensor], Tensor]
 """``(item, alpha) -> (K, E)``: ``F_item(alpha)``, whose derivative is ``f_item(alpha)`` summed over positions."""
 
@@ -79,12 +102,73 @@ def quadrature(rule: str, n_steps: int) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
+class NestedRules:
+    """The nested Gauss-Patterson rules of :data:`PATTERSON_SIZES` on [0, 1].
+
+    Attributes:
+        nodes: ``(N,)`` every node of the largest rule, the smaller rules' nodes first.
+        level: ``(N,)`` the smallest rule each node belongs to (an index into ``PATTERSON_SIZES``).
+        weights: ``(N, L)`` each node's weight in each rule (0 in rules it does not belong to).
+    """
+
+    nodes: Tensor
+    level: Tensor
+    weights: Tensor
+
+
+@functools.cache
+def nested_rules() -> NestedRules:
+    """Patterson's extensions, computed: each adds the zeros of the polynomial orthogonal, under the weight of the
+    previous rule's node polynomial, to every polynomial of lower degree (Patterson, Math. Comp. 22, 1968)."""
+    x, w = legendre.leggauss(96)
+    nodes, levels = np.array([0.0]), [0]
+    for level, size in enumerate(PATTERSON_SIZES[1:], start=1):
+        n_new = size - len(nodes)
+        node_polynomial = np.prod(x[:, None] - nodes[None, :], axis=1)
+        basis = legendre.legvander(x, n_new)
+        moments = (basis[:, :n_new].T * (w * node_polynomial)) @ basis
+        coefficients = np.append(np.linalg.solve(moments[:, :n_new], -moments[:, n_new]), 1.0)
+        new = np.sort(legendre.legroots(coefficients).real)
+        nodes, levels = np.concatenate([nodes, new]), levels + [level] * n_new
+    weights = np.zeros((len(nodes), len(PATTERSON_SIZES)))
+    for level, size in enumerate(PATTERSON_SIZES):
+        # the rule of `size` nodes is interpolatory: it integrates the first `size` Legendre polynomials exactly
+        moments = np.zeros(size)
+        moments[0] = 2.0
+        weights[:size, level] = np.linalg.solve(legendre.legvander(nodes[:size], size - 1).T, moments)
+    return NestedRules(
+        nodes=torch.from_numpy((nodes + 1.0) / 2.0),
+        level=torch.tensor(levels),
+        weights=torch.from_numpy(weights / 2.0),
+    )
+
+
+def check_breakpoints(breakpoints: Sequence[float], setting: str = "breakpoints") -> tuple[float, ...]:
+    """Interior panel edges, strictly increasing inside (0, 1).
+
+    Raises:
+        ConfigError: naming ``setting``.
+    """
+    values = tuple(breakpoints)
+    is_numbers = all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in values)
+    if not is_numbers or len(values) > MAX_BREAKPOINTS or not all(0 < b < 1 for b in values) or list(values) != sorted(set(values)):
+        msg = (f"{setting} must be at most {MAX_BREAKPOINTS} increasing numbers strictly between 0 and 1 "
+               f"(where the first panels of the path end), got {list(values)!r}")
+        raise ConfigError(msg, setting=setting)
+    return tuple(float(b) for b in values)
+
+
+@dataclass(frozen=True)
 class PathIntegral:
     """Integrals over [0, 1] of a batch of inputs' integrands.
 
     Attributes:
         values: ``(B, S, E)``.
-        n_nodes: ``(B,)`` integrand evaluations spent on each input (refined-away panels included).
+        n_nodes: ``(B,)`` integrand evaluations spent on each input.
+        n_endpoints: ``(B,)`` evaluations of the primitive alone (panel edges; no tangents), which cost a plain
+            forward pass each.
+        map_error: ``(B,)`` the estimated Frobenius error of ``values``, summed over panels (see
+            :func:`_map_error`); 0 for fixed rules, which have no second rule to compare with.
 
     Whether an input met the tolerance is read off its final completeness error: a capped input can still be
     within it, and panels kept at the rounding level can add up to more than it.
@@ -92,6 +176,8 @@ class PathIntegral:
 
     values: Tensor
     n_nodes: Tensor
+    n_endpoints: Tensor
+    map_error: Tensor
 
 
 def check_quadrature(*, n_steps: int | None, tolerance: float | None, max_steps: int, rule: str,
@@ -121,18 +207,28 @@ def check_quadrature(*, n_steps: int | None, tolerance: float | None, max_steps:
         msg = "tolerance is not set and neither is n_steps: give a tolerance to adapt to, or n_steps for a fixed rule"
         raise ConfigError(msg, setting="tolerance")
     if rule != "gauss-legendre":
-        msg = f"rule {rule!r} is for fixed-step comparisons: give n_steps with it (the adaptive rule is composite Gauss-Legendre)"
+        msg = f"rule {rule!r} is for fixed-step comparisons: give n_steps with it (the adaptive rule is nested Gauss-Patterson)"
         raise ConfigError(msg, setting="rule")
-    if max_steps < MIN_ADAPTIVE_STEPS:
-        msg = f"max_steps must be at least {MIN_ADAPTIVE_STEPS} (the first {FIRST_PANELS} panels of {PANEL_NODES} nodes), got {max_steps}"
+    check_first_panels(max_steps, len(DEFAULT_BREAKPOINTS) + 1)
+
+
+def check_first_panels(max_steps: int, n_first: int) -> None:
+    """The adaptive rule must afford its first panels.
+
+    Raises:
+        ConfigError: naming ``max_steps``.
+    """
+    needed = PATTERSON_SIZES[FIRST_LEVEL] * n_first
+    if max_steps < needed:
+        msg = f"max_steps must be at least {needed} (the first {n_first} panels of {PATTERSON_SIZES[FIRST_LEVEL]} nodes), got {max_steps}"
         raise ConfigError(msg, setting="max_steps")
 
 
 @dataclass(frozen=True)
 class PathQuadrature:
-    """How the path integral is taken: a fixed rule with ``n_steps`` nodes, or (``n_steps=None``) composite
-    Gauss-Legendre refined until each input's relative completeness error is at most ``tolerance``, spending
-    at most ``max_steps`` integrand evaluations on it.
+    """How the path integral is taken: a fixed rule with ``n_steps`` nodes, or (``n_steps=None``) nested
+    Gauss-Patterson panels, starting at ``breakpoints``, refined until each input's relative completeness error is
+    at most ``tolerance``, spending at most ``max_steps`` integrand evaluations on it.
 
     With a fixed rule, ``tolerance`` is not pursued; callers use it only to flag inputs that miss it (None: no
     check).
@@ -142,16 +238,20 @@ class PathQuadrature:
     tolerance: float | None = DEFAULT_TOLERANCE
     max_steps: int = DEFAULT_MAX_STEPS
     rule: Rule = "gauss-legendre"
+    breakpoints: tuple[float, ...] = DEFAULT_BREAKPOINTS
 
     def __post_init__(self) -> None:
         check_quadrature(n_steps=self.n_steps, tolerance=self.tolerance, max_steps=self.max_steps, rule=self.rule)
+        object.__setattr__(self, "breakpoints", check_breakpoints(self.breakpoints))
+        if self.is_adaptive:
+            check_first_panels(self.max_steps, len(self.breakpoints) + 1)
 
     @property
     def is_adaptive(self) -> bool:
         return self.n_steps is None
 
     def integrate(
-        self, weighted_sum: WeightedSum, primitive: Primitive, start: Tensor, end: Tensor, *, panels_per_call: int
+        self, weighted_sum: WeightedSum, primitive: Primitive, start: Tensor, end: Tensor, *, n_positions: int
     ) -> PathIntegral:
         """Integrate each input's integrand over [0, 1].
 
@@ -159,140 +259,172 @@ class PathQuadrature:
             weighted_sum: evaluates the integrand at points and sums it into slots (see :data:`WeightedSum`).
             primitive: ``F`` at points of the path (adaptive rule only).
             start, end: ``F(0)`` and ``F(1)`` of every input, ``(B, E)``.
-            panels_per_call: panels the adaptive rule evaluates at once (bounds its ``(panels, S, E)`` buffer).
+            n_positions: ``S``, for the adaptive rule's memory bound.
         """
+        n_inputs = start.shape[0]
         if not self.is_adaptive:
             assert self.n_steps is not None
-            return _integrate_fixed(weighted_sum, start.shape[0], self.rule, self.n_steps, start.device)
+            return _integrate_fixed(weighted_sum, n_inputs, self.rule, self.n_steps, start.device)
         assert self.tolerance is not None
-        return _integrate_adaptive(
-            weighted_sum, primitive, start, end, self.tolerance, self.max_steps, max(1, panels_per_call)
-        )
+        per_input = state_bytes_per_input(n_positions, start.shape[1], start.element_size(), self.max_steps, len(self.breakpoints))
+        group = max(1, MAX_STATE_BYTES // per_input)
+        parts = [
+            _integrate_nested(weighted_sum, primitive, start, end, inputs, self.tolerance, self.max_steps, self.breakpoints)
+            for inputs in torch.arange(n_inputs, device=start.device).split(group)
+        ]
+        return PathIntegral(*(torch.cat(fields) for fields in zip(*(vars(p).values() for p in parts))))
+
+
+def state_bytes_per_input(n_positions: int, embedding_dim: int, element_size: int, max_steps: int, n_breakpoints: int) -> int:
+    """The most memory the adaptive rule's state takes per input: ``STORED_LEVELS`` partial sums of
+    ``(S, E)`` per panel, and as many panels as bisections within ``max_steps`` can make."""
+    first = n_breakpoints + 1
+    most_panels = first + max(0, max_steps - first * PATTERSON_SIZES[FIRST_LEVEL]) // BISECTION_NODES
+    return most_panels * STORED_LEVELS * n_positions * embedding_dim * element_size
 
 
 def _integrate_fixed(weighted_sum: WeightedSum, n_inputs: int, rule: str, n_steps: int, device: torch.device) -> PathIntegral:
     alphas, weights = (t.to(device) for t in quadrature(rule, n_steps))
     item = torch.arange(n_inputs, device=device).repeat(n_steps)
-    values = weighted_sum(item, alphas.repeat_interleave(n_inputs), weights.repeat_interleave(n_inputs), item, n_inputs)
-    return PathIntegral(values, torch.full((n_inputs,), n_steps, device=device))
+    values = weighted_sum(item, alphas.repeat_interleave(n_inputs), weights.repeat_interleave(n_inputs)[:, None], item, n_inputs)
+    zeros = torch.zeros(n_inputs, device=device)
+    return PathIntegral(values[:, 0], torch.full((n_inputs,), n_steps, device=device), zeros.long(), zeros.double())
 
 
-@dataclass(frozen=True)
-class _Panels:
-    """A queue of path panels ``[lo, hi]`` of inputs ``item``, with the primitive at both ends."""
-
-    item: Tensor
-    lo: Tensor
-    hi: Tensor
-    primitive_lo: Tensor
-    primitive_hi: Tensor
-
-    def __len__(self) -> int:
-        return len(self.item)
-
-    def split(self, n: int) -> tuple[_Panels, _Panels]:
-        fields = vars(self).values()
-        return _Panels(*(t[:n] for t in fields)), _Panels(*(t[n:] for t in fields))
-
-    def select(self, mask: Tensor) -> _Panels:
-        return _Panels(*(t[mask] for t in vars(self).values()))
-
-    def __add__(self, other: _Panels) -> _Panels:
-        return _Panels(*(torch.cat([a, b]) for a, b in zip(vars(self).values(), vars(other).values())))
-
-
-def _integrate_adaptive(
+def _integrate_nested(
     weighted_sum: WeightedSum,
     primitive: Primitive,
-    start: Tensor,
-    end: Tensor,
+    all_start: Tensor,
+    all_end: Tensor,
+    inputs: Tensor,
     tolerance: float,
     max_steps: int,
-    panels_per_call: int,
+    breakpoints: tuple[float, ...],
 ) -> PathIntegral:
-    """Composite Gauss-Legendre, bisecting panels whose completeness residual exceeds their share.
+    """Nested Gauss-Patterson panels of the inputs ``inputs``, refined in rounds (see the module's docstring).
 
-    Panels of all inputs wait in one first-in-first-out queue and are evaluated ``panels_per_call`` at a time,
-    so inputs that still need work share every call. An input's panels keep their order in the queue whatever
-    else is in it, so its result does not depend on its batch. A bisection that would take an input past
-    ``max_steps`` evaluations is not made: the panel is kept as it is.
+    Every round evaluates the new nodes of all inputs that still need work in one call. An input's choices depend
+    on its own panels only, and its panels keep their order whatever else is in the batch, so its result does not
+    depend on its batch. A refinement that would take an input past ``max_steps`` evaluations is not made.
     """
-    device, n_inputs = start.device, start.shape[0]
-    nodes, weights = (t.to(device) for t in quadrature("gauss-legendre", PANEL_NODES))
-    allowed_per_length = tolerance * (end - start).norm(dim=-1)  # (B,)
+    device = all_start.device
+    start, end = all_start[inputs], all_end[inputs]
+    n_inputs = len(inputs)
+    rules = nested_rules()
+    rule_nodes, node_level, rule_weights = rules.nodes.to(device), rules.level.to(device), rules.weights.to(device)
+    sizes = torch.tensor(PATTERSON_SIZES, device=device)
 
-    edges = torch.linspace(0, 1, FIRST_PANELS + 1, dtype=torch.float64, device=device)
-    inputs = torch.arange(n_inputs, device=device)
-    inner = primitive(inputs.repeat_interleave(FIRST_PANELS - 1), edges[1:-1].repeat(n_inputs))
-    at_edges = torch.cat([start[:, None], inner.reshape(n_inputs, FIRST_PANELS - 1, -1).to(start.dtype), end[:, None]], 1)
-    queue = _Panels(
-        item=inputs.repeat_interleave(FIRST_PANELS),
-        lo=edges[:-1].repeat(n_inputs),
-        hi=edges[1:].repeat(n_inputs),
-        primitive_lo=at_edges[:, :-1].flatten(0, 1),
-        primitive_hi=at_edges[:, 1:].flatten(0, 1),
-    )
-    committed = torch.full((n_inputs,), MIN_ADAPTIVE_STEPS, device=device)  # evaluations done or queued
-    n_nodes = torch.zeros(n_inputs, dtype=torch.long, device=device)
-    values: Tensor | None = None
-    while len(queue):
-        panels, queue = queue.split(panels_per_call)
-        n_panels = len(panels)
-        width = panels.hi - panels.lo
-        integral = weighted_sum(
-            panels.item.repeat_interleave(PANEL_NODES),
-            (panels.lo[:, None] + width[:, None] * nodes).flatten(),
-            (width[:, None] * weights).flatten(),
-            torch.arange(n_panels, device=device).repeat_interleave(PANEL_NODES),
-            n_panels,
+    def evaluate(panel_item: Tensor, lo: Tensor, hi: Tensor, after: Tensor, upto: Tensor) -> Tensor:
+        """Partial sums ``(K, L, S, E)`` over each panel's nodes of levels ``after < level <= upto``."""
+        is_new = (node_level > after[:, None]) & (node_level <= upto[:, None])  # (K, N)
+        panel, node = torch.nonzero(is_new, as_tuple=True)
+        width = hi[panel] - lo[panel]
+        return weighted_sum(
+            inputs[panel_item[panel]], lo[panel] + width * rule_nodes[node], width[:, None] * rule_weights[node], panel, len(lo)
         )
-        n_nodes.index_add_(0, panels.item, torch.full_like(panels.item, PANEL_NODES))
-        expected = (panels.primitive_hi - panels.primitive_lo).to(integral.dtype)
-        residual = (integral.sum(1) - expected).norm(dim=-1)
-        rounding = ROUNDING_FLOOR * torch.finfo(integral.dtype).eps * (
-            panels.primitive_lo.norm(dim=-1) + panels.primitive_hi.norm(dim=-1)
+
+    def change_between(sums: Tensor, upper: Tensor) -> Tensor:
+        """``(K, 2)``: the Frobenius norm of (rule ``upper``) - (rule ``upper - 1``) per panel, and the norm of its
+        sum over positions; ``sums[:, k]`` holds rule ``k + offset``."""
+        rows = torch.arange(len(sums), device=device)
+        offset = len(PATTERSON_SIZES) - sums.shape[1]
+        difference = sums[rows, upper - offset] - sums[rows, upper - 1 - offset]
+        return torch.stack([difference.flatten(1).norm(dim=-1), difference.sum(1).norm(dim=-1)], dim=-1)
+
+    edges = torch.tensor([0.0, *breakpoints, 1.0], dtype=torch.float64, device=device)
+    n_first = len(edges) - 1
+    local = torch.arange(n_inputs, device=device)
+    at_edges = start[:, None].repeat(1, n_first + 1, 1)
+    at_edges[:, -1] = end
+    if n_first > 1:
+        inner = primitive(inputs.repeat_interleave(n_first - 1), edges[1:-1].repeat(n_inputs))
+        at_edges[:, 1:-1] = inner.reshape(n_inputs, n_first - 1, -1).to(start.dtype)
+    item = local.repeat_interleave(n_first)
+    lo, hi = edges[:-1].repeat(n_inputs), edges[1:].repeat(n_inputs)
+    primitive_lo, primitive_hi = at_edges[:, :-1].flatten(0, 1), at_edges[:, 1:].flatten(0, 1)
+    level = torch.full_like(item, FIRST_LEVEL)
+    fresh = evaluate(item, lo, hi, torch.full_like(item, -1), level)
+    change = change_between(fresh, level)
+    sums = fresh[:, FIRST_LEVEL:]  # (P, STORED_LEVELS, S, E): the rule the panel is at, and those it may climb to
+    n_nodes = torch.full((n_inputs,), n_first * PATTERSON_SIZES[FIRST_LEVEL], device=device)
+    n_endpoints = torch.full((n_inputs,), n_first - 1, device=device)
+    allowed = tolerance * (end - start).norm(dim=-1)
+    eps = torch.finfo(sums.dtype).eps
+    while True:
+        rows = torch.arange(len(item), device=device)
+        current = sums[rows, level - FIRST_LEVEL]
+        residual_vector = current.sum(1) - (primitive_hi - primitive_lo).to(sums.dtype)
+        residual = residual_vector.norm(dim=-1)
+        error = torch.zeros_like(start).index_add_(0, item, residual_vector.to(start.dtype)).norm(dim=-1)
+        size = torch.zeros((n_inputs, *current.shape[1:]), dtype=current.dtype, device=device).index_add_(0, item, current)
+        map_error = _map_error(change, residual)
+        input_map_error = torch.zeros_like(allowed).index_add_(0, item, map_error.to(allowed.dtype))
+        map_allowed = MAP_MARGIN * tolerance * size.flatten(1).norm(dim=-1).to(allowed.dtype)
+        is_open = (error > allowed) | (input_map_error > map_allowed)
+        is_open &= torch.isfinite(error)  # a non-finite integrand cannot be repaired by refining
+        # refining cannot help a panel whose residual and map error are down at the rounding of what they measure
+        rounding = ROUNDING_FLOOR * eps * (primitive_lo.norm(dim=-1) + primitive_hi.norm(dim=-1)).to(residual.dtype)
+        map_rounding = ROUNDING_FLOOR * eps * current.flatten(1).norm(dim=-1)
+        is_improvable = (residual > rounding) | (map_error > map_rounding)
+        cost = torch.where(level < TOP_LEVEL, sizes[(level + 1).clamp(max=TOP_LEVEL)] - sizes[level], BISECTION_NODES)
+        is_candidate = is_open[item] & is_improvable & (n_nodes[item] + cost <= max_steps)
+        if not bool(is_candidate.any()):
+            break
+        # per input, the candidate furthest over its share of either allowance (the first such panel on a tie)
+        score = torch.maximum(residual / allowed[item], map_error / map_allowed[item])
+        score = torch.where(is_candidate, score, -1.0)
+        best = torch.full((n_inputs,), -1.0, dtype=score.dtype, device=device).scatter_reduce(0, item, score, "amax")
+        is_best = is_candidate & (score == best[item])
+        first = torch.full((n_inputs,), len(item), device=device).scatter_reduce(0, item[is_best], rows[is_best], "amin")
+        chosen = first[first < len(item)]
+        n_nodes.index_add_(0, item[chosen], cost[chosen])
+        extended = chosen[level[chosen] < TOP_LEVEL]
+        halved = chosen[level[chosen] == TOP_LEVEL]
+
+        middle = (lo[halved] + hi[halved]) / 2
+        primitive_middle = primitive(inputs[item[halved]], middle).to(primitive_lo.dtype) if len(halved) else primitive_lo[:0]
+        n_endpoints.index_add_(0, item[halved], torch.ones_like(halved))
+        child_item = torch.cat([item[halved], item[halved]])
+        child_lo, child_hi = torch.cat([lo[halved], middle]), torch.cat([middle, hi[halved]])
+        new = evaluate(
+            torch.cat([item[extended], child_item]),
+            torch.cat([lo[extended], child_lo]),
+            torch.cat([hi[extended], child_hi]),
+            torch.cat([level[extended], torch.full_like(child_item, -1)]),
+            torch.cat([level[extended] + 1, torch.full_like(child_item, FIRST_LEVEL)]),
         )
-        is_accurate = residual <= torch.maximum(allowed_per_length[panels.item] * width, rounding.to(residual.dtype))
-        is_accurate |= ~torch.isfinite(residual)  # bisection cannot repair a non-finite integrand; callers see it
-        # bisect inaccurate panels while their input's budget lasts, earlier panels first
-        cost = 2 * PANEL_NODES * (_rank_within_item(panels.item, ~is_accurate) + 1)
-        is_refined = ~is_accurate & (committed[panels.item] + cost <= max_steps)
-        committed.index_add_(0, panels.item[is_refined], torch.full_like(panels.item[is_refined], 2 * PANEL_NODES))
-        is_kept = ~is_refined
-        if values is None:
-            values = torch.zeros((n_inputs, *integral.shape[1:]), dtype=integral.dtype, device=device)
-        values.index_add_(0, panels.item[is_kept], integral[is_kept])
-        if bool(is_refined.any()):
-            queue = queue + _bisect(panels.select(is_refined), primitive)
-    assert values is not None
-    return PathIntegral(values, n_nodes)
+        n_extended = len(extended)
+        level[extended] += 1
+        sums[extended] += new[:n_extended, FIRST_LEVEL:]
+        change[extended] = change_between(sums[extended], level[extended])
+        children = new[n_extended:]
+        child_change = change_between(children, torch.full_like(child_item, FIRST_LEVEL))
+        # the left half takes its parent's place, the right half goes to the end: an input's panels keep their order
+        n_halved = len(halved)
+        left, right = slice(0, n_halved), slice(n_halved, 2 * n_halved)
+        hi[halved], primitive_hi_parent = middle, primitive_hi[halved]
+        primitive_hi[halved] = primitive_middle
+        level[halved] = FIRST_LEVEL
+        sums[halved] = children[left, FIRST_LEVEL:]
+        change[halved] = child_change[left]
+        item = torch.cat([item, item[halved]])
+        lo, hi = torch.cat([lo, middle]), torch.cat([hi, child_hi[right]])
+        primitive_lo = torch.cat([primitive_lo, primitive_middle])
+        primitive_hi = torch.cat([primitive_hi, primitive_hi_parent])
+        level = torch.cat([level, torch.full((n_halved,), FIRST_LEVEL, device=device)])
+        sums = torch.cat([sums, children[right, FIRST_LEVEL:]])
+        change = torch.cat([change, child_change[right]])
+    rows = torch.arange(len(item), device=device)
+    values = torch.zeros((n_inputs, *sums.shape[2:]), dtype=sums.dtype, device=device)
+    values.index_add_(0, item, sums[rows, level - FIRST_LEVEL])
+    residual = (sums[rows, level - FIRST_LEVEL].sum(1) - (primitive_hi - primitive_lo).to(sums.dtype)).norm(dim=-1)
+    map_error = torch.zeros(n_inputs, dtype=torch.float64, device=device).index_add_(0, item, _map_error(change, residual).double())
+    return PathIntegral(values, n_nodes, n_endpoints, map_error)
 
 
-def _bisect(panels: _Panels, primitive: Primitive) -> _Panels:
-    """Both halves of every panel, each parent's left half right before its right half."""
-    middle = (panels.lo + panels.hi) / 2
-    at_middle = primitive(panels.item, middle).to(panels.primitive_lo.dtype)
-
-    def interleave(left: Tensor, right: Tensor) -> Tensor:
-        return torch.stack([left, right], dim=1).flatten(0, 1)
-
-    return _Panels(
-        item=interleave(panels.item, panels.item),
-        lo=interleave(panels.lo, middle),
-        hi=interleave(middle, panels.hi),
-        primitive_lo=interleave(panels.primitive_lo, at_middle),
-        primitive_hi=interleave(at_middle, panels.primitive_hi),
-    )
-
-
-def _rank_within_item(item: Tensor, mask: Tensor) -> Tensor:
-    """For each masked entry, how many masked entries of the same item come before it (0 elsewhere)."""
-    rank = torch.zeros_like(item)
-    index = torch.nonzero(mask).flatten()
-    if len(index) == 0:
-        return rank
-    order = torch.sort(item[index], stable=True).indices
-    _, counts = torch.unique_consecutive(item[index][order], return_counts=True)
-    group_start = torch.cumsum(counts, 0) - counts
-    rank[index[order]] = torch.arange(len(index), device=item.device) - group_start.repeat_interleave(counts)
-    return rank
+def _map_error(change: Tensor, residual: Tensor) -> Tensor:
+    """Each panel's estimated map error: the change between its last two rules, scaled by how much the last rule
+    improved on the one before where that is known exactly, in the sum over positions (the residual is the last
+    rule's exact error of the sum; the summed change, about the previous rule's). Never more than the change."""
+    improvement = (residual / change[:, 1]).nan_to_num(1.0).clamp(max=1.0)
+    return change[:, 0] * improvement
