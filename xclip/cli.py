@@ -523,14 +523,20 @@ def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
     else:
         checked = f", checked against {accuracy['tolerance']:g}" if accuracy["tolerance"] is not None else ""
         rule = f"fixed, {accuracy['n_steps']} nodes{checked}"
-    console.print(f"quadrature: {rule}")
-    table = Table("inputs", "done", "mean nodes", "max nodes", "median error", "max error", "missed",
+    layout = accuracy["panel_layout"]
+    if accuracy["n_steps"] is None:
+        where = "calibrated, " + escape(layout["source"]) if layout["source"] != "default" else "default"
+        rule += f"; first panels end at text {', '.join(f'{b:g}' for b in layout['text'])}, images {', '.join(f'{b:g}' for b in layout['image'])} ({where})"
+    console.print(f"quadrature: {rule}", soft_wrap=True)
+    table = Table("inputs", "done", "mean nodes", "max nodes", "median error", "max error", "max map error (est.)", "missed",
                   title="relative completeness error per input, |sum C - (g(x) - g(r))| / |g(x) - g(r)|")
     for group in ("captions", "images"):
         stats = accuracy[group]
         table.add_row(group, str(stats["done"]), _number(stats["nodes_mean"], ".1f"), _number(stats["nodes_max"], ".0f"),
-                      _number(stats["relative_error_median"]), _number(stats["relative_error_max"]), str(stats["not_converged"]))
-    console.print(table)
+                      _number(stats["relative_error_median"]), _number(stats["relative_error_max"]),
+                      _number(stats["map_error_estimate_max"]) if accuracy["n_steps"] is None else "-", str(stats["not_converged"]))
+    # numbers are never cut, also in an 80-column log
+    Console(width=max(110, console.width), file=console.file, force_terminal=console.is_terminal).print(table)
     pairs = accuracy["pairs"]
     console.print(
         f"completeness per pair, relative to |g(x_a) - g(r_a)| |g(x_b) - g(r_b)| (the largest the four-term value "

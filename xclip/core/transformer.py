@@ -124,15 +124,33 @@ class Positions:
         )
 
 
+def pooled_block_forward(block: Block, x: Tensor, mask: Tensor | None, pooled_index: Tensor) -> Tensor:
+    """One block's output at one position per sequence, ``(B, d)``: :func:`block_forward` read at
+    ``pooled_index``, without the other positions' queries and MLP, which nothing reads."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    h = block.ln1(x)
+    q = block.split_heads(block.q_proj(h[rows, pooled_index])[:, None])  # (B, H, 1, dh)
+    k, v = block.split_heads(block.k_proj(h)), block.split_heads(block.v_proj(h))
+    query_mask = None if mask is None else mask.expand(x.shape[0], -1, -1, -1)[rows, :, pooled_index][:, :, None]
+    attended = attention(q, k, v, query_mask)  # (B, H, 1, dh)
+    y = x[rows, pooled_index] + block.ls1(block.out_proj(attended.transpose(-3, -2).flatten(-2)))[:, 0]
+    return block.mlp_residual(y)
+
+
 def embed_from_hidden(upper: UpperEncoder, hidden: Tensor, positions: Positions, *, normalize: bool) -> Tensor:
     """The encoder's embedding ``(B, E)`` from hidden states ``(B, S, d)`` entering the cut layer."""
-    for block in upper.blocks:
-        hidden = block_forward(block, hidden, positions.mask)
     if upper.pooled_readout is not None:
         assert positions.pooled_index is not None, "a pooled readout needs pooled_index"
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        embedding = upper.pooled_readout(hidden[rows, positions.pooled_index])
+        for block in upper.blocks[:-1]:
+            hidden = block_forward(block, hidden, positions.mask)
+        if upper.blocks:  # the last block is read at the pooled position only
+            pooled = pooled_block_forward(upper.blocks[-1], hidden, positions.mask, positions.pooled_index)
+        else:
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions.pooled_index]
+        embedding = upper.pooled_readout(pooled)
     else:
         assert upper.readout is not None
+        for block in upper.blocks:
+            hidden = block_forward(block, hidden, positions.mask)
         embedding = upper.readout(hidden)
     return F.normalize(embedding, dim=-1) if normalize else embedding
