@@ -262,3 +262,15 @@ def test_state_memory_is_bounded_and_stated():
     per_input = state_bytes_per_input(197, 512, 4, 256, 3)
     assert per_input == (4 + (256 - 12) // 6) * 3 * 197 * 512 * 4  # 45 panels of three partial sums
     assert 50e6 < per_input < 60e6
+
+
+def test_a_batch_over_the_memory_bound_is_integrated_in_groups_with_the_same_results(monkeypatch):
+    import xclip.core.quadrature as quadrature_module
+
+    together, _, calls_together = integrate([1.0, 200.0, 40.0, 200.0], tolerance=1e-7)
+    one_input = state_bytes_per_input(len(CENTRES), 2, 8, 256, 3)
+    monkeypatch.setattr(quadrature_module, "MAX_STATE_BYTES", 2 * one_input)  # two inputs per group
+    grouped, _, calls_grouped = integrate([1.0, 200.0, 40.0, 200.0], tolerance=1e-7)
+    torch.testing.assert_close(grouped.values, together.values, rtol=0, atol=1e-15)
+    assert grouped.n_nodes.tolist() == together.n_nodes.tolist()
+    assert len(calls_grouped) > len(calls_together)  # the groups ran one after the other
