@@ -598,6 +598,51 @@ def evaluate(
         print(chart)
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="two or more run directories over the same pairs (the first is the baseline)")],
+    annotations: Annotated[Path, typer.Option("--annotations", "-a", help="phrase annotations (JSON lines)")],
+    out: Annotated[Path, typer.Option(help="folder for comparison.json and the difference charts")] = Path("xclip-compare"),
+    seed: Annotated[int, typer.Option(min=0, help="bootstrap seed")] = 0,
+) -> None:
+    """Grounding metrics of runs over the same pairs (two checkpoints, references, layers...) per phrase class,
+    with each run's paired difference from the first and its 95% interval."""
+    from xclip.comparison import compare_runs, difference_charts
+    from xclip.evaluation import DIRECTIONS, METRICS
+
+    with _errors(STORE_FLAGS):
+        report = compare_runs(runs, annotations, seed=seed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+        charts = difference_charts(report, out)
+    names = list(report["runs"])
+    for name, path in report["runs"].items():
+        stderr.print(f"{name}: {escape(path)}", soft_wrap=True)
+    for direction in DIRECTIONS:
+        table = Table("class", "phrases", title=f"{direction.replace('_to_', ' → ').replace('_', ' ')}: mean [95% CI]; differences paired by phrase")
+        for metric in METRICS:
+            for name in names:
+                table.add_column(f"{metric.replace('_', ' ')}\n{name}")
+            for name in names[1:]:
+                table.add_column(f"{metric.replace('_', ' ')}\n{name} − {names[0]}")
+        for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
+            cells = []
+            for metric in METRICS:
+                entry = stats[f"{direction}/{metric}"]
+                cells += [f"{entry[name]['mean']:.3f}" for name in names]
+                cells += [_difference_cell(entry[f"{name}-{names[0]}"]) for name in names[1:]]
+            table.add_row(label, str(stats["n_phrases"]), *cells)
+        Console(width=max(200, Console().width)).print(table)
+    print(out / "comparison.json")
+    for chart in charts:
+        print(chart)
+
+
+def _difference_cell(stats: dict[str, Any]) -> str:
+    low, high = stats["ci95"]
+    return f"{stats['mean']:+.3f} [{low:+.2f}, {high:+.2f}]"
+
+
 def _print_misses(run_dir: Path, found: dict[str, Any], per_class: int, figures: Path | None) -> None:
     """The worst misses of each class with their viewer links (and figures), then the failure patterns."""
     listed: list[dict[str, Any]] = []

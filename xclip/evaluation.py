@@ -46,6 +46,13 @@ class PhraseScore:
     link: str = ""  # the viewer's address of the pair with the phrase and its first box (see xclip.viewer.view_link)
     n_phrases: int = 1  # grounded phrases of the caption: the objects it names
     shares_class: bool = False  # another phrase of the caption has the same class
+    caption: str = ""
+    span: tuple[int, int] = (0, 0)  # the phrase's characters in the caption
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        """What the phrase is wherever it was scored: its image, caption and span (runs number pairs their way)."""
+        return (self.image, self.caption, *self.span)
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,8 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                     chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
                 link = view_link(int(index), tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(phrase["boxes"][0]))
                 scores.append(PhraseScore(int(index), phrase["text"], label, values, chance, image=paths[i], link=link,
-                                          n_phrases=len(labels), shares_class=labels.count(label) > 1))
+                                          n_phrases=len(labels), shares_class=labels.count(label) > 1,
+                                          caption=texts[c], span=(int(phrase["start"]), int(phrase["end"]))))
     if not scores:
         msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}"
         raise ConfigError(msg)
