@@ -356,10 +356,10 @@ def _integrate_nested(
         residual_vector = current.sum(1) - (primitive_hi - primitive_lo).to(sums.dtype)
         residual = residual_vector.norm(dim=-1)
         error = torch.zeros_like(start).index_add_(0, item, residual_vector.to(start.dtype)).norm(dim=-1)
-        size = torch.zeros((n_inputs, *current.shape[1:]), dtype=current.dtype, device=device).index_add_(0, item, current)
+        values = torch.zeros((n_inputs, *current.shape[1:]), dtype=current.dtype, device=device).index_add_(0, item, current)
         map_error = _map_error(change, residual)
-        input_map_error = torch.zeros_like(allowed).index_add_(0, item, map_error.to(allowed.dtype))
-        map_allowed = MAP_MARGIN * tolerance * size.flatten(1).norm(dim=-1).to(allowed.dtype)
+        input_map_error = torch.zeros(n_inputs, dtype=torch.float64, device=device).index_add_(0, item, map_error.double())
+        map_allowed = MAP_MARGIN * tolerance * values.flatten(1).norm(dim=-1).double()
         is_open = (error > allowed) | (input_map_error > map_allowed)
         is_open &= torch.isfinite(error)  # a non-finite integrand cannot be repaired by refining
         # refining cannot help a panel whose residual and map error are down at the rounding of what they measure
@@ -368,10 +368,10 @@ def _integrate_nested(
         is_improvable = (residual > rounding) | (map_error > map_rounding)
         cost = torch.where(level < TOP_LEVEL, sizes[(level + 1).clamp(max=TOP_LEVEL)] - sizes[level], BISECTION_NODES)
         is_candidate = is_open[item] & is_improvable & (n_nodes[item] + cost <= max_steps)
-        if not bool(is_candidate.any()):
-            break
+        if not bool(is_candidate.any()):  # the state is final: values and map errors are this round's
+            return PathIntegral(values, n_nodes, n_endpoints, input_map_error)
         # per input, the candidate furthest over its share of either allowance (the first such panel on a tie)
-        score = torch.maximum(residual / allowed[item], map_error / map_allowed[item])
+        score = torch.maximum(residual / allowed[item], map_error / map_allowed[item].to(map_error.dtype))
         score = torch.where(is_candidate, score, -1.0)
         best = torch.full((n_inputs,), -1.0, dtype=score.dtype, device=device).scatter_reduce(0, item, score, "amax")
         is_best = is_candidate & (score == best[item])
@@ -414,12 +414,6 @@ def _integrate_nested(
         level = torch.cat([level, torch.full((n_halved,), FIRST_LEVEL, device=device)])
         sums = torch.cat([sums, children[right, FIRST_LEVEL:]])
         change = torch.cat([change, child_change[right]])
-    rows = torch.arange(len(item), device=device)
-    values = torch.zeros((n_inputs, *sums.shape[2:]), dtype=sums.dtype, device=device)
-    values.index_add_(0, item, sums[rows, level - FIRST_LEVEL])
-    residual = (sums[rows, level - FIRST_LEVEL].sum(1) - (primitive_hi - primitive_lo).to(sums.dtype)).norm(dim=-1)
-    map_error = torch.zeros(n_inputs, dtype=torch.float64, device=device).index_add_(0, item, _map_error(change, residual).double())
-    return PathIntegral(values, n_nodes, n_endpoints, map_error)
 
 
 def _map_error(change: Tensor, residual: Tensor) -> Tensor:
