@@ -109,11 +109,12 @@ class InteractionAttribution:
         self.model = model
         self.text_layer = resolve_layer(text_layer, len(model.text_blocks), "text")
         self.image_layer = resolve_layer(image_layer, len(model.image_blocks), "image")
-        settings = path_settings(
+        # the settings that move the path: a calibrated layout is stored and found under them
+        self.path_settings = path_settings(
             text_layer=self.text_layer, image_layer=self.image_layer, image_reference=image_reference,
             text_filler=text_filler, blur_radius=float(blur_radius), reference_seed=reference_seed,
         )
-        self.panel_layout = _resolve_layout(panel_layout, model, settings) if n_steps is None else PanelLayout()
+        self.panel_layout = _resolve_layout(panel_layout, model, self.path_settings) if n_steps is None else PanelLayout()
         self._text_quadrature, self._image_quadrature = (
             PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule, breakpoints=breakpoints)
             for breakpoints in (self.panel_layout.text, self.panel_layout.image)

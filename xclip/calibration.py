@@ -21,7 +21,7 @@ from xclip.adapters.base import DualEncoderAdapter, ImageLike
 from xclip.attribution import InteractionAttribution
 from xclip.core.quadrature import DEFAULT_BREAKPOINTS, MAX_BREAKPOINTS
 from xclip.errors import ConfigError, InputError
-from xclip.layouts import Calibration, PanelLayout, path_settings
+from xclip.layouts import Calibration, PanelLayout
 
 if TYPE_CHECKING:
     from xclip.config import RunConfig
@@ -74,21 +74,18 @@ def calibrate(
         A :class:`~xclip.layouts.Calibration` for :func:`xclip.layouts.save_calibration`.
     """
     settings.pop("panel_layout", None)
-    probe = InteractionAttribution(model, panel_layout="default", **settings)
+    probe = InteractionAttribution(model, panel_layout="default", **settings)  # checks the settings once
+    text_batch, image_batch = model.tokenize(captions), model.preprocess(images)  # read once, tried many times
     towers = {
         "text": _calibrate_tower(
-            lambda layout: [c.n_nodes for c in _attributor(model, settings, text=layout).text_contributions(captions)],
+            lambda layout: [c.n_nodes for c in _attributor(model, settings, text=layout).text_batch_contributions(text_batch)],
             lambda done: progress("text", done) if progress else None,
         ),
         "image": _calibrate_tower(
-            lambda layout: [c.n_nodes for c in _attributor(model, settings, image=layout).image_contributions(images)],
+            lambda layout: [c.n_nodes for c in _attributor(model, settings, image=layout).image_batch_contributions(image_batch)],
             lambda done: progress("image", done) if progress else None,
         ),
     }
-    key = path_settings(
-        text_layer=probe.text_layer, image_layer=probe.image_layer, image_reference=probe.image_reference,
-        text_filler=probe.text_filler, blur_radius=probe.blur_radius, reference_seed=probe.reference_seed,
-    )
     measured = {
         tower: {
             "inputs": found.n_inputs,
@@ -101,7 +98,7 @@ def calibrate(
         }
         for tower, found in towers.items()
     }
-    return Calibration(settings=key, text=towers["text"].breakpoints, image=towers["image"].breakpoints, measured=measured)
+    return Calibration(settings=probe.path_settings, text=towers["text"].breakpoints, image=towers["image"].breakpoints, measured=measured)
 
 
 def _attributor(model: DualEncoderAdapter, settings: dict[str, Any], *, text: Breakpoints = DEFAULT_BREAKPOINTS,
@@ -111,18 +108,17 @@ def _attributor(model: DualEncoderAdapter, settings: dict[str, Any], *, text: Br
 
 def _calibrate_tower(nodes_of: Callable[[Breakpoints], list[int]], progress: Callable[[int], None]) -> TowerCalibration:
     """Greedy search over layouts, each judged by the nodes the real rule takes with it."""
-    tried: dict[Breakpoints, tuple[float, int]] = {}
+    tried: dict[Breakpoints, list[int]] = {}  # each layout's nodes per input, every layout run once
 
     def cost(layout: Breakpoints) -> tuple[float, int]:
         layout = tuple(round(b, 4) for b in layout)
         if layout not in tried:
-            nodes = nodes_of(layout)
-            tried[layout] = (float(np.mean(nodes)), max(nodes))
+            tried[layout] = nodes_of(layout)
             progress(len(tried))
-        return tried[layout]
+        return float(np.mean(tried[layout])), max(tried[layout])
 
-    n_inputs = len(nodes_of(DEFAULT_BREAKPOINTS))
     best = DEFAULT_BREAKPOINTS
+    cost(best)
     for centre in np.arange(0.1, 0.95, 0.1):  # a narrow stretch around each tenth, in one or two panels
         for half_width in (0.05, 0.1):
             for layout in ((centre - half_width, centre + half_width), (centre - half_width, centre, centre + half_width)):
@@ -140,7 +136,7 @@ def _calibrate_tower(nodes_of: Callable[[Breakpoints], list[int]], progress: Cal
         breakpoints=tuple(round(b, 4) for b in best),
         default_nodes=cost(DEFAULT_BREAKPOINTS),
         chosen_nodes=cost(best),
-        n_inputs=n_inputs,
+        n_inputs=len(tried[DEFAULT_BREAKPOINTS]),
         n_trials=len(tried),
     )
 
