@@ -215,8 +215,9 @@ def torch_equal(a, b) -> bool:
 
 def test_the_padding_mask_covers_the_padding_and_its_edge_only():
     padded = Preprocessing((100, 50), (0.0, -25.0, 100.0, 75.0), (40, 40), (2, 2))  # 25 px of padding above and below
-    mask = padded.padding_mask((100, 100))  # one view pixel per original pixel
-    margin = 2 + 1  # at 100 pixels: the detector's blur and step
+    margin = 2 + 1  # at 100 pixels: the detector's blur and step (what outline_mask passes)
+    mask = padded.padding_mask((100, 100), margin=margin)  # one view pixel per original pixel
     assert mask[: 25 + margin].all() and mask[75 - margin :].all()
     assert not mask[25 + margin : 75 - margin].any()
-    assert not SQUARE.padding_mask((64, 64)).any() and not WIDE.padding_mask((32, 32)).any()  # crops have no padding
+    # crops have no padding
+    assert not SQUARE.padding_mask((64, 64), margin=margin).any() and not WIDE.padding_mask((32, 32), margin=margin).any()

@@ -6,6 +6,7 @@ score, blue lowers it, white is zero), 256 levels indexed as matplotlib indexes 
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Literal
 
@@ -48,11 +49,19 @@ def outline_mask(view: Image.Image, geometry: Preprocessing | None = None) -> np
     edges = _edges(view)
     if _is_speckled(view, edges):
         return np.zeros_like(edges)
-    return edges & ~geometry.padding_mask(view.size) if geometry is not None else edges
+    if geometry is None:
+        return edges
+    # the blur's reach, the gradient's step and one: how far from the padding's edge the detector still sees it
+    return edges & ~geometry.padding_mask(view.size, margin=2 + math.ceil(_blur_radius(view.size)))
+
+
+def _blur_radius(size: tuple[int, int]) -> float:
+    """The outline detector's blur radius for a view of ``size`` pixels."""
+    return max(1.0, max(size) / 160)
 
 
 def _edges(view: Image.Image) -> np.ndarray:
-    blurred = view.convert("RGB").filter(ImageFilter.GaussianBlur(max(1.0, max(view.size) / 160)))
+    blurred = view.convert("RGB").filter(ImageFilter.GaussianBlur(_blur_radius(view.size)))
     rgb = np.asarray(blurred, dtype=np.float32)
     gradient = np.zeros(rgb.shape[:2], dtype=np.float32)
     gradient[1:-1, 1:-1] = np.hypot(rgb[1:-1, 2:] - rgb[1:-1, :-2], rgb[2:, 1:-1] - rgb[:-2, 1:-1]).max(-1)

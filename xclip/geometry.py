@@ -76,13 +76,13 @@ class Preprocessing:
         """The share of the original image's area that the model's input shows (1.0 unless a crop cut some)."""
         return float(seen_shares(self.to_row()[None])[0])
 
-    def padding_mask(self, size: tuple[int, int]) -> np.ndarray:
+    def padding_mask(self, size: tuple[int, int], *, margin: int) -> np.ndarray:
         """``(height, width)`` bool for a view of the model's input drawn at ``size`` pixels: True where it shows
-        padding (``image.resize: pad``) or lies within a few pixels of it, where an outline detector would find
-        the edge of the padding rather than of an object."""
+        padding (``image.resize: pad``) or lies within ``margin`` view pixels of it (the outline detector's reach:
+        its blur radius and gradient step, and one), where it would find the edge of the padding rather than of
+        an object."""
         width, height = size
         x0, y0, x1, y1 = self.crop_box
-        margin = 2 + int(np.ceil(max(size) / 160))  # the outline detector's blur radius and gradient step, and one
         columns = x0 + (np.arange(width) + 0.5) * (x1 - x0) / width  # each pixel's centre in original pixels
         rows = y0 + (np.arange(height) + 0.5) * (y1 - y0) / height
         near_x, near_y = margin * (x1 - x0) / width, margin * (y1 - y0) / height

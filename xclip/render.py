@@ -453,7 +453,7 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
     columns = min(image_slots + len(content.panels), page.columns)
     side = min(px(PANEL_SIDE), (room - (columns - 1) * gap) // columns)
     display = view.image.convert("RGB").resize(_fit(view.image.size, (side, side)), Image.Resampling.BICUBIC)
-    contours = outline_mask(display, view.geometry)
+    contours = outline_mask(display, view.geometry) if content.panels else None  # box mode draws no map panel
     is_cut = shown != view.geometry.crop_box
     image_room = (min(room, image_slots * side + (image_slots - 1) * gap), side)
     image_tile = _whole_image(view, shown, image_room) if is_cut else display
@@ -726,7 +726,8 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         score=float(run.value(PAIRS, SCORE, index)),
         four_term_value=float(run.value(PAIRS, FOUR_TERM_VALUE, index)),
         completeness_error=float(run.value(PAIRS, COMPLETENESS_ERROR, index)),
-        original=original,
+        # kept only where the image panel shows it (a crop cut part): render_run holds all views at once
+        original=original if geometry.seen_share < _SEEN_WHOLE else None,
     )
 
 
