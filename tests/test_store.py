@@ -875,3 +875,26 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
     pair = 1 + 100 + 2 * 8 + 9 * 4 + 4 + (L * S * array if maps else 0)  # status, error, indices, 9 floats, checksum, map
     with RunReader(tmp_path) as stored:
         assert [stored.bytes_per_item(g) for g in ("captions", "images", "pairs")] == [caption, image, pair]
+
+
+def test_values_and_finished_columns_read_rows_as_asked(tmp_path):
+    from xclip.store import FAILED, RunReader, create_run_file
+
+    create_run_file(
+        tmp_path / "run.h5", attributes={"config": {}}, captions=["a", "b", "c"], images=["x.png"],
+        pairs=[(0, 0), (1, 0), (2, 0)], rejected_records=[], store_pair_maps=False, precision="float32",
+        max_text_positions=5, n_image_positions=3, embedding_dim=4, grid=(1, 2), n_prefix=1,
+    )
+    with h5py.File(tmp_path / "run.h5", "r+") as f:
+        f["pairs/score"][:] = [0.5, 0.25, 0.75]
+        f["pairs/status"][:] = [DONE, PENDING, FAILED]
+        f["pairs/error"][2] = "why"
+    with RunReader(tmp_path) as stored:
+        assert stored.values("pairs", "score", [2, 0, 2]).tolist() == [0.75, 0.5, 0.75]  # the order asked, repeats too
+        assert stored.values("pairs", "score", []).tolist() == []
+        assert stored.errors("pairs", [2, 0, 2]) == ["why", "", "why"]
+        score = stored.finished_columns("pairs", ["score"])["score"]
+        assert score.dtype == np.float64
+        assert score[0] == 0.5
+        assert np.isnan(score[1:]).all()  # not done: NaN, whatever the file holds
+        assert stored.finished_columns("pairs", ["score"], np.full(3, DONE))["score"].tolist() == [0.5, 0.25, 0.75]

@@ -102,9 +102,8 @@ def explain(
         image_error = stored.errors(IMAGES, [0])[0] if stored.status(IMAGES)[0] == FAILED else ""
         failed_captions = np.flatnonzero(stored.status(CAPTIONS) == FAILED).tolist()
         caption_errors = dict(zip(failed_captions, stored.errors(CAPTIONS, failed_captions)))
-        numbers = np.stack([stored.column(PAIRS, name) for name in _NUMBERS], axis=1)
-    numbers = numbers.astype(np.float64)
-    numbers[status != DONE] = np.nan  # unfinished items hold no results
+        columns = stored.finished_columns(PAIRS, _NUMBERS, status)  # NaN for unfinished pairs: they hold no results
+    numbers = np.stack([columns[name] for name in _NUMBERS], axis=1)
     finished = np.flatnonzero(status == DONE).tolist()
     report = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format) if finished else None
     paths = dict(zip(finished, report.written if report else []))

@@ -42,14 +42,14 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
         rejected = run.rejected_records()
         captions, images = run.captions(), run.image_paths()
         status = run.status(PAIRS)
-        numbers = {name: run.column(PAIRS, name) for name in PAIR_TABLE_NUMBERS}
+        numbers = run.finished_columns(PAIRS, PAIR_TABLE_NUMBERS, status)  # NaN for unfinished pairs: not results
         terms = run.column(PAIRS, TERMS)
         rows = []
         for i, (c, m) in enumerate(zip(run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX))):
-            is_done = status[i] == DONE  # numbers of unfinished pairs are not results
+            is_done = status[i] == DONE
             row = {"index": i, "caption_index": int(c), "image_index": int(m), "caption": captions[c], "image": images[m],
                    "status": Status(int(status[i])).label, "terms": [float(t) for t in terms[i]] if is_done else None}
-            row.update({name: float(values[i]) if is_done and np.isfinite(values[i]) else None for name, values in numbers.items()})
+            row.update({name: float(values[i]) if np.isfinite(values[i]) else None for name, values in numbers.items()})
             rows.append(row)
         return {
             "file": str(run.path),

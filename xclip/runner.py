@@ -80,7 +80,7 @@ def run(
 
     Raises:
         ConfigError: the directory holds a run made with other settings (pass ``overwrite=True``).
-        StoreError: another live process is writing the directory (see :func:`xclip.store.writer_lock`).
+        StoreError: another live process is writing the directory (see :func:`xclip.locking.writer_lock`).
     """
     start = time.perf_counter()
     progress = on_progress or (lambda stage, done, total: None)

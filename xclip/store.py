@@ -500,16 +500,40 @@ class RunReader:
         """Why the given items failed, in the order of ``indices``."""
         if not len(indices):
             return []
-        # h5py reads increasing, distinct indices: read those, then give them back in the caller's order
-        distinct, order = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
-        with self._reading():
-            errors = self._file[group]["error"].asstr()[distinct]
-        return [str(errors[k]) for k in order]
+        return [str(error) for error in self.values(group, "error", indices, text=True)]
 
     def value(self, group: str, name: str, index: int) -> Any:
         """One item's entry of a per-item dataset (one read, where :meth:`column` reads them all)."""
         with self._reading():
             return self._file[group][name][index]
+
+    def values(self, group: str, name: str, indices: Sequence[int] | np.ndarray, *, text: bool = False) -> np.ndarray:
+        """The entries of the given items of a per-item dataset, in the order of ``indices`` (repeats
+        allowed): one read of the distinct items, where :meth:`value` reads one item and :meth:`column` all.
+        ``text`` decodes a string dataset to ``str`` (an object array); otherwise entries are as stored."""
+        # h5py reads increasing, distinct indices: read those, then give them back in the caller's order
+        distinct, order = np.unique(np.asarray(indices, dtype=np.int64), return_inverse=True)
+        with self._reading():
+            dataset = self._file[group][name]
+            read = (dataset.asstr() if text else dataset)[distinct]
+        return read[order.reshape(-1)]
+
+    def finished_columns(self, group: str, names: Sequence[str], status: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Whole per-item number columns (``names``) as float64, NaN wherever the item is not done.
+
+        The file holds zeros for unfinished items (their storage is never filled), which would otherwise
+        sort, filter and show as values. ``status``: the group's status as the caller already read it, so
+        that the columns agree with it; read here (once, before the columns: an item's data are committed
+        before its status) when not given."""
+        if status is None:
+            status = self.status(group)
+        unfinished = status != DONE
+        columns = {}
+        for name in names:
+            values = self.column(group, name).astype(np.float64)
+            values[unfinished] = np.nan
+            columns[name] = values
+        return columns
 
     def column(self, group: str, name: str) -> np.ndarray:
         """One per-item dataset of the README's table, whole (scores, errors, node counts, sizes, ...)."""

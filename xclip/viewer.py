@@ -63,7 +63,7 @@ from xclip.tokens import CaptionTokens
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
 DISPLAY_SIDE = 320  # the image as the page shows it: contours are found at this size
-SORT_KEYS = ("index", "score", "four_term_value", "completeness_error", "relative_completeness_error", "status", "caption", "image")
+SORT_KEYS = ("index", *PAIR_TABLE_NUMBERS, "status", "caption", "image")  # every number column sorts
 THUMBNAIL_SIDE = 80  # the table shows thumbnails at 40 px: twice that stays sharp on high-density screens
 # a thumbnail's address names its image's content (``?v=``), so the browser may keep it for good
 THUMBNAIL_CACHE = "private, max-age=31536000, immutable"
@@ -72,7 +72,9 @@ SOCKET_TIMEOUT_S = 10.0  # a client silent this long, mid-request or mid-answer,
 
 
 class NotFound(ConfigError):
-    """A pair that is not a finished pair of the run, or an image that is not there: the server answers 404."""
+    """A pair or image that is not a finished one of the run, an index that is not one, or a thumbnail address
+    that names another picture: the server answers 404 (an image file that is not there raises
+    :class:`xclip.store.MissingImage`, also answered 404)."""
 
 
 class OutsideDataRoot(ConfigError):
@@ -157,7 +159,7 @@ class RunData:
             status = run.status(PAIRS)
             captions = run.captions()
             caption_index = run.column(PAIRS, CAPTION_INDEX)
-            numbers = _finished_numbers(run, status)  # read once: filtered, sorted and shown
+            numbers = run.finished_columns(PAIRS, PAIR_TABLE_NUMBERS, status)  # read once: filtered, sorted and shown
             score = numbers[SCORE]
             keep = np.ones(len(status), dtype=bool)
             if query.status != "all":
@@ -193,7 +195,7 @@ class RunData:
         """The table rows of the given pairs, in that order."""
         with RunReader(self.run_dir) as run:
             status = run.status(PAIRS)
-            return self._rows(run, np.asarray(indices, dtype=np.int64), status, _finished_numbers(run, status))
+            return self._rows(run, np.asarray(indices, dtype=np.int64), status, run.finished_columns(PAIRS, PAIR_TABLE_NUMBERS, status))
 
     def failures(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Failed captions and images with their reasons (their pairs fail with them), then failed pairs
@@ -293,7 +295,7 @@ class RunData:
         return text
 
     def _rows(self, run: RunReader, pairs: np.ndarray, status: np.ndarray, numbers: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-        """Table rows of ``pairs`` (``status`` and ``numbers``: every pair's, see :func:`_finished_numbers`):
+        """Table rows of ``pairs`` (``status`` and ``numbers``: every pair's, see :meth:`RunReader.finished_columns`):
         each column read once, whatever the number of rows."""
         captions, paths = run.captions(), run.image_paths()
         caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
@@ -335,28 +337,21 @@ def _finished_pair_inputs(run: RunReader, index: int) -> tuple[int, int]:
     return run.pair_inputs(index)
 
 
-def _finished_numbers(run: RunReader, status: np.ndarray) -> dict[str, np.ndarray]:
-    """The pair table's number columns with NaN wherever the pair is not done: the file holds zeros there,
-    which would sort, filter and show as values (a run whose pairs are still pending listed them first, sorted
-    by error, as 0)."""
-    numbers = {name: run.column(PAIRS, name).astype(np.float64) for name in PAIR_TABLE_NUMBERS}
-    for values in numbers.values():
-        values[status != Status.DONE] = np.nan
-    return numbers
-
-
 def _image_version(sha256: bytes) -> str:
     """The part of an image's content digest that names its thumbnail's address."""
     return sha256.decode()[:16]
 
 
 def _thumbnail_urls(run: RunReader, images: np.ndarray) -> dict[int, str | None]:
-    """The thumbnail address of each of ``images`` (one read per image, not per row); none for images not
-    finished, whose content the run has not recorded yet."""
+    """The thumbnail address of each of ``images`` (their digests in one read, whatever the number of rows);
+    none for images not finished, whose content the run has not recorded yet."""
     status = run.status(IMAGES)
+    distinct = np.unique(np.asarray(images, dtype=np.int64))
+    done = distinct[status[distinct] == Status.DONE]
+    versions = dict(zip(done.tolist(), map(_image_version, run.values(IMAGES, SHA256, done))))
     return {
-        image: f"api/image/{image}/thumb.png?v={_image_version(run.value(IMAGES, SHA256, image))}" if status[image] == Status.DONE else None
-        for image in map(int, np.unique(images))
+        image: f"api/image/{image}/thumb.png?v={versions[image]}" if image in versions else None
+        for image in distinct.tolist()
     }
 
 
