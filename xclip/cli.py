@@ -198,15 +198,13 @@ def calibrate(
         elif data is not None:
             raise ConfigError("--data is for a model name; a run config names its own data (data.root)")
         run_config = load_config(config_path, overrides or [])
+        beside_file = beside_checkpoint(run_config.model.name)
+        if beside and beside_file is None:  # refused before the model is loaded and calibrated
+            raise ConfigError(f"--beside needs a local checkpoint folder; {run_config.model.name!r} is not one (use --output)")
         with _plain_progress(quiet, "layouts tried") as progress:
             calibration, model, unreadable = calibrate_run_config(run_config, n_inputs, progress)
         fingerprint = weights_fingerprint(model)
-        if beside:
-            target = beside_checkpoint(model)
-            if target is None:
-                raise ConfigError(f"--beside needs a local checkpoint folder; {run_config.model.name!r} is not one (use --output)")
-        else:
-            target = output or cache_file(fingerprint)
+        target = beside_file if beside else output or cache_file(fingerprint)
         save_calibration(target, model, calibration, fingerprint)
     for problem in unreadable:
         stderr.print(f"[yellow]left out[/] {escape(problem)}", soft_wrap=True)

@@ -113,10 +113,11 @@ def cache_file(fingerprint: str) -> Path:
     return layout_cache() / f"{fingerprint}.json"
 
 
-def beside_checkpoint(model: DualEncoderAdapter) -> Path | None:
-    """The layout file beside a local checkpoint directory or a shipped model (None for hub and open_clip names)."""
-    directory = shipped_model(model.name) or Path(model.name).expanduser()
-    return directory / LAYOUT_FILE if model.name and directory.is_dir() else None
+def beside_checkpoint(name: str) -> Path | None:
+    """The layout file beside the checkpoint a model name names, a local directory or a shipped model (None for
+    hub and open_clip names)."""
+    directory = shipped_model(name) or Path(name).expanduser()
+    return directory / LAYOUT_FILE if name and directory.is_dir() else None
 
 
 def read_layout_file(path: Path) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def layout_from_file(path: Path, fingerprint: str, settings: dict[str, Any], *, 
 def find_layout(model: DualEncoderAdapter, settings: dict[str, Any], fingerprint: str | None = None) -> PanelLayout:
     """The calibrated layout of this model under these settings, beside its checkpoint or in the layout cache;
     the default layout when there is none."""
-    beside = beside_checkpoint(model)
+    beside = beside_checkpoint(model.name)
     has_beside = beside is not None and beside.is_file()
     if not has_beside and not any(layout_cache().glob("*.json")):
         return PanelLayout()  # nothing to look in: skip fingerprinting the weights
