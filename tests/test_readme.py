@@ -65,7 +65,7 @@ def test_the_own_data_section_is_a_complete_run(tmp_path):
     for line, scene in zip(records.splitlines(), ("scene00000.png", "scene00001.png")):
         shutil.copyfile(scenes / scene, project / "images" / json.loads(line)["file_name"])  # Pillow reads by content
     config = yaml.safe_load(config_text)
-    assert sorted(config) == ["data", "model", "output"]  # the five keys the section calls required, no more
+    assert sorted(config) == ["data", "model", "output"]  # the sections of the five keys the section calls required, no more
     config["model"]["name"] = "xclip:demo"  # offline: the hub model the section names needs the network
     (project / "run.yaml").write_text(yaml.safe_dump(config))
     xclip = Path(sys.executable).parent / "xclip"

@@ -114,7 +114,9 @@ def test_unfinished_pairs_have_no_values_and_never_sort_among_finished_ones(grow
     pending = columns["status"] == 0
     assert pending.sum() == 24 and (columns["score"][pending] == 0).all()  # zeros in the file, not NaN
     rows = data.pairs(PairQuery(limit=1000))["rows"]
-    assert all(row[name] is None for row in rows if row["status"] == "pending"
+    pending_rows = [row for row in rows if row["status"] == "pending"]
+    assert len(pending_rows) == 24
+    assert all(row[name] is None for row in pending_rows
                for name in ("score", "four_term_value", "completeness_error", "relative_completeness_error"))
     done = np.flatnonzero(~pending)
     for sort, column in (("score", "score"), ("relative_completeness_error", "relative")):
@@ -312,7 +314,7 @@ def test_a_stalled_client_is_disconnected(finished_run):  # noqa: F811
                 client.sendall(sent)
                 start = time.monotonic()
                 assert client.recv(1024) == b"", sent  # closed by the server: our own 60 s would raise instead
-                assert time.monotonic() - start < 30, sent  # the server's 0.5 s, with room for a loaded machine
+                assert time.monotonic() - start < 10, sent  # the server's 0.5 s, with room for a loaded machine
         assert ask(server.server_address[1], "/api/run")[0] == 200
 
 
