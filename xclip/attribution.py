@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -32,6 +32,24 @@ CONVENTIONS: tuple[str, ...] = get_args(Convention)
 
 # settings renamed since the first API (steps and method were the paper code's words): say the new name
 RENAMED_SETTINGS = {"steps": "n_steps", "method": "rule"}
+
+
+@dataclass(frozen=True)
+class CutStates:
+    """One tower's inputs at the cut layer: what the engine integrates between, and the encoder above it.
+
+    Attributes:
+        hidden: ``(B, S, d)`` hidden states entering the cut layer, in the dtype of ``upper`` (float32 for a
+            low-precision model, whose layers below the cut run in its own dtype).
+        reference: ``(B or 1, S, d)`` the reference's hidden states there.
+        positions: masks and pooled positions of the inputs.
+        upper: the encoder above the cut (in the dtype the engine differentiates in).
+    """
+
+    hidden: Tensor
+    reference: Tensor
+    positions: Positions
+    upper: UpperEncoder
 
 
 class InteractionAttribution:
@@ -173,19 +191,14 @@ class InteractionAttribution:
 
     def text_batch_contributions(self, batch: TextBatch) -> list[Contributions]:
         """:meth:`text_contributions` of captions already tokenised by ``model.tokenize``."""
-        layer = self.text_layer
         if self.convention == "exact":
-            reference_ids = self.model.text_reference_ids(batch, self.text_filler)
             reference_positions = batch.positions
         else:
             reference_ids = self.model.reference_code_text_ids(batch)
             reference_positions = Positions(batch.positions.mask, self.model.pooled_index(reference_ids))
-        # captions and their references share length and mask: one pass below the cut for both
-        mask = batch.positions.mask
-        both = Positions(mask=None if mask is None else torch.cat([mask, mask]))
-        hidden, reference = self.model.text_hidden(torch.cat([batch.input_ids, reference_ids]), both, layer).chunk(2)
+        cut = self.text_cut(batch)
         values, embedding, reference_embedding, checks = self._attribute_tower(
-            self._text_upper, self._text_quadrature, hidden, reference, batch.positions, reference_positions
+            self._text_upper, self._text_quadrature, cut.hidden, cut.reference, batch.positions, reference_positions
         )
         return [
             Contributions(
@@ -203,12 +216,10 @@ class InteractionAttribution:
 
     def image_batch_contributions(self, batch: ImageBatch) -> list[Contributions]:
         """:meth:`image_contributions` of images already preprocessed by ``model.preprocess``."""
-        layer = self.image_layer
-        hidden = self.model.image_hidden(batch.pixel_values, layer)
-        reference = self._image_reference_hidden(batch)
-        positions = Positions(pooled_index=self.model.image_pooled_index(hidden.shape[0]))
+        cut = self.image_cut(batch)
+        hidden = cut.hidden
         values, embedding, reference_embedding, checks = self._attribute_tower(
-            self._image_upper, self._image_quadrature, hidden, reference, positions, positions
+            self._image_upper, self._image_quadrature, hidden, cut.reference, cut.positions, cut.positions
         )
         n_prefix = self.model.n_image_prefix
         grid = self.model.patch_grid
@@ -227,6 +238,26 @@ class InteractionAttribution:
             )
             for b in range(hidden.shape[0])
         ]
+
+    def text_cut(self, batch: TextBatch) -> CutStates:
+        """The captions' hidden states entering the cut layer and their references' (the path's two ends)."""
+        if self.convention == "exact":
+            reference_ids = self.model.text_reference_ids(batch, self.text_filler)
+        else:
+            reference_ids = self.model.reference_code_text_ids(batch)
+        # captions and their references share length and mask: one pass below the cut for both
+        mask = batch.positions.mask
+        both = Positions(mask=None if mask is None else torch.cat([mask, mask]))
+        hidden, reference = self.model.text_hidden(torch.cat([batch.input_ids, reference_ids]), both, self.text_layer).chunk(2)
+        dtype = self._upper_dtype
+        return CutStates(hidden.to(dtype), reference.to(dtype), batch.positions, self._text_upper)
+
+    def image_cut(self, batch: ImageBatch) -> CutStates:
+        """The images' hidden states entering the cut layer and the reference's (the path's two ends)."""
+        hidden = self.model.image_hidden(batch.pixel_values, self.image_layer)
+        positions = Positions(pooled_index=self.model.image_pooled_index(hidden.shape[0]))
+        dtype = self._upper_dtype
+        return CutStates(hidden.to(dtype), self._image_reference_hidden(batch).to(dtype), positions, self._image_upper)
 
     def attribute(
         self,

@@ -563,37 +563,106 @@ def _number(value: float | None, spec: str = ".2e") -> str:
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
-    annotations: Annotated[Path, typer.Option("--annotations", "-a", help="phrase annotations (JSON lines)")],
+    annotations: Annotated[Path | None, typer.Option("--annotations", "-a", help="phrase annotations (JSON lines); without them only --baselines' faithfulness is scored")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for report.json and the bar charts (default RUN_DIR/evaluation)")] = None,
     seed: Annotated[int, typer.Option(min=0, help="bootstrap seed")] = 0,
     misses: Annotated[int, typer.Option(min=0, help="list the N worst misses of each class, with viewer links, and the failure patterns")] = 0,
     miss_figures: Annotated[bool, typer.Option("--miss-figures", help="with --misses: draw the listed misses' phrase maps into OUT/misses")] = False,
+    baselines: Annotated[str | None, typer.Option(help="first-order methods to score beside the run's maps, comma-separated: integrated_gradients, gradient_input, maskclip, grad_eclip, rollout, chefer, random, centre, or all; loads the run's model")] = None,
+    baseline_target: Annotated[str, typer.Option(help="what a first-order method explains a phrase's image against: phrase (the phrase as a caption of its own) or caption (the whole caption)")] = "phrase",
+    curve_points: Annotated[int, typer.Option(min=2, help="points on each insertion and deletion curve")] = 20,
+    limit: Annotated[int | None, typer.Option(min=1, help="with --baselines: score the first N pairs only")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals; the
-    phrases whose maps miss their boxes, and the groups of phrases that miss most, in OUT/misses.json."""
+    phrases whose maps miss their boxes, and the groups of phrases that miss most, in OUT/misses.json. With
+    --baselines, first-order methods on the same pairs: grounding and insertion/deletion faithfulness, each with
+    its paired difference from the second-order maps, in OUT/baselines.json."""
     from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, score_run, summarize, write_misses
 
-    with _errors(STORE_FLAGS):
-        scores = score_run(run_dir, annotations)
-        report = summarize(scores, seed=seed)
-        folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        charts = bar_charts(report, folder)
-        found = write_misses(scores, folder / "misses.json", seed=seed)
-    table = Table("class", "phrases", *(f"{d.replace('_to_', '→')}\n{m.replace('_', ' ')}" for d in DIRECTIONS for m in METRICS),
-                  title="grounding: mean [95% CI] (chance)")
-    for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
-        cells = [_metric_cell(stats[f"{d}/{m}"]) for d in DIRECTIONS for m in METRICS]
-        table.add_row(label, str(stats["n_phrases"]), *cells)
-    Console(width=200).print(table)
-    if misses:
+    if annotations is None and baselines is None:
+        _print_error("nothing to evaluate: give --annotations (grounding), --baselines (faithfulness, and grounding with annotations) or both")
+        raise typer.Exit(EXIT_USAGE)
+    folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
+    if annotations is not None:
         with _errors(STORE_FLAGS):
-            _print_misses(run_dir, found, misses, folder / "misses" if miss_figures else None)
-    print(folder / "report.json")
-    print(folder / "misses.json")
+            scores = score_run(run_dir, annotations)
+            report = summarize(scores, seed=seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            charts = bar_charts(report, folder)
+            found = write_misses(scores, folder / "misses.json", seed=seed)
+        table = Table("class", "phrases", *(f"{d.replace('_to_', '→')}\n{m.replace('_', ' ')}" for d in DIRECTIONS for m in METRICS),
+                      title="grounding: mean [95% CI] (chance)")
+        for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
+            cells = [_metric_cell(stats[f"{d}/{m}"]) for d in DIRECTIONS for m in METRICS]
+            table.add_row(label, str(stats["n_phrases"]), *cells)
+        Console(width=200).print(table)
+        if misses:
+            with _errors(STORE_FLAGS):
+                _print_misses(run_dir, found, misses, folder / "misses" if miss_figures else None)
+        print(folder / "report.json")
+        print(folder / "misses.json")
+        for chart in charts:
+            print(chart)
+    if baselines is not None:
+        _evaluate_baselines(run_dir, annotations, folder, [name.strip() for name in baselines.split(",") if name.strip()],
+                            target=baseline_target, n_points=curve_points, limit=limit, seed=seed, quiet=quiet)
+
+
+def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, names: list[str], *, target: str,
+                        n_points: int, limit: int | None, seed: int, quiet: bool) -> None:
+    """Score the run's maps beside first-order methods, write OUT/baselines.json and its charts, print the tables."""
+    from xclip.baseline_evaluation import CURVES, GROUNDING, method_charts, score_methods, summarize_methods
+
+    bar, update = _progress_callback(quiet)
+    with _errors(STORE_FLAGS), bar or nullcontext():
+        scores = score_methods(run_dir, names, annotations=annotations, target=target, n_points=n_points,  # type: ignore[arg-type]
+                               limit=limit, seed=seed, progress=(lambda done, total: update("baselines", done, total)) if update else None)
+        report = summarize_methods(scores, seed=seed)
+        report["target"], report["curve_points"] = target, n_points
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "baselines.json").write_text(json.dumps(report, indent=2) + "\n")
+        charts = method_charts(report, folder)
+    console = Console(width=220)
+    if "grounding" in report:
+        chance = report["grounding_chance"]
+        table = Table("method", *(f"{m.replace('_', ' ')}\n(chance {chance[m]:.2f})" for m in GROUNDING),
+                      *(f"Δ {m.replace('_', ' ')}\nvs second order" for m in GROUNDING),
+                      title=f"phrase → image grounding, {report['n_phrases']} phrases: mean [95% CI]; Δ paired by phrase")
+        for method, entry in report["grounding"]["overall"].items():
+            if method == "n_phrases":
+                continue
+            table.add_row(method, *(_mean_cell(entry.get(m)) for m in GROUNDING), *(_paired_cell(entry.get(m)) for m in GROUNDING))
+        console.print(table)
+        classes = [label for label in report["grounding"] if label != "overall"]
+        per_class = Table("class", "phrases", *report["methods"], title="pointing game per class: mean [95% CI]")
+        for label in classes:
+            group = report["grounding"][label]
+            per_class.add_row(label, str(group["n_phrases"]), *(_mean_cell(group[m].get("pointing_game")) for m in report["methods"]))
+        console.print(per_class)
+    table = Table("method", *(f"area between curves\n{c}" for c in CURVES), *(f"Δ {c}\nvs second order" for c in CURVES),
+                  title=f"insertion/deletion, {report['n_pairs']} pairs: mean [95% CI] (1 = the score rests on the players ranked first, 0 = chance)")
+    for method, entry in report["faithfulness"].items():
+        table.add_row(method, *(_mean_cell(entry.get(c)) for c in CURVES), *(_paired_cell(entry.get(c)) for c in CURVES))
+    console.print(table)
+    print(folder / "baselines.json")
     for chart in charts:
         print(chart)
+
+
+def _mean_cell(stats: dict[str, Any] | None) -> str:
+    if stats is None:
+        return "-"
+    low, high = stats["ci95"]
+    return f"{stats['mean']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _paired_cell(stats: dict[str, Any] | None) -> str:
+    if stats is None or "difference" not in stats:
+        return "-"
+    low, high = stats["difference_ci95"]
+    return f"{stats['difference']:+.3f} [{low:+.2f}, {high:+.2f}]"
 
 
 @app.command()
