@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--end-to-end", type=int, default=64, metavar="N",
                         help="also run `xclip attribute` on N image files and N captions (0: skip)")
     parser.add_argument("--num-workers", type=int, default=2, help="image-decoding workers of the end-to-end run")
+    parser.add_argument("--evaluation-pairs", type=int, default=16,
+                        help="pairs of the end-to-end run scored by `xclip evaluate --baselines all` (its cost per pair)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.family != "open_clip" and args.architecture not in (*ARCHITECTURES, "demo"):
@@ -331,6 +333,7 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
         (root / "run.yaml").write_text(yaml.safe_dump(config))
         summary = run(load_config(root / "run.yaml"))
         seconds = summary.seconds - summary.model_load_seconds
+        evaluation = evaluation_cost(root / "run", attributor, min(n, args.evaluation_pairs))
     engine_seconds = n * engine_seconds_per_input_pair  # N captions and N images, at the batch's engine speed
     return {
         "pairs": summary.n_done,
@@ -341,7 +344,23 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
         "engine_seconds_same_work": engine_seconds,
         "pairs_per_s": summary.n_done / seconds,
         "ratio_to_engine": engine_seconds / seconds,
+        **evaluation,
     }
+
+
+def evaluation_cost(run_dir: Path, attributor, n_pairs: int) -> dict[str, float]:
+    """Seconds per pair of `xclip evaluate --baselines` on the run (no annotations: insertion/deletion only),
+    for the second-order maps alone and with every first-order method the family supports."""
+    from xclip.baseline_evaluation import score_methods
+    from xclip.baselines import check_methods
+
+    costs: dict[str, float] = {"evaluation_pairs": n_pairs}
+    for name, methods in (("second_order_only", []), ("all_baselines", ["all"])):
+        start = time.perf_counter()
+        score_methods(run_dir, methods, attribution=attributor, limit=n_pairs)
+        costs[f"evaluation_seconds_per_pair_{name}"] = (time.perf_counter() - start) / n_pairs
+    costs["evaluation_baselines"] = ", ".join(check_methods(["all"], attributor.model))  # type: ignore[assignment]
+    return costs
 
 
 def node_counts(kind: str, items: list[xclip.Contributions]) -> dict[str, float]:

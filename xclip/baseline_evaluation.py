@@ -307,8 +307,9 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
         else:
             axes.axhline(0, color="black", linewidth=0.8)
         axes.set_xticks(np.arange(len(methods)), [m.replace("_", " ") for m in methods], rotation=30, ha="right")
-        title = metric.replace("_", " ") if kind == "grounding" else f"area between insertion and deletion ({metric})"
-        axes.set_ylabel(title)
+        axes.set_ylabel(metric.replace("_", " ") if kind == "grounding" else "area between the curves")
+        axes.set_title("phrase → image grounding" if kind == "grounding" else f"insertion and deletion: {metric} players",
+                       fontsize="medium")
         path = folder / f"baselines_{metric}.png"
         figure.savefig(path)
         paths.append(path)

@@ -23,8 +23,8 @@ read the whole image tower. ``S`` stands for every position of the image tower, 
 - ``chefer`` (Chefer et al., ICCV 2021, "Generic Attention-model Explainability"): ``R = I``, then per block
   ``R += mean_h ReLU(dA/ds * A) R``, read at the pooled row.
 - ``random``: standard normal values from a seed and the item's index (a control: it knows nothing).
-- ``centre``: minus the squared distance of each patch from the grid's centre (a control: objects are often
-  central).
+- ``centre``: a Gaussian bump at the grid's centre, its spread a quarter of the grid's side (a control:
+  objects are often central).
 
 ``integrated_gradients``, ``gradient_input`` and ``random`` also give each caption position a value (the same
 formulas with the text tower's states and the image's embedding as ``t``); the others explain images only.
@@ -101,8 +101,9 @@ def image_maps(
     elif method == "centre":
         rows, columns = model.patch_grid
         r, c = np.mgrid[0:rows, 0:columns]
-        centre = -((r - (rows - 1) / 2) ** 2 + (c - (columns - 1) / 2) ** 2).ravel()
-        return np.repeat(centre[None].astype(np.float64), len(items), axis=0)
+        spread = max(rows, columns) / 4
+        centre = np.exp(-((r - (rows - 1) / 2) ** 2 + (c - (columns - 1) / 2) ** 2) / (2 * spread**2)).ravel()
+        return np.repeat(centre[None], len(items), axis=0)
     else:
         check_methods([method], model)
         raise AssertionError(method)
