@@ -86,6 +86,7 @@ def image_maps(
     """``(B, n_patches)`` patch values of ``method`` for ``images[b]`` against the normalised text embedding
     ``targets[b]``; ``items[b]`` seeds the random control (the same item always gets the same values)."""
     model = attribution.model
+    check_methods([method], model)
     n_prefix = model.n_image_prefix
     if method in ("integrated_gradients", "gradient_input"):
         cut = attribution.image_cut(images)
@@ -105,8 +106,7 @@ def image_maps(
         centre = np.exp(-((r - (rows - 1) / 2) ** 2 + (c - (columns - 1) / 2) ** 2) / (2 * spread**2)).ravel()
         return np.repeat(centre[None], len(items), axis=0)
     else:
-        check_methods([method], model)
-        raise AssertionError(method)
+        raise AssertionError(method)  # check_methods knows every method
     return values[:, n_prefix:].double().cpu().numpy()
 
 
@@ -229,13 +229,13 @@ def _grad_eclip(model: DualEncoderAdapter, targets: Tensor, pixel_values: Tensor
 
 def _attention_relevance(model: DualEncoderAdapter, targets: Tensor, pixel_values: Tensor, *, weigh_by_gradient: bool) -> Tensor:
     """Rollout, or (``weigh_by_gradient``) Chefer et al.'s relevance, read at the pooled row: ``(B, S)``."""
-    x = model.image_hidden(pixel_values, 0)
+    # the attention maps stay inside one graph, so that each block's gradient counts every path through the
+    # blocks above it (their attention maps included), as Chefer et al.'s single backward pass does
+    x = model.image_hidden(pixel_values, 0).requires_grad_(weigh_by_gradient)
     attentions = []
     with torch.enable_grad():
         for block in model.image_blocks:
             attention = _attention_probabilities(block, x)
-            if weigh_by_gradient:
-                attention = attention.detach().requires_grad_(True)
             attentions.append(attention)
             x = _block_with_attention(block, x, attention) if weigh_by_gradient else block_forward(block, x, None)
         gradients = (
