@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # disk (x86_64: 2.14.1; aarch64: a 2.9.1 CPU build); anywhere else pip resolves them as usual
 TORCH_SPEC ?= $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: install test lint demo grounding bench clean
+.PHONY: install test lint demo grounding baselines compare bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,21 @@ grounding: install
 	$(BIN)/xclip synth runs/grounding-scenes --n 500 --seed 20000
 	$(BIN)/xclip attribute configs/grounding.yaml --quiet --overwrite
 	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl
+
+# the same held-out scenes, second-order maps against every first-order baseline: grounding and insertion/deletion,
+# with paired differences and intervals
+baselines: install
+	$(BIN)/xclip synth runs/grounding-scenes --n 500 --seed 20000
+	$(BIN)/xclip attribute configs/grounding.yaml --quiet --overwrite
+	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl --baselines all --quiet
+
+# the demo model against xclip:demo-no-star (fine-tuned without stars) on the grounding scenes, phrase by phrase:
+# per-class paired differences with intervals; stars should fall, the other shapes hardly move
+compare: install
+	test -f runs/grounding-scenes/annotations.jsonl || $(BIN)/xclip synth runs/grounding-scenes --n 500 --seed 20000
+	$(BIN)/xclip attribute configs/grounding.yaml --quiet --overwrite
+	$(BIN)/xclip attribute configs/grounding-no-star.yaml --quiet --overwrite
+	$(BIN)/xclip compare runs/grounding runs/grounding-no-star --annotations runs/grounding-scenes/annotations.jsonl --out runs/compare
 
 bench: install
 	$(BIN)/python scripts/bench.py --architecture vit-b-32 --device cpu

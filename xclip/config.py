@@ -35,7 +35,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field(description="hub id, local directory, xclip:demo (shipped), open_clip:ARCH[/TAG] or hf-hub:ORG/NAME")
+    name: str = Field(description="hub id, local directory, xclip:demo or xclip:demo-no-star (shipped), open_clip:ARCH[/TAG] or hf-hub:ORG/NAME")
     checkpoint: str | None = Field(None, description="weights file for open_clip:ARCH (relative to the config file)")
     revision: str | None = None
     dtype: Dtype = "float32"

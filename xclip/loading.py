@@ -61,8 +61,15 @@ def looks_like_path(name: str) -> bool:
 
 
 SHIPPED_PREFIX = "xclip:"
-# Models that ship inside the package, named ``xclip:NAME`` in configs, ``explain --model`` and load_model.
-SHIPPED_MODELS: dict[str, Path] = {"demo": Path(__file__).resolve().parent / "models" / "shapes-clip"}
+# Models that ship inside the package, named ``xclip:NAME`` in configs, ``explain --model`` and load_model:
+# ``demo`` (models/shapes-clip), the small CLIP of xclip.synthetic's world of coloured shapes, and
+# ``demo-no-star`` (models/shapes-clip-no-star), the demo fine-tuned on that world without stars (no star drawn or
+# named; its first-block attention and position embeddings are the demo's, bitwise): a second checkpoint with a
+# known difference for ``xclip compare`` (its star phrases ground worse). Each folder's training.json records how.
+SHIPPED_MODELS: dict[str, Path] = {
+    "demo": Path(__file__).resolve().parent / "models" / "shapes-clip",
+    "demo-no-star": Path(__file__).resolve().parent / "models" / "shapes-clip-no-star",
+}
 
 
 def shipped_model(name: str) -> Path | None:
@@ -114,7 +121,8 @@ def load_model(
 
     Args:
         name_or_path: a hub id (``openai/clip-vit-base-patch32``) or a local directory of a transformers
-            checkpoint; ``xclip:demo``, the small CLIP shipped inside the package; or an open_clip model: ``open_clip:ARCH/PRETRAINED_TAG`` (``open_clip:ViT-B-32/openai``),
+            checkpoint; ``xclip:demo``, the small CLIP shipped inside the package (``xclip:demo-no-star``, its
+            second checkpoint); or an open_clip model: ``open_clip:ARCH/PRETRAINED_TAG`` (``open_clip:ViT-B-32/openai``),
             ``open_clip:ARCH`` with ``checkpoint``, ``hf-hub:ORG/NAME`` (a hub repository in open_clip's
             format), or a local directory holding ``open_clip_config.json``.
         checkpoint: a weights file (``.safetensors``, or ``.pt``/``.bin`` read with ``weights_only=True``) for

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +113,9 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return w * h / smaller
 
 
-def draw_scene(rng: np.random.Generator, size: int = 64, max_objects: int = 4) -> Scene:
-    """1..max_objects distinct (colour, shape) objects at random places, overlapping at most a little."""
+def draw_scene(rng: np.random.Generator, size: int = 64, max_objects: int = 4, shapes: Sequence[str] = SHAPES) -> Scene:
+    """1..max_objects distinct (colour, shape) objects at random places, overlapping at most a little; their
+    shapes drawn from ``shapes`` (a world without stars, for one)."""
     n_objects = int(rng.integers(1, max_objects + 1))
     objects: list[SceneObject] = []
     used: set[tuple[str, str]] = set()
@@ -121,7 +123,7 @@ def draw_scene(rng: np.random.Generator, size: int = 64, max_objects: int = 4) -
     for _ in range(200):
         if len(objects) == n_objects:
             break
-        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(shapes))
         if (colour, shape) in used:
             continue
         side = int(rng.integers(lo, hi + 1))
