@@ -354,6 +354,23 @@ def test_evaluate_reads_an_open_clip_run_like_the_same_weights_in_transformers(c
     for key, value in ours.items():  # the two processors' pixels differ in float32 rounding only
         if key != "n_phrases":
             assert value["mean"] == pytest.approx(theirs[key]["mean"], abs=1e-3), key
+    # the first-order baselines load each run's model: the same weights give the same scores in both families
+    baselines = {}
+    for label in reports:
+        code, output = invoke("evaluate", tmp_path / label, "-a", annotations, "--baselines", "all", "-q")
+        assert code == 0, output
+        baselines[label] = json.loads((tmp_path / label / "evaluation" / "baselines.json").read_text())
+    assert baselines["open_clip"]["methods"] == baselines["clip"]["methods"] == [
+        "second_order", "integrated_gradients", "gradient_input", "maskclip", "grad_eclip", "rollout", "chefer", "random", "centre"]
+    for section in ("grounding", "faithfulness"):
+        ours_scores, theirs_scores = (baselines[label][section] for label in ("open_clip", "clip"))
+        ours_scores = ours_scores["overall"] if section == "grounding" else ours_scores
+        theirs_scores = theirs_scores["overall"] if section == "grounding" else theirs_scores
+        for method, metrics in ours_scores.items():
+            if method == "n_phrases":
+                continue
+            for metric, value in metrics.items():
+                assert value["mean"] == pytest.approx(theirs_scores[method][metric]["mean"], abs=1e-3), (section, method, metric)
     shutil.rmtree(converted)
     assert evaluate("clip") == reports["clip"]
 
