@@ -183,3 +183,32 @@ def test_evaluate_needs_annotations_or_baselines_and_refuses_unknown_methods(tmp
     assert result.exit_code == 2 and "nothing to evaluate" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--baselines", "lime"])
     assert result.exit_code == 2 and "unknown baseline 'lime'" in result.output
+
+
+@pytest.mark.parametrize("target", ["phrase", "caption"])
+def test_a_first_order_method_explains_the_image_against_the_phrase_or_the_whole_caption(tmp_path, model_dirs, target):
+    from xclip.baseline_evaluation import _pairs, _phrase_maps
+    from xclip.baselines import image_maps, text_embeddings
+    from xclip.runner import load_attributor
+    from xclip.store import RunReader
+
+    _synthetic_run(tmp_path, model_dirs)
+    with RunReader(tmp_path / "run") as run:
+        pair = next(p for p in _pairs(run, tmp_path / "scenes" / "annotations.jsonl") if len(p.phrases) >= 2)
+        attribution = load_attributor(run.settings)[0]
+        model = attribution.model
+        images = model.preprocess([run.image_source(pair.image)])
+        caption_maps = {"integrated_gradients": image_maps(attribution, "integrated_gradients",
+                                                            text_embeddings(model, [pair.caption]), images, [pair.index])}
+        tokens = run.caption_tokens(run.pair_inputs(pair.index)[0])
+        interactions = run.interactions(pair.index).astype(np.float64)
+        maps = _phrase_maps(attribution, ("integrated_gradients",), pair, images, 0, interactions, tokens, target, caption_maps, 0)
+    for phrase, phrase_maps in zip(pair.phrases, maps):
+        rows = tokens.rows_overlapping(phrase["start"], phrase["end"])
+        np.testing.assert_allclose(phrase_maps[SECOND_ORDER], interactions[rows][:, model.n_image_prefix:].sum(0))
+        if target == "caption":  # one map for every phrase of the caption
+            np.testing.assert_array_equal(phrase_maps["integrated_gradients"], caption_maps["integrated_gradients"][0])
+        else:  # the phrase alone, encoded as a caption
+            expected = image_maps(attribution, "integrated_gradients", text_embeddings(model, [phrase["text"]]), images, [0])[0]
+            np.testing.assert_allclose(phrase_maps["integrated_gradients"], expected, rtol=1e-6, atol=1e-9)
+            assert not np.allclose(expected, caption_maps["integrated_gradients"][0])
