@@ -187,20 +187,21 @@ def test_evaluate_needs_annotations_or_baselines_and_refuses_unknown_methods(tmp
 
 @pytest.mark.parametrize("target", ["phrase", "caption"])
 def test_a_first_order_method_explains_the_image_against_the_phrase_or_the_whole_caption(tmp_path, model_dirs, target):
-    from xclip.baseline_evaluation import _pairs, _phrase_maps
+    from xclip.baseline_evaluation import _phrase_maps
     from xclip.baselines import image_maps, text_embeddings
+    from xclip.evaluation import annotated_pairs
     from xclip.runner import load_attributor
     from xclip.store import RunReader
 
     _synthetic_run(tmp_path, model_dirs)
     with RunReader(tmp_path / "run") as run:
-        pair = next(p for p in _pairs(run, tmp_path / "scenes" / "annotations.jsonl") if len(p.phrases) >= 2)
+        pair = next(p for p in annotated_pairs(run, tmp_path / "scenes" / "annotations.jsonl") if len(p.phrases) >= 2)
         attribution = load_attributor(run.settings)[0]
         model = attribution.model
-        images = model.preprocess([run.image_source(pair.image)])
+        images = model.preprocess([run.image_source(pair.image_index)])
         caption_maps = {"integrated_gradients": image_maps(attribution, "integrated_gradients",
                                                             text_embeddings(model, [pair.caption]), images, [pair.index])}
-        tokens = run.caption_tokens(run.pair_inputs(pair.index)[0])
+        tokens = run.caption_tokens(pair.caption_index)
         interactions = run.interactions(pair.index).astype(np.float64)
         maps = _phrase_maps(attribution, ("integrated_gradients",), pair, images, 0, interactions, tokens, target, caption_maps, 0)
     for phrase, phrase_maps in zip(pair.phrases, maps):

@@ -30,15 +30,15 @@ import torch
 from xclip.adapters.base import ImageBatch
 from xclip.attribution import CutStates, InteractionAttribution
 from xclip.baselines import DEFAULT_IG_STEPS, TOKEN_METHODS, check_methods, image_maps, text_embeddings, token_maps
+from xclip.core.transformer import embed_from_hidden
 from xclip.errors import ConfigError
-from xclip.evaluation import box_weights, chance_levels, read_annotations
+from xclip.evaluation import METRICS, AnnotatedPair, annotated_pairs, box_weights, chance_levels, grounding_scores
 from xclip.faithfulness import DEFAULT_POINTS, PairGame, curves, interaction_coalitions, moved_counts, ranked_coalitions
-from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
-from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, PAIRS
-from xclip.store import DONE, RunReader, run_file_path
+from xclip.metrics import bootstrap_ci
+from xclip.store import RunReader, run_file_path
+from xclip.tokens import CaptionTokens
 
 SECOND_ORDER = "second_order"
-GROUNDING = ("pointing_game", "energy_in_box", "mass_ratio")
 CURVES = ("image", "text", "joint")
 CHANGE = "change"  # a pair's v(full) - v(empty), stored beside its areas
 Target = Literal["phrase", "caption"]
@@ -53,14 +53,6 @@ class MethodScores:
     phrase_values: list[dict[str, float]] = field(default_factory=list)  # "<method>/<metric>" -> score
     phrase_chance: list[dict[str, float]] = field(default_factory=list)  # "<metric>" -> chance level
     pair_areas: list[dict[str, float]] = field(default_factory=list)  # "<method>/<curve>" -> area between curves; CHANGE
-
-
-@dataclass(frozen=True)
-class _Pair:
-    index: int
-    caption: str
-    image: int
-    phrases: list[dict[str, Any]]
 
 
 def score_methods(
@@ -89,7 +81,7 @@ def score_methods(
         msg = f"unknown baseline target {target!r}; choose phrase or caption"
         raise ConfigError(msg)
     with RunReader(run_dir) as run:
-        pairs = _pairs(run, annotations)
+        pairs = annotated_pairs(run, annotations)
         if limit is not None:
             pairs = pairs[:limit]
         if not pairs:
@@ -109,50 +101,38 @@ def score_methods(
     return scores
 
 
-def _pairs(run: RunReader, annotations: str | Path | None) -> list[_Pair]:
-    texts, paths = run.captions(), run.image_paths()
-    caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
-    records = {(r["image"], r["caption"]): r for r in read_annotations(annotations)} if annotations else None
-    found = []
-    for index in np.flatnonzero(run.status(PAIRS) == DONE):
-        c, i = int(caption_index[index]), int(image_index[index])
-        if records is None:
-            found.append(_Pair(int(index), texts[c], i, []))
-        elif (record := records.get((paths[i], texts[c]))) is not None:
-            found.append(_Pair(int(index), texts[c], i, record["phrases"]))
-    return found
-
-
-def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: list[_Pair], names: tuple[str, ...],
+def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: list[AnnotatedPair], names: tuple[str, ...],
                  scores: MethodScores, *, target: Target, n_points: int, ig_steps: int, seed: int, is_annotated: bool) -> None:
     model = attribution.model
-    images = model.preprocess([run.image_source(pair.image, owner=f" of pair {pair.index}") for pair in pairs])
+    images = model.preprocess([run.image_source(pair.image_index, owner=f" of pair {pair.index}") for pair in pairs])
     captions = model.tokenize([pair.caption for pair in pairs])
-    caption_embeddings = model.embed_text(captions)
-    image_embeddings = model.embed_image(images.pixel_values)
+    text_cut, image_cut = attribution.text_cut(captions), attribution.image_cut(images)
+    with torch.no_grad():  # the embeddings the games' full coalitions have: from the cut, not a second pass below it
+        caption_embeddings, image_embeddings = (embed_from_hidden(cut.upper, cut.hidden, cut.positions, normalize=True)
+                                                for cut in (text_cut, image_cut))
     pair_ids = [pair.index for pair in pairs]
     # whole-caption maps of every method: faithfulness, and grounding when the caption is the target
     patch_maps = {name: image_maps(attribution, name, caption_embeddings, images, pair_ids, ig_steps=ig_steps, seed=seed)
                   for name in names}
     caption_token_maps = {name: token_maps(attribution, name, captions, image_embeddings, pair_ids, ig_steps=ig_steps, seed=seed)
                           for name in names if name in TOKEN_METHODS}
-    text_cut, image_cut = attribution.text_cut(captions), attribution.image_cut(images)
     n_prefix = model.n_image_prefix
     for b, pair in enumerate(pairs):
         interactions = run.interactions(pair.index).astype(np.float64)
-        tokens = run.caption_tokens(run.pair_inputs(pair.index)[0])
+        tokens = run.caption_tokens(pair.caption_index)
         if len(tokens) != captions.n_positions[b]:
             msg = f"pair {pair.index}: the model now reads its caption as {captions.n_positions[b]} tokens, the run stored {len(tokens)}"
             raise ConfigError(msg)
         if is_annotated:
+            geometry = run.preprocessing(pair.image_index)
             phrase_maps = _phrase_maps(attribution, names, pair, images, b, interactions, tokens, target, patch_maps, seed)
             for phrase, maps in zip(pair.phrases, phrase_maps):
                 if maps is None:
                     continue
-                inside = box_weights(phrase["boxes"], run.preprocessing(pair.image))
+                inside = box_weights(phrase["boxes"], geometry)
                 scores.phrase_labels.append(str(phrase.get("class", "all")))
                 scores.phrase_values.append({f"{name}/{metric}": value for name, values in maps.items()
-                                             for metric, value in _grounding(values, inside).items()})
+                                             for metric, value in grounding_scores(values, inside).items()})
                 scores.phrase_chance.append(chance_levels(inside))
         text_players = np.flatnonzero(~np.array(tokens.special))
         image_players = np.arange(n_prefix, interactions.shape[1])
@@ -173,8 +153,8 @@ def _one(cut: CutStates, b: int) -> CutStates:
     return CutStates(cut.hidden[index], reference, cut.positions.select(index), cut.upper)
 
 
-def _phrase_maps(attribution: InteractionAttribution, names: tuple[str, ...], pair: _Pair, images: ImageBatch, b: int,
-                 interactions: np.ndarray, tokens: Any, target: Target, patch_maps: dict[str, np.ndarray],
+def _phrase_maps(attribution: InteractionAttribution, names: tuple[str, ...], pair: AnnotatedPair, images: ImageBatch, b: int,
+                 interactions: np.ndarray, tokens: CaptionTokens, target: Target, patch_maps: dict[str, np.ndarray],
                  seed: int) -> list[dict[str, np.ndarray] | None]:
     """Per phrase of the pair, each method's patch map (None for a phrase no token overlaps)."""
     model = attribution.model
@@ -201,36 +181,30 @@ def _phrase_maps(attribution: InteractionAttribution, names: tuple[str, ...], pa
     return maps
 
 
-def _grounding(values: np.ndarray, inside: np.ndarray) -> dict[str, float]:
-    return {"pointing_game": pointing_game(values, inside), "energy_in_box": energy_in_box(values, inside),
-            "mass_ratio": mass_ratio(values, inside)}
-
-
 def _areas(game: PairGame, names: tuple[str, ...], patch_values: dict[str, np.ndarray], token_values: dict[str, np.ndarray],
            interactions: np.ndarray, text_players: np.ndarray, n_points: int) -> dict[str, float]:
-    """Area between the curves of every method and curve kind on one pair."""
+    """Area between the curves of every method and game on one pair, and the pair's score change (:data:`CHANGE`)."""
     n_text, n_image = len(text_players), interactions.shape[1]
+    moved_image, moved_text, moved_joint = (moved_counts(n, n_points) if n else np.zeros(0, dtype=int)
+                                            for n in (n_image, n_text, n_text + n_image))
+    whole_text = np.ones((len(moved_image), n_text), dtype=bool)
+    whole_image = np.ones((len(moved_text), n_image), dtype=bool)
     areas: dict[str, float] = {}
-    all_text, all_image = np.ones(n_text, dtype=bool), np.ones(n_image, dtype=bool)
-    moved_image = moved_counts(n_image, n_points)
     for name in names:
         inserted, deleted = ranked_coalitions(patch_values[name], moved_image)
-        text_side = np.repeat(all_text[None], len(moved_image), axis=0)
-        image_curves = curves(game, (text_side, inserted), (text_side, deleted), moved_image)
-        areas[f"{name}/image"], areas[CHANGE] = image_curves.area, image_curves.change
+        image_curves = curves(game, (whole_text, inserted), (whole_text, deleted), moved_image)
+        areas[f"{name}/image"] = image_curves.area
+        areas[CHANGE] = image_curves.change  # v(full) - v(empty): the same for every method
         if name not in token_values or n_text == 0:
             continue
-        moved_text = moved_counts(n_text, n_points)
         inserted, deleted = ranked_coalitions(token_values[name][text_players], moved_text)
-        image_side = np.repeat(all_image[None], len(moved_text), axis=0)
-        areas[f"{name}/text"] = curves(game, (inserted, image_side), (deleted, image_side), moved_text).area
-        moved = moved_counts(n_text + n_image, n_points)
+        areas[f"{name}/text"] = curves(game, (inserted, whole_image), (deleted, whole_image), moved_text).area
         if name == SECOND_ORDER:
-            inserted, deleted = interaction_coalitions(interactions, moved)
+            inserted, deleted = interaction_coalitions(interactions, moved_joint)
         else:
-            inserted, deleted = ranked_coalitions(np.concatenate([token_values[name][text_players], patch_values[name]]), moved)
+            inserted, deleted = ranked_coalitions(np.concatenate([token_values[name][text_players], patch_values[name]]), moved_joint)
         areas[f"{name}/joint"] = curves(game, (inserted[:, :n_text], inserted[:, n_text:]),
-                                        (deleted[:, :n_text], deleted[:, n_text:]), moved).area
+                                        (deleted[:, :n_text], deleted[:, n_text:]), moved_joint).area
     return areas
 
 
@@ -243,10 +217,10 @@ def summarize_methods(scores: MethodScores, *, seed: int = 0) -> dict[str, Any]:
     if scores.phrase_values:
         labels = np.array(scores.phrase_labels)
         groups = {"overall": np.ones(len(labels), dtype=bool), **{label: labels == label for label in sorted(set(labels))}}
-        chance = {metric: float(np.mean([c[metric] for c in scores.phrase_chance])) for metric in GROUNDING}
+        chance = {metric: float(np.mean([c[metric] for c in scores.phrase_chance])) for metric in METRICS}
         report["grounding"] = {
             group: {"n_phrases": int(members.sum()),
-                    **_compare(scores.phrase_values, scores.methods, GROUNDING, members, seed)}
+                    **_compare(scores.phrase_values, scores.methods, METRICS, members, seed)}
             for group, members in groups.items()
         }
         report["grounding_chance"] = chance
@@ -263,15 +237,14 @@ def summarize_methods(scores: MethodScores, *, seed: int = 0) -> dict[str, Any]:
 def _compare(rows: list[dict[str, float]], methods: tuple[str, ...], metrics: tuple[str, ...], members: np.ndarray,
              seed: int) -> dict[str, Any]:
     """``{method: {metric: {mean, ci95, difference, difference_ci95, n}}}`` over the rows in ``members`` that
-    have both the method's and the second-order value (NaN areas, where a pair's score does not change, are left out)."""
+    have both the method's and the second-order value (a method without token values has no text or joint area)."""
     chosen = [row for row, keep in zip(rows, members) if keep]
     out: dict[str, Any] = {}
     for method in methods:
         entry: dict[str, Any] = {}
         for metric in metrics:
             key, reference_key = f"{method}/{metric}", f"{SECOND_ORDER}/{metric}"
-            paired = np.array([(row[key], row[reference_key]) for row in chosen
-                               if key in row and reference_key in row and np.isfinite(row[key]) and np.isfinite(row[reference_key])])
+            paired = np.array([(row[key], row[reference_key]) for row in chosen if key in row and reference_key in row])
             if not len(paired):
                 continue
             values, difference = paired[:, 0], paired[:, 0] - paired[:, 1]
@@ -287,7 +260,7 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
     (``baselines_<metric>.png``; chance as a dotted line for the grounding metrics)."""
     from matplotlib.figure import Figure
 
-    panels = [("grounding", metric) for metric in GROUNDING if "grounding" in report]
+    panels = [("grounding", metric) for metric in METRICS if "grounding" in report]
     panels += [("faithfulness", curve) for curve in CURVES]
     paths = []
     for kind, metric in panels:

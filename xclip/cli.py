@@ -613,7 +613,8 @@ def evaluate(
 def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, names: list[str], *, target: str,
                         n_points: int, limit: int | None, seed: int, quiet: bool) -> None:
     """Score the run's maps beside first-order methods, write OUT/baselines.json and its charts, print the tables."""
-    from xclip.baseline_evaluation import CURVES, GROUNDING, method_charts, score_methods, summarize_methods
+    from xclip.baseline_evaluation import CURVES, method_charts, score_methods, summarize_methods
+    from xclip.evaluation import METRICS
 
     bar, update = _progress_callback(quiet)
     with _errors(STORE_FLAGS), bar or nullcontext():
@@ -627,13 +628,13 @@ def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, n
     console = Console(width=220)
     if "grounding" in report:
         chance = report["grounding_chance"]
-        table = Table("method", *(f"{m.replace('_', ' ')}\n(chance {chance[m]:.2f})" for m in GROUNDING),
-                      *(f"Δ {m.replace('_', ' ')}\nvs second order" for m in GROUNDING),
+        table = Table("method", *(f"{m.replace('_', ' ')}\n(chance {chance[m]:.2f})" for m in METRICS),
+                      *(f"Δ {m.replace('_', ' ')}\nvs second order" for m in METRICS),
                       title=f"phrase → image grounding, {report['n_phrases']} phrases: mean [95% CI]; Δ paired by phrase")
         for method, entry in report["grounding"]["overall"].items():
             if method == "n_phrases":
                 continue
-            table.add_row(method, *(_mean_cell(entry.get(m)) for m in GROUNDING), *(_paired_cell(entry.get(m)) for m in GROUNDING))
+            table.add_row(method, *(_mean_cell(entry.get(m)) for m in METRICS), *(_paired_cell(entry.get(m)) for m in METRICS))
         console.print(table)
         classes = [label for label in report["grounding"] if label != "overall"]
         per_class = Table("class", "phrases", *report["methods"], title="pointing game per class: mean [95% CI]")
@@ -652,17 +653,15 @@ def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, n
 
 
 def _mean_cell(stats: dict[str, Any] | None) -> str:
-    if stats is None:
-        return "-"
-    low, high = stats["ci95"]
-    return f"{stats['mean']:.3f} [{low:.2f}, {high:.2f}]"
+    """A method's mean and interval, or - where it has no such score."""
+    return "-" if stats is None else _metric_cell(stats)
 
 
 def _paired_cell(stats: dict[str, Any] | None) -> str:
+    """A baseline's paired difference from the second-order maps, or - (the second-order row, a missing score)."""
     if stats is None or "difference" not in stats:
         return "-"
-    low, high = stats["difference_ci95"]
-    return f"{stats['difference']:+.3f} [{low:+.2f}, {high:+.2f}]"
+    return _difference_cell({"mean": stats["difference"], "ci95": stats["difference_ci95"]})
 
 
 @app.command()

@@ -120,32 +120,59 @@ def box_weights(boxes: list[list[float]], geometry: Preprocessing) -> np.ndarray
     return np.clip(sum(geometry.box_coverage(tuple(box)) for box in boxes), 0.0, 1.0)
 
 
+@dataclass(frozen=True)
+class AnnotatedPair:
+    """A finished pair of a run and its annotation record (``phrases`` empty when none was asked for)."""
+
+    index: int
+    caption_index: int
+    image_index: int
+    caption: str
+    image: str  # as the run names it
+    phrases: list[dict[str, Any]]
+
+
+def annotated_pairs(run: RunReader, annotations_path: str | Path | None) -> list[AnnotatedPair]:
+    """The run's finished pairs that an annotation names (same image path and caption), in pair order; every
+    finished pair, with no phrases, when ``annotations_path`` is None."""
+    records = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)} if annotations_path else None
+    texts, paths = run.captions(), run.image_paths()
+    caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
+    found = []
+    for index in np.flatnonzero(run.status(PAIRS) == DONE):
+        c, i = int(caption_index[index]), int(image_index[index])
+        record = None if records is None else records.get((paths[i], texts[c]))
+        if records is None or record is not None:
+            found.append(AnnotatedPair(int(index), c, i, texts[c], paths[i], record["phrases"] if record else []))
+    return found
+
+
+def grounding_scores(values: np.ndarray, inside: np.ndarray) -> dict[str, float]:
+    """Every metric of :data:`METRICS` of one map against one region."""
+    return {"pointing_game": pointing_game(values, inside), "energy_in_box": energy_in_box(values, inside),
+            "mass_ratio": mass_ratio(values, inside)}
+
+
 def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseScore]:
     """Score every annotated phrase of the run's finished pairs, from what the run file stores (the tokens'
     character spans, the images' geometry): no model or tokenizer is loaded."""
-    annotations = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)}
     scores: list[PhraseScore] = []
     with RunReader(run_dir) as run:
-        texts, paths = run.captions(), run.image_paths()
-        caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
-        for index in np.flatnonzero(run.status(PAIRS) == DONE):
-            c, i = int(caption_index[index]), int(image_index[index])
-            record = annotations.get((paths[i], texts[c]))
-            if record is None:
-                continue
-            patch_values = run.interactions(int(index)).astype(np.float64)[:, run.n_prefix :]
-            tokens = run.caption_tokens(c)
-            geometry = run.preprocessing(i)
+        for pair in annotated_pairs(run, annotations_path):
+            index = pair.index
+            patch_values = run.interactions(index).astype(np.float64)[:, run.n_prefix :]
+            tokens = run.caption_tokens(pair.caption_index)
+            geometry = run.preprocessing(pair.image_index)
             content = ~np.array(tokens.special)  # special tokens are no phrase
-            labels = [str(p.get("class", "all")) for p in record["phrases"]]
-            for phrase, label in zip(record["phrases"], labels):
+            labels = [str(p.get("class", "all")) for p in pair.phrases]
+            for phrase, label in zip(pair.phrases, labels):
                 rows = tokens.rows_overlapping(phrase["start"], phrase["end"])
                 if not rows:
                     continue
                 try:
                     inside_image = box_weights(phrase["boxes"], geometry)
                 except ConfigError as e:
-                    msg = f"pair {int(index)} ({paths[i]}), phrase {phrase['text']!r}: {e}"
+                    msg = f"pair {index} ({pair.image}), phrase {phrase['text']!r}: {e}"
                     raise ConfigError(msg) from None
                 phrase_map = patch_values[rows].sum(0)
                 inside_tokens = np.zeros(len(tokens), dtype=bool)
@@ -156,14 +183,12 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                     "phrase_to_image": (phrase_map, inside_image),
                     "box_to_phrase": (token_scores, inside_tokens[content]),
                 }.items():
-                    values[f"{direction}/pointing_game"] = pointing_game(v, inside)
-                    values[f"{direction}/energy_in_box"] = energy_in_box(v, inside)
-                    values[f"{direction}/mass_ratio"] = mass_ratio(v, inside)
+                    values.update({f"{direction}/{name}": score for name, score in grounding_scores(v, inside).items()})
                     chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
-                link = view_link(int(index), tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(phrase["boxes"][0]))
-                scores.append(PhraseScore(int(index), phrase["text"], label, values, chance, image=paths[i], link=link,
+                link = view_link(index, tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(phrase["boxes"][0]))
+                scores.append(PhraseScore(index, phrase["text"], label, values, chance, image=pair.image, link=link,
                                           n_phrases=len(labels), shares_class=labels.count(label) > 1,
-                                          caption=texts[c], span=(int(phrase["start"]), int(phrase["end"]))))
+                                          caption=pair.caption, span=(int(phrase["start"]), int(phrase["end"]))))
     if not scores:
         msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}"
         raise ConfigError(msg)
