@@ -44,7 +44,7 @@ from torch import Tensor
 from xclip.adapters.base import DualEncoderAdapter, ImageBatch, TextBatch
 from xclip.attribution import CutStates, InteractionAttribution
 from xclip.core.quadrature import quadrature
-from xclip.core.transformer import Block, block_forward, embed_from_hidden
+from xclip.core.transformer import Block, attention, attention_weights, embed_from_hidden
 from xclip.errors import ConfigError
 
 FIRST_ORDER: tuple[str, ...] = (
@@ -161,19 +161,14 @@ def _path_gradients(cut: CutStates, targets: Tensor, n_steps: int | None) -> Ten
     return (average * delta).sum(-1)
 
 
-def _attention_probabilities(block: Block, x: Tensor) -> Tensor:
-    """``(B, H, S, S)`` softmax attention of ``block`` on ``x`` (no mask: image towers attend everywhere)."""
+def _block_with_attention(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`~xclip.core.transformer.block_forward` of an image block (no mask) and its attention weights
+    ``(B, H, S, S)``, which stay in the graph (so that they can be differentiated)."""
     h = block.ln1(x)
-    q, k = block.split_heads(block.q_proj(h)), block.split_heads(block.k_proj(h))
-    return torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
-
-
-def _block_with_attention(block: Block, x: Tensor, attention: Tensor) -> Tensor:
-    """:func:`~xclip.core.transformer.block_forward` with the attention probabilities given (so that they can
-    be differentiated)."""
-    v = block.split_heads(block.v_proj(block.ln1(x)))
-    y = x + block.ls1(block.out_proj((attention @ v).transpose(-3, -2).flatten(-2)))
-    return block.mlp_residual(y)
+    q, k, v = (block.split_heads(proj(h)) for proj in (block.q_proj, block.k_proj, block.v_proj))
+    weights = attention_weights(q, k, None)
+    y = x + block.ls1(block.out_proj((weights @ v).transpose(-3, -2).flatten(-2)))
+    return block.mlp_residual(y), weights
 
 
 def _image_readout(model: DualEncoderAdapter, final: Tensor, targets: Tensor) -> Tensor:
@@ -210,7 +205,7 @@ def _grad_eclip(model: DualEncoderAdapter, targets: Tensor, pixel_values: Tensor
     with torch.enable_grad():
         normed = block.ln1(x)
         q, k, v = (block.split_heads(proj(normed)) for proj in (block.q_proj, block.k_proj, block.v_proj))
-        attended = (torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1) @ v).transpose(-3, -2).flatten(-2)
+        attended = attention(q, k, v, None).transpose(-3, -2).flatten(-2)
         attended = attended.detach().requires_grad_(True)  # (B, S, d): the heads' outputs before out_proj
         y = x + block.ls1(block.out_proj(attended))
         final = block.mlp_residual(y)
@@ -235,9 +230,8 @@ def _attention_relevance(model: DualEncoderAdapter, targets: Tensor, pixel_value
     attentions = []
     with torch.enable_grad():
         for block in model.image_blocks:
-            attention = _attention_probabilities(block, x)
-            attentions.append(attention)
-            x = _block_with_attention(block, x, attention) if weigh_by_gradient else block_forward(block, x, None)
+            x, weights = _block_with_attention(block, x)
+            attentions.append(weights)
         gradients = (
             torch.autograd.grad(_image_readout(model, x, targets).sum(), attentions) if weigh_by_gradient else None
         )
@@ -245,12 +239,12 @@ def _attention_relevance(model: DualEncoderAdapter, targets: Tensor, pixel_value
         n_images, _, n_positions, _ = attentions[0].shape
         identity = torch.eye(n_positions, dtype=x.dtype, device=x.device).expand(n_images, -1, -1)
         relevance = identity.clone()
-        for index, attention in enumerate(attentions):
+        for index, weights in enumerate(attentions):
             if gradients is None:
-                mixed = attention.mean(1) + identity
+                mixed = weights.mean(1) + identity
                 relevance = (mixed / mixed.sum(-1, keepdim=True)) @ relevance
             else:
-                relevance = relevance + torch.relu(gradients[index] * attention).mean(1) @ relevance
+                relevance = relevance + torch.relu(gradients[index] * weights).mean(1) @ relevance
         pooled = model.image_pooled_index(n_images)
         assert pooled is not None
         return relevance[torch.arange(n_images, device=x.device), pooled]

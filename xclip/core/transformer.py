@@ -57,10 +57,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     Written out rather than calling ``scaled_dot_product_attention`` so that forward-mode AD runs on every
     backend and float64 stays float64 (HF's eager path upcasts only to float32).
     """
+    return attention_weights(q, k, mask) @ v
+
+
+def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+    """The softmax weights of :func:`attention`, ``(..., queries, keys)``."""
     logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.softmax(logits, dim=-1) @ v
+    return torch.softmax(logits, dim=-1)
 
 
 def block_forward(block: Block, x: Tensor, mask: Tensor | None, *, fused: bool = False) -> Tensor:
