@@ -133,9 +133,9 @@ def frozen_state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-d
     return state
 
 
-def replacement_negative_without(rng: np.random.Generator, scene: Scene, shape: str) -> str:
+def replacement_negative_without(rng: np.random.Generator, scene: Scene, shape: str | None) -> str:
     """A replacement negative that does not name ``shape`` (in a scene without it, only a shape replacement can
-    name it): drawn again until it does not."""
+    name it): drawn again until it does not. With no shape, the first one drawn."""
     while True:
         negative = replacement_negative(rng, scene)
         if shape not in negative.split():
@@ -247,10 +247,8 @@ def main() -> None:
         index = rng.choice(len(pool), size=args.batch_size, replace=False)
         scenes = [describe(rng, pool[i]) for i in index]
         captions = [s.caption for s in scenes] + [hard_negative(rng, s) for s in scenes]
-        if args.replacement_negatives and args.without_shape:
+        if args.replacement_negatives:
             captions += [replacement_negative_without(rng, s, args.without_shape) for s in scenes]
-        elif args.replacement_negatives:
-            captions += [replacement_negative(rng, s) for s in scenes]
         if args.without_shape:
             assert not any(args.without_shape in caption.split() for caption in captions), "a caption names it"
         tokens = processor.tokenizer(captions, padding=True, return_tensors="pt").to(device)
