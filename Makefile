@@ -37,11 +37,12 @@ grounding: install
 	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl
 
 # the same held-out scenes, second-order maps against every first-order baseline: grounding and insertion/deletion,
-# with paired differences and intervals
+# with paired differences and intervals; insertion/deletion in both games (the cut layer's, and FIxLIP's input game)
 baselines: install
 	$(BIN)/xclip synth runs/grounding-scenes --n 500 --seed 20000
-	$(BIN)/xclip attribute configs/grounding.yaml --quiet --overwrite
-	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl --baselines all --quiet
+	$(BIN)/xclip attribute configs/grounding.yaml --overwrite
+	$(BIN)/xclip evaluate runs/grounding --annotations runs/grounding-scenes/annotations.jsonl --baselines all
+	$(BIN)/xclip evaluate runs/grounding --baselines all --game input --out runs/grounding/evaluation-input
 
 # the demo model against xclip:demo-no-star (fine-tuned without stars) on the grounding scenes, phrase by phrase:
 # per-class paired differences with intervals; stars should fall, the other shapes hardly move

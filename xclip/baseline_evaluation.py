@@ -11,10 +11,13 @@ kinds of scores, each per method:
   every phrase of the caption).
 - **faithfulness** (any run): the area between insertion and deletion curves (:mod:`xclip.faithfulness`) of
   the whole caption and image, over the image's patches (``image``), the caption's tokens (``text``; methods
-  with token values) and both together (``joint``: second-order maps rank coalitions by their interactions,
-  first-order ones with token values rank all players by value).
+  with token values) and both together (``joint``), in the cut layer's game or FIxLIP's input game (``game``).
+  The run's stored contributions rank players for the second-order explanations: ``second_order`` by the
+  score's whole decomposition (first-order terms and interactions), ``second_order_interactions`` by the
+  interaction map alone; first-order methods with token values rank all players by value in the joint game.
 
-Differences to the second-order maps are paired (the same phrase, the same pair) with bootstrap intervals.
+Differences to the second-order maps (``second_order``) are paired (the same phrase, the same pair) with
+bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -33,12 +36,27 @@ from xclip.baselines import DEFAULT_IG_STEPS, TOKEN_METHODS, check_methods, imag
 from xclip.core.transformer import embed_from_hidden
 from xclip.errors import ConfigError
 from xclip.evaluation import METRICS, AnnotatedPair, annotated_pairs, box_weights, chance_levels, grounding_scores
-from xclip.faithfulness import DEFAULT_POINTS, PairGame, curves, interaction_coalitions, moved_counts, ranked_coalitions
+from xclip.faithfulness import (
+    DEFAULT_POINTS,
+    GAMES,
+    GameName,
+    JointTerms,
+    PairDecomposition,
+    PairGame,
+    curves,
+    input_states,
+    interaction_terms,
+    joint_coalitions,
+    logit_bias,
+    moved_counts,
+    ranked_coalitions,
+)
 from xclip.metrics import bootstrap_ci
 from xclip.store import RunReader, run_file_path
 from xclip.tokens import CaptionTokens
 
 SECOND_ORDER = "second_order"
+SECOND_ORDER_INTERACTIONS = "second_order_interactions"  # the interaction map alone, without first-order terms
 CURVES = ("image", "text", "joint")
 CHANGE = "change"  # a pair's v(full) - v(empty), stored beside its areas
 Target = Literal["phrase", "caption"]
@@ -61,6 +79,7 @@ def score_methods(
     *,
     annotations: str | Path | None = None,
     target: Target = "phrase",
+    game: GameName = "cut",
     n_points: int = DEFAULT_POINTS,
     ig_steps: int = DEFAULT_IG_STEPS,
     seed: int = 0,
@@ -73,12 +92,17 @@ def score_methods(
     :data:`xclip.baselines.FIRST_ORDER`, or ``["all"]``) on the run's finished pairs: with ``annotations``
     only the annotated ones, each phrase for grounding; else the first ``limit`` finished pairs.
 
+    ``game`` is where insertion and deletion remove players and what they score: ``cut`` (the cut layer, the
+    cosine) or ``input`` (FIxLIP's: the input embeddings, the logit); see :mod:`xclip.faithfulness`.
     ``attribution`` is the run's model with its settings (loaded from the run when None).
     """
     from xclip.runner import load_attributor
 
     if target not in ("phrase", "caption"):
         msg = f"unknown baseline target {target!r}; choose phrase or caption"
+        raise ConfigError(msg)
+    if game not in GAMES:
+        msg = f"unknown game {game!r}; choose {' or '.join(GAMES)}"
         raise ConfigError(msg)
     with RunReader(run_dir) as run:
         pairs = annotated_pairs(run, annotations)
@@ -91,18 +115,18 @@ def score_methods(
         if attribution is None:
             attribution = load_attributor(run.settings)[0]
         names = check_methods(methods, attribution.model)
-        scores = MethodScores(methods=(SECOND_ORDER, *names))
+        scores = MethodScores(methods=(SECOND_ORDER, SECOND_ORDER_INTERACTIONS, *names))
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start : start + batch_size]
-            _score_batch(run, attribution, batch, names, scores, target=target, n_points=n_points, ig_steps=ig_steps,
-                         seed=seed, is_annotated=annotations is not None)
+            _score_batch(run, attribution, batch, names, scores, target=target, game=game, n_points=n_points,
+                         ig_steps=ig_steps, seed=seed, is_annotated=annotations is not None)
             if progress is not None:
                 progress(min(start + batch_size, len(pairs)), len(pairs))
     return scores
 
 
 def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: list[AnnotatedPair], names: tuple[str, ...],
-                 scores: MethodScores, *, target: Target, n_points: int, ig_steps: int, seed: int, is_annotated: bool) -> None:
+                 scores: MethodScores, *, target: Target, game: GameName, n_points: int, ig_steps: int, seed: int, is_annotated: bool) -> None:
     model = attribution.model
     images = model.preprocess([run.image_source(pair.image_index, owner=f" of pair {pair.index}") for pair in pairs])
     captions = model.tokenize([pair.caption for pair in pairs])
@@ -110,6 +134,11 @@ def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: lis
     with torch.no_grad():  # the embeddings the games' full coalitions have: from the cut, not a second pass below it
         caption_embeddings, image_embeddings = (embed_from_hidden(cut.upper, cut.hidden, cut.positions, normalize=True)
                                                 for cut in (text_cut, image_cut))
+    if game == "input":
+        text_game, image_game = input_states(attribution, captions, images)
+        value_scale, value_bias = model.logit_scale, logit_bias(model)
+    else:
+        text_game, image_game, value_scale, value_bias = text_cut, image_cut, 1.0, 0.0
     pair_ids = [pair.index for pair in pairs]
     # whole-caption maps of every method: faithfulness, and grounding when the caption is the target
     patch_maps = {name: image_maps(attribution, name, caption_embeddings, images, pair_ids, ig_steps=ig_steps, seed=seed)
@@ -136,14 +165,22 @@ def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: lis
                 scores.phrase_chance.append(chance_levels(inside))
         text_players = np.flatnonzero(~np.array(tokens.special))
         image_players = np.arange(n_prefix, interactions.shape[1])
-        game = PairGame(_one(text_cut, b), _one(image_cut, b), text_players, image_players,
-                        internal_batch_size=attribution.internal_batch_size)
+        pair_game = PairGame(_one(text_game, b), _one(image_game, b), text_players, image_players, logit_scale=value_scale,
+                             logit_bias=value_bias, internal_batch_size=attribution.internal_batch_size)
+        # the stored contributions, not the stored map: the map alone has no first-order terms
+        decomposition = PairDecomposition.of(run.contributions("captions", pair.caption_index),
+                                             run.contributions("images", pair.image_index))
+        interaction_map = decomposition.interactions
         token_values = {name: values[b] for name, values in caption_token_maps.items()}
-        token_values[SECOND_ORDER] = interactions.sum(1)
+        token_values[SECOND_ORDER] = decomposition.text_values()
+        token_values[SECOND_ORDER_INTERACTIONS] = interaction_map.sum(1)
         patch_values = {name: values[b] for name, values in patch_maps.items()}
-        patch_values[SECOND_ORDER] = interactions[:, n_prefix:].sum(0)
-        scores.pair_areas.append(_areas(game, (SECOND_ORDER, *names), patch_values, token_values,
-                                        interactions[np.ix_(text_players, image_players)], text_players, n_points))
+        patch_values[SECOND_ORDER] = decomposition.image_values()[n_prefix:]
+        patch_values[SECOND_ORDER_INTERACTIONS] = interaction_map[:, n_prefix:].sum(0)
+        joint_terms = {SECOND_ORDER: decomposition.joint_terms(text_players, image_players),
+                       SECOND_ORDER_INTERACTIONS: interaction_terms(interaction_map[np.ix_(text_players, image_players)])}
+        scores.pair_areas.append(_areas(pair_game, scores.methods, patch_values, token_values, joint_terms, text_players,
+                                        n_points))
 
 
 def _one(cut: CutStates, b: int) -> CutStates:
@@ -182,9 +219,11 @@ def _phrase_maps(attribution: InteractionAttribution, names: tuple[str, ...], pa
 
 
 def _areas(game: PairGame, names: tuple[str, ...], patch_values: dict[str, np.ndarray], token_values: dict[str, np.ndarray],
-           interactions: np.ndarray, text_players: np.ndarray, n_points: int) -> dict[str, float]:
-    """Area between the curves of every method and game on one pair, and the pair's score change (:data:`CHANGE`)."""
-    n_text, n_image = len(text_players), interactions.shape[1]
+           joint_terms: dict[str, JointTerms], text_players: np.ndarray, n_points: int) -> dict[str, float]:
+    """Area between the curves of every method and game on one pair, and the pair's score change (:data:`CHANGE`).
+    A method in ``joint_terms`` (a second-order one) ranks the joint game's coalitions by their predicted values,
+    any other by its token and patch values."""
+    n_text, n_image = len(text_players), len(game.image_players)
     moved_image, moved_text, moved_joint = (moved_counts(n, n_points) if n else np.zeros(0, dtype=int)
                                             for n in (n_image, n_text, n_text + n_image))
     whole_text = np.ones((len(moved_image), n_text), dtype=bool)
@@ -199,8 +238,8 @@ def _areas(game: PairGame, names: tuple[str, ...], patch_values: dict[str, np.nd
             continue
         inserted, deleted = ranked_coalitions(token_values[name][text_players], moved_text)
         areas[f"{name}/text"] = curves(game, (inserted, whole_image), (deleted, whole_image), moved_text).area
-        if name == SECOND_ORDER:
-            inserted, deleted = interaction_coalitions(interactions, moved_joint)
+        if name in joint_terms:
+            inserted, deleted = joint_coalitions(joint_terms[name], moved_joint)
         else:
             inserted, deleted = ranked_coalitions(np.concatenate([token_values[name][text_players], patch_values[name]]), moved_joint)
         areas[f"{name}/joint"] = curves(game, (inserted[:, :n_text], inserted[:, n_text:]),
@@ -237,7 +276,8 @@ def summarize_methods(scores: MethodScores, *, seed: int = 0) -> dict[str, Any]:
 def _compare(rows: list[dict[str, float]], methods: tuple[str, ...], metrics: tuple[str, ...], members: np.ndarray,
              seed: int) -> dict[str, Any]:
     """``{method: {metric: {mean, ci95, difference, difference_ci95, n}}}`` over the rows in ``members`` that
-    have both the method's and the second-order value (a method without token values has no text or joint area)."""
+    have both the method's and the second-order value (a method without token values has no text or joint area;
+    a method with no such value at all, such as the interactions-only ranking in grounding, is left out)."""
     chosen = [row for row, keep in zip(rows, members) if keep]
     out: dict[str, Any] = {}
     for method in methods:
@@ -251,7 +291,8 @@ def _compare(rows: list[dict[str, float]], methods: tuple[str, ...], metrics: tu
             entry[metric] = {"n": len(values), "mean": float(values.mean()), "ci95": list(bootstrap_ci(values, seed=seed))}
             if method != SECOND_ORDER:
                 entry[metric] |= {"difference": float(difference.mean()), "difference_ci95": list(bootstrap_ci(difference, seed=seed))}
-        out[method] = entry
+        if entry:
+            out[method] = entry
     return out
 
 
@@ -272,7 +313,7 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
         whiskers = np.abs(np.array([entries[m][metric]["ci95"] for m in methods]).T - means)
         figure = Figure(figsize=(max(4.5, 0.7 * len(methods) + 2), 3.8), layout="constrained")
         axes = figure.add_subplot()
-        colours = ["#b2182b" if m == SECOND_ORDER else "#878787" for m in methods]
+        colours = [{SECOND_ORDER: "#b2182b", SECOND_ORDER_INTERACTIONS: "#ef8a62"}.get(m, "#878787") for m in methods]
         axes.bar(np.arange(len(methods)), means, yerr=whiskers, capsize=4, color=colours)
         if kind == "grounding":
             axes.axhline(report["grounding_chance"][metric], color="#2166ac", linestyle=":", linewidth=2, label="chance")
@@ -281,7 +322,7 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
             axes.axhline(0, color="black", linewidth=0.8)
         axes.set_xticks(np.arange(len(methods)), [m.replace("_", " ") for m in methods], rotation=30, ha="right")
         axes.set_ylabel(metric.replace("_", " ") if kind == "grounding" else "area between the curves")
-        axes.set_title("phrase → image grounding" if kind == "grounding" else f"insertion and deletion: {metric} players",
+        axes.set_title("phrase → image grounding" if kind == "grounding" else f"insertion and deletion, {report.get('game', 'cut')} game: {metric} players",
                        fontsize="medium")
         path = folder / f"baselines_{metric}.png"
         figure.savefig(path)

@@ -570,6 +570,7 @@ def evaluate(
     miss_figures: Annotated[bool, typer.Option("--miss-figures", help="with --misses: draw the listed misses' phrase maps into OUT/misses")] = False,
     baselines: Annotated[str | None, typer.Option(help="first-order methods to score beside the run's maps, comma-separated: integrated_gradients, gradient_input, maskclip, grad_eclip, rollout, chefer, random, centre, or all; loads the run's model")] = None,
     baseline_target: Annotated[str, typer.Option(help="what a first-order method explains a phrase's image against: phrase (the phrase as a caption of its own) or caption (the whole caption)")] = "phrase",
+    game: Annotated[str, typer.Option(help="where insertion and deletion remove players and what they score: cut (at the cut layer, the cosine) or input (FIxLIP's: at the input embeddings, the logit)")] = "cut",
     curve_points: Annotated[int, typer.Option(min=2, help="points on each insertion and deletion curve")] = 20,
     limit: Annotated[int | None, typer.Option(min=1, help="with --baselines: score the first N pairs only")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
@@ -607,21 +608,22 @@ def evaluate(
             print(chart)
     if baselines is not None:
         _evaluate_baselines(run_dir, annotations, folder, [name.strip() for name in baselines.split(",") if name.strip()],
-                            target=baseline_target, n_points=curve_points, limit=limit, seed=seed, quiet=quiet)
+                            target=baseline_target, game=game, n_points=curve_points, limit=limit, seed=seed, quiet=quiet)
 
 
 def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, names: list[str], *, target: str,
-                        n_points: int, limit: int | None, seed: int, quiet: bool) -> None:
+                        game: str, n_points: int, limit: int | None, seed: int, quiet: bool) -> None:
     """Score the run's maps beside first-order methods, write OUT/baselines.json and its charts, print the tables."""
     from xclip.baseline_evaluation import CURVES, method_charts, score_methods, summarize_methods
     from xclip.evaluation import METRICS
 
     bar, update = _progress_callback(quiet)
     with _errors(STORE_FLAGS), bar or nullcontext():
-        scores = score_methods(run_dir, names, annotations=annotations, target=target, n_points=n_points,  # type: ignore[arg-type]
-                               limit=limit, seed=seed, progress=(lambda done, total: update("baselines", done, total)) if update else None)
+        scores = score_methods(run_dir, names, annotations=annotations, target=target, game=game,  # type: ignore[arg-type]
+                               n_points=n_points, limit=limit, seed=seed,
+                               progress=(lambda done, total: update("baselines", done, total)) if update else None)
         report = summarize_methods(scores, seed=seed)
-        report["target"], report["curve_points"] = target, n_points
+        report["target"], report["game"], report["curve_points"] = target, game, n_points
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "baselines.json").write_text(json.dumps(report, indent=2) + "\n")
         charts = method_charts(report, folder)
@@ -637,13 +639,14 @@ def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, n
             table.add_row(method, *(_mean_cell(entry.get(m)) for m in METRICS), *(_paired_cell(entry.get(m)) for m in METRICS))
         console.print(table)
         classes = [label for label in report["grounding"] if label != "overall"]
-        per_class = Table("class", "phrases", *report["methods"], title="pointing game per class: mean [95% CI]")
+        grounded = [m for m in report["methods"] if m in report["grounding"]["overall"]]
+        per_class = Table("class", "phrases", *grounded, title="pointing game per class: mean [95% CI]")
         for label in classes:
             group = report["grounding"][label]
-            per_class.add_row(label, str(group["n_phrases"]), *(_mean_cell(group[m].get("pointing_game")) for m in report["methods"]))
+            per_class.add_row(label, str(group["n_phrases"]), *(_mean_cell(group[m].get("pointing_game")) for m in grounded))
         console.print(per_class)
     table = Table("method", *(f"area between curves\n{c}" for c in CURVES), *(f"Δ {c}\nvs second order" for c in CURVES),
-                  title=f"insertion/deletion, {report['n_pairs']} pairs: mean [95% CI] (1 = the score rests on the players ranked first, 0 = chance)")
+                  title=f"insertion/deletion, {game} game, {report['n_pairs']} pairs: mean [95% CI] (1 = the score rests on the players ranked first, 0 = chance)")
     for method, entry in report["faithfulness"].items():
         table.add_row(method, *(_mean_cell(entry.get(c)) for c in CURVES), *(_paired_cell(entry.get(c)) for c in CURVES))
     console.print(table)
