@@ -23,8 +23,8 @@ coalition sizes) and negative for one that ranks backwards. This is the measure 
 deletion of the least and of the most important players first, which is the same area). FIxLIP divides each
 pair's curves by ``v(full) - v(empty)``; where that change is small (a caption scored barely above its
 reference) one pair's area explodes, so the areas are kept in the game's units here and a summary divides their
-mean by the mean change (:func:`xclip.baseline_evaluation.summarize_methods`): 1 then means every pair's score
-moved as fast as it can.
+mean by the mean change (:func:`xclip.baseline_evaluation.summarize_methods`). That can pass 1: insertion may
+rise above the full coalition's value and deletion fall below the empty one's.
 
 A first-order map ranks players by their values. A second-order explanation ranks them by the whole
 decomposition of the score that its contribution vectors give (:class:`PairDecomposition`; ``C_a[i]`` and
