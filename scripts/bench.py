@@ -373,7 +373,7 @@ def node_counts(kind: str, items: list[xclip.Contributions]) -> dict[str, float]
         # panel edges: plain forward passes of the layers above the cut, counted apart from the nodes
         f"{kind}_endpoints_mean": sum(item.n_endpoints for item in items) / len(items),
         f"{kind}_relative_error_max": max(relative),
-        f"{kind}_map_error_estimate_max": max(item.map_error_estimate for item in items),
+        f"{kind}_map_error_bound_max": max(item.map_error_bound for item in items),
         f"{kind}_not_converged": sum(not item.is_converged for item in items),
     }
 

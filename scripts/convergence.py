@@ -4,13 +4,14 @@ and with the model's calibrated panel layout.
     python scripts/convergence.py [--model demo|random] [--inputs demo|held-out] [--dtype float64|float32]
 
 ``--inputs demo``: the twelve demo scenes' captions and images. ``--inputs held-out``: 48 scenes of the demo's
-world that no calibration saw (``xclip synth`` seeds 20000 and 50000, 24 each; the shipped layout was calibrated
-on seed 60000). ``--model random``: twelve random images and captions through a tiny random-weight CLIP.
+world that nothing was tuned on (``xclip synth`` seeds 7301, 7302 and 7303, 16 each; the shipped layouts were
+calibrated on seed 60000, the map error bound's safety factors chosen on seeds 31001 and 31002). ``--model random``: twelve random images and captions through a tiny random-weight CLIP.
 
 For each rule and tower, prints the nodes per input (mean / max), the panel edges evaluated (plain forward passes,
-mean), the relative completeness error |sum C - (g(x) - g(r))| / |g(x) - g(r)| (max), how far each input's
-contributions are from a converged 512-node rule (relative Frobenius error, max) and the rule's own map error
-estimate (max).
+mean), the forward passes per input (nodes plus edges, mean), the relative completeness error
+|sum C - (g(x) - g(r))| / |g(x) - g(r)| (max), how far each input's contributions are from a converged 512-node rule
+(relative Frobenius error, max), the rule's map error bound (max) and the share of inputs whose distance is within
+their bound (adaptive rules; a fixed rule has no bound).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from xclip.synthetic import generate
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "xclip" / "models" / "shapes-clip"
 RANDOM_CAPTIONS = ["a red dog", "two blue circle and a square", "the cat on the green square", "a photo of two dog"]
-HELD_OUT_SEEDS = (20_000, 50_000)
+HELD_OUT_SEEDS = (7301, 7302, 7303)
 
 
 def demo_inputs() -> tuple[list[str], list[Path]]:
@@ -40,7 +41,7 @@ def demo_inputs() -> tuple[list[str], list[Path]]:
 
 
 def held_out_inputs() -> tuple[list[str], list[Image.Image]]:
-    scenes = [scene for seed in HELD_OUT_SEEDS for scene in generate(24, seed=seed)]
+    scenes = [scene for seed in HELD_OUT_SEEDS for scene in generate(16, seed=seed)]
     return [scene.caption for scene in scenes], [scene.image for scene in scenes]
 
 
@@ -74,7 +75,8 @@ def main() -> None:
     if calibrated.is_calibrated:
         rules["adaptive, calibrated"] = {"panel_layout": calibrated}
     print(f"{args.model} model, {args.dtype}, {len(captions)} captions and {len(images)} images ({args.inputs})")
-    print(f"{'rule':<26} {'tower':<6} {'nodes mean/max':>15} {'edges':>6} {'rel. error max':>15} {'map error max':>14} {'estimate max':>13}")
+    print(f"{'rule':<26} {'tower':<6} {'nodes mean/max':>15} {'edges':>6} {'passes':>7} {'rel. error max':>15} "
+          f"{'map error max':>14} {'bound max':>10} {'bound holds':>12}")
     for name, settings in rules.items():
         towers = tower_inputs(xclip.InteractionAttribution(model, **settings), captions, images)
         for tower, items in towers.items():
@@ -83,11 +85,14 @@ def main() -> None:
                 float((item.values - exact.values).norm() / exact.values.norm())
                 for item, exact in zip(items, converged[tower])
             ]
+            edges = [item.n_endpoints for item in items]
+            bounds = np.array([item.map_error_bound for item in items])
+            holds = "-" if np.isnan(bounds).any() else f"{np.mean(np.array(distance) <= bounds):.0%}"
             print(
-                f"{name:<26} {tower:<6} {np.mean(nodes):>9.1f} / {max(nodes):<3d} "
-                f"{np.mean([item.n_endpoints for item in items]):>6.1f} "
+                f"{name:<26} {tower:<6} {np.mean(nodes):>9.1f} / {max(nodes):<3d} {np.mean(edges):>6.1f} "
+                f"{np.mean(nodes) + np.mean(edges):>7.1f} "
                 f"{max(item.relative_completeness_error for item in items):>15.1e} {max(distance):>14.1e} "
-                f"{max(item.map_error_estimate for item in items):>13.1e}"
+                f"{bounds.max():>10.1e} {holds:>12}"
             )
 
 

@@ -84,6 +84,15 @@ def _layout_cache(tmp_path_factory, monkeypatch) -> Path:
     return cache
 
 
+def plant_pair_number(f, pair: int, name: str, value: float) -> None:
+    """Replace one of a stored pair's numbers in an open run file, with the checksum readers verify."""
+    from xclip.store import _checksum, _pair_numbers_row
+
+    pairs = f["pairs"]
+    pairs[name][pair] = value
+    pairs["checksum"][pair] = _checksum(pairs["interactions"][pair], *_pair_numbers_row(pairs, pair))
+
+
 def plant_map(f, pair: int, interactions: np.ndarray) -> None:
     """Replace a stored pair map in an open run file, with the checksum that readers verify (a plant without it
     is refused as damage)."""

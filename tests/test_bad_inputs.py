@@ -31,6 +31,7 @@ import xclip
 from xclip.adapters.base import read_image
 from xclip.cli import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
 from xclip.config import load_config
+from xclip.schema import SCHEMA_VERSION
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -679,7 +680,7 @@ def test_unreadable_run_file(finished_run, damage, message):
 def test_run_file_of_another_schema_version(finished_run):
     with h5py.File(finished_run / "run.h5", "r+") as f:
         f.attrs["schema_version"] = 1
-    expect(["inspect", finished_run], 1, r"run.h5 has schema version 1, this xclip reads 5")
+    expect(["inspect", finished_run], 1, rf"run.h5 has schema version 1, this xclip reads {SCHEMA_VERSION}")
 
 
 def test_moved_images_are_named_and_found_again(finished_run, tmp_path):

@@ -27,14 +27,14 @@ def test_the_search_finds_a_planted_pair_of_breakpoints():
     # a planted cost: 3 nodes per panel, and 30 more unless one breakpoint lies in each of two narrow windows
     windows = [(0.74, 0.78), (0.82, 0.86)]
 
-    def nodes_of(layout: tuple[float, ...]) -> list[int]:
+    def passes_of(layout: tuple[float, ...]) -> list[int]:
         missed = sum(not any(lo <= b <= hi for b in layout) for lo, hi in windows)
         return [3 * (len(layout) + 1) + 30 * missed] * 4
 
-    found = _calibrate_tower(nodes_of, lambda _done: None)
-    assert found.chosen_nodes == (9.0, 9)  # two breakpoints, one in each window: the optimum
+    found = _calibrate_tower(passes_of, lambda _done: None)
+    assert found.chosen_passes == (9.0, 9)  # two breakpoints, one in each window: the optimum
     assert all(any(lo <= b <= hi for b in found.breakpoints) for lo, hi in windows)
-    assert found.default_nodes == (42.0, 42) and found.n_inputs == 4
+    assert found.default_passes == (42.0, 42) and found.n_inputs == 4
 
 
 def test_a_fingerprint_names_the_weights_not_the_dtype(model_dirs):
@@ -69,10 +69,10 @@ def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs
     assert attributor.panel_layout.is_calibrated
     assert (attributor.panel_layout.text, attributor.panel_layout.image) == (calibration.text, calibration.image)
     # what calibration measured is what the attribution now spends
-    text_nodes = sum(c.n_nodes for c in attributor.text_contributions(captions)) / len(captions)
-    assert text_nodes == pytest.approx(calibration.measured["text"]["nodes_mean"], abs=0.01)
-    mean_nodes = sum(c.n_nodes for c in attributor.image_contributions(images)) / len(images)
-    assert mean_nodes == pytest.approx(calibration.measured["image"]["nodes_mean"], abs=0.01)
+    text_passes = sum(c.n_nodes + c.n_endpoints for c in attributor.text_contributions(captions)) / len(captions)
+    assert text_passes == pytest.approx(calibration.measured["text"]["passes_mean"], abs=0.01)
+    image_passes = sum(c.n_nodes + c.n_endpoints for c in attributor.image_contributions(images)) / len(images)
+    assert image_passes == pytest.approx(calibration.measured["image"]["passes_mean"], abs=0.01)
     # another reference moves the path: the layout is not used
     assert not xclip.InteractionAttribution(model, image_reference="blur").panel_layout.is_calibrated
     # other weights do not find it
@@ -96,19 +96,19 @@ def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache):
     assert report["layout_file"].startswith(str(_layout_cache))
     for tower in ("text", "image"):
         measured = report["measured"][tower]
-        assert measured["inputs"] == 6 and measured["nodes_mean"] < measured["default_nodes_mean"]  # found a better one
+        assert measured["inputs"] == 6 and measured["passes_mean"] < measured["default_passes_mean"]  # found a better one
 
     result = runner.invoke(app, ["attribute", str(config), "-q"])
     assert result.exit_code == 0, result.output
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         used = json.loads(f.attrs["panel_layout"])
-        nodes = f["images/n_nodes"][:]
+        passes = f["images/n_nodes"][:] + f["images/n_endpoints"][:]
     assert used["source"] == report["layout_file"]
     assert (used["text"], used["image"]) == (report["text"], report["image"])
-    assert nodes.mean() == pytest.approx(report["measured"]["image"]["nodes_mean"], abs=0.01)  # the same 6 images
+    assert passes.mean() == pytest.approx(report["measured"]["image"]["passes_mean"], abs=0.01)  # the same 6 images
     inspected = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
     assert inspected["accuracy"]["panel_layout"] == used
-    assert inspected["accuracy"]["images"]["map_error_estimate_max"] <= 0.8e-3
+    assert inspected["accuracy"]["images"]["map_error_bound_max"] <= 1e-3
 
     # --beside writes into the checkpoint folder, where the layout travels with it
     result = runner.invoke(app, ["calibrate", str(config), "--inputs", "2", "--beside", "-q"])

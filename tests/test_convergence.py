@@ -34,9 +34,9 @@ def test_default_settings_meet_the_tolerance_on_every_demo_input(demo_model, dem
 
 
 def assert_flags_are_honest(inputs: list[xclip.Contributions], tolerance: float) -> None:
-    """Flagged exactly when the input's own completeness error misses the tolerance."""
+    """Flagged exactly when the input's own completeness error or its map error bound misses the tolerance."""
     for item in inputs:
-        assert item.is_converged == (item.relative_completeness_error <= tolerance)
+        assert item.is_converged == (item.relative_completeness_error <= tolerance and item.map_error_bound <= tolerance)
 
 
 def test_a_tolerance_below_the_float32_floor_is_met_in_float64_and_flagged_in_float32(demo_model, demo_inputs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import CAPTIONS, make_images
@@ -198,3 +200,34 @@ def test_pair_numbers_equal_the_maps_numbers(model64, images):
             assert brief.completeness_error == pytest.approx(full.completeness_error, rel=1e-9, abs=1e-15)
             assert brief.completeness_error > 1e-9  # a real error, not rounding
             assert (brief.completeness_bound, brief.score_scale) == (full.completeness_bound, full.score_scale)
+
+
+def test_pair_map_error_bound_is_its_formula_and_holds(model64, images):
+    """Each pair's bound is (rho_a |C_a|_F |C_b|_2 + rho_b |C_a|_2 |C_b|_F + rho_a rho_b |C_a|_F |C_b|_F) / |map|_F,
+    written here pair by pair, and the map's actual relative error against a 96-node rule stays within it."""
+    captions = ["a red dog", "two blue circle and a square on the cat", "a cat"]
+    coarse = xclip.InteractionAttribution(model64, tolerance=1e-2)  # loose: errors far above rounding
+    exact = xclip.InteractionAttribution(model64, n_steps=96)
+    text, image = coarse.text_contributions(captions), coarse.image_contributions(images)
+    text_true, image_true = exact.text_contributions(captions), exact.image_contributions(images)
+    pairs = [(c, i) for c in range(len(captions)) for i in range(len(images))]
+    maps, numbers = xclip.interaction_maps(text, image, pairs), xclip.pair_numbers(text, image, pairs)
+    for (c, i), pair_map, brief in zip(pairs, maps, numbers):
+        a, b = text[c].values.double(), image[i].values.double()
+        rho_a, rho_b = text[c].map_error_bound, image[i].map_error_bound
+        assert 0 < rho_a <= 1e-2 and 0 < rho_b <= 1e-2
+        spectral_a, spectral_b = torch.linalg.matrix_norm(a, ord=2), torch.linalg.matrix_norm(b, ord=2)
+        error = rho_a * a.norm() * spectral_b + rho_b * spectral_a * b.norm() + rho_a * rho_b * a.norm() * b.norm()
+        expected = float(error / (a @ b.T).norm())
+        assert pair_map.map_error_bound == pytest.approx(expected, rel=1e-9)
+        assert brief.map_error_bound == pytest.approx(expected, rel=1e-6)  # from Gram matrices, not the map
+        true_map = text_true[c].values.double() @ image_true[i].values.double().T
+        actual = float((pair_map.interactions.double() - true_map).norm() / true_map.norm())
+        assert actual <= pair_map.map_error_bound
+
+
+def test_a_fixed_rule_gives_pairs_no_map_error_bound(model64, images):
+    attributor = xclip.InteractionAttribution(model64, n_steps=4)
+    text, image = attributor.text_contributions(["a red dog"]), attributor.image_contributions(images[:1])
+    assert math.isnan(xclip.interaction_maps(text, image, [(0, 0)])[0].map_error_bound)
+    assert math.isnan(xclip.pair_numbers(text, image, [(0, 0)])[0].map_error_bound)

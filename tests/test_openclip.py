@@ -361,7 +361,7 @@ def test_evaluate_reads_an_open_clip_run_like_the_same_weights_in_transformers(c
         assert code == 0, output
         baselines[label] = json.loads((tmp_path / label / "evaluation" / "baselines.json").read_text())
     assert baselines["open_clip"]["methods"] == baselines["clip"]["methods"] == [
-        "second_order", "integrated_gradients", "gradient_input", "maskclip", "grad_eclip", "rollout", "chefer", "random", "centre"]
+        "second_order", "second_order_interactions", "integrated_gradients", "gradient_input", "maskclip", "grad_eclip", "rollout", "chefer", "random", "centre"]
     for section in ("grounding", "faithfulness"):
         ours_scores, theirs_scores = (baselines[label][section] for label in ("open_clip", "clip"))
         ours_scores = ours_scores["overall"] if section == "grounding" else ours_scores

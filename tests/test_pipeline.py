@@ -343,17 +343,17 @@ def test_inputs_that_miss_the_tolerance_are_finished_flagged_and_listed(tmp_path
         assert (f["captions/n_nodes"][:] == 12).all() and (f["images/n_nodes"][:] == 12).all()
         assert (f["pairs/status"][:] == 1).all()
         for group, indices in flagged.items():
-            relative = f[group]["relative_completeness_error"][:]
-            assert sorted(indices) == np.flatnonzero(relative > 1e-3).tolist()
+            relative, bound = f[group]["relative_completeness_error"][:], f[group]["map_error_bound"][:]
+            assert sorted(indices) == np.flatnonzero((relative > 1e-3) | (bound > 1e-3)).tolist()
     n_flagged = sum(len(indices) for indices in flagged.values())
     assert n_flagged >= 4 and summary["not_converged"] == n_flagged
-    assert "missed the completeness tolerance" in result.stderr and "attribution.max_steps" in result.stderr
+    assert "missed the tolerance" in result.stderr and "attribution.max_steps" in result.stderr
     report = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
     listed = {(item["group"], item["index"]) for item in report["accuracy"]["not_converged"]}
     assert listed == {(group, i) for group, indices in flagged.items() for i in indices}
     assert report["accuracy"]["images"]["not_converged"] == len(flagged["images"])
     text = runner.invoke(app, ["inspect", str(tmp_path / "run")])
-    assert f"{n_flagged} input(s) missed the completeness tolerance 0.001" in text.stdout
+    assert f"{n_flagged} input(s) missed the tolerance 0.001" in text.stdout
 
 
 @pytest.mark.parametrize(
@@ -493,7 +493,10 @@ def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
     assert runner.invoke(app, ["merge", str(tmp_path / "run")]).exit_code == 0
     with h5py.File(tmp_path / "whole" / "run.h5", "r") as whole, h5py.File(tmp_path / "run" / "run.h5", "r") as merged:
         assert len(merged["pairs/status"]) == len(whole["pairs/status"]) == 12
-        np.testing.assert_array_equal(merged["pairs/interactions"][:], whole["pairs/interactions"][:])
+        # equal to rounding: a shard's batches hold other inputs, and BLAS kernels chosen by batch size may sum in
+        # another order (float64 here: 1e-15 relative, far below any quadrature error)
+        whole_maps = whole["pairs/interactions"][:]
+        np.testing.assert_allclose(merged["pairs/interactions"][:], whole_maps, rtol=0, atol=1e-12 * np.nanmax(np.abs(whole_maps)))
         for side, name in (("caption", "captions/text"), ("image", "images/path")):
             merged_names = merged[name].asstr()[:][merged[f"pairs/{side}_index"][:]]
             whole_names = whole[name].asstr()[:][whole[f"pairs/{side}_index"][:]]

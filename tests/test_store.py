@@ -866,13 +866,13 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
     )
     array = 2 if precision == "float16" else 4
     # status, error, embedding and reference embedding, 3 float errors, n_nodes, n_endpoints, the map error
-    # estimate, is_converged, checksum, contributions
+    # bound, is_converged, checksum, contributions
     inputs = 1 + 400 + 2 * E * 4 + 3 * 4 + 4 + 4 + 4 + 1 + 4
     # + token ids, tokens, offsets, special and unknown flags, n_positions, is_truncated
     caption = inputs + L * array * E + L * 4 + L * 48 + L * 8 + 2 * L + 4 + 1
     # + original size, preprocessing, notes, the file's sha256, size and modification time
     image = inputs + S * array * E + 2 * 4 + 10 * 8 + 200 + 64 + 8 + 8
-    pair = 1 + 100 + 2 * 8 + 9 * 4 + 4 + (L * S * array if maps else 0)  # status, error, indices, 9 floats, checksum, map
+    pair = 1 + 100 + 2 * 8 + 10 * 4 + 4 + (L * S * array if maps else 0)  # status, error, indices, 10 floats, checksum, map
     with RunReader(tmp_path) as stored:
         assert [stored.bytes_per_item(g) for g in ("captions", "images", "pairs")] == [caption, image, pair]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from conftest import plant_map
+from conftest import plant_map, plant_pair_number
 import pytest
 from PIL import Image
 from test_bad_inputs import expect, finished_run, invoke, jsonl_folder, write_config  # noqa: F401  (a fixture)
@@ -32,6 +32,8 @@ from xclip.config import RunConfig, load_config
 from xclip.errors import ConfigError
 from xclip.runner import run
 from xclip.geometry import Preprocessing
+from xclip.render import draw, load_pair_view
+from xclip.result import INEXACT_PAIR_FACTOR
 from xclip.store import RunReader
 from xclip.viewer import PairQuery, RunData, export_site, make_server
 
@@ -93,6 +95,34 @@ def test_a_pair_answer_holds_the_files_map_and_numbers(demo_run):
     assert answer["score"] == float(columns["score"][7])
     assert [chip["text"] for chip in answer["chips"]][0] == "<|startoftext|>"
     assert sorted(r for chip in answer["chips"] for r in chip["rows"]) == list(range(n))  # every token once
+
+
+def test_an_inexact_pair_map_is_named_by_inspect_the_viewer_and_its_figure(demo_run):
+    """A pair whose map error bound passes INEXACT_PAIR_FACTOR x the tolerance is listed by `xclip inspect`, carries
+    the note in the viewer's answer and in its figure; the pairs under it carry none. One planted bound (30% of the
+    map) beside the real ones of the trained demo model."""
+    with h5py.File(demo_run / "run.h5", "r+") as f:
+        plant_pair_number(f, 5, "map_error_bound", 0.3)
+        bounds = f["pairs/map_error_bound"][:]
+    tolerance = 1e-3  # the demo config's, the default
+    inexact = [int(i) for i in np.flatnonzero(bounds > INEXACT_PAIR_FACTOR * tolerance)]
+    assert 5 in inexact and len(inexact) < len(bounds)
+    exit_code, output = invoke("inspect", demo_run, "--json")
+    assert exit_code == 0
+    listed = json.loads(output)["accuracy"]["pairs"]["inexact"]
+    assert [pair["index"] for pair in listed] == inexact
+    assert next(p for p in listed if p["index"] == 5)["map_error_bound"] == pytest.approx(0.3)
+    flat = " ".join(invoke("inspect", demo_run)[1].split())
+    assert f"{len(inexact)} pair map(s) may be off by more than 10 x the tolerance 0.001" in flat
+    assert "pair 5 (" in flat and "map error bound 3.00e-01" in flat
+    exact = next(i for i in range(len(bounds)) if i not in inexact)
+    data = RunData(demo_run)
+    assert data.pair(5)["inexact_note"].startswith("this map may be off by up to 30.0% of its own size")
+    assert data.pair(exact)["inexact_note"] is None
+    with RunReader(demo_run) as run:
+        noted, clean = draw(load_pair_view(run, 5, None)), draw(load_pair_view(run, exact, None))
+    assert any(w.startswith("this map may be off by up to 30.0%") for w in noted.warnings)
+    assert not any("may be off" in w for w in clean.warnings)
 
 
 def test_a_run_being_written_shows_what_is_finished(tmp_path, model_dirs):

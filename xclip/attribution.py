@@ -318,16 +318,19 @@ class InteractionAttribution:
             values, target = values / scale[:, :, None], target / scale
         errors = (values.sum(1) - target).norm(dim=-1).tolist()
         difference_norms = target.norm(dim=-1).tolist()
-        # the estimate is a change of the unscaled contributions: relative, so the reference convention's scale cancels
-        map_errors = (path.map_error / path.values.flatten(1).norm(dim=-1).double()).nan_to_num(0.0).tolist()
+        # the bound is on the unscaled contributions: relative, so the reference convention's scale cancels
+        values_norm = path.values.flatten(1).norm(dim=-1).double()
+        map_errors = torch.where(values_norm > 0, path.map_error / values_norm, path.map_error).tolist()
         checks = [
             {
                 "completeness_error": error,
                 "difference_norm": norm,
                 "n_nodes": n_nodes,
                 "n_endpoints": n_endpoints,
-                "map_error_estimate": map_error,
-                "is_converged": self.tolerance is None or relative_error(error, norm) <= self.tolerance,
+                "map_error_bound": map_error,
+                "is_converged": self.tolerance is None or (
+                    relative_error(error, norm) <= self.tolerance and not map_error > self.tolerance  # NaN: fixed rule
+                ),
             }
             for error, norm, n_nodes, n_endpoints, map_error in zip(
                 errors, difference_norms, path.n_nodes.tolist(), path.n_endpoints.tolist(), map_errors
@@ -398,7 +401,8 @@ def interaction_maps(
         chunk = pairs[start : start + block]
         index = torch.tensor(chunk, device=row_values.device)
         values = interactions(row_values[index[:, 0]], column_values[index[:, 1]]) * logit_scale  # (P, L, S)
-        numbers = _pair_numbers(rows, columns, chunk, values.sum(dim=(1, 2)), logit_scale)
+        map_norms = values.flatten(1).norm(dim=-1) / abs(logit_scale)
+        numbers = _pair_numbers(rows, columns, chunk, values.sum(dim=(1, 2)), map_norms, logit_scale)
         for k, ((i, j), pair) in enumerate(zip(chunk, numbers)):
             row, column = rows[i], columns[j]
             maps.append(
@@ -433,7 +437,13 @@ def pair_numbers(
     row_sums = torch.stack([r.values.sum(0) for r in rows])  # (M, E)
     column_sums = torch.stack([c.values.sum(0) for c in columns])
     map_sums = (row_sums[index[:, 0]] * column_sums[index[:, 1]]).sum(-1) * logit_scale
-    return _pair_numbers(rows, columns, pairs, map_sums, logit_scale)
+    # |C_a C_b^T|_F^2 = <C_a^T C_a, C_b^T C_b>: the maps' norms from E x E Gram matrices, without the maps
+    row_grams = torch.stack([r.values.T @ r.values for r in rows])
+    column_grams = torch.stack([c.values.T @ c.values for c in columns])
+    map_norms = torch.cat([
+        (row_grams[part[:, 0]] * column_grams[part[:, 1]]).sum(dim=(1, 2)).clamp(min=0).sqrt() for part in index.split(256)
+    ])
+    return _pair_numbers(rows, columns, pairs, map_sums, map_norms, logit_scale)
 
 
 def _pair_numbers(
@@ -441,9 +451,11 @@ def _pair_numbers(
     columns: Sequence[Contributions],
     pairs: Sequence[tuple[int, int]],
     map_sums: Tensor,
+    map_norms: Tensor,
     logit_scale: float,
 ) -> list[PairNumbers]:
-    """Score, four terms and completeness of each pair, given the sum of each pair's map."""
+    """Score, four terms, completeness and map error bound of each pair, given the sum of each pair's map and its
+    Frobenius norm (without the logit scale)."""
     index = torch.tensor(pairs, device=map_sums.device)
     a, b = index[:, 0], index[:, 1]
     row_embeddings = torch.stack([torch.stack([r.embedding, r.reference_embedding]) for r in rows])  # (M, 2, E)
@@ -451,6 +463,7 @@ def _pair_numbers(
     terms = four_terms(row_embeddings[a, 0], row_embeddings[a, 1], column_embeddings[b, 0], column_embeddings[b, 1]) * logit_scale
     value = four_term_value(terms)
     errors = (map_sums - value).abs()
+    map_error_bounds = pair_map_error_bounds(rows, columns, index, map_norms).tolist()
     return [
         PairNumbers(
             score=score,
@@ -459,9 +472,40 @@ def _pair_numbers(
             completeness_error=error,
             completeness_bound=completeness_bound(rows[i], columns[j]) * logit_scale,
             score_scale=rows[i].difference_norm * columns[j].difference_norm * logit_scale,
+            map_error_bound=bound,
         )
-        for k, ((i, j), score, total, error) in enumerate(zip(pairs, terms[:, 0].tolist(), value.tolist(), errors.tolist()))
+        for k, ((i, j), score, total, error, bound) in enumerate(
+            zip(pairs, terms[:, 0].tolist(), value.tolist(), errors.tolist(), map_error_bounds)
+        )
     ]
+
+
+def pair_map_error_bounds(
+    rows: Sequence[Contributions], columns: Sequence[Contributions], index: Tensor, map_norms: Tensor
+) -> Tensor:
+    """``(P,)``: a bound on each pair map's relative (Frobenius) error, from its two inputs' bounds.
+
+    With computed contributions ``C = T + D`` (``T`` the true ones, ``|D|_F <= rho |C|_F``), the computed map
+    ``C_a C_b^T`` differs from the true one by ``D_a C_b^T + C_a D_b^T - D_a D_b^T``, so its error is at most
+    ``rho_a |C_a|_F |C_b|_2 + rho_b |C_a|_2 |C_b|_F + rho_a rho_b |C_a|_F |C_b|_F`` (``|.|_2``: the largest singular
+    value). Relative to the map's own norm this is large where the map is small next to its inputs: two inputs
+    whose contributions hardly meet, although each is accurate. NaN where an input has no bound (fixed rules).
+    """
+    row_norms, column_norms = _contribution_norms(rows), _contribution_norms(columns)
+    rho_a = torch.tensor([r.map_error_bound for r in rows], dtype=torch.float64)[index[:, 0].cpu()]
+    rho_b = torch.tensor([c.map_error_bound for c in columns], dtype=torch.float64)[index[:, 1].cpu()]
+    frobenius_a, spectral_a = row_norms[:, index[:, 0].cpu()]
+    frobenius_b, spectral_b = column_norms[:, index[:, 1].cpu()]
+    error = rho_a * frobenius_a * spectral_b + rho_b * spectral_a * frobenius_b + rho_a * rho_b * frobenius_a * frobenius_b
+    norms = map_norms.detach().double().cpu()
+    return torch.where(norms > 0, error / norms, torch.where(error > 0, torch.inf, 0.0))
+
+
+def _contribution_norms(inputs: Sequence[Contributions]) -> Tensor:
+    """``(2, M)`` float64: the Frobenius norm and the largest singular value of each input's contributions."""
+    values = [item.values.detach().double().cpu() for item in inputs]
+    norms = [[float(v.norm()), float(torch.linalg.matrix_norm(v, ord=2))] for v in values]
+    return torch.tensor(norms, dtype=torch.float64).T.reshape(2, -1)
 
 
 def completeness_bound(a: Contributions, b: Contributions) -> float:

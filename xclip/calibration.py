@@ -1,8 +1,8 @@
 """Calibration of a model's panel layouts: find, on a few inputs, the first panels that let the adaptive rule meet
-its tolerance with the fewest integrand evaluations.
+its tolerance with the fewest forward passes.
 
-A layout is judged by running the real rule with it: the cost of a layout is the mean number of evaluations its
-inputs take (the largest breaks ties), so a layout can never be chosen for a guarantee it does not keep. The search
+A layout is judged by running the real rule with it: the cost of a layout is the mean number of forward passes its
+inputs take (integrand evaluations plus panel edges, each a pass of the upper encoder; the largest breaks ties), so a layout can never be chosen for a guarantee it does not keep. The search
 starts from the default layout and from narrow stretches, in one or two panels, around each tenth of the path (the
 roughness of a trained model sits in one stretch per tower), then moves, removes and adds breakpoints, taking the best change each round,
 while that lowers the cost.
@@ -40,15 +40,15 @@ class TowerCalibration:
 
     Attributes:
         breakpoints: the chosen layout's breakpoints.
-        default_nodes, chosen_nodes: ``(mean, max)`` evaluations per calibration input with the default and the
-            chosen layout.
+        default_passes, chosen_passes: ``(mean, max)`` forward passes (nodes plus panel edges) per calibration input
+            with the default and the chosen layout.
         n_inputs: calibration inputs.
         n_trials: layouts tried.
     """
 
     breakpoints: Breakpoints
-    default_nodes: tuple[float, int]
-    chosen_nodes: tuple[float, int]
+    default_passes: tuple[float, int]
+    chosen_passes: tuple[float, int]
     n_inputs: int
     n_trials: int
 
@@ -78,11 +78,11 @@ def calibrate(
     text_batch, image_batch = model.tokenize(captions), model.preprocess(images)  # read once, tried many times
     towers = {
         "text": _calibrate_tower(
-            lambda layout: [c.n_nodes for c in _attributor(model, settings, text=layout).text_batch_contributions(text_batch)],
+            lambda layout: [c.n_nodes + c.n_endpoints for c in _attributor(model, settings, text=layout).text_batch_contributions(text_batch)],
             lambda done: progress("text", done) if progress else None,
         ),
         "image": _calibrate_tower(
-            lambda layout: [c.n_nodes for c in _attributor(model, settings, image=layout).image_batch_contributions(image_batch)],
+            lambda layout: [c.n_nodes + c.n_endpoints for c in _attributor(model, settings, image=layout).image_batch_contributions(image_batch)],
             lambda done: progress("image", done) if progress else None,
         ),
     }
@@ -91,10 +91,10 @@ def calibrate(
             "inputs": found.n_inputs,
             "layouts_tried": found.n_trials,
             "tolerance": probe.tolerance,
-            "default_nodes_mean": round(found.default_nodes[0], 2),
-            "default_nodes_max": found.default_nodes[1],
-            "nodes_mean": round(found.chosen_nodes[0], 2),
-            "nodes_max": found.chosen_nodes[1],
+            "default_passes_mean": round(found.default_passes[0], 2),
+            "default_passes_max": found.default_passes[1],
+            "passes_mean": round(found.chosen_passes[0], 2),
+            "passes_max": found.chosen_passes[1],
         }
         for tower, found in towers.items()
     }
@@ -106,14 +106,14 @@ def _attributor(model: DualEncoderAdapter, settings: dict[str, Any], *, text: Br
     return InteractionAttribution(model, panel_layout=PanelLayout(text=text, image=image), **settings)
 
 
-def _calibrate_tower(nodes_of: Callable[[Breakpoints], list[int]], progress: Callable[[int], None]) -> TowerCalibration:
-    """Greedy search over layouts, each judged by the nodes the real rule takes with it."""
-    tried: dict[Breakpoints, list[int]] = {}  # each layout's nodes per input, every layout run once
+def _calibrate_tower(passes_of: Callable[[Breakpoints], list[int]], progress: Callable[[int], None]) -> TowerCalibration:
+    """Greedy search over layouts, each judged by the forward passes the real rule takes with it."""
+    tried: dict[Breakpoints, list[int]] = {}  # each layout's passes per input, every layout run once
 
     def cost(layout: Breakpoints) -> tuple[float, int]:
         layout = tuple(round(b, 4) for b in layout)
         if layout not in tried:
-            tried[layout] = nodes_of(layout)
+            tried[layout] = passes_of(layout)
             progress(len(tried))
         return float(np.mean(tried[layout])), max(tried[layout])
 
@@ -134,8 +134,8 @@ def _calibrate_tower(nodes_of: Callable[[Breakpoints], list[int]], progress: Cal
             best = champion
     return TowerCalibration(
         breakpoints=tuple(round(b, 4) for b in best),
-        default_nodes=cost(DEFAULT_BREAKPOINTS),
-        chosen_nodes=cost(best),
+        default_passes=cost(DEFAULT_BREAKPOINTS),
+        chosen_passes=cost(best),
         n_inputs=len(tried[DEFAULT_BREAKPOINTS]),
         n_trials=len(tried),
     )

@@ -24,6 +24,10 @@ from xclip.errors import ConfigError, XclipError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 CALIBRATION_SEED = 60_000
+INEXACT_PAIR_HINT = (
+    "For exact maps of these pairs, attribute their captions and images again with a tighter "
+    "attribution.tolerance (the bound shrinks in proportion)"
+)
 NOT_CONVERGED_HINT = (
     "raise attribution.max_steps or loosen attribution.tolerance; in float32 the relative error stops between "
     "about 3e-7 and 5e-6 (demo model), so tolerances below 1e-5 may need model.dtype float64"
@@ -212,14 +216,14 @@ def calibrate(
         print(json.dumps({"layout_file": str(target), "fingerprint": fingerprint, "settings": calibration.settings,
                           "text": calibration.text, "image": calibration.image, "measured": calibration.measured}))
         return
-    table = Table("tower", "breakpoints", "inputs", "default layout: mean / max nodes", "calibrated: mean / max nodes",
+    table = Table("tower", "breakpoints", "inputs", "default layout: mean / max passes", "calibrated: mean / max passes",
                   title=f"xclip calibrate {escape(run_config.model.name)}")
     for tower in ("text", "image"):
         measured = calibration.measured[tower]
         breakpoints = ", ".join(f"{b:g}" for b in getattr(calibration, tower))
         table.add_row(tower, breakpoints, str(measured["inputs"]),
-                      f"{measured['default_nodes_mean']:.1f} / {measured['default_nodes_max']}",
-                      f"{measured['nodes_mean']:.1f} / {measured['nodes_max']}")
+                      f"{measured['default_passes_mean']:.1f} / {measured['default_passes_max']}",
+                      f"{measured['passes_mean']:.1f} / {measured['passes_max']}")
     Console(width=max(110, Console().width)).print(table)
     print(target)
 
@@ -297,7 +301,8 @@ def explain(
                                    image_resize=resize, figures=figures, options=options, file_format=file_format, overwrite=overwrite,
                                    should_stop=stop)
     rows = [{"caption": p.caption, "score": p.score, "four_term_value": p.four_term_value,
-             "completeness_error": p.completeness_error, "figure": str(p.figure) if p.figure else None, "error": p.error}
+             "completeness_error": p.completeness_error, "map_error_bound": p.map_error_bound,
+             "figure": str(p.figure) if p.figure else None, "error": p.error}
             for p in result.pairs]
     if json_output:
         print(json.dumps({"run_directory": str(output) if output else None, "pairs": rows}, allow_nan=True))
@@ -318,11 +323,11 @@ def _print_explained(image: Path, pairs: list[Any]) -> None:
     finished = [p for p in pairs if p.figure is not None]
     if finished:
         table = Table(title=f"xclip explain {image.name}")
-        for column in ("caption", "score", "four-term value", "completeness error", "figure"):
+        for column in ("caption", "score", "four-term value", "completeness error", "map error bound", "figure"):
             table.add_column(column, overflow="fold", no_wrap=column == "figure")
         for p in finished:
             table.add_row(escape(p.caption), f"{p.score:.4f}", f"{p.four_term_value:.4f}",
-                          f"{p.completeness_error:.2e}", str(p.figure))
+                          f"{p.completeness_error:.2e}", f"{p.map_error_bound:.2e}", str(p.figure))
         Console(width=max(120, Console().width)).print(table)
     problems: dict[str, list[str]] = {}
     for p in pairs:
@@ -526,13 +531,13 @@ def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
         where = "calibrated, " + escape(layout["source"]) if layout["source"] != "default" else "default"
         rule += f"; first panels end at text {', '.join(f'{b:g}' for b in layout['text'])}, images {', '.join(f'{b:g}' for b in layout['image'])} ({where})"
     console.print(f"quadrature: {rule}", soft_wrap=True)
-    table = Table("inputs", "done", "mean nodes", "max nodes", "median error", "max error", "max map error (est.)", "missed",
+    table = Table("inputs", "done", "mean nodes", "max nodes", "median error", "max error", "max map error bound", "missed",
                   title="relative completeness error per input, |sum C - (g(x) - g(r))| / |g(x) - g(r)|")
     for group in ("captions", "images"):
         stats = accuracy[group]
         table.add_row(group, str(stats["done"]), _number(stats["nodes_mean"], ".1f"), _number(stats["nodes_max"], ".0f"),
                       _number(stats["relative_error_median"]), _number(stats["relative_error_max"]),
-                      _number(stats["map_error_estimate_max"]) if accuracy["n_steps"] is None else "-", str(stats["not_converged"]))
+                      _number(stats["map_error_bound_max"]) if accuracy["n_steps"] is None else "-", str(stats["not_converged"]))
     # numbers are never cut, also in an 80-column log
     Console(width=max(110, console.width), file=console.file, force_terminal=console.is_terminal).print(table)
     pairs = accuracy["pairs"]
@@ -541,16 +546,39 @@ def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
         f"can be): median {_number(pairs['relative_error_median'])}, max {_number(pairs['relative_error_max'])}; "
         f"absolute error max {_number(pairs['error_max'])}, its bound from the inputs' errors max {_number(pairs['bound_max'])}"
     )
+    if pairs["map_error_bound_max"] is not None:
+        console.print(f"map error bound per pair, relative to the pair map's own size: median "
+                      f"{_number(pairs['map_error_bound_median'])}, max {_number(pairs['map_error_bound_max'])}")
+    _print_inexact_pairs(console, accuracy, limit=None)
+
+
+def _print_inexact_pairs(console: Console, accuracy: dict[str, Any], limit: int | None) -> None:
+    """Pairs whose map error bound passes the tolerance many times (result.is_inexact_pair), with the reason and the
+    remedy."""
+    over = accuracy["pairs"]["inexact"]
+    if not over:
+        return
+    factor = accuracy["pairs"]["inexact_factor"]
+    console.print(f"[yellow]{len(over)} pair map(s) may be off by more than {factor:g} x the tolerance "
+                  f"{accuracy['tolerance']:g}[/] relative to their own size: the map is small next to its two inputs' "
+                  "contributions, so their "
+                  "errors weigh more in it. " + INEXACT_PAIR_HINT, soft_wrap=True)
+    for pair in over[:limit]:
+        console.print(f"  pair {pair['index']} ({escape(pair['caption'])} | {escape(pair['image'])}): "
+                      f"map error bound {_number(pair['map_error_bound'])}", soft_wrap=True)
+    if limit is not None and len(over) > limit:
+        console.print(f"  ... and {len(over) - limit} more (`xclip inspect` lists all)")
 
 
 def _print_not_converged(console: Console, accuracy: dict[str, Any], limit: int | None) -> None:
 
     missed = accuracy["not_converged"]
     tolerance = accuracy["tolerance"]
-    console.print(f"[yellow]{len(missed)} input(s) missed the completeness tolerance {tolerance:g}[/]; their maps are written but flagged (is_converged = false):")
+    console.print(f"[yellow]{len(missed)} input(s) missed the tolerance {tolerance:g}[/] (completeness error or map "
+                  "error bound); their maps are written but flagged (is_converged = false):")
     for item in missed[:limit]:
         console.print(f"  {item['group'][:-1]} {item['index']} ({item['item']}): {item['n_nodes']} nodes, "
-                      f"relative error {item['relative_completeness_error']:.2e}")
+                      f"relative error {item['relative_completeness_error']:.2e}, map error bound {_number(item['map_error_bound'])}")
     if limit is not None and len(missed) > limit:
         console.print(f"  ... and {len(missed) - limit} more (--verbose or `xclip inspect` lists all)")
     console.print(f"  to settle it: {NOT_CONVERGED_HINT}")

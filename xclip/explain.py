@@ -22,10 +22,10 @@ from xclip.errors import ConfigError
 from xclip.geometry import check_image_resize
 from xclip.render import FigureOptions, render_run
 from xclip.runner import Progress, RunSummary, run
-from xclip.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, FOUR_TERM_VALUE, IMAGES, PAIRS, SCORE
+from xclip.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, FOUR_TERM_VALUE, IMAGES, MAP_ERROR_BOUND, PAIRS, SCORE
 from xclip.store import DONE, FAILED, RunReader
 
-_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR)  # the ExplainedPair fields read from the run file
+_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR, MAP_ERROR_BOUND)  # the ExplainedPair fields read from the run file
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ExplainedPair:
     score: float  # NaN where the pair failed
     four_term_value: float
     completeness_error: float
+    map_error_bound: float  # relative to the map's own size; a figure notes a map whose bound passes the tolerance far
     figure: Path | None  # None where the pair failed
     error: str = ""
 

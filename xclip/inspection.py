@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from xclip.schema import (
-    MAP_ERROR_ESTIMATE,
+    MAP_ERROR_BOUND,
     N_ENDPOINTS,
     CAPTION_INDEX,
     CAPTIONS,
@@ -28,6 +28,7 @@ from xclip.schema import (
     Status,
 )
 from xclip.geometry import seen_shares
+from xclip.result import INEXACT_PAIR_FACTOR, is_inexact_pair
 from xclip.store import RunReader
 
 DONE, FAILED = Status.DONE, Status.FAILED
@@ -123,7 +124,7 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
     for group, names in ((CAPTIONS, run.captions()), (IMAGES, run.image_paths())):
         done = run.status(group) == DONE
         nodes, relative = run.column(group, N_NODES), run.column(group, RELATIVE_COMPLETENESS_ERROR)
-        map_error = run.column(group, MAP_ERROR_ESTIMATE)
+        map_error = run.column(group, MAP_ERROR_BOUND)
         missed = np.flatnonzero(done & ~run.column(group, IS_CONVERGED))
         report[group] = {
             "done": int(done.sum()),
@@ -132,8 +133,8 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
             "endpoints_mean": _statistic(np.mean, run.column(group, N_ENDPOINTS)[done]),
             "relative_error_median": _statistic(np.median, relative[done]),
             "relative_error_max": _statistic(np.max, relative[done]),
-            "map_error_estimate_median": _statistic(np.median, map_error[done]),
-            "map_error_estimate_max": _statistic(np.max, map_error[done]),
+            "map_error_bound_median": _statistic(np.median, map_error[done]),
+            "map_error_bound_max": _statistic(np.max, map_error[done]),
             "not_converged": int(missed.size),
         }
         report["not_converged"] += [
@@ -143,19 +144,39 @@ def describe_accuracy(run: RunReader) -> dict[str, Any]:
                 "item": names[i],
                 "n_nodes": int(nodes[i]),
                 "relative_completeness_error": float(relative[i]),
+                "map_error_bound": _finite(map_error[i]),
             }
             for i in missed
         ]
     done = run.status(PAIRS) == DONE
+    pair_bound = run.column(PAIRS, MAP_ERROR_BOUND)
+    # a pair map can be inexact although both its inputs are within the tolerance: a map small next to its inputs
+    inexact = np.flatnonzero(done & np.array([is_inexact_pair(b, attribution.tolerance) for b in pair_bound], bool))
+    captions, images = run.captions(), run.image_paths()
+    caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
     report["pairs"] = {
         "done": int(done.sum()),
         "relative_error_median": _statistic(np.median, run.column(PAIRS, RELATIVE_COMPLETENESS_ERROR)[done]),
         "relative_error_max": _statistic(np.max, run.column(PAIRS, RELATIVE_COMPLETENESS_ERROR)[done]),
         "error_max": _statistic(np.max, run.column(PAIRS, COMPLETENESS_ERROR)[done]),
         "bound_max": _statistic(np.max, run.column(PAIRS, COMPLETENESS_BOUND)[done]),
+        "map_error_bound_median": _statistic(np.median, pair_bound[done]),
+        "map_error_bound_max": _statistic(np.max, pair_bound[done]),
+        "inexact_factor": INEXACT_PAIR_FACTOR,
+        "inexact": [
+            {"index": int(i), "caption": captions[caption_index[i]], "image": images[image_index[i]],
+             "map_error_bound": _finite(pair_bound[i])}
+            for i in inexact
+        ],
     }
     return report
 
 
 def _statistic(fn: Any, values: np.ndarray) -> float | None:
-    return float(fn(values)) if values.size else None
+    """``fn`` of the values, None where there are none or the result is not finite (map error bounds of a fixed
+    rule are NaN: unknown)."""
+    return _finite(fn(values)) if values.size else None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if np.isfinite(value) else None

@@ -42,10 +42,12 @@ from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, Upsample, map_colours, map_panel, outline_mask
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
-from xclip.result import InteractionMap
+from xclip.core.quadrature import DEFAULT_TOLERANCE
+from xclip.result import InteractionMap, inexact_pair_note, is_inexact_pair
 from xclip.schema import (
     CAPTION_INDEX,
     COMPLETENESS_ERROR,
+    MAP_ERROR_BOUND,
     FOUR_TERM_VALUE,
     IMAGE_INDEX,
     IMAGES,
@@ -104,6 +106,8 @@ class PairView:
     four_term_value: float
     completeness_error: float
     original: Image.Image | None = None  # the image as read, for the image panel to show what a crop cut off
+    map_error_bound: float = math.nan  # relative to the map's own size (NaN: a fixed rule, no bound)
+    tolerance: float | None = None  # the run's; a map whose bound passes it far is noted (result.is_inexact_pair)
 
     @property
     def caption(self) -> str:
@@ -234,6 +238,8 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
     warnings = list(input_warnings)
     if not np.any(view.interactions):  # said instead of drawing a made-up scale
         warnings.append(_NOTHING)
+    if is_inexact_pair(view.map_error_bound, view.tolerance):
+        warnings.append(inexact_pair_note(view.map_error_bound))
     notes: list[str] = []
     stem = view.name
     if span is not None:
@@ -676,9 +682,10 @@ def _horizontal_bar(pen: _Canvas, origin: tuple[int, int], size: tuple[int, int]
 
 
 # --- from the API and from run files ---------------------------------------------------------------------
-def pair_view(result: InteractionMap, image: Image.Image | str | Path, *, title: str = "pair") -> PairView:
+def pair_view(result: InteractionMap, image: Image.Image | str | Path, *, title: str = "pair",
+              tolerance: float | None = DEFAULT_TOLERANCE) -> PairView:
     """A :class:`PairView` of an API result: ``result`` from :func:`xclip.interaction_map` of a caption and
-    ``image`` (the picture, or its file)."""
+    ``image`` (the picture, or its file); ``tolerance``, the attribution's, for the inexact-map note."""
     if result.geometry is None or result.caption_tokens is None:
         msg = "the result's rows and columns are not a caption's tokens and an image's patches: draw caption-image maps (caption first, image second)"
         raise ConfigError(msg)
@@ -688,18 +695,20 @@ def pair_view(result: InteractionMap, image: Image.Image | str | Path, *, title:
         interactions=result.interactions.detach().double().cpu().numpy(), geometry=result.geometry,
         n_prefix=result.n_prefix, image=result.geometry.model_view(picture), score=result.score,
         four_term_value=result.four_term_value, completeness_error=result.completeness_error, original=picture,
+        map_error_bound=result.map_error_bound, tolerance=tolerance,
     )
 
 
 def figure(result: InteractionMap, image: Image.Image | str | Path, *, span: str | None = None,
            box: tuple[float, float, float, float] | None = None, options: FigureOptions | None = None,
-           title: str = "pair", layout: Layout | None = None) -> Figure:
+           title: str = "pair", layout: Layout | None = None, tolerance: float | None = DEFAULT_TOLERANCE) -> Figure:
     """Draw an API result as ``xclip render`` draws a run's pair; ``.save(path)`` writes it. ``layout``
-    (``"wide"`` or ``"column"``) replaces the options' layout."""
+    (``"wide"`` or ``"column"``) replaces the options' layout; ``tolerance`` is the attribution's, for the note on
+    an inexact map."""
     picture = read_image(Path(image))[0] if isinstance(image, (str, Path)) else image
     if box is not None:
         check_box_inside(box, picture.size, title)
-    return draw(pair_view(result, picture, title=title), span=span, box=box, options=options, layout=layout)
+    return draw(pair_view(result, picture, title=title, tolerance=tolerance), span=span, box=box, options=options, layout=layout)
 
 
 def check_box_inside(box: tuple[float, float, float, float], size: tuple[int, int], what: str) -> None:
@@ -726,6 +735,8 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         score=float(run.value(PAIRS, SCORE, index)),
         four_term_value=float(run.value(PAIRS, FOUR_TERM_VALUE, index)),
         completeness_error=float(run.value(PAIRS, COMPLETENESS_ERROR, index)),
+        map_error_bound=float(run.value(PAIRS, MAP_ERROR_BOUND, index)),
+        tolerance=run.settings.attribution.tolerance,
         # kept only where the image panel shows it (a crop cut part): render_run holds all views at once
         original=original if geometry.seen_share < _SEEN_WHOLE else None,
     )

@@ -31,11 +31,11 @@ class Contributions:
         difference_norm: ``|g(x) - g(r)|``, the length of what the contributions sum to.
         n_nodes: integrand evaluations the quadrature spent on this input.
         n_endpoints: plain evaluations of g at panel edges (each costs a forward pass of the upper encoder).
-        map_error_estimate: relative error of ``values`` (Frobenius), estimated from the nested rules: the summed
-            change between each panel's last two rules over the size of ``values``. The change bounds the coarser
-            rule's error, so it overstates the error of ``values``; 0 for a fixed rule (nothing to compare with).
-        is_converged: the relative completeness error is at most the attribution's tolerance (always True
-            when no tolerance was set).
+        map_error_bound: a bound on the relative (Frobenius) error of ``values``, from the nested rules (see
+            :mod:`xclip.core.quadrature`; its coverage on held-out inputs is measured by
+            ``scripts/map_error_coverage.py``); NaN for a fixed rule, which has nothing to compare with.
+        is_converged: the relative completeness error and the map error bound are both at most the attribution's
+            tolerance (a fixed rule: the completeness error only; always True when no tolerance was set).
         is_truncated: the caption was cut to the model's context length.
         caption_tokens: a caption's positions as its own text (character spans, special flags).
         geometry: where an image's patches lie in the original image.
@@ -52,7 +52,7 @@ class Contributions:
     difference_norm: float = 1.0
     n_nodes: int = 0
     n_endpoints: int = 0
-    map_error_estimate: float = 0.0
+    map_error_bound: float = float("nan")
     is_converged: bool = True
     is_truncated: bool = False
     caption_tokens: CaptionTokens | None = None
@@ -75,6 +75,7 @@ class PairNumbers:
     completeness_error: float
     completeness_bound: float
     score_scale: float
+    map_error_bound: float
 
     @property
     def relative_completeness_error(self) -> float:
@@ -100,6 +101,9 @@ class InteractionMap(PairNumbers):
         score_scale: ``|d_a| |d_b|`` times the logit scale, the largest the four-term value can be; relative
             completeness errors of pairs are taken against it, so that pairs whose four-term value happens to
             be near zero do not read as inaccurate.
+        map_error_bound: a bound on the relative (Frobenius) error of ``interactions``, from the two inputs'
+            map error bounds (see :func:`xclip.attribution.pair_map_error_bounds`); large where the map is small
+            next to its inputs. NaN for fixed rules.
         row_labels, column_labels: position labels of the two inputs (tokens, patches).
         grid: ``(H, W)`` when the columns are an image's patches.
         n_prefix: leading column positions that are not patches (CLS).
@@ -196,6 +200,26 @@ class InteractionMap(PairNumbers):
         return self.interactions[:, : self.n_prefix]
 
 
+# A pair map is marked inexact when its map error bound passes this many times the tolerance: two inputs within the
+# tolerance give a map at most about twice it when the map is as large as its inputs allow, and the bound's
+# worst-case alignment adds a few times more (on held-out demo pairs it was 3 to 5 times the true error); past ten
+# times, the map's own smallness next to its inputs, not their accuracy, is what limits it.
+INEXACT_PAIR_FACTOR = 10.0
+
+
+def is_inexact_pair(map_error_bound: float, tolerance: float | None) -> bool:
+    """Whether a pair map's error bound is too large for it to be read as exact (see :data:`INEXACT_PAIR_FACTOR`);
+    never for a fixed rule (NaN: no bound) or without a tolerance."""
+    return tolerance is not None and map_error_bound > INEXACT_PAIR_FACTOR * tolerance
+
+
+def inexact_pair_note(map_error_bound: float) -> str:
+    """What a figure, the viewer and explain say of an inexact pair map, with the reason and the remedy."""
+    return (f"this map may be off by up to {map_error_bound:.1%} of its own size (map error bound {map_error_bound:.1e}): "
+            "it is small next to its caption's and image's contributions, so their quadrature errors weigh more in it; "
+            "attribute this caption and image with a tighter attribution.tolerance for an exact map")
+
+
 def relative_error(error: float, scale: float) -> float:
     """``error / scale``, 0 where both are 0 (an input equal to its reference has nothing to get wrong)."""
     if scale > 0:
@@ -204,4 +228,4 @@ def relative_error(error: float, scale: float) -> float:
 
 
 # the scalar fields of a pair's numbers, saved as they are
-_NUMBERS = ("score", "four_term_value", "completeness_error", "completeness_bound", "score_scale")
+_NUMBERS = ("score", "four_term_value", "completeness_error", "completeness_bound", "score_scale", "map_error_bound")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RUN_FILE = "run.h5"
 
 CAPTIONS, IMAGES, PAIRS = "captions", "images", "pairs"
@@ -31,7 +31,8 @@ class Status(IntEnum):
 # per-pair numbers, float32; an unfinished pair holds zeros (its status says it is not done: read that first)
 SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR = "score", "four_term_value", "completeness_error"
 RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND = "relative_completeness_error", "completeness_bound"
-PAIR_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND)
+MAP_ERROR_BOUND = "map_error_bound"  # relative Frobenius; per input and per pair (NaN for fixed rules)
+PAIR_NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, COMPLETENESS_BOUND, MAP_ERROR_BOUND)
 PAIR_TABLE_NUMBERS = PAIR_NUMBERS[:4]  # the columns of the pair tables (inspect, the viewer)
 CAPTION_INDEX, IMAGE_INDEX = "caption_index", "image_index"
 TERMS, INTERACTIONS = "terms", "interactions"
@@ -40,7 +41,7 @@ DIFFERENCE_NORM = "difference_norm"
 INPUT_NUMBERS = (COMPLETENESS_ERROR, RELATIVE_COMPLETENESS_ERROR, DIFFERENCE_NORM)
 CONTRIBUTIONS, EMBEDDING, REFERENCE_EMBEDDING = "contributions", "embedding", "reference_embedding"
 N_NODES, IS_CONVERGED, STATUS, ERROR = "n_nodes", "is_converged", "status", "error"
-N_ENDPOINTS, MAP_ERROR_ESTIMATE = "n_endpoints", "map_error_estimate"
+N_ENDPOINTS = "n_endpoints"
 # captions: the text, and per position its token id and string, character span and flags
 TEXT, TOKEN_IDS, TOKENS, OFFSETS, SPECIAL, UNKNOWN = "text", "token_ids", "tokens", "offsets", "special", "unknown"
 N_POSITIONS, IS_TRUNCATED = "n_positions", "is_truncated"

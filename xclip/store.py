@@ -173,7 +173,7 @@ def create_run_file(
             _floats(group, "difference_norm", (n,))
             _fixed(group, "n_nodes", (n,), "i4")
             _fixed(group, schema.N_ENDPOINTS, (n,), "i4")
-            _floats(group, schema.MAP_ERROR_ESTIMATE, (n,))
+            _floats(group, schema.MAP_ERROR_BOUND, (n,))
             _fixed(group, "is_converged", (n,), "?")
             _floats(group, "contributions", (n, n_positions, embedding_dim), array_dtype)
             _fixed(group, schema.CHECKSUM, (n,), "u4")
@@ -188,6 +188,7 @@ def create_run_file(
         _floats(pair, "completeness_error", (n_pairs,))
         _floats(pair, "relative_completeness_error", (n_pairs,))
         _floats(pair, "completeness_bound", (n_pairs,))
+        _floats(pair, schema.MAP_ERROR_BOUND, (n_pairs,))
         if store_pair_maps:  # otherwise readers compute a pair's map from its two stored contribution arrays
             _floats(pair, "interactions", (n_pairs, max_text_positions, n_image_positions), array_dtype)
         _fixed(pair, schema.CHECKSUM, (n_pairs,), "u4")
@@ -320,7 +321,7 @@ def _write_contributions(group: h5py.Group, index: int, item: Contributions) -> 
     group["difference_norm"][index] = item.difference_norm
     group["n_nodes"][index] = item.n_nodes
     group[schema.N_ENDPOINTS][index] = item.n_endpoints
-    group[schema.MAP_ERROR_ESTIMATE][index] = item.map_error_estimate
+    group[schema.MAP_ERROR_BOUND][index] = item.map_error_bound
     group["is_converged"][index] = item.is_converged
 
 
@@ -387,7 +388,7 @@ def _read_contributions(group: h5py.Group, index: int, *, labels: list[str], gri
         difference_norm=float(group["difference_norm"][index]),
         n_nodes=int(group["n_nodes"][index]),
         n_endpoints=int(group[schema.N_ENDPOINTS][index]),
-        map_error_estimate=float(group[schema.MAP_ERROR_ESTIMATE][index]),
+        map_error_bound=float(group[schema.MAP_ERROR_BOUND][index]),
         is_converged=bool(group["is_converged"][index]),
         caption_tokens=caption_tokens,
         geometry=geometry,

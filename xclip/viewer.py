@@ -42,11 +42,13 @@ from xclip.colours import COLORMAP, CONTOUR, colour_table, outline_mask
 from xclip.errors import ConfigError, XclipError
 from xclip.geometry import Preprocessing
 from xclip.loading import looks_like_path
+from xclip.result import inexact_pair_note, is_inexact_pair
 from xclip.schema import (
     CAPTION_INDEX,
     GROUPS,
     IMAGE_INDEX,
     IMAGES,
+    MAP_ERROR_BOUND,
     PAIR_NUMBERS,
     PAIR_TABLE_NUMBERS,
     PAIRS,
@@ -219,6 +221,7 @@ class RunData:
             tokens = run.caption_tokens(c)
             geometry = run.preprocessing(i)
             numbers = {name: _number(run.value(PAIRS, name, index)) for name in PAIR_NUMBERS}
+            bound, tolerance = float(run.value(PAIRS, MAP_ERROR_BOUND, index)), run.settings.attribution.tolerance
             return {
                 "index": index,
                 "caption": tokens.caption,
@@ -233,6 +236,7 @@ class RunData:
                 "original_size": list(geometry.original_size),
                 "terms": [float(v) for v in run.value(PAIRS, TERMS, index)],
                 **numbers,
+                "inexact_note": inexact_pair_note(bound) if is_inexact_pair(bound, tolerance) else None,
             }
 
     def image(self, index: int) -> tuple[bytes, bytes]:

@@ -15,10 +15,14 @@ trained model is rough in one narrow stretch of the path per tower; the first pa
 calibrated, see :mod:`xclip.layouts`) decide how quickly the refinement finds it.
 
 Maps are checked too, since the sum over positions can cancel where the maps do not. A panel's last two nested
-rules differ by about the coarser rule's error; scaled by how much the finer rule improved on it in the sum over
-positions (where both errors are known exactly), that difference estimates the finer rule's map error. An input
-is also refined until the estimate, summed over its panels, is within ``MAP_MARGIN`` of the tolerance relative to
-the contributions' size; the estimate is reported as the input's ``map_error_estimate``.
+rules differ by ``D = E_prev - E``, their two errors; if the last rule shrank the error by a factor ``rho``
+(``|E| = rho |E_prev|``), then ``|E| <= rho / (1 - rho) |D|``. In the sum over positions both errors are known
+exactly, so ``rho`` is known there; the map's own ``rho`` is taken as the summed one times a safety factor
+(:data:`MAP_SAFETY`, larger for the crude 1-to-3-node comparison), and a panel's map error bound is ``|D|``
+times that, never more than ``|D|`` itself. The bounds of an input's panels add up (triangle inequality), plus the
+rounding level, to its ``map_error``; an input is refined until that is within the tolerance relative to the
+contributions' size. The safety factors were chosen on held-out scenes of the demo model and their coverage
+measured on others (``scripts/map_error_coverage.py``).
 """
 
 from __future__ import annotations
@@ -62,10 +66,12 @@ MAX_FIXED_NODES = 1024
 # The adaptive rule's state (three partial sums of positions x embedding per panel) may take at most this much;
 # larger batches are integrated in groups, which changes no result (an input's result does not depend on its batch).
 MAX_STATE_BYTES = 2 << 30
-# An input's map error estimate must be within this share of the tolerance: on 120 demo-model inputs (default and
-# calibrated layouts) the estimate was 0.70 to 4.9 times the true error (median 1.1 to 1.5), so at 0.8 the true
-# error stays within the tolerance (at most 8.0e-4 there).
-MAP_MARGIN = 0.8
+# How much faster the map's error may shrink than the error of its sum over positions, by the level a panel is at:
+# the map error bound of a panel is its last change times this factor times the sum's shrinking factor (at most the
+# change). Measured per panel on demo-model scenes (seeds 31001-31002, never used for validation), the map's factor
+# over the sum's was at most 2.9 between the 1- and 3-node rules and 1.5 above; the input bound adds its panels'
+# bounds, which leaves further room. Coverage on other seeds: scripts/map_error_coverage.py.
+MAP_SAFETY = (1.0, 4.0, 2.0, 2.0)
 
 WeightedSum = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 """``(item, alpha, weights, slot, n_slots) -> (n_slots, W, S, E)``: per slot, and for each of the ``W`` columns of
@@ -167,8 +173,9 @@ class PathIntegral:
         n_nodes: ``(B,)`` integrand evaluations spent on each input.
         n_endpoints: ``(B,)`` evaluations of the primitive alone (panel edges; no tangents), which cost a plain
             forward pass each.
-        map_error: ``(B,)`` the estimated Frobenius error of ``values``, summed over panels (see
-            :func:`_map_error`); 0 for fixed rules, which have no second rule to compare with.
+        map_error: ``(B,)`` a bound on the Frobenius error of ``values``: the panels' bounds (see
+            :func:`_map_error`) summed, plus the rounding level; NaN for fixed rules, which have no second rule to
+            compare with.
 
     Whether an input met the tolerance is read off its final completeness error: a capped input can still be
     within it, and panels kept at the rounding level can add up to more than it.
@@ -288,7 +295,8 @@ def _integrate_fixed(weighted_sum: WeightedSum, n_inputs: int, rule: str, n_step
     item = torch.arange(n_inputs, device=device).repeat(n_steps)
     values = weighted_sum(item, alphas.repeat_interleave(n_inputs), weights.repeat_interleave(n_inputs)[:, None], item, n_inputs)
     zeros = torch.zeros(n_inputs, device=device)
-    return PathIntegral(values[:, 0], torch.full((n_inputs,), n_steps, device=device), zeros.long(), zeros.double())
+    unknown = torch.full((n_inputs,), float("nan"), dtype=torch.float64, device=device)
+    return PathIntegral(values[:, 0], torch.full((n_inputs,), n_steps, device=device), zeros.long(), unknown)
 
 
 def _integrate_nested(
@@ -323,13 +331,13 @@ def _integrate_nested(
             inputs[panel_item[panel]], lo[panel] + width * rule_nodes[node], width[:, None] * rule_weights[node], panel, len(lo)
         )
 
-    def change_between(sums: Tensor, upper: Tensor) -> Tensor:
-        """``(K, 2)``: the Frobenius norm of (rule ``upper``) - (rule ``upper - 1``) per panel, and the norm of its
-        sum over positions; ``sums[:, k]`` holds rule ``k + offset``."""
+    def change_between(sums: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+        """The Frobenius norm ``(K,)`` of (rule ``upper``) - (rule ``upper - 1``) per panel, and that difference
+        summed over positions ``(K, E)``; ``sums[:, k]`` holds rule ``k + offset``."""
         rows = torch.arange(len(sums), device=device)
         offset = len(PATTERSON_SIZES) - sums.shape[1]
         difference = sums[rows, upper - offset] - sums[rows, upper - 1 - offset]
-        return torch.stack([difference.flatten(1).norm(dim=-1), difference.sum(1).norm(dim=-1)], dim=-1)
+        return difference.flatten(1).norm(dim=-1), difference.sum(1)
 
     edges = torch.tensor([0.0, *breakpoints, 1.0], dtype=torch.float64, device=device)
     n_first = len(edges) - 1
@@ -344,7 +352,7 @@ def _integrate_nested(
     primitive_lo, primitive_hi = at_edges[:, :-1].flatten(0, 1), at_edges[:, 1:].flatten(0, 1)
     level = torch.full_like(item, FIRST_LEVEL)
     fresh = evaluate(item, lo, hi, torch.full_like(item, -1), level)
-    change = change_between(fresh, level)
+    change, summed_change = change_between(fresh, level)
     sums = fresh[:, FIRST_LEVEL:]  # (P, STORED_LEVELS, S, E): the rule the panel is at, and those it may climb to
     n_nodes = torch.full((n_inputs,), n_first * PATTERSON_SIZES[FIRST_LEVEL], device=device)
     n_endpoints = torch.full((n_inputs,), n_first - 1, device=device)
@@ -357,9 +365,14 @@ def _integrate_nested(
         residual = residual_vector.norm(dim=-1)
         error = torch.zeros_like(start).index_add_(0, item, residual_vector.to(start.dtype)).norm(dim=-1)
         values = torch.zeros((n_inputs, *current.shape[1:]), dtype=current.dtype, device=device).index_add_(0, item, current)
-        map_error = _map_error(change, residual)
-        input_map_error = torch.zeros(n_inputs, dtype=torch.float64, device=device).index_add_(0, item, map_error.double())
-        map_allowed = MAP_MARGIN * tolerance * values.flatten(1).norm(dim=-1).double()
+        # the sum's error at the rule before the last, exactly: the last rule's minus the change between them
+        previous_residual = (residual_vector - summed_change.to(residual_vector.dtype)).norm(dim=-1)
+        map_error = _map_error(change, residual, previous_residual, level)
+        values_norm = values.flatten(1).norm(dim=-1).double()
+        # below the rounding of the accumulated values no error can be certified
+        input_map_error = ROUNDING_FLOOR * eps * values_norm
+        input_map_error = input_map_error.index_add_(0, item, map_error.double())
+        map_allowed = tolerance * values_norm
         is_open = (error > allowed) | (input_map_error > map_allowed)
         is_open &= torch.isfinite(error)  # a non-finite integrand cannot be repaired by refining
         # refining cannot help a panel whose residual and map error are down at the rounding of what they measure
@@ -396,9 +409,9 @@ def _integrate_nested(
         n_extended = len(extended)
         level[extended] += 1
         sums[extended] += new[:n_extended, FIRST_LEVEL:]
-        change[extended] = change_between(sums[extended], level[extended])
+        change[extended], summed_change[extended] = change_between(sums[extended], level[extended])
         children = new[n_extended:]
-        child_change = change_between(children, torch.full_like(child_item, FIRST_LEVEL))
+        child_change, child_summed_change = change_between(children, torch.full_like(child_item, FIRST_LEVEL))
         # the left half takes its parent's place, the right half goes to the end: an input's panels keep their order
         n_halved = len(halved)
         left, right = slice(0, n_halved), slice(n_halved, 2 * n_halved)
@@ -406,7 +419,7 @@ def _integrate_nested(
         primitive_hi[halved] = primitive_middle
         level[halved] = FIRST_LEVEL
         sums[halved] = children[left, FIRST_LEVEL:]
-        change[halved] = child_change[left]
+        change[halved], summed_change[halved] = child_change[left], child_summed_change[left]
         item = torch.cat([item, item[halved]])
         lo, hi = torch.cat([lo, middle]), torch.cat([hi, child_hi[right]])
         primitive_lo = torch.cat([primitive_lo, primitive_middle])
@@ -414,11 +427,14 @@ def _integrate_nested(
         level = torch.cat([level, torch.full((n_halved,), FIRST_LEVEL, device=device)])
         sums = torch.cat([sums, children[right, FIRST_LEVEL:]])
         change = torch.cat([change, child_change[right]])
+        summed_change = torch.cat([summed_change, child_summed_change[right]])
 
 
-def _map_error(change: Tensor, residual: Tensor) -> Tensor:
-    """Each panel's estimated map error: the change between its last two rules, scaled by how much the last rule
-    improved on the one before where that is known exactly, in the sum over positions (the residual is the last
-    rule's exact error of the sum; the summed change, about the previous rule's). Never more than the change."""
-    improvement = (residual / change[:, 1]).nan_to_num(1.0).clamp(max=1.0)
-    return change[:, 0] * improvement
+def _map_error(change: Tensor, residual: Tensor, previous_residual: Tensor, level: Tensor) -> Tensor:
+    """Each panel's map error bound: the change between its last two rules times how much the last rule shrank the
+    error, as measured exactly in the sum over positions (``residual / previous_residual``) and widened by
+    :data:`MAP_SAFETY`; never more than the change itself (which bounds the last rule's error whenever that rule
+    at least halves the error of the one before)."""
+    safety = torch.tensor(MAP_SAFETY, dtype=change.dtype, device=change.device)[level]
+    shrink = (safety * residual.to(change.dtype) / previous_residual.to(change.dtype)).nan_to_num(1.0)
+    return change * shrink.clamp(max=1.0)

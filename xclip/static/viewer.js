@@ -247,6 +247,9 @@ const showPair = tracked(async (index, view = {}) => {
   setNumber("four-term-value", pair.four_term_value);
   setNumber("completeness-error", pair.completeness_error, 3);
   setNumber("relative-error", pair.relative_completeness_error, 3);
+  setNumber("map-error-bound", pair.map_error_bound, 3);
+  $("inexact-note").textContent = pair.inexact_note || "";
+  $("inexact-note").hidden = !pair.inexact_note;
   $("terms").textContent = pair.terms.map((t) => format(t)).join(", ");
   $("terms").dataset.value = JSON.stringify(pair.terms);
   for (const tr of $("pairs").querySelectorAll("tbody tr")) tr.classList.toggle("current", Number(tr.dataset.index) === index);
