@@ -356,6 +356,26 @@ def test_inputs_that_miss_the_tolerance_are_finished_flagged_and_listed(tmp_path
     assert f"{n_flagged} input(s) missed the tolerance 0.001" in text.stdout
 
 
+def test_attribute_counts_and_names_the_inexact_pair_maps(tmp_path):
+    """The demo model's first 40 demo pairs: the pairs whose map error bound passes 10 x the tolerance (a map small
+    next to its inputs) are counted in the summary and named on stderr, also with --quiet."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = runner.invoke(app, ["attribute", str(config), f"output.directory={tmp_path / 'run'}", "data.limit=40",
+                                 "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        bounds = f["pairs/map_error_bound"][:]
+        captions, caption_index = f["captions/text"].asstr()[:], f["pairs/caption_index"][:]
+    inexact = np.flatnonzero(bounds > 10 * 1e-3)
+    assert 0 < inexact.size < bounds.size  # the trained model has such pairs, and most pairs are not
+    assert json.loads(result.stdout)["inexact_pair_maps"] == inexact.size
+    flat = " ".join(result.stderr.split())
+    assert f"{inexact.size} pair map(s) may be off by more than 10 x the tolerance 0.001" in flat
+    for p in inexact[:5]:
+        assert f"pair {p} ({captions[caption_index[p]]} |" in flat
+    assert "attribute their captions and images again with a tighter attribution.tolerance" in flat
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -136,6 +136,7 @@ def attribute(
         "captions_with_unknown_words": summary.unknown_words["captions"],
         "cropped_images": len(summary.cropped_images["images"]),
         "not_converged": len(accuracy["not_converged"]),
+        "inexact_pair_maps": len(accuracy["pairs"]["inexact"]),
         "mean_nodes_per_caption": accuracy["captions"]["nodes_mean"],
         "mean_nodes_per_image": accuracy["images"]["nodes_mean"],
         "median_relative_completeness_error": accuracy["pairs"]["relative_error_median"],
@@ -168,6 +169,7 @@ def attribute(
         stderr.print(f"[yellow]{summary.n_truncated} caption(s) are longer than the model's context[/]: their maps cover the tokens it reads (captions/is_truncated in the run file)")
     if accuracy["not_converged"]:  # printed even with --quiet: these results are finished but not to be trusted
         _print_not_converged(stderr, accuracy, limit=None if verbose else 5)
+    _print_inexact_pairs(stderr, accuracy, limit=None if verbose else 5)  # also with --quiet, as the inputs above
     if summary.is_interrupted:
         stderr.print("[yellow]interrupted: rerun the same command to finish the remaining pairs[/]")
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -567,7 +569,7 @@ def _print_inexact_pairs(console: Console, accuracy: dict[str, Any], limit: int 
         console.print(f"  pair {pair['index']} ({escape(pair['caption'])} | {escape(pair['image'])}): "
                       f"map error bound {_number(pair['map_error_bound'])}", soft_wrap=True)
     if limit is not None and len(over) > limit:
-        console.print(f"  ... and {len(over) - limit} more (`xclip inspect` lists all)")
+        console.print(f"  ... and {len(over) - limit} more (--verbose or `xclip inspect` lists all)")
 
 
 def _print_not_converged(console: Console, accuracy: dict[str, Any], limit: int | None) -> None:
