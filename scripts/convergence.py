@@ -74,7 +74,8 @@ def main() -> None:
     calibrated = xclip.InteractionAttribution(model).panel_layout
     if calibrated.is_calibrated:
         rules["adaptive, calibrated"] = {"panel_layout": calibrated}
-    print(f"{args.model} model, {args.dtype}, {len(captions)} captions and {len(images)} images ({args.inputs})")
+    source = args.inputs if args.model == "demo" else "random"
+    print(f"{args.model} model, {args.dtype}, {len(captions)} captions and {len(images)} images ({source})")
     print(f"{'rule':<26} {'tower':<6} {'nodes mean/max':>15} {'edges':>6} {'passes':>7} {'rel. error max':>15} "
           f"{'map error max':>14} {'bound max':>10} {'bound holds':>12}")
     for name, settings in rules.items():

@@ -47,7 +47,8 @@ class PathContributions:
         start, end: ``(B, E)`` ``g(reference)`` and ``g(hidden)``; ``values.sum(1)`` approximates ``end - start``.
         n_nodes: ``(B,)`` integrand evaluations per input.
         n_endpoints: ``(B,)`` plain evaluations of g at panel edges per input.
-        map_error: ``(B,)`` estimated Frobenius error of ``values`` (see :class:`~xclip.core.quadrature.PathIntegral`).
+        map_error: ``(B,)`` a bound on the Frobenius error of ``values``, NaN for a fixed rule (see
+            :class:`~xclip.core.quadrature.PathIntegral`).
     """
 
     values: Tensor
