@@ -695,9 +695,9 @@ def test_moved_images_are_named_and_found_again(finished_run, tmp_path):
     [
         (["--span", ""], r"--span is empty"),
         (["--span", "   "], r"--span is empty"),
-        (["--box", "nan,0,5,5"], r"--box 'nan,0,5,5': coordinates must be finite"),
-        (["--box", "0,0,inf,5"], r"--box '0,0,inf,5': coordinates must be finite"),
-        (["--box", "1,2,3"], r"--box must be x0,y0,x1,y1 in pixels, got '1,2,3'"),
+        (["--box", "nan,0,5,5"], r"Error: --box 'nan,0,5,5': coordinates must be finite"),
+        (["--box", "0,0,inf,5"], r"Error: --box '0,0,inf,5': coordinates must be finite"),
+        (["--box", "1,2,3"], r"Error: --box must be x0,y0,x1,y1 in pixels, got '1,2,3'"),
         (["--box", "5,5,1,1"], r"need x0 < x1 and y0 < y1"),
         (["--box", "0,0,500,500"], r"--box 0,0,500,500 is not inside the image of pair 0 \(50 x 40 pixels\)"),
         (["--limit", "0"], r"Invalid value for '--limit': Input should be greater than or equal to 1"),

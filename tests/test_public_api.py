@@ -42,3 +42,15 @@ def test_renamed_and_misspelt_arguments_say_what_to_write(model_dirs):
     with pytest.raises(TypeError, match=r"'tolerence': did you mean tolerance\?$"):
         xclip.InteractionAttribution(model, tolerence=1e-3)
     assert xclip.InteractionAttribution(model, n_steps=4, rule="riemann-right").n_steps == 4  # the right names pass
+
+
+def test_version_is_the_installed_distributions_and_the_cli_prints_it():
+    import importlib.metadata
+
+    from typer.testing import CliRunner
+
+    from xclip.cli import app
+
+    assert xclip.__version__ == importlib.metadata.version("xclip")  # one version, as pyproject.toml states it
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"xclip {xclip.__version__}\n"

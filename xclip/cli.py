@@ -42,6 +42,21 @@ app = typer.Typer(
 stderr = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from xclip import __version__
+
+        print(f"xclip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print xclip's version and exit")] = False,
+) -> None:
+    pass
+
+
 class _StopFlag:
     """SIGTERM, SIGUSR1 (Slurm's warning signals) and SIGINT ask the run to stop at the next batch boundary."""
 
@@ -815,7 +830,7 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
     """``--box x0,y0,x1,y1``."""
     from xclip.geometry import check_box
 
-    return check_box(text.split(","), name="--box", given=text)
+    return check_box(text.split(","), given=text)  # named --box by _errors
 
 
 def _parse_scale(text: str) -> float | str:
