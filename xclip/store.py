@@ -49,6 +49,12 @@ _PAIR_ERROR = h5py.string_dtype("utf-8", 100)  # "caption 3 failed: ..." (the in
 _NOTE = h5py.string_dtype("utf-8", 200)
 _TOKEN = h5py.string_dtype("utf-8", 48)
 # fault injection for the crash tests: SIGKILL this process inside the N-th write to run.h5 after it opens
+# HDF5's own file lock stays off, for writers as for readers: xclip's writer lock (xclip.locking) already admits
+# one writer per run directory, and HDF5's lock fails outright where the file system has no locks (ENOLCK: NFS
+# without a lock daemon), where xclip's lock falls back to its O_EXCL record. Passed to each h5py.File rather than
+# set as HDF5_USE_FILE_LOCKING: an environment variable would change every HDF5 file of the user's process, and
+# only works if set before HDF5 reads it.
+_HDF5_FILE_LOCKING = False
 _KILL_AT_WRITE = "XCLIP_TEST_KILL_AT_WRITE"
 
 
@@ -140,7 +146,7 @@ def create_run_file(
     def _floats(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str = number) -> None:
         _fixed(group, name, shape, dtype, np.nan)
 
-    with h5py.File(path, "w-") as f:
+    with h5py.File(path, "w-", locking=_HDF5_FILE_LOCKING) as f:
         f.attrs["schema_version"] = SCHEMA_VERSION
         for key, value in attributes.items():
             # str() also turns str subclasses (torch's version string) into plain strings h5py can store
@@ -226,11 +232,11 @@ def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
         raise StoreError(msg)
     try:
         if mode == "r":  # readers take no lock, so that render and inspect work on a run that is still being written
-            f = h5py.File(path, mode, locking=False)
+            f = h5py.File(path, mode, locking=_HDF5_FILE_LOCKING)
         elif os.environ.get(_KILL_AT_WRITE):
-            f = h5py.File(_KillingFile(path, int(os.environ[_KILL_AT_WRITE])), mode)
+            f = h5py.File(_KillingFile(path, int(os.environ[_KILL_AT_WRITE])), mode, locking=_HDF5_FILE_LOCKING)
         else:
-            f = h5py.File(path, mode)
+            f = h5py.File(path, mode, locking=_HDF5_FILE_LOCKING)
     except OSError as e:
         msg = f"cannot open {path} ({e}): it is not a run file, or it was damaged outside xclip (a full disk while it was being created, a failing disk): attribute it again with overwrite=True"
         raise StoreError(msg, setting="overwrite") from e
@@ -811,7 +817,7 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
         raise no_space(target, f"about {size_text(needed)}", free, advice=advice)
     sources = [_open_run_file(path) for path in shards]
     try:
-        with h5py.File(temporary, "w-") as merged:
+        with h5py.File(temporary, "w-", locking=_HDF5_FILE_LOCKING) as merged:
             for key, value in sources[0].attrs.items():
                 merged.attrs[key] = value
             merged.attrs["merged_from"] = json.dumps([str(p.relative_to(directory)) for p in shards])
