@@ -116,7 +116,23 @@ def test_unknown_words_are_named_with_their_token_and_stop_words_get_a_quoted_no
     # the caption's word, and the token the model read instead
     assert any(note.startswith("zebra: unknown to the tokenizer (“zebra” → <unk>)") for note in drawn.notes)
     assert any(note.startswith("no panel for “a”, “,”, “and” (") for note in drawn.notes)  # punctuation reads as a word
-    assert panel_titles(drawn) == ["zebra", "dog", "cat"]
+    assert panel_titles(drawn) == ["zebra (unknown)", "dog", "cat"]
+
+
+def test_a_truncated_caption_is_drawn_up_to_its_cut_and_the_rest_is_noted():
+    tokens = ["<s>", "a", "red", "dog", "</s>"]
+    view = planted_view(red_and_blue(), {"red": np.ones(GRID), "dog": -np.ones(GRID)}, tokens=tokens)
+    read = view.tokens
+    cut = replace(read, caption=read.caption + " runs past a blue cat")  # the context ended after "dog"
+    drawn = draw(replace(view, tokens=cut, is_truncated=True))
+    texts = texts_of(drawn)
+    assert "“a red dog” | cut here: the model did not read the other 5 words" in texts
+    assert not any("blue cat" in text and "“a red dog runs" in text for text in texts)  # the whole caption is not printed
+    note = ("the model read the first 3 tokens of this caption (3 of its 8 words; its context ends there): "
+            "the rest, “runs past a blue cat”, is not in this map")
+    assert drawn.input_warnings == [note] and note in drawn.notes
+    whole = draw(view)  # the same caption read whole: printed whole, no note
+    assert "“a red dog”" in texts_of(whole) and not whole.input_warnings
 
 
 def test_all_words_draws_punctuation_and_stop_words_too():

@@ -10,7 +10,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Annotated, Any
 
@@ -319,13 +319,14 @@ def explain(
                                    should_stop=stop)
     rows = [{"caption": p.caption, "score": p.score, "four_term_value": p.four_term_value,
              "completeness_error": p.completeness_error, "map_error_bound": p.map_error_bound,
-             "figure": str(p.figure) if p.figure else None, "error": p.error}
+             "figure": str(p.figure) if p.figure else None, "error": p.error, "input_notes": p.input_notes}
             for p in result.pairs]
     if json_output:
         print(json.dumps({"run_directory": str(output) if output else None, "pairs": rows}, allow_nan=True))
     else:
         _print_explained(image, result.pairs)
-    _print_input_warnings(stderr, result.summary.unknown_words, result.summary.cropped_images, limit=None, pad="--resize pad")
+    _print_input_warnings(stderr, result.summary.unknown_words, result.summary.cropped_images, limit=None, pad="--resize pad",
+                          truncated_captions=result.summary.truncated_captions)
     for note in result.notes:
         stderr.print(f"note: {escape(note)}")
     if result.summary.is_interrupted:
@@ -508,15 +509,23 @@ def inspect(
     console.print(ranked)
     for failure in report["failures"]:
         console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
-    _print_input_warnings(console, report["unknown_words"], report["cropped_images"], limit=None)
+    _print_input_warnings(console, report["unknown_words"], report["cropped_images"], limit=None,
+                          truncated_captions=report["truncated_captions"])
     if report["accuracy"]["not_converged"]:
         _print_not_converged(console, report["accuracy"], limit=None)
 
 
 def _print_input_warnings(console: Console, unknown_words: dict[str, Any], cropped_images: dict[str, Any], *,
-                          limit: int | None, pad: str = "image.resize: pad") -> None:
-    """Each word unknown to the tokenizer once, with its captions, and the images a crop cut most of (see
-    xclip.inspection.describe_unknown_words and describe_crops): finished results that mean less than they seem."""
+                          limit: int | None, pad: str = "image.resize: pad", truncated_captions: Sequence[dict[str, Any]] = ()) -> None:
+    """Captions cut at the model's context, each word unknown to the tokenizer once, with its captions, and the
+    images a crop cut most of (see xclip.inspection.describe_inputs_read): finished results that mean less than
+    they seem."""
+    for item in truncated_captions[:limit]:
+        console.print(f"[yellow]warning[/]: caption {item['index']} is longer than the model's context: it read the first "
+                      f"{item['n_tokens_read']} tokens ({item['n_words_read']} of {item['n_words']} words); the rest, "
+                      f"{escape(repr(item['unread']))}, is in no map", soft_wrap=True)
+    if limit is not None and len(truncated_captions) > limit:
+        console.print(f"... and {len(truncated_captions) - limit} more truncated captions (`xclip inspect` lists all)")
     words = list(unknown_words["words"].items())
     for word, n_captions in words[:limit]:
         console.print(f"[yellow]warning[/]: {escape(repr(word))} is unknown to the tokenizer ({n_captions} caption"

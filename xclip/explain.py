@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,8 @@ import yaml
 from xclip.config import load_config
 from xclip.errors import ConfigError
 from xclip.geometry import check_image_resize
+from xclip.inputs_read import input_notes
+from xclip.inspection import inputs_read_of_pair
 from xclip.render import FigureOptions, render_run
 from xclip.runner import Progress, RunSummary, run
 from xclip.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, FOUR_TERM_VALUE, IMAGES, MAP_ERROR_BOUND, PAIRS, SCORE
@@ -37,6 +39,8 @@ class ExplainedPair:
     map_error_bound: float  # relative to the map's own size; a figure notes a map whose bound passes the tolerance far
     figure: Path | None  # None where the pair failed
     error: str = ""
+    # what the model read of the caption and image where it is less than given (truncation, unknown words, a crop)
+    input_notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ def explain(
         failed_captions = np.flatnonzero(stored.status(CAPTIONS) == FAILED).tolist()
         caption_errors = dict(zip(failed_captions, stored.errors(CAPTIONS, failed_captions)))
         columns = stored.finished_columns(PAIRS, _NUMBERS, status)  # NaN for unfinished pairs: they hold no results
+        read = {p: input_notes(*inputs_read_of_pair(stored, p)) for p in np.flatnonzero(status == DONE).tolist()}
     numbers = np.stack([columns[name] for name in _NUMBERS], axis=1)
     finished = np.flatnonzero(status == DONE).tolist()
     report = render_run(output, pairs=finished, out=figures, options=options, file_format=file_format) if finished else None
@@ -115,6 +120,6 @@ def explain(
         told = image_error or caption_errors.get(int(caption_index[p])) or errors[p]
         return (told or "not attributed: the run was interrupted").replace(str(copy), str(image))
 
-    pairs = [ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p), error=error(p))
-             for p in range(len(status))]
+    pairs = [ExplainedPair(texts[int(caption_index[p])], *numbers[p].tolist(), figure=paths.get(p), error=error(p),
+                           input_notes=read.get(p, [])) for p in range(len(status))]
     return Explanation(run_directory=output, pairs=pairs, summary=summary, notes=[note for note in report.notes if note not in report.input_notes] if report else [])

@@ -18,7 +18,9 @@ from xclip.schema import (
     IMAGE_INDEX,
     IMAGES,
     IS_CONVERGED,
+    IS_TRUNCATED,
     N_NODES,
+    NOTES,
     PAIR_TABLE_NUMBERS,
     PAIRS,
     PREPROCESSING,
@@ -28,6 +30,7 @@ from xclip.schema import (
     Status,
 )
 from xclip.geometry import seen_shares
+from xclip.inputs_read import CaptionRead, ImageRead, caption_read, image_read
 from xclip.result import INEXACT_PAIR_FACTOR, is_inexact_pair
 from xclip.store import RunReader
 
@@ -62,10 +65,45 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "rejected_records": rejected,
             "accuracy": describe_accuracy(run),
             "failures": describe_failures(run, GROUPS),
-            "unknown_words": describe_unknown_words(run),
-            "cropped_images": describe_crops(run, float(run.config["image"]["crop_warning"])),
+            **describe_inputs_read(run),
             "pairs": rows,
         }
+
+
+def inputs_read_of_pair(run: RunReader, pair: int) -> tuple[CaptionRead, ImageRead]:
+    """What the model read of a pair's caption and saw of its image (its own rows only)."""
+    caption, image = run.pair_inputs(pair)
+    is_truncated = bool(run.value(CAPTIONS, IS_TRUNCATED, caption))
+    notes = run.value(IMAGES, NOTES, image)
+    return (caption_read(run.caption_tokens(caption), is_truncated=is_truncated),
+            image_read(run.preprocessing(image), resize=run.settings.image.resize,
+                       notes=notes.decode() if isinstance(notes, bytes) else str(notes)))
+
+
+# truncated captions are listed up to this many (each a read of its tokens)
+MAX_TRUNCATED_CAPTIONS_LISTED = 10_000
+
+
+def describe_inputs_read(run: RunReader) -> dict[str, Any]:
+    """What the model read of a run's finished inputs, where it is less than given (see :mod:`xclip.inputs_read`):
+    truncated captions, unknown words, and images a crop cut more than the run's ``image.crop_warning`` of."""
+    return {
+        "truncated_captions": describe_truncated_captions(run),
+        "unknown_words": describe_unknown_words(run),
+        "cropped_images": describe_crops(run, float(run.config["image"]["crop_warning"])),
+    }
+
+
+def describe_truncated_captions(run: RunReader) -> list[dict[str, Any]]:
+    """Finished captions longer than the model's context, each with the tokens and words it read and the rest
+    (the first :data:`MAX_TRUNCATED_CAPTIONS_LISTED`; ``xclip inspect`` counts them all)."""
+    truncated = np.flatnonzero(run.column(CAPTIONS, IS_TRUNCATED) & (run.status(CAPTIONS) == DONE))
+    rows = []
+    for caption in truncated[:MAX_TRUNCATED_CAPTIONS_LISTED]:
+        read = caption_read(run.caption_tokens(int(caption)), is_truncated=True)
+        rows.append({"index": int(caption), "caption": read.caption, "n_tokens_read": read.n_tokens_read,
+                     "n_words_read": read.n_words_read, "n_words": read.n_words, "unread": read.unread_text})
+    return rows
 
 
 # unknown words are looked up in at most this many captions (each a read of its tokens); the rest are counted

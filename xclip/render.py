@@ -42,15 +42,18 @@ from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, Upsample, map_colours, map_panel, outline_mask
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
+from xclip.inputs_read import caption_read, image_read, input_notes
 from xclip.core.quadrature import DEFAULT_TOLERANCE
 from xclip.result import InteractionMap, inexact_pair_note, is_inexact_pair
 from xclip.schema import (
     CAPTION_INDEX,
+    CAPTIONS,
     COMPLETENESS_ERROR,
     MAP_ERROR_BOUND,
     FOUR_TERM_VALUE,
     IMAGE_INDEX,
     IMAGES,
+    IS_TRUNCATED,
     ORIGINAL_SIZE,
     PAIRS,
     SCORE,
@@ -85,7 +88,6 @@ _PAGES = {"wide": _Page(7.0, 4.8, 4, (15, 13, 11)), "column": _Page(3.5, 3.5, 2,
 # special tokens' add up to the pair's four-term value
 _WORD_TOTAL = "each coloured by its total with the image (its patches and CLS)"
 _SEEN_WHOLE = 0.999  # a crop that keeps more of the image than this cut nothing worth drawing
-_SMALL_CUT = 0.05  # a crop that cut more than this share of the image is noted
 _NOTHING = "the model gives this caption no interaction with the image: all values are 0"
 CROP = (40, 40, 40)  # the outline of the crop on the whole image
 
@@ -108,6 +110,7 @@ class PairView:
     original: Image.Image | None = None  # the image as read, for the image panel to show what a crop cut off
     map_error_bound: float = math.nan  # relative to the map's own size (NaN: a fixed rule, no bound)
     tolerance: float | None = None  # the run's; a map whose bound passes it far is noted (result.is_inexact_pair)
+    is_truncated: bool = False  # the caption was cut to the model's context: the figure marks the cut
 
     @property
     def caption(self) -> str:
@@ -234,7 +237,7 @@ class _Content:
 
 def _content(view: PairView, span: str | None, box: tuple[float, float, float, float] | None,
              skip_words: frozenset[str]) -> _Content:
-    input_warnings = [*_unknown_note(view.tokens), *_crop_note(view.geometry)]
+    input_warnings = input_notes(caption_read(view.tokens, is_truncated=view.is_truncated), image_read(view.geometry))
     warnings = list(input_warnings)
     if not np.any(view.interactions):  # said instead of drawing a made-up scale
         warnings.append(_NOTHING)
@@ -261,34 +264,19 @@ def _content(view: PairView, span: str | None, box: tuple[float, float, float, f
         return _Content(f"{stem}_box-{_slug(' '.join(f'{v:g}' for v in box))}", [], words,
                         "each coloured by its interaction with the box's patches", [], box, notes, warnings, input_warnings)
     words = view.word_totals()
-    panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words if not _is_skipped(word, skip_words)]
+    titled = [(_word_title(view.tokens, word, rows), rows) for word, rows, _ in words]
+    panels = [_panel(title, view.patch_map(rows)) for (title, rows), (word, _, _) in zip(titled, words) if not _is_skipped(word, skip_words)]
     skipped = [word for word, _, _ in words if _is_skipped(word, skip_words)]
     if skipped:
         notes.append(f"no panel for {_quoted(skipped)} (stop-words and punctuation; drawing all words shows them)")
     if not panels:  # a caption of stop-words only: draw them rather than nothing
-        panels = [_panel(word, view.patch_map(rows)) for word, rows, _ in words]
+        panels = [_panel(title, view.patch_map(rows)) for title, rows in titled]
     return _Content(stem, panels, words, _WORD_TOTAL, [], None, notes, warnings, input_warnings)
 
 
-def _unknown_note(tokens: CaptionTokens) -> list[str]:
-    """Words the tokenizer does not know, each with the token it reads instead: “zebra” → <unk>."""
-    read_as = tokens.unknown_tokens()
-    if not read_as:
-        return []
-    pairs = ", ".join(f"“{word}” → {token}" for word, token in read_as.items())
-    return [f"{', '.join(read_as)}: unknown to the tokenizer ({pairs}); its panel shows the unknown token, not the word"]
-
-
-def _crop_note(geometry: Preprocessing) -> list[str]:
-    """How much of the image the model saw, where its crop cut more than a small share."""
-    seen = geometry.seen_share
-    if seen >= 1 - _SMALL_CUT:
-        return []
-    (width, height), (x0, y0, x1, y1) = geometry.original_size, geometry.crop_box
-    is_centred = abs(x0 + x1 - width) <= 2 and abs(y0 + y1 - height) <= 2
-    where = f"the centre {seen:.0%}" if is_centred else f"{seen:.0%}"
-    return [f"the model saw {where} of this image (crop {x1 - x0:.0f} x {y1 - y0:.0f} of {width} x {height}): "
-            "the image panel dims the rest, the maps show only the crop"]
+def _word_title(tokens: CaptionTokens, word: str, rows: list[int]) -> str:
+    """A word's panel title: the word, marked where the tokenizer did not know it (its map is the unknown token's)."""
+    return f"{word} (unknown)" if any(tokens.unknown[row] for row in rows) else word
 
 
 def _panel(label: str, patch_map: np.ndarray) -> tuple[str, np.ndarray]:
@@ -474,7 +462,7 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
     width = min(max_width, max(min_width, 2 * margin + block_w + (gap + bar_w if bar_w else 0)))
 
     header = [f"{view.title}: score {view.score:.4f}, four-term value {view.four_term_value:.4f}, "
-              f"completeness error {view.completeness_error:.2e}", f"“{view.caption}”"]
+              f"completeness error {view.completeness_error:.2e}", _caption_header(view)]
     header_lines = [line for text in header for line in _wrap(text, title_font, width - 2 * margin)]
     panels_top = margin + _line(title_font) * len(header_lines) + gap
     bar_h = max(px(100), block_h - title_h)
@@ -522,6 +510,15 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
         pen.text((margin, notes_top + n * _line(small_font)), line, fill=(90, 90, 90), font=small_font)
     return Figure(pen.picture, content.name, map_range, word_range, options.dpi, notes, warnings, content.input_warnings,
                   tuple(pen.drawn))
+
+
+def _caption_header(view: PairView) -> str:
+    """The caption as the model read it: a truncated one up to its cut, marked, the rest left to the notes."""
+    read = caption_read(view.tokens, is_truncated=view.is_truncated)
+    if not read.is_truncated:
+        return f"“{view.caption}”"
+    n_unread = read.n_words - read.n_words_read
+    return f"“{read.read_text.rstrip()}” | cut here: the model did not read the other {n_unread} word{'s' if n_unread != 1 else ''}"
 
 
 def _fit(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
@@ -737,6 +734,7 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
         completeness_error=float(run.value(PAIRS, COMPLETENESS_ERROR, index)),
         map_error_bound=float(run.value(PAIRS, MAP_ERROR_BOUND, index)),
         tolerance=run.settings.attribution.tolerance,
+        is_truncated=bool(run.value(CAPTIONS, IS_TRUNCATED, c)),
         # kept only where the image panel shows it (a crop cut part): render_run holds all views at once
         original=original if geometry.seen_share < _SEEN_WHOLE else None,
     )

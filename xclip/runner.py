@@ -23,7 +23,7 @@ from xclip.locking import writer_lock
 from xclip.digests import FileIdentity, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.identity import RunIdentity, check_resumable, identify_run, provenance
-from xclip.inspection import describe_accuracy, describe_crops, describe_failures, describe_unknown_words
+from xclip.inspection import describe_accuracy, describe_crops, describe_failures, describe_truncated_captions, describe_unknown_words
 from xclip.loading import load_model
 from xclip.pairing import choose_pairs, shard_dataset
 from xclip.result import PairNumbers
@@ -60,6 +60,7 @@ class RunSummary:
     changed_images: list[str] = field(default_factory=list)  # finished before, their files changed: attributed again
     unknown_words: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_unknown_words
     cropped_images: dict[str, Any] = field(default_factory=dict)  # see xclip.inspection.describe_crops
+    truncated_captions: list[dict[str, Any]] = field(default_factory=list)  # see xclip.inspection.describe_truncated_captions
 
     @property
     def pairs_per_second(self) -> float:
@@ -212,6 +213,7 @@ def _summarise(
             failures=describe_failures(finished, (CAPTIONS, IMAGES)),  # a pair fails with its input
             unknown_words=describe_unknown_words(finished),
             cropped_images=describe_crops(finished, crop_warning),
+            truncated_captions=describe_truncated_captions(finished),
         )
 
 

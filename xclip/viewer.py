@@ -41,6 +41,8 @@ from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, CONTOUR, colour_table, outline_mask
 from xclip.errors import ConfigError, XclipError
 from xclip.geometry import Preprocessing
+from xclip.inputs_read import input_notes
+from xclip.inspection import inputs_read_of_pair
 from xclip.loading import looks_like_path
 from xclip.result import inexact_pair_note, is_inexact_pair
 from xclip.schema import (
@@ -222,13 +224,21 @@ class RunData:
             geometry = run.preprocessing(i)
             numbers = {name: _number(run.value(PAIRS, name, index)) for name in PAIR_NUMBERS}
             bound, tolerance = float(run.value(PAIRS, MAP_ERROR_BOUND, index)), run.settings.attribution.tolerance
+            caption_read, image_read = inputs_read_of_pair(run, index)
+            interactions = run.interactions(index)
             return {
                 "index": index,
                 "caption": tokens.caption,
                 "image": self.public(run.image_path(i)),
                 "tokens": tokens.tokens,
                 "chips": _chips(tokens),
-                "interactions": run.interactions(index).astype(np.float64).tolist(),  # exactly the stored values
+                "interactions": interactions.astype(np.float64).tolist(),  # exactly the stored values
+                "map_peak": _token_map_peak(interactions, run.n_prefix),
+                # what the model read: the caption up to read_end (the rest is in no map), the crop it saw
+                "read_end": caption_read.read_end,
+                "unread": caption_read.unread_text,
+                "seen_share": image_read.seen_share,
+                "input_notes": [self.public(note) for note in input_notes(caption_read, image_read)],
                 "grid": list(run.grid),
                 "n_prefix": run.n_prefix,
                 "patches": _patch_rects_in_view(geometry),
@@ -400,8 +410,9 @@ def view_link(pair: int, tokens: CaptionTokens, geometry: Preprocessing, *, span
 
 def _chips(tokens: CaptionTokens) -> list[dict[str, Any]]:
     """The caption as the page shows it: its words (with their token rows) and its special tokens, in order."""
-    chips = [{"text": word.text, "rows": word.rows, "special": False} for word in tokens.words()]
-    chips += [{"text": token, "rows": [row], "special": True}
+    chips = [{"text": word.text, "rows": word.rows, "special": False, "unknown": any(tokens.unknown[r] for r in word.rows)}
+             for word in tokens.words()]
+    chips += [{"text": token, "rows": [row], "special": True, "unknown": False}
               for row, (token, is_special) in enumerate(zip(tokens.tokens, tokens.special)) if is_special]
     return sorted(chips, key=lambda chip: chip["rows"][0])
 

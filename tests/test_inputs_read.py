@@ -1,0 +1,106 @@
+"""What the model read, said by every reader alike: a caption cut at the demo model's 32-token context, a word its
+tokenizer does not know, and a wide image the centre crop cut to a third, shown by the figures, ``inspect``,
+``explain`` and the viewer's pair answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_bad_inputs import invoke
+
+from xclip.explain import explain
+from xclip.inputs_read import caption_read, image_read
+from xclip.inspection import describe_inputs_read
+from xclip.render import draw, load_pair_view
+from xclip.store import RunReader
+from xclip.tokens import CaptionTokens
+from xclip.viewer import RunData
+
+SCENE = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes" / "scene00001.png"
+# 38 words; the demo model's context holds 32 tokens: BOS, 30 words (one token each), EOS
+LONG = "a red circle " * 10 + "and a green cross beside a yellow star"
+UNKNOWN = "a red zebra circle"  # "zebra" is not in the demo model's vocabulary
+CAPTIONS = [UNKNOWN, LONG, "a blue square"]
+CUT_AT = len("a red circle " * 10)  # the 30th word, "circle", ends one character before
+TRUNCATION_NOTE = ("the model read the first 30 tokens of this caption (30 of its 38 words; its context ends there): the "
+                   "rest, “and a green cross beside a yellow star”, is not in this map")
+UNKNOWN_NOTE = "zebra: unknown to the tokenizer (“zebra” → <unk>); its panel shows the unknown token, not the word"
+CROP_NOTE = ("the model saw the centre 33% of this image (crop 64 x 64 of 192 x 64): the image panel dims the rest, "
+             "the maps show only the crop")
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory) -> tuple[Path, object]:
+    """The demo model on one wide image (a scene in the middle of a grey canvas three times its width) with a
+    caption holding an unknown word, one longer than the context, and a plain one."""
+    root = tmp_path_factory.mktemp("inputs-read")
+    wide = Image.new("RGB", (192, 64), (128, 128, 128))
+    wide.paste(Image.open(SCENE).convert("RGB"), (64, 0))
+    wide.save(root / "wide.png")
+    explanation = explain(root / "wide.png", CAPTIONS, output=root / "run", device="cpu", dtype="float64")
+    return root / "run", explanation
+
+
+def test_a_caption_read_is_cut_where_its_last_read_token_ends():
+    assert len(LONG.split()) == 38
+    words = LONG.split()[:3]
+    offsets, start = [(0, 0)], 0
+    for word in words:
+        offsets.append((start, start + len(word)))
+        start += len(word) + 1
+    tokens = CaptionTokens(LONG, ["<s>", *words, "</s>"], [*offsets, (0, 0)], [True, False, False, False, True], [False] * 5)
+    read = caption_read(tokens, is_truncated=True)
+    assert (read.read_text, read.n_tokens_read, read.n_words_read, read.n_words) == ("a red circle", 3, 3, 38)
+    assert read.unread_text == LONG[len("a red circle") :].strip()
+    whole = caption_read(tokens, is_truncated=False)  # the flag decides: a caption read whole has no rest
+    assert whole.unread_text == "" and whole.truncation_note() is None and whole.read_text == LONG
+
+
+def test_every_reader_says_what_the_model_read(wide_run, tmp_path):
+    run_dir, explanation = wide_run
+    with RunReader(run_dir) as run:
+        described = describe_inputs_read(run)
+        assert run.captions() == CAPTIONS
+        read = caption_read(run.caption_tokens(1), is_truncated=True)
+        seen = image_read(run.preprocessing(0), resize="native")
+    assert read.read_end == CUT_AT - 1 and read.truncation_note() == TRUNCATION_NOTE
+    assert seen.crop_note() == CROP_NOTE and seen.crop_box == (64.0, 0.0, 128.0, 64.0)
+    # inspect's summary (what evaluate's report takes too): the truncated caption with its rest
+    assert described["truncated_captions"] == [{"index": 1, "caption": LONG, "n_tokens_read": 30, "n_words_read": 30,
+                                                "n_words": 38, "unread": LONG[CUT_AT:]}]
+    assert described["unknown_words"]["words"] == {"zebra": 1}
+    assert [item["image"] for item in described["cropped_images"]["images"]] == ["wide.png"]
+    # explain: each pair's notes, in order truncation, unknown words, crop
+    assert [pair.input_notes for pair in explanation.pairs] == [[UNKNOWN_NOTE, CROP_NOTE], [TRUNCATION_NOTE, CROP_NOTE], [CROP_NOTE]]
+    # the figures: the same notes, the cut marked in the header, the unknown word's panel titled as such
+    figures = sorted(explanation.pairs[1].figure.parent.glob("*.png"))
+    assert len(figures) == 3
+    # inspect, text and JSON
+    code, output = invoke("inspect", run_dir, "--json")
+    assert code == 0 and json.loads(output)["truncated_captions"] == described["truncated_captions"]
+    code, output = invoke("inspect", run_dir)
+    flat = " ".join(output.split())
+    assert code == 0 and ("caption 1 is longer than the model's context: it read the first 30 tokens (30 of 38 words); "
+                          f"the rest, '{LONG[CUT_AT:]}', is in no map") in flat
+    # the viewer's pair answer: the same notes, the cut, unknown chips
+    answer = RunData(run_dir).pair(1)
+    assert answer["input_notes"] == [TRUNCATION_NOTE, CROP_NOTE]
+    assert answer["caption"][: answer["read_end"]] == LONG[: CUT_AT - 1] and answer["unread"] == LONG[CUT_AT:]
+    chips = RunData(run_dir).pair(0)["chips"]
+    assert [chip["text"] for chip in chips if chip["unknown"]] == ["zebra"]
+
+
+def test_a_figure_draws_a_truncated_caption_to_its_cut_and_titles_unknown_words(wide_run):
+    run_dir, _ = wide_run
+    with RunReader(run_dir) as run:
+        long_view, unknown_view = load_pair_view(run, 1, run_dir / "inputs"), load_pair_view(run, 0, run_dir / "inputs")
+    drawn = draw(long_view)
+    texts = [item[2] for item in drawn.drawn if item[0] == "text"]
+    assert drawn.input_warnings == [TRUNCATION_NOTE, CROP_NOTE]
+    header = " ".join(text for text in texts if text.startswith("“") or "cut here" in text)
+    assert "cut here: the model did not read the other 8 words" in header and "yellow" not in header
+    titles = [item[2] for item in draw(unknown_view).drawn if item[0] == "text"]
+    assert any(title.startswith("zebra (unknown): ") for title in titles)
