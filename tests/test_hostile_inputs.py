@@ -12,13 +12,21 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
+import xclip
+from xclip.cli import EXIT_OK, EXIT_USAGE, app
+from xclip.config import MAX_CONFIG_BYTES, MAX_NESTING_DEPTH, load_config
+from xclip.errors import ConfigError
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPOSITORY / "configs" / "demo.yaml"
 XCLIP = [sys.executable, "-m", "xclip"]
+runner = CliRunner()
 # a flock() that fails as on NFS without a lock daemon, for xclip's lock and for HDF5's alike
 NO_LOCKS_SHIM = "#include <errno.h>\nint flock(int fd, int operation) { (void)fd; (void)operation; errno = ENOLCK; return -1; }\n"
 
@@ -49,3 +57,72 @@ def test_a_run_and_its_readers_work_where_file_locks_fail_with_enolck(tmp_path: 
     inspected = subprocess.run([*XCLIP, "inspect", str(run_dir), "--json"], env=environment, capture_output=True, text=True)
     assert inspected.returncode == 0, inspected.stderr
     assert json.loads(inspected.stdout)["counts"]["pairs"] == {"total": 3, "pending": 0, "done": 3, "failed": 0}
+
+
+# --- configs --------------------------------------------------------------------------------------------------
+def _invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.exit_code, " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("nesting", ["[" * 1000 + "]" * 1000, "{a: " * 1000 + "}" * 1000, "\n  " + "- " * 1000 + "x"])
+def test_a_deeply_nested_config_is_refused_quickly_naming_the_file(tmp_path: Path, nesting: str) -> None:
+    config = tmp_path / "deep.yaml"
+    config.write_text(f"model: {nesting}\n")
+    started = time.perf_counter()
+    code, output = _invoke("attribute", config)
+    assert time.perf_counter() - started < 5  # the quadratic parse took 6.9 s at this depth, then a RecursionError
+    assert code == EXIT_USAGE
+    assert f"{config}:" in output and f"nested more than {MAX_NESTING_DEPTH} levels deep" in output
+
+
+def test_a_deeply_nested_override_is_refused_quickly() -> None:
+    started = time.perf_counter()
+    code, output = _invoke("attribute", DEMO_CONFIG, "model.name=" + "[" * 20000 + "]" * 20000)
+    assert time.perf_counter() - started < 5
+    assert code == EXIT_USAGE
+    assert "command line override 'model.name=[[[" in output and "nested more than" in output
+    assert len(output) < 1000  # the 40,000-character override is shortened in the message
+    code, output = _invoke("attribute", DEMO_CONFIG, "model" + ".x" * 100 + "=1")
+    assert code == EXIT_USAGE and "101 keys deep" in output
+
+
+def test_a_config_nested_to_the_limit_is_read(tmp_path: Path) -> None:
+    nested = "[" * (MAX_NESTING_DEPTH - 2) + "a" + "]" * (MAX_NESTING_DEPTH - 2)  # a list of lists in a section
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  name: xclip:demo\ndata:\n  format: queries\n  root: .\n  queries: {nested}\noutput:\n  directory: run\n")
+    with pytest.raises(ConfigError, match=r"data\.queries\.0: Input should be a valid string"):
+        load_config(config)  # parsed and validated: refused by the schema, not by the depth limit
+
+
+def test_a_config_path_that_never_ends_is_read_only_to_the_limit() -> None:
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"/dev/zero is more than {MAX_CONFIG_BYTES} bytes"):
+        load_config("/dev/zero")
+    assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("override", ["runtime.seed=123456789012345678901234", "attribution.reference_seed=-1"])
+def test_a_seed_out_of_torchs_range_is_a_config_error(override: str) -> None:
+    code, output = _invoke("attribute", DEMO_CONFIG, override)
+    assert code == EXIT_USAGE
+    assert f"command line override '{override}': {override.partition('=')[0]}:" in output
+
+
+def test_a_reference_seed_out_of_range_is_refused_by_the_api() -> None:
+    model = xclip.load_model("xclip:demo", device="cpu")
+    with pytest.raises(ConfigError, match=rf"reference_seed must be a whole number of at least 0 and at most {2**64 - 1}"):
+        xclip.InteractionAttribution(model, reference_seed=2**64)
+
+
+@pytest.mark.parametrize(("directory", "problem"), [("/proc/self", "cannot hold a run: no file can be created in it"),
+                                                   ("/etc/hostname", "is a file, not a directory")])
+def test_an_output_directory_that_cannot_hold_a_run_is_named(directory: str, problem: str) -> None:
+    if not Path(directory).exists():
+        pytest.skip(f"no {directory} here")
+    code, output = _invoke("attribute", DEMO_CONFIG, f"output.directory={directory}")
+    assert code != EXIT_OK
+    assert problem in output
+    assert "keep taking and releasing" not in output  # the lock's message after 100 attempts, which misled

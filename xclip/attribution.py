@@ -28,6 +28,7 @@ from xclip.result import Contributions, InteractionMap, PairNumbers, relative_er
 
 Convention = Literal["exact", "reference"]
 CONVENTIONS: tuple[str, ...] = get_args(Convention)
+MAX_SEED = 2**64 - 1  # torch's generators take an unsigned 64-bit seed; a larger one overflows inside torch
 
 
 # settings renamed since the first API (steps and method were the paper code's words): say the new name
@@ -108,7 +109,7 @@ class InteractionAttribution:
         _check_choice("image_reference", image_reference, IMAGE_REFERENCES)
         _check_choice("mode", mode, MODES)
         _check_whole("internal_batch_size", internal_batch_size, low=1)
-        _check_whole("reference_seed", reference_seed)
+        _check_whole("reference_seed", reference_seed, low=0, high=MAX_SEED)
         _check_whole("text_layer", text_layer)
         _check_whole("image_layer", image_layer)
         if text_filler is not None:
@@ -363,9 +364,10 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(msg, setting=name)
 
 
-def _check_whole(name: str, value: object, low: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+def _check_whole(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or (high is not None and value > high):
         bound = f" of at least {low}" if low is not None else ""
+        bound += f" and at most {high}" if high is not None else ""
         msg = f"{name} must be a whole number{bound}, got {value!r}"
         raise ConfigError(msg, setting=name)
 

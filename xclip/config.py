@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -11,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from xclip.adapters.base import ImageReference
-from xclip.attribution import Convention
+from xclip.attribution import MAX_SEED, Convention
 from xclip.core.interaction import Mode
 from xclip.core.quadrature import (
     DEFAULT_MAX_STEPS,
@@ -27,6 +28,10 @@ from xclip.errors import ConfigError
 from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
+# a run config is sections of keys (2 levels) with short lists of text; PyYAML's scanner slows quadratically with
+# flow nesting and its composer recurses once per level, so a few KB of ``[[[...]]]`` would take seconds and end
+# in a RecursionError: nesting is refused past this depth while the YAML is read as a stream of events
+MAX_NESTING_DEPTH = 32
 _SHOWN_INPUT_CHARS = 120  # an offending value is quoted in the message up to this length
 
 
@@ -55,7 +60,7 @@ class AttributionConfig(_Section):
     convention: Convention = "exact"
     text_filler: int | None = Field(None, ge=0, strict=True)
     image_reference: ImageReference = "zeros"
-    reference_seed: int = Field(0, strict=True)
+    reference_seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
     blur_radius: float = Field(16.0, gt=0, allow_inf_nan=False)
     scale_by_logit: bool = Field(False, strict=True)
     mode: Mode = "auto"
@@ -114,7 +119,7 @@ class RuntimeConfig(_Section):
     batch_size: int = Field(16, ge=1, strict=True)
     internal_batch_size: int = Field(64, ge=1, strict=True)
     num_workers: int = Field(0, ge=0, strict=True)
-    seed: int = Field(0, strict=True)
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="seed of torch's generators (an unsigned 64-bit number)")
     shard_index: int = Field(0, ge=0, strict=True, description="this process's block of the pairs")
     num_shards: int = Field(1, ge=1, strict=True, description="blocks the pairs are split into (Slurm array tasks, ranks)")
 
@@ -201,12 +206,23 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _refuse_aliases(text: str, where: str) -> None:
-    """Aliases (``*name``) can expand a few lines into gigabytes ("billion laughs"); run configs do without."""
+def _check_structure(text: str, where: str) -> None:
+    """Refuse, before anything is built from the YAML, aliases (``*name``: a few lines of nested aliases expand
+    into gigabytes, "billion laughs") and nesting deeper than :data:`MAX_NESTING_DEPTH`; run configs need neither.
+    The events are read as a stream, so a refusal comes at the first offending one."""
+    depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             msg = f"{where}:{event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in run configs; write the value out"
             raise ConfigError(msg)
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING_DEPTH:
+                msg = (f"{where}:{event.start_mark.line + 1}: lists or mappings nested more than {MAX_NESTING_DEPTH} levels deep; "
+                       "a run config is sections of keys with short lists")
+                raise ConfigError(msg)
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
 
 
 def _field(keys: list[str]) -> Any:
@@ -251,8 +267,12 @@ def _apply_override(data: dict[str, Any], override: str) -> tuple[str, ...]:
         msg = f"command line override {override!r} must look like section.key=value"
         raise ConfigError(msg)
     keys = dotted.split(".")
+    shown = override if len(override) <= _SHOWN_INPUT_CHARS else f"{override[:_SHOWN_INPUT_CHARS]}... ({len(override)} characters)"
+    if len(keys) > MAX_NESTING_DEPTH:
+        msg = f"command line override {shown!r}: {len(keys)} keys deep; a run config is sections of keys (section.key=value)"
+        raise ConfigError(msg)
     try:
-        _refuse_aliases(raw, f"command line override {override!r}")
+        _check_structure(raw, f"command line override {shown!r}")
         value = _override_value(keys, raw)
     except yaml.YAMLError as e:
         msg = f"command line override {override!r}: the value is not valid YAML ({e})"
@@ -324,11 +344,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            msg = f"{path} is {size} bytes; a run config is at most {MAX_CONFIG_BYTES} bytes"
+        with path.open("rb") as file:  # at most one byte past the limit: /dev/zero or a huge file is never read whole
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+            size = os.fstat(file.fileno()).st_size  # 0 for a device or a pipe
+        if len(raw) > MAX_CONFIG_BYTES:
+            msg = f"{path} is {f'{size} bytes' if size > MAX_CONFIG_BYTES else f'more than {MAX_CONFIG_BYTES} bytes'}; a run config is at most {MAX_CONFIG_BYTES} bytes"
             raise ConfigError(msg)
-        text = path.read_bytes().decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except OSError as e:
         msg = f"cannot read config {path}: {e.strerror or e}"
         raise ConfigError(msg) from e
@@ -336,7 +358,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         msg = f"{path}: not UTF-8 text (byte {e.start}: {e.reason})"
         raise ConfigError(msg) from None
     try:
-        _refuse_aliases(text, str(path))
+        _check_structure(text, str(path))
         data = yaml.safe_load(text) or {}
         document = yaml.compose(text)
     except yaml.YAMLError as e:

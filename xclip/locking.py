@@ -71,12 +71,20 @@ def _lock_step(step: str) -> None:
 def _take_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
     """Take ``directory``'s writer lock for ``holder``, or refuse naming its holder; returns what releases it."""
     path = directory / LOCK_FILE
+    cannot_hold_files = False
     for _ in range(100):
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            msg = f"{directory} is a file, not a directory: a run directory holds run.h5 and its figures; choose another directory"
+            raise StoreError(msg) from None
         is_writable = True
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the holder before us removed the directory it had left empty: make it again
+        except FileNotFoundError:
+            # the holder before us removed the directory it had left empty: make it again; but a directory that is
+            # still there and still has no room for a file is one files cannot be made in (/proc, a special mount)
+            cannot_hold_files = directory.is_dir()
             continue
         except PermissionError:  # another user's lock file: it can still be locked (flock needs no write access)
             descriptor, is_writable = os.open(path, os.O_RDONLY), False
@@ -99,6 +107,9 @@ def _take_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
         if is_writable:  # (else the file keeps its last writer's record)
             _write_record(descriptor, holder)
         return functools.partial(_release_lock, path, descriptor)
+    if cannot_hold_files:
+        msg = f"{directory} cannot hold a run: no file can be created in it (creating {path} fails with 'No such file or directory'); choose another directory"
+        raise StoreError(msg)
     msg = f"cannot take the writer lock {path}: other processes keep taking and releasing it"
     raise StoreError(msg)
 
