@@ -36,7 +36,9 @@ def test_two_runs_of_the_same_checkpoint_differ_by_exactly_zero(tmp_path, model_
     for stats in [report["overall"], *report["per_class"].values()]:
         for direction in DIRECTIONS:
             for metric in METRICS:
-                assert stats[f"{direction}/{metric}"]["B-A"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+                assert stats[f"{direction}/{metric}"]["B-A"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": stats["n_phrases"]}
+    assert report["settings_differences"] == {"B-A": []}
+    assert "settings of B that differ from A: none" in result.output
     assert len(list((tmp_path / "compared").glob("difference_*.png"))) == len(DIRECTIONS) * len(METRICS)
 
 
@@ -93,3 +95,19 @@ def test_runs_over_different_pairs_are_refused_with_the_reason(tmp_path, model_d
     result = runner.invoke(app, ["compare", str(tmp_path / "run"), "-a", str(annotations)])
     assert result.exit_code == 2 and "compare needs 2" in " ".join(result.output.split())
     assert len(read_annotations(annotations)) == 6
+
+
+def test_the_settings_two_runs_differ_in_are_listed_before_the_tables(tmp_path, model_dirs):
+    _synthetic_run(tmp_path, model_dirs)
+    finer = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    finer["output"]["directory"] = "finer"
+    finer["attribution"]["n_steps"] = 3
+    (tmp_path / "finer.yaml").write_text(yaml.safe_dump(finer))
+    assert runner.invoke(app, ["attribute", str(tmp_path / "finer.yaml"), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["compare", str(tmp_path / "run"), str(tmp_path / "finer"), "-a",
+                                 str(tmp_path / "scenes" / "annotations.jsonl"), "--out", str(tmp_path / "compared")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "compared" / "comparison.json").read_text())
+    assert report["settings_differences"] == {"B-A": ["attribution.n_steps: 2 -> 3"]}
+    listed = result.output.index("  attribution.n_steps: 2 -> 3")
+    assert result.output.index("settings of B that differ from A:") < listed < result.output.index("mean [95% CI] n")

@@ -281,3 +281,129 @@ def test_failure_patterns_group_phrases_by_size_count_and_class():
     assert [(r["group"], r["pointing_game"]) for r in patterns["objects_named"]] == [
         ("1 object named", 0.5), ("2 objects named", 1.0), ("4 or more objects named", 0.5)]  # no caption named 3
     assert [r["pointing_game"] for r in patterns["same_class_named"]] == [2 / 3, 2 / 3]
+
+
+def _annotated_run(tmp_path, model_dirs):
+    """A planted-correct run and its annotation records, with the scenes' annotations file path."""
+    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
+    _plant(run_file, annotations, model_dirs, correct=True)
+    return run_file, annotations, tmp_path / "scenes" / "annotations.jsonl"
+
+
+def _append(path, *records) -> list[int]:
+    """Append records to an annotations file; returns their line numbers."""
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines, *(json.dumps(r) for r in records)]) + "\n")
+    return list(range(len(lines) + 1, len(lines) + len(records) + 1))
+
+
+def test_annotations_that_match_no_finished_pair_are_counted_listed_and_refused_with_strict(tmp_path, model_dirs):
+    from xclip.store import PENDING
+
+    run_file, annotations, path = _annotated_run(tmp_path, model_dirs)
+    first, second = annotations[0], annotations[1]
+    typo_image = {**first, "image": "typo-" + first["image"]}
+    typo_caption = {**second, "caption": second["caption"] + " ", "phrases": second["phrases"][:1]}
+    lines = _append(path, typo_image, typo_caption)
+    with h5py.File(run_file, "r+") as f:  # the last annotated pair is left unfinished
+        f["pairs/status"][len(annotations) - 1] = PENDING
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "evaluation" / "report.json").read_text())
+    unmatched = report["unmatched_phrases"]
+    n_first, n_last = len(first["phrases"]), len(annotations[-1]["phrases"])
+    assert len(unmatched) == n_first + 1 + n_last
+    by_line = {}
+    for item in unmatched:
+        by_line.setdefault(item["line"], set()).add(item["reason"])
+    assert by_line == {len(annotations): {"pair not finished"}, lines[0]: {"no such image in the run"},
+                       lines[1]: {"no such caption for that image in the run"}}
+    assert report["overall"]["n_phrases"] == sum(len(r["phrases"]) for r in annotations) - n_last
+    output = " ".join(result.output.split())
+    assert f"{len(unmatched)} annotated phrase(s)" in output and "report.json lists all" in output
+    assert f"line {lines[0]}: phrase {first['phrases'][0]['text']!r}" in output
+    assert "(too few)" in output  # classes of few phrases: their intervals are marked
+
+    strict_out = tmp_path / "strict"
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(path), "--strict", "--out", str(strict_out)])
+    assert result.exit_code == 2
+    assert f"--strict: {len(unmatched)} annotated phrase(s)" in " ".join(result.output.split())
+    assert f"line {len(annotations)}:" in result.output
+    assert not strict_out.exists()
+
+
+def test_a_box_outside_what_the_model_saw_is_skipped_and_partly_outside_is_counted(tmp_path, model_dirs):
+    run_file, annotations, path = _annotated_run(tmp_path, model_dirs)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    target = next(k for k, r in enumerate(records) if len(r["phrases"]) >= 2)
+    kept, lost = records[target]["phrases"][:2]
+    kept["boxes"] = [*kept["boxes"], [40, 40, 50, 50]]  # a second box beyond the 32-pixel image: skipped
+    lost["boxes"] = [[33, 0, 40, 8]]  # its only box outside: the phrase cannot be scored
+    other = records[target + 1]["phrases"][0]
+    other["boxes"] = [[*other["boxes"][0][:2], 40, 40]]  # partly outside: scored by the part inside, counted
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "evaluation" / "report.json").read_text())
+    skipped = report["skipped_boxes"]
+    assert [(b["line"], b["phrase"], b["box"]) for b in skipped] == [
+        (target + 1, kept["text"], [40, 40, 50, 50]), (target + 1, lost["text"], [33, 0, 40, 8])]
+    assert all(b["reason"].startswith("wholly outside the part of the image the model saw") for b in skipped)
+    assert report["clipped_boxes"] == 1
+    assert report["overall"]["n_phrases"] == sum(len(r["phrases"]) for r in annotations) - 1
+    assert report["overall"]["phrase_to_image/pointing_game"]["mean"] == 1.0  # the kept phrase scored on its own box
+    assert "2 box(es) lie wholly outside" in " ".join(result.output.split())
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(path), "--strict", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "2 box(es) lie wholly outside" in " ".join(result.output.split())
+
+
+def test_phrases_jsonl_holds_every_scored_phrase_with_its_values(tmp_path, model_dirs):
+    _, annotations, path = _annotated_run(tmp_path, model_dirs)
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(path)]).exit_code == 0
+    folder = tmp_path / "run" / "evaluation"
+    rows = [json.loads(line) for line in (folder / "phrases.jsonl").read_text().splitlines()]
+    expected = [(k + 1, r["image"], r["caption"], p["text"], p["class"], p["boxes"])
+                for k, r in enumerate(annotations) for p in r["phrases"]]
+    assert sorted((row["line"], row["image"], row["caption"], row["phrase"], row["class"], row["boxes"]) for row in rows) == sorted(expected)
+    report = json.loads((folder / "report.json").read_text())
+    for key in (f"{d}/{m}" for d in DIRECTIONS for m in METRICS):
+        assert np.mean([row[key] for row in rows]) == pytest.approx(report["overall"][key]["mean"])
+        assert report["overall"][key]["n"] == len(rows)
+    assert all(row["phrase_to_image/pointing_game"] == 1.0 for row in rows)
+
+
+def test_intervals_say_their_n_and_mark_too_few():
+    from xclip.metrics import MIN_N_FOR_INTERVAL, interval_text
+
+    assert interval_text(0.988, [0.99, 0.99], 1) == "0.988 [0.99, 0.99] n=1 (too few)"
+    assert interval_text(0.5, [0.4, 0.6], MIN_N_FOR_INTERVAL) == f"0.500 [0.40, 0.60] n={MIN_N_FOR_INTERVAL}"
+    assert interval_text(-0.1, [-0.2, 0.0], 3, signed=True) == "-0.100 [-0.20, +0.00] n=3 (too few)"
+    report = synthetic_report()
+    report["per_class"]["square"]["phrase_to_image/pointing_game"]["n"] = 2
+    axes = _chart(report, "phrase_to_image/pointing_game").axes[0]
+    ticks = [t.get_text() for t in axes.get_xticklabels()]
+    assert ticks == ["circle\nn=20", "square\nn=2 (too few)", "star\nn=20"]
+
+
+def test_a_failed_report_write_keeps_the_earlier_report_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from xclip.errors import StoreError
+    from xclip.files import write_text_atomically
+
+    target = tmp_path / "report.json"
+    write_text_atomically(target, '{"good": 1}\n')
+    real = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith(".report.json.tmp-"):
+            real(self, "{", encoding="utf-8")  # part of it reached the disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(StoreError, match=f"not enough disk space for {target}"):
+        write_text_atomically(target, '{"new": 2}\n')
+    assert target.read_text() == '{"good": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

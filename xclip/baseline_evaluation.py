@@ -36,6 +36,7 @@ from xclip.baselines import DEFAULT_IG_STEPS, TOKEN_METHODS, check_methods, imag
 from xclip.core.transformer import embed_from_hidden
 from xclip.errors import ConfigError
 from xclip.evaluation import METRICS, AnnotatedPair, annotated_pairs, box_weights, chance_levels, grounding_scores
+from xclip.files import write_atomically
 from xclip.faithfulness import (
     DEFAULT_POINTS,
     GAMES,
@@ -325,6 +326,5 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
         axes.set_title("phrase → image grounding" if kind == "grounding" else f"insertion and deletion, {report.get('game', 'cut')} game: {metric} players",
                        fontsize="medium")
         path = folder / f"baselines_{metric}.png"
-        figure.savefig(path)
-        paths.append(path)
+        paths.append(write_atomically(path, lambda temporary, figure=figure: figure.savefig(temporary, format="png")))
     return paths

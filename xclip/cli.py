@@ -628,12 +628,14 @@ def evaluate(
     curve_points: Annotated[int, typer.Option(min=2, help="points on each insertion and deletion curve")] = 20,
     limit: Annotated[int | None, typer.Option(min=1, help="with --baselines: score the first N pairs only")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="annotations that match no finished pair and boxes outside what the model saw are an error (exit 2, nothing written)")] = False,
 ) -> None:
     """Grounding metrics (pointing game, energy in box, mass ratio) per phrase class, with 95% intervals; the
     phrases whose maps miss their boxes, and the groups of phrases that miss most, in OUT/misses.json. With
     --baselines, first-order methods on the same pairs: grounding and insertion/deletion faithfulness, each with
     its paired difference from the second-order maps, in OUT/baselines.json."""
-    from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, score_run, summarize, write_misses
+    from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, evaluate_annotations, phrase_rows, summarize, write_misses
+    from xclip.files import write_text_atomically
 
     if annotations is None and baselines is None:
         _print_error("nothing to evaluate: give --annotations (grounding), --baselines (faithfulness, and grounding with annotations) or both")
@@ -641,22 +643,30 @@ def evaluate(
     folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
     if annotations is not None:
         with _errors(STORE_FLAGS):
-            scores = score_run(run_dir, annotations)
+            evaluation = evaluate_annotations(run_dir, annotations)
+            if strict:
+                _refuse_left_out(evaluation, annotations)
+            scores = evaluation.scores
             report = summarize(scores, seed=seed)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            report["unmatched_phrases"] = [vars(u) for u in evaluation.unmatched_phrases]
+            report["skipped_boxes"] = [{**vars(b), "box": list(b.box)} for b in evaluation.skipped_boxes]
+            report["clipped_boxes"] = evaluation.n_clipped_boxes
+            write_text_atomically(folder / "report.json", json.dumps(report, indent=2) + "\n")
+            write_text_atomically(folder / "phrases.jsonl", "".join(json.dumps(row) + "\n" for row in phrase_rows(scores)))
             charts = bar_charts(report, folder)
             found = write_misses(scores, folder / "misses.json", seed=seed)
-        table = Table("class", "phrases", *(f"{d.replace('_to_', '→')}\n{m.replace('_', ' ')}" for d in DIRECTIONS for m in METRICS),
-                      title="grounding: mean [95% CI] (chance)")
-        for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
-            cells = [_metric_cell(stats[f"{d}/{m}"]) for d in DIRECTIONS for m in METRICS]
-            table.add_row(label, str(stats["n_phrases"]), *cells)
-        Console(width=200).print(table)
+        _print_left_out(evaluation, annotations)
+        for direction in DIRECTIONS:  # one table a direction: three metric columns fit 100 terminal columns
+            table = Table("class", *(m.replace("_", " ") for m in METRICS),
+                          title=f"grounding, {direction.replace('_to_', ' → ')}: mean [95% CI] n (chance)")
+            for label, stats in [("overall", report["overall"]), *report["per_class"].items()]:
+                table.add_row(escape(label), *(_metric_cell(stats[f"{direction}/{m}"]) for m in METRICS))
+            _print_table(Console(), table)
         if misses:
             with _errors(STORE_FLAGS):
                 _print_misses(run_dir, found, misses, folder / "misses" if miss_figures else None)
         print(folder / "report.json")
+        print(folder / "phrases.jsonl")
         print(folder / "misses.json")
         for chart in charts:
             print(chart)
@@ -665,11 +675,48 @@ def evaluate(
                             target=baseline_target, game=game, n_points=curve_points, limit=limit, seed=seed, quiet=quiet)
 
 
+def _left_out_lines(evaluation: Any, limit: int | None) -> list[str]:
+    """``annotations line N: phrase 'x' (caption | image): reason`` of the unmatched phrases, then the skipped
+    boxes, ``limit`` of each."""
+    lines = [f"line {u.line}: phrase {u.phrase!r} of {u.caption!r} on {u.image}: {u.reason}"
+             for u in evaluation.unmatched_phrases[:limit]]
+    lines += [f"line {b.line}: box {list(b.box)} of phrase {b.phrase!r} on {b.image}: {b.reason}" for b in evaluation.skipped_boxes[:limit]]
+    return lines
+
+
+def _refuse_left_out(evaluation: Any, annotations: Path) -> None:
+    """--strict: an error naming the first unmatched phrases and skipped boxes, before anything is written."""
+    n_unmatched, n_skipped = len(evaluation.unmatched_phrases), len(evaluation.skipped_boxes)
+    if n_unmatched or n_skipped:
+        first = "; ".join(_left_out_lines(evaluation, 3))
+        msg = (f"--strict: {n_unmatched} annotated phrase(s) of {annotations} match no finished pair and {n_skipped} box(es) "
+               f"lie wholly outside what the model saw (first: {first}); nothing was written")
+        raise ConfigError(msg)
+
+
+def _print_left_out(evaluation: Any, annotations: Path) -> None:
+    """A warning with the count and the first 5 of the phrases and boxes evaluate could not score, and the
+    count of boxes partly outside what the model saw."""
+    n_unmatched, n_skipped = len(evaluation.unmatched_phrases), len(evaluation.skipped_boxes)
+    if n_unmatched:
+        stderr.print(f"[yellow]warning[/]: {n_unmatched} annotated phrase(s) of {escape(str(annotations))} match no finished "
+                     "pair and were not scored (report.json lists all, as unmatched_phrases):", soft_wrap=True)
+    if n_skipped:
+        stderr.print(f"[yellow]warning[/]: {n_skipped} box(es) lie wholly outside the part of the image the model saw and "
+                     "were skipped (report.json lists all, as skipped_boxes):", soft_wrap=True)
+    for line in _left_out_lines(evaluation, 5):
+        stderr.print(f"  {escape(line)}", soft_wrap=True)
+    if evaluation.n_clipped_boxes:
+        stderr.print(f"note: {evaluation.n_clipped_boxes} box(es) lie partly outside what the model saw: scored by the part "
+                     "it saw (clipped_boxes in report.json)", soft_wrap=True)
+
+
 def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, names: list[str], *, target: str,
                         game: str, n_points: int, limit: int | None, seed: int, quiet: bool) -> None:
     """Score the run's maps beside first-order methods, write OUT/baselines.json and its charts, print the tables."""
     from xclip.baseline_evaluation import CURVES, method_charts, score_methods, summarize_methods
     from xclip.evaluation import METRICS
+    from xclip.files import write_text_atomically
 
     bar, update = _progress_callback(quiet)
     with _errors(STORE_FLAGS), bar or nullcontext():
@@ -678,35 +725,46 @@ def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, n
                                progress=(lambda done, total: update("baselines", done, total)) if update else None)
         report = summarize_methods(scores, seed=seed)
         report["target"], report["game"], report["curve_points"] = target, game, n_points
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "baselines.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(folder / "baselines.json", json.dumps(report, indent=2) + "\n")
         charts = method_charts(report, folder)
-    console = Console(width=220)
+    console = Console()
     if "grounding" in report:
         chance = report["grounding_chance"]
         table = Table("method", *(f"{m.replace('_', ' ')}\n(chance {chance[m]:.2f})" for m in METRICS),
-                      *(f"Δ {m.replace('_', ' ')}\nvs second order" for m in METRICS),
-                      title=f"phrase → image grounding, {report['n_phrases']} phrases: mean [95% CI]; Δ paired by phrase")
+                      *(f"Δ {m.replace('_', ' ')}\nvs 2nd order" for m in METRICS),
+                      title=f"phrase → image grounding, {report['n_phrases']} phrases: mean [95% CI] n; Δ paired by phrase")
         for method, entry in report["grounding"]["overall"].items():
             if method == "n_phrases":
                 continue
             table.add_row(method, *(_mean_cell(entry.get(m)) for m in METRICS), *(_paired_cell(entry.get(m)) for m in METRICS))
-        console.print(table)
+        _print_table(console, table)
         classes = [label for label in report["grounding"] if label != "overall"]
         grounded = [m for m in report["methods"] if m in report["grounding"]["overall"]]
-        per_class = Table("class", "phrases", *grounded, title="pointing game per class: mean [95% CI]")
+        per_class = Table("class", *grounded, title="pointing game per class: mean [95% CI] n")
         for label in classes:
             group = report["grounding"][label]
-            per_class.add_row(label, str(group["n_phrases"]), *(_mean_cell(group[m].get("pointing_game")) for m in grounded))
-        console.print(per_class)
-    table = Table("method", *(f"area between curves\n{c}" for c in CURVES), *(f"Δ {c}\nvs second order" for c in CURVES),
-                  title=f"insertion/deletion, {game} game, {report['n_pairs']} pairs: mean [95% CI] (1 = the score rests on the players ranked first, 0 = chance)")
+            per_class.add_row(escape(label), *(_mean_cell(group[m].get("pointing_game")) for m in grounded))
+        _print_table(console, per_class)
+    table = Table("method", *(f"area between\ncurves {c}" for c in CURVES), *(f"Δ {c}\nvs 2nd order" for c in CURVES),
+                  title=f"insertion/deletion, {game} game, {report['n_pairs']} pairs: mean [95% CI] n of the area between the "
+                        "insertion and deletion curves, divided by the mean score change v(full) − v(empty) over the pairs "
+                        f"({report['faithfulness_scale']['divided_by']:.3g}); 0 = a ranking no better than chance, and it can pass 1")
     for method, entry in report["faithfulness"].items():
         table.add_row(method, *(_mean_cell(entry.get(c)) for c in CURVES), *(_paired_cell(entry.get(c)) for c in CURVES))
-    console.print(table)
+    _print_table(console, table)
     print(folder / "baselines.json")
     for chart in charts:
         print(chart)
+
+
+def _print_table(console: Console, table: Table) -> None:
+    """Print ``table`` at the console's width: Rich may wrap a cell at its spaces, but each column is at least as
+    wide as its longest word (a number, an interval's end, ``n=12``), so no number is cut or folded."""
+    for column in table.columns:
+        words = [word for cell in column.cells for word in str(cell).split()]
+        column.min_width = max((len(word) for word in words), default=1)
+        column.overflow = "fold"  # a header word wider than its column
+    console.print(table)
 
 
 def _mean_cell(stats: dict[str, Any] | None) -> str:
@@ -718,7 +776,7 @@ def _paired_cell(stats: dict[str, Any] | None) -> str:
     """A baseline's paired difference from the second-order maps, or - (the second-order row, a missing score)."""
     if stats is None or "difference" not in stats:
         return "-"
-    return _difference_cell({"mean": stats["difference"], "ci95": stats["difference_ci95"]})
+    return _difference_cell({"mean": stats["difference"], "ci95": stats["difference_ci95"], "n": stats["n"]})
 
 
 @app.command()
@@ -732,17 +790,23 @@ def compare(
     with each run's paired difference from the first and its 95% interval."""
     from xclip.comparison import compare_runs, difference_charts
     from xclip.evaluation import DIRECTIONS, METRICS
+    from xclip.files import write_text_atomically
 
     with _errors(STORE_FLAGS):
         report = compare_runs(runs, annotations, seed=seed)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(out / "comparison.json", json.dumps(report, indent=2) + "\n")
         charts = difference_charts(report, out)
     names = list(report["runs"])
     for name, path in report["runs"].items():
         stderr.print(f"{name}: {escape(path)}", soft_wrap=True)
+    for pair, differences in report["settings_differences"].items():
+        later, first = pair.split("-")
+        stderr.print(f"settings of {later} that differ from {first}: {'none' if not differences else ''}")
+        for difference in differences:
+            stderr.print(f"  {escape(difference)}", soft_wrap=True)
     for direction in DIRECTIONS:
-        table = Table("class", "phrases", title=f"{direction.replace('_to_', ' → ').replace('_', ' ')}: mean [95% CI]; differences paired by phrase")
+        table = Table("class", title=f"{direction.replace('_to_', ' → ').replace('_', ' ')}: mean [95% CI] n of each run; "
+                                     "differences paired by phrase")
         for metric in METRICS:
             for name in names:
                 table.add_column(f"{metric.replace('_', ' ')}\n{name}")
@@ -752,18 +816,19 @@ def compare(
             cells = []
             for metric in METRICS:
                 entry = stats[f"{direction}/{metric}"]
-                cells += [f"{entry[name]['mean']:.3f}" for name in names]
+                cells += [_metric_cell(entry[name]) for name in names]
                 cells += [_difference_cell(entry[f"{name}-{names[0]}"]) for name in names[1:]]
-            table.add_row(label, str(stats["n_phrases"]), *cells)
-        Console(width=max(200, Console().width)).print(table)
+            table.add_row(escape(label), *cells)
+        _print_table(Console(), table)
     print(out / "comparison.json")
     for chart in charts:
         print(chart)
 
 
 def _difference_cell(stats: dict[str, Any]) -> str:
-    low, high = stats["ci95"]
-    return f"{stats['mean']:+.3f} [{low:+.2f}, {high:+.2f}]"
+    from xclip.metrics import interval_text
+
+    return interval_text(stats["mean"], stats["ci95"], stats["n"], signed=True)
 
 
 def _print_misses(run_dir: Path, found: dict[str, Any], per_class: int, figures: Path | None) -> None:
@@ -771,17 +836,23 @@ def _print_misses(run_dir: Path, found: dict[str, Any], per_class: int, figures:
     listed: list[dict[str, Any]] = []
     for label in sorted({miss["label"] for miss in found["misses"]}):
         listed += [miss for miss in found["misses"] if miss["label"] == label][:per_class]
-    table = Table("class", "pair", "phrase", "energy in box", "image", "link (with `xclip view` on its default port)",
-                  title=f"phrases whose map misses their box: {len(found['misses'])}, the {per_class} worst of each class")
-    for miss in listed:
-        table.add_row(miss["label"], str(miss["pair"]), escape(miss["phrase"]), f"{miss['energy_in_box']:.3f}",
-                      escape(miss["image"]), f"http://127.0.0.1:8765/{miss['link']}")
-    Console(width=200).print(table)
+    if not listed:
+        print("misses: none (every phrase's map peaks inside its boxes)")
+    else:
+        table = Table("class", "pair", "phrase", "energy in box", "image",
+                      title=f"phrases whose map misses their box: {len(found['misses'])}, the {per_class} worst of each class")
+        for miss in listed:
+            table.add_row(escape(miss["label"]), str(miss["pair"]), escape(miss["phrase"]), f"{miss['energy_in_box']:.3f}",
+                          escape(miss["image"]))
+        _print_table(Console(), table)
+        print("their links, with `xclip view` on its default port:")
+        for miss in listed:  # whole lines: a link cut by a table's border cannot be opened
+            print(f"  pair {miss['pair']} {miss['phrase']!r}: http://127.0.0.1:8765/{miss['link']}")
     for name, rows in found["patterns"].items():
-        patterns = Table(name.replace("_", " "), "phrases", "pointing game [95% CI]", title="where maps miss")
+        patterns = Table(name.replace("_", " "), "pointing game [95% CI] n", title="where maps miss")
         for row in rows:
-            patterns.add_row(row["group"], str(row["n_phrases"]), f"{row['pointing_game']:.3f} [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]")
-        Console(width=200).print(patterns)
+            patterns.add_row(escape(row["group"]), _metric_cell({"mean": row["pointing_game"], "ci95": row["ci95"], "n": row["n_phrases"]}))
+        _print_table(Console(), patterns)
     if figures is not None:
         from xclip.render import render_run
 
@@ -791,9 +862,10 @@ def _print_misses(run_dir: Path, found: dict[str, Any], per_class: int, figures:
 
 
 def _metric_cell(stats: dict[str, Any]) -> str:
-    low, high = stats["ci95"]
+    from xclip.metrics import interval_text
+
     chance = f" ({stats['chance']:.2f})" if stats.get("chance") is not None else ""
-    return f"{stats['mean']:.3f} [{low:.2f}, {high:.2f}]{chance}"
+    return interval_text(stats["mean"], stats["ci95"], stats["n"]) + chance
 
 
 @app.command()

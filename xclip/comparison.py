@@ -15,8 +15,10 @@ import numpy as np
 
 from xclip.errors import ConfigError
 from xclip.evaluation import DIRECTIONS, METRICS, PhraseScore, score_run
-from xclip.metrics import bootstrap_ci
-from xclip.store import run_file_path
+from xclip.files import write_atomically
+from xclip.metrics import MIN_N_FOR_INTERVAL, bootstrap_ci
+from xclip.config import settings_differences
+from xclip.store import RunReader, run_file_path
 
 RUN_NAMES = "ABCDEFGH"
 
@@ -46,8 +48,11 @@ def compare_runs(runs: list[Path], annotations: Path, *, seed: int = 0) -> dict[
     labels = np.array([first[key].label for key in keys])
     groups = {label: labels == label for label in sorted(set(labels))}
     names = RUN_NAMES[: len(runs)]
+    identities = [_run_identity(run) for run in runs]
     return {
         "runs": {name: str(run_file_path(run)) for name, run in zip(names, runs)},
+        "settings_differences": {f"{name}-{names[0]}": _differences(identities[0], identity)
+                                 for name, identity in zip(names[1:], identities[1:])},
         "n_phrases": len(keys),
         "overall": _stats(columns, np.ones(len(keys), dtype=bool), names, seed),
         "per_class": {label: _stats(columns, members, names, seed) for label, members in groups.items()},
@@ -60,12 +65,28 @@ def _stats(columns: dict[str, np.ndarray], members: np.ndarray, names: str, seed
         chosen = values[:, members]
         entry: dict[str, Any] = {}
         for name, row in zip(names, chosen):
-            entry[name] = {"mean": float(row.mean()), "ci95": list(bootstrap_ci(row, seed=seed))}
+            entry[name] = {"mean": float(row.mean()), "ci95": list(bootstrap_ci(row, seed=seed)), "n": len(row)}
         for name, row in zip(names[1:], chosen[1:]):
             difference = row - chosen[0]  # paired: the same phrases, resampled together
-            entry[f"{name}-{names[0]}"] = {"mean": float(difference.mean()), "ci95": list(bootstrap_ci(difference, seed=seed))}
+            entry[f"{name}-{names[0]}"] = {"mean": float(difference.mean()), "ci95": list(bootstrap_ci(difference, seed=seed)),
+                                           "n": len(difference)}
         out[metric] = entry
     return out
+
+
+def _run_identity(run: Path) -> tuple[str, str]:
+    """A run's stored settings that change its maps (its result fingerprint: model, dtype, layers, references,
+    tolerance...) and its weights' digest."""
+    with RunReader(run) as reader:
+        return str(reader.attrs["fingerprint"]), str(reader.attrs.get("model_weights_sha256", ""))
+
+
+def _differences(first: tuple[str, str], later: tuple[str, str]) -> list[str]:
+    """``setting: first -> later`` of every stored setting the runs disagree on, and their weights if they differ."""
+    differences = settings_differences(first[0], later[0])
+    if first[1] != later[1]:
+        differences.append(f"model weights sha256: {first[1][:12] or '-'} -> {later[1][:12] or '-'}")
+    return differences
 
 
 def _check_same_phrases(run_a: Path, a: dict[tuple, PhraseScore], run_b: Path, b: dict[tuple, PhraseScore]) -> None:
@@ -108,10 +129,11 @@ def difference_charts(report: dict[str, Any], folder: Path) -> list[Path]:
                 label = f"{difference.replace('-', ' − ')} ({later} − {first}), 95 % interval"
                 axes.bar(positions, means, width=width, yerr=whiskers, capsize=3, label=label)
             axes.axhline(0, color="black", linewidth=1)
-            axes.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
+            counts = [(report["overall"] if label == "overall" else report["per_class"][label])["n_phrases"] for label in labels]
+            ticks = [f"{label}\nn={n}{' (too few)' if n < MIN_N_FOR_INTERVAL else ''}" for label, n in zip(labels, counts)]
+            axes.set_xticks(np.arange(len(labels)), ticks, rotation=30, ha="right")
             axes.set_ylabel(f"difference in {key.replace('/', ': ').replace('_', ' ')}")
             figure.legend(loc="outside upper center", ncols=min(3, len(differences)), frameon=False, fontsize="small")
             path = folder / f"difference_{direction}_{metric}.png"
-            figure.savefig(path)
-            paths.append(path)
+            paths.append(write_atomically(path, lambda temporary, figure=figure: figure.savefig(temporary, format="png")))
     return paths

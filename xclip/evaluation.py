@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from xclip.errors import ConfigError
+from xclip.files import write_atomically, write_text_atomically
 from xclip.geometry import Preprocessing
-from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
+from xclip.metrics import MIN_N_FOR_INTERVAL, bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, PAIRS
 from xclip.store import DONE, RunReader, run_file_path
 from xclip.textfiles import text_lines
@@ -48,6 +49,8 @@ class PhraseScore:
     shares_class: bool = False  # another phrase of the caption has the same class
     caption: str = ""
     span: tuple[int, int] = (0, 0)  # the phrase's characters in the caption
+    line: int = 0  # the annotation's line in its file
+    boxes: tuple[tuple[float, ...], ...] = ()  # the boxes it was scored against (those the model saw a part of)
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -67,8 +70,48 @@ class Miss:
     link: str
 
 
+@dataclass(frozen=True)
+class UnmatchedPhrase:
+    """An annotated phrase that was not scored, and why: its image is not in the run, the run pairs no such
+    caption with it, the pair is not finished, or the model read none of its words."""
+
+    line: int  # of the annotations file
+    image: str
+    caption: str
+    phrase: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SkippedBox:
+    """A box that lies wholly outside the part of the image the model saw: its phrase is scored against its
+    other boxes, or not at all when it has none left."""
+
+    line: int
+    image: str
+    phrase: str
+    box: tuple[float, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_annotations` scored, and every annotation it could not score, with the reason."""
+
+    scores: list[PhraseScore]
+    unmatched_phrases: list[UnmatchedPhrase]
+    skipped_boxes: list[SkippedBox]
+    n_clipped_boxes: int  # boxes partly outside what the model saw: scored by the part it saw
+
+
 def read_annotations(path: str | Path) -> list[dict[str, Any]]:
     """Annotation records; raises :class:`ConfigError` naming the line and the problem of a malformed one."""
+    return [record for _, record in read_numbered_annotations(path)]
+
+
+def read_numbered_annotations(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every annotation; raises :class:`ConfigError` naming the line and the problem
+    of a malformed one."""
     path = Path(path)
     if not path.is_file():
         msg = f"annotations file {path} does not exist"
@@ -87,7 +130,7 @@ def read_annotations(path: str | Path) -> list[dict[str, Any]]:
         if problem:
             msg = f"{where}: {problem}"
             raise ConfigError(msg)
-        records.append(record)
+        records.append((number, record))
     return records
 
 
@@ -130,21 +173,52 @@ class AnnotatedPair:
     caption: str
     image: str  # as the run names it
     phrases: list[dict[str, Any]]
+    line: int = 0  # the annotation's line in its file (0: no annotation)
+
+
+NO_IMAGE = "no such image in the run"
+NO_CAPTION = "no such caption for that image in the run"
+NOT_FINISHED = "pair not finished"
 
 
 def annotated_pairs(run: RunReader, annotations_path: str | Path | None) -> list[AnnotatedPair]:
     """The run's finished pairs that an annotation names (same image path and caption), in pair order; every
     finished pair, with no phrases, when ``annotations_path`` is None."""
-    records = {(r["image"], r["caption"]): r for r in read_annotations(annotations_path)} if annotations_path else None
+    return match_annotations(run, annotations_path)[0]
+
+
+def match_annotations(run: RunReader, annotations_path: str | Path | None) -> tuple[list[AnnotatedPair], list[UnmatchedPhrase]]:
+    """:func:`annotated_pairs`, and each phrase of the annotations that match no finished pair, with the reason
+    (:data:`NO_IMAGE`, :data:`NO_CAPTION`, :data:`NOT_FINISHED`, or a later line's annotation of the same pair)."""
     texts, paths = run.captions(), run.image_paths()
     caption_index, image_index = run.column(PAIRS, CAPTION_INDEX), run.column(PAIRS, IMAGE_INDEX)
-    found = []
-    for index in np.flatnonzero(run.status(PAIRS) == DONE):
-        c, i = int(caption_index[index]), int(image_index[index])
-        record = None if records is None else records.get((paths[i], texts[c]))
-        if records is None or record is not None:
-            found.append(AnnotatedPair(int(index), c, i, texts[c], paths[i], record["phrases"] if record else []))
-    return found
+    status = run.status(PAIRS)
+    if not annotations_path:
+        return [AnnotatedPair(int(k), int(caption_index[k]), int(image_index[k]), texts[int(caption_index[k])],
+                              paths[int(image_index[k])], []) for k in np.flatnonzero(status == DONE)], []
+    pair_of = {(paths[int(i)], texts[int(c)]): k for k, (c, i) in enumerate(zip(caption_index, image_index))}
+    images = set(paths)
+    chosen: dict[int, tuple[int, dict[str, Any]]] = {}
+    unmatched: list[UnmatchedPhrase] = []
+
+    def drop(line: int, record: dict[str, Any], reason: str) -> None:
+        unmatched.extend(UnmatchedPhrase(line, record["image"], record["caption"], p["text"], reason) for p in record["phrases"])
+
+    for line, record in read_numbered_annotations(annotations_path):
+        index = pair_of.get((record["image"], record["caption"]))
+        if index is None:
+            drop(line, record, NO_IMAGE if record["image"] not in images else NO_CAPTION)
+        elif status[index] != DONE:
+            drop(line, record, NOT_FINISHED)
+        else:
+            if index in chosen:  # the later line of a pair replaces the earlier one, as a dict would, but says so
+                earlier, old = chosen[index]
+                drop(earlier, old, f"the same pair is annotated again on line {line}, which is used")
+            chosen[index] = (line, record)
+    found = [AnnotatedPair(index, int(caption_index[index]), int(image_index[index]), texts[int(caption_index[index])],
+                           paths[int(image_index[index])], record["phrases"], line)
+             for index, (line, record) in sorted(chosen.items())]
+    return found, sorted(unmatched, key=lambda u: u.line)
 
 
 def grounding_scores(values: np.ndarray, inside: np.ndarray) -> dict[str, float]:
@@ -154,11 +228,25 @@ def grounding_scores(values: np.ndarray, inside: np.ndarray) -> dict[str, float]
 
 
 def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseScore]:
+    """Score every annotated phrase of the run's finished pairs (see :func:`evaluate_annotations`)."""
+    return evaluate_annotations(run_dir, annotations_path).scores
+
+
+def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> Evaluation:
     """Score every annotated phrase of the run's finished pairs, from what the run file stores (the tokens'
-    character spans, the images' geometry): no model or tokenizer is loaded."""
+    character spans, the images' geometry): no model or tokenizer is loaded. Phrases that match no finished
+    pair, and boxes wholly outside what the model saw, are left out and listed; one bad annotation never
+    stops the others.
+
+    Raises:
+        ConfigError: no phrase could be scored (naming how many annotations matched nothing).
+    """
     scores: list[PhraseScore] = []
+    skipped: list[SkippedBox] = []
+    n_clipped = 0
     with RunReader(run_dir) as run:
-        for pair in annotated_pairs(run, annotations_path):
+        pairs, unmatched = match_annotations(run, annotations_path)
+        for pair in pairs:
             index = pair.index
             patch_values = run.interactions(index).astype(np.float64)[:, run.n_prefix :]
             tokens = run.caption_tokens(pair.caption_index)
@@ -168,12 +256,20 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
             for phrase, label in zip(pair.phrases, labels):
                 rows = tokens.rows_overlapping(phrase["start"], phrase["end"])
                 if not rows:
+                    unmatched.append(UnmatchedPhrase(pair.line, pair.image, pair.caption, phrase["text"],
+                                                     "the model read none of its words (the caption was truncated before it)"))
                     continue
-                try:
-                    inside_image = box_weights(phrase["boxes"], geometry)
-                except ConfigError as e:
-                    msg = f"pair {index} ({pair.image}), phrase {phrase['text']!r}: {e}"
-                    raise ConfigError(msg) from None
+                seen = []
+                for box in phrase["boxes"]:
+                    share = geometry.crop_share(tuple(box))
+                    if share == 0.0:
+                        skipped.append(SkippedBox(pair.line, pair.image, phrase["text"], tuple(box), _outside_reason(geometry)))
+                    else:
+                        seen.append(box)
+                        n_clipped += share < 1.0
+                if not seen:
+                    continue
+                inside_image = box_weights(seen, geometry)
                 phrase_map = patch_values[rows].sum(0)
                 inside_tokens = np.zeros(len(tokens), dtype=bool)
                 inside_tokens[rows] = True
@@ -185,14 +281,31 @@ def score_run(run_dir: str | Path, annotations_path: str | Path) -> list[PhraseS
                 }.items():
                     values.update({f"{direction}/{name}": score for name, score in grounding_scores(v, inside).items()})
                     chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
-                link = view_link(index, tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(phrase["boxes"][0]))
+                link = view_link(index, tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(seen[0]))
                 scores.append(PhraseScore(index, phrase["text"], label, values, chance, image=pair.image, link=link,
                                           n_phrases=len(labels), shares_class=labels.count(label) > 1,
-                                          caption=pair.caption, span=(int(phrase["start"]), int(phrase["end"]))))
+                                          caption=pair.caption, span=(int(phrase["start"]), int(phrase["end"])),
+                                          line=pair.line, boxes=tuple(tuple(float(v) for v in box) for box in seen)))
     if not scores:
-        msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}"
+        left_out = f" ({len(unmatched)} phrase(s) match no finished pair, {len(skipped)} box(es) lie outside what the model saw)"
+        msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}{left_out}"
         raise ConfigError(msg)
-    return scores
+    return Evaluation(scores, sorted(unmatched, key=lambda u: u.line), skipped, n_clipped)
+
+
+def _outside_reason(geometry: Preprocessing) -> str:
+    x0, y0, x1, y1 = geometry.crop_box
+    width, height = geometry.original_size
+    return (f"wholly outside the part of the image the model saw (x {x0:.4g}..{x1:.4g}, y {y0:.4g}..{y1:.4g} of the "
+            f"{width} x {height} image; the preprocessing cropped the rest)")
+
+
+def phrase_rows(scores: list[PhraseScore]) -> list[dict[str, Any]]:
+    """One record per scored phrase, for ``phrases.jsonl``: where it is (pair, annotation line, image, caption,
+    span), what it is (phrase, class, boxes) and each metric's value and chance level."""
+    return [{"pair": s.pair, "line": s.line, "image": s.image, "caption": s.caption, "phrase": s.phrase,
+             "start": s.span[0], "end": s.span[1], "class": s.label, "boxes": [list(box) for box in s.boxes],
+             **s.values, "chance": s.chance} for s in scores]
 
 
 def misses(scores: list[PhraseScore]) -> list[Miss]:
@@ -236,7 +349,7 @@ def failure_patterns(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, l
 def write_misses(scores: list[PhraseScore], path: Path, *, seed: int = 0) -> dict[str, Any]:
     """Every miss (worst first, see :func:`misses`) and the :func:`failure_patterns`, as ``path`` (JSON)."""
     found = {"misses": [vars(miss) for miss in misses(scores)], "patterns": failure_patterns(scores, seed=seed)}
-    path.write_text(json.dumps(found, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(found, indent=2) + "\n")
     return found
 
 
@@ -261,7 +374,7 @@ def summarize(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, Any]:
             samples = np.array([s.values[key] for s in items])
             low, high = bootstrap_ci(samples, seed=seed)
             chance = float(np.mean([s.chance[key] for s in items]))
-            out[key] = {"mean": float(samples.mean()), "ci95": [low, high], "chance": chance}
+            out[key] = {"mean": float(samples.mean()), "ci95": [low, high], "n": len(items), "chance": chance}
         return out
 
     return {"overall": stats(scores), "per_class": {label: stats(items) for label, items in sorted(groups.items())}}
@@ -275,9 +388,7 @@ def bar_charts(report: dict[str, Any], folder: Path) -> list[Path]:
 def bar_chart(report: dict[str, Any], path: Path, metric: str) -> Path:
     """A bar per class of one metric, with its 95 % interval and its chance level; the overall mean as a line."""
     figure = _chart(report, metric)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format=path.suffix[1:]))
 
 
 def _chart(report: dict[str, Any], metric: str) -> Any:
@@ -297,7 +408,8 @@ def _chart(report: dict[str, Any], metric: str) -> Any:
     axes.hlines([s["chance"] for s in stats], positions - 0.45, positions + 0.45, colors="#2166ac", linestyles=":",
                 linewidth=2, label="chance")
     axes.axhline(report["overall"][metric]["mean"], color="black", linestyle="--", linewidth=1, label="overall mean")
-    axes.set_xticks(positions, labels, rotation=30, ha="right")
+    ticks = [f"{label}\nn={s['n']}{' (too few)' if s['n'] < MIN_N_FOR_INTERVAL else ''}" for label, s in zip(labels, stats)]
+    axes.set_xticks(positions, ticks, rotation=30, ha="right")
     axes.set_ylim(0, 1.05)
     axes.set_ylabel(metric.replace("/", ": ").replace("_", " "))
     figure.legend(loc="outside upper center", ncols=3, frameon=False, fontsize="small")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import shutil
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -65,6 +67,34 @@ def install_file(temporary: Path, target: Path) -> None:
             raise
     finally:
         os.close(descriptor)
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """``write(temporary)`` a file under a temporary name in ``target``'s folder, then install it as ``target``
+    (:func:`install_file`): a failed write, a full disk, leaves an earlier ``target`` as it was.
+
+    Raises:
+        StoreError: the write failed with an OSError (naming ``target``, and the disk when it is full).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(temporary)
+        install_file(temporary, target)
+    except BaseException as e:
+        temporary.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            if is_disk_full(e, target.parent):
+                raise no_space(target, advice="free space, then rerun") from e
+            msg = f"cannot write {target}: {e.strerror or e}"
+            raise StoreError(msg) from e
+        raise
+    return target
+
+
+def write_text_atomically(target: Path, text: str) -> Path:
+    """:func:`write_atomically` of UTF-8 text."""
+    return write_atomically(target, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 # what --overwrite deletes of heatmaps/: the figures render names (render._content: pair000012.png,

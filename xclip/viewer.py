@@ -40,6 +40,7 @@ from PIL import Image
 from xclip.adapters.base import read_image
 from xclip.colours import COLORMAP, CONTOUR, colour_table, outline_mask
 from xclip.errors import ConfigError, XclipError
+from xclip.files import write_atomically, write_text_atomically
 from xclip.geometry import Preprocessing
 from xclip.inputs_read import input_notes
 from xclip.inspection import inputs_read_of_pair
@@ -563,9 +564,9 @@ def export_site(run_dir: str | Path, out: Path, pairs: list[int], data_root: Pat
         "summary": data.summary(), "rows": rows, "failures": data.failures(), "pairs": details, "images": images,
         "contours": contours, "scale": {"value": peak or 1.0, "pairs": len(pairs), "finished": len(pairs)},
     }
-    for name in ASSETS:
-        shutil.copyfile(STATIC / name, out / name)
-    (out / "data.js").write_text(f"window.XCLIP_STATIC = {json.dumps(site)};\n", encoding="utf-8")
+    for name in ASSETS:  # each written under a temporary name, then renamed: a full disk leaves an earlier site whole
+        write_atomically(out / name, lambda temporary, name=name: shutil.copyfile(STATIC / name, temporary))
+    write_text_atomically(out / "data.js", f"window.XCLIP_STATIC = {json.dumps(site)};\n")
     return out / "index.html"
 
 
@@ -575,7 +576,8 @@ def _export_thumbnails(data: RunData, rows: list[dict[str, Any]], out: Path) -> 
     folder = out / "thumbnails"
     folder.mkdir(exist_ok=True)
     for image in sorted({row["image_index"] for row in rows if row["thumbnail"]}):
-        (folder / f"{image}.png").write_bytes(data.thumbnail(image))
+        thumbnail = data.thumbnail(image)
+        write_atomically(folder / f"{image}.png", lambda temporary, thumbnail=thumbnail: temporary.write_bytes(thumbnail))
     for row in rows:
         if row["thumbnail"]:
             row["thumbnail"] = f"thumbnails/{row['image_index']}.png"
