@@ -339,6 +339,28 @@ def test_merge_refuses_unfinished_shards_unless_allowed(shards):
         assert f.attrs["is_partial"] and f["pairs/status"][:].tolist() == [DONE, DONE, PENDING]
 
 
+def test_merge_keeps_an_unrelated_run_byte_identical_unless_overwrite(shards):
+    import hashlib
+
+    target = shards / "run.h5"
+    shutil.copyfile(shards / "shard-00000-of-00002" / "run.h5", target)  # a finished run that is no merge of them
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    expect(["merge", shards], 2, r"run/run.h5 holds a run of 2 finished pairs of model .* \(not a merge of these shards\); "
+                                 r"merging would replace it\. .* pass --overwrite to replace it")
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    expect(["merge", shards, "--overwrite"], 0, r"run.h5")
+    with h5py.File(target, "r") as f:
+        assert len(f["pairs/status"]) == 3
+    expect(["merge", shards], 0, r"run.h5")  # an earlier merge of the same shards is merged again
+    with h5py.File(shards / "shard-00001-of-00002" / "run.h5", "r+") as f:  # as a rerun of one shard with other data
+        f.attrs["data_sha256"] = "0" * 64
+    with h5py.File(shards / "shard-00000-of-00002" / "run.h5", "r+") as f:
+        f.attrs["data_sha256"] = "0" * 64
+    digest = hashlib.sha256(target.read_bytes()).hexdigest()
+    expect(["merge", shards], 2, r"\(a merge of other shards or settings\)")
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
+
+
 def test_merge_refuses_shards_of_two_splits(shards, config):
     assert invoke("attribute", config, "-q", "--shard", "0/3")[0] == 0
     expect(["merge", shards], 1, r"holds shards of different splits \(-of-00002, -of-00003\)")

@@ -433,13 +433,15 @@ def _shard_overrides(shard: str | None) -> list[str]:
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="output directory holding shard-*-of-*/run.h5")],
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="merge shards with unfinished pairs (they stay pending)")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a RUN_DIR/run.h5 that is not an earlier merge of these shards")] = False,
 ) -> None:
     """Concatenate the shards of a run into RUN_DIR/run.h5, for inspect, render and evaluate. Shards must share
-    their settings and be finished (or --allow-partial)."""
+    their settings and be finished (or --allow-partial); a RUN_DIR/run.h5 other than an earlier merge of the
+    same shards is kept unless --overwrite."""
     from xclip.store import merge_shards
 
     with _errors({**STORE_FLAGS, "allow_partial": "--allow-partial"}):
-        merged = merge_shards(run_dir, allow_partial=allow_partial)
+        merged = merge_shards(run_dir, allow_partial=allow_partial, overwrite=overwrite)
     print(merged)
 
 

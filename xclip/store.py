@@ -739,13 +739,15 @@ class RunWriter(RunReader):
         _commit(self._file, self._file[group], indices)
 
 
-def merge_shards(directory: Path, *, allow_partial: bool = False, block: int = 1024) -> Path:
+def merge_shards(directory: Path, *, allow_partial: bool = False, overwrite: bool = False, block: int = 1024) -> Path:
     """Concatenate ``directory/shard-*-of-N/run.h5`` into ``directory/run.h5`` (written to a temporary file,
     then renamed). Pair indices are shifted onto the merged caption and image rows.
 
     Refused with a :class:`StoreError`: shards of different splits, a missing shard, shards made with different
     settings or weights (the differing keys are named), and shards with unfinished pairs unless
-    ``allow_partial`` (their pairs then stay pending in the merged file, which records ``is_partial``).
+    ``allow_partial`` (their pairs then stay pending in the merged file, which records ``is_partial``). A
+    ``directory/run.h5`` that is not an earlier merge of the same shards is refused with a :class:`ConfigError`
+    unless ``overwrite`` (see :func:`_check_merge_target`).
     """
     shards = sorted(directory.glob("shard-*-of-*/run.h5"))
     if not shards:
@@ -763,7 +765,38 @@ def merge_shards(directory: Path, *, allow_partial: bool = False, block: int = 1
         raise StoreError(msg)
     with writer_lock(directory, "xclip merge"):
         _check_shards(shards, allow_partial)
+        if not overwrite:
+            _check_merge_target(directory / RUN_FILE, shards)
         return _merge(directory, shards, allow_partial, block)
+
+
+def _check_merge_target(target: Path, shards: list[Path]) -> None:
+    """Refuse to replace ``target`` unless it is absent or an earlier merge of these shards: merged from the same
+    shard files, with their settings, weights and data, and as many pairs as they hold together."""
+    if not target.exists():
+        return
+    names = [str(path.relative_to(target.parent)) for path in shards]
+    n_pairs = sum(_pair_count(path) for path in shards)
+    try:
+        with h5py.File(target, "r", locking=_HDF5_FILE_LOCKING) as held, _open_run_file(shards[0]) as first:
+            merged_from = json.loads(held.attrs["merged_from"]) if "merged_from" in held.attrs else None
+            if merged_from == names and len(held["pairs/status"]) == n_pairs and all(
+                held.attrs.get(key) == first.attrs.get(key) for key in ("fingerprint", "model_weights_sha256", "data_sha256")
+            ):
+                return
+            model = json.loads(held.attrs["config"])["model"]["name"] if "config" in held.attrs else "?"
+            n_done = int((held["pairs/status"][:] == DONE).sum()) if "pairs/status" in held else 0
+            origin = "a merge of other shards or settings" if merged_from is not None else "not a merge of these shards"
+            held_text = f"a run of {n_done} finished pairs of model {model} ({origin})"
+    except (OSError, KeyError, ValueError) as e:
+        held_text = f"a file xclip cannot read as a run ({e})"
+    msg = f"{target} holds {held_text}; merging would replace it. Merge into another directory, or pass overwrite=True to replace it"
+    raise ConfigError(msg, setting="overwrite")
+
+
+def _pair_count(path: Path) -> int:
+    with _open_run_file(path) as f:
+        return len(f["pairs/status"])
 
 
 def _check_shards(shards: list[Path], allow_partial: bool) -> None:
