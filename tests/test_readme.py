@@ -25,6 +25,7 @@ def test_readme_api_example_runs(tmp_path):
     assert lines[3] == "True"
     assert lines[4] == "12 True"
     assert lines[5] == "pair.pdf (755, 739)" and (tmp_path / "pair.pdf").read_bytes().startswith(b"%PDF-")
+    assert lines[8] == "a blue cat 1 red.png 0"  # a map of attribute(..., pairs=) names what it pairs
 
 
 def section(title: str) -> str:

@@ -790,3 +790,53 @@ def test_a_view_link_written_by_python_opens_that_view(finished_run, driver):  #
         assert driver.find_element(By.ID, "selection-text").text == "red dog"
         patches = json.loads(attribute(driver, "box-patches", "data-patches"))
         assert patches == list(np.flatnonzero(geometry.box_coverage(quarter) > 0)) == [0, 1, 4, 5]
+
+
+@browser
+def test_long_captions_stay_one_line_and_the_pair_stays_in_view(demo_run, driver):
+    """A row shows its caption on one line, cut with an ellipsis, the whole caption on hover; a pair chosen low in
+    the table is drawn where the reader is, not at the top of the page they scrolled away from."""
+    from selenium.webdriver.common.by import By
+
+    captions = file_columns(demo_run)["caption"]
+    with serving(demo_run) as server:
+        driver.get(page_url(server))
+        wait_settled(driver, lambda: len(table(driver)) == 40)
+        cells = driver.find_elements(By.CSS_SELECTOR, "#pairs tbody td.caption")
+        assert [cell.get_attribute("title") for cell in cells] == list(captions)
+        longest = max(cells, key=lambda cell: len(cell.get_attribute("title")))
+        assert driver.execute_script("return arguments[0].scrollWidth > arguments[0].clientWidth", longest)  # cut
+        lines = driver.execute_script("const range = document.createRange(); range.selectNodeContents(arguments[0].firstChild); "
+                                      "return new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size", longest)
+        assert lines == 1
+        assert driver.execute_script("return getComputedStyle(arguments[0]).textOverflow", longest) == "ellipsis"
+
+        last = driver.find_element(By.CSS_SELECTOR, '#pairs tbody tr[data-index="39"]')
+        driver.execute_script("arguments[0].scrollIntoView({block: 'end'})", last)
+        assert driver.execute_script("return window.scrollY") > 0  # the table is longer than the window
+        last.click()
+        wait_settled(driver, lambda: attribute(driver, "pair", "data-index") == "39")
+        top, bottom = driver.execute_script("const r = document.getElementById('pair-title').getBoundingClientRect(); "
+                                            "return [r.top, r.bottom]")
+        assert 0 <= top and bottom <= driver.execute_script("return window.innerHeight")
+
+
+@browser
+def test_a_link_to_a_pair_the_run_lacks_clears_the_page_and_says_so(demo_run, driver):
+    from selenium.webdriver.common.by import By
+
+    with serving(demo_run) as server:
+        url = page_url(server)
+        driver.get(url + "#pair=3")
+        wait_settled(driver, lambda: attribute(driver, "pair", "data-index") == "3")
+        driver.get(url + "#pair=999999")
+        wait_settled(driver, lambda: driver.find_element(By.ID, "notice").text)
+        assert driver.find_element(By.ID, "notice").text == "error: pair 999999 is not a finished pair of this run (40 pairs)"
+        assert not driver.find_element(By.ID, "pair").is_displayed()  # pair 3 is not left drawn under the new address
+        assert attribute(driver, "pair", "data-index") is None
+        assert driver.find_element(By.ID, "placeholder").is_displayed()
+        assert not driver.find_elements(By.CSS_SELECTOR, "#pairs tbody tr.current")
+
+        driver.get(url + "#pair=3")  # and a good link draws again
+        wait_settled(driver, lambda: attribute(driver, "pair", "data-index") == "3")
+        assert driver.find_element(By.ID, "pair").is_displayed() and not driver.find_element(By.ID, "notice").is_displayed()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -279,7 +279,9 @@ class InteractionAttribution:
         image = self.image_contributions(images)
         if pairs is None:
             pairs = [(i, j) for i in range(len(text)) for j in range(len(image))]
-        return interaction_maps(text, image, pairs, logit_scale=self.logit_scale)
+        files = [str(item) if isinstance(item, (str, Path)) else None for item in images]
+        return [replace(result, caption_index=i, image_index=j, image=files[j])
+                for result, (i, j) in zip(interaction_maps(text, image, pairs, logit_scale=self.logit_scale), pairs)]
 
     # --- internals -----------------------------------------------------------------------------------
     def _attribute_tower(
@@ -418,6 +420,7 @@ def interaction_maps(
                     logit_scale=logit_scale,
                     caption_tokens=row.caption_tokens,
                     geometry=column.geometry,
+                    is_caption_truncated=row.is_truncated,
                 )
             )
     return maps

@@ -116,7 +116,7 @@ class ImageRead:
         is_centred = abs(x0 + x1 - width) <= 2 and abs(y0 + y1 - height) <= 2
         where = f"the centre {self.seen_share:.0%}" if is_centred else f"{self.seen_share:.0%}"
         return (f"the model saw {where} of this image (crop {x1 - x0:.0f} x {y1 - y0:.0f} of {width} x {height}): "
-                "the image panel dims the rest, the maps show only the crop")
+                "the maps cover only the crop, the rest of the image is in no map")
 
     def to_dict(self) -> dict[str, object]:
         return {"original_size": list(self.original_size), "crop_box": [float(v) for v in self.crop_box],

@@ -94,6 +94,13 @@ def describe_inputs_read(run: RunReader) -> dict[str, Any]:
     }
 
 
+def inputs_read_report(run_dir: str | Path) -> dict[str, Any]:
+    """:func:`describe_inputs_read` of the run in ``run_dir`` (a run directory or its ``run.h5``): the block a
+    report of the run (``evaluate``'s ``report.json``) carries as ``inputs_read``."""
+    with RunReader(run_dir) as run:
+        return describe_inputs_read(run)
+
+
 def describe_truncated_captions(run: RunReader) -> list[dict[str, Any]]:
     """Finished captions longer than the model's context, each with the tokens and words it read and the rest
     (the first :data:`MAX_TRUNCATED_CAPTIONS_LISTED`; ``xclip inspect`` counts them all)."""

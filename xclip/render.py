@@ -692,7 +692,7 @@ def pair_view(result: InteractionMap, image: Image.Image | str | Path, *, title:
         interactions=result.interactions.detach().double().cpu().numpy(), geometry=result.geometry,
         n_prefix=result.n_prefix, image=result.geometry.model_view(picture), score=result.score,
         four_term_value=result.four_term_value, completeness_error=result.completeness_error, original=picture,
-        map_error_bound=result.map_error_bound, tolerance=tolerance,
+        map_error_bound=result.map_error_bound, tolerance=tolerance, is_truncated=result.is_caption_truncated,
     )
 
 

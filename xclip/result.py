@@ -110,6 +110,10 @@ class InteractionMap(PairNumbers):
         logit_scale: factor applied to interactions and terms (1.0 = plain cosine).
         caption_tokens: the rows as the caption's text, for :meth:`span` (caption-image maps).
         geometry: where the columns' patches lie in the original image, for :meth:`box`.
+        caption_index, image_index: which of the ``captions`` and ``images`` given to
+            :meth:`~xclip.InteractionAttribution.attribute` the map pairs (None for a map made otherwise).
+        image: the image's file as given there (None for an image given as a picture).
+        is_caption_truncated: the caption was longer than the model's context: the rows cover the tokens it read.
     """
 
     interactions: Tensor
@@ -120,6 +124,15 @@ class InteractionMap(PairNumbers):
     logit_scale: float = 1.0
     caption_tokens: CaptionTokens | None = None
     geometry: Preprocessing | None = None
+    caption_index: int | None = None
+    image_index: int | None = None
+    image: str | None = None
+    is_caption_truncated: bool = False
+
+    @property
+    def caption(self) -> str | None:
+        """The caption of a caption-image map, as given (None where the rows are not a caption's)."""
+        return None if self.caption_tokens is None else self.caption_tokens.caption
 
     def span(self, span: str) -> Tensor:
         """``(H, W)``: the summed interactions of a caption span (words of the caption, or token indices

@@ -166,7 +166,10 @@ function tableRow(row) {
   const tr = document.createElement("tr");
   tr.dataset.index = row.index;
   tr.className = row.status + (state.pair && state.pair.index === row.index ? " current" : "");
-  tr.append(textCell(row.index), textCell(row.caption), imageCell(row), textCell(cellNumber(row.score)),
+  const caption = textCell(row.caption);
+  caption.className = "caption";
+  caption.title = row.caption; // the cell shows one line, cut with an ellipsis; the whole caption on hover
+  tr.append(textCell(row.index), caption, imageCell(row), textCell(cellNumber(row.score)),
     textCell(cellNumber(row.relative_completeness_error, 2)), textCell(row.status === "failed" ? `failed: ${row.error}` : row.status));
   tr.addEventListener("click", () => { if (row.status === "done") openPair(row.index); });
   return tr;
@@ -242,7 +245,9 @@ const showPair = tracked(async (index, view = {}) => {
   state.hover = null;
   $("placeholder").hidden = true;
   $("pair").hidden = false;
-  $("pair-title").textContent = `pair ${index}: “${pair.caption}” · ${pair.image}`;
+  // a truncated caption: the words the model read, the cut marked (the rest is shown struck through under the words)
+  const read = pair.unread ? `“${pair.caption.slice(0, pair.read_end)}” ✂ cut at the model's context` : `“${pair.caption}”`;
+  $("pair-title").textContent = `pair ${index}: ${read} · ${pair.image}`;
   setNumber("score", pair.score);
   setNumber("four-term-value", pair.four_term_value);
   setNumber("completeness-error", pair.completeness_error, 3);
@@ -250,6 +255,13 @@ const showPair = tracked(async (index, view = {}) => {
   setNumber("map-error-bound", pair.map_error_bound, 3);
   $("inexact-note").textContent = pair.inexact_note || "";
   $("inexact-note").hidden = !pair.inexact_note;
+  // what the model read: a truncated caption, unknown words, a crop (worded as the figures word them)
+  $("input-notes").replaceChildren(...pair.input_notes.map((note) => {
+    const li = document.createElement("li");
+    li.textContent = note;
+    return li;
+  }));
+  $("input-notes").hidden = !pair.input_notes.length;
   $("terms").textContent = pair.terms.map((t) => format(t)).join(", ");
   $("terms").dataset.value = JSON.stringify(pair.terms);
   for (const tr of $("pairs").querySelectorAll("tbody tr")) tr.classList.toggle("current", Number(tr.dataset.index) === index);
@@ -282,12 +294,18 @@ function openPair(index) {
   showPair(index).then(() => writeLink(true)).catch(showError);
 }
 
+// what hovering a chip explains beyond its map: an unknown word's map is its unknown token's ("" for other chips)
+function chipTitle(chip) {
+  return chip.unknown ? `the tokenizer did not know “${chip.text}”: the model read its unknown token, and this map is that token's, not the word's` : "";
+}
+
 function buildCaption() {
   const caption = $("caption");
   caption.replaceChildren(...state.pair.chips.map((chip, position) => {
     const span = document.createElement("span");
-    span.className = "chip" + (chip.special ? " special" : "");
+    span.className = "chip" + (chip.special ? " special" : "") + (chip.unknown ? " unknown" : "");
     span.textContent = chip.text;
+    span.title = chipTitle(chip);
     span.dataset.position = position;
     span.dataset.rows = chip.rows.join(",");
     span.addEventListener("mousedown", (event) => {
@@ -305,6 +323,9 @@ function buildCaption() {
     });
     return span;
   }));
+  // the tail the model's context cut off: shown struck through after the words it read; it is in no map
+  $("unread-text").textContent = state.pair.unread;
+  $("unread").hidden = !state.pair.unread;
   caption.onmouseleave = () => { state.hover = null; drawMap(); };
 }
 
@@ -375,7 +396,27 @@ async function halfrange(values) {
     return state.runScale.value;
   }
   if (mode === "fixed") return Number($("fixed-scale").value) || 1;
+  const note = await tinyMapNote();
+  $("scale-note").textContent = note || "";
+  $("scale-note").hidden = !note;
+  if (note) return state.runScale.value;
   return values.reduce((peak, v) => Math.max(peak, Math.abs(v)), 0) || 1;
+}
+
+// a map this much smaller than the run's largest is drawn on the run's scale: stretched to the full colour range, its
+// noise would read as strong interactions
+const TINY_MAP_SHARE = 0.01;
+
+// why "this map" uses the run's scale for the pair shown, or null where it stretches the map to its own peak
+async function tinyMapNote() {
+  const words = state.pair.chips.filter((chip) => !chip.special);
+  const allUnknown = words.length > 0 && words.every((chip) => chip.unknown);
+  if (!state.runScale) state.runScale = await api("api/scale");
+  const peak = state.pair.map_peak, run = state.runScale.value;
+  const scales = `(±${format(peak, 2)} at most, the run's token maps ±${format(run, 2)})`;
+  if (allUnknown) return `every word of this caption is unknown to the tokenizer: its map ${scales} is drawn on the run's scale, not stretched to the full colour range`;
+  if (peak < TINY_MAP_SHARE * run) return `this map is tiny next to the run's ${scales}: it is drawn on the run's scale, not stretched to the full colour range`;
+  return null;
 }
 
 // bilinear interpolation of the values (never of colours: every pixel gets a colour of the bar)
@@ -498,7 +539,7 @@ function showBoxValues() {
     for (const element of chips) {
       element.style.background = "";
       element.style.color = "";
-      element.removeAttribute("title");
+      element.title = chipTitle(state.pair.chips[Number(element.dataset.position)]);
       delete element.dataset.value;
     }
     return;
@@ -516,7 +557,7 @@ function showBoxValues() {
     element.style.background = fill;
     element.style.color = (r + g + b) / 3 > 110 ? "#000" : "#fff";
     element.dataset.value = String(values[k]);
-    element.title = `interaction with the box: ${format(values[k])}`;
+    element.title = [`interaction with the box: ${format(values[k])}`, chipTitle(state.pair.chips[k])].filter(Boolean).join("\n");
   });
   drawScale($("box-legend-bar"), h, "box-legend-low", "box-legend-high");
   $("box-patches").textContent = patches.length;
@@ -571,7 +612,26 @@ function followLink() {
   state.link = hash;
   notify("");
   const view = readLink(hash);
-  if (view) showPair(view.pair, view).then(() => writeLink()).catch(showError);
+  if (!view) {
+    clearPair();
+    return;
+  }
+  const request = pairRequests + 1; // showPair's own number: a failure clears the page only if no newer pair was asked for
+  showPair(view.pair, view).then(() => writeLink()).catch((error) => {
+    if (request === pairRequests) clearPair();
+    showError(error);
+  });
+}
+
+// no pair drawn: what a link that names none shows, rather than the previous pair under a new address
+function clearPair() {
+  ++pairRequests;
+  state.pair = null;
+  state.hover = null;
+  $("pair").hidden = true;
+  delete $("pair").dataset.index;
+  $("placeholder").hidden = false;
+  for (const tr of $("pairs").querySelectorAll("tbody tr.current")) tr.classList.remove("current");
 }
 
 // --- messages --------------------------------------------------------------------------------------------
