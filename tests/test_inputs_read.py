@@ -168,3 +168,15 @@ def test_api_maps_name_the_caption_and_image_they_pair_and_draw_a_cut_caption_so
     crossed = attributor.attribute(["a blue square", LONG], [picture])  # the default: every caption with every image
     assert [(m.caption_index, m.image_index) for m in crossed] == [(0, 0), (1, 0)]
     assert figure(maps[0], wide).input_warnings == [TRUNCATION_NOTE, CROP_NOTE]
+
+
+def test_evaluate_reports_what_the_model_read(wide_run, tmp_path):
+    run_dir, _ = wide_run
+    line = {"image": "wide.png", "caption": "a blue square",  # the scene's square, moved with it to the canvas' middle
+            "phrases": [{"text": "blue square", "start": 2, "end": 13, "boxes": [[65, 22, 85, 42]], "class": "square"}]}
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(line) + "\n")
+    code, _ = invoke("evaluate", run_dir, "-a", tmp_path / "annotations.jsonl", "--out", tmp_path / "evaluation")
+    report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
+    assert code == 0 and report["inputs_read"] == inputs_read_report(run_dir)
+    assert [item["index"] for item in report["inputs_read"]["truncated_captions"]] == [1]
+    assert report["inputs_read"]["cropped_images"]["images"] == [{"image": "wide.png", "seen_share": pytest.approx(1 / 3)}]

@@ -638,6 +638,7 @@ def evaluate(
     its paired difference from the second-order maps, in OUT/baselines.json."""
     from xclip.evaluation import DIRECTIONS, METRICS, bar_charts, evaluate_annotations, phrase_rows, summarize, write_misses
     from xclip.files import write_text_atomically
+    from xclip.inspection import inputs_read_report
 
     if annotations is None and baselines is None:
         _print_error("nothing to evaluate: give --annotations (grounding), --baselines (faithfulness, and grounding with annotations) or both")
@@ -653,6 +654,7 @@ def evaluate(
             report["unmatched_phrases"] = [vars(u) for u in evaluation.unmatched_phrases]
             report["skipped_boxes"] = [{**vars(b), "box": list(b.box)} for b in evaluation.skipped_boxes]
             report["clipped_boxes"] = evaluation.n_clipped_boxes
+            report["inputs_read"] = inputs_read_report(run_dir)  # truncated captions, unknown words, crops (xclip.inputs_read)
             write_text_atomically(folder / "report.json", json.dumps(report, indent=2) + "\n")
             write_text_atomically(folder / "phrases.jsonl", "".join(json.dumps(row) + "\n" for row in phrase_rows(scores)))
             charts = bar_charts(report, folder)
