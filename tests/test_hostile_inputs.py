@@ -8,20 +8,26 @@ problem.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.synchronize
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from conftest import make_images
 from typer.testing import CliRunner
 
 import xclip
 from xclip.cli import EXIT_OK, EXIT_USAGE, app
 from xclip.config import MAX_CONFIG_BYTES, MAX_NESTING_DEPTH, load_config
 from xclip.errors import ConfigError
+from xclip.layouts import Calibration, PanelLayout, cache_file, path_settings, save_calibration, weights_fingerprint
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPOSITORY / "configs" / "demo.yaml"
@@ -126,3 +132,70 @@ def test_an_output_directory_that_cannot_hold_a_run_is_named(directory: str, pro
     assert code != EXIT_OK
     assert problem in output
     assert "keep taking and releasing" not in output  # the lock's message after 100 attempts, which misled
+
+
+# --- the layout cache -----------------------------------------------------------------------------------------
+def _calibration(number: int) -> Calibration:
+    settings = path_settings(text_layer=-1, image_layer=-1, image_reference="noise", text_filler=None, blur_radius=16.0,
+                             reference_seed=number)
+    return Calibration(settings=settings, text=(0.25, 0.5), image=(0.5,), measured={"saved_by": number})
+
+
+def _save_many(path: Path, first: int, count: int, start: multiprocessing.synchronize.Barrier) -> None:
+    start.wait()
+    for number in range(first, first + count):
+        save_calibration(path, SimpleNamespace(name="stub"), _calibration(number), fingerprint="f" * 16)
+
+
+def test_calibrations_ending_together_keep_each_others_layouts(tmp_path: Path) -> None:
+    path = tmp_path / "layouts.json"
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(3)
+    savers = [context.Process(target=_save_many, args=(path, first, 40, start)) for first in (0, 1000, 2000)]
+    for saver in savers:
+        saver.start()
+    for saver in savers:
+        saver.join(60)
+        assert saver.exitcode == 0
+    saved = json.loads(path.read_text())["calibrations"]
+    assert sorted(entry["settings"]["reference_seed"] for entry in saved) == [*range(40), *range(1000, 1040), *range(2000, 2040)]
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_killed_saves_temporary_file_is_removed_and_a_failed_save_leaves_none(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "layouts.json"
+    left_by_a_kill = tmp_path / ".layouts.json.tmp-4194303"  # a save killed between writing and renaming
+    left_by_a_kill.write_text('{"format": 1, "calibr')
+    save_calibration(path, SimpleNamespace(name="stub"), _calibration(1), fingerprint="f" * 16)
+    assert not left_by_a_kill.exists()
+
+    def full_disk(temporary: Path, target: Path) -> None:
+        raise OSError(28, "No space left on device", str(temporary))
+
+    monkeypatch.setattr("xclip.layouts.install_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_calibration(path, SimpleNamespace(name="stub"), _calibration(2), fingerprint="f" * 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".layouts.json.lock", "layouts.json"]
+    assert len(json.loads(path.read_text())["calibrations"]) == 1  # the earlier file is whole
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    (lambda entry: "{not json", "cannot read layout file"),
+    (lambda entry: json.dumps({"fingerprint": entry["fingerprint"], "calibrations": [{**entry["calibrations"][0], "text": 5}]}), "is damaged"),
+    (lambda entry: json.dumps({"fingerprint": entry["fingerprint"], "calibrations": [{k: v for k, v in entry["calibrations"][0].items() if k != "text"}]}), "is damaged: its layout for .* has no 'text'"),
+    (lambda entry: json.dumps({"fingerprint": entry["fingerprint"], "calibrations": "all of them"}), "is not an xclip layout file"),
+])
+def test_a_damaged_layout_cache_is_skipped_with_one_warning(tmp_path: Path, model_dirs, damage, problem: str) -> None:
+    model = xclip.load_model(model_dirs["clip"], device="cpu")
+    reference = xclip.InteractionAttribution(model, n_steps=2, tolerance=None)
+    cached = cache_file(weights_fingerprint(model))
+    save_calibration(cached, model, Calibration(settings=reference.path_settings, text=(0.3,), image=(0.3,)))
+    assert xclip.InteractionAttribution(model).panel_layout.is_calibrated  # the whole file is found and used
+    cached.write_text(damage(json.loads(cached.read_text())))
+    with pytest.warns(UserWarning) as caught:
+        attributor = xclip.InteractionAttribution(model)
+    assert len(caught) == 1
+    assert str(cached) in str(caught[0].message) and re.search(problem, str(caught[0].message))
+    assert attributor.panel_layout == PanelLayout()
+    maps = attributor.attribute(["a red dog"], make_images(1))  # the attribution goes on, with the default layout
+    assert maps[0].interactions.shape == reference.attribute(["a red dog"], make_images(1))[0].interactions.shape

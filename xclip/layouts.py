@@ -9,9 +9,11 @@ layers and references). ``InteractionAttribution(panel_layout="auto")`` then fin
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from xclip.core.quadrature import DEFAULT_BREAKPOINTS, check_breakpoints
 from xclip.errors import ConfigError
 from xclip.files import install_file
 from xclip.loading import shipped_model
+from xclip.locking import update_lock
 
 LAYOUT_FILE = "xclip-layouts.json"
 LAYOUT_CACHE_VARIABLE = "XCLIP_LAYOUT_CACHE"
@@ -158,10 +161,18 @@ def layout_from_file(path: Path, fingerprint: str, settings: dict[str, Any], *, 
         raise ConfigError(msg, setting="panel_layout")
     for entry in contents["calibrations"]:
         if isinstance(entry, dict) and entry.get("settings") == settings:
-            return PanelLayout(text=tuple(entry["text"]), image=tuple(entry["image"]), source=str(path))
+            try:
+                return PanelLayout(text=tuple(entry["text"]), image=tuple(entry["image"]), source=str(path))
+            except KeyError as e:
+                problem = f"no {e.args[0]!r}"
+            except (TypeError, ValueError, ConfigError) as e:
+                problem = str(e)
+            msg = f"layout file {path} is damaged: its layout for {_describe(settings)} has {problem}"
+            raise ConfigError(msg, setting="panel_layout")
     if not strict:
         return None
-    known = "; ".join(_describe(entry.get("settings", {})) for entry in contents["calibrations"] if isinstance(entry, dict))
+    known = "; ".join(_describe(entry["settings"]) for entry in contents["calibrations"]
+                      if isinstance(entry, dict) and isinstance(entry.get("settings"), dict))
     msg = f"layout file {path} holds no layout for {_describe(settings)} (it holds: {known or 'none'})"
     raise ConfigError(msg, setting="panel_layout")
 
@@ -176,28 +187,41 @@ def find_layout(model: DualEncoderAdapter, settings: dict[str, Any], fingerprint
     fingerprint = fingerprint or weights_fingerprint(model)
     for path in (beside if has_beside else None, cache_file(fingerprint)):
         if path is not None and path.is_file():
-            found = layout_from_file(path, fingerprint, settings, strict=False)
+            try:
+                found = layout_from_file(path, fingerprint, settings, strict=False)
+            except ConfigError as e:  # a file found, not named: its damage must not stop every attribution
+                warnings.warn(f"{e}; it is skipped and the default layout used (xclip calibrate writes it anew)", stacklevel=2)
+                continue
             if found is not None:
                 return found
     return PanelLayout()
 
 
 def save_calibration(path: Path, model: DualEncoderAdapter, calibration: Calibration, fingerprint: str | None = None) -> None:
-    """Add a calibration to a layout file (replacing one for the same settings); written atomically."""
+    """Add a calibration to a layout file (replacing one for the same settings); written atomically, under a lock
+    (:func:`xclip.locking.update_lock`), so that calibrations ending together keep each other's layouts."""
     fingerprint = fingerprint or weights_fingerprint(model)
-    contents: dict[str, Any] = {"format": FORMAT_VERSION, "model": model.name, "fingerprint": fingerprint, "calibrations": []}
-    if path.is_file():
-        contents = read_layout_file(path)
-        if contents["fingerprint"] != fingerprint:
-            msg = f"layout file {path} belongs to other weights (fingerprint {contents['fingerprint']}); choose another --output"
-            raise ConfigError(msg, setting="output")
     entry = asdict(calibration)
     entry["text"], entry["image"] = list(calibration.text), list(calibration.image)
-    contents["calibrations"] = [e for e in contents["calibrations"] if e.get("settings") != calibration.settings] + [entry]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(contents, indent=2) + "\n", encoding="utf-8")
-    install_file(temporary, path)
+    with update_lock(path) as is_locked:
+        contents: dict[str, Any] = {"format": FORMAT_VERSION, "model": model.name, "fingerprint": fingerprint, "calibrations": []}
+        if path.is_file():
+            contents = read_layout_file(path)
+            if contents["fingerprint"] != fingerprint:
+                msg = f"layout file {path} belongs to other weights (fingerprint {contents['fingerprint']}); choose another --output"
+                raise ConfigError(msg, setting="output")
+        contents["calibrations"] = [e for e in contents["calibrations"]
+                                    if isinstance(e, dict) and e.get("settings") != calibration.settings] + [entry]
+        if is_locked:  # no other save is under way, so a temporary file still here is a killed save's
+            for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+                stale.unlink(missing_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            temporary.write_text(json.dumps(contents, indent=2) + "\n", encoding="utf-8")
+            install_file(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)  # a failed write leaves nothing (after the rename there is nothing)
 
 
 def _describe(settings: dict[str, Any]) -> str:

@@ -64,6 +64,26 @@ def writer_lock(directory: Path, command: str = "") -> Iterator[None]:
                 directory.rmdir()
 
 
+@contextmanager
+def update_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock for a read-modify-write of the small file ``path`` (a layout file), waiting while
+    another process holds it: ``flock`` on ``.NAME.lock`` beside it. That file stays (removing it would let a
+    waiting process lock a file no longer at the path). Yields whether the lock is held: False on a file system
+    without locks, where concurrent updates keep the last one's contents."""
+    descriptor = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            is_locked = True
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            is_locked = False
+        yield is_locked
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
 def _lock_step(step: str) -> None:
     """Called between the lock's steps (``opened``, ``locked``, ``releasing``): the race tests pause here."""
 
