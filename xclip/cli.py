@@ -167,7 +167,7 @@ def attribute(
     if not quiet:
         table = Table(title="xclip attribute", show_header=False)
         for key, value in result.items():
-            table.add_row(key.replace("_", " "), f"{value:.3g}" if isinstance(value, float) else str(value))
+            table.add_row(key.replace("_", " "), _summary_cell(value))
         stderr.print(table)
     # failures are printed even with --quiet: cron and Slurm logs must say what went wrong
     for failure in summary.failures[: None if verbose else 5]:
@@ -241,7 +241,7 @@ def calibrate(
         table.add_row(tower, breakpoints, str(measured["inputs"]),
                       f"{measured['default_passes_mean']:.1f} / {measured['default_passes_max']}",
                       f"{measured['passes_mean']:.1f} / {measured['passes_max']}")
-    Console(width=max(110, Console().width)).print(table)
+    _print_table(Console(), table)
     print(target)
 
 
@@ -761,13 +761,19 @@ def _evaluate_baselines(run_dir: Path, annotations: Path | None, folder: Path, n
         print(chart)
 
 
+def _summary_cell(value: object) -> str:
+    """A value of a summary table: ``-`` where there is none (no finished pair to take a median of)."""
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def _print_table(console: Console, table: Table) -> None:
     """Print ``table`` at the console's width: Rich may wrap a cell at its spaces, but each column is at least as
     wide as its longest word (a number, an interval's end, ``n=12``), so no number is cut or folded."""
     for column in table.columns:
         words = [word for cell in column.cells for word in str(cell).split()]
         column.min_width = max((len(word) for word in words), default=1)
-        column.overflow = "fold"  # a header word wider than its column
     console.print(table)
 
 
