@@ -184,8 +184,17 @@ def test_render_and_evaluate_refuse_a_box_outside_the_crop(finished_run, tmp_pat
     annotations = tmp_path / "annotations.jsonl"
     annotations.write_text(json.dumps({"image": "img0.png", "caption": "a red dog", "phrases": [
         {"text": "dog", "start": 6, "end": 9, "boxes": [[46, 0, 50, 40]]}]}) + "\n")
-    code, output = invoke("evaluate", finished_run, "-a", annotations)
-    assert code == 2 and "phrase 'dog': box 46,0,50,40 lies wholly outside" in " ".join(output.split())
+    code, output = invoke("evaluate", finished_run, "-a", annotations)  # its only box is outside: nothing to score
+    assert code == 2 and "line 1: phrase 'dog': box 46,0,50,40 on img0.png lies wholly outside" in " ".join(output.split())
+    # beside a phrase the model saw, the box is skipped and listed, and the other phrase is scored
+    annotations.write_text(json.dumps({"image": "img0.png", "caption": "a red dog", "phrases": [
+        {"text": "dog", "start": 6, "end": 9, "boxes": [[46, 0, 50, 40]]},
+        {"text": "red", "start": 2, "end": 5, "boxes": [[10, 10, 30, 30]]}]}) + "\n")
+    code, output = invoke("evaluate", finished_run, "-a", annotations, "--out", tmp_path / "report")
+    assert code == 0 and "1 box(es) lie wholly outside" in " ".join(output.split())
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [(b["phrase"], b["box"]) for b in report["skipped_boxes"]] == [("dog", [46, 0, 50, 40])]
+    assert report["overall"]["n_phrases"] == 1
 
 
 def test_a_result_carries_its_tokens_and_geometry_through_save_and_load(tmp_path):

@@ -679,20 +679,13 @@ def evaluate(
                             target=baseline_target, game=game, n_points=curve_points, limit=limit, seed=seed, quiet=quiet)
 
 
-def _left_out_lines(evaluation: Any, limit: int | None) -> list[str]:
-    """``annotations line N: phrase 'x' (caption | image): reason`` of the unmatched phrases, then the skipped
-    boxes, ``limit`` of each."""
-    lines = [f"line {u.line}: phrase {u.phrase!r} of {u.caption!r} on {u.image}: {u.reason}"
-             for u in evaluation.unmatched_phrases[:limit]]
-    lines += [f"line {b.line}: box {list(b.box)} of phrase {b.phrase!r} on {b.image}: {b.reason}" for b in evaluation.skipped_boxes[:limit]]
-    return lines
-
-
 def _refuse_left_out(evaluation: Any, annotations: Path) -> None:
     """--strict: an error naming the first unmatched phrases and skipped boxes, before anything is written."""
+    from xclip.evaluation import left_out_lines
+
     n_unmatched, n_skipped = len(evaluation.unmatched_phrases), len(evaluation.skipped_boxes)
     if n_unmatched or n_skipped:
-        first = "; ".join(_left_out_lines(evaluation, 3))
+        first = "; ".join(left_out_lines(evaluation.unmatched_phrases, evaluation.skipped_boxes, 3))
         msg = (f"--strict: {n_unmatched} annotated phrase(s) of {annotations} match no finished pair and {n_skipped} box(es) "
                f"lie wholly outside what the model saw (first: {first}); nothing was written")
         raise ConfigError(msg)
@@ -701,6 +694,8 @@ def _refuse_left_out(evaluation: Any, annotations: Path) -> None:
 def _print_left_out(evaluation: Any, annotations: Path) -> None:
     """A warning with the count and the first 5 of the phrases and boxes evaluate could not score, and the
     count of boxes partly outside what the model saw."""
+    from xclip.evaluation import left_out_lines
+
     n_unmatched, n_skipped = len(evaluation.unmatched_phrases), len(evaluation.skipped_boxes)
     if n_unmatched:
         stderr.print(f"[yellow]warning[/]: {n_unmatched} annotated phrase(s) of {escape(str(annotations))} match no finished "
@@ -708,7 +703,7 @@ def _print_left_out(evaluation: Any, annotations: Path) -> None:
     if n_skipped:
         stderr.print(f"[yellow]warning[/]: {n_skipped} box(es) lie wholly outside the part of the image the model saw and "
                      "were skipped (report.json lists all, as skipped_boxes):", soft_wrap=True)
-    for line in _left_out_lines(evaluation, 5):
+    for line in left_out_lines(evaluation.unmatched_phrases, evaluation.skipped_boxes, 5):
         stderr.print(f"  {escape(line)}", soft_wrap=True)
     if evaluation.n_clipped_boxes:
         stderr.print(f"note: {evaluation.n_clipped_boxes} box(es) lie partly outside what the model saw: scored by the part "

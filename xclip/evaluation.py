@@ -287,10 +287,21 @@ def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> E
                                           caption=pair.caption, span=(int(phrase["start"]), int(phrase["end"])),
                                           line=pair.line, boxes=tuple(tuple(float(v) for v in box) for box in seen)))
     if not scores:
-        left_out = f" ({len(unmatched)} phrase(s) match no finished pair, {len(skipped)} box(es) lie outside what the model saw)"
-        msg = f"no finished pair of {run_file_path(run_dir)} matches an annotation (same image path and caption) in {annotations_path}{left_out}"
+        first = "; ".join(left_out_lines(unmatched, skipped, 3))
+        msg = (f"no phrase of {annotations_path} could be scored on {run_file_path(run_dir)}: {len(unmatched)} phrase(s) "
+               f"match no finished pair (same image path and caption) or no word the model read, {len(skipped)} box(es) "
+               f"lie wholly outside what the model saw" + (f" (first: {first})" if first else ""))
         raise ConfigError(msg)
     return Evaluation(scores, sorted(unmatched, key=lambda u: u.line), skipped, n_clipped)
+
+
+def left_out_lines(unmatched: list[UnmatchedPhrase], skipped: list[SkippedBox], limit: int | None) -> list[str]:
+    """``line N: phrase 'x' of 'caption' on image: reason`` of the unmatched phrases, then the skipped boxes,
+    ``limit`` of each."""
+    lines = [f"line {u.line}: phrase {u.phrase!r} of {u.caption!r} on {u.image}: {u.reason}" for u in unmatched[:limit]]
+    lines += [f"line {b.line}: phrase {b.phrase!r}: box {','.join(f'{v:g}' for v in b.box)} on {b.image} lies {b.reason}"
+              for b in skipped[:limit]]
+    return lines
 
 
 def _outside_reason(geometry: Preprocessing) -> str:
