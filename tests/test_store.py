@@ -314,6 +314,18 @@ def test_without_file_locks_an_exclusive_record_is_the_lock(tmp_path, monkeypatc
     assert "being written by process 1 on h since s (C)" in Writer(directory, "D").finish()  # never taken over
 
 
+def test_a_run_is_read_by_xclip_and_plain_h5py_at_once_in_one_process(shards):
+    # HDF5 refuses a second open of a file in one process with other locking flags ("file locking flag values
+    # don't match"): xclip's readers open as plain h5py does, so a notebook can hold both, in either order
+    from xclip.store import RunReader
+
+    run_file = shards / "shard-00000-of-00002" / "run.h5"
+    with RunReader(run_file.parent) as run, h5py.File(run_file, "r") as plain:
+        assert plain["pairs/status"][:].tolist() == run.status("pairs").tolist() == [DONE, DONE]
+    with h5py.File(run_file, "r") as plain, RunReader(run_file.parent) as run:
+        assert run.interactions(0).shape[1] == plain["pairs/interactions"].shape[2]
+
+
 # --- merges -------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def shards(tmp_path, config):

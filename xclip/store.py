@@ -49,11 +49,11 @@ _PAIR_ERROR = h5py.string_dtype("utf-8", 100)  # "caption 3 failed: ..." (the in
 _NOTE = h5py.string_dtype("utf-8", 200)
 _TOKEN = h5py.string_dtype("utf-8", 48)
 # fault injection for the crash tests: SIGKILL this process inside the N-th write to run.h5 after it opens
-# HDF5's own file lock stays off, for writers as for readers: xclip's writer lock (xclip.locking) already admits
-# one writer per run directory, and HDF5's lock fails outright where the file system has no locks (ENOLCK: NFS
-# without a lock daemon), where xclip's lock falls back to its O_EXCL record. Passed to each h5py.File rather than
-# set as HDF5_USE_FILE_LOCKING: an environment variable would change every HDF5 file of the user's process, and
-# only works if set before HDF5 reads it.
+# HDF5's own file lock stays off for writers: xclip's writer lock (xclip.locking) already admits one writer per run
+# directory, and HDF5's lock fails outright where the file system has no locks (ENOLCK: NFS without a lock daemon),
+# where xclip's lock falls back to its O_EXCL record. Passed to each h5py.File rather than set as
+# HDF5_USE_FILE_LOCKING: an environment variable would change every HDF5 file of the user's process, and only works
+# if set before HDF5 reads it. Readers open as plain h5py does (see _open_for_reading).
 _HDF5_FILE_LOCKING = False
 _KILL_AT_WRITE = "XCLIP_TEST_KILL_AT_WRITE"
 
@@ -225,14 +225,26 @@ def _reserve(path: Path) -> None:
         os.close(descriptor)
 
 
+def _open_for_reading(path: Path) -> h5py.File:
+    """Open an HDF5 file for reading with HDF5's default file locking, as a user's own ``h5py.File(path)`` does:
+    HDF5 refuses to open one file twice in a process with different locking flags, so a reader that differed
+    would break a notebook that also reads the run with plain h5py (or serves the viewer). Where the lock fails
+    (ENOLCK), or the file is already open here without locking (a writer of this process), it opens without.
+    Writers (xclip.locking) take no HDF5 lock, so a reader's shared lock never blocks them."""
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", locking=False)
+
+
 def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
     """Open ``run.h5``; a clear :class:`StoreError` for missing or damaged files."""
     if not path.is_file():
         msg = f"no run file at {path}"
         raise StoreError(msg)
     try:
-        if mode == "r":  # readers take no lock, so that render and inspect work on a run that is still being written
-            f = h5py.File(path, mode, locking=_HDF5_FILE_LOCKING)
+        if mode == "r":
+            f = _open_for_reading(path)
         elif os.environ.get(_KILL_AT_WRITE):
             f = h5py.File(_KillingFile(path, int(os.environ[_KILL_AT_WRITE])), mode, locking=_HDF5_FILE_LOCKING)
         else:
@@ -778,7 +790,7 @@ def _check_merge_target(target: Path, shards: list[Path]) -> None:
     names = [str(path.relative_to(target.parent)) for path in shards]
     n_pairs = sum(_pair_count(path) for path in shards)
     try:
-        with h5py.File(target, "r", locking=_HDF5_FILE_LOCKING) as held, _open_run_file(shards[0]) as first:
+        with _open_for_reading(target) as held, _open_run_file(shards[0]) as first:
             merged_from = json.loads(held.attrs["merged_from"]) if "merged_from" in held.attrs else None
             if merged_from == names and len(held["pairs/status"]) == n_pairs and all(
                 held.attrs.get(key) == first.attrs.get(key) for key in ("fingerprint", "model_weights_sha256", "data_sha256")
