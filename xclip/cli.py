@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -996,7 +995,4 @@ def _print_error(message: str) -> None:
 
 def main() -> None:
     """Console entry point."""
-    # torch warns about its own use of torch.jit.script the first time forward-mode AD runs: nothing a user
-    # of xclip can act on, and it would sit in every log
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     app()

@@ -89,7 +89,9 @@ class HFDualEncoder(DualEncoderAdapter):
             captions, padding=self.padding, truncation=True, max_length=self.max_text_positions, return_tensors="pt",
             return_offsets_mapping=True, return_special_tokens_mask=True, split_special_tokens=True,
         )
-        untruncated = self.tokenizer(captions, truncation=False, split_special_tokens=True)["input_ids"]
+        # verbose=False: the untruncated ids only measure where the cut falls; the tokenizer's warning that such a
+        # sequence "will result in indexing errors" would contradict the truncation the model is given
+        untruncated = self.tokenizer(captions, truncation=False, split_special_tokens=True, verbose=False)["input_ids"]
         input_ids = encoded["input_ids"]
         special = encoded["special_tokens_mask"].bool()
         unknown = self.tokenizer.unk_token_id  # CLIP's tokenizer names EOS its unknown token: only content counts

@@ -22,6 +22,8 @@ one block pass (:func:`_pooled_block_tangents`). The feature-pair matrix of the 
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -91,6 +93,7 @@ def contributions(
     if internal_batch_size < 1:
         msg = f"internal_batch_size must be at least 1, got {internal_batch_size}"
         raise ValueError(msg)
+    _prepare_forward_ad()
     n_inputs, n_positions, _ = hidden.shape
     shared_reference = reference
     reference = reference.expand_as(hidden)
@@ -129,6 +132,16 @@ def contributions(
         start, end = start.to(accumulate_dtype), end.to(accumulate_dtype)
         integral = quadrature.integrate(weighted_sum, primitive, start, end, n_positions=n_positions)
     return PathContributions(integral.values, start, end, integral.n_nodes, integral.n_endpoints, integral.map_error)
+
+
+@functools.cache
+def _prepare_forward_ad() -> None:
+    """Run one tiny jvp with torch's ``torch.jit.script`` deprecation warning silenced: torch scripts its
+    forward-AD decompositions on the first jvp of a process and warns about its own use of jit, which a user of
+    xclip can do nothing about and which would sit in every log. Later jvps script nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
 
 
 def _embed_reference(upper: UpperEncoder, reference: Tensor, positions: Positions, n_inputs: int, *, normalize: bool) -> Tensor:
