@@ -12,7 +12,7 @@ def test_public_names():
     assert sorted(xclip.__all__) == sorted(
         [
             "ConfigError", "Contributions", "DualEncoderAdapter", "InputError", "InteractionAttribution",
-            "InteractionMap", "ModelFamilyError", "PairNumbers", "StoreError", "XclipError", "__version__",
+            "InteractionMap", "ModelFamilyError", "PairNumbers", "RunUnavailable", "StoreError", "XclipError", "__version__",
             "get_adapter_cls", "interaction_map", "interaction_maps", "list_families", "load_model", "pair_numbers",
             "quadrature",
         ]

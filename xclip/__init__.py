@@ -9,7 +9,7 @@ if TYPE_CHECKING:  # the names for type checkers; at run time they load on first
     from xclip.adapters import DualEncoderAdapter, get_adapter_cls, list_families
     from xclip.attribution import InteractionAttribution, interaction_map, interaction_maps, pair_numbers
     from xclip.core.quadrature import quadrature
-    from xclip.errors import ConfigError, InputError, ModelFamilyError, StoreError, XclipError
+    from xclip.errors import ConfigError, InputError, ModelFamilyError, RunUnavailable, StoreError, XclipError
     from xclip.loading import load_model
     from xclip.result import Contributions, InteractionMap, PairNumbers
 
@@ -29,6 +29,7 @@ _LAZY = {
     "InputError": "xclip.errors",
     "ModelFamilyError": "xclip.errors",
     "StoreError": "xclip.errors",
+    "RunUnavailable": "xclip.errors",
     "XclipError": "xclip.errors",
     "load_model": "xclip.loading",
     "Contributions": "xclip.result",
@@ -45,6 +46,7 @@ __all__ = [
     "InteractionMap",
     "ModelFamilyError",
     "PairNumbers",
+    "RunUnavailable",
     "StoreError",
     "XclipError",
     "__version__",

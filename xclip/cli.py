@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from xclip.errors import ConfigError, XclipError
+from xclip.errors import ConfigError, RunUnavailable, XclipError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 CALIBRATION_SEED = 60_000
@@ -965,11 +965,12 @@ def _errors(names: dict[str, str] | None = None) -> Iterator[None]:
             message = e.naming((names or {})[e.setting])
         else:
             message = str(e)
-        if isinstance(e, ConfigError):
+        if isinstance(e, (ConfigError, RunUnavailable)):  # refused before anything was read or written
             _print_error(message)
             raise typer.Exit(EXIT_USAGE) from None
         if isinstance(e, XclipError):
-            _print_error(f"{message}\n(set XCLIP_DEBUG=1 for a traceback)")
+            # a traceback helps only where the message wraps an error of a library (a model that fails to load)
+            _print_error(f"{message}\n(set XCLIP_DEBUG=1 for a traceback)" if e.__cause__ is not None else message)
             raise typer.Exit(EXIT_ERROR) from None
         if isinstance(e, OSError) and e.errno is not None:  # the system's: a full disk, a permission
             _print_error(f"{e.strerror}: {e.filename or ''} (errno {e.errno}){' ' + repr(e.filename2) if e.filename2 else ''}")

@@ -53,6 +53,12 @@ class StoreError(XclipError):
     """A run directory or HDF5 file that cannot be read or written."""
 
 
+class RunUnavailable(StoreError):
+    """A run directory that cannot be used as given: no run file there, a path that is no directory or cannot
+    hold files, or one that another live process is writing. Refused before anything was read or written: a
+    wrong path or a second writer, not a fault of a file."""
+
+
 def hint_unknown_arguments(renamed: dict[str, str]) -> Callable[[F], F]:
     """Make a function's TypeError for an unknown keyword argument say what to write instead: the new name of
     a renamed one (``renamed``: old -> new), else the closest parameter name."""

@@ -20,7 +20,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from xclip.errors import StoreError
+from xclip.errors import RunUnavailable, StoreError
 from xclip.files import DISK_FULL
 
 LOCK_FILE = ".writer.lock"
@@ -97,7 +97,7 @@ def _take_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
             directory.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
             msg = f"{directory} is a file, not a directory: a run directory holds run.h5 and its figures; choose another directory"
-            raise StoreError(msg) from None
+            raise RunUnavailable(msg) from None
         is_writable = True
         try:
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -129,7 +129,7 @@ def _take_lock(directory: Path, holder: dict[str, Any]) -> Callable[[], None]:
         return functools.partial(_release_lock, path, descriptor)
     if cannot_hold_files:
         msg = f"{directory} cannot hold a run: no file can be created in it (creating {path} fails with 'No such file or directory'); choose another directory"
-        raise StoreError(msg)
+        raise RunUnavailable(msg)
     msg = f"cannot take the writer lock {path}: other processes keep taking and releasing it"
     raise StoreError(msg)
 
@@ -186,7 +186,7 @@ def _release_lock(path: Path, descriptor: int) -> None:
         os.close(descriptor)
 
 
-def _refusal(directory: Path, path: Path, *, is_kept: bool = False) -> StoreError:
+def _refusal(directory: Path, path: Path, *, is_kept: bool = False) -> RunUnavailable:
     """The refusal of a held lock, naming its holder from the record in ``path``."""
     current = _lock_holder(path) or {"pid": "?", "host": "?", "started": "just now", "command": ""}
     ending = (f"If that process is gone, delete {path} (this file system has no file locks, so its lock outlives it)"
@@ -196,7 +196,7 @@ def _refusal(directory: Path, path: Path, *, is_kept: bool = False) -> StoreErro
         f"{current.get('started')} ({current.get('command') or 'xclip attribute'}): wait for it to finish or stop it "
         f"(its finished items are kept). {ending}"
     )
-    return StoreError(msg)
+    return RunUnavailable(msg)
 
 
 def _lock_holder(path: Path) -> dict[str, Any] | None:

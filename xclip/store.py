@@ -30,7 +30,7 @@ import numpy as np
 
 from xclip import schema
 from xclip.digests import FileIdentity, has_changed
-from xclip.errors import ConfigError, StoreError
+from xclip.errors import ConfigError, RunUnavailable, StoreError
 from xclip.files import DISK_FULL, install_file, is_disk_full, no_space, size_text
 from xclip.locking import writer_lock
 from xclip.geometry import Preprocessing
@@ -241,7 +241,7 @@ def _open_run_file(path: Path, mode: str = "r") -> h5py.File:
     """Open ``run.h5``; a clear :class:`StoreError` for missing or damaged files."""
     if not path.is_file():
         msg = f"no run file at {path}"
-        raise StoreError(msg)
+        raise RunUnavailable(msg)
     try:
         if mode == "r":
             f = _open_for_reading(path)
