@@ -1,10 +1,12 @@
-"""Hostile input to the public API: saved maps that are damaged or foreign are refused with one clear error."""
+"""Hostile input to the public API and the viewer's server: saved maps that are damaged or foreign, and requests
+that name another origin or an index no run has. Each is refused with one clear error, never a traceback."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import socket
 import zipfile
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_bad_inputs import finished_run  # noqa: F401  (a fixture)
+from test_viewer import ask, serving
 
 from xclip import InteractionMap, StoreError
 from xclip.geometry import Preprocessing
@@ -170,3 +174,56 @@ def test_big_endian_arrays_load_as_native_tensors(tmp_path):
     rewrite(saved, tmp_path / "swapped.npz", interactions=interactions.astype(">f8"), terms=terms.astype(">f8"))
     loaded = InteractionMap.load(tmp_path / "swapped.npz")
     assert torch.equal(loaded.interactions, torch.from_numpy(interactions)) and torch.equal(loaded.terms, torch.from_numpy(terms))
+
+
+# --- the viewer's server ---------------------------------------------------------------------------------------------
+def raw_request(port: int, request: str) -> tuple[int, bytes]:
+    """Send ``request`` as it is (http.client cannot send an absolute-form target); the status and the body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.sendall(request.encode("latin-1"))
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def test_an_index_no_run_has_is_not_found_without_a_traceback(finished_run, capfd):  # noqa: F811
+    long = "9" * 5000  # past int()'s 4,300 digits
+    indices = (long, "1" + "0" * 18, "0" * 5000, "007", "-" + long, "1e3")  # finished_run has 2 pairs
+    with serving(finished_run) as server:
+        port = server.server_address[1]
+        for index in indices:
+            for route in (f"/api/pair/{index}", f"/api/pair/{index}/image.png", f"/api/pair/{index}/contours.png",
+                          f"/api/image/{index}/thumb.png?v=0"):
+                status, body = ask(port, route)
+                assert status == 404 and "not" in json.loads(body)["error"], (index[:20], route)
+                assert len(body) < 300  # the answer names the address, cut short
+        assert ask(port, "/api/pair/0")[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_request_line_naming_another_origin_is_refused(finished_run):  # noqa: F811
+    with serving(finished_run) as server:
+        port = server.server_address[1]
+        own = f"127.0.0.1:{port}"
+        for target in ("http://evil.example/", "http://evil.example/api/run", f"http://evil.example:{port}/api/pair/0",
+                       f"http://{own}.evil.example/api/run", f"http://user@{own}/api/run", f"https://{own}/api/run",
+                       f"HTTP://127.0.0.1:{port + 1}/api/run"):
+            status, body = raw_request(port, f"GET {target} HTTP/1.1\r\nHost: {own}\r\nConnection: close\r\n\r\n")
+            assert status == 421 and list(json.loads(body)) == ["error"], target  # no data of the run
+            assert "this server answers only" in json.loads(body)["error"], target
+        for request in (f"GET /api/run HTTP/1.1\r\nHost: {own}\r\nHost: evil.example\r\n",  # two Hosts
+                        "GET /api/run HTTP/1.0\r\n",  # none
+                        f"GET http://{own}/api/run HTTP/1.1\r\nHost: evil.example\r\n"):  # the target's own, the Host not
+            status, body = raw_request(port, request + "Connection: close\r\n\r\n")
+            assert status == 421 and list(json.loads(body)) == ["error"], request
+        for target in ("*", own):  # asterisk and authority forms name no page
+            status, body = raw_request(port, f"GET {target} HTTP/1.1\r\nHost: {own}\r\nConnection: close\r\n\r\n")
+            assert status == 400 and "not a page address" in json.loads(body)["error"], target
+        for target, host in ((f"http://{own}/api/run", own), (f"http://LOCALHOST:{port}/api/run", f"localhost:{port}"),
+                             ("/api/run", f"[::1]:{port}")):
+            status, body = raw_request(port, f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+            assert status == 200 and json.loads(body)["run"] == "run", target
+        status, body = raw_request(port, f"GET http://{own}/api/pairs?limit=1 HTTP/1.1\r\nHost: {own}\r\nConnection: close\r\n\r\n")
+        assert status == 200 and len(json.loads(body)["rows"]) == 1  # the query of an absolute-form target is read

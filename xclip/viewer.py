@@ -10,10 +10,11 @@ The run file holds zeros, not NaN, in the numbers of pairs that are not done (th
 never written, see :mod:`xclip.store`): the viewer reads them as missing, so that unfinished pairs neither sort
 among nor pass filters as finished ones, and show no value.
 
-The server answers only pages of its own origin (the ``Host`` a browser sends for ``127.0.0.1:PORT`` or
-``localhost:PORT``), so a site whose name is rebound to 127.0.0.1 cannot read the run. Its answers hold no
-absolute path of the machine (the run folder by its name, the data root cut from failure reasons), it serves
-images only from inside the data root, and it drops clients that stall or leave without a traceback.
+The server answers only requests for its own origin (one ``Host``, the one a browser sends for ``127.0.0.1:PORT``
+or ``localhost:PORT``, and the same authority in an absolute-form request line), so a site whose name is rebound
+to 127.0.0.1 cannot read the run. Its answers hold no absolute path of the machine (the run folder by its name,
+the data root cut from failure reasons), it serves images only from inside the data root, it answers an index
+that is none of the run's with 404, and it drops clients that stall or leave without a traceback.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlparse
+from urllib.parse import parse_qs, quote
 
 import numpy as np
 from PIL import Image
@@ -74,12 +75,21 @@ THUMBNAIL_SIDE = 80  # the table shows thumbnails at 40 px: twice that stays sha
 THUMBNAIL_CACHE = "private, max-age=31536000, immutable"
 RUN_SCALE_SAMPLE = 256
 SOCKET_TIMEOUT_S = 10.0  # a client silent this long, mid-request or mid-answer, is disconnected
+# the most digits an index in an address may have: no run holds 10**18 items, and every shorter decimal fits int64
+MAX_INDEX_DIGITS = 18
+# an absolute-form request target (RFC 9112 3.2.2): scheme, authority, then the path and query
+ABSOLUTE_FORM = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?]*)(.*)", re.DOTALL)
 
 
 class NotFound(ConfigError):
     """A pair or image that is not a finished one of the run, an index that is not one, or a thumbnail address
     that names another picture: the server answers 404 (an image file that is not there raises
     :class:`xclip.store.MissingImage`, also answered 404)."""
+
+
+class Misdirected(ConfigError):
+    """A request for another origin: its ``Host``, or the authority of its absolute-form target, is not this
+    server's own address (as a page of a site whose name was rebound to 127.0.0.1 sends it). Answered 421."""
 
 
 class OutsideDataRoot(ConfigError):
@@ -441,14 +451,9 @@ class _Handler(BaseHTTPRequestHandler):
     data: RunData  # set, with ``timeout``, on the subclass made by ``make_server``
 
     def do_GET(self) -> None:  # noqa: N802  (the standard library's name)
-        if not self._is_own_host():
-            port = self.server.server_address[1]
-            msg = f"this server answers only http://127.0.0.1:{port}/ and http://localhost:{port}/, not Host {self.headers.get('Host')!r}"
-            self._json({"error": msg}, HTTPStatus.MISDIRECTED_REQUEST)
-            return
-        url = urlparse(self.path)
-        parts = [p for p in url.path.split("/") if p]
         try:
+            path, query = self._own_target()
+            parts = [p for p in path.split("/") if p]
             if not parts:
                 self._file("index.html")
             elif len(parts) == 1 and parts[0] in ASSETS:
@@ -460,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif parts == ["api", "run"]:
                 self._json(self.data.summary())
             elif parts == ["api", "pairs"]:
-                self._json(self.data.pairs(PairQuery.from_params(parse_qs(url.query))))
+                self._json(self.data.pairs(PairQuery.from_params(parse_qs(query))))
             elif parts == ["api", "failures"]:
                 self._json(self.data.failures())
             elif parts == ["api", "scale"]:
@@ -471,22 +476,45 @@ class _Handler(BaseHTTPRequestHandler):
                 image, contours = self.data.image(_index(parts[2]))
                 self._send(image if parts[3] == "image.png" else contours, "image/png")
             elif len(parts) == 4 and parts[:2] == ["api", "image"] and parts[3] == "thumb.png":
-                version = parse_qs(url.query).get("v", [""])[0]
+                version = parse_qs(query).get("v", [""])[0]
                 self._send(self.data.thumbnail(_index(parts[2]), version), "image/png", cache=THUMBNAIL_CACHE)
             else:
-                self._json({"error": f"no such page: {url.path}"}, HTTPStatus.NOT_FOUND)
+                self._json({"error": f"no such page: {path}"}, HTTPStatus.NOT_FOUND)
         except XclipError as e:
-            status = {NotFound: HTTPStatus.NOT_FOUND, MissingImage: HTTPStatus.NOT_FOUND,
-                      OutsideDataRoot: HTTPStatus.FORBIDDEN}.get(type(e), HTTPStatus.BAD_REQUEST)
+            status = {NotFound: HTTPStatus.NOT_FOUND, MissingImage: HTTPStatus.NOT_FOUND, OutsideDataRoot: HTTPStatus.FORBIDDEN,
+                      Misdirected: HTTPStatus.MISDIRECTED_REQUEST}.get(type(e), HTTPStatus.BAD_REQUEST)
             self._json({"error": self.data.public(str(e))}, status)
 
-    def _is_own_host(self) -> bool:
-        """Whether the request names this server's own address: a page of a site whose name was rebound to
-        127.0.0.1 (DNS rebinding) sends that name, and is refused."""
+    def _own_target(self) -> tuple[str, str]:
+        """The path and query of a request for this server's own origin.
+
+        A page of a site whose name was rebound to 127.0.0.1 (DNS rebinding) sends that name as ``Host``, and a
+        request line may name an authority of its own (``GET http://evil.example/ HTTP/1.1``, which HTTP says
+        outranks ``Host``): both must name this server, and ``Host`` must be sent once.
+
+        Raises:
+            Misdirected: either names another origin.
+            ConfigError: the target is no page address (``*``, ``host:port``).
+        """
         host, port = self.server.server_address[:2]
-        names = (host, "localhost")
+        names = (host, "localhost", "[::1]")  # loopback names only: a name that DNS answers could be rebound
         own = {f"{name}:{port}" for name in names} | (set(names) if port == 80 else set())  # browsers leave out :80
-        return self.headers.get("Host", "").lower() in own
+        refusal = f"this server answers only http://{host}:{port}/ and http://localhost:{port}/"
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1 or hosts[0].lower() not in own:
+            named = f"Host {hosts[0][:100]!r}" if len(hosts) == 1 else f"{len(hosts)} Host headers"
+            raise Misdirected(f"{refusal}, not {named}")
+        target = self.path.partition("#")[0]
+        absolute = ABSOLUTE_FORM.fullmatch(target)
+        if absolute:
+            scheme, authority, target = absolute.groups()
+            if scheme.lower() != "http" or authority.lower() not in own:
+                raise Misdirected(f"{refusal}, not {scheme[:20]}://{authority[:100]}")
+            target = target or "/"
+        if not target.startswith("/"):
+            raise ConfigError(f"not a page address: {self.path[:100]!r}")
+        path, _, query = target.partition("?")
+        return path, query
 
     def _file(self, name: str) -> None:
         self._send((STATIC / name).read_bytes(), ASSETS[name])
@@ -515,9 +543,12 @@ class _Server(ThreadingHTTPServer):
 
 
 def _index(text: str) -> int:
-    # int() would also take " 7", "+7", "7_0" and other scripts' digits: the page sends plain decimals only
-    if not re.fullmatch(r"-?[0-9]+", text):
-        raise NotFound(f"not an index: {text!r}")
+    """An index as the page writes it, a plain decimal: :class:`NotFound` for anything else. int() would also
+    take " 7", "+7", "7_0", "007" (a second address of one thumbnail) and other scripts' digits, and refuses more
+    than 4,300 digits with a ValueError."""
+    if not re.fullmatch(rf"0|[1-9][0-9]{{0,{MAX_INDEX_DIGITS - 1}}}", text):
+        shown = text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
+        raise NotFound(f"not an index of this run: {shown!r}")
     return int(text)
 
 
