@@ -1,5 +1,6 @@
 """Inputs identified by content and stored results guarded by checksums: a changed image is attributed again
-(or refused where a map of it is drawn), zeroed bytes in a run file are found when read."""
+(or refused where a map of it is drawn), zeroed bytes in a run file are found when read. An image edited in place
+that keeps its size and modification time is found only with ``data.verify: always``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def test_a_file_changes_with_its_content_not_its_time(tmp_path):
     path.write_bytes(b"abd")  # same size, other bytes
     os.utime(path, ns=(recorded.mtime_ns, recorded.mtime_ns))  # even with the old time restored...
     assert not has_changed(path, recorded)  # ...size and time agree: the cheap check trusts them (as make does)
+    assert has_changed(path, recorded, verify="always")  # data.verify: always reads the bytes
     os.utime(path, ns=(recorded.mtime_ns + 1, recorded.mtime_ns + 1))
     assert has_changed(path, recorded)
     path.unlink()
@@ -105,3 +107,69 @@ def test_the_viewer_refuses_the_picture_of_an_image_that_changed(tmp_path, model
     Image.new("RGB", (50, 40), "white").save(tmp_path / "images" / name)
     with pytest.raises(ConfigError, match=rf"image {name} of pair 0 changed since it was attributed"):
         data.image(0)
+
+
+def uncompressed_project(tmp_path, model_dirs, *overrides):
+    """A finished run whose PNGs are stored uncompressed, so that other pixels of the same size take the same bytes."""
+    config = write_config(tmp_path, model_dirs["clip"])
+    jsonl_folder(tmp_path, '{"file_name": "img1.png", "text": "a red dog"}')
+    for image in (tmp_path / "images").glob("*.png"):
+        Image.open(image).convert("RGB").save(image, compress_level=0)
+    assert run(load_config(config, list(overrides))).n_done == 3
+    return config
+
+
+def edit_in_place_keeping_size_and_time(path):
+    """Other pixels, the same size in bytes, the old modification time restored (as ``cp -p`` or ``rsync -t`` leave
+    a file)."""
+    before = os.stat(path)
+    width, height = Image.open(path).size
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path, compress_level=0)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert file_identity(path).sha256 != stored_digest(path.parents[1] / "run", path.name)
+
+
+def stored_digest(run_dir, name):
+    with RunReader(run_dir) as stored:
+        return stored.image_file(stored.image_paths().index(name)).sha256
+
+
+def test_by_default_an_image_edited_in_place_keeping_size_and_time_is_trusted(tmp_path, model_dirs):
+    """The documented consequence of ``data.verify: changed``: the resume keeps the old picture's results, and render
+    draws its map over the new picture without a word."""
+    config = uncompressed_project(tmp_path, model_dirs)
+    stale = stored_results(tmp_path / "run")[2]
+    edit_in_place_keeping_size_and_time(tmp_path / "images" / "img1.png")
+    summary = run(load_config(config, ["data.verify=changed"]))
+    assert summary.changed_images == [] and summary.n_done == 0 and summary.n_skipped == 3
+    np.testing.assert_array_equal(stored_results(tmp_path / "run")[2], stale)
+    code, output = invoke("render", tmp_path / "run", "--pair", "1")  # pair 1 is of img1.png
+    assert code == 0, output
+
+
+def test_verify_always_finds_an_image_edited_in_place_on_resume_and_names_it(tmp_path, model_dirs):
+    config = uncompressed_project(tmp_path, model_dirs)  # made with the default: verify may change between runs
+    stale = stored_results(tmp_path / "run")[2]
+    edit_in_place_keeping_size_and_time(tmp_path / "images" / "img1.png")
+    expect(["attribute", config, "data.verify=always", "-q"], 0, r"attributed again: 1 image\(s\) whose files changed .*\(img1\.png\)")
+    scores = stored_results(tmp_path / "run")[2]
+    assert scores[0] == stale[0] and np.abs(scores[1:] - stale[1:]).max() > 1e-3  # img1's two pairs, and only they
+    assert run(load_config(config, ["data.verify=always"])).changed_images == []  # recorded anew
+
+
+def test_render_of_a_run_made_with_verify_always_refuses_an_image_edited_in_place(tmp_path, model_dirs):
+    uncompressed_project(tmp_path, model_dirs, "data.verify=always")
+    edit_in_place_keeping_size_and_time(tmp_path / "images" / "img1.png")
+    expect(["render", tmp_path / "run", "--pair", "1"], 2, r"image img1\.png of pair 1 changed since it was attributed")
+
+
+def test_verify_is_not_a_setting_a_resume_must_match(tmp_path):
+    config = write_config(tmp_path, "xclip:demo")
+    fingerprints = {load_config(config, [f"data.verify={verify}"]).result_fingerprint() for verify in ("changed", "always")}
+    assert len(fingerprints) == 1 and "verify" not in fingerprints.pop()
+    assert load_config(config, ["data.verify=always"]).data.verify == "always"
+    (tmp_path / "run.yaml").write_text((tmp_path / "run.yaml").read_text().replace("  format:", "  verify: sometimes\n  format:"))
+    with pytest.raises(ConfigError, match=r"run\.yaml:\d+: data\.verify: Input should be 'changed' or 'always' \(got 'sometimes'\)"):
+        load_config(config)

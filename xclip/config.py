@@ -23,6 +23,7 @@ from xclip.core.quadrature import (
     Rule,
     check_quadrature,
 )
+from xclip.digests import Verify
 from xclip.geometry import ImageResize
 from xclip.errors import ConfigError
 from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
@@ -90,6 +91,10 @@ class DataConfig(_Section):
     csv_caption_key: str = "title"
     queries: list[str] = Field(default_factory=list, description="captions crossed with every image")
     limit: int | None = Field(None, ge=1, strict=True, description="use only the first N pairs (after pairing) and the inputs they need")
+    verify: Verify = Field(
+        "changed", description="how a resume, render and the viewer tell that an image file changed: changed (hash a file "
+        "only when its size or modification time differ from the run's record) or always (hash every file)"
+    )
 
 
 class PairingConfig(_Section):
@@ -163,7 +168,8 @@ class RunConfig(_Section):
         Paths are left out, so that a project moved as a whole (config, data, run directory) still resumes: the
         data are identified by their contents (the run file's ``data_sha256``) and a local checkpoint by its
         weights (``model_weights_sha256``)."""
-        exclude = {"image": {"crop_warning"}, "output": {"render", "directory"}, "runtime": {"batch_size", "num_workers"}, "data": {"root", "metadata"}}
+        exclude = {"image": {"crop_warning"}, "output": {"render", "directory"}, "runtime": {"batch_size", "num_workers"},
+                   "data": {"root", "metadata", "verify"}}  # verify: how changed images are found, not what results are
         keep = self.model_dump(mode="json", exclude=exclude)
         if Path(self.model.name).is_absolute():  # a local checkpoint, resolved by load_config
             keep["model"].pop("name")

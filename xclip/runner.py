@@ -20,7 +20,7 @@ from xclip.config import RunConfig
 from xclip.data import Dataset, read_dataset
 from xclip.files import install_file, remove_run_outputs
 from xclip.locking import writer_lock
-from xclip.digests import FileIdentity, file_identity, has_changed
+from xclip.digests import FileIdentity, Verify, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.identity import RunIdentity, check_resumable, identify_run, provenance
 from xclip.inspection import describe_accuracy, describe_crops, describe_failures, describe_truncated_captions, describe_unknown_words
@@ -109,7 +109,7 @@ def _run_locked(
     if not run_path.exists():
         _create_run_file(run_path, config, dataset, attributor, identity, command, progress)
     with RunWriter(run_path) as run:
-        changed = _redo_changed_images(run, config.data.root.resolve())
+        changed = _redo_changed_images(run, config.data.root.resolve(), config.data.verify)
         n_skipped = int((run.status(PAIRS) == DONE).sum())
         check = _FiniteCheck(attributor.model)
         for stage in (_caption_stage, _image_stage, _pair_stage):
@@ -125,14 +125,14 @@ def _run_locked(
     return summary
 
 
-def _redo_changed_images(run: RunWriter, root: Path) -> list[str]:
+def _redo_changed_images(run: RunWriter, root: Path, verify: Verify) -> list[str]:
     """Finished images whose files changed since they were attributed (or are gone), marked pending again with
-    their pairs; their paths."""
+    their pairs; their paths. ``verify`` is ``data.verify``: see :func:`xclip.digests.has_changed`."""
     paths = run.image_paths()
     done = np.flatnonzero(run.status(IMAGES) == DONE)
     sizes, times, digests = (run.column(IMAGES, name) for name in (FILE_SIZE, MTIME_NS, SHA256))  # read once
     changed = [int(i) for i in done
-               if has_changed(root / paths[i], FileIdentity(int(sizes[i]), int(times[i]), digests[i].decode()))]
+               if has_changed(root / paths[i], FileIdentity(int(sizes[i]), int(times[i]), digests[i].decode()), verify=verify)]
     run.redo_images(changed)
     return [paths[i] for i in changed]
 

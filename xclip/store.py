@@ -680,14 +680,15 @@ class RunReader:
 
         Raises:
             MissingImage: no file there (the data moved: name the images' new folder).
-            ConfigError: the file changed since it was attributed, so the stored map is of another picture.
+            ConfigError: the file changed since it was attributed, so the stored map is of another picture (found
+                as the run's ``data.verify``, the one it was created with, says).
         """
         stored = self.image_path(image)
         path = self.data_root(data_root) / stored
         if not path.is_file():
             msg = f"image {path}{owner} is not there: was the data moved? give the images' new folder"
             raise MissingImage(msg, setting="data_root")
-        if has_changed(path, self.image_file(image)):
+        if has_changed(path, self.image_file(image), verify=self.settings.data.verify):
             msg = (f"image {stored}{owner} changed since it was attributed (its content differs from the digest in the "
                    "run file): its map is of the old picture; resume the run to attribute it again")
             raise ConfigError(msg)
