@@ -581,6 +581,37 @@ def test_hub_id_not_in_the_cache_offline(tmp_path, model_dirs, monkeypatch):
     expect(["attribute", config], 1, r"cannot load model 'nobody/no-such-clip': it is not a local directory, and offline .* must already be in the Hugging Face cache")
 
 
+def test_hub_id_without_network_says_how_to_fail_at_once(tmp_path, monkeypatch):
+    # online, with no network: huggingface_hub retries for about 50 s before transformers gives up; the error then
+    # says how to load from the cache at once. The hub's answer is planted as its client raises it, chained
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from xclip.adapters import hf
+
+    class ConnectError(Exception):  # the HTTP client's (httpx or requests, by version): known by its name
+        pass
+
+    def unreachable(*args, **kwargs):
+        try:
+            try:
+                raise ConnectError("[Errno -2] Name or service not known")
+            except ConnectError as e:
+                raise LocalEntryNotFoundError("cannot find the requested files in the disk cache") from e
+        except LocalEntryNotFoundError as e:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from e
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hf, "from_pretrained", unreachable)
+    jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
+    output = expect(["attribute", write_config(tmp_path, "nobody/no-such-clip")], 1,
+                    r"cannot load model 'nobody/no-such-clip': We couldn't connect .* without network set HF_HUB_OFFLINE=1 "
+                    r"or model.local_files_only: true to load from the cache at once")
+    assert "XCLIP_DEBUG" in output  # the message wraps the hub client's error: its traceback can help
+    monkeypatch.setattr(hf, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("nobody/no-such-clip is not a repository")))
+    output = expect(["attribute", write_config(tmp_path, "nobody/no-such-clip")], 1, r"is not a repository")
+    assert "HF_HUB_OFFLINE" not in output  # reached, and answered: no hint about the network
+
+
 def test_checkpoint_of_another_family(tmp_path, model_dirs):
     jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
     (tmp_path / "bert").mkdir()

@@ -181,7 +181,7 @@ def _load_adapter(name_or_path: str | Path, *, revision: str | None, dtype: str 
                 f"download it once with network access, or name a local checkpoint ({str(e).splitlines()[0]})"
             )
         else:
-            msg = f"cannot load model {source!r}: {e}"
+            msg = f"cannot load model {source!r}: {e}{_offline_hint(e)}"
         if source in SHIPPED_MODELS:  # "demo": a hub id to transformers, but surely meant the shipped model
             msg += f"\n(the shipped model is called {SHIPPED_PREFIX}{source})"
         raise ModelFamilyError(msg) from e
@@ -192,6 +192,21 @@ def _load_adapter(name_or_path: str | Path, *, revision: str | None, dtype: str 
         msg = f"cannot load model {source!r}: {problem}"
         raise ModelFamilyError(msg) from e
     return adapter_cls(model.to(torch_device), preprocessing, name=source, revision=revision)
+
+
+def _offline_hint(error: BaseException) -> str:
+    """A line on how to fail fast offline, where loading failed because the Hugging Face hub could not be
+    reached (huggingface_hub's ``LocalEntryNotFoundError``, or a connection error anywhere in the chain of
+    causes): without network each try waits through the hub client's retries, about 50 s; else ''."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if type(cause).__name__ in ("LocalEntryNotFoundError", "ConnectError", "ConnectionError", "ConnectTimeout"):
+            return ("\n(the Hugging Face hub could not be reached, after retries: without network set HF_HUB_OFFLINE=1 "
+                    "or model.local_files_only: true to load from the cache at once, or name a local checkpoint)")
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 def _weights_problem(error: Exception, directory: Path | None) -> str | None:
@@ -317,7 +332,7 @@ def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str
         elif _is_offline(local_files_only) and not Path(str(pretrained or "")).is_file() and not model_name.startswith("local-dir:"):
             msg = f"cannot load model {source!r} offline: its weights must already be in the Hugging Face cache ({str(e).splitlines()[0]})"
         else:
-            msg = f"cannot load model {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            msg = f"cannot load model {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{_offline_hint(e)}"
         raise ModelFamilyError(msg) from e
     return loaded
 
@@ -354,7 +369,7 @@ def _hub_snapshot(repository: str, revision: str | None, local_files_only: bool)
     except (OSError, ValueError) as e:  # huggingface_hub's errors derive from these
         where = "in the Hugging Face cache (offline)" if _is_offline(local_files_only) else "on the hub"
         at = f" at revision {revision!r}" if revision else ""
-        msg = f"cannot load model 'hf-hub:{repository}'{at}: not found {where} ({str(e).splitlines()[0]})"
+        msg = f"cannot load model 'hf-hub:{repository}'{at}: not found {where} ({str(e).splitlines()[0]}){_offline_hint(e)}"
         raise ModelFamilyError(msg) from e
     return config.parent
 
