@@ -4,6 +4,7 @@ settings only, and `xclip calibrate` feeds `xclip attribute` end to end."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import h5py
@@ -85,14 +86,19 @@ def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs
     assert xclip.InteractionAttribution(model, panel_layout="default").panel_layout == PanelLayout()
 
 
-def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache):
+def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatch):
     write_demo_folder(tmp_path, 6)
     checkpoint = demo_copy(tmp_path)
     config = write_config(tmp_path / "run.yaml", str(checkpoint), attribution={"n_steps": None})
 
+    monkeypatch.setattr("xclip.cli.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
     result = runner.invoke(app, ["calibrate", str(config), "--inputs", "6", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    # stderr is no terminal here, as under Slurm: plain lines say the work goes on, tower by tower
+    for tower in ("text", "image"):
+        counts = [int(n) for n in re.findall(rf"^calibrating {tower}: (\d+) layouts tried$", result.stderr, flags=re.M)]
+        assert len(counts) > 1 and counts == sorted(counts), result.stderr
     assert report["layout_file"].startswith(str(_layout_cache))
     for tower in ("text", "image"):
         measured = report["measured"][tower]
@@ -113,6 +119,7 @@ def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache):
     # --beside writes into the checkpoint folder, where the layout travels with it
     result = runner.invoke(app, ["calibrate", str(config), "--inputs", "2", "--beside", "-q"])
     assert result.exit_code == 0, result.output
+    assert "calibrating" not in result.stderr  # --quiet
     assert (checkpoint / LAYOUT_FILE).is_file()
 
 

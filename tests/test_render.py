@@ -433,3 +433,17 @@ def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  #
         figure(result, image, box=(0, 0, 500, 500))
     with pytest.raises(ConfigError, match="does not occur in the caption"):
         figure(result, image, span="zebra")
+
+
+def test_render_counts_the_pairs_left_beyond_its_limit_and_logs_progress(finished_run, tmp_path):  # noqa: F811
+    written, output = render(finished_run, "--limit", "2", "--out", tmp_path / "two")
+    flat = " ".join(output.split())
+    assert [p.name for p in written] == ["pair000000.png", "pair000001.png"]
+    assert "drew the first 2 finished pairs (--limit 2); 1 later finished pairs were not drawn" in flat
+    assert "figures: 1/2" in flat and "figures: 2/2" in flat  # stderr is no terminal here: plain progress lines
+    written, output = render(finished_run, "--span", "red", "--limit", "1", "--out", tmp_path / "span", "-q")
+    flat = " ".join(output.split())
+    assert [p.name for p in written] == ["pair000000_span-red.png"]
+    assert "2 later finished pairs (not checked for the span) were not drawn" in flat and "figures:" not in flat
+    written, output = render(finished_run, "--out", tmp_path / "all")
+    assert len(written) == 3 and "not drawn" not in output

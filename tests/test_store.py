@@ -361,7 +361,8 @@ def test_merge_keeps_an_unrelated_run_byte_identical_unless_overwrite(shards):
     expect(["merge", shards], 2, r"run/run.h5 holds a run of 2 finished pairs of model .* \(not a merge of these shards\); "
                                  r"merging would replace it\. .* pass --overwrite to replace it")
     assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
-    expect(["merge", shards, "--overwrite"], 0, r"run.h5")
+    expect(["merge", shards, "--overwrite"], 0, r"shards: 1/2 shards: 2/2 .*run.h5")  # progress lines in logs
+    assert "shards:" not in expect(["merge", shards, "-q"], 0, r"run.h5")
     with h5py.File(target, "r") as f:
         assert len(f["pairs/status"]) == 3
     expect(["merge", shards], 0, r"run.h5")  # an earlier merge of the same shards is merged again

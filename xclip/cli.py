@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,6 +23,7 @@ from rich.table import Table
 from xclip.errors import ConfigError, RunUnavailable, XclipError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+LOG_INTERVAL_S = 30.0  # in logs, the longest silence of work whose length is not known in advance (calibrate)
 CALIBRATION_SEED = 60_000
 INEXACT_PAIR_HINT = (
     "For exact maps of these pairs, attribute their captions and images again with a tighter "
@@ -268,9 +270,21 @@ def _model_config(model: str, data: Path | None, folder: Path, n_inputs: int) ->
 
 @contextmanager
 def _plain_progress(quiet: bool, unit: str) -> Iterator[Any]:
-    """A spinner-like count on a terminal, nothing in logs or when quiet: for work of unknown length."""
-    if quiet or not stderr.is_terminal:
+    """A spinner-like count on a terminal; in logs (Slurm, cron) a line when a stage starts and then at most every
+    LOG_INTERVAL_S seconds, so that long work never looks hung; nothing when quiet. For work of unknown length."""
+    if quiet:
         yield None
+        return
+    if not stderr.is_terminal:
+        last: dict[str, float] = {}
+
+        def log(stage: str, done: int) -> None:
+            now = time.monotonic()
+            if stage not in last or now - last[stage] >= LOG_INTERVAL_S:
+                last[stage] = now
+                print(f"calibrating {stage}: {done} {unit}", file=sys.stderr, flush=True)
+
+        yield log
         return
     with Progress(TextColumn("{task.description}"), TextColumn("{task.completed} " + unit), console=stderr, transient=True) as bar:
         tasks: dict[str, Any] = {}
@@ -433,21 +447,24 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="output directory holding shard-*-of-*/run.h5")],
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="merge shards with unfinished pairs (they stay pending)")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a RUN_DIR/run.h5 that is not an earlier merge of these shards")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
 ) -> None:
     """Concatenate the shards of a run into RUN_DIR/run.h5, for inspect, render and evaluate. Shards must share
     their settings and be finished (or --allow-partial); a RUN_DIR/run.h5 other than an earlier merge of the
     same shards is kept unless --overwrite."""
     from xclip.store import merge_shards
 
-    with _errors({**STORE_FLAGS, "allow_partial": "--allow-partial"}):
-        merged = merge_shards(run_dir, allow_partial=allow_partial, overwrite=overwrite)
+    bar, update = _progress_callback(quiet)
+    with _errors({**STORE_FLAGS, "allow_partial": "--allow-partial"}), bar or nullcontext():
+        merged = merge_shards(run_dir, allow_partial=allow_partial, overwrite=overwrite,
+                              progress=(lambda done, total: update("shards", done, total)) if update else None)
     print(merged)
 
 
 @app.command()
 def render(
     run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5)")],
-    pair: Annotated[list[int] | None, typer.Option("--pair", "-p", help="pair index; repeat for several (default: all finished)")] = None,
+    pair: Annotated[list[int] | None, typer.Option("--pair", "-p", help="pair index; repeat for several (default: the first --limit finished pairs)")] = None,
     span: Annotated[str | None, typer.Option(help="caption span: a substring such as 'black dog', or token indices '2:4'")] = None,
     box: Annotated[str | None, typer.Option(help="image box x0,y0,x1,y1 in original-image pixels")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (default RUN_DIR/heatmaps)")] = None,
@@ -457,18 +474,21 @@ def render(
     all_words: Annotated[bool, typer.Option("--all-words", help="a panel for stop-words and punctuation too")] = False,
     upsample: Annotated[str, typer.Option(help="bilinear or nearest")] = "bilinear",
     layout: Annotated[str, typer.Option(help="wide (a page's text width, at most 7 in) or column (3.5 in, a paper column)")] = "wide",
-    limit: Annotated[int, typer.Option(min=1, help="render at most this many pairs")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="without --pair, draw at most this many pairs (the rest are counted on stderr)")] = 100,
     data_root: Annotated[Path | None, typer.Option(help="the images' folder, when it moved since the run (default: the run's data.root)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
 ) -> None:
     """Draw figures of finished pairs: per-word maps, a caption span's map, or a box's match with the words."""
     from xclip.render import STOP_WORDS, FigureOptions, render_run
 
-    with _errors(RENDER_FLAGS):
+    bar, update = _progress_callback(quiet)
+    with _errors(RENDER_FLAGS), bar or nullcontext():
         options = FigureOptions(scale=_parse_scale(scale), upsample=upsample, dpi=dpi, layout=layout,  # type: ignore[arg-type]
                                 skip_words=frozenset() if all_words else STOP_WORDS)
         report = render_run(
             run_dir, pairs=pair, span=span, box=None if box is None else _parse_box(box), out=out, options=options,
             file_format=file_format, limit=limit, data_root=data_root,
+            progress=(lambda done, total: update("figures", done, total)) if update else None,
         )
     for path in report.written:
         print(path)
@@ -476,6 +496,10 @@ def render(
         stderr.print(f"note: {note}")
     if report.skipped_without_span:
         stderr.print(f"skipped {report.skipped_without_span} pairs whose caption does not hold {span!r}")
+    if report.n_beyond_limit:
+        unchecked = " (not checked for the span)" if span is not None else ""
+        stderr.print(f"note: drew the first {len(report.written)} finished pairs (--limit {limit}); {report.n_beyond_limit} later "
+                     f"finished pairs{unchecked} were not drawn: raise --limit, or name pairs with --pair", soft_wrap=True)
     if not report.written:
         stderr.print("no finished pairs to render yet")
 

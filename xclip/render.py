@@ -27,7 +27,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -751,17 +751,22 @@ class RenderReport:
     notes: list[str] = field(default_factory=list)  # the figures' warnings, "pair 3: ..."
     # of those, the ones about the pair's inputs (unknown words, a crop), which a run's summary also reports
     input_notes: list[str] = field(default_factory=list)
+    # finished pairs after the last one drawn, left for the limit (with a span: not checked for it)
+    n_beyond_limit: int = 0
 
 
 def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str | None = None,
                box: tuple[float, float, float, float] | None = None, out: Path | None = None,
                options: FigureOptions | None = None, file_format: str = "png", limit: int = 100,
-               data_root: Path | None = None, layout: Layout | None = None) -> RenderReport:
+               data_root: Path | None = None, layout: Layout | None = None,
+               progress: Callable[[int, int], None] | None = None) -> RenderReport:
     """Draw finished pairs of a run (also while it is still running) into ``out`` (default RUN_DIR/heatmaps).
 
     Named ``pairs`` must be finished, and hold the ``span``; otherwise the first ``limit`` finished pairs are
-    drawn, skipping those whose caption lacks the span. ``data_root`` replaces the run's ``data.root`` when the
-    images have moved since the run. ``layout`` (``"wide"`` or ``"column"``) replaces the options' layout."""
+    drawn, skipping those whose caption lacks the span, and the report counts the pairs left beyond the limit
+    (``n_beyond_limit``). ``data_root`` replaces the run's ``data.root`` when the images have moved since the
+    run. ``layout`` (``"wide"`` or ``"column"``) replaces the options' layout. ``progress`` is called with the
+    figures written and the number to write."""
     options = _with_layout(options, layout)
     if limit < 1:
         msg = f"limit must be at least 1, got {limit}"
@@ -787,7 +792,7 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
             caption_index = run.column(PAIRS, CAPTION_INDEX)
             holds: dict[int, bool] = {}
             kept = []
-            for index in candidates:
+            for position, index in enumerate(candidates):
                 c = int(caption_index[index])
                 if c not in holds:
                     try:
@@ -799,13 +804,15 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
                     kept.append(index)
                 elif len(kept) < limit:
                     report.skipped_without_span += 1
-                if len(kept) == limit:
+                if len(kept) == limit:  # the rest are counted, not read (a run's captions can be millions)
+                    report.n_beyond_limit = len(candidates) - position - 1
                     break
             if not kept and candidates:
                 msg = f"no finished pair's caption holds the span {span!r} ({len(candidates)} finished pairs)"
                 raise ConfigError(msg, setting="span")
             candidates = kept
         selected = candidates if pairs else candidates[:limit]
+        report.n_beyond_limit += len(candidates) - len(selected)
         if box is not None:
             sizes, image_index = run.column(IMAGES, ORIGINAL_SIZE), run.column(PAIRS, IMAGE_INDEX)
             for index in selected:
@@ -820,6 +827,8 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
     for view, content in zip(views, contents):
         drawn = _draw(view, content, options, halfranges)
         report.written.append(drawn.save(out / f"{drawn.name}.{file_format}"))
+        if progress is not None:
+            progress(len(report.written), len(views))
         report.notes += [f"{view.title}: {warning}" for warning in drawn.warnings]
         report.input_notes += [f"{view.title}: {warning}" for warning in drawn.input_warnings]
     return report

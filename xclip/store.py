@@ -752,9 +752,11 @@ class RunWriter(RunReader):
         _commit(self._file, self._file[group], indices)
 
 
-def merge_shards(directory: Path, *, allow_partial: bool = False, overwrite: bool = False, block: int = 1024) -> Path:
+def merge_shards(directory: Path, *, allow_partial: bool = False, overwrite: bool = False, block: int = 1024,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Concatenate ``directory/shard-*-of-N/run.h5`` into ``directory/run.h5`` (written to a temporary file,
-    then renamed). Pair indices are shifted onto the merged caption and image rows.
+    then renamed). Pair indices are shifted onto the merged caption and image rows. ``progress`` is called with
+    the shards copied and their number.
 
     Refused with a :class:`StoreError`: shards of different splits, a missing shard, shards made with different
     settings or weights (the differing keys are named), and shards with unfinished pairs unless
@@ -780,7 +782,7 @@ def merge_shards(directory: Path, *, allow_partial: bool = False, overwrite: boo
         _check_shards(shards, allow_partial)
         if not overwrite:
             _check_merge_target(directory / RUN_FILE, shards)
-        return _merge(directory, shards, allow_partial, block)
+        return _merge(directory, shards, allow_partial, block, progress)
 
 
 def _check_merge_target(target: Path, shards: list[Path]) -> None:
@@ -851,7 +853,8 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
         raise StoreError(msg, setting="allow_partial")
 
 
-def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int) -> Path:
+def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int,
+           progress: Callable[[int, int], None] | None) -> Path:
     target = directory / "run.h5"
     temporary = target.with_suffix(".h5.tmp")
     temporary.unlink(missing_ok=True)
@@ -895,6 +898,8 @@ def _merge(directory: Path, shards: list[Path], allow_partial: bool, block: int)
                             merged[group_name][name][start + row : start + row + len(rows)] = rows + shift if shift else rows
                 for group_name in offsets:
                     offsets[group_name] += len(src[group_name]["status"])
+                if progress is not None:
+                    progress(sources.index(src) + 1, len(sources))
         install_file(temporary, target)
     except BaseException as e:
         is_full = is_disk_full(e, directory)
