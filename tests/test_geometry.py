@@ -195,6 +195,11 @@ def test_render_and_evaluate_refuse_a_box_outside_the_crop(finished_run, tmp_pat
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [(b["phrase"], b["box"]) for b in report["skipped_boxes"]] == [("dog", [46, 0, 50, 40])]
     assert report["overall"]["n_phrases"] == 1
+    # the first-order baselines skip the same box and score the same phrase (the box aborted them before)
+    code, output = invoke("evaluate", finished_run, "-a", annotations, "--baselines", "random", "--out", tmp_path / "baselines")
+    assert code == 0, output
+    baselines = json.loads((tmp_path / "baselines" / "baselines.json").read_text())
+    assert baselines["grounding"]["overall"]["random"]["pointing_game"]["n"] == 1, baselines["grounding"]["overall"]
 
 
 def test_a_result_carries_its_tokens_and_geometry_through_save_and_load(tmp_path):

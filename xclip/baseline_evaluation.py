@@ -35,7 +35,7 @@ from xclip.attribution import CutStates, InteractionAttribution
 from xclip.baselines import DEFAULT_IG_STEPS, TOKEN_METHODS, check_methods, image_maps, text_embeddings, token_maps
 from xclip.core.transformer import embed_from_hidden
 from xclip.errors import ConfigError
-from xclip.evaluation import METRICS, AnnotatedPair, annotated_pairs, box_weights, chance_levels, grounding_scores
+from xclip.evaluation import METRICS, AnnotatedPair, annotated_pairs, box_weights, boxes_in_view, chance_levels, grounding_scores
 from xclip.files import write_atomically
 from xclip.faithfulness import (
     DEFAULT_POINTS,
@@ -157,9 +157,10 @@ def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: lis
             geometry = run.preprocessing(pair.image_index)
             phrase_maps = _phrase_maps(attribution, names, pair, images, b, interactions, tokens, target, patch_maps, seed)
             for phrase, maps in zip(pair.phrases, phrase_maps):
-                if maps is None:
+                seen = boxes_in_view(phrase["boxes"], geometry)  # evaluate's own grounding lists the others
+                if maps is None or not seen:
                     continue
-                inside = box_weights(phrase["boxes"], geometry)
+                inside = box_weights(seen, geometry)
                 scores.phrase_labels.append(str(phrase.get("class", "all")))
                 scores.phrase_values.append({f"{name}/{metric}": value for name, values in maps.items()
                                              for metric, value in grounding_scores(values, inside).items()})

@@ -259,14 +259,10 @@ def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> E
                     unmatched.append(UnmatchedPhrase(pair.line, pair.image, pair.caption, phrase["text"],
                                                      "the model read none of its words (the caption was truncated before it)"))
                     continue
-                seen = []
-                for box in phrase["boxes"]:
-                    share = geometry.crop_share(tuple(box))
-                    if share == 0.0:
-                        skipped.append(SkippedBox(pair.line, pair.image, phrase["text"], tuple(box), _outside_reason(geometry)))
-                    else:
-                        seen.append(box)
-                        n_clipped += share < 1.0
+                seen = boxes_in_view(phrase["boxes"], geometry)
+                skipped += [SkippedBox(pair.line, pair.image, phrase["text"], tuple(box), _outside_reason(geometry))
+                            for box in phrase["boxes"] if box not in seen]
+                n_clipped += sum(geometry.crop_share(tuple(box)) < 1.0 for box in seen)
                 if not seen:
                     continue
                 inside_image = box_weights(seen, geometry)
@@ -293,6 +289,12 @@ def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> E
                f"lie wholly outside what the model saw" + (f" (first: {first})" if first else ""))
         raise ConfigError(msg)
     return Evaluation(scores, sorted(unmatched, key=lambda u: u.line), skipped, n_clipped)
+
+
+def boxes_in_view(boxes: list[list[float]], geometry: Preprocessing) -> list[list[float]]:
+    """The boxes that the model saw at least part of: a box wholly outside the crop is no region of its map (a
+    phrase is scored on the rest, and not at all when none is left)."""
+    return [box for box in boxes if geometry.crop_share(tuple(box)) > 0.0]
 
 
 def left_out_lines(unmatched: list[UnmatchedPhrase], skipped: list[SkippedBox], limit: int | None) -> list[str]:
