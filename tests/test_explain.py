@@ -63,6 +63,9 @@ def test_explain_without_output_writes_figures_only(tmp_path, monkeypatch):
     assert json.loads(output)["run_directory"] is None
     code, table = invoke("explain", "photo.jpg", "a red circle")  # a table on stdout without --json
     assert code == 0 and f"{pair['score']:.4f}" in table
+    # at 80 columns: the figure by its file name in the table, the folder once below, no line past the width
+    assert "pair000000.png" in table and "figures in xclip-explain-photo" in table
+    assert max(len(line) for line in table.splitlines()) <= 80, table
 
 
 def test_explain_errors_are_clear(tmp_path):

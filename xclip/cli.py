@@ -17,8 +17,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from xclip.errors import ConfigError, RunUnavailable, XclipError
 
@@ -353,13 +355,19 @@ def _print_explained(image: Path, pairs: list[Any]) -> None:
     captions it hit (a bad image fails every caption the same way)."""
     finished = [p for p in pairs if p.figure is not None]
     if finished:
+        # the figures share a folder: named once below, so that the table keeps to the terminal's width
+        folders = {Path(p.figure).parent for p in finished}
         table = Table(title=f"xclip explain {image.name}")
         for column in ("caption", "score", "four-term value", "completeness error", "map error bound", "figure"):
-            table.add_column(column, overflow="fold", no_wrap=column == "figure")
+            table.add_column(column)
         for p in finished:
+            figure = Path(p.figure).name if len(folders) == 1 else str(p.figure)
             table.add_row(escape(p.caption), f"{p.score:.4f}", f"{p.four_term_value:.4f}",
-                          f"{p.completeness_error:.2e}", f"{p.map_error_bound:.2e}", str(p.figure))
-        Console(width=max(120, Console().width)).print(table)
+                          f"{p.completeness_error:.2e}", f"{p.map_error_bound:.2e}", figure)
+        console = Console()
+        _print_table(console, table)
+        if len(folders) == 1:
+            console.print(f"figures in {escape(str(folders.pop()))}", soft_wrap=True)
     problems: dict[str, list[str]] = {}
     for p in pairs:
         if p.figure is None:
@@ -589,8 +597,7 @@ def _print_accuracy(console: Console, accuracy: dict[str, Any]) -> None:
         table.add_row(group, str(stats["done"]), _number(stats["nodes_mean"], ".1f"), _number(stats["nodes_max"], ".0f"),
                       _number(stats["relative_error_median"]), _number(stats["relative_error_max"]),
                       _number(stats["map_error_bound_max"]) if accuracy["n_steps"] is None else "-", str(stats["not_converged"]))
-    # numbers are never cut, also in an 80-column log
-    Console(width=max(110, console.width), file=console.file, force_terminal=console.is_terminal).print(table)
+    _print_table(console, table)  # at the terminal's width; numbers are never cut, also in an 80-column log
     pairs = accuracy["pairs"]
     console.print(
         f"completeness per pair, relative to |g(x_a) - g(r_a)| |g(x_b) - g(r_b)| (the largest the four-term value "
@@ -787,12 +794,33 @@ def _summary_cell(value: object) -> str:
 
 
 def _print_table(console: Console, table: Table) -> None:
-    """Print ``table`` at the console's width: Rich may wrap a cell at its spaces, but each column is at least as
-    wide as its longest word (a number, an interval's end, ``n=12``), so no number is cut or folded."""
-    for column in table.columns:
-        words = [word for cell in column.cells for word in str(cell).split()]
-        column.min_width = max((len(word) for word in words), default=1)
-    console.print(table)
+    """Print ``table`` at the console's width: a cell may wrap at its spaces, but each column is at least as wide
+    as its longest word (a number, an interval's end, ``n=12``, a header's word), so nothing is cut or folded.
+
+    Rich's own shrinking can squeeze a column below that and then crop the table, so the widths are set here:
+    each column its longest word, and the room left shared in proportion to what each column would need for its
+    longest line. Where even the longest words do not fit between the box's lines, the lines go."""
+    columns = table.columns
+    texts = [[Text.from_markup(str(cell)).plain for cell in column.cells] for column in columns]
+    headers = [Text.from_markup(str(column.header)).plain for column in columns]
+    least = [max((len(word) for cell in [header, *cells] for word in cell.split()), default=1)
+             for header, cells in zip(headers, texts)]
+    most = [max(len(line) for cell in [header, *cells] for line in (cell.splitlines() or [""])) for header, cells in zip(headers, texts)]
+    padding = sum(table.padding[1] + table.padding[3] for _ in columns)
+
+    def room(has_lines: bool) -> int:  # the cells' width: the console's less padding and the box's lines
+        return console.width - padding - (len(columns) + 1 if has_lines else len(columns) - 1)
+
+    if sum(most) <= room(table.box is not None):
+        return console.print(table)
+    if sum(least) > room(True):
+        table.box, table.show_edge = box.SIMPLE_HEAD, False
+    spare = max(0, room(table.box is not None and table.show_edge) - sum(least))
+    wanted = [m - w for m, w in zip(most, least)]
+    shares = [spare * want // max(1, sum(wanted)) for want in wanted]
+    for column, width, share in zip(columns, least, shares):
+        column.width = width + share
+    return console.print(table)
 
 
 def _mean_cell(stats: dict[str, Any] | None) -> str:
