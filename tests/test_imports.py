@@ -47,8 +47,12 @@ def test_every_subcommand_help_exits_0():
     names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
     assert {"attribute", "explain", "render", "evaluate"} <= set(names)
     for name in names:
-        result = CliRunner().invoke(app, [name, "--help"])
+        result = CliRunner().invoke(app, [name, "--help"], terminal_width=80)
         assert result.exit_code == 0, (name, result.output, result.exception)
+        # a flag takes no value, so none is shown with one (Typer's Rich help printed "--overwrite <bool>"), and
+        # the text wraps at the terminal's width
+        assert "<bool>" not in result.output, (name, result.output)
+        assert max(len(line) for line in result.output.splitlines()) <= 80, (name, result.output)
 
 
 def test_explain_help_prints_the_open_clip_tag_literally():

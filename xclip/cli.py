@@ -41,6 +41,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 stderr = Console(stderr=True)
 
@@ -303,7 +304,7 @@ def _plain_progress(quiet: bool, unit: str) -> Iterator[Any]:
 def explain(
     image: Annotated[Path, typer.Argument(help="an image file")],
     captions: Annotated[list[str], typer.Argument(help="one or more captions")],
-    model: Annotated[str | None, typer.Option(help="hub id, local checkpoint, open_clip:ARCH\\[/TAG] or xclip:demo (the shipped demo model, the default; xclip:demo-no-star is its second checkpoint)")] = None,
+    model: Annotated[str | None, typer.Option(help="hub id, local checkpoint, open_clip:ARCH[/TAG] or xclip:demo (the shipped demo model, the default; xclip:demo-no-star is its second checkpoint)")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="weights file for --model open_clip:ARCH")] = None,
     output: Annotated[Path | None, typer.Option(help="keep the run directory here, for render, inspect and view (default: a temporary one)")] = None,
     figures: Annotated[Path | None, typer.Option(help="figures folder (default: OUTPUT/heatmaps, or ./xclip-explain-IMAGE without --output)")] = None,
