@@ -78,8 +78,8 @@ def test_every_reader_says_what_the_model_read(wide_run, tmp_path):
     assert [item["image"] for item in described["cropped_images"]["images"]] == ["wide.png"]
     assert inputs_read_report(run_dir) == inputs_read_report(run_dir / "run.h5") == described
     # explain: each pair's notes, in order truncation, unknown words, crop
-    all_unknown_note = ("zebra, giraffe: unknown to the tokenizer (“zebra” → <unk>, “giraffe” → <unk>); its panel shows the "
-                        "unknown token, not the word")
+    all_unknown_note = ("zebra, giraffe: unknown to the tokenizer (“zebra” → <unk>, “giraffe” → <unk>); their panels show "
+                        "the unknown token, not the words")
     assert [pair.input_notes for pair in explanation.pairs] == [
         [UNKNOWN_NOTE, CROP_NOTE], [TRUNCATION_NOTE, CROP_NOTE], [CROP_NOTE], [all_unknown_note, CROP_NOTE]]
     # the figures: the same notes, the cut marked in the header, the unknown word's panel titled as such

@@ -447,3 +447,19 @@ def test_render_counts_the_pairs_left_beyond_its_limit_and_logs_progress(finishe
     assert "2 later finished pairs (not checked for the span) were not drawn" in flat and "figures:" not in flat
     written, output = render(finished_run, "--out", tmp_path / "all")
     assert len(written) == 3 and "not drawn" not in output
+
+
+def test_a_panel_title_too_wide_for_its_panel_keeps_its_number_whole():
+    # "background: +0.00249" in a 140-pixel panel was cut to "background: +0.00...", a number that reads as another:
+    # a title is set smaller (down to four fifths) to fit whole, and only then is its label shortened
+    font = rendering._font(12)
+    for title in ("background: +0.00249", "zebra (unknown): +0.223", "a: -1.23e-05"):
+        for width in (100.0, 130.0, 400.0):  # a map panel is at least 100 pixels wide
+            shown, used = rendering._panel_title_fitting(title, font, width)
+            value = title.rpartition(": ")[2]
+            assert shown.endswith(": " + value) and used.getlength(shown) <= width, (title, width, shown)
+            assert used.size >= 10  # never below four fifths of the panel titles' size
+            if shown != title:  # shortened only where even the smallest size cannot hold it whole
+                assert shown.endswith("…: " + value) and rendering._font(10).getlength(title) > width
+            elif font.getlength(title) <= width:
+                assert used.size == 12  # a title that fits keeps its size

@@ -717,7 +717,8 @@ def _refuse_left_out(evaluation: Any, annotations: Path) -> None:
     n_unmatched, n_skipped = len(evaluation.unmatched_phrases), len(evaluation.skipped_boxes)
     if n_unmatched or n_skipped:
         first = "; ".join(left_out_lines(evaluation.unmatched_phrases, evaluation.skipped_boxes, 3))
-        msg = (f"--strict: {n_unmatched} annotated phrase(s) of {annotations} match no finished pair and {n_skipped} box(es) "
+        msg = (f"--strict: {n_unmatched} annotated phrase(s) of {annotations} match no finished pair or no word the model "
+               f"read, and {n_skipped} box(es) "
                f"lie wholly outside what the model saw (first: {first}); nothing was written")
         raise ConfigError(msg)
 
@@ -729,13 +730,16 @@ def _print_left_out(evaluation: Any, annotations: Path) -> None:
 
     n_unmatched, n_skipped = len(evaluation.unmatched_phrases), len(evaluation.skipped_boxes)
     if n_unmatched:
-        stderr.print(f"[yellow]warning[/]: {n_unmatched} annotated phrase(s) of {escape(str(annotations))} match no finished "
-                     "pair and were not scored (report.json lists all, as unmatched_phrases):", soft_wrap=True)
+        stderr.print(f"[yellow]warning[/]: {n_unmatched} annotated phrase(s) of {escape(str(annotations))} were not scored: "
+                     "no finished pair matches them, or the model read none of their words (report.json lists all, as "
+                     "unmatched_phrases):", soft_wrap=True)
+        for line in left_out_lines(evaluation.unmatched_phrases, [], 5):
+            stderr.print(f"  {escape(line)}", soft_wrap=True)
     if n_skipped:
         stderr.print(f"[yellow]warning[/]: {n_skipped} box(es) lie wholly outside the part of the image the model saw and "
                      "were skipped (report.json lists all, as skipped_boxes):", soft_wrap=True)
-    for line in left_out_lines(evaluation.unmatched_phrases, evaluation.skipped_boxes, 5):
-        stderr.print(f"  {escape(line)}", soft_wrap=True)
+        for line in left_out_lines([], evaluation.skipped_boxes, 5):
+            stderr.print(f"  {escape(line)}", soft_wrap=True)
     if evaluation.n_clipped_boxes:
         stderr.print(f"note: {evaluation.n_clipped_boxes} box(es) lie partly outside what the model saw: scored by the part "
                      "it saw (clipped_boxes in report.json)", soft_wrap=True)

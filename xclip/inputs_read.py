@@ -74,7 +74,9 @@ class CaptionRead:
         if not self.unknown:
             return None
         pairs = ", ".join(f"“{word}” → {token}" for word, token in self.unknown.items())
-        return f"{', '.join(self.unknown)}: unknown to the tokenizer ({pairs}); its panel shows the unknown token, not the word"
+        panel = ("its panel shows the unknown token, not the word" if len(self.unknown) == 1
+                 else "their panels show the unknown token, not the words")
+        return f"{', '.join(self.unknown)}: unknown to the tokenizer ({pairs}); {panel}"
 
     def notes(self) -> list[str]:
         return [note for note in (self.truncation_note(), self.unknown_note()) if note]

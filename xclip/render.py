@@ -337,6 +337,21 @@ def _shortened(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
     return text[: _fitting(text, font, width - _text_width("…", font))] + "…"
 
 
+def _panel_title_fitting(title: str, font: ImageFont.FreeTypeFont, width: float) -> tuple[str, ImageFont.FreeTypeFont]:
+    """A panel's ``label: value`` title within ``width``, and the font to draw it in: set down to four fifths of
+    ``font``'s size where that makes it fit whole, else the label is shortened, never the value (a cut number
+    would read as another number); the whole title is cut only where even the value does not fit."""
+    for size in range(font.size, math.ceil(0.8 * font.size) - 1, -1):
+        if _text_width(title, _font(size)) <= width:
+            return title, _font(size)
+    small = _font(math.ceil(0.8 * font.size))
+    label, colon, value = title.rpartition(": ")
+    room = width - _text_width(colon + value, small)
+    if not colon or room < _text_width(label[:1] + "…", small):
+        return _shortened(title, small, width), small
+    return _shortened(label, small, room) + colon + value, small
+
+
 class _Canvas:
     """Draws a figure onto a raster picture and records each call, so that SVG and PDF files get the same
     figure with its text as text (the record is replayed through matplotlib's vector backends)."""
@@ -484,7 +499,8 @@ def _draw(view: PairView, content: _Content, options: FigureOptions, halfranges:
         pen.text((margin, margin + n * _line(title_font)), line, fill="black", font=title_font)
     for (x, y), slot, title, picture in zip(corners, slots, titles, pictures):
         x, y = margin + x, panels_top + y
-        pen.text((x, y), _shortened(title, text_font, slot), fill="black", font=text_font)
+        fitted, font = _panel_title_fitting(title, text_font, slot)
+        pen.text((x, y), fitted, fill="black", font=font)
         pen.paste(picture, (x, y + title_h))
     image_at = (margin + corners[0][0], panels_top + corners[0][1] + title_h)
     if is_cut:
