@@ -1,8 +1,9 @@
 """Screenshots of the viewer's pair page saying what the model read: a crop note, unknown-word chips and a
 truncated caption, from a small run of the demo model on a wide image (three demo scenes side by side; the
-model's centre crop sees the middle one).
+model's centre crop sees the middle one); and the figure of the crop's pair, which the README shows.
 
     python scripts/viewer_screenshots.py   # needs Debian's chromium and chromium-driver; writes docs/viewer-*.png
+                                           # and docs/crop.png
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        explain(wide_image(folder / "three-scenes.png"), list(CAPTIONS.values()), output=folder / "run", device="cpu")
+        explained = explain(wide_image(folder / "three-scenes.png"), list(CAPTIONS.values()), output=folder / "run", device="cpu")
+        shutil.copyfile(explained.pairs[0].figure, DOCS / "crop.png")  # the crop outlined, the rest dimmed, the note
+        print(DOCS / "crop.png")
         server = make_server(folder / "run", port=0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         driver = browser(chromium, chromedriver)
