@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import xclip
 
 HEAVY = ("torch", "transformers", "matplotlib")
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _run(code: str) -> dict:
@@ -36,6 +38,23 @@ def test_cli_help_exits_0_without_heavy_libraries(argv):
     out = _run(code)
     assert out["exit_code"] == 0, out["output"] + out["error"]
     assert "Usage" in out["output"]
+    assert out["heavy"] == []
+
+
+def test_a_config_is_checked_and_refused_without_heavy_libraries(tmp_path):
+    # a config is read and validated before torch loads: a bad one is refused in a fraction of a second (torch
+    # alone takes a second or more to import), a good one loads torch only when the run starts
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 1000 + "]" * 1000 + "\n")
+    demo = REPOSITORY / "configs" / "demo.yaml"
+    code = (
+        "from typer.testing import CliRunner\nfrom xclip.cli import app\nfrom xclip.config import load_config\n"
+        f"config = load_config({str(demo)!r}, ['data.limit=1'])\n"
+        f"result = CliRunner().invoke(app, ['attribute', {str(deep)!r}])\n"
+        "out.update(exit_code=result.exit_code, output=result.output, name=config.model.name)"
+    )
+    out = _run(code)
+    assert out["exit_code"] == 2 and "nested more than" in out["output"] and out["name"] == "xclip:demo"
     assert out["heavy"] == []
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,15 +20,13 @@ from xclip.adapters.base import (
     resolve_layer,
 )
 from xclip.core.interaction import MODES, Mode, contributions, four_term_value, four_terms, interactions
+from xclip.core.rules import CONVENTIONS, MAX_SEED, Convention  # noqa: F401  (re-exported)
 from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule, check_quadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError, hint_unknown_arguments
 from xclip.layouts import PanelLayout, find_layout, layout_from_file, path_settings, weights_fingerprint
 from xclip.result import Contributions, InteractionMap, PairNumbers, relative_error
 
-Convention = Literal["exact", "reference"]
-CONVENTIONS: tuple[str, ...] = get_args(Convention)
-MAX_SEED = 2**64 - 1  # torch's generators take an unsigned 64-bit seed; a larger one overflows inside torch
 
 
 # settings renamed since the first API (steps and method were the paper code's words): say the new name

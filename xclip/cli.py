@@ -129,13 +129,14 @@ def attribute(
     shard: Annotated[str | None, typer.Option(help="I/N: attribute block I of N of the pairs into shard-I-of-N/; 'env' reads Slurm array or torchrun variables")] = None,
 ) -> None:
     """Attribute every image-caption pair of a run config into an HDF5 run directory (resumable)."""
-    from xclip import runner
     from xclip.config import load_config
 
     bar, update = _progress_callback(quiet)
     command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     with _errors(CONFIG_KEYS):
         run_config = load_config(config, [*(overrides or []), *_shard_overrides(shard)])
+        from xclip import runner  # torch and the model's libraries: only once the config holds
+
         try:
             with _StopFlag().installed() as stop, bar or nullcontext():
                 summary = runner.run(run_config, overwrite=overwrite, on_progress=update, should_stop=stop, command=command)

@@ -11,22 +11,23 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from xclip.adapters.base import ImageReference
-from xclip.attribution import MAX_SEED, Convention
-from xclip.core.interaction import Mode
-from xclip.core.quadrature import (
+from xclip.core.rules import (
     DEFAULT_MAX_STEPS,
     DEFAULT_TOLERANCE,
     MAX_FIXED_NODES,
     MAX_NODES,
+    MAX_SEED,
     MIN_ADAPTIVE_STEPS,
+    Convention,
+    ImageReference,
+    Mode,
     Rule,
     check_quadrature,
 )
 from xclip.digests import Verify
-from xclip.geometry import ImageResize
 from xclip.errors import ConfigError
-from xclip.loading import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
+from xclip.geometry import ImageResize
+from xclip.model_names import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
 # a run config is sections of keys (2 levels) with short lists of text; PyYAML's scanner slows quadratically with

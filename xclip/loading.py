@@ -7,15 +7,18 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from xclip.adapters import DualEncoderAdapter, get_adapter_cls
 from xclip.errors import ConfigError, ModelFamilyError
+from xclip.model_names import (  # noqa: F401  (re-exported)
+    OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, SHIPPED_MODELS, SHIPPED_PREFIX, Dtype, is_open_clip_name, looks_like_path, shipped_model,
+)
 from xclip.geometry import ImageResize, check_image_resize
 
-Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
 }
@@ -53,36 +56,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     except KeyError:
         msg = f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}"
         raise ConfigError(msg) from None
-
-
-def looks_like_path(name: str) -> bool:
-    """A model name that can only be a directory, never a hub id (``name`` or ``namespace/name``)."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-
-
-SHIPPED_PREFIX = "xclip:"
-# Models that ship inside the package, named ``xclip:NAME`` in configs, ``explain --model`` and load_model:
-# ``demo`` (models/shapes-clip), the small CLIP of xclip.synthetic's world of coloured shapes, and
-# ``demo-no-star`` (models/shapes-clip-no-star), the demo fine-tuned on that world without stars (no star drawn or
-# named; its first-block attention and position embeddings are the demo's, bitwise): a second checkpoint with a
-# known difference for ``xclip compare`` (its star phrases ground worse). Each folder's training.json records how.
-SHIPPED_MODELS: dict[str, Path] = {
-    "demo": Path(__file__).resolve().parent / "models" / "shapes-clip",
-    "demo-no-star": Path(__file__).resolve().parent / "models" / "shapes-clip-no-star",
-}
-
-
-def shipped_model(name: str) -> Path | None:
-    """The directory of a shipped model named ``xclip:NAME``; None for any other name; :class:`ConfigError`
-    for an ``xclip:`` name that ships with no model."""
-    if not name.startswith(SHIPPED_PREFIX):
-        return None
-    directory = SHIPPED_MODELS.get(name.removeprefix(SHIPPED_PREFIX))
-    if directory is None:
-        known = ", ".join(SHIPPED_PREFIX + shipped for shipped in SHIPPED_MODELS)
-        msg = f"no shipped model is called {name!r}; xclip ships {known}"
-        raise ConfigError(msg, setting="name_or_path")
-    return directory
 
 
 def _is_offline(local_files_only: bool) -> bool:
@@ -263,14 +236,7 @@ def _read_pickled_tensors(file: Path) -> None:
     torch.load(file, map_location="cpu", weights_only=True)
 
 
-OPEN_CLIP_PREFIX = "open_clip:"
-OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_INSTALL = "pip install 'xclip[open_clip]' (open_clip_torch, and a torchvision built for your torch)"
-
-
-def is_open_clip_name(name: str) -> bool:
-    """``open_clip:ARCH[/TAG]`` or ``hf-hub:ORG/NAME``: names that open_clip resolves."""
-    return name.startswith((OPEN_CLIP_PREFIX, "hf-hub:"))
 
 
 def _load_open_clip(source: str, checkpoint: str | Path | None, *, revision: str | None,

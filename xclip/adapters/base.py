@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -22,12 +21,11 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward, embed_from_hidden
+from xclip.core.rules import IMAGE_REFERENCES, ImageReference  # noqa: F401  (re-exported)
 from xclip.errors import ConfigError, InputError
 from xclip.geometry import ImageResize, Preprocessing, square_image
 from xclip.tokens import CaptionTokens
 
-ImageReference = Literal["zeros", "black", "blur", "noise"]
-IMAGE_REFERENCES: tuple[str, ...] = get_args(ImageReference)
 ImageLike = Image.Image | str | Path
 
 

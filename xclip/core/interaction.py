@@ -26,7 +26,6 @@ import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +33,9 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from xclip.core.quadrature import PathQuadrature
+from xclip.core.rules import MODES, Mode  # noqa: F401  (re-exported)
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 
-Mode = Literal["auto", "forward", "reverse"]
-MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)

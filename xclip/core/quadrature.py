@@ -30,39 +30,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 from numpy.polynomial import legendre
 from torch import Tensor
 
+from xclip.core.rules import (  # noqa: F401  (re-exported: the quadrature's settings)
+    FIRST_LEVEL, TOP_LEVEL, BISECTION_NODES, DEFAULT_BREAKPOINTS, DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, MAX_BREAKPOINTS, MAX_FIXED_NODES, MAX_NODES, MIN_ADAPTIVE_STEPS, PATTERSON_SIZES, ROUNDING_FLOOR, RULES, Rule, STORED_LEVELS, check_first_panels, check_quadrature,
+)
 from xclip.errors import ConfigError
 
-Rule = Literal["gauss-legendre", "riemann-right", "midpoint"]
-RULES: tuple[str, ...] = get_args(Rule)
-
-DEFAULT_TOLERANCE = 1e-3
-DEFAULT_MAX_STEPS = 256
-# The nested rules a panel climbs: 1 (never a stopping rule; it only gives the 3-node rule a partner to compare
-# with), 3, 7, 15 nodes. On 120 demo-model inputs a 31-node level changed no input's count, and stopping at 7
-# nodes cost 10 to 14 % more.
-PATTERSON_SIZES = (1, 3, 7, 15)
-FIRST_LEVEL, TOP_LEVEL = 1, len(PATTERSON_SIZES) - 1
-STORED_LEVELS = TOP_LEVEL - FIRST_LEVEL + 1  # partial sums a panel keeps, one per rule it may still climb to
-BISECTION_NODES = 2 * PATTERSON_SIZES[FIRST_LEVEL]
-# Where the first panels end when a model has no calibrated layout.
-DEFAULT_BREAKPOINTS: tuple[float, ...] = (0.25, 0.5, 0.75)
-MIN_ADAPTIVE_STEPS = PATTERSON_SIZES[FIRST_LEVEL] * (len(DEFAULT_BREAKPOINTS) + 1)
-MAX_BREAKPOINTS = 15
-# A panel's residual cannot be measured below the rounding of F at its ends; in float32 on the demo model it
-# stayed under 13 eps |F| on panels a 64th of the path wide. Panels at this level are not refined further.
-ROUNDING_FLOOR = 32
-# The most nodes one input may take: far past any useful accuracy (the float32 floor is reached within 64 nodes on
-# the demo model). A fixed Gauss-Legendre rule of N nodes solves an N x N eigenproblem for its nodes (N = 4096:
-# 134 MB and 4 s; N = 100000, a typo, would take 75 GiB), so fixed rules stop at 1024 nodes (0.1 s).
-MAX_NODES = 4096
-MAX_FIXED_NODES = 1024
 # The adaptive rule's state (three partial sums of positions x embedding per panel) may take at most this much;
 # larger batches are integrated in groups, which changes no result (an input's result does not depend on its batch).
 MAX_STATE_BYTES = 2 << 30
@@ -185,50 +163,6 @@ class PathIntegral:
     n_nodes: Tensor
     n_endpoints: Tensor
     map_error: Tensor
-
-
-def check_quadrature(*, n_steps: int | None, tolerance: float | None, max_steps: int, rule: str,
-                     convention: str = "exact") -> None:
-    """The one check of the quadrature settings (the API, the config and :class:`PathQuadrature` use it).
-
-    Raises:
-        ConfigError: naming the setting at fault in its ``setting`` field.
-    """
-    if rule not in RULES:
-        msg = f"unknown quadrature rule {rule!r}; choose one of {', '.join(RULES)}"
-        raise ConfigError(msg, setting="rule")
-    for name, value, most in (("n_steps", n_steps, MAX_FIXED_NODES), ("max_steps", max_steps, MAX_NODES)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most):
-            msg = f"{name} must be a whole number from 1 to {most}, got {value!r}"
-            raise ConfigError(msg, setting=name)
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1):
-        msg = f"tolerance must lie between 0 and 1 (a relative completeness error), got {tolerance!r}"
-        raise ConfigError(msg, setting="tolerance")
-    if n_steps is not None:
-        return
-    if convention == "reference":
-        msg = ("convention 'reference' reproduces the reference code's fixed rule: give n_steps (its maps do not sum "
-               "to the four-term value, so there is no tolerance to refine to)")
-        raise ConfigError(msg, setting="convention")
-    if tolerance is None:
-        msg = "tolerance is not set and neither is n_steps: give a tolerance to adapt to, or n_steps for a fixed rule"
-        raise ConfigError(msg, setting="tolerance")
-    if rule != "gauss-legendre":
-        msg = f"rule {rule!r} is for fixed-step comparisons: give n_steps with it (the adaptive rule is nested Gauss-Patterson)"
-        raise ConfigError(msg, setting="rule")
-    check_first_panels(max_steps, len(DEFAULT_BREAKPOINTS) + 1)
-
-
-def check_first_panels(max_steps: int, n_first: int) -> None:
-    """The adaptive rule must afford its first panels.
-
-    Raises:
-        ConfigError: naming ``max_steps``.
-    """
-    needed = PATTERSON_SIZES[FIRST_LEVEL] * n_first
-    if max_steps < needed:
-        msg = f"max_steps must be at least {needed} (the first {n_first} panels of {PATTERSON_SIZES[FIRST_LEVEL]} nodes), got {max_steps}"
-        raise ConfigError(msg, setting="max_steps")
 
 
 @dataclass(frozen=True)
