@@ -668,11 +668,12 @@ class RunReader:
                 row = pairs["interactions"][pair]
                 _verify(pairs, pair, _checksum(row, *_pair_numbers_row(pairs, pair)))
                 return row[:n].astype(_read_dtype(pairs["interactions"]))
-        from xclip.attribution import interaction_map
+        from xclip.core.interaction import interactions
 
         scale = float(self.attrs["logit_scale"]) if self.settings.attribution.scale_by_logit else 1.0
-        result = interaction_map(self.contributions("captions", caption), self.contributions("images", image), logit_scale=scale)
-        return result.interactions.numpy()
+        rows, columns = self.contributions("captions", caption).values, self.contributions("images", image).values
+        # as a batch of one pair, the product xclip.interaction_maps takes: the same kernel, the same rounding
+        return (interactions(rows[None], columns[None])[0] * scale).numpy()
 
     def image_source(self, image: int, data_root: Path | None = None, *, owner: str = "") -> Path:
         """A finished image's file under the data root (see :meth:`data_root`), checked: there, and unchanged
