@@ -1,6 +1,6 @@
 """``xclip evaluate --baselines``: a run's second-order maps against first-order methods on the same pairs.
 
-The run's model is loaded with the run's settings (:func:`xclip.runner.load_attributor`), so every baseline
+The run's model is loaded with the run's settings (:func:`xclip.run_model.load_attributor`), so every baseline
 sees the same images, captions, reference and cut layer as the stored maps (:mod:`xclip.baselines`). Two
 kinds of scores, each per method:
 
@@ -97,7 +97,7 @@ def score_methods(
     cosine) or ``input`` (FIxLIP's: the input embeddings, the logit); see :mod:`xclip.faithfulness`.
     ``attribution`` is the run's model with its settings (loaded from the run when None).
     """
-    from xclip.runner import load_attributor
+    from xclip.run_model import load_attributor
 
     if target not in ("phrase", "caption"):
         msg = f"unknown baseline target {target!r}; choose phrase or caption"

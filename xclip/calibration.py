@@ -198,7 +198,7 @@ def calibrate_run_config(
         ConfigError: the config uses a fixed rule, or its data holds no readable image.
     """
     from xclip.data import read_dataset
-    from xclip.runner import load_attributor
+    from xclip.run_model import load_attributor
 
     if config.attribution.n_steps is not None:
         msg = "calibration chooses the adaptive rule's panels: the config sets attribution.n_steps (a fixed rule)"

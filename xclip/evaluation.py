@@ -30,7 +30,7 @@ from xclip.metrics import MIN_N_FOR_INTERVAL, bootstrap_ci, energy_in_box, mass_
 from xclip.schema import CAPTION_INDEX, IMAGE_INDEX, PAIRS
 from xclip.store import DONE, RunReader, run_file_path
 from xclip.textfiles import text_lines
-from xclip.viewer import view_link
+from xclip.page_links import view_link
 
 METRICS = ("pointing_game", "energy_in_box", "mass_ratio")
 DIRECTIONS = ("phrase_to_image", "box_to_phrase")

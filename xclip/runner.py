@@ -24,8 +24,8 @@ from xclip.digests import FileIdentity, Verify, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.identity import RunIdentity, check_resumable, identify_run, provenance
 from xclip.inspection import describe_accuracy, describe_crops, describe_failures, describe_truncated_captions, describe_unknown_words
-from xclip.loading import load_model
 from xclip.pairing import choose_pairs, shard_dataset
+from xclip.run_model import load_attributor
 from xclip.result import PairNumbers
 from xclip.schema import CAPTION_INDEX, CAPTIONS, FILE_SIZE, IMAGE_INDEX, IMAGES, IS_TRUNCATED, MTIME_NS, PAIRS, SHA256
 from xclip.store import (
@@ -135,26 +135,6 @@ def _redo_changed_images(run: RunWriter, root: Path, verify: Verify) -> list[str
                if has_changed(root / paths[i], FileIdentity(int(sizes[i]), int(times[i]), digests[i].decode()), verify=verify)]
     run.redo_images(changed)
     return [paths[i] for i in changed]
-
-
-def load_attributor(config: RunConfig) -> tuple[InteractionAttribution, float]:
-    """The configured model with the run's attribution settings, and the seconds loading the checkpoint took."""
-    start = time.perf_counter()
-    model = load_model(
-        config.model.name,
-        revision=config.model.revision,
-        dtype=config.model.dtype,
-        device=config.model.device,
-        local_files_only=config.model.local_files_only,
-        checkpoint=config.model.checkpoint,
-        image_resize=config.image.resize,
-    )
-    seconds = time.perf_counter() - start
-    # the config's attribution section holds InteractionAttribution's settings under the same names
-    attributor = InteractionAttribution(
-        model, **config.attribution.model_dump(), internal_batch_size=config.runtime.internal_batch_size
-    )
-    return attributor, seconds
 
 
 def _create_run_file(

@@ -33,7 +33,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs
 
 import numpy as np
 from PIL import Image
@@ -46,6 +46,7 @@ from xclip.geometry import Preprocessing
 from xclip.inputs_read import input_notes
 from xclip.inspection import inputs_read_of_pair
 from xclip.loading import looks_like_path
+from xclip.page_links import DISPLAY_SIDE, caption_chips, view_link  # noqa: F401  (view_link: re-exported)
 from xclip.result import inexact_pair_note, is_inexact_pair
 from xclip.schema import (
     CAPTION_INDEX,
@@ -64,11 +65,9 @@ from xclip.schema import (
     Status,
 )
 from xclip.store import MissingImage, RunReader
-from xclip.tokens import CaptionTokens
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
-DISPLAY_SIDE = 320  # the image as the page shows it: contours are found at this size
 SORT_KEYS = ("index", *PAIR_TABLE_NUMBERS, "status", "caption", "image")  # every number column sorts
 THUMBNAIL_SIDE = 80  # the table shows thumbnails at 40 px: twice that stays sharp on high-density screens
 # a thumbnail's address names its image's content (``?v=``), so the browser may keep it for good
@@ -242,7 +241,7 @@ class RunData:
                 "caption": tokens.caption,
                 "image": self.public(run.image_path(i)),
                 "tokens": tokens.tokens,
-                "chips": _chips(tokens),
+                "chips": caption_chips(tokens),
                 "interactions": interactions.astype(np.float64).tolist(),  # exactly the stored values
                 "map_peak": _token_map_peak(interactions, run.n_prefix),
                 # what the model read: the caption up to read_end (the rest is in no map), the crop it saw
@@ -392,40 +391,6 @@ def _token_map_peak(interactions: np.ndarray, n_prefix: int) -> float:
 def _model_label(name: str) -> str:
     """A hub id as it is; a local checkpoint by its folder's name (the page is shared, the path is private)."""
     return f"local checkpoint {Path(name).name}" if looks_like_path(name) else name
-
-
-def view_link(pair: int, tokens: CaptionTokens, geometry: Preprocessing, *, span: tuple[int, int] | None = None,
-              box: tuple[float, float, float, float] | None = None) -> str:
-    """The page's address (its ``#`` fragment) of a pair, with the words of the caption's characters ``span``
-    selected and a box of original-image pixels drawn, written as the page writes it (``viewLink`` in
-    viewer.js): the span by its words, and ``at`` where those words occur more than once; the box in pixels of
-    the image as the page shows it."""
-    parts = [f"pair={pair}"]
-    if span is not None:
-        chips = _chips(tokens)
-        rows = tokens.rows_overlapping(*span)
-        first = next(k for k, chip in enumerate(chips) if rows[0] in chip["rows"])
-        last = next(k for k, chip in enumerate(chips) if rows[-1] in chip["rows"])
-        texts = [chip["text"] for chip in chips]
-        words = " ".join(texts[first : last + 1])
-        n_runs = sum(" ".join(texts[k : k + last - first + 1]) == words for k in range(len(chips)))
-        parts.append(f"span={quote(words, safe='')}" + (f"&at={first}" if n_runs > 1 else ""))
-    if box is not None:
-        scale = DISPLAY_SIDE / geometry.input_size[0]
-        (x0, y0), (x1, y1) = geometry.to_input(box[0], box[1]), geometry.to_input(box[2], box[3])
-        shown = (DISPLAY_SIDE, round(DISPLAY_SIDE * geometry.input_size[1] / geometry.input_size[0]))
-        corners = [min(max(round(v * scale), 0), shown[k % 2]) for k, v in enumerate((x0, y0, x1, y1))]
-        parts.append("box=" + ",".join(str(v) for v in corners))
-    return "#" + "&".join(parts)
-
-
-def _chips(tokens: CaptionTokens) -> list[dict[str, Any]]:
-    """The caption as the page shows it: its words (with their token rows) and its special tokens, in order."""
-    chips = [{"text": word.text, "rows": word.rows, "special": False, "unknown": any(tokens.unknown[r] for r in word.rows)}
-             for word in tokens.words()]
-    chips += [{"text": token, "rows": [row], "special": True, "unknown": False}
-              for row, (token, is_special) in enumerate(zip(tokens.tokens, tokens.special)) if is_special]
-    return sorted(chips, key=lambda chip: chip["rows"][0])
 
 
 def _patch_rects_in_view(geometry: Preprocessing) -> list[list[float]]:
