@@ -1,34 +1,26 @@
-"""Fixtures: tiny random CLIP and SigLIP checkpoints saved to disk and loaded through ``xclip.load_model``."""
+"""Fixtures: tiny random CLIP and SigLIP checkpoints saved to disk and loaded through ``xclip.load_model``, finished
+runs and a headless browser (plain helpers are in helpers.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
 
-import numpy as np
 import pytest
 import torch
+from helpers import CHROMEDRIVER, CHROMIUM, DEMO_CONFIG, DEMO_MODEL, invoke, jsonl_folder, make_images, write_config
 from PIL import Image
 
 import xclip
+from xclip.config import load_config
 from xclip.random_models import save_random_model
+from xclip.runner import run
 
 # smaller initial weights keep the tiny random towers close to the smoothness of trained ones, so that the
 # quadrature error at N = 16 is far below the tolerances the tests assert
 SMOOTH = 0.5
-CAPTIONS = ["a red dog", "two blue circle and a square on the cat"]
-# the shipped demo model and its held-out demo scenes: a trained model, far less smooth than random weights
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
-DEMO_SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
-
-
-def demo_pairs() -> tuple[list[str], list[Path]]:
-    """Captions and image paths of the twelve demo scenes, in file order."""
-    rows = [json.loads(line) for line in (DEMO_SCENES / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    return [row["text"] for row in rows], [DEMO_SCENES / row["file_name"] for row in rows]
 
 
 @pytest.fixture(scope="session", params=["float64", "float32"])
@@ -60,12 +52,6 @@ def model32(model_dirs: dict[str, str], family: str) -> xclip.DualEncoderAdapter
     return xclip.load_model(model_dirs[family], dtype="float32", device="cpu")
 
 
-def make_images(n: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    sizes = [(40, 50), (32, 32), (64, 48), (50, 40)]
-    return [Image.fromarray((rng.random((*sizes[i % 4], 3)) * 255).astype("uint8")) for i in range(n)]
-
-
 @pytest.fixture()
 def images() -> list[Image.Image]:
     return make_images(2)
@@ -84,20 +70,35 @@ def _layout_cache(tmp_path_factory, monkeypatch) -> Path:
     return cache
 
 
-def plant_pair_number(f, pair: int, name: str, value: float) -> None:
-    """Replace one of a stored pair's numbers in an open run file, with the checksum readers verify."""
-    from xclip.store import _checksum, _pair_numbers_row
+@pytest.fixture()
+def finished_run(tmp_path, model_dirs) -> Path:
+    """A finished run of the random CLIP over ``jsonl_folder``'s records: ``tmp_path / "run"``."""
+    jsonl_folder(tmp_path, '{"file_name": "img1.png", "text": "a red dog"}')
+    assert invoke("attribute", write_config(tmp_path, model_dirs["clip"]), "-q")[0] == 0
+    return tmp_path / "run"
 
-    pairs = f["pairs"]
-    pairs[name][pair] = value
-    pairs["checksum"][pair] = _checksum(pairs["interactions"][pair], *_pair_numbers_row(pairs, pair))
+
+@pytest.fixture()
+def demo_run(tmp_path_factory) -> Path:
+    """The demo config, first 40 pairs: enough rows to sort and filter, maps of the trained demo model."""
+    root = tmp_path_factory.mktemp("demo")
+    config = load_config(DEMO_CONFIG, [f"output.directory={root / 'run'}", "data.limit=40"])
+    run(config)
+    return root / "run"
 
 
-def plant_map(f, pair: int, interactions: np.ndarray) -> None:
-    """Replace a stored pair map in an open run file, with the checksum that readers verify (a plant without it
-    is refused as damage)."""
-    from xclip.store import _checksum, _pair_numbers_row
+@pytest.fixture()
+def driver():
+    """Headless Chromium through selenium (tests that use it carry ``helpers.browser``)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
 
-    pairs = f["pairs"]
-    pairs["interactions"][pair] = interactions
-    pairs["checksum"][pair] = _checksum(pairs["interactions"][pair], *_pair_numbers_row(pairs, pair))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield chrome
+    chrome.quit()

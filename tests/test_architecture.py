@@ -1,5 +1,5 @@
-"""The shape of the code: no import cycles, tokenizers and image processors only inside adapters, and readers
-of one pair that read that pair's rows only."""
+"""The shape of the code: no import cycles, tokenizers and image processors only inside adapters, readers of
+one pair that read that pair's rows only, and test modules that import no other test module."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_viewer import demo_run  # noqa: F401  (a fixture)
 
 from xclip.render import load_pair_view
 from xclip.store import RunReader
@@ -76,7 +75,23 @@ def test_no_module_outside_the_adapters_uses_a_tokenizer_or_an_image_processor()
     assert not found, found
 
 
-def test_readers_of_one_pair_read_its_rows_only(demo_run, monkeypatch):  # noqa: F811
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py and shared fixtures in tests/conftest.py: no test module is another's
+    library."""
+    found = []
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno}: {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert not found, found
+
+
+def test_readers_of_one_pair_read_its_rows_only(demo_run, monkeypatch):
     with RunReader(demo_run) as run:
         c, i = run.pair_inputs(7)
         expected = (run.captions()[c], run.image_paths()[i], run.interactions(7))
@@ -96,7 +111,7 @@ def test_readers_of_one_pair_read_its_rows_only(demo_run, monkeypatch):  # noqa:
 
 
 def test_errors_name_the_setting_as_the_user_gave_it(tmp_path, model_dirs):
-    from test_bad_inputs import expect, jsonl_folder, write_config
+    from helpers import expect, jsonl_folder, write_config
     from PIL import Image
 
     import xclip

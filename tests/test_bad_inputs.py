@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_images
+from helpers import GOOD, assert_read_as_text, expect, good_images, invoke, jsonl_folder, make_images, write_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -35,61 +35,9 @@ from xclip.schema import SCHEMA_VERSION
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
-GOOD = [("img0.png", "a red dog"), ("img1.png", "two blue circles")]  # two good records in every data case
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    output = result.output
-    assert "Traceback" not in output, output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result.exit_code, output
-
-
-def json_line(output: str) -> dict:
-    """A command's --json line among its warnings (the test runner mixes stderr into the output)."""
-    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
-
-
-def expect(args: list, code: int, message: str) -> str:
-    exit_code, output = invoke(*args)
-    flat = " ".join(output.split())  # Rich and typer wrap long lines
-    assert exit_code == code, output
-    assert re.search(message, flat), f"{message!r} not in {output!r}"
-    return output
-
-
-def good_images(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for (name, _), image in zip(GOOD, make_images(2)):
-        image.save(folder / name)
-
-
-def write_config(root: Path, model: str, data: dict | None = None, **sections: dict) -> Path:
-    config = {
-        "model": {"name": model, "device": "cpu"},
-        "attribution": {"n_steps": 2, "tolerance": None},
-        "data": data or {"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl"},
-        "output": {"directory": "run"},
-        "runtime": {"batch_size": 4},
-    }
-    for name, values in sections.items():
-        config[name] = {**config.get(name, {}), **values}
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def jsonl_folder(root: Path, bad_line: str | bytes) -> Path:
-    """Two good records, then ``bad_line`` (line 3) in images/metadata.jsonl."""
-    folder = root / "images"
-    good_images(folder)
-    good = "".join(json.dumps({"file_name": n, "text": t}) + "\n" for n, t in GOOD).encode()
-    (folder / "metadata.jsonl").write_bytes(good + (bad_line.encode() if isinstance(bad_line, str) else bad_line) + b"\n")
-    return folder
-
-
 def done_pairs(root: Path) -> list[tuple[str, str]]:
     with h5py.File(root / "run" / "run.h5", "r") as f:
         captions, images = f["captions/text"].asstr()[:], f["images/path"].asstr()[:]
@@ -189,22 +137,6 @@ def test_caption_beyond_the_context_is_truncated_and_flagged(tmp_path, model_dir
     assert summary["truncated_captions"] == 1
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         assert f["captions/is_truncated"][:].tolist() == [False, False, True] and f["captions/n_positions"][2] == 77
-
-
-def assert_read_as_text(adapter: xclip.DualEncoderAdapter, caption: str) -> None:
-    """``caption`` is tokenised as its characters: its tokens spell it, with exactly one BOS (where the family has
-    one) before them and one EOS after them; no special flag and no BOS/EOS id among them; not truncated."""
-    batch = adapter.tokenize([caption, "a dog"])  # in a batch, so that padding follows the shorter caption
-    tokens, ids = batch.tokens[0], batch.input_ids[0, : batch.n_positions[0]].tolist()
-    text = [row for row, is_special in enumerate(tokens.special) if not is_special]
-    first = 0 if adapter.bos_token_id is None else 1
-    assert text == list(range(first, first + len(text))), tokens.tokens
-    assert "".join(tokens.text_of(row) for row in text) == caption.replace(" ", ""), tokens.tokens
-    assert {adapter.bos_token_id, adapter.eos_token_id}.isdisjoint(ids[row] for row in text), tokens.tokens
-    assert ids[first + len(text)] == adapter.eos_token_id and all(tokens.special[first + len(text) :])
-    if adapter.bos_token_id is not None:  # causal towers: BOS, the text, EOS, and nothing after it
-        assert ids[0] == adapter.bos_token_id and len(ids) == len(text) + 2
-    assert batch.is_truncated == [False, False]
 
 
 def test_special_strings_in_captions_are_text(model32):
@@ -665,13 +597,6 @@ def test_damaged_weights_are_named(tmp_path, model_dirs, case):
 
 
 # --- runs and run files ------------------------------------------------------------------------------------------
-@pytest.fixture()
-def finished_run(tmp_path, model_dirs) -> Path:
-    jsonl_folder(tmp_path, '{"file_name": "img1.png", "text": "a red dog"}')
-    assert invoke("attribute", write_config(tmp_path, model_dirs["clip"]), "-q")[0] == 0
-    return tmp_path / "run"
-
-
 def test_refused_rerun_lists_what_differs(finished_run):
     config = finished_run.parent / "run.yaml"
     expect(["attribute", config, "attribution.n_steps=3", "model.dtype=float64"], 2,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import CAPTIONS, make_images
+from helpers import CAPTIONS, make_images
 from torch import Tensor
 
 import xclip

@@ -10,8 +10,7 @@ import shutil
 import h5py
 import pytest
 import torch
-from conftest import DEMO_MODEL
-from test_pipeline import write_config, write_demo_folder
+from helpers import DEMO_MODEL, write_demo_folder, write_pipeline_config
 from typer.testing import CliRunner
 
 import xclip
@@ -89,7 +88,7 @@ def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs
 def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatch):
     write_demo_folder(tmp_path, 6)
     checkpoint = demo_copy(tmp_path)
-    config = write_config(tmp_path / "run.yaml", str(checkpoint), attribution={"n_steps": None})
+    config = write_pipeline_config(tmp_path / "run.yaml", str(checkpoint), attribution={"n_steps": None})
 
     monkeypatch.setattr("xclip.cli.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
     result = runner.invoke(app, ["calibrate", str(config), "--inputs", "6", "--json"])
@@ -127,7 +126,7 @@ def test_calibrate_refuses_what_it_cannot_do(tmp_path, model_dirs):
     result = runner.invoke(app, ["calibrate", model_dirs["clip"]])
     assert result.exit_code == 2 and "give --data FOLDER" in result.output
     write_demo_folder(tmp_path, 2)
-    fixed = write_config(tmp_path / "run.yaml", str(DEMO_MODEL))  # n_steps: 6
+    fixed = write_pipeline_config(tmp_path / "run.yaml", str(DEMO_MODEL))  # n_steps: 6
     result = runner.invoke(app, ["calibrate", str(fixed)])
     assert result.exit_code == 2 and "attribution.n_steps" in result.output
     # a hub model has no folder to write beside: refused before anything is loaded (this one is not downloadable offline)

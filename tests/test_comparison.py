@@ -10,8 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import plant_map
-from test_evaluation import _synthetic_run
+from helpers import plant_map, synthetic_run
 from typer.testing import CliRunner
 
 from xclip.cli import app
@@ -23,7 +22,7 @@ runner = CliRunner()
 
 
 def test_two_runs_of_the_same_checkpoint_differ_by_exactly_zero(tmp_path, model_dirs):
-    _synthetic_run(tmp_path, model_dirs)
+    synthetic_run(tmp_path, model_dirs)
     again = yaml.safe_load((tmp_path / "run.yaml").read_text())
     again["output"]["directory"] = "again"
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(again))
@@ -43,7 +42,7 @@ def test_two_runs_of_the_same_checkpoint_differ_by_exactly_zero(tmp_path, model_
 
 
 def test_a_planted_change_shows_in_its_class_only_and_by_its_closed_form(tmp_path, model_dirs):
-    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
+    run_file, annotations = synthetic_run(tmp_path, model_dirs)
     changed = tmp_path / "changed"
     shutil.copytree(run_file.parent, changed)
     scores = score_run(run_file.parent, tmp_path / "scenes" / "annotations.jsonl")
@@ -79,7 +78,7 @@ def test_a_planted_change_shows_in_its_class_only_and_by_its_closed_form(tmp_pat
 
 
 def test_runs_over_different_pairs_are_refused_with_the_reason(tmp_path, model_dirs):
-    _synthetic_run(tmp_path, model_dirs)
+    synthetic_run(tmp_path, model_dirs)
     fewer = yaml.safe_load((tmp_path / "run.yaml").read_text())
     fewer["output"]["directory"] = "fewer"
     fewer["data"]["limit"] = 3
@@ -98,7 +97,7 @@ def test_runs_over_different_pairs_are_refused_with_the_reason(tmp_path, model_d
 
 
 def test_the_settings_two_runs_differ_in_are_listed_before_the_tables(tmp_path, model_dirs):
-    _synthetic_run(tmp_path, model_dirs)
+    synthetic_run(tmp_path, model_dirs)
     finer = yaml.safe_load((tmp_path / "run.yaml").read_text())
     finer["output"]["directory"] = "finer"
     finer["attribution"]["n_steps"] = 3

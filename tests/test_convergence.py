@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEMO_MODEL, demo_pairs
+from helpers import DEMO_MODEL, demo_pairs
 
 import xclip
 from xclip.core.quadrature import DEFAULT_TOLERANCE, MIN_ADAPTIVE_STEPS

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from test_bad_inputs import expect, invoke, jsonl_folder, write_config
+from helpers import expect, invoke, jsonl_folder, write_config
 
 from xclip.config import load_config
 from xclip.digests import file_identity, has_changed

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import CAPTIONS, make_images
+from helpers import CAPTIONS, make_images
 from naive import integrated_jacobian, naive_interactions
 
 import xclip

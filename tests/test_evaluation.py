@@ -6,9 +6,8 @@ import json
 
 import h5py
 import numpy as np
-from conftest import plant_map
+from helpers import plant_map, plant_phrase_maps, synthetic_run
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from xclip.cli import app
@@ -138,40 +137,10 @@ def test_bad_annotations_name_the_line(tmp_path):
         read_annotations(path)
 
 
-def _synthetic_run(tmp_path, model_dirs):
-    assert runner.invoke(app, ["synth", str(tmp_path / "scenes"), "--n", "6", "--seed", "3", "--size", "32"]).exit_code == 0
-    config = {
-        "model": {"name": model_dirs["clip"], "device": "cpu"},
-        "attribution": {"n_steps": 2},
-        "data": {"format": "imagefolder", "root": "scenes", "metadata": "scenes/metadata.jsonl"},
-        "output": {"directory": "run"},
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    assert runner.invoke(app, ["attribute", str(tmp_path / "run.yaml"), "-q"]).exit_code == 0
-    return tmp_path / "run" / "run.h5", read_annotations(tmp_path / "scenes" / "annotations.jsonl")
-
-
-def _plant(run_file, annotations, model_dirs, *, correct: bool) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dirs["clip"])
-    geometry = Preprocessing((32, 32), (0.0, 0.0, 32.0, 32.0), (32, 32), (4, 4))
-    with h5py.File(run_file, "r+") as f:
-        for index, record in enumerate(annotations):
-            planted = np.nan_to_num(f["pairs/interactions"][index]) * 0.0
-            offsets = tokenizer(record["caption"], return_offsets_mapping=True)["offset_mapping"]
-            for phrase in record["phrases"]:
-                rows = [r for r, (a, b) in enumerate(offsets) if b > a and a < phrase["end"] and b > phrase["start"]]
-                mask = box_weights(phrase["boxes"], geometry) > 0
-                for row in rows:
-                    planted[row, 1:] = np.where(mask if correct else ~mask, 1.0, 0.0) + planted[row, 1:]
-            plant_map(f, index, planted)
-
-
 @pytest.mark.parametrize("correct", [True, False])
 def test_evaluate_scores_planted_maps(tmp_path, model_dirs, correct):
-    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
-    _plant(run_file, annotations, model_dirs, correct=correct)
+    run_file, annotations = synthetic_run(tmp_path, model_dirs)
+    plant_phrase_maps(run_file, annotations, model_dirs, correct=correct)
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(tmp_path / "scenes" / "annotations.jsonl")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "evaluation" / "report.json").read_text())
@@ -236,8 +205,8 @@ def test_coco_instances_converter(tmp_path):
 
 
 def test_a_planted_miss_is_listed_first_with_its_link_and_counted_in_its_patterns(tmp_path, model_dirs):
-    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
-    _plant(run_file, annotations, model_dirs, correct=True)
+    run_file, annotations = synthetic_run(tmp_path, model_dirs)
+    plant_phrase_maps(run_file, annotations, model_dirs, correct=True)
     # one phrase of one pair planted wrong: its map lies wholly outside its boxes
     index, record = next((k, r) for k, r in enumerate(annotations) if len(r["phrases"]) >= 2)
     phrase = record["phrases"][0]
@@ -285,8 +254,8 @@ def test_failure_patterns_group_phrases_by_size_count_and_class():
 
 def _annotated_run(tmp_path, model_dirs):
     """A planted-correct run and its annotation records, with the scenes' annotations file path."""
-    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
-    _plant(run_file, annotations, model_dirs, correct=True)
+    run_file, annotations = synthetic_run(tmp_path, model_dirs)
+    plant_phrase_maps(run_file, annotations, model_dirs, correct=True)
     return run_file, annotations, tmp_path / "scenes" / "annotations.jsonl"
 
 

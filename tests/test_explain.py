@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_bad_inputs import expect, invoke, json_line
+from helpers import expect, invoke, json_line
 
 from xclip.store import RunReader
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_evaluation import _plant, _synthetic_run
+from helpers import plant_phrase_maps, synthetic_run
 from typer.testing import CliRunner
 
 import xclip
@@ -295,8 +295,8 @@ def test_the_input_game_runs_between_the_models_logits(model_dirs, images, famil
 
 
 def test_evaluate_baselines_pairs_each_method_with_the_planted_maps(tmp_path, model_dirs):
-    run_file, annotations = _synthetic_run(tmp_path, model_dirs)
-    _plant(run_file, annotations, model_dirs, correct=True)
+    run_file, annotations = synthetic_run(tmp_path, model_dirs)
+    plant_phrase_maps(run_file, annotations, model_dirs, correct=True)
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(tmp_path / "scenes" / "annotations.jsonl"),
                                  "--baselines", "random,integrated_gradients,centre", "-q"])
     assert result.exit_code == 0, result.output
@@ -322,7 +322,7 @@ def test_evaluate_baselines_pairs_each_method_with_the_planted_maps(tmp_path, mo
 
 @pytest.mark.parametrize("game", ["cut", "input"])
 def test_evaluate_baselines_without_annotations_scores_faithfulness_only(tmp_path, model_dirs, game):
-    _synthetic_run(tmp_path, model_dirs)
+    synthetic_run(tmp_path, model_dirs)
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--baselines", "gradient_input", "--limit", "2",
                                  "--game", game, "-q"])
     assert result.exit_code == 0, result.output
@@ -336,7 +336,7 @@ def test_evaluate_baselines_without_annotations_scores_faithfulness_only(tmp_pat
 
 
 def test_evaluate_needs_annotations_or_baselines_and_refuses_unknown_methods(tmp_path, model_dirs):
-    _synthetic_run(tmp_path, model_dirs)
+    synthetic_run(tmp_path, model_dirs)
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
     assert result.exit_code == 2 and "nothing to evaluate" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--baselines", "lime"])
@@ -353,7 +353,7 @@ def test_a_first_order_method_explains_the_image_against_the_phrase_or_the_whole
     from xclip.runner import load_attributor
     from xclip.store import RunReader
 
-    _synthetic_run(tmp_path, model_dirs)
+    synthetic_run(tmp_path, model_dirs)
     with RunReader(tmp_path / "run") as run:
         pair = next(p for p in annotated_pairs(run, tmp_path / "scenes" / "annotations.jsonl") if len(p.phrases) >= 2)
         attribution = load_attributor(run.settings)[0]

@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_bad_inputs import finished_run, invoke  # noqa: F401  (finished_run is a fixture)
-from test_render import caption_tokens
-from test_viewer import browser, driver  # noqa: F401  (driver is a fixture)
+from helpers import assert_patches_where_the_processor_put_them, browser, caption_tokens, gradient, invoke
 
 import xclip
 from xclip.errors import ConfigError
@@ -21,39 +19,6 @@ from xclip.render import PairView, _content
 from xclip.viewer import _patch_rects_in_view
 
 STATIC = Path(xclip.__file__).resolve().parent / "static"
-
-
-def gradient(width: int, height: int) -> Image.Image:
-    """Red encodes x and green y, linearly across the image: a pixel's colour says where it came from."""
-    x = (np.arange(width) + 0.5) / width
-    y = (np.arange(height) + 0.5) / height
-    red, green = np.meshgrid(x * 255, y * 255)
-    return Image.fromarray(np.stack([red, green, np.zeros_like(red)], -1).round().astype(np.uint8))
-
-
-def assert_patches_where_the_processor_put_them(model: xclip.DualEncoderAdapter, size: tuple[int, int]) -> None:
-    """Each patch's mean colour in the model's input is the colour at its rectangle's centre in the original."""
-    processed = model.preprocess_image(gradient(*size))
-    geometry = processed.geometry
-    mean, std = np.array(model.image_mean)[:, None, None], np.array(model.image_std)[:, None, None]
-    pixels = (processed.pixels.double().numpy() * std + mean) * 255  # (3, H, W) as 0..255 again
-    rows, cols = geometry.grid
-    height, width = pixels.shape[1:]
-    assert (width, height) == geometry.input_size
-    patch_h, patch_w = height // rows, width // cols
-    mean_colour = np.array(model.image_mean) * 255
-    for index, (x0, y0, x1, y1) in enumerate(geometry.patch_rects()):
-        r, c = divmod(index, cols)
-        patch = pixels[:, r * patch_h : (r + 1) * patch_h, c * patch_w : (c + 1) * patch_w].mean(axis=(1, 2))
-        if x1 <= 0 or y1 <= 0 or x0 >= size[0] or y0 >= size[1]:  # wholly in the padding: the mean colour
-            assert patch == pytest.approx(mean_colour, abs=1.5), (size, index, patch)
-            continue
-        if x0 < 0 or y0 < 0 or x1 > size[0] or y1 > size[1]:  # part image, part padding
-            continue
-        centre = ((x0 + x1) / 2 / size[0] * 255, (y0 + y1) / 2 / size[1] * 255)
-        # within 3 original pixels (resampling blurs edges); a crop misplaced by one input pixel is further off
-        assert abs(patch[0] - centre[0]) <= 3 * 255 / size[0] + 1, (size, index, patch[:2], centre)
-        assert abs(patch[1] - centre[1]) <= 3 * 255 / size[1] + 1, (size, index, patch[:2], centre)
 
 
 @pytest.mark.parametrize("size", [(150, 90), (90, 150), (77, 33), (64, 64)])
@@ -154,7 +119,7 @@ def render_coverage(geometry: Preprocessing, box: tuple[float, float, float, flo
 
 
 @browser
-def test_render_evaluate_and_the_viewer_choose_the_same_patches(driver):  # noqa: F811
+def test_render_evaluate_and_the_viewer_choose_the_same_patches(driver):
     driver.get((STATIC / "index.html").as_uri())  # the page's own script, without data: its functions load
     page = (320, 200)
     for geometry in (SQUARE, WIDE):
@@ -177,7 +142,7 @@ def test_render_evaluate_and_the_viewer_choose_the_same_patches(driver):  # noqa
             assert np.array(shown) == pytest.approx(reference, abs=1e-9), (kind, box)
 
 
-def test_render_and_evaluate_refuse_a_box_outside_the_crop(finished_run, tmp_path):  # noqa: F811
+def test_render_and_evaluate_refuse_a_box_outside_the_crop(finished_run, tmp_path):
     # the run's images are 50 x 40: resized to 40 x 32 and cropped at x = 4, so the model sees x 5..45
     code, output = invoke("render", finished_run, "--pair", "0", "--box", "0,0,4,4")
     assert code == 2 and "lies wholly outside the part of the image the model sees (x 5..45" in " ".join(output.split())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CAPTIONS, make_images
+from helpers import CAPTIONS, make_images
 
 import xclip
 

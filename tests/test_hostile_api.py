@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_bad_inputs import finished_run  # noqa: F401  (a fixture)
-from test_viewer import ask, serving
+from helpers import ask, serving
 
 from xclip import InteractionMap, StoreError
 from xclip.geometry import Preprocessing
@@ -188,7 +187,7 @@ def raw_request(port: int, request: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-def test_an_index_no_run_has_is_not_found_without_a_traceback(finished_run, capfd):  # noqa: F811
+def test_an_index_no_run_has_is_not_found_without_a_traceback(finished_run, capfd):
     long = "9" * 5000  # past int()'s 4,300 digits
     indices = (long, "1" + "0" * 18, "0" * 5000, "007", "-" + long, "1e3")  # finished_run has 2 pairs
     with serving(finished_run) as server:
@@ -203,7 +202,7 @@ def test_an_index_no_run_has_is_not_found_without_a_traceback(finished_run, capf
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_a_request_line_naming_another_origin_is_refused(finished_run):  # noqa: F811
+def test_a_request_line_naming_another_origin_is_refused(finished_run):
     with serving(finished_run) as server:
         port = server.server_address[1]
         own = f"127.0.0.1:{port}"

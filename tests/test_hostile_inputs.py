@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import make_images
+from helpers import make_images
 from typer.testing import CliRunner
 
 import xclip

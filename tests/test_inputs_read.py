@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_bad_inputs import invoke
-from test_viewer import attribute, browser, driver, page_url, serving, wait_settled  # noqa: F401, F811  (driver is a fixture)
+from helpers import attribute, browser, invoke, page_url, serving, wait_settled
 
 from xclip.explain import explain
 from xclip.inputs_read import caption_read, image_read
@@ -114,7 +113,7 @@ def test_a_figure_draws_a_truncated_caption_to_its_cut_and_titles_unknown_words(
 
 
 @browser
-def test_the_pair_page_shows_what_the_model_read(wide_run, driver):  # noqa: F811
+def test_the_pair_page_shows_what_the_model_read(wide_run, driver):
     from selenium.webdriver.common.by import By
 
     run_dir, _ = wide_run

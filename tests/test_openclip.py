@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CAPTIONS, make_images
 from naive import integrated_jacobian, naive_interactions
-from test_bad_inputs import assert_read_as_text, expect, invoke, json_line
+from helpers import (CAPTIONS, assert_patches_where_the_processor_put_them, assert_read_as_text, expect, invoke, json_line,
+                     jsonl_folder, make_images)
 
 import xclip
 from xclip.core.quadrature import quadrature
@@ -255,7 +255,6 @@ def test_both_families_load_in_one_environment(checkpoints, model_dirs):
 
 
 def test_attribute_runs_on_an_open_clip_model_from_a_config(checkpoints, tmp_path):
-    from test_bad_inputs import jsonl_folder
 
     jsonl_folder(tmp_path, '{"file_name": "img0.png", "text": "a cat"}')
     config = {
@@ -420,7 +419,6 @@ def test_an_open_clip_folder_with_bad_weights_names_the_file(checkpoints, tmp_pa
 
 @pytest.mark.parametrize("resize", ["native", "crop", "pad", "squash"])
 def test_open_clip_patches_lie_where_the_geometry_says_for_every_resize(checkpoints, resize):
-    from test_geometry import assert_patches_where_the_processor_put_them
 
     model = xclip.load_model("open_clip:xclip-tiny-openai", checkpoint=checkpoints["xclip-tiny-openai"], device="cpu",
                              image_resize=resize)

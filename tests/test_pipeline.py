@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import DEMO_MODEL, demo_pairs, make_images, plant_map
+from helpers import DEMO_MODEL, demo_pairs, make_images, plant_map, write_demo_folder, write_pipeline_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -47,25 +47,10 @@ def write_folder(root: Path, n_images: int = 3, *, bad_image: bool = False, empt
     return images
 
 
-def write_config(path: Path, model_dir: str, **sections: dict) -> Path:
-    config = {
-        "model": {"name": model_dir, "device": "cpu", "dtype": "float64"},
-        "attribution": {"n_steps": 6},
-        "data": {"format": "imagefolder", "root": "images", "metadata": "images/metadata.jsonl"},
-        "pairing": {"mode": "given"},
-        "output": {"directory": "run"},
-        "runtime": {"batch_size": 2},
-    }
-    for name, values in sections.items():
-        config[name] = {**config.get(name, {}), **values}
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 @pytest.fixture()
 def folder_config(tmp_path, model_dirs):
     write_folder(tmp_path)
-    return write_config(tmp_path / "run.yaml", model_dirs["clip"])
+    return write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"])
 
 
 # --- config -----------------------------------------------------------------------------------------------
@@ -127,7 +112,7 @@ def test_overrides_reach_the_runner(folder_config, monkeypatch):
 def test_every_input_format(tmp_path):
     images = write_folder(tmp_path)
     base = {"root": images}
-    folder = read_dataset(load_config(write_config(tmp_path / "a.yaml", "m"), []).data)
+    folder = read_dataset(load_config(write_pipeline_config(tmp_path / "a.yaml", "m"), []).data)
     assert folder.captions == CAPTIONS and [p.name for p in folder.images] == ["img0.png", "img1.png", "img2.png"]
     assert folder.given_pairs == [(0, 0), (1, 1), (2, 2)]
 
@@ -176,7 +161,7 @@ def read_all(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_run_matches_the_library(tmp_path, model_dirs, family):
     write_folder(tmp_path)
-    config = load_config(write_config(tmp_path / "run.yaml", model_dirs[family], pairing={"mode": "all"}), [])
+    config = load_config(write_pipeline_config(tmp_path / "run.yaml", model_dirs[family], pairing={"mode": "all"}), [])
     summary = run(config)
     assert (summary.n_pairs, summary.n_done, summary.n_failed) == (9, 9, 0)
     model = xclip.load_model(model_dirs[family], device="cpu", dtype="float64")
@@ -207,7 +192,7 @@ def test_run_matches_the_library(tmp_path, model_dirs, family):
 def test_topk_pairs_each_image_with_its_best_captions(tmp_path, model_dirs):
     write_folder(tmp_path)
     config = load_config(
-        write_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "topk", "k": 2}), []
+        write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "topk", "k": 2}), []
     )
     run(config)
     model = xclip.load_model(model_dirs["clip"], device="cpu", dtype="float64")
@@ -223,7 +208,7 @@ def test_topk_pairs_each_image_with_its_best_captions(tmp_path, model_dirs):
 
 def test_bad_items_are_recorded_and_the_rest_finishes(tmp_path, model_dirs):
     write_folder(tmp_path, bad_image=True, empty_caption=True)
-    config_path = write_config(tmp_path / "run.yaml", model_dirs["clip"])
+    config_path = write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"])
     result = runner.invoke(app, ["attribute", str(config_path), "--json", "-q"])
     assert result.exit_code == 3  # finished, some items failed
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -238,10 +223,10 @@ def test_bad_items_are_recorded_and_the_rest_finishes(tmp_path, model_dirs):
 
 def test_resume_after_interruption_gives_the_same_file(tmp_path, model_dirs):
     write_folder(tmp_path, n_images=4)
-    straight = load_config(write_config(tmp_path / "a.yaml", model_dirs["clip"], pairing={"mode": "all"}), [])
+    straight = load_config(write_pipeline_config(tmp_path / "a.yaml", model_dirs["clip"], pairing={"mode": "all"}), [])
     run(straight)
     interrupted = load_config(
-        write_config(tmp_path / "b.yaml", model_dirs["clip"], pairing={"mode": "all"}, output={"directory": "run2"}), []
+        write_pipeline_config(tmp_path / "b.yaml", model_dirs["clip"], pairing={"mode": "all"}, output={"directory": "run2"}), []
     )
     calls = []
 
@@ -296,22 +281,9 @@ def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
         assert actual == documented
 
 
-def write_demo_folder(root: Path, n_scenes: int) -> Path:
-    """The first demo scenes and their captions in an image folder, for runs with the trained demo model."""
-    images = root / "images"
-    images.mkdir(parents=True)
-    captions, paths = demo_pairs()
-    lines = []
-    for caption, path in list(zip(captions, paths))[:n_scenes]:
-        (images / path.name).write_bytes(path.read_bytes())
-        lines.append(json.dumps({"file_name": path.name, "text": caption}))
-    (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return images
-
-
 def test_run_file_records_nodes_and_convergence_per_input(tmp_path):
     write_demo_folder(tmp_path, 3)
-    config = write_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution={"n_steps": None})
+    config = write_pipeline_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution={"n_steps": None})
     result = runner.invoke(app, ["attribute", str(config), "--json", "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["not_converged"] == 0
@@ -333,7 +305,7 @@ def test_run_file_records_nodes_and_convergence_per_input(tmp_path):
 def test_inputs_that_miss_the_tolerance_are_finished_flagged_and_listed(tmp_path):
     write_demo_folder(tmp_path, 4)
     attribution = {"n_steps": None, "max_steps": 12, "panel_layout": "default"}  # the first panels' nodes, no more
-    config = write_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution=attribution)
+    config = write_pipeline_config(tmp_path / "run.yaml", str(DEMO_MODEL), attribution=attribution)
     result = runner.invoke(app, ["attribute", str(config), "--json"])
     assert result.exit_code == 0, result.output  # finished: the maps are written, the misses flagged
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -474,7 +446,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, mode
         image.save(images / f"img{i:03d}.png")
         lines.append(json.dumps({"file_name": f"img{i:03d}.png", "text": CAPTIONS[i % 3]}))
     (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    config = write_config(tmp_path / "run.yaml", model_dirs["clip"], attribution={"n_steps": 10})
+    config = write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"], attribution={"n_steps": 10})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "xclip", "attribute", str(config), "--json"],
@@ -498,7 +470,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, mode
 
 def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
     write_folder(tmp_path, n_images=4)
-    config = write_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "all"})
+    config = write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "all"})
     assert runner.invoke(app, ["attribute", str(config), "-q", "output.directory=whole"]).exit_code == 0
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")  # --array=1-5:2 -> ids 1, 3, 5 -> shard 1 of 3
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
@@ -550,7 +522,7 @@ def test_new_weights_at_the_same_path_are_refused(tmp_path, model_dirs):
     write_folder(tmp_path)
     local = tmp_path / "model"
     shutil.copytree(model_dirs["clip"], local)
-    config = write_config(tmp_path / "run.yaml", str(local))
+    config = write_pipeline_config(tmp_path / "run.yaml", str(local))
     assert runner.invoke(app, ["attribute", str(config), "-q"]).exit_code == 0
     xclip.random_models.save_random_model(local, "clip", seed=1)  # retrained in place
     result = runner.invoke(app, ["attribute", str(config), "-q"])

@@ -12,13 +12,12 @@ from pathlib import Path
 from dataclasses import replace
 
 import h5py
+from helpers import caption_tokens, invoke, plant_map
 import numpy as np
-from conftest import plant_map
 import pytest
 from matplotlib import colormaps
 from matplotlib.colors import CenteredNorm
 from PIL import Image, ImageDraw
-from test_bad_inputs import finished_run, invoke  # noqa: F401  (finished_run is a fixture)
 
 import xclip
 import xclip.render as rendering
@@ -26,27 +25,8 @@ from xclip.colours import CONTOUR, outline_mask
 from xclip.errors import ConfigError
 from xclip.geometry import Preprocessing
 from xclip.render import FigureOptions, PairView, draw, figure, map_colours
-from xclip.tokens import CaptionTokens
 
 GRID = (4, 4)
-
-
-SPECIAL = {"<|startoftext|>", "<|endoftext|>", "<s>", "</s>"}
-
-
-def caption_tokens(tokens: list[str], words: dict[str, str] | None = None) -> CaptionTokens:
-    """A caption of the given tokens, a word each (``words`` names what an unknown token stood for)."""
-    words = words or {}
-    caption, offsets = "", []
-    for token in tokens:
-        if token in SPECIAL:
-            offsets.append((0, 0))
-            continue
-        text = words.get(token, token.removesuffix("</w>"))
-        start = len(caption) + (1 if caption else 0)
-        caption = f"{caption} {text}" if caption else text
-        offsets.append((start, len(caption)))
-    return CaptionTokens(caption, tokens, offsets, [t in SPECIAL for t in tokens], [t == "<unk>" for t in tokens])
 
 
 def planted_view(image: Image.Image, token_values: dict[str, np.ndarray], tokens: list[str] | None = None,
@@ -352,7 +332,7 @@ def halfrange(path: Path) -> float:
         return float(png.text["xclip:halfrange"])
 
 
-def test_a_run_scale_gives_equal_values_equal_colours(finished_run, tmp_path):  # noqa: F811
+def test_a_run_scale_gives_equal_values_equal_colours(finished_run, tmp_path):
     corner = np.zeros(GRID)
     corner[0, 0] = 1.0
     plant(finished_run, 0, "red</w>", 2 * corner)  # pairs 0 and 2 hold "red": their maps peak at 2 and at 1
@@ -370,13 +350,13 @@ def test_a_run_scale_gives_equal_values_equal_colours(finished_run, tmp_path):  
     assert halfrange(fixed[0]) == 0.5 and "map values reach ±2, beyond the fixed scale ±0.5" in " ".join(output.split())
 
 
-def test_a_span_over_many_pairs_skips_and_counts_the_pairs_without_it(finished_run, tmp_path):  # noqa: F811
+def test_a_span_over_many_pairs_skips_and_counts_the_pairs_without_it(finished_run, tmp_path):
     written, output = render(finished_run, "--span", "blue", "--out", tmp_path)
     assert [p.name for p in written] == ["pair000001_span-blue.png"]
     assert "skipped 2 pairs whose caption does not hold 'blue'" in output
 
 
-def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_path):  # noqa: F811
+def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_path):
     from xclip.render import load_pair_view
     from xclip.store import RunReader
 
@@ -407,14 +387,14 @@ def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_pat
     assert len(re.findall(rb"/Subtype\s*/Image", data)) == len(pictures)
 
 
-def test_render_run_takes_a_layout(finished_run, tmp_path):  # noqa: F811
+def test_render_run_takes_a_layout(finished_run, tmp_path):
     from xclip.render import render_run
 
     (pdf,) = render_run(finished_run, pairs=[0], out=tmp_path, file_format="pdf", layout="column").written
     assert page_size(pdf)[0] == pytest.approx(3.5 * 72, abs=0.75)
 
 
-def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  # noqa: F811
+def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):
     (rendered,) = render(finished_run, "--pair", "0", "--span", "red", "--out", tmp_path)[0]
     model = xclip.load_model(model_dirs["clip"], dtype="float32")
     attributor = xclip.InteractionAttribution(model, n_steps=2, tolerance=None)
@@ -435,7 +415,7 @@ def test_the_api_draws_what_render_draws(finished_run, tmp_path, model_dirs):  #
         figure(result, image, span="zebra")
 
 
-def test_render_counts_the_pairs_left_beyond_its_limit_and_logs_progress(finished_run, tmp_path):  # noqa: F811
+def test_render_counts_the_pairs_left_beyond_its_limit_and_logs_progress(finished_run, tmp_path):
     written, output = render(finished_run, "--limit", "2", "--out", tmp_path / "two")
     flat = " ".join(output.split())
     assert [p.name for p in written] == ["pair000000.png", "pair000001.png"]

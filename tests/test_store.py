@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from test_bad_inputs import expect, invoke, jsonl_folder, write_config
+from helpers import expect, invoke, jsonl_folder, write_config
 
 from xclip.config import load_config
 from xclip.errors import StoreError
@@ -762,7 +762,7 @@ def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, 
 
 # --- maps on demand -------------------------------------------------------------------------------------------------
 def test_runs_without_stored_maps_read_the_same(tmp_path):
-    from conftest import DEMO_MODEL, DEMO_SCENES
+    from helpers import DEMO_MODEL, DEMO_SCENES
     from PIL import Image
 
     from xclip.store import RunReader

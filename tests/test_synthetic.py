@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import torch
-from conftest import DEMO_MODEL
+from helpers import DEMO_MODEL
 
 import xclip
 from xclip.synthetic import COLOURS, SHAPES, generate, hard_negative, replacement_negative

@@ -3,12 +3,9 @@ Selenium; those tests are skipped where no browser is installed, and `.ci/run` i
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import io
 import json
 import math
-import os
 import shutil
 import socket
 import struct
@@ -22,11 +19,11 @@ import urllib.request
 from pathlib import Path
 
 import h5py
+from helpers import (DEMO_CONFIG, WAIT_S, ask, attribute, browser, expect, invoke, jsonl_folder, page_url, plant_map,
+                     plant_pair_number, serving, wait_for, wait_settled, write_config)
 import numpy as np
-from conftest import plant_map, plant_pair_number
 import pytest
 from PIL import Image
-from test_bad_inputs import expect, finished_run, invoke, jsonl_folder, write_config  # noqa: F401  (a fixture)
 
 from xclip.config import RunConfig, load_config
 from xclip.errors import ConfigError
@@ -37,9 +34,6 @@ from xclip.result import INEXACT_PAIR_FACTOR
 from xclip.store import RunReader
 from xclip.viewer import PairQuery, RunData, export_site, make_server
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
 
 def file_columns(run_dir: Path) -> dict[str, np.ndarray]:
     with h5py.File(run_dir / "run.h5", "r") as f:
@@ -48,15 +42,6 @@ def file_columns(run_dir: Path) -> dict[str, np.ndarray]:
         return {"score": pairs["score"][:], "status": pairs["status"][:],
                 "caption": np.array([captions[c] for c in pairs["caption_index"][:]]),
                 "relative": pairs["relative_completeness_error"][:], "interactions": pairs["interactions"][:]}
-
-
-@pytest.fixture()
-def demo_run(tmp_path_factory) -> Path:
-    """The demo config, first 40 pairs: enough rows to sort and filter, maps of the trained demo model."""
-    root = tmp_path_factory.mktemp("demo")
-    config = load_config(DEMO_CONFIG, [f"output.directory={root / 'run'}", "data.limit=40"])
-    run(config)
-    return root / "run"
 
 
 @pytest.fixture()
@@ -167,34 +152,10 @@ def test_failures_are_listed_with_their_reasons(tmp_path, model_dirs):
     assert failure["group"] == "images" and failure["item"] == "img1.png" and "img1.png" in failure["reason"]
 
 
-@contextlib.contextmanager
-def serving(run_dir: Path, **options):
-    """A server for ``run_dir`` on a free port, in this process (its stderr is the test's)."""
-    server = make_server(run_dir, port=0, **options)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture()
 def server(demo_run):
     with serving(demo_run) as server:
         yield f"http://127.0.0.1:{server.server_address[1]}/"
-
-
-def ask(port: int, path: str, host: str | None = None) -> tuple[int, bytes]:
-    """GET ``path`` with the ``Host`` header a browser would send for ``host`` (default: the server's own)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        connection.request("GET", path, headers={"Host": host} if host else {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -272,7 +233,7 @@ def test_a_busy_port_is_named(demo_run):
         first.server_close()
 
 
-def test_only_the_servers_own_host_is_answered(finished_run):  # noqa: F811
+def test_only_the_servers_own_host_is_answered(finished_run):
     with serving(finished_run) as server:
         port = server.server_address[1]
         thumbnail = "/" + json.loads(ask(port, "/api/pairs")[1])["rows"][0]["thumbnail"]
@@ -316,7 +277,7 @@ def test_every_pair_route_refuses_other_indices(demo_run):
         assert [ask(port, f"/api/pair/39{route}")[0] for route in ("", "/image.png", "/contours.png")] == [200] * 3
 
 
-def test_images_outside_the_data_root_are_not_served(finished_run):  # noqa: F811
+def test_images_outside_the_data_root_are_not_served(finished_run):
     root = finished_run.parent / "images"
     with h5py.File(finished_run / "run.h5", "r") as f:
         image = int(f["pairs/image_index"][0])
@@ -337,7 +298,7 @@ def test_images_outside_the_data_root_are_not_served(finished_run):  # noqa: F81
                     assert "lies outside the data root" in json.loads(body)["error"], (path, route)
 
 
-def test_a_stalled_client_is_disconnected(finished_run):  # noqa: F811
+def test_a_stalled_client_is_disconnected(finished_run):
     with serving(finished_run, socket_timeout=0.5) as server:
         for sent in (b"", b"GET /api/ru"):  # nothing, half a request line
             with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as client:
@@ -348,7 +309,7 @@ def test_a_stalled_client_is_disconnected(finished_run):  # noqa: F811
         assert ask(server.server_address[1], "/api/run")[0] == 200
 
 
-def test_a_client_that_leaves_mid_answer_prints_no_traceback(finished_run, capfd):  # noqa: F811
+def test_a_client_that_leaves_mid_answer_prints_no_traceback(finished_run, capfd):
     with serving(finished_run) as server:
         port = server.server_address[1]
         for path in ("/api/pair/0/image.png", "/api/pair/0", "/api/pairs?limit=1000"):
@@ -382,69 +343,11 @@ def test_export_writes_the_top_and_bottom_pairs(demo_run, tmp_path):
 
 
 # --- a real browser -------------------------------------------------------------------------------------------
-# skipped without a browser, except where XCLIP_REQUIRE_BROWSER is set (CI): there a missing browser fails them
-browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("XCLIP_REQUIRE_BROWSER"),
-                             reason="needs Debian's chromium and chromium-driver")
-
-
-@pytest.fixture()
-def driver():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", "--force-device-scale-factor=1"):
-        options.add_argument(flag)
-    chrome = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    yield chrome
-    chrome.quit()
-
-
-WAIT_S = 600.0  # the most one state of the page may take: generous, CI machines are slow and shared
-
-
-def wait_for(condition, timeout: float = WAIT_S):
-    """``condition()``'s first true value, asked until the deadline; an element the page replaced while it was
-    asked about counts as not yet."""
-    from selenium.common.exceptions import StaleElementReferenceException
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-        except StaleElementReferenceException:
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("the page did not get there in time")
-
-
-def settled(driver) -> bool:
-    """The page's own readiness signals: its first answers are drawn (``data-ready``), and every request it sent
-    since has been answered and applied, or dropped as stale (``data-busy`` 0)."""
-    return driver.execute_script("return document.body.dataset.ready === 'true' && document.body.dataset.busy === '0'")
-
-
-def wait_settled(driver, condition=lambda: True):
-    """Wait until the page has settled in a state where ``condition()`` holds (its first true value)."""
-    return wait_for(lambda: settled(driver) and condition())
-
-
 def table(driver) -> list[dict]:
     """The pair table's rows as shown, read at one instant: index and the text of each cell."""
     return driver.execute_script(
         "return [...document.querySelectorAll('#pairs tbody tr')]"
         ".map((tr) => ({index: Number(tr.dataset.index), cells: [...tr.cells].map((td) => td.textContent)}))")
-
-
-def attribute(driver, element_id: str, name: str) -> str | None:
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id).get_attribute(name)
 
 
 def view_command(run_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -464,12 +367,8 @@ def plant_corner(run_dir: Path, pair: int, token: str) -> list[int]:
     return [tokens.index(token)]
 
 
-def page_url(server) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}/"
-
-
 @browser
-def test_the_browser_shows_the_files_values_for_spans_and_boxes(finished_run, driver):  # noqa: F811
+def test_the_browser_shows_the_files_values_for_spans_and_boxes(finished_run, driver):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -543,7 +442,7 @@ def test_the_browser_shows_the_files_values_for_spans_and_boxes(finished_run, dr
 
 
 @browser
-def test_the_map_is_drawn_where_the_planted_values_are(finished_run, driver):  # noqa: F811
+def test_the_map_is_drawn_where_the_planted_values_are(finished_run, driver):
     from selenium.webdriver.common.by import By
 
     plant_corner(finished_run, 0, "red</w>")
@@ -572,7 +471,7 @@ def test_the_map_is_drawn_where_the_planted_values_are(finished_run, driver):  #
 
 
 @browser
-def test_the_map_title_names_the_word_under_the_pointer(finished_run, driver):  # noqa: F811
+def test_the_map_title_names_the_word_under_the_pointer(finished_run, driver):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -589,7 +488,7 @@ def test_the_map_title_names_the_word_under_the_pointer(finished_run, driver):  
 
 
 @browser
-def test_a_link_reopens_its_pair_span_and_box(finished_run, driver):  # noqa: F811
+def test_a_link_reopens_its_pair_span_and_box(finished_run, driver):
     from selenium.webdriver.common.by import By
 
     maps = file_columns(finished_run)["interactions"][0].astype(np.float64)
@@ -772,13 +671,13 @@ def quarter_link(run_dir: Path) -> tuple[str, Preprocessing, tuple[float, float,
     return view_link(0, tokens, geometry, span=(start, start + len("red dog")), box=quarter), geometry, quarter
 
 
-def test_a_view_link_is_written_as_the_page_writes_it(finished_run):  # noqa: F811
+def test_a_view_link_is_written_as_the_page_writes_it(finished_run):
     link, _, _ = quarter_link(finished_run)
     assert link == "#pair=0&span=red%20dog&box=0,0,160,160"  # the view is 320 pixels wide
 
 
 @browser
-def test_a_view_link_written_by_python_opens_that_view(finished_run, driver):  # noqa: F811
+def test_a_view_link_written_by_python_opens_that_view(finished_run, driver):
     """evaluate's miss list links into the viewer with xclip.viewer.view_link: the page opens what it names."""
     from selenium.webdriver.common.by import By
 
