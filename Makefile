@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # disk (x86_64: 2.14.1; aarch64: a 2.9.1 CPU build); anywhere else pip resolves them as usual
 TORCH_SPEC ?= $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: install test lint demo grounding baselines compare bench clean
+.PHONY: install test test-fast lint demo grounding baselines compare bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# the edit loop: the suite without the tests marked slow (browser, subprocess and crash-injection tests, the longer
+# end-to-end runs); `make test` (what CI runs) runs every test
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check xclip tests scripts

@@ -284,9 +284,16 @@ def page_url(server) -> str:
 
 # --- a real browser (the ``driver`` fixture is in conftest.py) ----------------------------------------------------
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-# skipped without a browser, except where XCLIP_REQUIRE_BROWSER is set (CI): there a missing browser fails them
-browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("XCLIP_REQUIRE_BROWSER"),
-                             reason="needs Debian's chromium and chromium-driver")
+
+
+def browser(test):
+    """Marks a test that drives Chromium: in the slow tier (a browser starts per test), and skipped without a
+    browser, except where XCLIP_REQUIRE_BROWSER is set (CI): there a missing browser fails it."""
+    needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("XCLIP_REQUIRE_BROWSER"),
+                                       reason="needs Debian's chromium and chromium-driver")
+    return pytest.mark.slow(needs_browser(test))
+
+
 WAIT_S = 600.0  # the most one state of the page may take: generous, CI machines are slow and shared
 
 

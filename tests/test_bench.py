@@ -24,6 +24,7 @@ def bench(tmp_path, *args: str) -> dict:
     return report
 
 
+@pytest.mark.slow  # runs scripts/bench.py
 def test_bench_reports_throughput_errors_and_speedup(tmp_path):
     report = bench(tmp_path, "--architecture", "tiny", "--batch-size", "2", "--end-to-end", "4", "--num-workers", "0")
     for key in ("plain_images_per_s", "images_per_s", "captions_per_s", "pair_maps_per_s", "pair_numbers_per_s",
@@ -45,6 +46,7 @@ def test_bench_reports_throughput_errors_and_speedup(tmp_path):
     assert end_to_end["ratio_to_engine"] == end_to_end["engine_seconds_same_work"] / end_to_end["seconds_without_model_load"]
 
 
+@pytest.mark.slow  # runs scripts/bench.py
 def test_bench_on_the_demo_model_reports_the_nodes_trained_weights_need(tmp_path):
     report = bench(tmp_path, "--architecture", "demo", "--batch-size", "4", "--no-naive", "--end-to-end", "0")
     assert report["quadrature"] == "adaptive, tolerance 0.001"
@@ -83,6 +85,7 @@ def test_plan_multiplies_measured_rates_and_the_layouts_bytes(tmp_path):
     assert "map 60.7 KB" in result.stdout
 
 
+@pytest.mark.slow  # runs scripts/bench.py
 def test_bench_runs_an_open_clip_architecture(tmp_path):
     pytest.importorskip("open_clip")
     config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
@@ -96,6 +99,7 @@ def test_bench_runs_an_open_clip_architecture(tmp_path):
     assert report["end_to_end"]["pairs"] == 2  # `xclip attribute` on the open_clip checkpoint, from a config
 
 
+@pytest.mark.slow  # runs scripts/gpu_check.sh
 def test_the_gpu_check_runs_in_its_reduced_mode_and_tables_what_it_measured(tmp_path):
     """CI runs the prepared GPU check on CPU with tiny models, so that it cannot rot before a GPU runs it."""
     import os

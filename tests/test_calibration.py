@@ -55,6 +55,7 @@ def demo_copy(tmp_path):
     return copy
 
 
+@pytest.mark.slow  # calibrates the demo model
 def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs):
     model = xclip.load_model(demo_copy(tmp_path), dtype="float64", device="cpu")
     captions = ["a red circle", "a blue square and a green star"]
@@ -85,6 +86,7 @@ def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs
     assert xclip.InteractionAttribution(model, panel_layout="default").panel_layout == PanelLayout()
 
 
+@pytest.mark.slow  # calibrates the demo model
 def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatch):
     write_demo_folder(tmp_path, 6)
     checkpoint = demo_copy(tmp_path)

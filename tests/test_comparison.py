@@ -21,6 +21,7 @@ from xclip.store import RunReader
 runner = CliRunner()
 
 
+@pytest.mark.slow  # two runs and a comparison
 def test_two_runs_of_the_same_checkpoint_differ_by_exactly_zero(tmp_path, model_dirs):
     synthetic_run(tmp_path, model_dirs)
     again = yaml.safe_load((tmp_path / "run.yaml").read_text())
@@ -96,6 +97,7 @@ def test_runs_over_different_pairs_are_refused_with_the_reason(tmp_path, model_d
     assert len(read_annotations(annotations)) == 6
 
 
+@pytest.mark.slow  # two runs and a comparison
 def test_the_settings_two_runs_differ_in_are_listed_before_the_tables(tmp_path, model_dirs):
     synthetic_run(tmp_path, model_dirs)
     finer = yaml.safe_load((tmp_path / "run.yaml").read_text())

@@ -39,6 +39,7 @@ def assert_flags_are_honest(inputs: list[xclip.Contributions], tolerance: float)
         assert item.is_converged == (item.relative_completeness_error <= tolerance and item.map_error_bound <= tolerance)
 
 
+@pytest.mark.slow  # adaptive rule to 1e-6 on the demo model, both dtypes
 def test_a_tolerance_below_the_float32_floor_is_met_in_float64_and_flagged_in_float32(demo_model, demo_inputs):
     tight = 1e-6
     inputs = attribute_inputs(xclip.InteractionAttribution(demo_model, tolerance=tight, max_steps=512), *demo_inputs)
@@ -60,6 +61,7 @@ def test_fixed_ten_nodes_miss_the_tolerance_on_the_same_inputs(demo_model, demo_
     assert all(item.n_nodes == 10 for item in inputs)
 
 
+@pytest.mark.slow  # converged fixed rule on the demo model
 def test_adaptive_result_equals_a_converged_fixed_rule(demo_inputs):
     model = xclip.load_model(DEMO_MODEL, dtype="float64", device="cpu")
     captions, images = demo_inputs
@@ -88,6 +90,7 @@ def test_a_low_cap_flags_the_inputs_that_miss_the_tolerance(demo_inputs):
     assert_flags_are_honest(inputs, DEFAULT_TOLERANCE)
 
 
+@pytest.mark.slow  # adaptive rule on the demo model, many batches
 def test_an_input_gets_the_same_map_whichever_batch_it_is_in(demo_inputs):
     model = xclip.load_model(DEMO_MODEL, dtype="float64", device="cpu")
     captions, images = demo_inputs

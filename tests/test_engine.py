@@ -29,7 +29,8 @@ def test_maps_sum_to_four_term_value(model64, images, layer):
         assert float(m.interactions.sum()) == pytest.approx(m.four_term_value, rel=1e-5, abs=1e-8)
 
 
-@pytest.mark.parametrize("method", ["gauss-legendre", "midpoint", "riemann-right"])
+@pytest.mark.parametrize("method", ["gauss-legendre", pytest.param("midpoint", marks=pytest.mark.slow),
+                                    pytest.param("riemann-right", marks=pytest.mark.slow)])
 def test_completeness_error_falls_with_steps(model64, images, method):
     def worst(n_steps: int) -> float:
         attributor = xclip.InteractionAttribution(model64, n_steps=n_steps, rule=method, text_layer=0, image_layer=0)
@@ -108,7 +109,7 @@ def test_modes_agree_with_default_path(model64, images, mode):
         torch.testing.assert_close(a.interactions, b.interactions, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("internal_batch_size", [1, 3, 1000])
+@pytest.mark.parametrize("internal_batch_size", [*(pytest.param(n, marks=pytest.mark.slow) for n in (1, 3)), 1000])
 def test_batch_invariance(model64, internal_batch_size):
     images = make_images(3)
     settings = {"n_steps": 5, "internal_batch_size": internal_batch_size}

@@ -204,6 +204,7 @@ def test_coco_instances_converter(tmp_path):
     assert missing.exit_code == 2 and "needs --captions" in missing.output
 
 
+@pytest.mark.slow  # a run and an evaluation
 def test_a_planted_miss_is_listed_first_with_its_link_and_counted_in_its_patterns(tmp_path, model_dirs):
     run_file, annotations = synthetic_run(tmp_path, model_dirs)
     plant_phrase_maps(run_file, annotations, model_dirs, correct=True)
@@ -266,6 +267,7 @@ def _append(path, *records) -> list[int]:
     return list(range(len(lines) + 1, len(lines) + len(records) + 1))
 
 
+@pytest.mark.slow  # a run and an evaluation
 def test_annotations_that_match_no_finished_pair_are_counted_listed_and_refused_with_strict(tmp_path, model_dirs):
     from xclip.store import PENDING
 
@@ -301,6 +303,7 @@ def test_annotations_that_match_no_finished_pair_are_counted_listed_and_refused_
     assert not strict_out.exists()
 
 
+@pytest.mark.slow  # a run and an evaluation
 def test_a_box_outside_what_the_model_saw_is_skipped_and_partly_outside_is_counted(tmp_path, model_dirs):
     run_file, annotations, path = _annotated_run(tmp_path, model_dirs)
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -326,6 +329,7 @@ def test_a_box_outside_what_the_model_saw_is_skipped_and_partly_outside_is_count
     assert result.exit_code == 2 and "2 box(es) lie wholly outside" in " ".join(result.output.split())
 
 
+@pytest.mark.slow  # a run and an evaluation
 def test_phrases_jsonl_holds_every_scored_phrase_with_its_values(tmp_path, model_dirs):
     _, annotations, path = _annotated_run(tmp_path, model_dirs)
     assert runner.invoke(app, ["evaluate", str(tmp_path / "run"), "-a", str(path)]).exit_code == 0

@@ -50,6 +50,7 @@ def test_explain_prints_the_numbers_of_an_equivalent_attribute_run(tmp_path):
     assert code == 0, output
 
 
+@pytest.mark.slow  # explain on the demo model
 def test_explain_without_output_writes_figures_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     image = Image.open(SCENES / "scene00001.png")

@@ -294,6 +294,7 @@ def test_the_input_game_runs_between_the_models_logits(model_dirs, images, famil
     assert (family == "siglip") == (logit_bias(model) != 0.0)  # SigLIP's bias is counted
 
 
+@pytest.mark.slow  # three first-order methods on a run
 def test_evaluate_baselines_pairs_each_method_with_the_planted_maps(tmp_path, model_dirs):
     run_file, annotations = synthetic_run(tmp_path, model_dirs)
     plant_phrase_maps(run_file, annotations, model_dirs, correct=True)
@@ -320,6 +321,7 @@ def test_evaluate_baselines_pairs_each_method_with_the_planted_maps(tmp_path, mo
     assert (tmp_path / "run" / "evaluation" / "baselines_pointing_game.png").is_file()
 
 
+@pytest.mark.slow  # a run and an evaluation per game
 @pytest.mark.parametrize("game", ["cut", "input"])
 def test_evaluate_baselines_without_annotations_scores_faithfulness_only(tmp_path, model_dirs, game):
     synthetic_run(tmp_path, model_dirs)

@@ -142,6 +142,7 @@ def test_render_evaluate_and_the_viewer_choose_the_same_patches(driver):
             assert np.array(shown) == pytest.approx(reference, abs=1e-9), (kind, box)
 
 
+@pytest.mark.slow  # a run, a render and two evaluations
 def test_render_and_evaluate_refuse_a_box_outside_the_crop(finished_run, tmp_path):
     # the run's images are 50 x 40: resized to 40 x 32 and cropped at x = 4, so the model sees x 5..45
     code, output = invoke("render", finished_run, "--pair", "0", "--box", "0,0,4,4")

@@ -47,6 +47,7 @@ def _no_locks_environment(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "LD_PRELOAD": str(library), "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow  # subprocesses under an LD_PRELOAD shim
 def test_a_run_and_its_readers_work_where_file_locks_fail_with_enolck(tmp_path: Path) -> None:
     environment = _no_locks_environment(tmp_path)
     probe = "import fcntl, sys; fcntl.flock(sys.stdin.fileno(), fcntl.LOCK_EX)"

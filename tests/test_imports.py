@@ -95,6 +95,7 @@ def test_public_names_resolve_lazily():
     assert not hasattr(xclip, "no_such_name")
 
 
+@pytest.mark.slow  # a fresh process per import
 def test_from_import_in_a_fresh_process():
     out = _run("from xclip import InteractionAttribution, XclipError\nout['name'] = InteractionAttribution.__name__")
     assert out["name"] == "InteractionAttribution"

@@ -181,6 +181,7 @@ def test_evaluate_reports_what_the_model_read(wide_run, tmp_path):
     assert report["inputs_read"]["cropped_images"]["images"] == [{"image": "wide.png", "seen_share": pytest.approx(1 / 3)}]
 
 
+@pytest.mark.slow  # the API on the demo model in a fresh process
 def test_the_api_prints_no_warning_that_contradicts_what_the_model_read(tmp_path: Path) -> None:
     # a fresh process (torch warns once per process, transformers once per tokenizer), every warning shown:
     # transformers' "will result in indexing errors" for the untruncated length xclip measures the cut with, and

@@ -322,6 +322,7 @@ def test_explain_draws_an_open_clip_model(checkpoints, tmp_path, monkeypatch):
     assert Path(pair["figure"]).is_file() and np.isfinite(pair["score"])
 
 
+@pytest.mark.slow  # two runs and two evaluations
 def test_evaluate_reads_an_open_clip_run_like_the_same_weights_in_transformers(checkpoints, tmp_path):
     """evaluate needs no tokenizer: the run file holds the tokens' spans and the images' geometry. An open_clip
     run scores as the same weights converted to transformers do, and a run whose local checkpoint was deleted

@@ -435,6 +435,7 @@ def test_shipped_configs_are_valid():
         assert config.output.directory.is_absolute(), path
 
 
+@pytest.mark.slow  # a subprocess signalled mid-run
 def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, model_dirs):
     import os
     import signal
@@ -468,6 +469,7 @@ def test_sigterm_stops_at_a_batch_boundary_and_the_rerun_finishes(tmp_path, mode
     assert final["skipped"] == summary["done"] and final["skipped"] + final["done"] == 60
 
 
+@pytest.mark.slow  # a run and its three shards
 def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
     write_folder(tmp_path, n_images=4)
     config = write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "all"})

@@ -140,6 +140,7 @@ def test_adaptive_rule_meets_the_tolerance_per_input_and_per_position():
     assert result.n_nodes[0] < result.n_nodes[1] < result.n_nodes[2]
 
 
+@pytest.mark.slow  # every fixed rule up to 2048 nodes: tens of seconds on busy CPUs
 def test_adaptive_rule_spends_fewer_nodes_than_the_smallest_fixed_rule_that_is_as_accurate():
     # a fixed rule must take, for every input, the nodes its hardest input needs
     sharpness, tolerance = [1.0, 1.0, 10.0, 200.0], 1e-6

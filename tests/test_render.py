@@ -199,6 +199,7 @@ def test_tick_labels_keep_a_gap_from_their_tick_marks():
         assert label[0] - end >= 3, (label, end)
 
 
+@pytest.mark.slow  # figures at print sizes
 @pytest.mark.parametrize("dpi", [100, 150])
 def test_the_column_layout_fits_a_paper_column_and_the_wide_one_its_page(monkeypatch, tmp_path, dpi):
     tokens = ["<s>", "a", "red", "dog", "and", "a", "blue", "cat", "on", "green", "grass", "</s>"]

@@ -336,6 +336,7 @@ def shards(tmp_path, config):
     return tmp_path / "run"
 
 
+@pytest.mark.slow  # two shards and merges
 def test_merge_refuses_shards_made_with_other_settings(shards, config):
     assert invoke("attribute", config, "-q", "--shard", "1/2", "--overwrite", "attribution.n_steps=3")[0] == 0
     expect(["merge", shards], 1, r"shard-00001-of-00002/run.h5 was made with other settings than .*shard-00000-of-00002/run.h5 \(attribution.n_steps: 2 -> 3\)")
@@ -352,6 +353,7 @@ def test_merge_refuses_unfinished_shards_unless_allowed(shards):
         assert f.attrs["is_partial"] and f["pairs/status"][:].tolist() == [DONE, DONE, PENDING]
 
 
+@pytest.mark.slow  # two shards and merges
 def test_merge_keeps_an_unrelated_run_byte_identical_unless_overwrite(shards):
     import hashlib
 
@@ -375,6 +377,7 @@ def test_merge_keeps_an_unrelated_run_byte_identical_unless_overwrite(shards):
     assert hashlib.sha256(target.read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.slow  # two shards and merges
 def test_merge_refuses_shards_of_two_splits(shards, config):
     assert invoke("attribute", config, "-q", "--shard", "0/3")[0] == 0
     expect(["merge", shards], 1, r"holds shards of different splits \(-of-00002, -of-00003\)")
@@ -477,6 +480,7 @@ def _project(root, model_dirs):
     return write_config(root, model_dirs["clip"], runtime={"batch_size": 1})  # a batch, a commit, per item
 
 
+@pytest.mark.slow  # crash injection: a killed subprocess per write
 def test_sigkill_inside_any_write_loses_nothing(tmp_path, model_dirs):
     reference = _project(tmp_path / "reference", model_dirs)
     n_writes = _writes_of_a_run(reference)
@@ -491,6 +495,7 @@ def test_sigkill_inside_any_write_loses_nothing(tmp_path, model_dirs):
         _assert_same_results(config.parent / "run" / "run.h5", reference.parent / "run" / "run.h5")
 
 
+@pytest.mark.slow  # crash injection: killed subprocesses
 def test_runs_killed_again_and_again_end_equal(tmp_path, model_dirs):
     reference = _project(tmp_path / "reference", model_dirs)
     assert invoke("attribute", reference, "-q")[0] == 0
@@ -551,7 +556,8 @@ def fail_at_call(function, n: int, error: Callable[[], BaseException], then: Cal
     return failing
 
 
-@pytest.mark.parametrize("how", ["free space", "ENOSPC reserving", "ENOSPC creating", "HDF5 error on a full disk"])
+@pytest.mark.parametrize("how", ["free space", *(pytest.param(how, marks=pytest.mark.slow)
+                                                 for how in ("ENOSPC reserving", "ENOSPC creating", "HDF5 error on a full disk"))])
 def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how):
     import errno
 
@@ -592,6 +598,7 @@ def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
         assert path.stat().st_size == size
 
 
+@pytest.mark.slow  # two shards and merges
 @pytest.mark.parametrize("how", ["free space", "ENOSPC writing"])
 def test_a_full_disk_while_merging_is_one_message_and_leaves_nothing(shards, monkeypatch, how):
 
@@ -698,6 +705,7 @@ def half_then(error: Callable[[], BaseException]):
     return half
 
 
+@pytest.mark.slow  # a run and two renders
 def test_a_full_disk_while_rendering_is_one_message_and_leaves_nothing(tmp_path, config, monkeypatch):
     from PIL import Image
 
@@ -730,6 +738,7 @@ def test_a_figure_that_fails_while_written_never_lies_half_written_under_its_nam
     assert {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()} == before  # the old figures, whole
 
 
+@pytest.mark.slow  # crash injection: a killed subprocess
 def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, config):
     from xclip.files import is_xclip_figure
 
@@ -761,6 +770,7 @@ def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, 
 
 
 # --- maps on demand -------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two runs of the demo model
 def test_runs_without_stored_maps_read_the_same(tmp_path):
     from helpers import DEMO_MODEL, DEMO_SCENES
     from PIL import Image

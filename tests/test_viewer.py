@@ -82,6 +82,7 @@ def test_a_pair_answer_holds_the_files_map_and_numbers(demo_run):
     assert sorted(r for chip in answer["chips"] for r in chip["rows"]) == list(range(n))  # every token once
 
 
+@pytest.mark.slow  # a run of the demo model
 def test_an_inexact_pair_map_is_named_by_inspect_the_viewer_and_its_figure(demo_run):
     """A pair whose map error bound passes INEXACT_PAIR_FACTOR x the tolerance is listed by `xclip inspect`, carries
     the note in the viewer's answer and in its figure; the pairs under it carry none. One planted bound (30% of the
@@ -189,6 +190,7 @@ def test_the_server_answers_and_refuses_clearly(server, demo_run):
     assert status == 200 and b'<script src="viewer.js">' in page and b"http" not in page.replace(b"http-equiv", b"")  # no CDN
 
 
+@pytest.mark.slow  # a run of the demo model
 def test_each_row_names_its_image_with_a_thumbnail_the_browser_keeps(server, demo_run):
     paths, image_index = file_images(demo_run)
     rows = json.loads(get(server + "api/pairs?limit=1000")[1])["rows"]
@@ -225,6 +227,7 @@ def test_a_large_image_is_thumbnailed_small(tmp_path, model_dirs):
     assert thumbnail.getpixel((60, 20)) == (30, 30, 200)
 
 
+@pytest.mark.slow  # a run of the demo model
 def test_a_busy_port_is_named(demo_run):
     first = make_server(demo_run, port=0)
     try:
@@ -265,6 +268,7 @@ def test_no_answer_holds_a_path_of_the_machine(tmp_path, tmp_path_factory, model
     assert RunData(tmp_path / "run").public(cut_reason) == "image 2 failed: image file not found: …"
 
 
+@pytest.mark.slow  # a run of the demo model
 def test_every_pair_route_refuses_other_indices(demo_run):
     with h5py.File(demo_run / "run.h5", "r+") as f:
         f["pairs/status"][5] = 0  # pending, as in a run still being written
@@ -298,6 +302,7 @@ def test_images_outside_the_data_root_are_not_served(finished_run):
                     assert "lies outside the data root" in json.loads(body)["error"], (path, route)
 
 
+@pytest.mark.slow  # waits out the server's socket timeout
 def test_a_stalled_client_is_disconnected(finished_run):
     with serving(finished_run, socket_timeout=0.5) as server:
         for sent in (b"", b"GET /api/ru"):  # nothing, half a request line
@@ -309,6 +314,7 @@ def test_a_stalled_client_is_disconnected(finished_run):
         assert ask(server.server_address[1], "/api/run")[0] == 200
 
 
+@pytest.mark.slow  # waits for the server's threads to end
 def test_a_client_that_leaves_mid_answer_prints_no_traceback(finished_run, capfd):
     with serving(finished_run) as server:
         port = server.server_address[1]
@@ -325,6 +331,7 @@ def test_a_client_that_leaves_mid_answer_prints_no_traceback(finished_run, capfd
     assert "Traceback" not in capfd.readouterr().err
 
 
+@pytest.mark.slow  # a run of the demo model and two exports
 def test_export_writes_the_top_and_bottom_pairs(demo_run, tmp_path):
     code, output = invoke("view", demo_run, "--export", tmp_path / "site", "--top", "3", "--bottom", "2")
     assert code == 0, output
