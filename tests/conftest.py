@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never reach a model hub
+# before torch loads, as the CLI does: OpenMP threads sleep instead of spinning, as many as the CPUs we may use
+# (tests/test_pipeline.py beside other work on 2 cores: 80 to 91 s with torch's defaults, 25 to 27 s so)
+from xclip.threads import prepare_process
+
+prepare_process()
 
 import pytest
 import torch

@@ -216,6 +216,7 @@ def calibrate(
     from xclip.calibration import calibrate_run_config
     from xclip.config import load_config
     from xclip.layouts import beside_checkpoint, cache_file, save_calibration, weights_fingerprint
+    from xclip.threads import use_threads
 
     with _errors(CONFIG_KEYS), tempfile.TemporaryDirectory() as temporary:
         config_path = Path(source)
@@ -224,6 +225,7 @@ def calibrate(
         elif data is not None:
             raise ConfigError("--data is for a model name; a run config names its own data (data.root)")
         run_config = load_config(config_path, overrides or [])
+        use_threads(run_config.runtime.threads)
         beside_file = beside_checkpoint(run_config.model.name)
         if beside and beside_file is None:  # refused before the model is loaded and calibrated
             raise ConfigError(f"--beside needs a local checkpoint folder; {run_config.model.name!r} is not one (use --output)")
@@ -1053,5 +1055,9 @@ def _print_error(message: str) -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. OpenMP's passive wait and the number of CPU threads go into the environment before any
+    command imports torch (:func:`xclip.threads.prepare_process`); a variable the user set is kept."""
+    from xclip.threads import prepare_process
+
+    prepare_process()
     app()

@@ -128,6 +128,7 @@ class RuntimeConfig(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="seed of torch's generators (an unsigned 64-bit number)")
     shard_index: int = Field(0, ge=0, strict=True, description="this process's block of the pairs")
     num_shards: int = Field(1, ge=1, strict=True, description="blocks the pairs are split into (Slurm array tasks, ranks)")
+    threads: int | None = Field(None, ge=1, strict=True, description="torch's CPU threads (null: the CPUs the process may use)")
 
     @model_validator(mode="after")
     def _check_shard(self) -> RuntimeConfig:
@@ -169,7 +170,7 @@ class RunConfig(_Section):
         Paths are left out, so that a project moved as a whole (config, data, run directory) still resumes: the
         data are identified by their contents (the run file's ``data_sha256``) and a local checkpoint by its
         weights (``model_weights_sha256``)."""
-        exclude = {"image": {"crop_warning"}, "output": {"render", "directory"}, "runtime": {"batch_size", "num_workers"},
+        exclude = {"image": {"crop_warning"}, "output": {"render", "directory"}, "runtime": {"batch_size", "num_workers", "threads"},
                    "data": {"root", "metadata", "verify"}}  # verify: how changed images are found, not what results are
         keep = self.model_dump(mode="json", exclude=exclude)
         if Path(self.model.name).is_absolute():  # a local checkpoint, resolved by load_config

@@ -39,6 +39,7 @@ from xclip.store import (
     RunWriter,
     create_run_file,
 )
+from xclip.threads import threads_for
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -78,6 +79,8 @@ def run(
     """Attribute every pair of the configured data into ``config.output.directory / run.h5``.
 
     Rerunning on the same directory resumes: finished items are skipped, failed and pending ones retried.
+    torch uses ``runtime.threads`` CPU threads during the run (by default the CPUs the process may use: see
+    :func:`xclip.threads.decide_threads`), and its previous number again after it.
 
     Raises:
         ConfigError: the directory holds a run made with other settings (pass ``overwrite=True``).
@@ -86,7 +89,8 @@ def run(
     start = time.perf_counter()
     progress = on_progress or (lambda stage, done, total: None)
     directory = config.run_directory
-    with writer_lock(directory, command):  # before --overwrite deletes anything
+    # the lock before --overwrite deletes anything; torch's threads as runtime.threads says for the run's duration
+    with writer_lock(directory, command), threads_for(config.runtime.threads):
         summary = _run_locked(config, overwrite=overwrite, progress=progress, should_stop=should_stop, command=command)
     summary.seconds = time.perf_counter() - start
     return summary
