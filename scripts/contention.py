@@ -5,7 +5,9 @@
 Each command runs as its own ``python -m xclip`` process on the shipped demo: attribute of configs/demo.yaml,
 evaluate --baselines all on its first 40 pairs (--limit 40), calibrate --inputs 4. Every command is timed idle and
 then beside ``--busy`` processes that loop in pure Python (a shared node); they are stopped when it ends. CPU time
-is the process's user + system time from wait4. With --repeats R the medians are printed.
+is the process's user + system time from wait4; ``runnable`` is the mean of /proc/stat's procs_running while the
+command ran (this script and the command included: about 2 idle, busy + 2 loaded), so that other work sharing
+the machine shows. With --repeats R the medians are printed.
 
 Modes set the environment of the timed process (inherited thread and wait settings are removed first):
 
@@ -34,6 +36,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from xclip.threads import WAIT_SETTINGS, affinity_cpus, decide_threads
 
@@ -41,6 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", *WAIT_SETTINGS)
 LIBGOMP_DEFAULT_SPIN = "300000"
+
+
+class Measurement(NamedTuple):
+    wall_s: float
+    cpu_s: float
+    runnable: float  # mean of /proc/stat's procs_running while the command ran (other people's work shows here)
+    is_cut: bool  # stopped at --limit-s: the times are lower bounds
 
 
 def modes() -> dict[str, dict[str, str]]:
@@ -64,14 +74,26 @@ def commands(folder: Path, run_dir: Path, tag: str) -> dict[str, list[str]]:
     }
 
 
-def timed(argv: list[str], env: dict[str, str], log: Path, limit_s: float) -> tuple[float, float, bool]:
-    """Wall and CPU seconds (user + system) of one command, and whether it ran past ``limit_s`` (it is then
-    stopped: its times are those until then); exits with the command's log if it fails."""
+def runnable() -> int | None:
+    """Processes running or waiting for a CPU now, this script and its children included (Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            return next(int(line.split()[1]) for line in stat if line.startswith("procs_running"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def timed(argv: list[str], env: dict[str, str], log: Path, limit_s: float) -> Measurement:
+    """One command's wall and CPU seconds (user + system) and the mean number of runnable processes while it ran;
+    a command still running after ``limit_s`` is stopped (its times are those until then). Exits with the
+    command's log if it fails."""
+    samples: list[int] = []
     with log.open("w") as stream:
         start = time.perf_counter()
         # a process group of its own, to stop it with its children; not a session of its own: Linux's autogroup
         # would then share the CPUs out per session, and the command would not compete with the busy loops
-        process = subprocess.Popen(argv, env=env, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT, process_group=0)
+        process = subprocess.Popen(argv, env=env, stdout=stream, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   preexec_fn=os.setpgrp)
         is_cut = False
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
@@ -80,12 +102,13 @@ def timed(argv: list[str], env: dict[str, str], log: Path, limit_s: float) -> tu
             if not is_cut and time.perf_counter() - start > limit_s:
                 os.killpg(process.pid, signal.SIGKILL)  # its own group: the command and nothing else
                 is_cut = True
+            samples += [n for n in [runnable()] if n is not None]
             time.sleep(0.05)
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0 and not is_cut:
         sys.exit(f"{' '.join(argv)} failed (exit {process.returncode}):\n{log.read_text()}")
-    return wall, usage.ru_utime + usage.ru_stime, is_cut
+    return Measurement(wall, usage.ru_utime + usage.ru_stime, statistics.fmean(samples) if samples else math.nan, is_cut)
 
 
 @contextmanager
@@ -101,10 +124,10 @@ def busy(n_processes: int) -> Iterator[None]:
             loop.wait()
 
 
-def cell(values: list[tuple[float, float, bool]], index: int) -> str:
-    """The median of one column; ``>`` where a run was stopped at the limit."""
-    median = statistics.median(value[index] for value in values)
-    return f"{'>' if any(value[2] for value in values) else ''}{median:.1f}"
+def cell(values: list[Measurement], field: str) -> str:
+    """The median of one field; ``>`` where a run was stopped at the limit."""
+    median = statistics.median(getattr(value, field) for value in values)
+    return f"{'>' if field != 'runnable' and any(value.is_cut for value in values) else ''}{median:.1f}"
 
 
 def main() -> None:
@@ -120,8 +143,7 @@ def main() -> None:
     chosen_commands = args.commands.split(",")
 
     base_env = {key: value for key, value in os.environ.items() if key not in THREAD_SETTINGS}
-    times: dict[tuple[str, str, str], list[tuple[float, float, bool]]] = {}
-    loads: dict[str, list[float]] = {}
+    times: dict[tuple[str, str, str], list[Measurement]] = {}
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         base_env["XCLIP_LAYOUT_CACHE"] = str(folder / "layout-cache")  # the user's calibrations stay out
@@ -130,7 +152,6 @@ def main() -> None:
         timed(setup, base_env, folder / "setup.log", math.inf)
         print(f"CPUs: {affinity_cpus()}; xclip's threads: {decide_threads(environ=base_env)}", file=sys.stderr)
         for load in ("idle", "loaded"):
-            loads[load] = list(os.getloadavg())
             with busy(args.busy if load == "loaded" else 0):
                 for repeat in range(args.repeats):
                     for command in chosen_commands:
@@ -139,24 +160,27 @@ def main() -> None:
                             argv = commands(folder, run_dir, tag)[command]
                             measured = timed(argv, {**base_env, **additions}, folder / f"{tag}.log", args.limit_s)
                             times.setdefault((command, mode, load), []).append(measured)
-                            print(f"{tag}: {measured[0]:.1f} s wall, {measured[1]:.1f} s CPU"
-                                  f"{' (stopped at the limit)' if measured[2] else ''}", file=sys.stderr)
+                            print(f"{tag}: {measured.wall_s:.1f} s wall, {measured.cpu_s:.1f} s CPU, "
+                                  f"{measured.runnable:.1f} runnable{' (stopped at the limit)' * measured.is_cut}",
+                                  file=sys.stderr)
 
-    print(f"load average (1, 5, 15 min) before the idle runs: {' '.join(f'{x:.2f}' for x in loads['idle'])}")
-    print(f"| command | mode | idle wall s | idle CPU s | wall s beside {args.busy} busy | CPU s | loaded / idle |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(f"| command | mode | idle wall s | idle CPU s | runnable | wall s beside {args.busy} busy | CPU s | runnable "
+          "| loaded / idle |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for command in chosen_commands:
         for mode in chosen_modes:
             idle, loaded = times[(command, mode, "idle")], times[(command, mode, "loaded")]
-            ratio = statistics.median(v[0] for v in loaded) / statistics.median(v[0] for v in idle)
-            is_cut = any(v[2] for v in loaded)  # the ratio is then a lower bound
-            rows.append({"command": command, "mode": mode, "idle": idle, "loaded": loaded, "ratio": ratio})
-            print(f"| {command} | {mode} | {cell(idle, 0)} | {cell(idle, 1)} | {cell(loaded, 0)} | {cell(loaded, 1)} | "
+            ratio = statistics.median(v.wall_s for v in loaded) / statistics.median(v.wall_s for v in idle)
+            is_cut = any(v.is_cut for v in loaded)  # the ratio is then a lower bound
+            rows.append({"command": command, "mode": mode, "idle": [v._asdict() for v in idle],
+                         "loaded": [v._asdict() for v in loaded], "ratio": ratio})
+            print(f"| {command} | {mode} | {cell(idle, 'wall_s')} | {cell(idle, 'cpu_s')} | {cell(idle, 'runnable')} | "
+                  f"{cell(loaded, 'wall_s')} | {cell(loaded, 'cpu_s')} | {cell(loaded, 'runnable')} | "
                   f"{'>' if is_cut else ''}{ratio:.1f}x |")
     if args.json:
         args.json.write_text(json.dumps({"busy": args.busy, "repeats": args.repeats, "cpus": affinity_cpus(),
-                                         "load_average": loads, "rows": rows}, indent=1))
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
