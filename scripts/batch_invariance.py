@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import xclip
-from xclip.synthetic import generate
+from xclip.analysis.synthetic import generate
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 

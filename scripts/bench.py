@@ -32,12 +32,12 @@ from naive import integrated_jacobian, naive_interactions  # noqa: E402
 from convergence import DEMO_MODEL  # noqa: E402  the script beside this one
 
 import xclip  # noqa: E402
-from xclip.adapters.base import ImageBatch, TextBatch  # noqa: E402
+from xclip.models.base import ImageBatch, TextBatch  # noqa: E402
 from xclip.core.quadrature import DEFAULT_TOLERANCE, quadrature  # noqa: E402
 from xclip.core.transformer import Positions  # noqa: E402
-from xclip.geometry import Preprocessing  # noqa: E402
-from xclip.random_models import ARCHITECTURES, build_random_model  # noqa: E402
-from xclip.synthetic import generate  # noqa: E402
+from xclip.core.geometry import Preprocessing  # noqa: E402
+from xclip.models.random_models import ARCHITECTURES, build_random_model  # noqa: E402
+from xclip.analysis.synthetic import generate  # noqa: E402
 
 DEMO_SCENE_SEED = 20000  # held out: the demo model trained on seeds below 10000
 
@@ -297,7 +297,7 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
     import yaml
 
     from xclip.config import load_config
-    from xclip.runner import run
+    from xclip.run.runner import run
 
     n = args.end_to_end
     with tempfile.TemporaryDirectory() as folder:
@@ -351,8 +351,8 @@ def end_to_end(model, attributor, args, caption_texts: list[str], engine_seconds
 def evaluation_cost(run_dir: Path, attributor, n_pairs: int) -> dict[str, object]:
     """Seconds per pair of `xclip evaluate --baselines` on the run (no annotations: insertion/deletion only),
     for the second-order maps alone and with every first-order method the family supports."""
-    from xclip.baseline_evaluation import score_methods
-    from xclip.baselines import check_methods
+    from xclip.analysis.baseline_evaluation import score_methods
+    from xclip.analysis.baselines import check_methods
 
     costs: dict[str, object] = {"evaluation_pairs": n_pairs}
     for name, methods in (("second_order_only", []), ("all_baselines", ["all"])):

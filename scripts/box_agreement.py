@@ -16,11 +16,11 @@ from PIL import Image
 
 import xclip
 from xclip.errors import ConfigError
-from xclip.evaluation import box_weights
-from xclip.geometry import Preprocessing
-from xclip.render import PairView, _content
-from xclip.tokens import CaptionTokens
-from xclip.viewer import _patch_rects_in_view
+from xclip.analysis.grounding import box_weights
+from xclip.core.geometry import Preprocessing
+from xclip.show.figures import PairView, _content
+from xclip.core.tokens import CaptionTokens
+from xclip.show.viewer import _patch_rects_in_view
 
 GEOMETRIES = {
     "square 64 x 64": Preprocessing((64, 64), (0.0, 0.0, 64.0, 64.0), (32, 32), (4, 4)),
@@ -74,7 +74,7 @@ def browser():  # noqa: ANN201
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(chromedriver))
-    driver.get((Path(xclip.__file__).resolve().parent / "static" / "index.html").as_uri())
+    driver.get((Path(xclip.__file__).resolve().parent / "show" / "static" / "index.html").as_uri())
     return driver
 
 

@@ -15,7 +15,7 @@ PROBE = f"import atexit, json, sys; atexit.register(lambda: print({MARK!r} + jso
 
 
 def subcommands() -> list[str]:
-    from xclip.cli import app
+    from xclip.cli.app import app
 
     return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
 
@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = {"import xclip": "import xclip"}
     for argv in [["--help"], *([name, "--help"] for name in subcommands())]:
-        cases["xclip " + " ".join(argv)] = f"sys.argv = ['xclip', *{argv!r}]\nfrom xclip.cli import main\nmain()"
+        cases["xclip " + " ".join(argv)] = f"sys.argv = ['xclip', *{argv!r}]\nfrom xclip.cli.app import main\nmain()"
     results = {label: measure(code, args.runs) for label, code in cases.items()}
     width = max(map(len, results))
     print(f"{'command':<{width}}  {'median s':>8}  exit  heavy modules imported")

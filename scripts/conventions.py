@@ -17,7 +17,7 @@ from convergence import DEMO_MODEL, demo_inputs
 from PIL import Image
 
 import xclip
-from xclip.random_models import save_random_model
+from xclip.models.random_models import save_random_model
 
 CAPTIONS = ["a red dog", "two blue circle and a square", "the cat on the green square"]
 

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 import xclip
-from xclip.random_models import save_random_model
-from xclip.synthetic import generate
+from xclip.models.random_models import save_random_model
+from xclip.analysis.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "xclip" / "models" / "shapes-clip"

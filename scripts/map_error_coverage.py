@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 import xclip
-from xclip.attribution import interaction_maps
-from xclip.result import is_inexact_pair
-from xclip.synthetic import generate
+from xclip.attribution.engine import interaction_maps
+from xclip.attribution.result import is_inexact_pair
+from xclip.analysis.synthetic import generate
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 LAYOUTS = {"default": "default", "calibrated": "auto"}

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from xclip.store import RunReader, create_run_file
+from xclip.store.runfile import RunReader, create_run_file
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import yaml
 from convergence import DEMO_MODEL  # the script beside this one
 
 from xclip.config import load_config
-from xclip.runner import run
-from xclip.store import RunReader
+from xclip.run.runner import run
+from xclip.store.runfile import RunReader
 
 DEMO_SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import yaml
 
-from xclip.adapters.base import IMAGE_REFERENCES
+from xclip.models.base import IMAGE_REFERENCES
 from xclip.config import load_config
-from xclip.evaluation import score_run, summarize
-from xclip.inspection import describe_accuracy
-from xclip.runner import run
-from xclip.store import RunReader
-from xclip.synthetic import generate, write_scenes
+from xclip.analysis.grounding import score_run, summarize
+from xclip.store.describe import describe_accuracy
+from xclip.run.runner import run
+from xclip.store.runfile import RunReader
+from xclip.analysis.synthetic import generate, write_scenes
 
 
 def measure(reference: str, scenes: Path, folder: Path) -> dict[str, object]:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xclip.render import render_run
+from xclip.show.figures import render_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def main() -> None:
         run_dir = args.run_dir
         if not (run_dir / "run.h5").exists():
             from xclip.config import load_config
-            from xclip.runner import run
+            from xclip.run.runner import run
 
             run_dir = run(load_config(ROOT / "configs" / "demo.yaml", [f"output.directory={folder}/demo"])).directory
         render_run(run_dir, out=Path(folder) / "warm-up", limit=1)  # imports matplotlib's colour map and font

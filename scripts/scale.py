@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from xclip.synthetic import generate, write_scenes
+from xclip.analysis.synthetic import generate, write_scenes
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 

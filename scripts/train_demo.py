@@ -1,4 +1,4 @@
-"""Train the demo model: a small CLIP that must bind colour to shape in the synthetic world of xclip.synthetic.
+"""Train the demo model: a small CLIP that must bind colour to shape in the synthetic world of xclip.analysis.synthetic.
 
     python scripts/train_demo.py [--steps 6000] [--batch-size 128] [--seed 0] [--out xclip/models/shapes-clip]
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xclip.synthetic import (
+from xclip.analysis.synthetic import (
     SHAPES,
     VOCABULARY,
     Scene,

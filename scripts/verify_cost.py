@@ -28,8 +28,8 @@ import yaml
 from PIL import Image
 
 from xclip.config import load_config
-from xclip.digests import sha256_of
-from xclip.runner import run
+from xclip.disk.digests import sha256_of
+from xclip.run.runner import run
 
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a yellow star"]
 WIDTH, HEIGHT = 640, 480

@@ -21,10 +21,10 @@ import urllib.request
 from pathlib import Path
 
 from xclip.config import load_config
-from xclip.runner import run
-from xclip.store import RunReader
-from xclip.synthetic import generate, write_scenes
-from xclip.viewer import make_server
+from xclip.run.runner import run
+from xclip.store.runfile import RunReader
+from xclip.analysis.synthetic import generate, write_scenes
+from xclip.show.viewer import make_server
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "xclip" / "models" / "shapes-clip"
 REQUESTS = {

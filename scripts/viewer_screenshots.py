@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from xclip.explain import explain
-from xclip.viewer import make_server
+from xclip.run.explain import explain
+from xclip.show.viewer import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = ROOT / "configs" / "demo" / "scenes"

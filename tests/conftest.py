@@ -20,8 +20,8 @@ from PIL import Image
 
 import xclip
 from xclip.config import load_config
-from xclip.random_models import save_random_model
-from xclip.runner import run
+from xclip.models.random_models import save_random_model
+from xclip.run.runner import run
 
 # smaller initial weights keep the tiny random towers close to the smoothness of trained ones, so that the
 # quadrature error at N = 16 is far below the tolerances the tests assert

@@ -20,11 +20,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import xclip
-from xclip.cli import app
-from xclip.evaluation import box_weights, read_annotations
-from xclip.geometry import Preprocessing
-from xclip.tokens import CaptionTokens
-from xclip.viewer import make_server
+from xclip.cli.app import app
+from xclip.analysis.grounding import box_weights, read_annotations
+from xclip.core.geometry import Preprocessing
+from xclip.core.tokens import CaptionTokens
+from xclip.show.viewer import make_server
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def expect(args: list, code: int, message: str) -> str:
 # --- run files ----------------------------------------------------------------------------------------------------
 def plant_pair_number(f, pair: int, name: str, value: float) -> None:
     """Replace one of a stored pair's numbers in an open run file, with the checksum readers verify."""
-    from xclip.store import _checksum, _pair_numbers_row
+    from xclip.store.runfile import _checksum, _pair_numbers_row
 
     pairs = f["pairs"]
     pairs[name][pair] = value
@@ -153,7 +153,7 @@ def plant_pair_number(f, pair: int, name: str, value: float) -> None:
 def plant_map(f, pair: int, interactions: np.ndarray) -> None:
     """Replace a stored pair map in an open run file, with the checksum that readers verify (a plant without it
     is refused as damage)."""
-    from xclip.store import _checksum, _pair_numbers_row
+    from xclip.store.runfile import _checksum, _pair_numbers_row
 
     pairs = f["pairs"]
     pairs["interactions"][pair] = interactions

@@ -9,19 +9,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xclip.render import load_pair_view
-from xclip.store import RunReader
-from xclip.viewer import RunData
+from xclip.show.figures import load_pair_view
+from xclip.store.runfile import RunReader
+from xclip.show.viewer import RunData
 
 PACKAGE = Path(__file__).resolve().parents[1] / "xclip"
-# what a tokenizer or an image processor offers; outside xclip/adapters/ no module may use it
+# what a tokenizer or an image processor offers; outside xclip/models/families/ no module may use it
 TOKENIZER_AND_PROCESSOR = {
     "tokenizer", "image_processor", "processor", "convert_ids_to_tokens", "all_special_ids", "all_special_tokens",
     "get_tokenizer", "AutoTokenizer", "AutoProcessor", "CLIPTokenizer", "CLIPProcessor", "CLIPImageProcessor",
     "SiglipProcessor", "PreTrainedTokenizerFast", "return_offsets_mapping", "offset_mapping",
 }
+# the adapters: one module per model family (and their shared base) in xclip/models/
+ADAPTERS = {"base.py", "hf.py", "clip.py", "siglip.py", "openclip.py", "families.py"}
 # writes random checkpoints (a tokenizer and processor included) for tests and benchmarks; never reads one
 WRITES_CHECKPOINTS = {"random_models.py"}
+# the floors, lowest first: a module imports from its own floor and the floors below it, never from one above;
+# a floor is a folder of xclip/ or one of the few modules left at its top
+FLOORS = ["errors", "threads", "disk", "core", "models", "config", "attribution", "store", "show", "analysis", "run",
+          "cli", "__init__", "__main__"]
+MOST_TOP_LEVEL_MODULES = 8
 
 
 def module_name(path: Path) -> str:
@@ -31,12 +38,12 @@ def module_name(path: Path) -> str:
 
 # the one import that runs up, declared: a result draws itself (InteractionMap.plot) with the figures' code, which
 # reads run files; it is imported inside .plot() only, so importing a result never loads the figures
-UPWARD_IMPORTS = {("xclip.result", "xclip.render")}
+UPWARD_IMPORTS = {("xclip.attribution.result", "xclip.show.figures")}
 
 
 def imports(path: Path, modules: set[str]) -> set[str]:
     """The xclip modules a module imports anywhere: at import time, inside functions and under TYPE_CHECKING
-    (``from xclip import schema`` imports the module xclip.schema)."""
+    (``from xclip import schema`` imports the module xclip.store.schema)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -72,22 +79,43 @@ def test_imports_run_one_way_including_those_inside_functions():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
-    assert "xclip.store" in graph["xclip.runner"]  # the graph is read: the runner writes through the store
-    assert "xclip.attribution" in graph["xclip.run_model"] and "xclip.core.interaction" in graph["xclip.store"]  # and in functions
+    assert "xclip.store.runfile" in graph["xclip.run.runner"]  # the graph is read: the runner writes through the store
+    assert "xclip.attribution.engine" in graph["xclip.attribution.from_config"] and "xclip.core.interaction" in graph["xclip.store.runfile"]  # and in functions
+
+
+def floor(module: str) -> str:
+    parts = module.split(".")
+    return "__init__" if parts == ["xclip"] else parts[1]
+
+
+def test_every_import_runs_down_the_floors():
+    """Folders, not only modules, import one way: math below models below attribution below the run file below
+    figures, analysis and runs, the command line on top."""
+    rank = {name: i for i, name in enumerate(FLOORS)}
+    upward = [f"{module} -> {target}" for module, targets in import_graph().items() for target in targets
+              if rank[floor(target)] > rank[floor(module)]]
+    assert not upward, upward
+    assert {floor(module) for module in import_graph()} == set(FLOORS)  # every module sits on a declared floor
+
+
+def test_few_modules_left_at_the_top():
+    top = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert len(top) <= MOST_TOP_LEVEL_MODULES, top
+    assert all(path.is_dir() for path in PACKAGE.iterdir() if path.stem in FLOORS and path.suffix != ".py")
 
 
 def test_the_checker_sees_an_import_inside_a_function(tmp_path):
     # the cycle store -> attribution -> result -> render -> store ran through an import inside a function: the
     # checker must see such imports
     module = tmp_path / "lower.py"
-    module.write_text("def f():\n    from xclip import store\n    from xclip.attribution import interaction_map\n")
-    assert imports(module, {"xclip.store", "xclip.attribution"}) == {"xclip.store", "xclip.attribution"}
+    module.write_text("def f():\n    from xclip.store import runfile\n    from xclip.attribution.engine import interaction_map\n")
+    assert imports(module, {"xclip.store.runfile", "xclip.attribution.engine"}) == {"xclip.store.runfile", "xclip.attribution.engine"}
 
 
 def test_no_module_outside_the_adapters_uses_a_tokenizer_or_an_image_processor():
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if "adapters" in path.relative_to(PACKAGE).parts or path.name in WRITES_CHECKPOINTS:
+        if path.relative_to(PACKAGE).parts[0] == "models" and path.name in ADAPTERS | WRITES_CHECKPOINTS:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else \
@@ -137,7 +165,7 @@ def test_errors_name_the_setting_as_the_user_gave_it(tmp_path, model_dirs):
     from PIL import Image
 
     import xclip
-    from xclip.runner import run
+    from xclip.run.runner import run
     from xclip.config import load_config
 
     missing = tmp_path / "missing.pt"

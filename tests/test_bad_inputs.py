@@ -23,18 +23,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import GOOD, assert_read_as_text, expect, good_images, invoke, jsonl_folder, make_images, write_config
+from helpers import (GOOD, assert_read_as_text, code_blocks, expect, good_images, invoke, jsonl_folder, make_images, section,
+                     write_config)
 from PIL import Image
 from typer.testing import CliRunner
 
 import xclip
-from xclip.adapters.base import read_image
-from xclip.cli import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
+from xclip.models.base import read_image
+from xclip.cli.app import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
 from xclip.config import load_config
-from xclip.schema import SCHEMA_VERSION
+from xclip.store.schema import SCHEMA_VERSION
 
 runner = CliRunner()
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -518,7 +518,7 @@ def test_hub_id_without_network_says_how_to_fail_at_once(tmp_path, monkeypatch):
     # says how to load from the cache at once. The hub's answer is planted as its client raises it, chained
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from xclip.adapters import hf
+    from xclip.models import hf
 
     class ConnectError(Exception):  # the HTTP client's (httpx or requests, by version): known by its name
         pass
@@ -766,7 +766,7 @@ def test_a_bug_is_not_recorded_as_a_bad_image(tmp_path, model_dirs, monkeypatch)
     def bug(path):
         raise TypeError("a bug in xclip")
 
-    monkeypatch.setattr("xclip.adapters.base.read_image", bug)
+    monkeypatch.setattr("xclip.models.base.read_image", bug)
     result = runner.invoke(app, ["attribute", str(write_config(tmp_path, model_dirs["clip"])), "-q"])
     assert isinstance(result.exception, TypeError)  # surfaces with its traceback; no image is marked failed
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
@@ -791,7 +791,7 @@ def test_signal_handlers_are_restored_and_two_signals_exit_75(tmp_path, model_di
         os.kill(os.getpid(), signal.SIGUSR1)  # the second one stops at once
         raise AssertionError("not reached")
 
-    monkeypatch.setattr("xclip.runner.run", two_signals)
+    monkeypatch.setattr("xclip.run.runner.run", two_signals)
     expect(["attribute", write_config(tmp_path, model_dirs["clip"])], 75, r"stopped by a second signal .* rerun the same command")
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
@@ -835,14 +835,13 @@ def test_api_and_config_share_setting_names():
     assert parameters == set(AttributionConfig.model_fields)
 
 
-# --- the README says what happens ---------------------------------------------------------------------------------
-def test_readme_exit_codes_and_error_examples_are_real(tmp_path, model_dirs):
-    text = README.read_text()
-    table = text.split("| exit code | meaning |")[1].split("\n\n")[0]
+# --- the command line page says what happens -----------------------------------------------------------------------
+def test_documented_exit_codes_and_error_examples_are_real(tmp_path, model_dirs):
+    table = section("docs/cli.md", "Exit codes")
     assert [int(code) for code in re.findall(r"^\| (\d+) \|", table, flags=re.M)] == [
         EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED
     ]
-    block = re.search(r"```text\n(.*?)```", text.split("### Bad input")[1], flags=re.S).group(1)
+    (block,) = code_blocks(section("docs/cli.md", "Bad input"), "text")
     examples = re.findall(r"^\$ (.*)\n((?:[^$].*\n)+)", block, flags=re.M)
     assert len(examples) == 4
     # the folder the examples describe: an empty caption on line 3, an image file that is not an image
@@ -855,4 +854,4 @@ def test_readme_exit_codes_and_error_examples_are_real(tmp_path, model_dirs):
         arguments = [str(config) if a == "run.yaml" else a for a in shlex.split(command)[1:]]
         output = invoke(*arguments)[1].replace(str(tmp_path), "<dir>")
         for line in expected.splitlines():
-            assert line in output.splitlines(), f"README line {line!r} is not what `{command}` prints:\n{output}"
+            assert line in output.splitlines(), f"docs/cli.md line {line!r} is not what `{command}` prints:\n{output}"

@@ -17,7 +17,7 @@ from helpers import CAPTIONS, make_images
 from torch import Tensor
 
 import xclip
-from xclip.baselines import FIRST_ORDER, POOLED_METHODS, _path_gradients, check_methods, image_maps, token_maps
+from xclip.analysis.baselines import FIRST_ORDER, POOLED_METHODS, _path_gradients, check_methods, image_maps, token_maps
 from xclip.core.quadrature import quadrature
 from xclip.errors import ConfigError
 

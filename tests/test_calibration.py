@@ -14,11 +14,11 @@ from helpers import DEMO_MODEL, write_demo_folder, write_pipeline_config
 from typer.testing import CliRunner
 
 import xclip
-from xclip.calibration import _calibrate_tower, calibrate
-from xclip.cli import app
+from xclip.run.calibration import _calibrate_tower, calibrate
+from xclip.cli.app import app
 from xclip.core.quadrature import DEFAULT_BREAKPOINTS
 from xclip.errors import ConfigError
-from xclip.layouts import LAYOUT_FILE, PanelLayout, cache_file, find_layout, save_calibration, weights_fingerprint
+from xclip.attribution.panels import LAYOUT_FILE, PanelLayout, cache_file, find_layout, save_calibration, weights_fingerprint
 
 runner = CliRunner()
 
@@ -59,7 +59,7 @@ def demo_copy(tmp_path):
 def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs):
     model = xclip.load_model(demo_copy(tmp_path), dtype="float64", device="cpu")
     captions = ["a red circle", "a blue square and a green star"]
-    from xclip.synthetic import generate
+    from xclip.analysis.synthetic import generate
 
     images = [scene.image for scene in generate(2, seed=60_000)]
     calibration = calibrate(model, captions, images)
@@ -92,7 +92,7 @@ def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatc
     checkpoint = demo_copy(tmp_path)
     config = write_pipeline_config(tmp_path / "run.yaml", str(checkpoint), attribution={"n_steps": None})
 
-    monkeypatch.setattr("xclip.cli.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
+    monkeypatch.setattr("xclip.cli.app.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
     result = runner.invoke(app, ["calibrate", str(config), "--inputs", "6", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

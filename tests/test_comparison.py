@@ -13,10 +13,10 @@ import yaml
 from helpers import plant_map, synthetic_run
 from typer.testing import CliRunner
 
-from xclip.cli import app
-from xclip.comparison import compare_runs
-from xclip.evaluation import DIRECTIONS, METRICS, read_annotations, score_run
-from xclip.store import RunReader
+from xclip.cli.app import app
+from xclip.analysis.comparison import compare_runs
+from xclip.analysis.grounding import DIRECTIONS, METRICS, read_annotations, score_run
+from xclip.store.runfile import RunReader
 
 runner = CliRunner()
 

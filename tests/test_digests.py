@@ -13,10 +13,10 @@ from PIL import Image
 from helpers import expect, invoke, jsonl_folder, write_config
 
 from xclip.config import load_config
-from xclip.digests import file_identity, has_changed
+from xclip.disk.digests import file_identity, has_changed
 from xclip.errors import ConfigError, StoreError
-from xclip.runner import run
-from xclip.store import RunReader
+from xclip.run.runner import run
+from xclip.store.runfile import RunReader
 
 
 def test_a_file_changes_with_its_content_not_its_time(tmp_path):
@@ -97,7 +97,7 @@ def test_zeroed_bytes_are_found_when_read(tmp_path, model_dirs, target):
 
 
 def test_the_viewer_refuses_the_picture_of_an_image_that_changed(tmp_path, model_dirs):
-    from xclip.viewer import RunData
+    from xclip.show.viewer import RunData
 
     finished_project(tmp_path, model_dirs)
     data = RunData(tmp_path / "run")

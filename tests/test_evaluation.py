@@ -10,8 +10,8 @@ from helpers import plant_map, plant_phrase_maps, synthetic_run
 import pytest
 from typer.testing import CliRunner
 
-from xclip.cli import app
-from xclip.evaluation import (
+from xclip.cli.app import app
+from xclip.analysis.grounding import (
     DIRECTIONS,
     METRICS,
     PhraseScore,
@@ -23,10 +23,10 @@ from xclip.evaluation import (
     read_annotations,
     summarize,
 )
-from xclip.geometry import Preprocessing
-from xclip.metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
+from xclip.core.geometry import Preprocessing
+from xclip.analysis.box_metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
 from xclip.errors import ConfigError
-from xclip.store import RunReader
+from xclip.store.runfile import RunReader
 
 runner = CliRunner()
 INSIDE = np.zeros((4, 4), dtype=bool)
@@ -269,7 +269,7 @@ def _append(path, *records) -> list[int]:
 
 @pytest.mark.slow  # a run and an evaluation
 def test_annotations_that_match_no_finished_pair_are_counted_listed_and_refused_with_strict(tmp_path, model_dirs):
-    from xclip.store import PENDING
+    from xclip.store.runfile import PENDING
 
     run_file, annotations, path = _annotated_run(tmp_path, model_dirs)
     first, second = annotations[0], annotations[1]
@@ -346,7 +346,7 @@ def test_phrases_jsonl_holds_every_scored_phrase_with_its_values(tmp_path, model
 
 
 def test_intervals_say_their_n_and_mark_too_few():
-    from xclip.metrics import MIN_N_FOR_INTERVAL, interval_text
+    from xclip.analysis.box_metrics import MIN_N_FOR_INTERVAL, interval_text
 
     assert interval_text(0.988, [0.99, 0.99], 1) == "0.988 [0.99, 0.99] n=1 (too few)"
     assert interval_text(0.5, [0.4, 0.6], MIN_N_FOR_INTERVAL) == f"0.500 [0.40, 0.60] n={MIN_N_FOR_INTERVAL}"
@@ -363,7 +363,7 @@ def test_a_failed_report_write_keeps_the_earlier_report_and_names_the_file(tmp_p
     from pathlib import Path
 
     from xclip.errors import StoreError
-    from xclip.files import write_text_atomically
+    from xclip.disk.files import write_text_atomically
 
     target = tmp_path / "report.json"
     write_text_atomically(target, '{"good": 1}\n')

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from helpers import expect, invoke, json_line
 
-from xclip.store import RunReader
+from xclip.store.runfile import RunReader
 
 SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
 CAPTIONS = ["a blue star", "two objects: a purple cross and a blue star"]
@@ -92,7 +92,7 @@ def test_the_shipped_model_is_named_xclip_demo_everywhere(tmp_path):
     import torch
 
     import xclip
-    from xclip.loading import SHIPPED_MODELS
+    from xclip.models.loading import SHIPPED_MODELS
 
     by_name, by_path = xclip.load_model("xclip:demo", device="cpu"), xclip.load_model(SHIPPED_MODELS["demo"], device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(by_name.model.state_dict().values(), by_path.model.state_dict().values()))

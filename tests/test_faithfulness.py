@@ -14,11 +14,11 @@ from helpers import plant_phrase_maps, synthetic_run
 from typer.testing import CliRunner
 
 import xclip
-from xclip.attribution import InteractionAttribution
-from xclip.baseline_evaluation import SECOND_ORDER, SECOND_ORDER_INTERACTIONS, _one
-from xclip.baselines import image_maps, token_maps
-from xclip.cli import app
-from xclip.faithfulness import (
+from xclip.attribution.engine import InteractionAttribution
+from xclip.analysis.baseline_evaluation import SECOND_ORDER, SECOND_ORDER_INTERACTIONS, _one
+from xclip.analysis.baselines import image_maps, token_maps
+from xclip.cli.app import app
+from xclip.analysis.faithfulness import (
     PairDecomposition,
     PairGame,
     curves,
@@ -349,11 +349,11 @@ def test_evaluate_needs_annotations_or_baselines_and_refuses_unknown_methods(tmp
 
 @pytest.mark.parametrize("target", ["phrase", "caption"])
 def test_a_first_order_method_explains_the_image_against_the_phrase_or_the_whole_caption(tmp_path, model_dirs, target):
-    from xclip.baseline_evaluation import _phrase_maps
-    from xclip.baselines import image_maps, text_embeddings
-    from xclip.evaluation import annotated_pairs
-    from xclip.runner import load_attributor
-    from xclip.store import RunReader
+    from xclip.analysis.baseline_evaluation import _phrase_maps
+    from xclip.analysis.baselines import image_maps, text_embeddings
+    from xclip.analysis.grounding import annotated_pairs
+    from xclip.run.runner import load_attributor
+    from xclip.store.runfile import RunReader
 
     synthetic_run(tmp_path, model_dirs)
     with RunReader(tmp_path / "run") as run:
@@ -373,5 +373,6 @@ def test_a_first_order_method_explains_the_image_against_the_phrase_or_the_whole
             np.testing.assert_array_equal(phrase_maps["integrated_gradients"], caption_maps["integrated_gradients"][0])
         else:  # the phrase alone, encoded as a caption
             expected = image_maps(attribution, "integrated_gradients", text_embeddings(model, [phrase["text"]]), images, [0])[0]
-            np.testing.assert_allclose(phrase_maps["integrated_gradients"], expected, rtol=1e-6, atol=1e-9)
+            # float32 sums in batches of other shapes: equal to a millionth of the map's largest value
+            np.testing.assert_allclose(phrase_maps["integrated_gradients"], expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
             assert not np.allclose(expected, caption_maps["integrated_gradients"][0])

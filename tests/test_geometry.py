@@ -13,12 +13,12 @@ from helpers import assert_patches_where_the_processor_put_them, browser, captio
 
 import xclip
 from xclip.errors import ConfigError
-from xclip.evaluation import box_weights
-from xclip.geometry import Preprocessing
-from xclip.render import PairView, _content
-from xclip.viewer import _patch_rects_in_view
+from xclip.analysis.grounding import box_weights
+from xclip.core.geometry import Preprocessing
+from xclip.show.figures import PairView, _content
+from xclip.show.viewer import _patch_rects_in_view
 
-STATIC = Path(xclip.__file__).resolve().parent / "static"
+STATIC = Path(xclip.__file__).resolve().parent / "show" / "static"
 
 
 @pytest.mark.parametrize("size", [(150, 90), (90, 150), (77, 33), (64, 64)])

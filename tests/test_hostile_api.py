@@ -17,8 +17,8 @@ import torch
 from helpers import ask, serving
 
 from xclip import InteractionMap, StoreError
-from xclip.geometry import Preprocessing
-from xclip.tokens import CaptionTokens
+from xclip.core.geometry import Preprocessing
+from xclip.core.tokens import CaptionTokens
 
 
 def full_map() -> InteractionMap:

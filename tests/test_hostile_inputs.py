@@ -24,10 +24,10 @@ from helpers import make_images
 from typer.testing import CliRunner
 
 import xclip
-from xclip.cli import EXIT_USAGE, app
+from xclip.cli.app import EXIT_USAGE, app
 from xclip.config import MAX_CONFIG_BYTES, MAX_NESTING_DEPTH, load_config
 from xclip.errors import ConfigError
-from xclip.layouts import Calibration, PanelLayout, cache_file, path_settings, save_calibration, weights_fingerprint
+from xclip.attribution.panels import Calibration, PanelLayout, cache_file, path_settings, save_calibration, weights_fingerprint
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPOSITORY / "configs" / "demo.yaml"
@@ -173,7 +173,7 @@ def test_a_killed_saves_temporary_file_is_removed_and_a_failed_save_leaves_none(
     def full_disk(temporary: Path, target: Path) -> None:
         raise OSError(28, "No space left on device", str(temporary))
 
-    monkeypatch.setattr("xclip.layouts.install_file", full_disk)
+    monkeypatch.setattr("xclip.attribution.panels.install_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         save_calibration(path, SimpleNamespace(name="stub"), _calibration(2), fingerprint="f" * 16)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".layouts.json.lock", "layouts.json"]

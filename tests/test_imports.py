@@ -31,7 +31,7 @@ def test_import_xclip_loads_no_heavy_library():
                                   ["evaluate", "--help"]], ids=" ".join)
 def test_cli_help_exits_0_without_heavy_libraries(argv):
     code = (
-        "from typer.testing import CliRunner\nfrom xclip.cli import app\n"
+        "from typer.testing import CliRunner\nfrom xclip.cli.app import app\n"
         f"result = CliRunner().invoke(app, {argv!r})\n"
         "out.update(exit_code=result.exit_code, output=result.output, error=repr(result.exception))"
     )
@@ -48,7 +48,7 @@ def test_a_config_is_checked_and_refused_without_heavy_libraries(tmp_path):
     deep.write_text("model: " + "[" * 1000 + "]" * 1000 + "\n")
     demo = REPOSITORY / "configs" / "demo.yaml"
     code = (
-        "from typer.testing import CliRunner\nfrom xclip.cli import app\nfrom xclip.config import load_config\n"
+        "from typer.testing import CliRunner\nfrom xclip.cli.app import app\nfrom xclip.config import load_config\n"
         f"config = load_config({str(demo)!r}, ['data.limit=1'])\n"
         f"result = CliRunner().invoke(app, ['attribute', {str(deep)!r}])\n"
         "out.update(exit_code=result.exit_code, output=result.output, name=config.model.name)"
@@ -61,7 +61,7 @@ def test_a_config_is_checked_and_refused_without_heavy_libraries(tmp_path):
 def test_every_subcommand_help_exits_0():
     from typer.testing import CliRunner
 
-    from xclip.cli import app
+    from xclip.cli.app import app
 
     names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
     assert {"attribute", "explain", "render", "evaluate"} <= set(names)
@@ -77,7 +77,7 @@ def test_every_subcommand_help_exits_0():
 def test_explain_help_prints_the_open_clip_tag_literally():
     from typer.testing import CliRunner
 
-    from xclip.cli import app
+    from xclip.cli.app import app
 
     result = CliRunner().invoke(app, ["explain", "--help"], terminal_width=200)
     assert result.exit_code == 0, result.exception
@@ -87,7 +87,7 @@ def test_explain_help_prints_the_open_clip_tag_literally():
 def test_public_names_resolve_lazily():
     for name in xclip.__all__:
         assert getattr(xclip, name) is not None
-    assert xclip.InteractionAttribution.__module__ == "xclip.attribution"
+    assert xclip.InteractionAttribution.__module__ == "xclip.attribution.engine"
     assert xclip.XclipError is __import__("xclip.errors", fromlist=["XclipError"]).XclipError
     assert set(xclip.__all__) <= set(dir(xclip))
     with pytest.raises(AttributeError, match="no_such_name"):

@@ -12,13 +12,13 @@ import pytest
 from PIL import Image
 from helpers import attribute, browser, invoke, page_url, serving, wait_settled
 
-from xclip.explain import explain
-from xclip.inputs_read import caption_read, image_read
-from xclip.inspection import describe_inputs_read, inputs_read_report
-from xclip.render import draw, load_pair_view
-from xclip.store import RunReader
-from xclip.tokens import CaptionTokens
-from xclip.viewer import RunData
+from xclip.run.explain import explain
+from xclip.attribution.inputs_read import caption_read, image_read
+from xclip.store.describe import describe_inputs_read, inputs_read_report
+from xclip.show.figures import draw, load_pair_view
+from xclip.store.runfile import RunReader
+from xclip.core.tokens import CaptionTokens
+from xclip.show.viewer import RunData
 
 SCENE = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes" / "scene00001.png"
 # 38 words; the demo model's context holds 32 tokens: BOS, 30 words (one token each), EOS
@@ -155,7 +155,7 @@ def test_the_pair_page_shows_what_the_model_read(wide_run, driver):
 
 def test_api_maps_name_the_caption_and_image_they_pair_and_draw_a_cut_caption_so(wide_run):
     import xclip
-    from xclip.render import figure
+    from xclip.show.figures import figure
 
     run_dir, _ = wide_run
     wide = run_dir / "inputs" / "wide.png"

@@ -17,14 +17,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import xclip
-import xclip.random_models
-from xclip.cli import app
+import xclip.models.random_models
+from xclip.cli.app import app
 from xclip.config import load_config
-from xclip.data import read_dataset
+from xclip.run.data import read_dataset
 from xclip.errors import ConfigError
-from xclip.render import map_colours
-from xclip.runner import run
-from xclip.store import RunReader
+from xclip.show.figures import map_colours
+from xclip.run.runner import run
+from xclip.store.runfile import RunReader
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_overrides_reach_the_runner(folder_config, monkeypatch):
         seen["config"] = config
         raise xclip.StoreError("stop here")
 
-    monkeypatch.setattr("xclip.runner.run", fake_run)
+    monkeypatch.setattr("xclip.run.runner.run", fake_run)
     result = runner.invoke(app, ["attribute", str(folder_config), "attribution.n_steps=20", "pairing.mode=all"])
     assert result.exit_code == 1 and "stop here" in result.output
     config = seen["config"]
@@ -396,7 +396,7 @@ def test_render_writes_heatmaps_and_follows_planted_maps(tmp_path, folder_config
 
 
 def test_span_selection_by_words_and_indices():
-    from xclip.tokens import CaptionTokens
+    from xclip.core.tokens import CaptionTokens
 
     tokens = CaptionTokens("a Black dog", ["<|startoftext|>", "a</w>", "bl", "ack</w>", "dog</w>", "<|endoftext|>"],
                            [(0, 0), (0, 1), (2, 4), (4, 7), (8, 11), (0, 0)], [True, False, False, False, False, True], [False] * 6)
@@ -502,7 +502,7 @@ def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
 
 
 def test_words_follow_the_captions_own_text():
-    from xclip.tokens import CaptionTokens
+    from xclip.core.tokens import CaptionTokens
 
     def words(caption, offsets, special=None):
         n = len(offsets)
@@ -526,6 +526,6 @@ def test_new_weights_at_the_same_path_are_refused(tmp_path, model_dirs):
     shutil.copytree(model_dirs["clip"], local)
     config = write_pipeline_config(tmp_path / "run.yaml", str(local))
     assert runner.invoke(app, ["attribute", str(config), "-q"]).exit_code == 0
-    xclip.random_models.save_random_model(local, "clip", seed=1)  # retrained in place
+    xclip.models.random_models.save_random_model(local, "clip", seed=1)  # retrained in place
     result = runner.invoke(app, ["attribute", str(config), "-q"])
     assert result.exit_code == 2 and "other weights" in result.output

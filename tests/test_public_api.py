@@ -49,7 +49,7 @@ def test_version_is_the_installed_distributions_and_the_cli_prints_it():
 
     from typer.testing import CliRunner
 
-    from xclip.cli import app
+    from xclip.cli.app import app
 
     assert xclip.__version__ == importlib.metadata.version("xclip")  # one version, as pyproject.toml states it
     result = CliRunner().invoke(app, ["--version"])

@@ -20,11 +20,11 @@ from matplotlib.colors import CenteredNorm
 from PIL import Image, ImageDraw
 
 import xclip
-import xclip.render as rendering
-from xclip.colours import CONTOUR, outline_mask
+import xclip.show.figures as rendering
+from xclip.show.colours import CONTOUR, outline_mask
 from xclip.errors import ConfigError
-from xclip.geometry import Preprocessing
-from xclip.render import FigureOptions, PairView, draw, figure, map_colours
+from xclip.core.geometry import Preprocessing
+from xclip.show.figures import FigureOptions, PairView, draw, figure, map_colours
 
 GRID = (4, 4)
 
@@ -177,7 +177,7 @@ def test_no_text_meets_another_or_leaves_the_page(monkeypatch, layout, aspect, k
 
 
 def test_tick_labels_share_one_compact_format():
-    from xclip.render import _tick_labels
+    from xclip.show.figures import _tick_labels
 
     assert _tick_labels(0.15, 5)[1:] == (["−0.150", "−0.075", "0", "+0.075", "+0.150"], "")
     assert _tick_labels(7.7e-5, 5)[1:] == (["−7.7", "−3.8", "0", "+3.8", "+7.7"], "×10⁻⁵")
@@ -358,8 +358,8 @@ def test_a_span_over_many_pairs_skips_and_counts_the_pairs_without_it(finished_r
 
 
 def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_path):
-    from xclip.render import load_pair_view
-    from xclip.store import RunReader
+    from xclip.show.figures import load_pair_view
+    from xclip.store.runfile import RunReader
 
     (png,) = render(finished_run, "--pair", "0", "--out", tmp_path / "png", "--dpi", "120")[0]
     (svg,) = render(finished_run, "--pair", "0", "--out", tmp_path / "svg", "--format", "svg", "--dpi", "120")[0]
@@ -389,7 +389,7 @@ def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_pat
 
 
 def test_render_run_takes_a_layout(finished_run, tmp_path):
-    from xclip.render import render_run
+    from xclip.show.figures import render_run
 
     (pdf,) = render_run(finished_run, pairs=[0], out=tmp_path, file_format="pdf", layout="column").written
     assert page_size(pdf)[0] == pytest.approx(3.5 * 72, abs=0.75)

@@ -13,10 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 import xclip
-from xclip.cli import app
-from xclip.comparison import compare_runs
-from xclip.loading import SHIPPED_MODELS
-from xclip.synthetic import generate, write_scenes
+from xclip.cli.app import app
+from xclip.analysis.comparison import compare_runs
+from xclip.models.loading import SHIPPED_MODELS
+from xclip.analysis.synthetic import generate, write_scenes
 
 runner = CliRunner()
 N_STAR_SCENES = 60  # the first 60 scenes of seed 20000 (make grounding's) whose caption names a star

@@ -20,9 +20,9 @@ from helpers import expect, invoke, jsonl_folder, write_config
 
 from xclip.config import load_config
 from xclip.errors import StoreError
-from xclip.runner import run
-from xclip.locking import EXCLUSIVE_LOCK_FILE, LOCK_FILE, writer_lock
-from xclip.store import DONE, PENDING
+from xclip.run.runner import run
+from xclip.disk.locking import EXCLUSIVE_LOCK_FILE, LOCK_FILE, writer_lock
+from xclip.store.runfile import DONE, PENDING
 
 
 # --- the writer lock -----------------------------------------------------------------------------------------------
@@ -41,7 +41,7 @@ time.sleep(120)
 KILLED = """
 import os, signal, sys
 from pathlib import Path
-from xclip.locking import writer_lock
+from xclip.disk.locking import writer_lock
 with writer_lock(Path(sys.argv[1]), "xclip attribute run.yaml"):
     os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -179,7 +179,7 @@ class Writer(threading.Thread):
 def pause(monkeypatch):
     """pause(thread, step): that thread stops at that step of the lock (opened, locked, releasing) until the
     returned gate's ``go`` is set; ``reached`` says it got there."""
-    from xclip import locking
+    from xclip.disk import locking
 
     gates = {}
 
@@ -297,7 +297,7 @@ def test_a_releasing_writer_removes_only_its_own_lock_file(tmp_path, pause):
 def test_without_file_locks_an_exclusive_record_is_the_lock(tmp_path, monkeypatch):
     import errno
 
-    from xclip import locking
+    from xclip.disk import locking
 
     def no_locks(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -318,7 +318,7 @@ def test_without_file_locks_an_exclusive_record_is_the_lock(tmp_path, monkeypatc
 def test_a_run_is_read_by_xclip_and_plain_h5py_at_once_in_one_process(shards):
     # HDF5 refuses a second open of a file in one process with other locking flags ("file locking flag values
     # don't match"): xclip's readers open as plain h5py does, so a notebook can hold both, in either order
-    from xclip.store import RunReader
+    from xclip.store.runfile import RunReader
 
     run_file = shards / "shard-00000-of-00002" / "run.h5"
     with RunReader(run_file.parent) as run, h5py.File(run_file, "r") as plain:
@@ -444,7 +444,7 @@ def _assert_same_results(run_file, reference) -> None:
 def _writes_of_a_run(config) -> int:
     """How many writes an uninterrupted run makes to run.h5 after creating it (counted through the same file
     object the fault injection uses)."""
-    from xclip import store
+    from xclip.store import runfile as store
 
     count = {"writes": 0}
     original = store._KillingFile.write
@@ -561,7 +561,7 @@ def fail_at_call(function, n: int, error: Callable[[], BaseException], then: Cal
 def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how):
     import errno
 
-    from xclip import store
+    from xclip.store import runfile as store
 
     assert invoke("attribute", config, "-q", "output.directory=reference")[0] == 0  # a clean run of the same data
     disk_usage = shutil.disk_usage
@@ -581,7 +581,7 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how
 
 
 def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
-    from xclip.store import _estimated_size, create_run_file
+    from xclip.store.runfile import _estimated_size, create_run_file
 
     for n, maps, precision in ((1, False, "float32"), (40, True, "float16"), (300, True, "float64")):
         arguments = dict(
@@ -652,7 +652,7 @@ def test_the_run_file_is_synced_before_and_after_its_rename(tmp_path, config, mo
 
 
 def test_the_merged_file_is_synced_before_and_after_its_rename(shards, monkeypatch):
-    from xclip.store import merge_shards
+    from xclip.store.runfile import merge_shards
 
     events = fsyncs_and_renames(monkeypatch)
     merge_shards(shards)
@@ -732,7 +732,7 @@ def test_a_figure_that_fails_while_written_never_lies_half_written_under_its_nam
     before = {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()}
     monkeypatch.setattr(Image.Image, "save", half_then(lambda: RuntimeError("the encoder broke")))
     with pytest.raises(RuntimeError, match="the encoder broke"):
-        from xclip.render import render_run
+        from xclip.show.figures import render_run
 
         render_run(run_dir)
     assert {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()} == before  # the old figures, whole
@@ -740,7 +740,7 @@ def test_a_figure_that_fails_while_written_never_lies_half_written_under_its_nam
 
 @pytest.mark.slow  # crash injection: a killed subprocess
 def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, config):
-    from xclip.files import is_xclip_figure
+    from xclip.store.directory import is_xclip_figure
 
     run_dir = tmp_path / "run"
     assert invoke("attribute", config, "-q")[0] == 0
@@ -757,7 +757,7 @@ def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, 
         "        stream.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "Image.Image.save = half\n"
-        "from xclip.render import render_run\n"
+        "from xclip.show.figures import render_run\n"
         "render_run(sys.argv[1])\n"
     )
     process = subprocess.run([sys.executable, "-c", killed, str(run_dir)], capture_output=True, timeout=300)
@@ -775,7 +775,7 @@ def test_runs_without_stored_maps_read_the_same(tmp_path):
     from helpers import DEMO_MODEL, DEMO_SCENES
     from PIL import Image
 
-    from xclip.store import RunReader
+    from xclip.store.runfile import RunReader
 
     images = tmp_path / "images"
     images.mkdir()
@@ -842,7 +842,7 @@ def test_float16_storage_halves_the_arrays_and_keeps_the_maps(tmp_path, config):
     with h5py.File(tmp_path / "half" / "run.h5", "r") as f:
         assert f["captions/contributions"].dtype == f["pairs/interactions"].dtype == np.float16
         assert f["captions/embedding"].dtype == f["pairs/score"].dtype == np.float32  # numbers stay float32
-    from xclip.store import RunReader
+    from xclip.store.runfile import RunReader
 
     with RunReader(tmp_path / "full") as full, RunReader(tmp_path / "half") as half:
         np.testing.assert_array_equal(full.column("pairs", "score"), half.column("pairs", "score"))
@@ -863,7 +863,7 @@ def test_shards_share_one_topk_ranking(tmp_path, config, monkeypatch):
     def no_second_ranking(*args, **kwargs):
         raise AssertionError("the second shard ranked again")
 
-    monkeypatch.setattr("xclip.pairing._similarities", no_second_ranking)
+    monkeypatch.setattr("xclip.run.pairing._similarities", no_second_ranking)
     assert invoke("attribute", config, "-q", "--shard", "1/2", *config_topk)[0] == 0
     expect(["merge", tmp_path / "run"], 0, "run.h5")
     merged, whole = (_named_pairs(tmp_path / name / "run.h5") for name in ("run", "whole"))
@@ -879,7 +879,7 @@ def _named_pairs(run_file) -> list[tuple[str, str]]:
 def test_a_failed_background_write_surfaces_and_keeps_the_batches_before_it(tmp_path, model_dirs, monkeypatch):
     import errno
 
-    from xclip.store import RunReader, RunWriter
+    from xclip.store.runfile import RunReader, RunWriter
 
     config = _project(tmp_path, model_dirs)  # one image per batch: each batch written in the background
     write_images, calls = RunWriter.write_images, []
@@ -902,7 +902,7 @@ def test_a_failed_background_write_surfaces_and_keeps_the_batches_before_it(tmp_
 
 @pytest.mark.parametrize(("precision", "maps"), [("float32", False), ("float32", True), ("float16", True)])
 def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps):
-    from xclip.store import RunReader, create_run_file
+    from xclip.store.runfile import RunReader, create_run_file
 
     L, S, E = 5, 3, 4  # noqa: N806  (text positions, image positions, embedding size)
     create_run_file(
@@ -924,7 +924,7 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
 
 
 def test_values_and_finished_columns_read_rows_as_asked(tmp_path):
-    from xclip.store import FAILED, RunReader, create_run_file
+    from xclip.store.runfile import FAILED, RunReader, create_run_file
 
     create_run_file(
         tmp_path / "run.h5", attributes={"config": {}}, captions=["a", "b", "c"], images=["x.png"],

@@ -9,7 +9,7 @@ import torch
 from helpers import DEMO_MODEL
 
 import xclip
-from xclip.synthetic import COLOURS, SHAPES, generate, hard_negative, replacement_negative
+from xclip.analysis.synthetic import COLOURS, SHAPES, generate, hard_negative, replacement_negative
 
 
 def test_scenes_are_deterministic_and_annotated_exactly():

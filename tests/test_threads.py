@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from xclip import runner
+from xclip.run import runner
 from xclip.config import RuntimeConfig, load_config
 from xclip.threads import (
     available_cpus,
@@ -132,7 +132,7 @@ def test_prepare_process_sets_a_passive_wait_and_the_threads_unless_the_user_did
 
 def test_the_entry_point_prepares_the_environment_before_torch_loads(tmp_path):
     """torch's thread count comes from the environment main() wrote (the default here would be every CPU)."""
-    script = ("import os, sys\nsys.argv = ['xclip', '--version']\nfrom xclip.cli import main\n"
+    script = ("import os, sys\nsys.argv = ['xclip', '--version']\nfrom xclip.cli.app import main\n"
               "assert 'torch' not in sys.modules\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
               "import torch\nprint(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())\n")
     environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",

@@ -27,12 +27,12 @@ from PIL import Image
 
 from xclip.config import RunConfig, load_config
 from xclip.errors import ConfigError
-from xclip.runner import run
-from xclip.geometry import Preprocessing
-from xclip.render import draw, load_pair_view
-from xclip.result import INEXACT_PAIR_FACTOR
-from xclip.store import RunReader
-from xclip.viewer import PairQuery, RunData, export_site, make_server
+from xclip.run.runner import run
+from xclip.core.geometry import Preprocessing
+from xclip.show.figures import draw, load_pair_view
+from xclip.attribution.result import INEXACT_PAIR_FACTOR
+from xclip.store.runfile import RunReader
+from xclip.show.viewer import PairQuery, RunData, export_site, make_server
 
 
 def file_columns(run_dir: Path) -> dict[str, np.ndarray]:
@@ -49,7 +49,7 @@ def growing_run(tmp_path_factory, monkeypatch) -> tuple[Path, RunConfig]:
     """The demo config's first 40 pairs (every caption against every image), stopped after its first 16 pairs:
     as a viewer sees an ``all`` run mid-way. Pairs are attributed 16 at a time here, so that one batch is not
     the whole run; the file holds zeros in the numbers of the 24 pending pairs, as every unfinished run does."""
-    monkeypatch.setattr("xclip.runner.PAIR_BATCH", 16)
+    monkeypatch.setattr("xclip.run.runner.PAIR_BATCH", 16)
     root = tmp_path_factory.mktemp("growing")
     config = load_config(DEMO_CONFIG, [f"output.directory={root / 'run'}", "data.limit=40"])
     finished: dict[str, int] = {}
@@ -668,7 +668,7 @@ def test_an_exported_site_opens_from_the_file_system(demo_run, tmp_path, driver)
 
 def quarter_link(run_dir: Path) -> tuple[str, Preprocessing, tuple[float, float, float, float]]:
     """view_link of pair 0 with its words "red dog" and the top-left quarter of what the model saw."""
-    from xclip.viewer import view_link
+    from xclip.show.viewer import view_link
 
     with RunReader(run_dir) as run:
         tokens, geometry = run.caption_tokens(0), run.preprocessing(run.pair_inputs(0)[1])
@@ -685,7 +685,7 @@ def test_a_view_link_is_written_as_the_page_writes_it(finished_run):
 
 @browser
 def test_a_view_link_written_by_python_opens_that_view(finished_run, driver):
-    """evaluate's miss list links into the viewer with xclip.viewer.view_link: the page opens what it names."""
+    """evaluate's miss list links into the viewer with xclip.show.viewer.view_link: the page opens what it names."""
     from selenium.webdriver.common.by import By
 
     link, geometry, quarter = quarter_link(finished_run)

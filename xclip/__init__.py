@@ -3,27 +3,28 @@
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names for type checkers; at run time they load on first access (PEP 562)
-    from xclip.adapters import DualEncoderAdapter, get_adapter_cls, list_families
-    from xclip.attribution import InteractionAttribution, interaction_map, interaction_maps, pair_numbers
+    from xclip.models.families import DualEncoderAdapter, get_adapter_cls, list_families
+    from xclip.attribution.engine import InteractionAttribution, interaction_map, interaction_maps, pair_numbers
     from xclip.core.quadrature import quadrature
     from xclip.errors import ConfigError, InputError, ModelFamilyError, RunUnavailable, StoreError, XclipError
-    from xclip.loading import load_model
-    from xclip.result import Contributions, InteractionMap, PairNumbers
+    from xclip.models.loading import load_model
+    from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
 
-__version__ = "0.1.0"
+__version__ = version("xclip")  # pyproject.toml says it, once
 
 # public name -> the module that defines it; `import xclip` loads none of them (they pull in torch)
 _LAZY = {
-    "DualEncoderAdapter": "xclip.adapters",
-    "get_adapter_cls": "xclip.adapters",
-    "list_families": "xclip.adapters",
-    "InteractionAttribution": "xclip.attribution",
-    "interaction_map": "xclip.attribution",
-    "interaction_maps": "xclip.attribution",
-    "pair_numbers": "xclip.attribution",
+    "DualEncoderAdapter": "xclip.models.families",
+    "get_adapter_cls": "xclip.models.families",
+    "list_families": "xclip.models.families",
+    "InteractionAttribution": "xclip.attribution.engine",
+    "interaction_map": "xclip.attribution.engine",
+    "interaction_maps": "xclip.attribution.engine",
+    "pair_numbers": "xclip.attribution.engine",
     "quadrature": "xclip.core.quadrature",
     "ConfigError": "xclip.errors",
     "InputError": "xclip.errors",
@@ -31,10 +32,10 @@ _LAZY = {
     "StoreError": "xclip.errors",
     "RunUnavailable": "xclip.errors",
     "XclipError": "xclip.errors",
-    "load_model": "xclip.loading",
-    "Contributions": "xclip.result",
-    "InteractionMap": "xclip.result",
-    "PairNumbers": "xclip.result",
+    "load_model": "xclip.models.loading",
+    "Contributions": "xclip.attribution.result",
+    "InteractionMap": "xclip.attribution.result",
+    "PairNumbers": "xclip.attribution.result",
 }
 
 __all__ = [

@@ -1,5 +1,5 @@
 """``python -m xclip``."""
 
-from xclip.cli import main
+from xclip.cli.app import main
 
 main()

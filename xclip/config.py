@@ -24,10 +24,10 @@ from xclip.core.rules import (
     Rule,
     check_quadrature,
 )
-from xclip.digests import Verify
+from xclip.disk.digests import Verify
 from xclip.errors import ConfigError
-from xclip.geometry import ImageResize
-from xclip.model_names import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
+from xclip.core.geometry import ImageResize
+from xclip.models.names import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
 # a run config is sections of keys (2 levels) with short lists of text; PyYAML's scanner slows quadratically with

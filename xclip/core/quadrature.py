@@ -12,7 +12,7 @@ Each panel carries a nested Gauss-Patterson rule (3, 7, then 15 nodes, every rul
 before), so refining a panel never throws evaluations away. Each round refines, for every unfinished input, the
 panel furthest over its share: one level up, or, at 15 nodes, into two fresh 3-node halves. The integrand of a
 trained model is rough in one narrow stretch of the path per tower; the first panels' breakpoints (per model when
-calibrated, see :mod:`xclip.layouts`) decide how quickly the refinement finds it.
+calibrated, see :mod:`xclip.attribution.panels`) decide how quickly the refinement finds it.
 
 Maps are checked too, since the sum over positions can cancel where the maps do not. A panel's last two nested
 rules differ by ``D = E_prev - E``, their two errors; if the last rule shrank the error by a factor ``rho``

@@ -1,0 +1,1 @@
+"""Grounding metrics, first-order baselines, faithfulness, comparisons and the synthetic world."""

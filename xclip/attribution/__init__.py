@@ -1,0 +1,1 @@
+"""The engine facade, its results, panel layouts and what the model read."""

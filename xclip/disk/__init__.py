@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, full disks, locks, digests and text files."""

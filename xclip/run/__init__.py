@@ -1,0 +1,1 @@
+"""Batch runs: inputs, pairing, identity, the runner, explain and calibration."""

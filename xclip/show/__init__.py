@@ -1,0 +1,1 @@
+"""Figures, colours and the browser viewer."""

@@ -1,0 +1,1 @@
+"""The run file: its schema, writer, reader, merge and descriptions."""
