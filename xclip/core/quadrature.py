@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -233,6 +233,39 @@ def _integrate_fixed(weighted_sum: WeightedSum, n_inputs: int, rule: str, n_step
     return PathIntegral(values[:, 0], torch.full((n_inputs,), n_steps, device=device), zeros.long(), unknown)
 
 
+@dataclass
+class _Panels:
+    """Every input's panels, one row each: the input a panel belongs to (``item``), its interval ``[lo, hi]`` on
+    the path, the primitive at both ends, the level of the rule it is at, its partial sums ``(P, STORED_LEVELS, S,
+    E)`` at that level and those it may climb to, and the change between its last two rules (Frobenius norm per
+    panel, and summed over positions). The tensors run in parallel: rows are selected, replaced and appended
+    together, never one tensor alone."""
+
+    item: Tensor
+    lo: Tensor
+    hi: Tensor
+    primitive_lo: Tensor
+    primitive_hi: Tensor
+    level: Tensor
+    sums: Tensor
+    change: Tensor
+    summed_change: Tensor
+
+    def __getitem__(self, rows: Tensor | slice) -> _Panels:
+        return _Panels(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    def replace(self, rows: Tensor, panels: _Panels) -> None:
+        for f in fields(self):
+            getattr(self, f.name)[rows] = getattr(panels, f.name)
+
+    def append(self, panels: _Panels) -> None:
+        for f in fields(self):
+            setattr(self, f.name, torch.cat([getattr(self, f.name), getattr(panels, f.name)]))
+
+
 def _integrate_nested(
     weighted_sum: WeightedSum,
     primitive: Primitive,
@@ -273,35 +306,38 @@ def _integrate_nested(
         difference = sums[rows, upper - offset] - sums[rows, upper - 1 - offset]
         return difference.flatten(1).norm(dim=-1), difference.sum(1)
 
+    def first_level(item: Tensor, lo: Tensor, hi: Tensor, primitive_lo: Tensor, primitive_hi: Tensor,
+                    fresh: Tensor) -> _Panels:
+        """New panels at the first level, from the sums ``fresh`` over all their nodes."""
+        level = torch.full_like(item, FIRST_LEVEL)
+        return _Panels(item, lo, hi, primitive_lo, primitive_hi, level, fresh[:, FIRST_LEVEL:], *change_between(fresh, level))
+
     edges = torch.tensor([0.0, *breakpoints, 1.0], dtype=torch.float64, device=device)
     n_first = len(edges) - 1
-    local = torch.arange(n_inputs, device=device)
     at_edges = start[:, None].repeat(1, n_first + 1, 1)
     at_edges[:, -1] = end
     if n_first > 1:
         inner = primitive(inputs.repeat_interleave(n_first - 1), edges[1:-1].repeat(n_inputs))
         at_edges[:, 1:-1] = inner.reshape(n_inputs, n_first - 1, -1).to(start.dtype)
-    item = local.repeat_interleave(n_first)
-    lo, hi = edges[:-1].repeat(n_inputs), edges[1:].repeat(n_inputs)
-    primitive_lo, primitive_hi = at_edges[:, :-1].flatten(0, 1), at_edges[:, 1:].flatten(0, 1)
-    level = torch.full_like(item, FIRST_LEVEL)
-    fresh = evaluate(item, lo, hi, torch.full_like(item, -1), level)
-    change, summed_change = change_between(fresh, level)
-    sums = fresh[:, FIRST_LEVEL:]  # (P, STORED_LEVELS, S, E): the rule the panel is at, and those it may climb to
+    item, lo, hi = torch.arange(n_inputs, device=device).repeat_interleave(n_first), edges[:-1].repeat(n_inputs), edges[1:].repeat(n_inputs)
+    fresh = evaluate(item, lo, hi, torch.full_like(item, -1), torch.full_like(item, FIRST_LEVEL))
+    panels = first_level(item, lo, hi, at_edges[:, :-1].flatten(0, 1).clone(),
+                        at_edges[:, 1:].flatten(0, 1).clone(), fresh)  # no views: a panel's end is the next one's start
     n_nodes = torch.full((n_inputs,), n_first * PATTERSON_SIZES[FIRST_LEVEL], device=device)
     n_endpoints = torch.full((n_inputs,), n_first - 1, device=device)
     allowed = tolerance * (end - start).norm(dim=-1)
-    eps = torch.finfo(sums.dtype).eps
+    eps = torch.finfo(panels.sums.dtype).eps
     while True:
-        rows = torch.arange(len(item), device=device)
-        current = sums[rows, level - FIRST_LEVEL]
-        residual_vector = current.sum(1) - (primitive_hi - primitive_lo).to(sums.dtype)
+        item, level = panels.item, panels.level
+        rows = torch.arange(len(panels), device=device)
+        current = panels.sums[rows, level - FIRST_LEVEL]
+        residual_vector = current.sum(1) - (panels.primitive_hi - panels.primitive_lo).to(current.dtype)
         residual = residual_vector.norm(dim=-1)
         error = torch.zeros_like(start).index_add_(0, item, residual_vector.to(start.dtype)).norm(dim=-1)
         values = torch.zeros((n_inputs, *current.shape[1:]), dtype=current.dtype, device=device).index_add_(0, item, current)
         # the sum's error at the rule before the last, exactly: the last rule's minus the change between them
-        previous_residual = (residual_vector - summed_change.to(residual_vector.dtype)).norm(dim=-1)
-        map_error = _map_error(change, residual, previous_residual, level)
+        previous_residual = (residual_vector - panels.summed_change.to(residual_vector.dtype)).norm(dim=-1)
+        map_error = _map_error(panels.change, residual, previous_residual, level)
         values_norm = values.flatten(1).norm(dim=-1).double()
         # below the rounding of the accumulated values no error can be certified
         input_map_error = ROUNDING_FLOOR * eps * values_norm
@@ -310,7 +346,7 @@ def _integrate_nested(
         is_open = (error > allowed) | (input_map_error > map_allowed)
         is_open &= torch.isfinite(error)  # a non-finite integrand cannot be repaired by refining
         # refining cannot help a panel whose residual and map error are down at the rounding of what they measure
-        rounding = ROUNDING_FLOOR * eps * (primitive_lo.norm(dim=-1) + primitive_hi.norm(dim=-1)).to(residual.dtype)
+        rounding = ROUNDING_FLOOR * eps * (panels.primitive_lo.norm(dim=-1) + panels.primitive_hi.norm(dim=-1)).to(residual.dtype)
         map_rounding = ROUNDING_FLOOR * eps * current.flatten(1).norm(dim=-1)
         is_improvable = (residual > rounding) | (map_error > map_rounding)
         cost = torch.where(level < TOP_LEVEL, sizes[(level + 1).clamp(max=TOP_LEVEL)] - sizes[level], BISECTION_NODES)
@@ -325,43 +361,31 @@ def _integrate_nested(
         first = torch.full((n_inputs,), len(item), device=device).scatter_reduce(0, item[is_best], rows[is_best], "amin")
         chosen = first[first < len(item)]
         n_nodes.index_add_(0, item[chosen], cost[chosen])
-        extended = chosen[level[chosen] < TOP_LEVEL]
-        halved = chosen[level[chosen] == TOP_LEVEL]
 
-        middle = (lo[halved] + hi[halved]) / 2
-        primitive_middle = primitive(inputs[item[halved]], middle).to(primitive_lo.dtype) if len(halved) else primitive_lo[:0]
-        n_endpoints.index_add_(0, item[halved], torch.ones_like(halved))
-        child_item = torch.cat([item[halved], item[halved]])
-        child_lo, child_hi = torch.cat([lo[halved], middle]), torch.cat([middle, hi[halved]])
+        extended, halved = chosen[level[chosen] < TOP_LEVEL], chosen[level[chosen] == TOP_LEVEL]
+        # a panel below the top rule climbs one level (only the new level's nodes are evaluated); one at the top rule
+        # is halved. Both in one call: the model sees one batch per round
+        grown, parent = panels[extended], panels[halved]
+        middle = (parent.lo + parent.hi) / 2
+        primitive_middle = primitive(inputs[parent.item], middle).to(parent.primitive_lo.dtype) if len(halved) else parent.primitive_lo
+        n_endpoints.index_add_(0, parent.item, torch.ones_like(halved))
+        child_item, child_lo, child_hi = torch.cat([parent.item, parent.item]), torch.cat([parent.lo, middle]), torch.cat([middle, parent.hi])
         new = evaluate(
-            torch.cat([item[extended], child_item]),
-            torch.cat([lo[extended], child_lo]),
-            torch.cat([hi[extended], child_hi]),
-            torch.cat([level[extended], torch.full_like(child_item, -1)]),
-            torch.cat([level[extended] + 1, torch.full_like(child_item, FIRST_LEVEL)]),
+            torch.cat([grown.item, child_item]),
+            torch.cat([grown.lo, child_lo]),
+            torch.cat([grown.hi, child_hi]),
+            torch.cat([grown.level, torch.full_like(child_item, -1)]),
+            torch.cat([grown.level + 1, torch.full_like(child_item, FIRST_LEVEL)]),
         )
-        n_extended = len(extended)
-        level[extended] += 1
-        sums[extended] += new[:n_extended, FIRST_LEVEL:]
-        change[extended], summed_change[extended] = change_between(sums[extended], level[extended])
-        children = new[n_extended:]
-        child_change, child_summed_change = change_between(children, torch.full_like(child_item, FIRST_LEVEL))
+        grown.level += 1
+        grown.sums += new[: len(grown), FIRST_LEVEL:]
+        grown.change, grown.summed_change = change_between(grown.sums, grown.level)
+        panels.replace(extended, grown)
         # the left half takes its parent's place, the right half goes to the end: an input's panels keep their order
-        n_halved = len(halved)
-        left, right = slice(0, n_halved), slice(n_halved, 2 * n_halved)
-        hi[halved], primitive_hi_parent = middle, primitive_hi[halved]
-        primitive_hi[halved] = primitive_middle
-        level[halved] = FIRST_LEVEL
-        sums[halved] = children[left, FIRST_LEVEL:]
-        change[halved], summed_change[halved] = child_change[left], child_summed_change[left]
-        item = torch.cat([item, item[halved]])
-        lo, hi = torch.cat([lo, middle]), torch.cat([hi, child_hi[right]])
-        primitive_lo = torch.cat([primitive_lo, primitive_middle])
-        primitive_hi = torch.cat([primitive_hi, primitive_hi_parent])
-        level = torch.cat([level, torch.full((n_halved,), FIRST_LEVEL, device=device)])
-        sums = torch.cat([sums, children[right, FIRST_LEVEL:]])
-        change = torch.cat([change, child_change[right]])
-        summed_change = torch.cat([summed_change, child_summed_change[right]])
+        halves = first_level(child_item, child_lo, child_hi, torch.cat([parent.primitive_lo, primitive_middle]),
+                             torch.cat([primitive_middle, parent.primitive_hi]), new[len(grown) :])
+        panels.replace(halved, halves[: len(halved)])
+        panels.append(halves[len(halved) :])
 
 
 def _map_error(change: Tensor, residual: Tensor, previous_residual: Tensor, level: Tensor) -> Tensor:
