@@ -266,6 +266,21 @@ class _Panels:
             setattr(self, f.name, torch.cat([getattr(self, f.name), getattr(panels, f.name)]))
 
 
+def _rule_change(sums: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """The Frobenius norm ``(K,)`` of (rule ``upper``) - (rule ``upper - 1``) per panel, and that difference summed
+    over positions ``(K, E)``; ``sums[:, k]`` holds rule ``k + offset``."""
+    rows = torch.arange(len(sums), device=sums.device)
+    offset = len(PATTERSON_SIZES) - sums.shape[1]
+    difference = sums[rows, upper - offset] - sums[rows, upper - 1 - offset]
+    return difference.flatten(1).norm(dim=-1), difference.sum(1)
+
+
+def _first_level(item: Tensor, lo: Tensor, hi: Tensor, primitive_lo: Tensor, primitive_hi: Tensor, fresh: Tensor) -> _Panels:
+    """New panels at the first level, from the sums ``fresh`` over all their nodes."""
+    level = torch.full_like(item, FIRST_LEVEL)
+    return _Panels(item, lo, hi, primitive_lo, primitive_hi, level, fresh[:, FIRST_LEVEL:], *_rule_change(fresh, level))
+
+
 def _integrate_nested(
     weighted_sum: WeightedSum,
     primitive: Primitive,
@@ -298,20 +313,6 @@ def _integrate_nested(
             inputs[panel_item[panel]], lo[panel] + width * rule_nodes[node], width[:, None] * rule_weights[node], panel, len(lo)
         )
 
-    def change_between(sums: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-        """The Frobenius norm ``(K,)`` of (rule ``upper``) - (rule ``upper - 1``) per panel, and that difference
-        summed over positions ``(K, E)``; ``sums[:, k]`` holds rule ``k + offset``."""
-        rows = torch.arange(len(sums), device=device)
-        offset = len(PATTERSON_SIZES) - sums.shape[1]
-        difference = sums[rows, upper - offset] - sums[rows, upper - 1 - offset]
-        return difference.flatten(1).norm(dim=-1), difference.sum(1)
-
-    def first_level(item: Tensor, lo: Tensor, hi: Tensor, primitive_lo: Tensor, primitive_hi: Tensor,
-                    fresh: Tensor) -> _Panels:
-        """New panels at the first level, from the sums ``fresh`` over all their nodes."""
-        level = torch.full_like(item, FIRST_LEVEL)
-        return _Panels(item, lo, hi, primitive_lo, primitive_hi, level, fresh[:, FIRST_LEVEL:], *change_between(fresh, level))
-
     edges = torch.tensor([0.0, *breakpoints, 1.0], dtype=torch.float64, device=device)
     n_first = len(edges) - 1
     at_edges = start[:, None].repeat(1, n_first + 1, 1)
@@ -321,7 +322,7 @@ def _integrate_nested(
         at_edges[:, 1:-1] = inner.reshape(n_inputs, n_first - 1, -1).to(start.dtype)
     item, lo, hi = torch.arange(n_inputs, device=device).repeat_interleave(n_first), edges[:-1].repeat(n_inputs), edges[1:].repeat(n_inputs)
     fresh = evaluate(item, lo, hi, torch.full_like(item, -1), torch.full_like(item, FIRST_LEVEL))
-    panels = first_level(item, lo, hi, at_edges[:, :-1].flatten(0, 1).clone(),
+    panels = _first_level(item, lo, hi, at_edges[:, :-1].flatten(0, 1).clone(),
                         at_edges[:, 1:].flatten(0, 1).clone(), fresh)  # no views: a panel's end is the next one's start
     n_nodes = torch.full((n_inputs,), n_first * PATTERSON_SIZES[FIRST_LEVEL], device=device)
     n_endpoints = torch.full((n_inputs,), n_first - 1, device=device)
@@ -379,10 +380,10 @@ def _integrate_nested(
         )
         grown.level += 1
         grown.sums += new[: len(grown), FIRST_LEVEL:]
-        grown.change, grown.summed_change = change_between(grown.sums, grown.level)
+        grown.change, grown.summed_change = _rule_change(grown.sums, grown.level)
         panels.replace(extended, grown)
         # the left half takes its parent's place, the right half goes to the end: an input's panels keep their order
-        halves = first_level(child_item, child_lo, child_hi, torch.cat([parent.primitive_lo, primitive_middle]),
+        halves = _first_level(child_item, child_lo, child_hi, torch.cat([parent.primitive_lo, primitive_middle]),
                              torch.cat([primitive_middle, parent.primitive_hi]), new[len(grown) :])
         panels.replace(halved, halves[: len(halved)])
         panels.append(halves[len(halved) :])
