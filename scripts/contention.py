@@ -1,9 +1,11 @@
 """Wall and CPU time of attribute, evaluate --baselines and calibrate, idle and beside busy processes.
 
     python scripts/contention.py [--busy 4] [--repeats 1] [--modes before,after] [--commands attribute,evaluate,calibrate]
+    python scripts/contention.py --modes after --commands test,test-fast --limit-s 3600
 
 Each command runs as its own ``python -m xclip`` process on the shipped demo: attribute of configs/demo.yaml,
-evaluate --baselines all on its first 40 pairs (--limit 40), calibrate --inputs 4. Every command is timed idle and
+evaluate --baselines all on its first 40 pairs (--limit 40), calibrate --inputs 4; ``test`` and ``test-fast`` run
+the test suite as ``make test`` and ``make test-fast`` do. Every command is timed idle and
 then beside ``--busy`` processes that loop in pure Python (a shared node); they are stopped when it ends. CPU time
 is the process's user + system time from wait4; ``runnable`` is the mean of /proc/stat's procs_running while the
 command ran (this script and the command included: about 2 idle, busy + 2 loaded), so that other work sharing
@@ -71,6 +73,9 @@ def commands(folder: Path, run_dir: Path, tag: str) -> dict[str, list[str]]:
                      "--out", str(folder / f"evaluate-{tag}"), "-q"],
         "calibrate": [*xclip, "calibrate", str(DEMO_CONFIG), "--inputs", "4",
                       "--output", str(folder / f"layout-{tag}.json"), "-q"],
+        # the test suite as `make test` and `make test-fast` run it (give --limit-s room: about 8 and 2 minutes idle)
+        "test": [sys.executable, "-m", "pytest", "-q"],
+        "test-fast": [sys.executable, "-m", "pytest", "-q", "-m", "not slow"],
     }
 
 

@@ -175,7 +175,7 @@ def test_a_result_carries_its_tokens_and_geometry_through_save_and_load(tmp_path
     tokens = pair.caption_tokens
     assert [w.text for w in tokens.words()] == ["a", "red", "circle", ",", "zebra"] and tokens.unknown_words() == ["zebra"]
     rows = [r for r, (a, b) in enumerate(tokens.offsets) if a >= 2 and b <= 12 and b > a]  # "red circle"
-    assert torch_equal(pair.span("red circle"), pair.interaction_map[rows].sum(0))
+    assert torch_equal(pair.span("red circle"), pair.patch_maps[rows].sum(0))
     box = (10.0, 5.0, 40.0, 20.0)  # straddles the crop's left edge at x = 16
     weights = pair.geometry.box_coverage(box)
     assert 0 < weights[weights > 0].min() < 1 and (weights > 0).sum() >= 2  # some patches only in part

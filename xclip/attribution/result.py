@@ -146,7 +146,7 @@ class InteractionMap(PairNumbers):
         if self.caption_tokens is None or self.grid is None:
             msg = "span() needs a caption-image map (caption first, image second)"
             raise ValueError(msg)
-        return self.interaction_map[self.caption_tokens.span_rows(span)].sum(0)
+        return self.patch_maps[self.caption_tokens.span_rows(span)].sum(0)
 
     def box(self, box: tuple[float, float, float, float]) -> Tensor:
         """``(S_t,)``: each caption position's interaction with the patches of a box in original-image pixels,
@@ -251,15 +251,16 @@ class InteractionMap(PairNumbers):
         )
 
     @property
-    def interaction_map(self) -> Tensor:
-        """``(S_t, H, W)`` for a caption-image pair (prefix columns dropped), else ``interactions``."""
+    def patch_maps(self) -> Tensor:
+        """``(S_t, H, W)``: each caption token's map over the image's patch grid (prefix columns dropped) for a
+        caption-image pair, else ``interactions``."""
         if self.grid is None:
             return self.interactions
         return self.interactions[:, self.n_prefix :].reshape(self.interactions.shape[0], *self.grid)
 
     @property
     def prefix_interactions(self) -> Tensor:
-        """``(S_t, n_prefix)``: interactions with the CLS/prefix positions left out of ``interaction_map``."""
+        """``(S_t, n_prefix)``: interactions with the CLS/prefix positions left out of ``patch_maps``."""
         return self.interactions[:, : self.n_prefix]
 
 
