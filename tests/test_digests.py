@@ -16,7 +16,7 @@ from xclip.config import load_config
 from xclip.disk.digests import file_identity, has_changed
 from xclip.errors import ConfigError, StoreError
 from xclip.run.runner import run
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
 
 def test_a_file_changes_with_its_content_not_its_time(tmp_path):

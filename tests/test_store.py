@@ -11,18 +11,23 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
-from helpers import expect, invoke, jsonl_folder, write_config
+from faults import KillingFile, writers_through
+from helpers import expect, invoke, jsonl_folder, write_config, write_pipeline_config
 
 from xclip.config import load_config
 from xclip.errors import StoreError
 from xclip.run.runner import run
 from xclip.disk.locking import EXCLUSIVE_LOCK_FILE, LOCK_FILE, writer_lock
-from xclip.store.runfile import DONE, PENDING
+from xclip.store import schema
+from xclip.store.schema import DONE, PENDING
+
+FAULTS = Path(__file__).resolve().parent / "faults.py"  # runs the command line with fault injection
 
 
 # --- the writer lock -----------------------------------------------------------------------------------------------
@@ -318,7 +323,7 @@ def test_without_file_locks_an_exclusive_record_is_the_lock(tmp_path, monkeypatc
 def test_a_run_is_read_by_xclip_and_plain_h5py_at_once_in_one_process(shards):
     # HDF5 refuses a second open of a file in one process with other locking flags ("file locking flag values
     # don't match"): xclip's readers open as plain h5py does, so a notebook can hold both, in either order
-    from xclip.store.runfile import RunReader
+    from xclip.store.reader import RunReader
 
     run_file = shards / "shard-00000-of-00002" / "run.h5"
     with RunReader(run_file.parent) as run, h5py.File(run_file, "r") as plain:
@@ -444,20 +449,21 @@ def _assert_same_results(run_file, reference) -> None:
 def _writes_of_a_run(config) -> int:
     """How many writes an uninterrupted run makes to run.h5 after creating it (counted through the same file
     object the fault injection uses)."""
-    from xclip.store import runfile as store
+    opened: list[KillingFile] = []
 
-    count = {"writes": 0}
-    original = store._KillingFile.write
-
-    def counting(self, data):
-        count["writes"] += 1
-        return original(self, data)
+    def counted(path) -> KillingFile:
+        opened.append(KillingFile(path))
+        return opened[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XCLIP_TEST_KILL_AT_WRITE", str(10**9))
-        patch.setattr(store._KillingFile, "write", counting)
+        patch.setattr(h5py, "File", writers_through(counted))
         assert invoke("attribute", config, "-q")[0] == 0
-    return count["writes"]
+    return sum(file.n_writes for file in opened)
+
+
+def _killed_at_write(point: int, config) -> list[str]:
+    """The command that runs ``xclip attribute config`` killed with SIGKILL inside its ``point``-th write to run.h5."""
+    return [sys.executable, str(FAULTS), str(point), "attribute", str(config), "-q"]
 
 
 def _killed_runs(configs_and_points, parallel: int = 4) -> None:
@@ -467,9 +473,8 @@ def _killed_runs(configs_and_points, parallel: int = 4) -> None:
     while pending or running:
         while pending and len(running) < parallel:
             config, point = pending.pop(0)
-            env = {**os.environ, "XCLIP_TEST_KILL_AT_WRITE": str(point)}
-            command = [sys.executable, "-m", "xclip", "attribute", str(config), "-q"]
-            running.append((subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), point))
+            command = _killed_at_write(point, config)
+            running.append((subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), point))
         process, point = running.pop(0)
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == -9, f"write {point}: exit {process.returncode}: {stderr.decode()[-2000:]}"
@@ -502,8 +507,7 @@ def test_runs_killed_again_and_again_end_equal(tmp_path, model_dirs):
     config = _project(tmp_path / "chain", model_dirs)
     kills = 0
     for point in (7, 13, 29, 41, 53, 67):  # each rerun killed too, at another write, until one finishes
-        env = {**os.environ, "XCLIP_TEST_KILL_AT_WRITE": str(point)}
-        result = subprocess.run([sys.executable, "-m", "xclip", "attribute", str(config), "-q"], env=env, capture_output=True, timeout=300)
+        result = subprocess.run(_killed_at_write(point, config), capture_output=True, timeout=300)
         assert result.returncode in (-9, 0), result.stderr.decode()[-2000:]
         if result.returncode == 0:
             break
@@ -561,7 +565,7 @@ def fail_at_call(function, n: int, error: Callable[[], BaseException], then: Cal
 def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how):
     import errno
 
-    from xclip.store import runfile as store
+    from xclip.store import create
 
     assert invoke("attribute", config, "-q", "output.directory=reference")[0] == 0  # a clean run of the same data
     disk_usage = shutil.disk_usage
@@ -570,9 +574,9 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how
     if how == "ENOSPC reserving":
         monkeypatch.setattr(os, "posix_fallocate", no_space)
     elif how == "ENOSPC creating":  # HDF5 passes the system's error on
-        monkeypatch.setattr(store, "_fixed", fail_at_call(store._fixed, 10, lambda: OSError(errno.ENOSPC, "Unable to create dataset (file write failed)")))
+        monkeypatch.setattr(create, "fixed_dataset", fail_at_call(create.fixed_dataset, 10, lambda: OSError(errno.ENOSPC, "Unable to create dataset (file write failed)")))
     elif how == "HDF5 error on a full disk":  # or says something else, without an errno
-        monkeypatch.setattr(store, "_fixed", fail_at_call(store._fixed, 10, lambda: RuntimeError("Unable to create dataset (bad global heap)"), lambda: is_full.update(now=True)))
+        monkeypatch.setattr(create, "fixed_dataset", fail_at_call(create.fixed_dataset, 10, lambda: RuntimeError("Unable to create dataset (bad global heap)"), lambda: is_full.update(now=True)))
     expect(["attribute", config], 1, FULL_DISK.format(target=".*run/run.h5", advice="free space, or choose another output.directory, then rerun"))
     assert not (tmp_path / "run").exists()  # no run.h5.tmp, no lock record: the directory the run made is gone
     monkeypatch.undo()  # space freed
@@ -581,7 +585,9 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, config, monkeypatch, how
 
 
 def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
-    from xclip.store.runfile import _estimated_size, create_run_file
+    from xclip.store.create import create_run_file
+    from xclip.store.schema import RunInputs, Sizes
+    from xclip.store.space import declared_bytes, estimated_size
 
     for n, maps, precision in ((1, False, "float32"), (40, True, "float16"), (300, True, "float64")):
         arguments = dict(
@@ -591,11 +597,90 @@ def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
         )
         path = tmp_path / f"{n}.h5"
         create_run_file(path, **arguments)
-        size, estimate = path.stat().st_size, _estimated_size(arguments)
-        assert size <= estimate <= 1.2 * size + 1.5e6 + 1024 * 3 * n
+        inputs = RunInputs(arguments["captions"], arguments["images"], np.array(arguments["pairs"]), arguments["rejected_records"])
+        sizes = Sizes(77, 50, 64)
+        with h5py.File(path, "r") as f:  # the declared columns are exactly the fixed-size datasets HDF5 allocated
+            allocated = []
+            f.visititems(lambda name, obj: allocated.append(obj.id.get_storage_size()) if isinstance(obj, h5py.Dataset) and obj.dtype.kind != "O" else None)
+        assert declared_bytes(inputs, sizes, precision, maps) == sum(allocated)
+        size, estimate = path.stat().st_size, estimated_size(inputs, sizes, precision, maps)
+        assert size <= estimate <= 1.2 * size + 1.5e6
         with pytest.raises(FileExistsError):  # mode w-: an existing file is refused, and left alone
             create_run_file(path, **arguments)
         assert path.stat().st_size == size
+
+
+# --- the schema: each column declared once -------------------------------------------------------------------------
+def _declared(*, with_maps: bool, given: bool | None = None) -> set[str]:
+    """Paths of the declared datasets of a run with or without pair maps (only those ``given`` at creation, or
+    only the others)."""
+    return {column.name if group == schema.ROOT else f"{group}/{column.name}"
+            for group in (*schema.GROUPS, schema.ROOT) for column in schema.columns(group, with_maps=with_maps)
+            if given is None or given == (column.given is not None)}
+
+
+@pytest.mark.parametrize("maps", ["store", "none"])
+def test_a_run_file_holds_the_declared_columns_and_a_run_writes_them(tmp_path, config, monkeypatch, maps):
+    written = set()
+    setitem = h5py.Dataset.__setitem__
+
+    def recording(dataset, selection, value):
+        written.add(dataset.name.lstrip("/"))
+        return setitem(dataset, selection, value)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", recording)
+    assert run(load_config(config, [f"output.pair_maps={maps}"])).n_done == 3
+    held = set()
+    with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
+        f.visititems(lambda name, obj: held.add(name) if isinstance(obj, h5py.Dataset) else None)
+    declared = _declared(with_maps=maps == "store")
+    assert held - declared == set(), "datasets no column declares"
+    assert declared - held == set(), "declared columns the file lacks"
+    assert _declared(with_maps=maps == "store", given=False) - written == set(), "declared columns a run never writes"
+    assert written & _declared(with_maps=True, given=True) == set(), "columns given at creation, written again during a run"
+
+
+@pytest.mark.parametrize("maps", ["store", "none"])
+def test_a_stored_pair_is_the_map_the_api_gives(tmp_path, config, model_dirs, maps):
+    import torch
+
+    import xclip
+    from xclip.attribution.result import InteractionMap
+    from xclip.errors import ConfigError
+    from xclip.store.reader import RunReader
+
+    # the records of the config fixture, as a float64 run of every caption with every image
+    every_pair = write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"], pairing={"mode": "all"},
+                                       output={"directory": "run", "pair_maps": maps})
+    assert run(load_config(every_pair)).n_done == 6
+    with RunReader(tmp_path / "run") as stored:
+        pairs = [stored.pair_inputs(p) for p in range(6)]
+        images = [tmp_path / "images" / path for path in stored.image_paths()]
+        model = xclip.load_model(model_dirs["clip"], device="cpu", dtype="float64")
+        expected = xclip.InteractionAttribution(model, n_steps=6).attribute(stored.captions(), images, pairs=pairs)
+        for index, api in enumerate(expected):
+            pair = stored.pair(index)
+            assert (pair.caption_index, pair.image_index) == (api.caption_index, api.image_index) == pairs[index]
+            assert Path(pair.image).resolve() == Path(api.image).resolve()
+            for name in ("row_labels", "column_labels", "grid", "n_prefix", "logit_scale", "caption_tokens", "geometry",
+                         "is_caption_truncated", "caption"):
+                assert getattr(pair, name) == getattr(api, name), name
+            assert pair.interactions.dtype == pair.terms.dtype == torch.float64  # a float64 run: as exact as the API
+            torch.testing.assert_close(pair.interactions, api.interactions, rtol=0, atol=1e-13)
+            torch.testing.assert_close(pair.terms, api.terms, rtol=0, atol=1e-13)
+            for name in ("score", "four_term_value", "completeness_error", "completeness_bound", "score_scale",
+                         "map_error_bound", "relative_completeness_error"):
+                np.testing.assert_allclose(getattr(pair, name), getattr(api, name), rtol=1e-12, atol=1e-13, err_msg=name)
+        drawn = stored.pair(0).plot(stored.pair(0).image)
+        assert drawn.picture.size[0] > 0
+        saved = InteractionMap.load(stored.pair(5).save(tmp_path / "pair5.npz"))
+        assert torch.equal(saved.interactions, stored.pair(5).interactions) and saved.caption_index == pairs[5][0]
+        with pytest.raises(ConfigError, match=r"pair 6 of .*run.h5 is not one of its pairs"):
+            stored.pair(6)
+    with h5py.File(tmp_path / "run" / "run.h5", "r+") as f:
+        f["pairs/status"][2] = PENDING
+    with RunReader(tmp_path / "run") as stored, pytest.raises(ConfigError, match=r"pair 2 of .*run.h5 is pending"):
+        stored.pair(2)
 
 
 @pytest.mark.slow  # two shards and merges
@@ -652,7 +737,7 @@ def test_the_run_file_is_synced_before_and_after_its_rename(tmp_path, config, mo
 
 
 def test_the_merged_file_is_synced_before_and_after_its_rename(shards, monkeypatch):
-    from xclip.store.runfile import merge_shards
+    from xclip.store.merge import merge_shards
 
     events = fsyncs_and_renames(monkeypatch)
     merge_shards(shards)
@@ -732,7 +817,7 @@ def test_a_figure_that_fails_while_written_never_lies_half_written_under_its_nam
     before = {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()}
     monkeypatch.setattr(Image.Image, "save", half_then(lambda: RuntimeError("the encoder broke")))
     with pytest.raises(RuntimeError, match="the encoder broke"):
-        from xclip.show.figures import render_run
+        from xclip.show.render import render_run
 
         render_run(run_dir)
     assert {p.name: p.read_bytes() for p in (run_dir / "heatmaps").iterdir()} == before  # the old figures, whole
@@ -757,7 +842,7 @@ def test_a_render_killed_while_writing_a_figure_leaves_no_half_figure(tmp_path, 
         "        stream.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "Image.Image.save = half\n"
-        "from xclip.show.figures import render_run\n"
+        "from xclip.show.render import render_run\n"
         "render_run(sys.argv[1])\n"
     )
     process = subprocess.run([sys.executable, "-c", killed, str(run_dir)], capture_output=True, timeout=300)
@@ -775,7 +860,7 @@ def test_runs_without_stored_maps_read_the_same(tmp_path):
     from helpers import DEMO_MODEL, DEMO_SCENES
     from PIL import Image
 
-    from xclip.store.runfile import RunReader
+    from xclip.store.reader import RunReader
 
     images = tmp_path / "images"
     images.mkdir()
@@ -842,7 +927,7 @@ def test_float16_storage_halves_the_arrays_and_keeps_the_maps(tmp_path, config):
     with h5py.File(tmp_path / "half" / "run.h5", "r") as f:
         assert f["captions/contributions"].dtype == f["pairs/interactions"].dtype == np.float16
         assert f["captions/embedding"].dtype == f["pairs/score"].dtype == np.float32  # numbers stay float32
-    from xclip.store.runfile import RunReader
+    from xclip.store.reader import RunReader
 
     with RunReader(tmp_path / "full") as full, RunReader(tmp_path / "half") as half:
         np.testing.assert_array_equal(full.column("pairs", "score"), half.column("pairs", "score"))
@@ -879,7 +964,8 @@ def _named_pairs(run_file) -> list[tuple[str, str]]:
 def test_a_failed_background_write_surfaces_and_keeps_the_batches_before_it(tmp_path, model_dirs, monkeypatch):
     import errno
 
-    from xclip.store.runfile import RunReader, RunWriter
+    from xclip.store.reader import RunReader
+    from xclip.store.writer import RunWriter
 
     config = _project(tmp_path, model_dirs)  # one image per batch: each batch written in the background
     write_images, calls = RunWriter.write_images, []
@@ -902,7 +988,8 @@ def test_a_failed_background_write_surfaces_and_keeps_the_batches_before_it(tmp_
 
 @pytest.mark.parametrize(("precision", "maps"), [("float32", False), ("float32", True), ("float16", True)])
 def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps):
-    from xclip.store.runfile import RunReader, create_run_file
+    from xclip.store.create import create_run_file
+    from xclip.store.reader import RunReader
 
     L, S, E = 5, 3, 4  # noqa: N806  (text positions, image positions, embedding size)
     create_run_file(
@@ -924,7 +1011,9 @@ def test_bytes_per_item_counts_every_row_of_the_layout(tmp_path, precision, maps
 
 
 def test_values_and_finished_columns_read_rows_as_asked(tmp_path):
-    from xclip.store.runfile import FAILED, RunReader, create_run_file
+    from xclip.store.create import create_run_file
+    from xclip.store.reader import RunReader
+    from xclip.store.schema import FAILED
 
     create_run_file(
         tmp_path / "run.h5", attributes={"config": {}}, captions=["a", "b", "c"], images=["x.png"],

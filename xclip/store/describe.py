@@ -32,7 +32,7 @@ from xclip.store.schema import (
 from xclip.core.geometry import seen_shares
 from xclip.attribution.inputs_read import CaptionRead, ImageRead, caption_read, image_read
 from xclip.attribution.result import INEXACT_PAIR_FACTOR, is_inexact_pair
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
 DONE, FAILED = Status.DONE, Status.FAILED
 
