@@ -10,24 +10,22 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from xclip.core.rules import (
-    DEFAULT_MAX_STEPS,
-    DEFAULT_TOLERANCE,
-    MAX_FIXED_NODES,
-    MAX_NODES,
+    DEFAULT_INTERNAL_BATCH_SIZE,
+    DEFAULT_SETTINGS,
     MAX_SEED,
-    MIN_ADAPTIVE_STEPS,
+    AttributionSettings,
     Convention,
     ImageReference,
     Mode,
     Rule,
-    check_quadrature,
 )
 from xclip.disk.digests import Verify
-from xclip.errors import ConfigError
+from xclip.errors import ConfigError, ModelFamilyError
 from xclip.core.geometry import ImageResize
-from xclip.models.names import OPEN_CLIP_CONFIG, Dtype, is_open_clip_name, looks_like_path, shipped_model
+from xclip.models.names import Dtype, resolve_model_name
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near this size is not one
 # a run config is sections of keys (2 levels) with short lists of text; PyYAML's scanner slows quadratically with
@@ -35,6 +33,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a run config is a few dozen lines; anything near t
 # in a RecursionError: nesting is refused past this depth while the YAML is read as a stream of events
 MAX_NESTING_DEPTH = 32
 _SHOWN_INPUT_CHARS = 120  # an offending value is quoted in the message up to this length
+# the type of a validation error raised by a section's own check (AttributionSettings'), which names the key at fault
+_SETTING_ERROR = "setting"
 
 
 class _Section(BaseModel):
@@ -51,30 +51,37 @@ class ModelConfig(_Section):
 
 
 class AttributionConfig(_Section):
-    """The settings of :class:`xclip.InteractionAttribution`, under the same names."""
+    """The settings of :class:`xclip.InteractionAttribution`, under the same names: :attr:`settings` is the
+    object the engine takes, and ``panel_layout`` says where its first panels come from. Defaults are the
+    :class:`~xclip.core.rules.AttributionSettings` ones; the fields give the types YAML is read into, and the
+    settings object checks the values (one check for the API and the config)."""
 
-    text_layer: int = Field(-1, strict=True)
-    image_layer: int = Field(-1, strict=True)
-    tolerance: float | None = Field(DEFAULT_TOLERANCE, gt=0, lt=1, description="relative completeness error each input must reach")
-    max_steps: int = Field(DEFAULT_MAX_STEPS, ge=MIN_ADAPTIVE_STEPS, le=MAX_NODES, strict=True, description="most integrand evaluations the adaptive rule spends on an input")
-    n_steps: int | None = Field(None, ge=1, le=MAX_FIXED_NODES, strict=True, description="a fixed rule of this many nodes instead of adapting")
-    rule: Rule = "gauss-legendre"
-    convention: Convention = "exact"
-    text_filler: int | None = Field(None, ge=0, strict=True)
-    image_reference: ImageReference = "zeros"
-    reference_seed: int = Field(0, ge=0, le=MAX_SEED, strict=True)
-    blur_radius: float = Field(16.0, gt=0, allow_inf_nan=False)
-    scale_by_logit: bool = Field(False, strict=True)
-    mode: Mode = "auto"
+    text_layer: int = Field(DEFAULT_SETTINGS.text_layer, strict=True)
+    image_layer: int = Field(DEFAULT_SETTINGS.image_layer, strict=True)
+    tolerance: float | None = Field(DEFAULT_SETTINGS.tolerance, description="relative completeness error each input must reach")
+    max_steps: int = Field(DEFAULT_SETTINGS.max_steps, strict=True, description="most integrand evaluations the adaptive rule spends on an input")
+    n_steps: int | None = Field(DEFAULT_SETTINGS.n_steps, strict=True, description="a fixed rule of this many nodes instead of adapting")
+    rule: Rule = DEFAULT_SETTINGS.rule
+    convention: Convention = DEFAULT_SETTINGS.convention
+    text_filler: int | None = Field(DEFAULT_SETTINGS.text_filler, strict=True)
+    image_reference: ImageReference = DEFAULT_SETTINGS.image_reference
+    reference_seed: int = Field(DEFAULT_SETTINGS.reference_seed, strict=True)
+    blur_radius: float = DEFAULT_SETTINGS.blur_radius
+    scale_by_logit: bool = Field(DEFAULT_SETTINGS.scale_by_logit, strict=True)
+    mode: Mode = DEFAULT_SETTINGS.mode
     panel_layout: str = Field("auto", description="auto (the model's calibrated layout, else the default), default, or a layout file from xclip calibrate (relative to the config file)")
 
+    @property
+    def settings(self) -> AttributionSettings:
+        """The engine's settings: every field but ``panel_layout``, checked."""
+        return AttributionSettings(**self.model_dump(exclude={"panel_layout"}))
+
     @model_validator(mode="after")
-    def _check_quadrature(self) -> AttributionConfig:
+    def _check_settings(self) -> AttributionConfig:
         try:
-            check_quadrature(n_steps=self.n_steps, tolerance=self.tolerance, max_steps=self.max_steps, rule=self.rule,
-                             convention=self.convention)
+            self.settings  # noqa: B018  (made to be checked)
         except ConfigError as e:
-            raise ValueError(e.naming(f"attribution.{e.setting}")) from None
+            raise PydanticCustomError(_SETTING_ERROR, "{message}", {"setting": e.setting, "message": str(e)}) from None
         return self
 
 
@@ -123,7 +130,7 @@ class OutputConfig(_Section):
 
 class RuntimeConfig(_Section):
     batch_size: int = Field(16, ge=1, strict=True)
-    internal_batch_size: int = Field(64, ge=1, strict=True)
+    internal_batch_size: int = Field(DEFAULT_INTERNAL_BATCH_SIZE, ge=1, strict=True)
     num_workers: int = Field(0, ge=0, strict=True)
     seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="seed of torch's generators (an unsigned 64-bit number)")
     shard_index: int = Field(0, ge=0, strict=True, description="this process's block of the pairs")
@@ -317,27 +324,16 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> ModelConfig:
-    """A local checkpoint named relative to the config file, as an absolute path; an error before any loading
-    when the name can only be a directory and none is there."""
+    """The model name as :func:`~xclip.models.names.resolve_model_name` reads it, a local checkpoint named
+    relative to the config file made absolute; an error before any loading where the loader would refuse it."""
     if model.checkpoint is not None:  # checked by the loader; here made absolute, like every path of a config
         model = model.model_copy(update={"checkpoint": str((base / Path(model.checkpoint).expanduser()).resolve())})
-    if is_open_clip_name(model.name):
-        return model
-    if shipped_model(model.name) is not None:
-        return model
-    local = (base / Path(model.name).expanduser()).resolve()
-    if local.is_dir() and (local / OPEN_CLIP_CONFIG).is_file():
-        return model.model_copy(update={"name": str(local)})
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            msg = f"model.name: {local} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
-            raise ConfigError(msg)
-        return model.model_copy(update={"name": str(local)})
-    if looks_like_path(model.name):
+    try:
+        source = resolve_model_name(model.name, base)
+    except ModelFamilyError as e:  # the loader's refusal, said before loading (a config error) with where the name was looked up
         relative = "" if Path(model.name).expanduser().is_absolute() else f" (model.name is relative to the config file {config_path})"
-        msg = f"no model directory at {local}{relative}"
-        raise ConfigError(msg)
-    return model  # a hub id
+        raise ConfigError(f"{e}{relative}") from None
+    return model.model_copy(update={"name": source.name})
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -382,6 +378,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         problems = []
         for error in e.errors(include_url=False):
             loc = tuple(error["loc"])
+            if error["type"] == _SETTING_ERROR:  # a section's check names the key at fault: point at it
+                loc = (*loc, error["ctx"]["setting"])
             where = ".".join(str(part) for part in loc) or "config"
             override = next((text for keys, text in from_command_line.items() if loc[: len(keys)] == keys), None)
             if override is not None:

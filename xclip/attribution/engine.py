@@ -10,18 +10,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xclip.models.base import (
-    IMAGE_REFERENCES,
-    DualEncoderAdapter,
-    ImageBatch,
-    ImageLike,
+from xclip.models.base import DualEncoderAdapter, ImageBatch, ImageLike, TextBatch, resolve_layer
+from xclip.core.interaction import contributions, four_term_value, four_terms, interactions
+from xclip.core.rules import (
+    DEFAULT_INTERNAL_BATCH_SIZE,
+    DEFAULT_SETTINGS,
+    AttributionSettings,
+    Convention,
     ImageReference,
-    TextBatch,
-    resolve_layer,
+    Mode,
+    Rule,
+    check_whole,
 )
-from xclip.core.interaction import MODES, Mode, contributions, four_term_value, four_terms, interactions
-from xclip.core.rules import CONVENTIONS, MAX_SEED, Convention  # noqa: F401  (re-exported)
-from xclip.core.quadrature import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, PathQuadrature, Rule, check_quadrature
+from xclip.core.quadrature import PathQuadrature
 from xclip.core.transformer import Positions, UpperEncoder, embed_from_hidden
 from xclip.errors import ConfigError, hint_unknown_arguments
 from xclip.attribution.panels import PanelLayout, find_layout, layout_from_file, path_settings, weights_fingerprint
@@ -56,6 +57,9 @@ class InteractionAttribution:
 
     Args:
         model: a family adapter from :func:`xclip.load_model`.
+        settings: the settings below (``text_layer`` to ``mode``) as one
+            :class:`~xclip.core.rules.AttributionSettings` (a run config's ``config.attribution.settings``); give
+            either it or those keyword arguments, not both.
         text_layer, image_layer: block whose input is the cut (default -1: the input of the last block).
         tolerance: the relative completeness error each input must reach. Without ``n_steps`` the quadrature
             refines every caption and image until it does (or ``max_steps`` runs out); an input that misses it
@@ -77,7 +81,8 @@ class InteractionAttribution:
             a layout file from ``xclip calibrate``, or a :class:`~xclip.attribution.panels.PanelLayout`. The layout changes the
             cost, not the guarantee.
 
-    Every setting is checked here (a :class:`~xclip.errors.ConfigError` names a bad one) and fixed afterwards:
+    Every setting is checked here, by :class:`~xclip.core.rules.AttributionSettings` and against the model (a
+    :class:`~xclip.errors.ConfigError` names a bad one), and fixed afterwards:
     assigning to an attribute raises ``AttributeError``, so the maps always match the settings they report.
     Make a new ``InteractionAttribution`` for other settings; the model can be shared.
     """
@@ -87,62 +92,64 @@ class InteractionAttribution:
         self,
         model: DualEncoderAdapter,
         *,
-        text_layer: int = -1,
-        image_layer: int = -1,
-        tolerance: float | None = DEFAULT_TOLERANCE,
-        max_steps: int = DEFAULT_MAX_STEPS,
-        n_steps: int | None = None,
-        rule: Rule = "gauss-legendre",
-        convention: Convention = "exact",
-        text_filler: int | None = None,
-        image_reference: ImageReference = "zeros",
-        reference_seed: int = 0,
-        blur_radius: float = 16.0,
-        scale_by_logit: bool = False,
-        mode: Mode = "auto",
-        internal_batch_size: int = 64,
+        settings: AttributionSettings | None = None,
+        text_layer: int = DEFAULT_SETTINGS.text_layer,
+        image_layer: int = DEFAULT_SETTINGS.image_layer,
+        tolerance: float | None = DEFAULT_SETTINGS.tolerance,
+        max_steps: int = DEFAULT_SETTINGS.max_steps,
+        n_steps: int | None = DEFAULT_SETTINGS.n_steps,
+        rule: Rule = DEFAULT_SETTINGS.rule,
+        convention: Convention = DEFAULT_SETTINGS.convention,
+        text_filler: int | None = DEFAULT_SETTINGS.text_filler,
+        image_reference: ImageReference = DEFAULT_SETTINGS.image_reference,
+        reference_seed: int = DEFAULT_SETTINGS.reference_seed,
+        blur_radius: float = DEFAULT_SETTINGS.blur_radius,
+        scale_by_logit: bool = DEFAULT_SETTINGS.scale_by_logit,
+        mode: Mode = DEFAULT_SETTINGS.mode,
+        internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE,
         panel_layout: PanelLayout | str | Path = "auto",
     ) -> None:
-        _check_choice("convention", convention, CONVENTIONS)
-        _check_choice("image_reference", image_reference, IMAGE_REFERENCES)
-        _check_choice("mode", mode, MODES)
-        _check_whole("internal_batch_size", internal_batch_size, low=1)
-        _check_whole("reference_seed", reference_seed, low=0, high=MAX_SEED)
-        _check_whole("text_layer", text_layer)
-        _check_whole("image_layer", image_layer)
-        if text_filler is not None:
-            vocabulary = model.vocabulary_size
-            _check_whole("text_filler", text_filler, low=0)
-            if text_filler >= vocabulary:
-                msg = f"text_filler {text_filler} is not a token id of this tokenizer (0..{vocabulary - 1})"
-                raise ConfigError(msg, setting="text_filler")
-        if isinstance(blur_radius, bool) or not isinstance(blur_radius, (int, float)) or not 0 < blur_radius < float("inf"):
-            msg = f"blur_radius must be a positive number of pixels, got {blur_radius!r}"
-            raise ConfigError(msg, setting="blur_radius")
-        if not isinstance(scale_by_logit, bool):
-            msg = f"scale_by_logit must be true or false, got {scale_by_logit!r}"
-            raise ConfigError(msg, setting="scale_by_logit")
-        check_quadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule, convention=convention)
+        from_keywords = AttributionSettings(
+            text_layer=text_layer, image_layer=image_layer, tolerance=tolerance, max_steps=max_steps, n_steps=n_steps,
+            rule=rule, convention=convention, text_filler=text_filler, image_reference=image_reference,
+            reference_seed=reference_seed, blur_radius=blur_radius, scale_by_logit=scale_by_logit, mode=mode,
+        )
+        if settings is None:
+            settings = from_keywords
+        elif from_keywords != DEFAULT_SETTINGS:
+            given = ", ".join(f"{f.name}=" for f in fields(AttributionSettings)
+                              if getattr(from_keywords, f.name) != getattr(DEFAULT_SETTINGS, f.name))
+            msg = f"InteractionAttribution() takes settings= or the settings as keyword arguments, not both (got settings= and {given})"
+            raise TypeError(msg)
+        elif not isinstance(settings, AttributionSettings):
+            msg = f"settings must be an AttributionSettings, got {type(settings).__name__}"
+            raise TypeError(msg)
+        check_whole("internal_batch_size", internal_batch_size, low=1)
+        if settings.text_filler is not None and settings.text_filler >= model.vocabulary_size:
+            msg = f"text_filler {settings.text_filler} is not a token id of this tokenizer (0..{model.vocabulary_size - 1})"
+            raise ConfigError(msg, setting="text_filler")
         self.model = model
-        self.text_layer = resolve_layer(text_layer, len(model.text_blocks), "text")
-        self.image_layer = resolve_layer(image_layer, len(model.image_blocks), "image")
+        self.settings = settings
+        self.text_layer = resolve_layer(settings.text_layer, len(model.text_blocks), "text")
+        self.image_layer = resolve_layer(settings.image_layer, len(model.image_blocks), "image")
         # the settings that move the path: a calibrated layout is stored and found under them
         self.path_settings = path_settings(
-            text_layer=self.text_layer, image_layer=self.image_layer, image_reference=image_reference,
-            text_filler=text_filler, blur_radius=float(blur_radius), reference_seed=reference_seed,
+            text_layer=self.text_layer, image_layer=self.image_layer, image_reference=settings.image_reference,
+            text_filler=settings.text_filler, blur_radius=settings.blur_radius, reference_seed=settings.reference_seed,
         )
-        self.panel_layout = _resolve_layout(panel_layout, model, self.path_settings) if n_steps is None else PanelLayout()
+        self.panel_layout = _resolve_layout(panel_layout, model, self.path_settings) if settings.n_steps is None else PanelLayout()
         self._text_quadrature, self._image_quadrature = (
-            PathQuadrature(n_steps=n_steps, tolerance=tolerance, max_steps=max_steps, rule=rule, breakpoints=breakpoints)
+            PathQuadrature(n_steps=settings.n_steps, tolerance=settings.tolerance, max_steps=settings.max_steps,
+                           rule=settings.rule, breakpoints=breakpoints)
             for breakpoints in (self.panel_layout.text, self.panel_layout.image)
         )
-        self.convention = convention
-        self.text_filler = text_filler
-        self.image_reference = image_reference
-        self.reference_seed = reference_seed
-        self.blur_radius = float(blur_radius)
-        self.scale_by_logit = scale_by_logit
-        self.mode = mode
+        self.convention = settings.convention
+        self.text_filler = settings.text_filler
+        self.image_reference = settings.image_reference
+        self.reference_seed = settings.reference_seed
+        self.blur_radius = settings.blur_radius
+        self.scale_by_logit = settings.scale_by_logit
+        self.mode = settings.mode
         self.internal_batch_size = internal_batch_size
         self._image_reference_cache: dict[tuple[int, ...], Tensor] = {}
         # below the cut a low-precision model runs as it is; above it, where the integral is taken, in float32,
@@ -161,20 +168,20 @@ class InteractionAttribution:
 
     @property
     def tolerance(self) -> float | None:
-        return self._text_quadrature.tolerance
+        return self.settings.tolerance
 
     @property
     def max_steps(self) -> int:
-        return self._text_quadrature.max_steps
+        return self.settings.max_steps
 
     @property
     def n_steps(self) -> int | None:
         """Nodes of the fixed rule; None when the quadrature adapts to ``tolerance``."""
-        return self._text_quadrature.n_steps
+        return self.settings.n_steps
 
     @property
     def rule(self) -> Rule:
-        return self._text_quadrature.rule
+        return self.settings.rule
 
     @property
     def logit_scale(self) -> float:
@@ -356,20 +363,6 @@ class InteractionAttribution:
         if is_shared:
             self._image_reference_cache[key] = reference
         return reference
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        msg = f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
-        raise ConfigError(msg, setting=name)
-
-
-def _check_whole(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or (high is not None and value > high):
-        bound = f" of at least {low}" if low is not None else ""
-        bound += f" and at most {high}" if high is not None else ""
-        msg = f"{name} must be a whole number{bound}, got {value!r}"
-        raise ConfigError(msg, setting=name)
 
 
 def interaction_map(a: Contributions, b: Contributions, *, logit_scale: float = 1.0) -> InteractionMap:

@@ -23,8 +23,10 @@ def load_attributor(config: RunConfig) -> tuple[InteractionAttribution, float]:
         image_resize=config.image.resize,
     )
     seconds = time.perf_counter() - start
-    # the config's attribution section holds InteractionAttribution's settings under the same names
     attributor = InteractionAttribution(
-        model, **config.attribution.model_dump(), internal_batch_size=config.runtime.internal_batch_size
+        model,
+        settings=config.attribution.settings,
+        internal_batch_size=config.runtime.internal_batch_size,
+        panel_layout=config.attribution.panel_layout,
     )
     return attributor, seconds

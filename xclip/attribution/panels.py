@@ -24,7 +24,7 @@ from xclip.models.base import DualEncoderAdapter
 from xclip.core.quadrature import DEFAULT_BREAKPOINTS, check_breakpoints
 from xclip.errors import ConfigError
 from xclip.disk.files import install_file
-from xclip.models.loading import shipped_model
+from xclip.models.names import model_directory
 from xclip.disk.locking import update_lock
 
 LAYOUT_FILE = "xclip-layouts.json"
@@ -119,8 +119,8 @@ def cache_file(fingerprint: str) -> Path:
 def beside_checkpoint(name: str) -> Path | None:
     """The layout file beside the checkpoint a model name names, a local directory or a shipped model (None for
     hub and open_clip names)."""
-    directory = shipped_model(name) or Path(name).expanduser()
-    return directory / LAYOUT_FILE if name and directory.is_dir() else None
+    directory = model_directory(name) if name else None
+    return directory / LAYOUT_FILE if directory is not None else None
 
 
 def read_layout_file(path: Path) -> dict[str, Any]:

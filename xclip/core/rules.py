@@ -1,9 +1,11 @@
 """The engine's settings, their values and their limits, without torch: the run config checks a run's
 settings with them before anything heavy loads, and the engine, the adapters and the loader use the same ones
-(each re-exports its own)."""
+(each re-exports its own). :class:`AttributionSettings` holds them as one object, with each default written once
+and every check that needs no model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from xclip.errors import ConfigError
@@ -41,6 +43,67 @@ ROUNDING_FLOOR = 32
 # 134 MB and 4 s; N = 100000, a typo, would take 75 GiB), so fixed rules stop at 1024 nodes (0.1 s).
 MAX_NODES = 4096
 MAX_FIXED_NODES = 1024
+# sequences pushed through the upper encoder at once: a memory knob, so not one of the AttributionSettings
+DEFAULT_INTERNAL_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """The settings of an attribution, as one object: the run config's ``attribution`` section makes it
+    (``config.attribution.settings``) and :class:`xclip.InteractionAttribution` takes it (``settings=``), or makes
+    it from its keyword arguments of the same names (documented there). Its defaults are the defaults of both.
+
+    Checked when made, by the one check of each setting (a :class:`~xclip.errors.ConfigError` names the setting
+    at fault); what needs the model (a layer in range, a token id in the vocabulary) the engine checks.
+    """
+
+    text_layer: int = -1
+    image_layer: int = -1
+    tolerance: float | None = DEFAULT_TOLERANCE
+    max_steps: int = DEFAULT_MAX_STEPS
+    n_steps: int | None = None
+    rule: Rule = "gauss-legendre"
+    convention: Convention = "exact"
+    text_filler: int | None = None
+    image_reference: ImageReference = "zeros"
+    reference_seed: int = 0
+    blur_radius: float = 16.0
+    scale_by_logit: bool = False
+    mode: Mode = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("convention", self.convention, CONVENTIONS)
+        check_choice("image_reference", self.image_reference, IMAGE_REFERENCES)
+        check_choice("mode", self.mode, MODES)
+        check_whole("reference_seed", self.reference_seed, low=0, high=MAX_SEED)
+        check_whole("text_layer", self.text_layer)
+        check_whole("image_layer", self.image_layer)
+        if self.text_filler is not None:
+            check_whole("text_filler", self.text_filler, low=0)
+        blur_radius = self.blur_radius
+        if isinstance(blur_radius, bool) or not isinstance(blur_radius, (int, float)) or not 0 < blur_radius < float("inf"):
+            msg = f"blur_radius must be a positive number of pixels, got {blur_radius!r}"
+            raise ConfigError(msg, setting="blur_radius")
+        object.__setattr__(self, "blur_radius", float(blur_radius))
+        if not isinstance(self.scale_by_logit, bool):
+            msg = f"scale_by_logit must be true or false, got {self.scale_by_logit!r}"
+            raise ConfigError(msg, setting="scale_by_logit")
+        check_quadrature(n_steps=self.n_steps, tolerance=self.tolerance, max_steps=self.max_steps, rule=self.rule,
+                         convention=self.convention)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        msg = f"unknown {name} {value!r}; choose one of {', '.join(choices)}"
+        raise ConfigError(msg, setting=name)
+
+
+def check_whole(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or (high is not None and value > high):
+        bound = f" of at least {low}" if low is not None else ""
+        bound += f" and at most {high}" if high is not None else ""
+        msg = f"{name} must be a whole number{bound}, got {value!r}"
+        raise ConfigError(msg, setting=name)
 
 
 def check_quadrature(*, n_steps: int | None, tolerance: float | None, max_steps: int, rule: str,
@@ -85,3 +148,6 @@ def check_first_panels(max_steps: int, n_first: int) -> None:
     if max_steps < needed:
         msg = f"max_steps must be at least {needed} (the first {n_first} panels of {PATTERSON_SIZES[FIRST_LEVEL]} nodes), got {max_steps}"
         raise ConfigError(msg, setting="max_steps")
+
+
+DEFAULT_SETTINGS = AttributionSettings()

@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torch import Tensor, nn
 
 from xclip.core.transformer import Block, Positions, UpperEncoder, block_forward, embed_from_hidden
-from xclip.core.rules import IMAGE_REFERENCES, ImageReference  # noqa: F401  (re-exported)
+from xclip.core.rules import DEFAULT_SETTINGS, IMAGE_REFERENCES, ImageReference
 from xclip.errors import ConfigError, InputError
 from xclip.core.geometry import ImageResize, Preprocessing, square_image
 from xclip.core.tokens import CaptionTokens
@@ -241,6 +241,11 @@ class DualEncoderAdapter:
         self.text_blocks = tuple(self._block(layer) for layer in self._text_layers())
         self.image_blocks = tuple(self._block(layer) for layer in self._image_layers())
 
+    def library_versions(self) -> dict[str, str]:
+        """Run-file attributes with the versions of the libraries beyond torch and transformers whose code reads
+        this family's inputs (a tokenizer, image transforms): none for the transformers families."""
+        return {}
+
     # --- family-specific pieces ----------------------------------------------------------------------
     def _block(self, layer: nn.Module) -> Block:
         """The shared :class:`Block` view of one of the family's layers."""
@@ -399,7 +404,12 @@ class DualEncoderAdapter:
         return ids
 
     def image_reference_pixels(
-        self, batch: ImageBatch, reference: ImageReference = "zeros", *, seed: int = 0, blur_radius: float = 16.0
+        self,
+        batch: ImageBatch,
+        reference: ImageReference = DEFAULT_SETTINGS.image_reference,
+        *,
+        seed: int = DEFAULT_SETTINGS.reference_seed,
+        blur_radius: float = DEFAULT_SETTINGS.blur_radius,
     ) -> Tensor:
         """Reference pixel values ``(1 or B, 3, H, W)``: zeros = the normalised mean colour; black; a blurred
         copy of each image; or Gaussian noise from a fixed seed."""

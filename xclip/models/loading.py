@@ -14,7 +14,7 @@ import torch
 from xclip.models.families import DualEncoderAdapter, get_adapter_cls
 from xclip.errors import ConfigError, ModelFamilyError
 from xclip.models.names import (  # noqa: F401  (re-exported)
-    OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, SHIPPED_MODELS, SHIPPED_PREFIX, Dtype, is_open_clip_name, looks_like_path, shipped_model,
+    OPEN_CLIP_CONFIG, OPEN_CLIP_PREFIX, SHIPPED_MODELS, SHIPPED_PREFIX, Dtype, looks_like_path, resolve_model_name, shipped_model,
 )
 from xclip.core.geometry import ImageResize, check_image_resize
 
@@ -126,28 +126,22 @@ def _load_adapter(name_or_path: str | Path, *, revision: str | None, dtype: str 
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     source = str(name_or_path)
-    directory = shipped_model(source) or Path(source).expanduser()
+    resolved = resolve_model_name(source)
+    directory = resolved.directory
     location = str(directory) if source.startswith(SHIPPED_PREFIX) else source  # what the loaders read
-    if is_open_clip_name(source) or (directory / OPEN_CLIP_CONFIG).is_file():
+    if resolved.library == "open_clip":
         model, *preprocessing = _load_open_clip(location, checkpoint, revision=revision, local_files_only=local_files_only)
         return get_adapter_cls("open_clip")(model.to(torch_device, torch_dtype), *preprocessing, name=source, revision=revision)
     if checkpoint is not None:
         msg = f"checkpoint names a weights file for an open_clip architecture (open_clip:ARCH); {source!r} is not one"
         raise ConfigError(msg, setting="checkpoint")
-    if directory.is_dir():
-        if not (directory / "config.json").is_file():
-            msg = f"{directory.resolve()} holds no config.json, so it is not a transformers checkpoint (save one with save_pretrained)"
-            raise ModelFamilyError(msg)
-    elif looks_like_path(source):
-        msg = f"no model directory at {directory.resolve()}"
-        raise ModelFamilyError(msg)
     options = {"revision": revision, "local_files_only": local_files_only, "trust_remote_code": False}
     try:
         with quiet_transformers():
             model_type, model, preprocessing = from_pretrained(location, torch_dtype, get_adapter_cls, **options)
             adapter_cls = get_adapter_cls(model_type)
     except (OSError, ValueError) as e:
-        if not directory.is_dir() and _is_offline(local_files_only):
+        if directory is None and _is_offline(local_files_only):
             msg = (
                 f"cannot load model {source!r}: it is not a local directory, and offline "
                 "(model.local_files_only or HF_HUB_OFFLINE=1) a hub id must already be in the Hugging Face cache: "
@@ -159,7 +153,7 @@ def _load_adapter(name_or_path: str | Path, *, revision: str | None, dtype: str 
             msg += f"\n(the shipped model is called {SHIPPED_PREFIX}{source})"
         raise ModelFamilyError(msg) from e
     except Exception as e:  # safetensors', pickle's and transformers' own errors about the weights files
-        problem = _weights_problem(e, directory if directory.is_dir() else None)
+        problem = _weights_problem(e, directory)
         if problem is None:
             raise
         msg = f"cannot load model {source!r}: {problem}"

@@ -147,6 +147,11 @@ class OpenClipAdapter(DualEncoderAdapter):
             raise ModelFamilyError(msg)
         super().__init__(model, name=name, revision=revision)
 
+    def library_versions(self) -> dict[str, str]:
+        import open_clip
+
+        return {"open_clip_version": open_clip.__version__}
+
     def _encode_captions(self, captions: list[str]) -> EncodedCaptions:
         tokenizer = _text_only_tokenizer(self._tokenizer, captions)
         ids = tokenizer(captions, context_length=self._context_length)  # SOT ... EOT, zero padding

@@ -59,7 +59,7 @@ def calibrate(
     images: Sequence[ImageLike],
     *,
     progress: Callable[[str, int], None] | None = None,
-    **settings: Any,
+    **keywords: Any,
 ) -> Calibration:
     """Choose each tower's panel layout on these inputs.
 
@@ -67,22 +67,23 @@ def calibrate(
         model: a family adapter from :func:`xclip.load_model`.
         captions, images: calibration inputs (a dozen of each is plenty; more only make calibration slower).
         progress: called with the tower and the number of layouts tried so far.
-        settings: :class:`~xclip.InteractionAttribution` settings (layers, references, tolerance, ...); the layout
-            is stored for the settings that shape the path.
+        keywords: :class:`~xclip.InteractionAttribution`'s keyword arguments: its settings (layers, references,
+            tolerance, ...) or ``settings=`` all of them as one object, and ``internal_batch_size``; the layout is
+            stored for the settings that shape the path.
 
     Returns:
         A :class:`~xclip.attribution.panels.Calibration` for :func:`xclip.attribution.panels.save_calibration`.
     """
-    settings.pop("panel_layout", None)
-    probe = InteractionAttribution(model, panel_layout="default", **settings)  # checks the settings once
+    keywords.pop("panel_layout", None)
+    probe = InteractionAttribution(model, panel_layout="default", **keywords)  # checks the settings once
     text_batch, image_batch = model.tokenize(captions), model.preprocess(images)  # read once, tried many times
     towers = {
         "text": _calibrate_tower(
-            lambda layout: [c.n_nodes + c.n_endpoints for c in _attributor(model, settings, text=layout).text_batch_contributions(text_batch)],
+            lambda layout: [c.n_nodes + c.n_endpoints for c in _attributor(probe, text=layout).text_batch_contributions(text_batch)],
             lambda done: progress("text", done) if progress else None,
         ),
         "image": _calibrate_tower(
-            lambda layout: [c.n_nodes + c.n_endpoints for c in _attributor(model, settings, image=layout).image_batch_contributions(image_batch)],
+            lambda layout: [c.n_nodes + c.n_endpoints for c in _attributor(probe, image=layout).image_batch_contributions(image_batch)],
             lambda done: progress("image", done) if progress else None,
         ),
     }
@@ -101,9 +102,11 @@ def calibrate(
     return Calibration(settings=probe.path_settings, text=towers["text"].breakpoints, image=towers["image"].breakpoints, measured=measured)
 
 
-def _attributor(model: DualEncoderAdapter, settings: dict[str, Any], *, text: Breakpoints = DEFAULT_BREAKPOINTS,
+def _attributor(probe: InteractionAttribution, *, text: Breakpoints = DEFAULT_BREAKPOINTS,
                 image: Breakpoints = DEFAULT_BREAKPOINTS) -> InteractionAttribution:
-    return InteractionAttribution(model, panel_layout=PanelLayout(text=text, image=image), **settings)
+    """The probe's settings with another layout."""
+    return InteractionAttribution(probe.model, settings=probe.settings, internal_batch_size=probe.internal_batch_size,
+                                  panel_layout=PanelLayout(text=text, image=image))
 
 
 def _calibrate_tower(passes_of: Callable[[Breakpoints], list[int]], progress: Callable[[int], None]) -> TowerCalibration:
@@ -216,6 +219,6 @@ def calibrate_run_config(
     if not readable:
         msg = "none of the calibration images could be read:\n  " + "\n  ".join(unreadable)
         raise ConfigError(msg)
-    settings = config.attribution.model_dump(exclude={"panel_layout"})
-    settings["internal_batch_size"] = config.runtime.internal_batch_size
-    return calibrate(model, captions, readable, progress=progress, **settings), model, unreadable
+    calibration = calibrate(model, captions, readable, progress=progress, settings=config.attribution.settings,
+                            internal_batch_size=config.runtime.internal_batch_size)
+    return calibration, model, unreadable

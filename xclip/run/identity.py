@@ -17,8 +17,9 @@ from xclip.config import ModelConfig, RunConfig, settings_differences
 from xclip.run.data import Dataset
 from xclip.disk.digests import sha256_of
 from xclip.errors import ConfigError
-from xclip.models.loading import checkpoint_file, shipped_model
-from xclip.store.runfile import RunReader
+from xclip.models.loading import checkpoint_file
+from xclip.models.names import model_directory
+from xclip.store.reader import RunReader
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def weights_digest(model: ModelConfig) -> str | None:
     """
     if model.checkpoint is not None:
         files = [checkpoint_file(model.checkpoint)]
-    elif (weights := shipped_model(model.name) or Path(model.name)).is_dir():
+    elif (weights := model_directory(model.name)) is not None:
         files = sorted(weights.glob("*.safetensors")) + sorted(weights.glob("*.bin"))
     else:
         return None
@@ -97,10 +98,7 @@ def provenance(config: RunConfig, attributor: InteractionAttribution, command: s
     }
     if identity.weights_digest is not None:
         attributes["model_weights_sha256"] = identity.weights_digest
-    if model.family == "open_clip":  # its tokenizer and transforms are open_clip's: their version matters
-        import open_clip
-
-        attributes["open_clip_version"] = open_clip.__version__
+    attributes.update(model.library_versions())  # open_clip's tokenizer and transforms: their version matters
     attributes["data_sha256"] = identity.data_digest
     # lets readers find the images after the project moved as a whole
     attributes["data_root_from_run"] = os.path.relpath(config.data.root, config.run_directory)
