@@ -472,3 +472,57 @@ def test_siglip_integrated_gradients_equal_reference_and_are_complete(siglip, hf
         s_r = cosine(features(hf_siglip.get_image_features(pixel_values=torch.zeros_like(batch.pixel_values))), targets)
     assert (s_h - s_r).abs().min() > 1e-3
     np.testing.assert_allclose(many.sum(-1), (s_h - s_r).numpy(), rtol=0, atol=1e-10)
+
+
+# --- 11: the attention methods' block is the engine's -------------------------------------------------------
+# Not a reference from HF's layers: rollout and Chefer et al. run each image block through
+# block_forward_with_attention, which must stay block_forward itself, so that their maps explain the model the
+# engine differentiates.
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("layer_scale", [False, True])
+def test_the_attention_methods_run_block_forward_and_read_its_softmax(masked, layer_scale):
+    from torch import nn
+
+    from xclip.core.transformer import Block, block_forward, block_forward_with_attention, pooled_block_forward
+
+    generator = torch.Generator().manual_seed(0)
+    width, n_heads, n_positions = 16, 4, 7
+
+    def random(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def linear(n_in: int, n_out: int) -> nn.Linear:
+        module = nn.Linear(n_in, n_out, dtype=torch.float64)
+        module.weight.data, module.bias.data = random(n_out, n_in) / n_in**0.5, random(n_out)
+        return module
+
+    def layer_norm() -> nn.LayerNorm:
+        module = nn.LayerNorm(width, dtype=torch.float64)
+        module.weight.data, module.bias.data = 1 + 0.1 * random(width), 0.1 * random(width)
+        return module
+
+    gammas = (random(width), random(width))
+    scales = {"ls1": lambda t: t * gammas[0], "ls2": lambda t: t * gammas[1]} if layer_scale else {}
+    q_proj, k_proj, v_proj = linear(width, width), linear(width, width), linear(width, width)
+    block = Block(ln1=layer_norm(), q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, out_proj=linear(width, width),
+                  n_heads=n_heads, ln2=layer_norm(), fc1=linear(width, 4 * width), activation=F.gelu,
+                  fc2=linear(4 * width, width), **scales)
+    x = random(3, n_positions, width).requires_grad_(True)
+    mask = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool))[None, None] if masked else None
+
+    output, weights = block_forward_with_attention(block, x, mask)
+    assert torch.equal(output, block_forward(block, x, mask))  # bit for bit
+    torch.testing.assert_close(output, block_forward(block, x, mask, fused=True), rtol=1e-12, atol=1e-12)
+    pooled = torch.tensor([6, 2, 4])
+    torch.testing.assert_close(pooled_block_forward(block, x, mask, pooled), output[torch.arange(3), pooled],
+                               rtol=1e-12, atol=1e-12)
+
+    def heads(projection: nn.Linear) -> Tensor:  # (B, H, S, dh)
+        return projection(block.ln1(x)).reshape(3, n_positions, n_heads, width // n_heads).transpose(1, 2)
+
+    logits = heads(q_proj) @ heads(k_proj).transpose(-1, -2) / (width // n_heads) ** 0.5
+    if masked:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(weights, torch.softmax(logits, dim=-1), rtol=1e-12, atol=1e-15)
+    (gradient,) = torch.autograd.grad(output.sum(), weights)  # the weights stay in the graph, for Chefer et al.
+    assert gradient.abs().max() > 0

@@ -24,9 +24,10 @@ from xclip.analysis.grounding import (
     summarize,
 )
 from xclip.core.geometry import Preprocessing
-from xclip.analysis.box_metrics import bootstrap_ci, energy_in_box, mass_ratio, pointing_game
+from xclip.analysis.box_metrics import energy_in_box, mass_ratio, pointing_game
+from xclip.analysis.summaries import bootstrap_ci
 from xclip.errors import ConfigError
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
 runner = CliRunner()
 INSIDE = np.zeros((4, 4), dtype=bool)
@@ -67,6 +68,30 @@ def test_bootstrap_interval():
     low, high = bootstrap_ci(samples, seed=1)
     assert low < 0.5 < high and high - low < 0.3
     assert bootstrap_ci(np.full(10, 0.7)) == pytest.approx((0.7, 0.7))
+
+
+def test_intervals_and_paired_differences_keep_their_seeded_resamples():
+    from xclip.analysis.summaries import mean_interval, paired_difference
+
+    values, reference = np.linspace(0.0, 1.0, 12), np.linspace(0.0, 1.0, 12) ** 2
+    summary = mean_interval(values, seed=3)
+    assert (summary.mean, summary.n) == (pytest.approx(0.5), 12)
+    assert summary.ci95 == list(bootstrap_ci(values, seed=3))  # a report's interval is the seed's bootstrap
+    assert summary.ci95 == pytest.approx([0.325568181818182, 0.681818181818182], abs=1e-12)  # the same, every time
+    assert summary.record() == {"mean": summary.mean, "ci95": summary.ci95, "n": 12}
+    difference = paired_difference(values, reference, seed=3)
+    assert difference == mean_interval(values - reference, seed=3)  # resampled phrase by phrase, together
+    assert paired_difference(values, values).record() == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 12}
+
+
+def test_boxes_are_split_by_what_the_model_saw():
+    from xclip.analysis.grounding import boxes_in_view
+
+    # x 16..48 of a 64 x 32 image stays after the centre crop
+    crop = Preprocessing.resize_then_crop((64, 32), (64, 32), (16, 0), (32, 32), (4, 4))
+    inside, clipped, outside = [20, 0, 30, 10], [0, 0, 24, 10], [50, 0, 60, 10]
+    boxes = boxes_in_view([inside, clipped, outside, clipped], crop)
+    assert (boxes.seen, boxes.outside, boxes.n_clipped) == ([inside, clipped, clipped], [outside], 2)
 
 
 def synthetic_report() -> dict:
@@ -269,7 +294,7 @@ def _append(path, *records) -> list[int]:
 
 @pytest.mark.slow  # a run and an evaluation
 def test_annotations_that_match_no_finished_pair_are_counted_listed_and_refused_with_strict(tmp_path, model_dirs):
-    from xclip.store.runfile import PENDING
+    from xclip.store.schema import PENDING
 
     run_file, annotations, path = _annotated_run(tmp_path, model_dirs)
     first, second = annotations[0], annotations[1]
@@ -346,7 +371,7 @@ def test_phrases_jsonl_holds_every_scored_phrase_with_its_values(tmp_path, model
 
 
 def test_intervals_say_their_n_and_mark_too_few():
-    from xclip.analysis.box_metrics import MIN_N_FOR_INTERVAL, interval_text
+    from xclip.analysis.summaries import MIN_N_FOR_INTERVAL, interval_text
 
     assert interval_text(0.988, [0.99, 0.99], 1) == "0.988 [0.99, 0.99] n=1 (too few)"
     assert interval_text(0.5, [0.4, 0.6], MIN_N_FOR_INTERVAL) == f"0.500 [0.40, 0.60] n={MIN_N_FOR_INTERVAL}"

@@ -35,8 +35,16 @@ from xclip.attribution.engine import CutStates, InteractionAttribution
 from xclip.analysis.baselines import DEFAULT_IG_STEPS, TOKEN_METHODS, check_methods, image_maps, text_embeddings, token_maps
 from xclip.core.transformer import embed_from_hidden
 from xclip.errors import ConfigError
-from xclip.analysis.grounding import METRICS, AnnotatedPair, annotated_pairs, box_weights, boxes_in_view, chance_levels, grounding_scores
-from xclip.disk.files import write_atomically
+from xclip.analysis.grounding import (
+    METRICS,
+    AnnotatedPair,
+    annotated_pairs,
+    box_weights,
+    boxes_in_view,
+    chance_levels,
+    grounding_scores,
+    phrase_class,
+)
 from xclip.analysis.faithfulness import (
     DEFAULT_POINTS,
     GAMES,
@@ -52,8 +60,10 @@ from xclip.analysis.faithfulness import (
     moved_counts,
     ranked_coalitions,
 )
-from xclip.analysis.box_metrics import bootstrap_ci
-from xclip.store.runfile import RunReader, run_file_path
+from xclip.analysis.summaries import interval_bars, interval_figure, mean_interval, paired_difference, save_chart
+from xclip.store.layout import run_file_path
+from xclip.store.reader import RunReader
+from xclip.core.geometry import Preprocessing
 from xclip.core.tokens import CaptionTokens
 
 SECOND_ORDER = "second_order"
@@ -154,17 +164,8 @@ def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: lis
             msg = f"pair {pair.index}: the model now reads its caption as {captions.n_positions[b]} tokens, the run stored {len(tokens)}"
             raise ConfigError(msg)
         if is_annotated:
-            geometry = run.preprocessing(pair.image_index)
             phrase_maps = _phrase_maps(attribution, names, pair, images, b, interactions, tokens, target, patch_maps, seed)
-            for phrase, maps in zip(pair.phrases, phrase_maps):
-                seen = boxes_in_view(phrase["boxes"], geometry)  # evaluate's own grounding lists the others
-                if maps is None or not seen:
-                    continue
-                inside = box_weights(seen, geometry)
-                scores.phrase_labels.append(str(phrase.get("class", "all")))
-                scores.phrase_values.append({f"{name}/{metric}": value for name, values in maps.items()
-                                             for metric, value in grounding_scores(values, inside).items()})
-                scores.phrase_chance.append(chance_levels(inside))
+            _add_grounding(scores, pair.phrases, phrase_maps, run.preprocessing(pair.image_index))
         text_players = np.flatnonzero(~np.array(tokens.special))
         image_players = np.arange(n_prefix, interactions.shape[1])
         pair_game = PairGame(_one(text_game, b), _one(image_game, b), text_players, image_players, logit_scale=value_scale,
@@ -183,6 +184,21 @@ def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: lis
                        SECOND_ORDER_INTERACTIONS: interaction_terms(interaction_map[np.ix_(text_players, image_players)])}
         scores.pair_areas.append(_areas(pair_game, scores.methods, patch_values, token_values, joint_terms, text_players,
                                         n_points))
+
+
+def _add_grounding(scores: MethodScores, phrases: list[dict[str, Any]], phrase_maps: list[dict[str, np.ndarray] | None],
+                   geometry: Preprocessing) -> None:
+    """Every method's grounding scores of each phrase that has maps and a box the model saw (evaluate's own
+    grounding lists the others)."""
+    for phrase, maps in zip(phrases, phrase_maps):
+        seen = boxes_in_view(phrase["boxes"], geometry).seen
+        if maps is None or not seen:
+            continue
+        inside = box_weights(seen, geometry)
+        scores.phrase_labels.append(phrase_class(phrase))
+        scores.phrase_values.append({f"{name}/{metric}": value for name, values in maps.items()
+                                     for metric, value in grounding_scores(values, inside).items()})
+        scores.phrase_chance.append(chance_levels(inside))
 
 
 def _one(cut: CutStates, b: int) -> CutStates:
@@ -289,10 +305,11 @@ def _compare(rows: list[dict[str, float]], methods: tuple[str, ...], metrics: tu
             paired = np.array([(row[key], row[reference_key]) for row in chosen if key in row and reference_key in row])
             if not len(paired):
                 continue
-            values, difference = paired[:, 0], paired[:, 0] - paired[:, 1]
-            entry[metric] = {"n": len(values), "mean": float(values.mean()), "ci95": list(bootstrap_ci(values, seed=seed))}
+            summary = mean_interval(paired[:, 0], seed=seed)
+            entry[metric] = {"n": summary.n, "mean": summary.mean, "ci95": summary.ci95}
             if method != SECOND_ORDER:
-                entry[metric] |= {"difference": float(difference.mean()), "difference_ci95": list(bootstrap_ci(difference, seed=seed))}
+                difference = paired_difference(paired[:, 0], paired[:, 1], seed=seed)
+                entry[metric] |= {"difference": difference.mean, "difference_ci95": difference.ci95}
         if entry:
             out[method] = entry
     return out
@@ -301,8 +318,6 @@ def _compare(rows: list[dict[str, float]], methods: tuple[str, ...], metrics: tu
 def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
     """One bar chart per scored metric in ``folder``: each method's overall mean with its 95 % interval
     (``baselines_<metric>.png``; chance as a dotted line for the grounding metrics)."""
-    from matplotlib.figure import Figure
-
     panels = [("grounding", metric) for metric in METRICS if "grounding" in report]
     panels += [("faithfulness", curve) for curve in CURVES]
     paths = []
@@ -311,12 +326,9 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
         methods = [m for m in report["methods"] if isinstance(entries.get(m), dict) and metric in entries[m]]
         if not methods:
             continue
-        means = np.array([entries[m][metric]["mean"] for m in methods])
-        whiskers = np.abs(np.array([entries[m][metric]["ci95"] for m in methods]).T - means)
-        figure = Figure(figsize=(max(4.5, 0.7 * len(methods) + 2), 3.8), layout="constrained")
-        axes = figure.add_subplot()
+        figure, axes = interval_figure(len(methods), 0.7)
         colours = [{SECOND_ORDER: "#b2182b", SECOND_ORDER_INTERACTIONS: "#ef8a62"}.get(m, "#878787") for m in methods]
-        axes.bar(np.arange(len(methods)), means, yerr=whiskers, capsize=4, color=colours)
+        interval_bars(axes, np.arange(len(methods)), [entries[m][metric] for m in methods], capsize=4, color=colours)
         if kind == "grounding":
             axes.axhline(report["grounding_chance"][metric], color="#2166ac", linestyle=":", linewidth=2, label="chance")
             axes.legend(loc="upper right", frameon=False, fontsize="small")
@@ -326,6 +338,5 @@ def method_charts(report: dict[str, Any], folder: Path) -> list[Path]:
         axes.set_ylabel(metric.replace("_", " ") if kind == "grounding" else "area between the curves")
         axes.set_title("phrase → image grounding" if kind == "grounding" else f"insertion and deletion, {report.get('game', 'cut')} game: {metric} players",
                        fontsize="medium")
-        path = folder / f"baselines_{metric}.png"
-        paths.append(write_atomically(path, lambda temporary, figure=figure: figure.savefig(temporary, format="png")))
+        paths.append(save_chart(figure, folder / f"baselines_{metric}.png"))
     return paths

@@ -44,7 +44,7 @@ from torch import Tensor
 from xclip.models.base import DualEncoderAdapter, ImageBatch, TextBatch
 from xclip.attribution.engine import CutStates, InteractionAttribution
 from xclip.core.quadrature import quadrature
-from xclip.core.transformer import Block, attention, attention_weights, embed_from_hidden
+from xclip.core.transformer import attention, block_forward_with_attention, embed_from_hidden
 from xclip.errors import ConfigError
 
 FIRST_ORDER: tuple[str, ...] = (
@@ -161,16 +161,6 @@ def _path_gradients(cut: CutStates, targets: Tensor, n_steps: int | None) -> Ten
     return (average * delta).sum(-1)
 
 
-def _block_with_attention(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`~xclip.core.transformer.block_forward` of an image block (no mask) and its attention weights
-    ``(B, H, S, S)``, which stay in the graph (so that they can be differentiated)."""
-    h = block.ln1(x)
-    q, k, v = (block.split_heads(proj(h)) for proj in (block.q_proj, block.k_proj, block.v_proj))
-    weights = attention_weights(q, k, None)
-    y = x + block.ls1(block.out_proj((weights @ v).transpose(-3, -2).flatten(-2)))
-    return block.mlp_residual(y), weights
-
-
 def _image_readout(model: DualEncoderAdapter, final: Tensor, targets: Tensor) -> Tensor:
     """``(B,)`` cosine of the pooled readout of the image tower's output ``final`` with ``targets``."""
     pooled_index = model.image_pooled_index(final.shape[0])
@@ -190,8 +180,8 @@ def _maskclip(model: DualEncoderAdapter, targets: Tensor, pixel_values: Tensor) 
     assert upper.pooled_readout is not None
     with torch.no_grad():
         x = _last_block_input(model, pixel_values)
-        own_value = x + block.ls1(block.out_proj(block.v_proj(block.ln1(x))))
-        embeddings = F.normalize(upper.pooled_readout(block.mlp_residual(own_value)), dim=-1)  # (B, S, E)
+        own_values = block.split_heads(block.v_proj(block.ln1(x)))  # what each head attends to: its own value
+        embeddings = F.normalize(upper.pooled_readout(block.output_from_heads(x, own_values)), dim=-1)  # (B, S, E)
         return torch.einsum("bse,be->bs", embeddings, targets.to(embeddings.dtype))
 
 
@@ -204,14 +194,12 @@ def _grad_eclip(model: DualEncoderAdapter, targets: Tensor, pixel_values: Tensor
     assert pooled is not None
     with torch.enable_grad():
         normed = block.ln1(x)
-        q, k, v = (block.split_heads(proj(normed)) for proj in (block.q_proj, block.k_proj, block.v_proj))
-        attended = attention(q, k, v, None).transpose(-3, -2).flatten(-2)
-        attended = attended.detach().requires_grad_(True)  # (B, S, d): the heads' outputs before out_proj
-        y = x + block.ls1(block.out_proj(attended))
-        final = block.mlp_residual(y)
+        attended = attention(*block.queries_keys_values(normed), None)
+        attended = attended.detach().requires_grad_(True)  # (B, H, S, dh): the heads' outputs before out_proj
+        final = block.output_from_heads(x, attended)
         (gradient,) = torch.autograd.grad(_image_readout(model, final, targets).sum(), attended)
     with torch.no_grad():
-        weights = gradient[rows, pooled]  # (B, d)
+        weights = gradient.transpose(-3, -2).flatten(-2)[rows, pooled]  # (B, d): the heads merged
         values = block.v_proj(normed)  # (B, S, d)
         query = block.out_proj(block.q_proj(normed[rows, pooled]))  # (B, d)
         keys = block.out_proj(block.k_proj(normed))  # (B, S, d)
@@ -230,7 +218,7 @@ def _attention_relevance(model: DualEncoderAdapter, targets: Tensor, pixel_value
     attentions = []
     with torch.enable_grad():
         for block in model.image_blocks:
-            x, weights = _block_with_attention(block, x)
+            x, weights = block_forward_with_attention(block, x, None)
             attentions.append(weights)
         gradients = (
             torch.autograd.grad(_image_readout(model, x, targets).sum(), attentions) if weigh_by_gradient else None

@@ -32,27 +32,3 @@ def mass_ratio(values: np.ndarray, inside: np.ndarray) -> float:
     wrong = (positive * (1 - weight)).sum() + (negative * weight).sum()
     total = correct + wrong
     return float(correct / total) if total > 0 else 0.5
-
-
-# below this many samples a percentile bootstrap interval is too narrow to trust: it resamples the few values
-# there are (one value gives a zero-width interval), so tables mark such cells "(too few)"
-MIN_N_FOR_INTERVAL = 10
-
-
-def interval_text(mean: float, ci95: list[float] | tuple[float, float], n: int, *, signed: bool = False) -> str:
-    """``0.988 [0.95, 1.00] n=40``, with `` (too few)`` below :data:`MIN_N_FOR_INTERVAL`."""
-    sign = "+" if signed else ""
-    low, high = ci95
-    few = " (too few)" if n < MIN_N_FOR_INTERVAL else ""
-    return f"{mean:{sign}.3f} [{low:{sign}.2f}, {high:{sign}.2f}] n={n}{few}"
-
-
-def bootstrap_ci(samples: np.ndarray, *, n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean."""
-    samples = np.asarray(samples, dtype=np.float64)
-    if samples.size == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = samples[rng.integers(0, samples.size, size=(n_resamples, samples.size))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))

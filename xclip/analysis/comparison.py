@@ -15,10 +15,10 @@ import numpy as np
 
 from xclip.errors import ConfigError
 from xclip.analysis.grounding import DIRECTIONS, METRICS, PhraseScore, score_run
-from xclip.disk.files import write_atomically
-from xclip.analysis.box_metrics import MIN_N_FOR_INTERVAL, bootstrap_ci
+from xclip.analysis.summaries import count_text, interval_bars, interval_figure, mean_interval, paired_difference, save_chart
 from xclip.config import settings_differences
-from xclip.store.runfile import RunReader, run_file_path
+from xclip.store.layout import run_file_path
+from xclip.store.reader import RunReader
 
 RUN_NAMES = "ABCDEFGH"
 
@@ -65,11 +65,9 @@ def _stats(columns: dict[str, np.ndarray], members: np.ndarray, names: str, seed
         chosen = values[:, members]
         entry: dict[str, Any] = {}
         for name, row in zip(names, chosen):
-            entry[name] = {"mean": float(row.mean()), "ci95": list(bootstrap_ci(row, seed=seed)), "n": len(row)}
+            entry[name] = mean_interval(row, seed=seed).record()
         for name, row in zip(names[1:], chosen[1:]):
-            difference = row - chosen[0]  # paired: the same phrases, resampled together
-            entry[f"{name}-{names[0]}"] = {"mean": float(difference.mean()), "ci95": list(bootstrap_ci(difference, seed=seed)),
-                                           "n": len(difference)}
+            entry[f"{name}-{names[0]}"] = paired_difference(row, chosen[0], seed=seed).record()
         out[metric] = entry
     return out
 
@@ -107,8 +105,6 @@ def _check_same_phrases(run_a: Path, a: dict[tuple, PhraseScore], run_b: Path, b
 def difference_charts(report: dict[str, Any], folder: Path) -> list[Path]:
     """One chart per direction and metric in ``folder``: each class's paired difference of every later run from
     the first, with its 95 % interval, around a zero line (``difference_phrase_to_image_pointing_game.png``...)."""
-    from matplotlib.figure import Figure
-
     folder.mkdir(parents=True, exist_ok=True)
     names = list(report["runs"])
     differences = [f"{name}-{names[0]}" for name in names[1:]]
@@ -117,23 +113,19 @@ def difference_charts(report: dict[str, Any], folder: Path) -> list[Path]:
     for direction in DIRECTIONS:
         for metric in METRICS:
             key = f"{direction}/{metric}"
-            figure = Figure(figsize=(max(4.5, 0.9 * len(labels) + 2), 3.8), layout="constrained")
-            axes = figure.add_subplot()
+            figure, axes = interval_figure(len(labels), 0.9)
             width = 0.8 / len(differences)
             for k, difference in enumerate(differences):
                 stats = [(report["overall"] if label == "overall" else report["per_class"][label])[key][difference] for label in labels]
-                means = np.array([s["mean"] for s in stats])
-                whiskers = np.abs(np.array([s["ci95"] for s in stats]).T - means)
                 positions = np.arange(len(labels)) + (k - (len(differences) - 1) / 2) * width
                 later, first = (Path(report["runs"][name]).parent.name for name in difference.split("-"))
                 label = f"{difference.replace('-', ' − ')} ({later} − {first}), 95 % interval"
-                axes.bar(positions, means, width=width, yerr=whiskers, capsize=3, label=label)
+                interval_bars(axes, positions, stats, width=width, capsize=3, label=label)
             axes.axhline(0, color="black", linewidth=1)
             counts = [(report["overall"] if label == "overall" else report["per_class"][label])["n_phrases"] for label in labels]
-            ticks = [f"{label}\nn={n}{' (too few)' if n < MIN_N_FOR_INTERVAL else ''}" for label, n in zip(labels, counts)]
+            ticks = [f"{label}\n{count_text(n)}" for label, n in zip(labels, counts)]
             axes.set_xticks(np.arange(len(labels)), ticks, rotation=30, ha="right")
             axes.set_ylabel(f"difference in {key.replace('/', ': ').replace('_', ' ')}")
             figure.legend(loc="outside upper center", ncols=min(3, len(differences)), frameon=False, fontsize="small")
-            path = folder / f"difference_{direction}_{metric}.png"
-            paths.append(write_atomically(path, lambda temporary, figure=figure: figure.savefig(temporary, format="png")))
+            paths.append(save_chart(figure, folder / f"difference_{direction}_{metric}.png"))
     return paths

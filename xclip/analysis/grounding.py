@@ -24,11 +24,13 @@ from typing import Any
 import numpy as np
 
 from xclip.errors import ConfigError
-from xclip.disk.files import write_atomically, write_text_atomically
+from xclip.disk.files import write_text_atomically
 from xclip.core.geometry import Preprocessing
-from xclip.analysis.box_metrics import MIN_N_FOR_INTERVAL, bootstrap_ci, energy_in_box, mass_ratio, pointing_game
-from xclip.store.schema import CAPTION_INDEX, IMAGE_INDEX, PAIRS
-from xclip.store.runfile import DONE, RunReader, run_file_path
+from xclip.analysis.box_metrics import energy_in_box, mass_ratio, pointing_game
+from xclip.analysis.summaries import count_text, interval_bars, interval_figure, mean_interval, save_chart
+from xclip.store.schema import CAPTION_INDEX, DONE, IMAGE_INDEX, PAIRS
+from xclip.store.layout import run_file_path
+from xclip.store.reader import RunReader
 from xclip.disk.textfiles import text_lines
 from xclip.show.links import view_link
 
@@ -252,31 +254,21 @@ def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> E
             tokens = run.caption_tokens(pair.caption_index)
             geometry = run.preprocessing(pair.image_index)
             content = ~np.array(tokens.special)  # special tokens are no phrase
-            labels = [str(p.get("class", "all")) for p in pair.phrases]
+            labels = [phrase_class(p) for p in pair.phrases]
             for phrase, label in zip(pair.phrases, labels):
                 rows = tokens.rows_overlapping(phrase["start"], phrase["end"])
                 if not rows:
                     unmatched.append(UnmatchedPhrase(pair.line, pair.image, pair.caption, phrase["text"],
                                                      "the model read none of its words (the caption was truncated before it)"))
                     continue
-                seen = boxes_in_view(phrase["boxes"], geometry)
+                boxes = boxes_in_view(phrase["boxes"], geometry)
                 skipped += [SkippedBox(pair.line, pair.image, phrase["text"], tuple(box), _outside_reason(geometry))
-                            for box in phrase["boxes"] if box not in seen]
-                n_clipped += sum(geometry.crop_share(tuple(box)) < 1.0 for box in seen)
+                            for box in boxes.outside]
+                n_clipped += boxes.n_clipped
+                seen = boxes.seen
                 if not seen:
                     continue
-                inside_image = box_weights(seen, geometry)
-                phrase_map = patch_values[rows].sum(0)
-                inside_tokens = np.zeros(len(tokens), dtype=bool)
-                inside_tokens[rows] = True
-                token_scores = (patch_values @ inside_image)[content]
-                values, chance = {}, {}
-                for direction, (v, inside) in {
-                    "phrase_to_image": (phrase_map, inside_image),
-                    "box_to_phrase": (token_scores, inside_tokens[content]),
-                }.items():
-                    values.update({f"{direction}/{name}": score for name, score in grounding_scores(v, inside).items()})
-                    chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
+                values, chance = _both_directions(patch_values, rows, box_weights(seen, geometry), content)
                 link = view_link(index, tokens, geometry, span=(phrase["start"], phrase["end"]), box=tuple(seen[0]))
                 scores.append(PhraseScore(index, phrase["text"], label, values, chance, image=pair.image, link=link,
                                           n_phrases=len(labels), shares_class=labels.count(label) > 1,
@@ -291,10 +283,44 @@ def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> E
     return Evaluation(scores, sorted(unmatched, key=lambda u: u.line), skipped, n_clipped)
 
 
-def boxes_in_view(boxes: list[list[float]], geometry: Preprocessing) -> list[list[float]]:
-    """The boxes that the model saw at least part of: a box wholly outside the crop is no region of its map (a
-    phrase is scored on the rest, and not at all when none is left)."""
-    return [box for box in boxes if geometry.crop_share(tuple(box)) > 0.0]
+def _both_directions(patch_values: np.ndarray, rows: list[int], inside_image: np.ndarray,
+                     content: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """Every metric of both :data:`DIRECTIONS` of one phrase, and their chance levels (``"<direction>/<metric>"``):
+    phrase -> image scores the phrase's rows' summed map ``(patches,)`` against the boxes' patch weights
+    ``inside_image``, box -> phrase the caption's ``content`` tokens' interactions with the boxes against the
+    phrase's ``rows``."""
+    inside_tokens = np.zeros(len(content), dtype=bool)
+    inside_tokens[rows] = True
+    regions = {"phrase_to_image": (patch_values[rows].sum(0), inside_image),
+               "box_to_phrase": ((patch_values @ inside_image)[content], inside_tokens[content])}
+    values, chance = {}, {}
+    for direction, (v, inside) in regions.items():
+        values.update({f"{direction}/{name}": score for name, score in grounding_scores(v, inside).items()})
+        chance.update({f"{direction}/{name}": level for name, level in chance_levels(inside).items()})
+    return values, chance
+
+
+@dataclass(frozen=True)
+class BoxesInView:
+    """A phrase's boxes by how much of them the model saw: a box wholly outside the crop is no region of its map
+    (a phrase is scored on the rest, and not at all when none is left)."""
+
+    seen: list[list[float]]  # at least part of it
+    outside: list[list[float]]  # none of it
+    n_clipped: int  # boxes of ``seen`` partly outside: scored by the part the model saw
+
+
+def boxes_in_view(boxes: list[list[float]], geometry: Preprocessing) -> BoxesInView:
+    """Split ``boxes`` by the share of each inside the part of the image the model saw."""
+    shares = [geometry.crop_share(tuple(box)) for box in boxes]
+    return BoxesInView(seen=[box for box, share in zip(boxes, shares) if share > 0.0],
+                       outside=[box for box, share in zip(boxes, shares) if not share > 0.0],
+                       n_clipped=sum(0.0 < share < 1.0 for share in shares))
+
+
+def phrase_class(phrase: dict[str, Any]) -> str:
+    """The class an annotation gives a phrase, ``all`` where it gives none: per-class summaries group phrases by it."""
+    return str(phrase.get("class", "all"))
 
 
 def left_out_lines(unmatched: list[UnmatchedPhrase], skipped: list[SkippedBox], limit: int | None) -> list[str]:
@@ -351,9 +377,8 @@ def failure_patterns(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, l
         out = []
         for name, members in groups.items():
             if members.any():
-                ci = bootstrap_ci(values[members], seed=seed)
-                out.append({"group": name, "n_phrases": int(members.sum()), "pointing_game": float(values[members].mean()),
-                            "ci95": list(ci)})
+                summary = mean_interval(values[members], seed=seed)
+                out.append({"group": name, "n_phrases": summary.n, "pointing_game": summary.mean, "ci95": summary.ci95})
         return out
 
     return {"object_size": rows(by_size), "objects_named": rows(by_count), "same_class_named": rows(by_class)}
@@ -384,10 +409,8 @@ def summarize(scores: list[PhraseScore], *, seed: int = 0) -> dict[str, Any]:
     def stats(items: list[PhraseScore]) -> dict[str, Any]:
         out: dict[str, Any] = {"n_phrases": len(items)}
         for key in items[0].values:
-            samples = np.array([s.values[key] for s in items])
-            low, high = bootstrap_ci(samples, seed=seed)
-            chance = float(np.mean([s.chance[key] for s in items]))
-            out[key] = {"mean": float(samples.mean()), "ci95": [low, high], "n": len(items), "chance": chance}
+            summary = mean_interval(np.array([s.values[key] for s in items]), seed=seed)
+            out[key] = {**summary.record(), "chance": float(np.mean([s.chance[key] for s in items]))}
         return out
 
     return {"overall": stats(scores), "per_class": {label: stats(items) for label, items in sorted(groups.items())}}
@@ -400,28 +423,22 @@ def bar_charts(report: dict[str, Any], folder: Path) -> list[Path]:
 
 def bar_chart(report: dict[str, Any], path: Path, metric: str) -> Path:
     """A bar per class of one metric, with its 95 % interval and its chance level; the overall mean as a line."""
-    figure = _chart(report, metric)
-    return write_atomically(path, lambda temporary: figure.savefig(temporary, format=path.suffix[1:]))
+    return save_chart(_chart(report, metric), path)
 
 
 def _chart(report: dict[str, Any], metric: str) -> Any:
     """The matplotlib figure of :func:`bar_chart`. Each class's chance level (what a map that knows nothing of
     the phrase scores: see :func:`chance_levels`) is a dotted dash across its bar, since it depends on the
     boxes' sizes; the legend sits above the axes, where it hides no bar or whisker."""
-    from matplotlib.figure import Figure
-
     labels = list(report["per_class"])
     stats = [report["per_class"][k][metric] for k in labels]
-    means = np.array([s["mean"] for s in stats])
-    whiskers = np.abs(np.array([s["ci95"] for s in stats]).T - means)  # below and above each mean
     positions = np.arange(len(labels))
-    figure = Figure(figsize=(max(4.5, 0.8 * len(labels) + 2), 3.8), layout="constrained")
-    axes = figure.add_subplot()
-    axes.bar(positions, means, yerr=whiskers, capsize=4, color="#b2182b", label="mean, 95 % interval")
+    figure, axes = interval_figure(len(labels), 0.8)
+    interval_bars(axes, positions, stats, capsize=4, color="#b2182b", label="mean, 95 % interval")
     axes.hlines([s["chance"] for s in stats], positions - 0.45, positions + 0.45, colors="#2166ac", linestyles=":",
                 linewidth=2, label="chance")
     axes.axhline(report["overall"][metric]["mean"], color="black", linestyle="--", linewidth=1, label="overall mean")
-    ticks = [f"{label}\nn={s['n']}{' (too few)' if s['n'] < MIN_N_FOR_INTERVAL else ''}" for label, s in zip(labels, stats)]
+    ticks = [f"{label}\n{count_text(s['n'])}" for label, s in zip(labels, stats)]
     axes.set_xticks(positions, ticks, rotation=30, ha="right")
     axes.set_ylim(0, 1.05)
     axes.set_ylabel(metric.replace("/", ": ").replace("_", " "))

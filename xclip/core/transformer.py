@@ -50,6 +50,17 @@ class Block:
         *lead, n_positions, width = x.shape
         return x.reshape(*lead, n_positions, self.n_heads, width // self.n_heads).transpose(-3, -2)
 
+    def queries_keys_values(self, normed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The heads' queries, keys and values ``(..., n_heads, S, d / n_heads)`` of ``normed = LN1(x)``."""
+        q, k, v = (self.split_heads(proj(normed)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return q, k, v
+
+    def output_from_heads(self, x: Tensor, attended: Tensor) -> Tensor:
+        """The block's output for input ``x`` ``(..., S, d)`` whose heads attended to ``attended``
+        ``(..., n_heads, S, d / n_heads)``: ``y = x + Attn`` (the heads merged, projected and scaled), then
+        ``y + MLP(LN2(y))``."""
+        return self.mlp_residual(x + self.ls1(self.out_proj(attended.transpose(-3, -2).flatten(-2))))
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """Softmax attention per head; ``mask`` is boolean, True where a query may attend to a key.
@@ -73,14 +84,18 @@ def block_forward(block: Block, x: Tensor, mask: Tensor | None, *, fused: bool =
 
     ``fused=True`` uses ``scaled_dot_product_attention`` (fast, no forward AD): for the layers below the cut.
     """
-    h = block.ln1(x)
-    q, k, v = (block.split_heads(proj(h)) for proj in (block.q_proj, block.k_proj, block.v_proj))
-    if fused:
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:
-        attended = attention(q, k, v, mask)
-    y = x + block.ls1(block.out_proj(attended.transpose(-3, -2).flatten(-2)))
-    return block.mlp_residual(y)
+    if not fused:
+        return block_forward_with_attention(block, x, mask)[0]
+    q, k, v = block.queries_keys_values(block.ln1(x))
+    return block.output_from_heads(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def block_forward_with_attention(block: Block, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`block_forward` and the block's attention weights ``(B, n_heads, S, S)``, which stay in the graph (the
+    attention-based baselines of :mod:`xclip.analysis.baselines` differentiate them)."""
+    q, k, v = block.queries_keys_values(block.ln1(x))
+    weights = attention_weights(q, k, mask)
+    return block.output_from_heads(x, weights @ v), weights
 
 
 @dataclass(frozen=True)
@@ -138,8 +153,7 @@ def pooled_block_forward(block: Block, x: Tensor, mask: Tensor | None, pooled_in
     k, v = block.split_heads(block.k_proj(h)), block.split_heads(block.v_proj(h))
     query_mask = None if mask is None else mask.expand(x.shape[0], -1, -1, -1)[rows, :, pooled_index][:, :, None]
     attended = attention(q, k, v, query_mask)  # (B, H, 1, dh)
-    y = x[rows, pooled_index] + block.ls1(block.out_proj(attended.transpose(-3, -2).flatten(-2)))[:, 0]
-    return block.mlp_residual(y)
+    return block.output_from_heads(x[rows, pooled_index][:, None], attended)[:, 0]
 
 
 def embed_from_hidden(upper: UpperEncoder, hidden: Tensor, positions: Positions, *, normalize: bool) -> Tensor:
