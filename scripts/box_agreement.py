@@ -18,7 +18,8 @@ import xclip
 from xclip.errors import ConfigError
 from xclip.analysis.grounding import box_weights
 from xclip.core.geometry import Preprocessing
-from xclip.show.figures import PairView, _content
+from xclip.show.content import figure_content
+from xclip.show.pairs import PairView
 from xclip.core.tokens import CaptionTokens
 from xclip.show.viewer import _patch_rects_in_view
 
@@ -53,7 +54,7 @@ def render_weights(geometry: Preprocessing, box: tuple[float, float, float, floa
     interactions = np.zeros((n + 2, 1 + n))
     interactions[1 : n + 1, 1:] = np.eye(n)
     view = PairView("pair", "pair", tokens, interactions, geometry, 1, Image.new("RGB", geometry.input_size), 0.0, 0.0, 0.0)
-    drawn = _content(view, None, box, frozenset())  # what a figure of the box colours its words with
+    drawn = figure_content(view, None, box, frozenset())  # what a figure of the box colours its words with
     return np.array([value for _, _, value in drawn.words])
 
 

@@ -18,7 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from xclip.store.runfile import RunReader, create_run_file
+from xclip.store.create import create_run_file
+from xclip.store.reader import RunReader
 
 
 @dataclass(frozen=True)

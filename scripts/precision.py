@@ -17,7 +17,7 @@ from convergence import DEMO_MODEL  # the script beside this one
 
 from xclip.config import load_config
 from xclip.run.runner import run
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
 DEMO_SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
 

@@ -24,7 +24,7 @@ from xclip.config import load_config
 from xclip.analysis.grounding import score_run, summarize
 from xclip.store.describe import describe_accuracy
 from xclip.run.runner import run
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 from xclip.analysis.synthetic import generate, write_scenes
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xclip.show.figures import render_run
+from xclip.show.render import render_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

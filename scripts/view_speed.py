@@ -22,7 +22,7 @@ from pathlib import Path
 
 from xclip.config import load_config
 from xclip.run.runner import run
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 from xclip.analysis.synthetic import generate, write_scenes
 from xclip.show.viewer import make_server
 

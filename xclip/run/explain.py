@@ -22,10 +22,11 @@ from xclip.errors import ConfigError
 from xclip.core.geometry import check_image_resize
 from xclip.attribution.inputs_read import input_notes
 from xclip.store.describe import inputs_read_of_pair
-from xclip.show.figures import FigureOptions, render_run
+from xclip.show.figures import FigureOptions
+from xclip.show.render import render_run
 from xclip.run.runner import Progress, RunSummary, run
-from xclip.store.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, FOUR_TERM_VALUE, IMAGES, MAP_ERROR_BOUND, PAIRS, SCORE
-from xclip.store.runfile import DONE, FAILED, RunReader
+from xclip.store.schema import CAPTION_INDEX, CAPTIONS, COMPLETENESS_ERROR, DONE, FAILED, FOUR_TERM_VALUE, IMAGES, MAP_ERROR_BOUND, PAIRS, SCORE
+from xclip.store.reader import RunReader
 
 _NUMBERS = (SCORE, FOUR_TERM_VALUE, COMPLETENESS_ERROR, MAP_ERROR_BOUND)  # the ExplainedPair fields read from the run file
 

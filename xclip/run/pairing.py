@@ -18,7 +18,7 @@ from xclip.errors import XclipError
 from xclip.run.identity import RunIdentity
 
 
-def choose_pairs(
+def pairs_to_attribute(
     config: RunConfig,
     dataset: Dataset,
     model: DualEncoderAdapter,

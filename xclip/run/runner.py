@@ -24,21 +24,13 @@ from xclip.disk.digests import FileIdentity, Verify, file_identity, has_changed
 from xclip.errors import XclipError
 from xclip.run.identity import RunIdentity, check_resumable, identify_run, provenance
 from xclip.store.describe import describe_accuracy, describe_crops, describe_failures, describe_truncated_captions, describe_unknown_words
-from xclip.run.pairing import choose_pairs, shard_dataset
+from xclip.run.pairing import pairs_to_attribute, shard_dataset
 from xclip.attribution.from_config import load_attributor
 from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
-from xclip.store.schema import CAPTION_INDEX, CAPTIONS, FILE_SIZE, IMAGE_INDEX, IMAGES, IS_TRUNCATED, MTIME_NS, PAIRS, SHA256
-from xclip.store.runfile import (
-    DONE,
-    FAILED,
-    PENDING,
-    RUN_FILE,
-    BackgroundWrites,
-    ImageSource,
-    RunReader,
-    RunWriter,
-    create_run_file,
-)
+from xclip.store.schema import CAPTION_INDEX, CAPTIONS, DONE, FAILED, FILE_SIZE, IMAGE_INDEX, IMAGES, IS_TRUNCATED, MTIME_NS, PAIRS, PENDING, RUN_FILE, SHA256
+from xclip.store.create import create_run_file
+from xclip.store.reader import RunReader
+from xclip.store.writer import BackgroundWrites, ImageSource, RunWriter
 from xclip.threads import threads_for
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -123,7 +115,7 @@ def _run_locked(
     summary = _summarise(directory, n_skipped, model_load_seconds, should_stop, config.image.crop_warning)
     summary.changed_images = changed
     if config.output.render and not summary.is_interrupted:
-        from xclip.show.figures import render_run
+        from xclip.show.render import render_run
 
         render_run(directory)
     return summary
@@ -152,7 +144,7 @@ def _create_run_file(
 ) -> None:
     """Choose the pairs and create ``run_path`` with every dataset this shard's run fills."""
     model = attributor.model
-    chosen = choose_pairs(config, dataset, model, identity, partial(progress, "ranking"))
+    chosen = pairs_to_attribute(config, dataset, model, identity, partial(progress, "ranking"))
     stores_pair_maps = _stores_pair_maps(config, len(chosen), model)  # decided on all shards' pairs together
     shard = shard_dataset(dataset, chosen, config)
     grid = model.patch_grid

@@ -1,13 +1,13 @@
 """``xclip view``: a run in the browser. A small HTTP server on 127.0.0.1 (the standard library's) answers
 JSON questions about one run directory, and the page in ``xclip/show/static/`` draws the answers.
 
-Every request opens the run file anew through :class:`xclip.store.runfile.RunReader` and reads only what it needs (a
+Every request opens the run file anew through :class:`xclip.store.reader.RunReader` and reads only what it needs (a
 page of the pair table, one pair's map), so a 100,000-pair run opens as fast as a 10-pair one, and a run that
 is still being written shows what is finished at each reload. ``export_site`` writes the same page with the
 data of chosen pairs into a folder that opens from the file system, for sharing.
 
 The run file holds zeros, not NaN, in the numbers of pairs that are not done (the fill value is recorded but
-never written, see :mod:`xclip.store.runfile`): the viewer reads them as missing, so that unfinished pairs neither sort
+never written, see :func:`xclip.store.layout.fixed_dataset`): the viewer reads them as missing, so that unfinished pairs neither sort
 among nor pass filters as finished ones, and show no value.
 
 The server answers only requests for its own origin (one ``Host``, the one a browser sends for ``127.0.0.1:PORT``
@@ -64,7 +64,7 @@ from xclip.store.schema import (
     TERMS,
     Status,
 )
-from xclip.store.runfile import MissingImage, RunReader
+from xclip.store.reader import MissingImage, RunReader
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
@@ -83,7 +83,7 @@ ABSOLUTE_FORM = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?]*)(.*)", re.DOTAL
 class NotFound(ConfigError):
     """A pair or image that is not a finished one of the run, an index that is not one, or a thumbnail address
     that names another picture: the server answers 404 (an image file that is not there raises
-    :class:`xclip.store.runfile.MissingImage`, also answered 404)."""
+    :class:`xclip.store.reader.MissingImage`, also answered 404)."""
 
 
 class Misdirected(ConfigError):
