@@ -143,21 +143,21 @@ def expect(args: list, code: int, message: str) -> str:
 # --- run files ----------------------------------------------------------------------------------------------------
 def plant_pair_number(f, pair: int, name: str, value: float) -> None:
     """Replace one of a stored pair's numbers in an open run file, with the checksum readers verify."""
-    from xclip.store.runfile import _checksum, _pair_numbers_row
+    from xclip.store.layout import checksum, checksummed
 
     pairs = f["pairs"]
     pairs[name][pair] = value
-    pairs["checksum"][pair] = _checksum(pairs["interactions"][pair], *_pair_numbers_row(pairs, pair))
+    pairs["checksum"][pair] = checksum(pairs[column][pair] for column in checksummed(f, "pairs"))
 
 
 def plant_map(f, pair: int, interactions: np.ndarray) -> None:
     """Replace a stored pair map in an open run file, with the checksum that readers verify (a plant without it
     is refused as damage)."""
-    from xclip.store.runfile import _checksum, _pair_numbers_row
+    from xclip.store.layout import checksum, checksummed
 
     pairs = f["pairs"]
     pairs["interactions"][pair] = interactions
-    pairs["checksum"][pair] = _checksum(pairs["interactions"][pair], *_pair_numbers_row(pairs, pair))
+    pairs["checksum"][pair] = checksum(pairs[column][pair] for column in checksummed(f, "pairs"))
 
 
 def synthetic_run(tmp_path: Path, model_dirs: dict[str, str]) -> tuple[Path, list[dict]]:
@@ -329,3 +329,65 @@ def attribute(driver, element_id: str, name: str) -> str | None:
     from selenium.webdriver.common.by import By
 
     return driver.find_element(By.ID, element_id).get_attribute(name)
+
+
+# --- the documentation: README.md and the pages under docs/ -------------------------------------------------------
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.M | re.S)
+
+
+def doc_pages() -> list[str]:
+    """README.md and every page under docs/, as paths relative to the repository root."""
+    return ["README.md", *sorted(f"docs/{page.name}" for page in (ROOT / "docs").glob("*.md"))]
+
+
+def doc_sections(path: str) -> list[tuple[str, str]]:
+    """``(title, text)`` of every section of a page (relative to the repository root): a heading of any level and
+    the text up to the next heading (``#`` lines inside fenced code blocks are not headings); the text before the
+    first heading has the title ''."""
+    sections, title, lines, fenced = [], "", [], False
+    for line in (ROOT / path).read_text().splitlines(keepends=True):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"#{1,6} (.+)", line)
+        if heading:
+            sections.append((title, "".join(lines)))
+            title, lines = heading.group(1).strip(), []
+        lines.append(line)
+    sections.append((title, "".join(lines)))
+    return sections
+
+
+def section(path: str, title: str) -> str:
+    """The text of a page's section: its heading (``title`` as written after the ``#``s) up to the next heading."""
+    found = [text for name, text in doc_sections(path) if name == title]
+    assert len(found) == 1, f"{path} has {len(found)} headings {title!r}"
+    return found[0]
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    """The fenced code blocks of ``language`` in ``text`` ('' for blocks that name none)."""
+    return [body for name, body in FENCE.findall(text) if name == language]
+
+
+def shows_xclip_command(block: str) -> bool:
+    """A code block with an ``xclip ...`` command line in it (also as a ``$ xclip ...`` shell transcript)."""
+    return any(re.match(r"(\$ )?xclip( |$)", line.strip()) for line in block.splitlines())
+
+
+def serve_briefly(arguments: list[str], cwd: Path) -> str:
+    """Run an ``xclip view`` command line on a free port, fetch its first page, stop it; the page's HTML."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    xclip_command = Path(sys.executable).parent / "xclip"
+    process = subprocess.Popen([str(xclip_command), *arguments, "--port", "0"], cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), (url, process.stderr.read() if process.poll() is not None else "")
+        with urllib.request.urlopen(url, timeout=30) as answer:
+            return answer.read().decode()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xclip.show.figures import load_pair_view
-from xclip.store.runfile import RunReader
+from xclip.show.pairs import load_pair_view
+from xclip.store.reader import RunReader
 from xclip.show.viewer import RunData
 
 PACKAGE = Path(__file__).resolve().parents[1] / "xclip"
-# what a tokenizer or an image processor offers; outside xclip/models/families/ no module may use it
+# what a tokenizer or an image processor offers; outside the adapters in xclip/models/ no module may use it
 TOKENIZER_AND_PROCESSOR = {
     "tokenizer", "image_processor", "processor", "convert_ids_to_tokens", "all_special_ids", "all_special_tokens",
     "get_tokenizer", "AutoTokenizer", "AutoProcessor", "CLIPTokenizer", "CLIPProcessor", "CLIPImageProcessor",
@@ -79,8 +79,8 @@ def test_imports_run_one_way_including_those_inside_functions():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
-    assert "xclip.store.runfile" in graph["xclip.run.runner"]  # the graph is read: the runner writes through the store
-    assert "xclip.attribution.engine" in graph["xclip.attribution.from_config"] and "xclip.core.interaction" in graph["xclip.store.runfile"]  # and in functions
+    assert "xclip.store.writer" in graph["xclip.run.runner"]  # the graph is read: the runner writes through the store
+    assert "xclip.attribution.engine" in graph["xclip.attribution.from_config"] and "xclip.core.interaction" in graph["xclip.store.reader"]  # and in functions
 
 
 def floor(module: str) -> str:
@@ -108,8 +108,8 @@ def test_the_checker_sees_an_import_inside_a_function(tmp_path):
     # the cycle store -> attribution -> result -> render -> store ran through an import inside a function: the
     # checker must see such imports
     module = tmp_path / "lower.py"
-    module.write_text("def f():\n    from xclip.store import runfile\n    from xclip.attribution.engine import interaction_map\n")
-    assert imports(module, {"xclip.store.runfile", "xclip.attribution.engine"}) == {"xclip.store.runfile", "xclip.attribution.engine"}
+    module.write_text("def f():\n    from xclip.store import reader\n    from xclip.attribution.engine import interaction_map\n")
+    assert imports(module, {"xclip.store.reader", "xclip.attribution.engine"}) == {"xclip.store.reader", "xclip.attribution.engine"}
 
 
 def test_no_module_outside_the_adapters_uses_a_tokenizer_or_an_image_processor():
@@ -157,7 +157,10 @@ def test_readers_of_one_pair_read_its_rows_only(demo_run, monkeypatch):
     RunData(demo_run).image(7)
     with RunReader(demo_run) as run:
         view = load_pair_view(run, 7, run.data_root())
+        pair = run.pair(7)
     assert view.caption == expected[0] and np.array_equal(view.interactions, expected[2])
+    assert (pair.caption, pair.image_index) == (expected[0], i) and pair.image.endswith(expected[1])
+    assert np.array_equal(pair.interactions.numpy(), expected[2])
 
 
 def test_errors_name_the_setting_as_the_user_gave_it(tmp_path, model_dirs):
@@ -185,4 +188,4 @@ def test_errors_name_the_setting_as_the_user_gave_it(tmp_path, model_dirs):
     with pytest.raises(xclip.ConfigError, match=r"or pass overwrite=True to replace it"):
         run(load_config(finished, ["attribution.n_steps=3"]))
     expect(["attribute", finished, "attribution.n_steps=3"], 2, r"or pass --overwrite to replace it")
-    expect(["attribute", finished, "attribution.n_steps=0"], 2, r"attribution.n_steps: Input should be greater than or equal to 1")
+    expect(["attribute", finished, "attribution.n_steps=0"], 2, r"attribution.n_steps: n_steps must be a whole number from 1 to 1024, got 0")

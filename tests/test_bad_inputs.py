@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 
 import xclip
 from xclip.models.base import read_image
-from xclip.cli.app import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, app
+from xclip.cli.app import app
+from xclip.cli.errors import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from xclip.config import load_config
 from xclip.store.schema import SCHEMA_VERSION
 
@@ -409,7 +410,7 @@ CONFIGS: dict[str, tuple[Callable[[Path], object], str]] = {
     "python tag": (lambda p: p.write_text("model: !!python/object:os.system {}\n"), r"run.yaml: invalid YAML: could not determine a constructor"),
     "misspelt key": (lambda p: p.write_text(p.read_text().replace("n_steps", "nsteps")), r"run.yaml:\d+: attribution.nsteps: unknown key; did you mean 'n_steps'\?"),
     "old key name": (lambda p: p.write_text(p.read_text().replace("n_steps", "steps")), r"attribution.steps: unknown key; did you mean 'n_steps'\?"),
-    "huge n_steps": (_edit("attribution.n_steps", 100_000), r"attribution.n_steps: Input should be less than or equal to 1024"),
+    "huge n_steps": (_edit("attribution.n_steps", 100_000), r"run.yaml:\d+: attribution.n_steps: n_steps must be a whole number from 1 to 1024, got 100000"),
     "n_steps true": (_edit("attribution.n_steps", True), r"attribution.n_steps: Input should be a valid integer \(got True\)"),
     "batch size float": (_edit("runtime.batch_size", 2.5), r"runtime.batch_size: Input should be a valid integer"),
     "no tolerance, no steps": (_edit("attribution.n_steps", None), r"give a tolerance to adapt to, or n_steps for a fixed rule"),
@@ -418,7 +419,7 @@ CONFIGS: dict[str, tuple[Callable[[Path], object], str]] = {
     "meta device": (_edit("model.device", "meta"), r"model.device 'meta' is not supported; use auto, cpu, cuda, cuda:N or mps"),
     "xpu device": (_edit("model.device", "xpu:0"), r"model.device 'xpu:0' is not supported"),
     "missing model dir": (_edit("model.name", "./checkpoints/mine"), r"no model directory at .*/checkpoints/mine \(model.name is relative to the config file .*run.yaml\)"),
-    "model dir without config.json": (_edit("model.name", "images"), r"model.name: .*/images holds no config.json, so it is not a transformers checkpoint"),
+    "model dir without config.json": (_edit("model.name", "images"), r".*/images holds no config.json, so it is not a transformers checkpoint: save one with save_pretrained \(model.name is relative to the config file .*run.yaml\)"),
 }
 
 
@@ -831,7 +832,7 @@ def test_api_and_config_share_setting_names():
 
     from xclip.config import AttributionConfig
 
-    parameters = set(inspect.signature(xclip.InteractionAttribution).parameters) - {"model", "internal_batch_size"}
+    parameters = set(inspect.signature(xclip.InteractionAttribution).parameters) - {"model", "settings", "internal_batch_size"}
     assert parameters == set(AttributionConfig.model_fields)
 
 

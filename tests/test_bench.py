@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end on a tiny model and reports what the README says it reports."""
+"""The benchmark script runs end to end on a tiny model and reports what docs/benchmarks.md says it reports."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatc
     checkpoint = demo_copy(tmp_path)
     config = write_pipeline_config(tmp_path / "run.yaml", str(checkpoint), attribution={"n_steps": None})
 
-    monkeypatch.setattr("xclip.cli.app.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
+    monkeypatch.setattr("xclip.cli.progress.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
     result = runner.invoke(app, ["calibrate", str(config), "--inputs", "6", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from xclip.cli.app import app
 from xclip.analysis.comparison import compare_runs
 from xclip.analysis.grounding import DIRECTIONS, METRICS, read_annotations, score_run
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from helpers import DEMO_MODEL, demo_pairs
 import xclip
 from xclip.core.quadrature import DEFAULT_TOLERANCE, MIN_ADAPTIVE_STEPS
 
-FLOAT32_FLOOR = 1e-5  # float32 rounding: every demo input gets below this, not every one below 1e-6 (README)
+FLOAT32_FLOOR = 1e-5  # float32 rounding: every demo input gets below this, not every one below 1e-6 (docs/method.md)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from helpers import expect, invoke, json_line
 
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
 SCENES = Path(__file__).resolve().parents[1] / "configs" / "demo" / "scenes"
 CAPTIONS = ["a blue star", "two objects: a purple cross and a blue star"]

@@ -353,7 +353,7 @@ def test_a_first_order_method_explains_the_image_against_the_phrase_or_the_whole
     from xclip.analysis.baselines import image_maps, text_embeddings
     from xclip.analysis.grounding import annotated_pairs
     from xclip.run.runner import load_attributor
-    from xclip.store.runfile import RunReader
+    from xclip.store.reader import RunReader
 
     synthetic_run(tmp_path, model_dirs)
     with RunReader(tmp_path / "run") as run:

@@ -15,7 +15,8 @@ import xclip
 from xclip.errors import ConfigError
 from xclip.analysis.grounding import box_weights
 from xclip.core.geometry import Preprocessing
-from xclip.show.figures import PairView, _content
+from xclip.show.content import figure_content
+from xclip.show.pairs import PairView
 from xclip.show.viewer import _patch_rects_in_view
 
 STATIC = Path(xclip.__file__).resolve().parent / "show" / "static"
@@ -111,7 +112,7 @@ def render_coverage(geometry: Preprocessing, box: tuple[float, float, float, flo
     interactions[1 : n + 1, 1:] = np.eye(n)
     view = PairView("pair 0", "pair000000", caption_tokens(tokens), interactions, geometry, 1,
                     Image.new("RGB", geometry.input_size), 0.0, 0.0, 0.0)
-    drawn = _content(view, None, box, frozenset())  # what a figure of the box colours its words with
+    drawn = figure_content(view, None, box, frozenset())  # what a figure of the box colours its words with
     covered = int(next(note for note in drawn.notes if note.startswith("the box covers")).split()[3])
     values = np.array([value for _, _, value in drawn.words])
     assert covered == int((values > 0).sum())

@@ -24,7 +24,8 @@ from helpers import make_images
 from typer.testing import CliRunner
 
 import xclip
-from xclip.cli.app import EXIT_USAGE, app
+from xclip.cli.app import app
+from xclip.cli.errors import EXIT_USAGE
 from xclip.config import MAX_CONFIG_BYTES, MAX_NESTING_DEPTH, load_config
 from xclip.errors import ConfigError
 from xclip.attribution.panels import Calibration, PanelLayout, cache_file, path_settings, save_calibration, weights_fingerprint

@@ -15,8 +15,9 @@ from helpers import attribute, browser, invoke, page_url, serving, wait_settled
 from xclip.run.explain import explain
 from xclip.attribution.inputs_read import caption_read, image_read
 from xclip.store.describe import describe_inputs_read, inputs_read_report
-from xclip.show.figures import draw, load_pair_view
-from xclip.store.runfile import RunReader
+from xclip.show.figures import draw
+from xclip.show.pairs import load_pair_view
+from xclip.store.reader import RunReader
 from xclip.core.tokens import CaptionTokens
 from xclip.show.viewer import RunData
 

@@ -266,7 +266,7 @@ def test_attribute_runs_on_an_open_clip_model_from_a_config(checkpoints, tmp_pat
     code, output = invoke("attribute", tmp_path / "run.yaml", "-q", "--json")
     assert code == 0, output
     assert json.loads(output)["done"] == 3
-    from xclip.store.runfile import RunReader
+    from xclip.store.reader import RunReader
 
     with RunReader(tmp_path / "run") as run:
         assert run.attrs["model_family"] == "open_clip" and run.attrs["open_clip_version"] == open_clip.__version__

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from helpers import DEMO_MODEL, demo_pairs, make_images, plant_map, write_demo_folder, write_pipeline_config
+from helpers import ROOT, DEMO_MODEL, demo_pairs, make_images, plant_map, section, write_demo_folder, write_pipeline_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,9 +24,8 @@ from xclip.run.data import read_dataset
 from xclip.errors import ConfigError
 from xclip.show.figures import map_colours
 from xclip.run.runner import run
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 runner = CliRunner()
 CAPTIONS = ["a red dog", "two blue circle", "the cat on a green square"]
 
@@ -259,10 +258,10 @@ def test_changed_config_is_refused_unless_overwrite(tmp_path, folder_config):
         assert json.loads(f.attrs["config"])["attribution"]["n_steps"] == 7
 
 
-def test_hdf5_layout_matches_the_readme_table(tmp_path, folder_config):
+def test_the_run_file_has_the_documented_datasets(tmp_path, folder_config):
     assert runner.invoke(app, ["attribute", str(folder_config), "-q"]).exit_code == 0
-    section = README.read_text().split("### HDF5 layout")[1].split("\n## ")[0]
-    rows = re.findall(r"^\| `([\w/]+)` \| `\(([^)]*)\)` \| ([\w()]+) \|", section, flags=re.M)
+    table = section("docs/run-file.md", "Datasets")
+    rows = re.findall(r"^\| `([\w/]+)` \| `\(([^)]*)\)` \| ([\w()]+) \|", table, flags=re.M)
     assert len(rows) >= 20
     with h5py.File(tmp_path / "run" / "run.h5", "r") as f:
         sizes = {"C": 3, "I": 3, "P": 3, "L": 77, "S": 17, "E": 16, "4": 4, "R": 0}
@@ -354,7 +353,7 @@ def test_attribute_counts_and_names_the_inexact_pair_maps(tmp_path):
         (["attribution.n_steps=", "attribution.tolerance="], "give a tolerance to adapt to, or n_steps for a fixed rule"),
         (["attribution.n_steps=", "attribution.convention=reference"], "'reference' reproduces the reference code's fixed rule"),
         (["attribution.n_steps=", "attribution.rule=midpoint"], "'midpoint' is for fixed-step comparisons"),
-        (["attribution.max_steps=8"], "attribution.max_steps: Input should be greater than or equal to 12"),
+        (["attribution.n_steps=", "attribution.max_steps=8"], "attribution.max_steps: max_steps must be at least 12 (the first 4 panels of 3 nodes), got 8"),
     ],
 )
 def test_quadrature_settings_are_checked_before_the_model_loads(folder_config, overrides, message):
@@ -430,7 +429,7 @@ def test_module_entry_point_help():
 
 
 def test_shipped_configs_are_valid():
-    for path in sorted((README.parent / "configs").glob("*.yaml")):
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
         config = load_config(path, [])
         assert config.output.directory.is_absolute(), path
 

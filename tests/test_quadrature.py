@@ -265,7 +265,7 @@ def test_the_first_panels_follow_the_breakpoints():
 def test_state_memory_is_bounded_and_stated():
     # ViT-B/16 image tower at the defaults: 197 positions x 512 dimensions in float32, 44 panels of three sums
     per_input = state_bytes_per_input(197, 512, 4, 256, 3)
-    assert 50e6 < per_input < 60e6  # the README's 54 MB
+    assert 50e6 < per_input < 60e6  # docs/method.md's 54 MB
     # the bound holds the panels a refinement can make: each split adds one panel and one panel edge, so an
     # input that splits all it can ends with 1 + n_endpoints panels, no more than the bound counts
     for max_steps in (30, 64, 256):

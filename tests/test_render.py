@@ -20,11 +20,13 @@ from matplotlib.colors import CenteredNorm
 from PIL import Image, ImageDraw
 
 import xclip
-import xclip.show.figures as rendering
-from xclip.show.colours import CONTOUR, outline_mask
+from xclip.show.colours import CONTOUR, map_colours, outline_mask
 from xclip.errors import ConfigError
 from xclip.core.geometry import Preprocessing
-from xclip.show.figures import FigureOptions, PairView, draw, figure, map_colours
+from xclip.show.canvas import Canvas
+from xclip.show.figures import CROP, FigureOptions, draw, figure
+from xclip.show.pairs import PairView
+from xclip.show.text import dejavu_sans, panel_title_fitting
 
 GRID = (4, 4)
 
@@ -127,13 +129,13 @@ def test_all_words_draws_punctuation_and_stop_words_too():
 def recorded_text_boxes(monkeypatch) -> list[tuple[str, tuple[float, float, float, float]]]:
     """Every text drawn from now on, with its box on the picture (as Pillow sets it)."""
     boxes: list[tuple[str, tuple[float, float, float, float]]] = []
-    draw_text = rendering._Canvas.text
+    draw_text = Canvas.text
 
     def text(self, xy, text, fill, font):
         boxes.append((text, ImageDraw.Draw(self.picture).textbbox(xy, text, font=font)))
         draw_text(self, xy, text, fill, font)
 
-    monkeypatch.setattr(rendering._Canvas, "text", text)
+    monkeypatch.setattr(Canvas, "text", text)
     return boxes
 
 
@@ -177,7 +179,7 @@ def test_no_text_meets_another_or_leaves_the_page(monkeypatch, layout, aspect, k
 
 
 def test_tick_labels_share_one_compact_format():
-    from xclip.show.figures import _tick_labels
+    from xclip.show.colour_bars import _tick_labels
 
     assert _tick_labels(0.15, 5)[1:] == (["−0.150", "−0.075", "0", "+0.075", "+0.150"], "")
     assert _tick_labels(7.7e-5, 5)[1:] == (["−7.7", "−3.8", "0", "+3.8", "+7.7"], "×10⁻⁵")
@@ -191,7 +193,7 @@ def test_tick_labels_keep_a_gap_from_their_tick_marks():
     drawn = draw(view, span="red")
     pen = ImageDraw.Draw(drawn.picture.copy())
     ticks = [points for kind, points, *_ in drawn.drawn if kind == "line" and points[1] == points[3]]  # the map bar's
-    labels = [pen.textbbox(xy, text, font=rendering._font(size))
+    labels = [pen.textbbox(xy, text, font=dejavu_sans(size))
               for kind, xy, text, _, size in (item for item in drawn.drawn if item[0] == "text") if text[:1] in "−+0"]
     assert len(ticks) == 5
     for _, y, end, _ in ticks:
@@ -256,7 +258,7 @@ def test_a_crop_is_drawn_on_the_whole_image_and_noted():
     assert (pixels[:, : left - 3] == dimmed(RED)).all(-1).mean() > 0.95  # what it did not see, dimmed
     assert (pixels[:, right + 3 :] == dimmed(BLUE)).all(-1).mean() > 0.95
     assert count(pixels, np.array(RED)) == count(pixels, np.array(BLUE)) == 0
-    crop_outline = [item for item in drawn.drawn if item[0] == "rectangle" and item[3] == rendering.CROP]
+    crop_outline = [item for item in drawn.drawn if item[0] == "rectangle" and item[3] == CROP]
     assert crop_outline and crop_outline[0][1][0] == pytest.approx(x + left, abs=1)
     note = "the model saw the centre 38% of this image (crop 240 x 240 of 640 x 240)"
     assert any(w.startswith(note) for w in drawn.warnings) and any(n.startswith(note) for n in drawn.notes)
@@ -270,7 +272,7 @@ def test_a_square_image_or_a_small_cut_gets_no_note():
     assert not any("the model saw" in note for note in square.notes)
     slight = draw(wide_view((8.0, 0.0, 632.0, 240.0)))  # 2.5% cut off: drawn, not noted
     assert not any("the model saw" in note for note in slight.notes)
-    assert any(item[0] == "rectangle" and item[3] == rendering.CROP for item in slight.drawn)
+    assert any(item[0] == "rectangle" and item[3] == CROP for item in slight.drawn)
 
 
 def test_a_padded_image_is_drawn_inside_its_square():
@@ -358,8 +360,8 @@ def test_a_span_over_many_pairs_skips_and_counts_the_pairs_without_it(finished_r
 
 
 def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_path):
-    from xclip.show.figures import load_pair_view
-    from xclip.store.runfile import RunReader
+    from xclip.show.pairs import load_pair_view
+    from xclip.store.reader import RunReader
 
     (png,) = render(finished_run, "--pair", "0", "--out", tmp_path / "png", "--dpi", "120")[0]
     (svg,) = render(finished_run, "--pair", "0", "--out", tmp_path / "svg", "--format", "svg", "--dpi", "120")[0]
@@ -389,7 +391,7 @@ def test_svg_and_pdf_keep_text_as_text_and_the_maps_pixels(finished_run, tmp_pat
 
 
 def test_render_run_takes_a_layout(finished_run, tmp_path):
-    from xclip.show.figures import render_run
+    from xclip.show.render import render_run
 
     (pdf,) = render_run(finished_run, pairs=[0], out=tmp_path, file_format="pdf", layout="column").written
     assert page_size(pdf)[0] == pytest.approx(3.5 * 72, abs=0.75)
@@ -433,14 +435,14 @@ def test_render_counts_the_pairs_left_beyond_its_limit_and_logs_progress(finishe
 def test_a_panel_title_too_wide_for_its_panel_keeps_its_number_whole():
     # "background: +0.00249" in a 140-pixel panel was cut to "background: +0.00...", a number that reads as another:
     # a title is set smaller (down to four fifths) to fit whole, and only then is its label shortened
-    font = rendering._font(12)
+    font = dejavu_sans(12)
     for title in ("background: +0.00249", "zebra (unknown): +0.223", "a: -1.23e-05"):
         for width in (100.0, 130.0, 400.0):  # a map panel is at least 100 pixels wide
-            shown, used = rendering._panel_title_fitting(title, font, width)
+            shown, used = panel_title_fitting(title, font, width)
             value = title.rpartition(": ")[2]
             assert shown.endswith(": " + value) and used.getlength(shown) <= width, (title, width, shown)
             assert used.size >= 10  # never below four fifths of the panel titles' size
             if shown != title:  # shortened only where even the smallest size cannot hold it whole
-                assert shown.endswith("…: " + value) and rendering._font(10).getlength(title) > width
+                assert shown.endswith("…: " + value) and dejavu_sans(10).getlength(title) > width
             elif font.getlength(title) <= width:
                 assert used.size == 12  # a title that fits keeps its size

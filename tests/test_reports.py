@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xclip.cli.app import _summary_cell
+from xclip.cli.tables import _summary_cell
 
 
 def test_a_missing_summary_value_is_a_dash_and_numbers_keep_their_format():
@@ -20,7 +20,7 @@ def test_tables_keep_to_the_terminal_and_never_cut_a_word(width):
     from rich.console import Console
     from rich.table import Table
 
-    from xclip.cli.app import _print_table
+    from xclip.cli.tables import print_table
 
     # the shapes that were cut at 80 columns: seven numeric columns with two-word headers, and a caption beside
     # a long file name
@@ -32,7 +32,7 @@ def test_tables_keep_to_the_terminal_and_never_cut_a_word(width):
     for table in (numbers, captions):
         words = {w for column in table.columns for cell in [column.header, *column.cells] for w in str(cell).split()}
         out = io.StringIO()
-        _print_table(Console(file=out, width=width), table)
+        print_table(Console(file=out, width=width), table)
         lines = out.getvalue().splitlines()
         assert max(len(line) for line in lines) <= width, out.getvalue()
         drawn = {w.strip("│┃ ") for line in lines for w in line.replace("│", " ").replace("┃", " ").split()}

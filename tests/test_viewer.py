@@ -29,9 +29,10 @@ from xclip.config import RunConfig, load_config
 from xclip.errors import ConfigError
 from xclip.run.runner import run
 from xclip.core.geometry import Preprocessing
-from xclip.show.figures import draw, load_pair_view
+from xclip.show.figures import draw
+from xclip.show.pairs import load_pair_view
 from xclip.attribution.result import INEXACT_PAIR_FACTOR
-from xclip.store.runfile import RunReader
+from xclip.store.reader import RunReader
 from xclip.show.viewer import PairQuery, RunData, export_site, make_server
 
 

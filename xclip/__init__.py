@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names for type checkers; at run time they load on first access (PEP 562)
@@ -14,7 +13,6 @@ if TYPE_CHECKING:  # the names for type checkers; at run time they load on first
     from xclip.models.loading import load_model
     from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
 
-__version__ = version("xclip")  # pyproject.toml says it, once
 
 # public name -> the module that defines it; `import xclip` loads none of them (they pull in torch)
 _LAZY = {
@@ -62,6 +60,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # pyproject.toml states it, once; read when asked (importlib.metadata costs 30 ms)
+        from importlib.metadata import version
+
+        return version("xclip")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
