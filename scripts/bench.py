@@ -150,7 +150,7 @@ def quadrature_settings(args: argparse.Namespace) -> dict[str, object]:
 
 
 def naive_pair_seconds(model, text: TextBatch, images: ImageBatch, n_steps: int) -> tuple[float, float]:
-    """Seconds for one pair by the naive algorithm (default layers, the reference code's right Riemann rule),
+    """Seconds for one pair by the naive algorithm (default layers, the paper's code's right Riemann rule),
     and the sum of its map."""
     attributor = xclip.InteractionAttribution(model, n_steps=n_steps, rule="riemann-right")
     alphas, weights = quadrature("riemann-right", n_steps)

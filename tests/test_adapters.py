@@ -93,7 +93,7 @@ def test_reference_convention_reproduces_the_public_code(model64):
     attributor = xclip.InteractionAttribution(model64, convention="reference", rule="riemann-right", n_steps=10)
     (text,) = attributor.text_contributions(CAPTIONS[:1])
     batch = model64.tokenize(CAPTIONS[:1])
-    ids = model64.reference_code_text_ids(batch)
+    ids = model64.paper_code_text_ids(batch)
     first = 1 if model64.family == "clip" else 0
     assert ids[0, first].item() == 0 and ids[0, first + 1].item() == model64.tokenizer.eos_token_id
     assert ids[0, first + 2 :].eq(0).all()

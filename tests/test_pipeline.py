@@ -351,7 +351,7 @@ def test_attribute_counts_and_names_the_inexact_pair_maps(tmp_path):
     ("overrides", "message"),
     [
         (["attribution.n_steps=", "attribution.tolerance="], "give a tolerance to adapt to, or n_steps for a fixed rule"),
-        (["attribution.n_steps=", "attribution.convention=reference"], "'reference' reproduces the reference code's fixed rule"),
+        (["attribution.n_steps=", "attribution.convention=reference"], "'reference' reproduces the paper's code's fixed rule"),
         (["attribution.n_steps=", "attribution.rule=midpoint"], "'midpoint' is for fixed-step comparisons"),
         (["attribution.n_steps=", "attribution.max_steps=8"], "attribution.max_steps: max_steps must be at least 12 (the first 4 panels of 3 nodes), got 8"),
     ],

@@ -42,7 +42,7 @@ def test_gauss_legendre_integrates_polynomials_of_degree_2n_minus_1(n_steps):
         assert float((weights * alphas ** (2 * n_steps)).sum()) != pytest.approx(1 / (2 * n_steps + 1), rel=1e-12)
 
 
-def test_riemann_right_is_the_reference_codes_rule():
+def test_riemann_right_is_the_paper_codes_rule():
     alphas, weights = quadrature("riemann-right", 4)
     assert alphas.tolist() == [1.0, 0.75, 0.5, 0.25]
     assert weights.tolist() == [0.25] * 4

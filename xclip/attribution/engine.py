@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from xclip.models.base import DualEncoderAdapter, ImageBatch, ImageLike, TextBatch, resolve_layer
+from xclip.core.geometry import position_labels
 from xclip.core.interaction import contributions, four_term_value, four_terms, interactions
 from xclip.core.rules import (
     DEFAULT_INTERNAL_BATCH_SIZE,
@@ -68,7 +69,7 @@ class InteractionAttribution:
         n_steps: a fixed rule of N nodes instead (for comparisons with published figures and the reference
             convention); ``tolerance`` then only flags inputs that miss it (None: no flag).
         rule: rule of the fixed-step mode: ``gauss-legendre`` (default), ``midpoint`` or ``riemann-right``
-            (the reference code's rule). The adaptive rule is nested Gauss-Patterson panels.
+            (the paper's code's rule). The adaptive rule is nested Gauss-Patterson panels.
         convention: ``exact`` (normalisation inside g, one pooled position: maps sum to the four-term value up
             to quadrature error) or ``reference`` (reproduces the paper's public code; needs ``n_steps``).
         text_filler: token id that replaces caption tokens in the text reference (default: pad token).
@@ -200,7 +201,7 @@ class InteractionAttribution:
         if self.convention == "exact":
             reference_positions = batch.positions
         else:
-            reference_ids = self.model.reference_code_text_ids(batch)
+            reference_ids = self.model.paper_code_text_ids(batch)
             reference_positions = Positions(batch.positions.mask, self.model.pooled_index(reference_ids))
         cut = self.text_cut(batch)
         values, embedding, reference_embedding, checks = self._attribute_tower(
@@ -229,7 +230,7 @@ class InteractionAttribution:
         )
         n_prefix = self.model.n_image_prefix
         grid = self.model.patch_grid
-        labels = ["cls"] * n_prefix + [f"patch({r},{c})" for r in range(grid[0]) for c in range(grid[1])]
+        labels = position_labels(n_prefix, grid)
         return [
             Contributions(
                 modality="image",
@@ -250,7 +251,7 @@ class InteractionAttribution:
         if self.convention == "exact":
             reference_ids = self.model.text_reference_ids(batch, self.text_filler)
         else:
-            reference_ids = self.model.reference_code_text_ids(batch)
+            reference_ids = self.model.paper_code_text_ids(batch)
         # captions and their references share length and mask: one pass below the cut for both
         mask = batch.positions.mask
         both = Positions(mask=None if mask is None else torch.cat([mask, mask]))
@@ -321,7 +322,7 @@ class InteractionAttribution:
                 reference_embedding = embed_from_hidden(
                     upper, reference.expand_as(hidden), reference_positions, normalize=True
                 ).to(values.dtype)
-            # the reference code divides by the input's embedding norm outside the Jacobian
+            # the paper's code divides by the input's embedding norm outside the Jacobian
             scale = path.end.norm(dim=-1, keepdim=True)
             values, target = values / scale[:, :, None], target / scale
         errors = (values.sum(1) - target).norm(dim=-1).tolist()

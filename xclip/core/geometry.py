@@ -165,6 +165,12 @@ class Preprocessing:
         return view
 
 
+def position_labels(n_prefix: int, grid: tuple[int, int]) -> list[str]:
+    """An image's position labels: ``cls`` for each prefix position, then ``patch(row,column)`` row by row (the
+    engine's results and a run file's readers give the same)."""
+    return ["cls"] * n_prefix + [f"patch({r},{c})" for r in range(grid[0]) for c in range(grid[1])]
+
+
 def seen_shares(rows: np.ndarray) -> np.ndarray:
     """``(N,)``: :attr:`Preprocessing.seen_share` of each of ``N`` stored rows (``(N, 10)``, see
     :meth:`Preprocessing.to_row`) at once: a run's whole ``images/preprocessing`` column in one step."""

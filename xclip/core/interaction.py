@@ -17,7 +17,7 @@ Cost. ``Jbar (x - r)`` restricted to position s is a Jacobian-vector product wit
 ``delta[s]`` on row s and zero elsewhere: S tangents per node (forward mode), or E cotangents (reverse mode).
 When the cut is the last block and the readout reads one pooled position, the block's output is needed at
 that position only, and a tangent on token s moves only row s of K and V: all S tangents then cost about
-one block pass (:func:`_pooled_block_tangents`). The feature-pair matrix of the reference code is never built.
+one block pass (:func:`_pooled_block_tangents`). The feature-pair matrix of the paper's code is never built.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def quadrature(rule: str, n_steps: int) -> tuple[Tensor, Tensor]:
         # leggauss integrates over [-1, 1]; map to [0, 1]
         return torch.from_numpy((nodes + 1.0) / 2.0), torch.from_numpy(weights / 2.0)
     if rule == "riemann-right":
-        # the reference implementation's rule: alpha = 1, 1 - 1/N, ..., 1/N
+        # the paper's code's rule: alpha = 1, 1 - 1/N, ..., 1/N
         alphas = torch.arange(n_steps, 0, -1, dtype=torch.float64) / n_steps
         return alphas, torch.full((n_steps,), 1.0 / n_steps, dtype=torch.float64)
     if rule == "midpoint":

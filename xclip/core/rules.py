@@ -126,7 +126,7 @@ def check_quadrature(*, n_steps: int | None, tolerance: float | None, max_steps:
     if n_steps is not None:
         return
     if convention == "reference":
-        msg = ("convention 'reference' reproduces the reference code's fixed rule: give n_steps (its maps do not sum "
+        msg = ("convention 'reference' reproduces the paper's code's fixed rule: give n_steps (its maps do not sum "
                "to the four-term value, so there is no tolerance to refine to)")
         raise ConfigError(msg, setting="convention")
     if tolerance is None:

@@ -392,8 +392,8 @@ class DualEncoderAdapter:
         content = (index[None, :] < batch.eos_index[:, None]) & ~special
         return torch.where(content, torch.full_like(ids, filler), ids)
 
-    def reference_code_text_ids(self, batch: TextBatch) -> Tensor:
-        """The public reference code's text reference: [BOS,] id 0, EOS, then id 0 up to the caption's length."""
+    def paper_code_text_ids(self, batch: TextBatch) -> Tensor:
+        """The paper's public code's text reference: [BOS,] id 0, EOS, then id 0 up to the caption's length."""
         ids = torch.zeros_like(batch.input_ids)
         bos = self.bos_token_id
         first = 0

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
-from xclip.core.geometry import Preprocessing
+from xclip.core.geometry import Preprocessing, position_labels
 from xclip.core.tokens import CaptionTokens
 from xclip.disk.digests import FileIdentity, has_changed
 from xclip.errors import ConfigError
@@ -226,10 +226,8 @@ class RunReader:
             return Preprocessing.from_row(self._file[IMAGES][PREPROCESSING][image])
 
     def image_labels(self) -> list[str]:
-        """An image's position labels, as the engine gives them: ``cls`` for each prefix position, then
-        ``patch(row,column)`` row by row."""
-        rows, columns = self.grid
-        return ["cls"] * self.n_prefix + [f"patch({r},{c})" for r in range(rows) for c in range(columns)]
+        """An image's position labels, as the engine gives them (:func:`xclip.core.geometry.position_labels`)."""
+        return position_labels(self.n_prefix, self.grid)
 
     def contributions(self, group: str, index: int) -> Contributions:
         """A finished caption's (``captions``) or image's (``images``) contributions, as the engine gave them (in
