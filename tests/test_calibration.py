@@ -88,12 +88,12 @@ def test_a_layout_is_used_for_its_weights_and_settings_only(tmp_path, model_dirs
 
 @pytest.mark.slow  # calibrates the demo model
 def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatch):
-    write_demo_folder(tmp_path, 6)
+    write_demo_folder(tmp_path, 3)
     checkpoint = demo_copy(tmp_path)
     config = write_pipeline_config(tmp_path / "run.yaml", str(checkpoint), attribution={"n_steps": None})
 
     monkeypatch.setattr("xclip.cli.progress.LOG_INTERVAL_S", 0.0)  # a log line at every step, not every 30 s
-    result = runner.invoke(app, ["calibrate", str(config), "--inputs", "6", "--json"])
+    result = runner.invoke(app, ["calibrate", str(config), "--inputs", "3", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     # stderr is no terminal here, as under Slurm: plain lines say the work goes on, tower by tower
@@ -103,7 +103,7 @@ def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatc
     assert report["layout_file"].startswith(str(_layout_cache))
     for tower in ("text", "image"):
         measured = report["measured"][tower]
-        assert measured["inputs"] == 6 and measured["passes_mean"] < measured["default_passes_mean"]  # found a better one
+        assert measured["inputs"] == 3 and measured["passes_mean"] < measured["default_passes_mean"]  # found a better one
 
     result = runner.invoke(app, ["attribute", str(config), "-q"])
     assert result.exit_code == 0, result.output
@@ -112,13 +112,13 @@ def test_calibrate_then_attribute_end_to_end(tmp_path, _layout_cache, monkeypatc
         passes = f["images/n_nodes"][:] + f["images/n_endpoints"][:]
     assert used["source"] == report["layout_file"]
     assert (used["text"], used["image"]) == (report["text"], report["image"])
-    assert passes.mean() == pytest.approx(report["measured"]["image"]["passes_mean"], abs=0.01)  # the same 6 images
+    assert passes.mean() == pytest.approx(report["measured"]["image"]["passes_mean"], abs=0.01)  # the same 3 images
     inspected = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "run"), "--json"]).stdout)
     assert inspected["accuracy"]["panel_layout"] == used
     assert inspected["accuracy"]["images"]["map_error_bound_max"] <= 1e-3
 
     # --beside writes into the checkpoint folder, where the layout travels with it
-    result = runner.invoke(app, ["calibrate", str(config), "--inputs", "2", "--beside", "-q"])
+    result = runner.invoke(app, ["calibrate", str(config), "--inputs", "1", "--beside", "-q"])
     assert result.exit_code == 0, result.output
     assert "calibrating" not in result.stderr  # --quiet
     assert (checkpoint / LAYOUT_FILE).is_file()

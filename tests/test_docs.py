@@ -89,23 +89,36 @@ def test_the_own_images_section_is_a_complete_run(tmp_path):
     assert len(list((project / "runs" / "mine" / "heatmaps").glob("pair*.png"))) == 3  # 2 + 1 captions
 
 
-@pytest.mark.slow  # the demo's every command, each a fresh process: two attributions and a calibration
-def test_the_demo_command_by_command_runs(tmp_path):
+@pytest.mark.slow  # the demo's every command: two attributions and a calibration
+def test_the_demo_command_by_command_runs(tmp_path, monkeypatch):
     """The command line page's tour, in a copy of the demo config (its runs land beside the copy) with a demo scene
     as `photo.jpg`; the viewer on a free port, and the calibration on 2 inputs of each tower rather than all 12 (77 s
-    on two cores), into this test's own layout cache."""
+    on two cores), into this test's own layout cache. The commands run in this process (the quick start runs the
+    installed `xclip` in a fresh shell): a dozen fresh processes would spend half the test importing torch."""
+    from typer.testing import CliRunner
+
+    from xclip.cli.app import app
+
+    def run_in_process(arguments: list[str]) -> str:
+        assert arguments[0] == "xclip", arguments
+        result = CliRunner().invoke(app, arguments[1:])
+        assert result.exit_code == 0 and (result.exception is None or isinstance(result.exception, SystemExit)), \
+            f"{shlex.join(arguments)}:\n{result.output}"
+        return result.stdout
+
     make, commands = code_blocks(section("docs/cli.md", "The demo, command by command"), "bash")
     assert [arguments[0] for arguments in command_lines(make)] == ["make"] * 4  # CI's `make test` stands in for them
     shutil.copytree(ROOT / "configs" / "demo", tmp_path / "configs" / "demo")
     shutil.copyfile(ROOT / "configs" / "demo.yaml", tmp_path / "configs" / "demo.yaml")
     shutil.copyfile(SCENES / "scene00003.png", tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
     outputs = {}
     for arguments in command_lines(commands):
         if arguments[1] == "view":
             assert "<html" in serve_briefly(arguments[1:], tmp_path).lower()
         else:
             quicker = ["--inputs", "2"] if arguments[1] == "calibrate" else []
-            outputs[shlex.join(arguments)] = run_xclip(arguments + quicker, tmp_path).stdout
+            outputs[shlex.join(arguments)] = run_in_process(arguments + quicker)
     runs = tmp_path / "runs"
     heatmaps = {p.name for p in (runs / "demo" / "heatmaps").iterdir()}
     assert {"pair000117_span-blue-star.png", "pair000117_box-39-16-61-38.png"} <= heatmaps
