@@ -160,3 +160,38 @@ def test_the_config_and_the_loader_read_a_model_name_alike(tmp_path, monkeypatch
     location = str(source.directory) if name.startswith("xclip:") else name
     assert loaded.value.args == (source.library, location)
     assert (source.library == "open_clip") == (name.startswith(("open_clip:", "hf-hub:")) or name == "oc")
+
+
+@pytest.mark.parametrize(("environ", "n_gpus", "expected"), [
+    ({}, 4, "cuda:0"),
+    ({"LOCAL_RANK": "2"}, 4, "cuda:2"),  # torchrun
+    ({"SLURM_LOCALID": "3"}, 4, "cuda:3"),  # srun
+    ({"LOCAL_RANK": "1", "SLURM_LOCALID": "3"}, 4, "cuda:1"),  # torchrun inside an srun allocation: its own rank
+    ({"SLURM_LOCALID": "3"}, 1, "cuda:0"),  # srun bound one GPU to the task: it is the only one it sees
+    ({"LOCAL_RANK": "2"}, 0, "cpu"),  # no CUDA: the rank changes nothing
+])
+def test_device_auto_takes_the_gpu_of_the_local_rank(monkeypatch, environ, n_gpus, expected):
+    import torch
+
+    from xclip.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    assert resolve_device("auto", environ) == torch.device(expected)
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"LOCAL_RANK": "4"}, r"LOCAL_RANK=4 names a GPU this process cannot see \(4 visible\)"),
+    ({"SLURM_LOCALID": "x"}, r"reads the local rank from SLURM_LOCALID, which is 'x', not a number"),
+])
+def test_device_auto_refuses_a_local_rank_past_the_gpus(monkeypatch, environ, message):
+    import torch
+
+    from xclip.errors import ConfigError
+    from xclip.models.loading import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ConfigError, match=message) as raised:
+        resolve_device("auto", environ)
+    assert raised.value.setting == "device"

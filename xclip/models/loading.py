@@ -4,7 +4,7 @@ open_clip's own models (``open_clip:ARCH/TAG``, ``hf-hub:ORG/NAME``, a local che
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,19 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; raises :class:`ConfigError` for an unusable device."""
+# the local rank of a process among those a launcher started on one machine: torchrun's, then srun's
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID")
+
+
+def resolve_device(device: str = "auto", environ: Mapping[str, str] = os.environ) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU: the GPU of this process's local rank where a launcher set one
+    (``LOCAL_RANK`` under torchrun, ``SLURM_LOCALID`` under srun), so that every rank of one machine takes its own
+    GPU; a process that sees one GPU (a launcher bound it) takes that one. Raises :class:`ConfigError` for an
+    unusable device."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", _local_gpu(environ, torch.cuda.device_count()))
     try:
         resolved = torch.device(device)
     except RuntimeError as e:
@@ -46,6 +55,24 @@ def resolve_device(device: str = "auto") -> torch.device:
         msg = f"device {device!r} was requested but MPS is not available; use device 'cpu' or 'auto'"
         raise ConfigError(msg, setting="device")
     return resolved
+
+
+def _local_gpu(environ: Mapping[str, str], n_gpus: int) -> int:
+    for name in LOCAL_RANK_VARIABLES:
+        value = environ.get(name, "").strip()
+        if not value:
+            continue
+        if not value.isdigit():
+            msg = f"auto reads the local rank from {name}, which is {value!r}, not a number"
+            raise ConfigError(msg, setting="device")
+        if n_gpus == 1:  # the launcher gave this process one GPU (CUDA_VISIBLE_DEVICES): it is cuda:0 here
+            return 0
+        if int(value) >= n_gpus:
+            msg = (f"auto: {name}={value} names a GPU this process cannot see ({n_gpus} visible); start "
+                   f"at most {n_gpus} processes per machine or give each one GPU")
+            raise ConfigError(msg, setting="device")
+        return int(value)
+    return 0
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
