@@ -44,7 +44,6 @@ from xclip.cli.tables import (
 )
 from xclip.errors import ConfigError
 
-CALIBRATION_SEED = 60_000
 
 app = typer.Typer(
     help="Second-order caption-token x image-patch attributions for CLIP-style models.",
@@ -126,7 +125,7 @@ def calibrate(
     references then use the layout automatically (attribution.panel_layout: auto)."""
     import tempfile
 
-    from xclip.run.calibration import calibrate_run_config
+    from xclip.run.calibration import calibrate_run_config, model_run_config
     from xclip.config import load_config
     from xclip.attribution.panels import beside_checkpoint, cache_file, save_calibration, weights_fingerprint
     from xclip.threads import use_threads
@@ -134,7 +133,7 @@ def calibrate(
     with user_errors(CONFIG_KEYS), tempfile.TemporaryDirectory() as temporary:
         config_path = Path(source)
         if not (config_path.suffix in (".yaml", ".yml") and config_path.is_file()):
-            config_path = _model_config(source, data, Path(temporary), n_inputs)
+            config_path = model_run_config(source, data, Path(temporary), n_inputs)
         elif data is not None:
             raise ConfigError("--data is for a model name; a run config names its own data (data.root)")
         run_config = load_config(config_path, overrides or [])
@@ -155,28 +154,6 @@ def calibrate(
         return
     print_calibration(run_config.model.name, calibration)
     print(target)
-
-
-def _model_config(model: str, data: Path | None, folder: Path, n_inputs: int) -> Path:
-    """A run config for calibrating ``model`` on ``data`` (for xclip:demo without data: scenes of its world)."""
-    import yaml
-
-    from xclip.models.loading import shipped_model
-    from xclip.analysis.synthetic import generate, write_scenes
-
-    if data is None:
-        if shipped_model(model) is None:
-            raise ConfigError(f"give --data FOLDER (an image folder with metadata.jsonl) to calibrate {model!r} on, or a run config")
-        # the demo's world, from a seed neither its training, its demo scenes nor make grounding use
-        data = write_scenes(generate(n_inputs, seed=CALIBRATION_SEED), folder / "scenes")
-    config = {
-        "model": {"name": model},
-        "data": {"format": "imagefolder", "root": str(data.resolve()), "metadata": str((data / "metadata.jsonl").resolve())},
-        "output": {"directory": str(folder / "unused")},
-    }
-    path = folder / "calibrate.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
 
 
 @app.command()

@@ -222,3 +222,30 @@ def calibrate_run_config(
     calibration = calibrate(model, captions, readable, progress=progress, settings=config.attribution.settings,
                             internal_batch_size=config.runtime.internal_batch_size)
     return calibration, model, unreadable
+
+
+# the demo's world for calibrating xclip:demo without data: a seed neither its training, its demo scenes nor
+# `make grounding` use
+CALIBRATION_SEED = 60_000
+
+
+def model_run_config(model: str, data: Path | None, folder: Path, n_inputs: int) -> Path:
+    """A run config in ``folder`` for calibrating ``model`` on ``data``, an image folder with metadata.jsonl (for a
+    shipped model without data: ``n_inputs`` scenes of its world), for ``xclip calibrate MODEL``."""
+    import yaml
+
+    from xclip.models.loading import shipped_model
+    from xclip.analysis.synthetic import generate, write_scenes
+
+    if data is None:
+        if shipped_model(model) is None:
+            raise ConfigError(f"give --data FOLDER (an image folder with metadata.jsonl) to calibrate {model!r} on, or a run config")
+        data = write_scenes(generate(n_inputs, seed=CALIBRATION_SEED), folder / "scenes")
+    config = {
+        "model": {"name": model},
+        "data": {"format": "imagefolder", "root": str(data.resolve()), "metadata": str((data / "metadata.jsonl").resolve())},
+        "output": {"directory": str(folder / "unused")},
+    }
+    path = folder / "calibrate.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
