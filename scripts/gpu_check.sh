@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check: the CUDA tests, then scripts/bench.py for each model and dtype, at the default tolerance
 # (with the nodes each input took) and at a fixed N = 10, plus one end-to-end `xclip attribute` ratio; every
-# result is a JSON file in OUT, and OUT/table.md is the README's GPU table. Sized for under 8 minutes on one
+# result is a JSON file in OUT, and OUT/table.md is the GPU table of docs/benchmarks.md. Sized for under 8 minutes on one
 # H100/H200.
 #
 #     OUT=gpu-check bash scripts/gpu_check.sh            # on a CUDA machine

@@ -1,4 +1,4 @@
-"""The README's GPU table from the JSON files of ``scripts/gpu_check.sh``.
+"""The GPU table of docs/benchmarks.md from the JSON files of ``scripts/gpu_check.sh``.
 
     python scripts/gpu_table.py OUT
 

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["float64", "float32", "float16"], default="float32", help="output.precision")
     parser.add_argument("--input-time-factor", type=float, default=1.0,
                         help="multiply input times: trained weights take more quadrature nodes than a random "
-                             "model's (in forward passes, 1.4x for captions and 2.0x for images on the demo model; see the README's Accuracy section)")
+                             "model's (in forward passes, 1.4x for captions and 2.0x for images on the demo model; see docs/method.md, Accuracy)")
     args = parser.parse_args()
     bench = json.loads(args.bench.read_text())
     c = costs(bench, args.precision, args.input_time_factor)

@@ -1,6 +1,6 @@
 """Screenshots of the viewer's pair page saying what the model read: a crop note, unknown-word chips and a
 truncated caption, from a small run of the demo model on a wide image (three demo scenes side by side; the
-model's centre crop sees the middle one); and the figure of the crop's pair, which the README shows.
+model's centre crop sees the middle one); and the figure of the crop's pair, which docs/figures.md shows.
 
     python scripts/viewer_screenshots.py   # needs Debian's chromium and chromium-driver; writes docs/viewer-*.png
                                            # and docs/crop.png

@@ -31,7 +31,7 @@ Breakpoints = tuple[float, ...]
 MOVES = (0.04, 0.02, 0.01)
 SMALLEST_PANEL = 0.01
 MAX_TRIALS = 240
-DEFAULT_INPUTS = 32  # per tower: 32 demo-world inputs chose layouts that held on 48 held-out ones (README)
+DEFAULT_INPUTS = 32  # per tower: 32 demo-world inputs chose layouts that held on 48 held-out ones (docs/method.md)
 
 
 @dataclass(frozen=True)

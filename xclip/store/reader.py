@@ -131,7 +131,7 @@ class RunReader:
         return columns
 
     def column(self, group: str, name: str) -> np.ndarray:
-        """One per-item dataset of the README's table, whole (scores, errors, node counts, sizes, ...)."""
+        """One per-item dataset of docs/run-file.md's table, whole (scores, errors, node counts, sizes, ...)."""
         if group == PAIRS and name in (CAPTION_INDEX, IMAGE_INDEX):
             return self._once(f"{group}/{name}", lambda: self._file[group][name][:])
         with self._reading():
