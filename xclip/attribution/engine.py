@@ -33,6 +33,8 @@ from xclip.attribution.result import Contributions, InteractionMap, PairNumbers,
 
 # settings renamed since the first API (steps and method were the paper code's words): say the new name
 RENAMED_SETTINGS = {"steps": "n_steps", "method": "rule"}
+# the settings an attributor answers as attributes (see InteractionAttribution.__getattr__)
+_SETTING_NAMES = frozenset(f.name for f in fields(AttributionSettings))
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,6 @@ class InteractionAttribution:
                            rule=settings.rule, breakpoints=breakpoints)
             for breakpoints in (self.panel_layout.text, self.panel_layout.image)
         )
-        self.convention = settings.convention
-        self.text_filler = settings.text_filler
-        self.image_reference = settings.image_reference
-        self.reference_seed = settings.reference_seed
-        self.blur_radius = settings.blur_radius
-        self.scale_by_logit = settings.scale_by_logit
-        self.mode = settings.mode
         self.internal_batch_size = internal_batch_size
         self._image_reference_cache: dict[tuple[int, ...], Tensor] = {}
         # below the cut a low-precision model runs as it is; above it, where the integral is taken, in float32,
@@ -167,26 +162,16 @@ class InteractionAttribution:
             raise AttributeError(msg)
         super().__setattr__(name, value)
 
-    @property
-    def tolerance(self) -> float | None:
-        return self.settings.tolerance
-
-    @property
-    def max_steps(self) -> int:
-        return self.settings.max_steps
-
-    @property
-    def n_steps(self) -> int | None:
-        """Nodes of the fixed rule; None when the quadrature adapts to ``tolerance``."""
-        return self.settings.n_steps
-
-    @property
-    def rule(self) -> Rule:
-        return self.settings.rule
+    def __getattr__(self, name: str) -> Any:
+        # the settings read as attributes (attributor.tolerance, .convention, ...): called only for names the
+        # instance lacks, so text_layer and image_layer are the resolved block indices, not the settings' negatives
+        if name in _SETTING_NAMES and "settings" in self.__dict__:
+            return getattr(self.settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def logit_scale(self) -> float:
-        return self.model.logit_scale if self.scale_by_logit else 1.0
+        return self.model.logit_scale if self.settings.scale_by_logit else 1.0
 
     def text_contributions(self, captions: Sequence[str]) -> list[Contributions]:
         """Contribution vectors of each caption, BOS..EOS (SigLIP: all context positions)."""
@@ -198,7 +183,7 @@ class InteractionAttribution:
 
     def text_batch_contributions(self, batch: TextBatch) -> list[Contributions]:
         """:meth:`text_contributions` of captions already tokenised by ``model.tokenize``."""
-        if self.convention == "exact":
+        if self.settings.convention == "exact":
             reference_positions = batch.positions
         else:
             reference_ids = self.model.paper_code_text_ids(batch)
@@ -248,8 +233,8 @@ class InteractionAttribution:
 
     def text_cut(self, batch: TextBatch) -> CutStates:
         """The captions' hidden states entering the cut layer and their references' (the path's two ends)."""
-        if self.convention == "exact":
-            reference_ids = self.model.text_reference_ids(batch, self.text_filler)
+        if self.settings.convention == "exact":
+            reference_ids = self.model.text_reference_ids(batch, self.settings.text_filler)
         else:
             reference_ids = self.model.paper_code_text_ids(batch)
         # captions and their references share length and mask: one pass below the cut for both
@@ -301,7 +286,7 @@ class InteractionAttribution:
     ) -> tuple[Tensor, Tensor, Tensor, list[dict[str, Any]]]:
         """(contributions, embedding, reference embedding, per-input accuracy fields of
         :class:`Contributions`) of one tower."""
-        is_exact = self.convention == "exact"
+        is_exact = self.settings.convention == "exact"
         hidden = hidden.to(self._upper_dtype)
         reference = reference.to(self._upper_dtype)
         path = contributions(
@@ -311,7 +296,7 @@ class InteractionAttribution:
             positions,
             quadrature=quadrature,
             normalize=is_exact,
-            mode=self.mode,
+            mode=self.settings.mode,
             internal_batch_size=self.internal_batch_size,
         )
         values, target = path.values, path.end - path.start
@@ -353,12 +338,12 @@ class InteractionAttribution:
 
     def _image_reference_hidden(self, batch: ImageBatch) -> Tensor:
         """Reference hidden states; shared references are computed once per image shape and reused."""
-        is_shared = self.image_reference != "blur"
+        is_shared = self.settings.image_reference != "blur"
         key = (self.image_layer, *batch.pixel_values.shape[1:])
         if is_shared and key in self._image_reference_cache:
             return self._image_reference_cache[key]
         pixels = self.model.image_reference_pixels(
-            batch, self.image_reference, seed=self.reference_seed, blur_radius=self.blur_radius
+            batch, self.settings.image_reference, seed=self.settings.reference_seed, blur_radius=self.settings.blur_radius
         )
         reference = self.model.image_hidden(pixels, self.image_layer)
         if is_shared:
