@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # disk (x86_64: 2.14.1; aarch64: a 2.9.1 CPU build); anywhere else pip resolves them as usual
 TORCH_SPEC ?= $(if $(filter aarch64 arm64,$(shell uname -m)),torch==2.9.1 torchvision==0.24.1,torch==2.14.1 torchvision==0.29.1)
 
-.PHONY: install test test-fast lint demo grounding baselines compare bench clean
+.PHONY: install test test-fast lint demo grounding baselines compare words bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,16 @@ compare: install
 	$(BIN)/xclip attribute configs/grounding.yaml --quiet --overwrite
 	$(BIN)/xclip attribute configs/grounding-no-star.yaml --quiet --overwrite
 	$(BIN)/xclip compare runs/grounding runs/grounding-no-star --annotations runs/grounding-scenes/annotations.jsonl --out runs/compare
+
+# every word of 200 fresh scenes, without annotations, for both shipped models: the share of the map each word
+# carries, how concentrated its maps are and where they sit, the most diffuse and least consistent (docs/words.md)
+WORDS_DATA = data.root=../runs/words-scenes data.metadata=../runs/words-scenes/metadata.jsonl
+words: install
+	$(BIN)/xclip synth runs/words-scenes --n 200 --seed 40000
+	$(BIN)/xclip attribute configs/grounding.yaml $(WORDS_DATA) output.directory=../runs/words --quiet --overwrite
+	$(BIN)/xclip attribute configs/grounding-no-star.yaml $(WORDS_DATA) output.directory=../runs/words-no-star --quiet --overwrite
+	$(BIN)/xclip words runs/words --top 40 --flagged 5
+	$(BIN)/xclip words runs/words-no-star --top 40 --flagged 5
 
 bench: install
 	$(BIN)/python scripts/bench.py --architecture vit-b-32 --device cpu

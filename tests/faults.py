@@ -2,7 +2,9 @@
 place (mode ``r+``, as a run's writer opens ``run.h5``) through a :class:`KillingFile`.
 
 ``python tests/faults.py N ARGS...`` runs ``xclip ARGS...`` with that file killing the process with SIGKILL inside
-its N-th write; tests in the same process count a run's writes with :func:`writers_through`.
+its N-th write; tests in the same process count a run's writes with :func:`writers_through`. Every process
+started with tests/slow_writes on its ``PYTHONPATH`` writes run files through a :class:`SlowFile` (that
+folder's ``sitecustomize``), for worker processes a test cannot reach otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,20 @@ class KillingFile(io.FileIO):
         return super().write(data)
 
 
+class SlowFile(io.FileIO):
+    """A file opened for writing in place whose every write waits ``delay`` seconds first: a run on a tiny model
+    then takes seconds per batch on any machine, long enough to be signalled while it runs (a batch of two
+    inputs is about 20 writes)."""
+
+    def __init__(self, path: str | os.PathLike, delay: float = 0.02) -> None:
+        super().__init__(path, "r+")
+        self.delay = delay
+
+    def write(self, data: Any) -> int:
+        time.sleep(self.delay)
+        return super().write(data)
+
+
 def writers_through(open_file: Callable[[Path], io.FileIO]) -> type[h5py.File]:
     """``h5py.File``, but a file named by its path and opened in mode ``r+`` is opened as ``open_file(path)``
     (h5py's file-object driver then does every write through it); to be set as ``h5py.File``."""
@@ -46,6 +63,23 @@ def writers_through(open_file: Callable[[Path], io.FileIO]) -> type[h5py.File]:
             super().__init__(name, mode, **options)
 
     return File
+
+
+def count_writes(action: Callable[[], Any]) -> int:
+    """How many writes ``action()`` makes to run files opened for writing in place (through the same file object the
+    fault injection uses, so that write N here is write N of ``python tests/faults.py N ...``)."""
+    import pytest
+
+    opened: list[KillingFile] = []
+
+    def counted(path: Path) -> KillingFile:
+        opened.append(KillingFile(path))
+        return opened[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(h5py, "File", writers_through(counted))
+        action()
+    return sum(file.n_writes for file in opened)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from faults import KillingFile, writers_through
+from faults import count_writes
 from helpers import expect, invoke, jsonl_folder, write_config, write_pipeline_config
 
 from xclip.config import load_config
@@ -449,16 +449,10 @@ def _assert_same_results(run_file, reference) -> None:
 def _writes_of_a_run(config) -> int:
     """How many writes an uninterrupted run makes to run.h5 after creating it (counted through the same file
     object the fault injection uses)."""
-    opened: list[KillingFile] = []
-
-    def counted(path) -> KillingFile:
-        opened.append(KillingFile(path))
-        return opened[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(h5py, "File", writers_through(counted))
+    def attribute() -> None:
         assert invoke("attribute", config, "-q")[0] == 0
-    return sum(file.n_writes for file in opened)
+
+    return count_writes(attribute)
 
 
 def _killed_at_write(point: int, config) -> list[str]:

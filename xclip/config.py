@@ -90,9 +90,18 @@ class ImageConfig(_Section):
     crop_warning: float = Field(0.2, ge=0, le=1, description="name images whose preprocessing cut away more than this share")
 
 
+# formats whose files a run splits between its shards whole (see xclip.run.shards)
+SHARDED_FORMATS = ("webdataset", "parquet")
+
+
 class DataConfig(_Section):
-    format: Literal["imagefolder", "csv", "sidecar", "coco", "queries"]
-    root: Path = Field(description="folder the image paths are relative to")
+    format: Literal["imagefolder", "csv", "sidecar", "coco", "queries", "webdataset", "parquet"]
+    root: Path = Field(description="folder the image paths are relative to (webdataset, parquet: by default the folder "
+                       "the patterns of data.shards or data.files name)")
+    shards: list[str] = Field(default_factory=list, description="webdataset: tar files, as paths or patterns "
+                              "(part-{00000..00999}.tar, *.tar), relative to the config file")
+    files: list[str] = Field(default_factory=list, description="parquet: img2dataset parquet files with image bytes, "
+                             "as paths or patterns like data.shards")
     metadata: Path | None = Field(None, description="metadata.jsonl, a CSV/TSV, or a COCO captions JSON")
     csv_separator: str = ","
     csv_image_key: str = "filepath"
@@ -103,6 +112,33 @@ class DataConfig(_Section):
         "changed", description="how a resume, render and the viewer tell that an image file changed: changed (hash a file "
         "only when its size or modification time differ from the run's record) or always (hash every file)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shard_defaults(cls, data: Any) -> Any:
+        """One pattern may be given as a string; webdataset and parquet inputs need no ``root``: it is the folder
+        their patterns name (the deepest one holding every pattern's fixed start)."""
+        if not isinstance(data, dict):
+            return data
+        data = {**data, **{key: [data[key]] for key in ("shards", "files") if isinstance(data.get(key), str)}}
+        if data.get("format") in SHARDED_FORMATS and data.get("root") is None:
+            patterns = data.get("shards" if data["format"] == "webdataset" else "files")
+            is_text = isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns)
+            data["root"] = pattern_folder(patterns) if is_text else Path()  # no patterns: refused below, by name
+        return data
+
+
+def pattern_folder(patterns: list[str]) -> Path:
+    """The deepest folder every pattern lies in, read from the patterns' text up to their first ``{*?[``."""
+    folders = []
+    for pattern in patterns:
+        fixed = pattern[: min([pattern.index(c) for c in "{*?[" if c in pattern], default=len(pattern))]
+        folders.append(Path(fixed).expanduser() if fixed.endswith(("/", os.sep)) else Path(fixed).expanduser().parent)
+    try:
+        return Path(os.path.commonpath(folders))
+    except ValueError:  # absolute and relative patterns mixed
+        msg = "the patterns lie in no common folder; set data.root, the folder the shard files are stored relative to"
+        raise ValueError(msg) from None
 
 
 class PairingConfig(_Section):
@@ -126,6 +162,24 @@ class OutputConfig(_Section):
     pair_maps: Literal["auto", "store", "none"] = Field(
         "auto", description="store each pair's map, or compute maps from the stored contributions when read (auto: store up to 2 GiB)"
     )
+    contributions: Literal["store", "none"] = Field(
+        "store", description="store each input's contributions (maps and figures can be read), or none: keep each pair's "
+        "numbers and summary only (a few KB per pair; see docs/run-file.md)"
+    )
+    top_cells: int = Field(16, ge=1, strict=True, description="a summary's largest token x image-position cells per pair")
+    top_patches: int = Field(5, ge=1, strict=True, description="a summary's top_share counts each token's mass in this many largest patches")
+
+    @model_validator(mode="after")
+    def _check_contributions(self) -> OutputConfig:
+        if self.contributions == "none" and self.pair_maps == "store":
+            msg = ("output.pair_maps store needs output.contributions store: a run without contributions keeps each pair's "
+                   "summary instead of its map (set output.pair_maps to auto or none, or output.contributions to store)")
+            raise ValueError(msg)
+        if self.contributions == "none" and self.render:
+            msg = ("output.render needs output.contributions store: a run without contributions has no maps to draw "
+                   "(set output.render to false, or output.contributions to store)")
+            raise ValueError(msg)
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -162,6 +216,14 @@ class RunConfig(_Section):
         if self.data.format in ("imagefolder", "csv", "coco") and self.data.metadata is None:
             msg = f"data.format {self.data.format!r} needs data.metadata (the file listing images and captions)"
             raise ValueError(msg)
+        keys = dict(zip(SHARDED_FORMATS, ("shards", "files")))
+        if self.data.format in keys and not getattr(self.data, keys[self.data.format]):
+            msg = f"data.format {self.data.format!r} needs data.{keys[self.data.format]} (the {self.data.format} files: paths or patterns)"
+            raise ValueError(msg)
+        for sharded, key in keys.items():
+            if self.data.format != sharded and getattr(self.data, key):
+                msg = f"data.{key} is read with data.format {sharded!r} only (data.format is {self.data.format!r})"
+                raise ValueError(msg)
         return self
 
     @property
@@ -178,7 +240,7 @@ class RunConfig(_Section):
         data are identified by their contents (the run file's ``data_sha256``) and a local checkpoint by its
         weights (``model_weights_sha256``)."""
         exclude = {"image": {"crop_warning"}, "output": {"render", "directory"}, "runtime": {"batch_size", "num_workers", "threads"},
-                   "data": {"root", "metadata", "verify"}}  # verify: how changed images are found, not what results are
+                   "data": {"root", "metadata", "verify", "shards", "files"}}  # verify: how changed images are found, not what results are
         keep = self.model_dump(mode="json", exclude=exclude)
         if Path(self.model.name).is_absolute():  # a local checkpoint, resolved by load_config
             keep["model"].pop("name")
@@ -339,8 +401,8 @@ def _resolve_model_name(model: ModelConfig, base: Path, config_path: Path) -> Mo
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply ``section.key=value`` overrides, validate.
 
-    Relative ``data.root``, ``data.metadata``, ``output.directory`` and a local ``model.name`` resolve against
-    the config file's folder. Override values are typed by the schema (a text field stays text).
+    Relative ``data.root``, ``data.metadata``, ``data.shards``, ``data.files``, ``output.directory`` and a local
+    ``model.name`` resolve against the config file's folder. Override values are typed by the schema (a text field stays text).
 
     Raises:
         ConfigError: unreadable or oversized YAML, an alias, an unknown key, a wrong type or a missing field;
@@ -394,6 +456,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         update={
             "root": (base / config.data.root).resolve(),
             "metadata": None if config.data.metadata is None else (base / config.data.metadata).resolve(),
+            "shards": [str(base / Path(pattern).expanduser()) for pattern in config.data.shards],
+            "files": [str(base / Path(pattern).expanduser()) for pattern in config.data.files],
         }
     )
     output = config.output.model_copy(update={"directory": (base / config.output.directory).resolve()})

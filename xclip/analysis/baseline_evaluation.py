@@ -116,6 +116,7 @@ def score_methods(
         msg = f"unknown game {game!r}; choose {' or '.join(GAMES)}"
         raise ConfigError(msg)
     with RunReader(run_dir) as run:
+        run.require_contributions("scoring first-order methods beside the run's maps (xclip evaluate --baselines)")
         pairs = annotated_pairs(run, annotations)
         if limit is not None:
             pairs = pairs[:limit]

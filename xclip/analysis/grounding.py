@@ -247,6 +247,7 @@ def evaluate_annotations(run_dir: str | Path, annotations_path: str | Path) -> E
     skipped: list[SkippedBox] = []
     n_clipped = 0
     with RunReader(run_dir) as run:
+        run.require_contributions("scoring phrases against their boxes (xclip evaluate --annotations, xclip compare)")
         pairs, unmatched = match_annotations(run, annotations_path)
         for pair in pairs:
             index = pair.index

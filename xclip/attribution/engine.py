@@ -485,9 +485,7 @@ def pair_map_error_bounds(
 
 def _contribution_norms(inputs: Sequence[Contributions]) -> Tensor:
     """``(2, M)`` float64: the Frobenius norm and the largest singular value of each input's contributions."""
-    values = [item.values.detach().double().cpu() for item in inputs]
-    norms = [[float(v.norm()), float(torch.linalg.matrix_norm(v, ord=2))] for v in values]
-    return torch.tensor(norms, dtype=torch.float64).T.reshape(2, -1)
+    return torch.tensor([item.norms for item in inputs], dtype=torch.float64).T.reshape(2, -1)
 
 
 def completeness_bound(a: Contributions, b: Contributions) -> float:

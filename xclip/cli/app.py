@@ -8,7 +8,7 @@ import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -16,6 +16,7 @@ from rich.markup import escape
 from xclip.cli.cluster import StopFlag, shard_overrides
 from xclip.cli.errors import (
     CONFIG_KEYS,
+    DEVICE_FLAGS,
     EXIT_FAILED_ITEMS,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -27,6 +28,7 @@ from xclip.cli.errors import (
 )
 from xclip.cli.progress import plain_progress, progress_callback
 from xclip.cli.tables import (
+    describe_worker_end,
     explained_rows,
     print_baselines,
     print_calibration,
@@ -36,6 +38,7 @@ from xclip.cli.tables import (
     print_input_warnings,
     print_left_out,
     print_misses,
+    print_words,
     print_run_description,
     print_run_summary,
     print_run_warnings,
@@ -43,6 +46,11 @@ from xclip.cli.tables import (
     stderr,
 )
 from xclip.errors import ConfigError
+from xclip.run.workers import WORKER_OPTION
+
+if TYPE_CHECKING:
+    from xclip.run.runner import RunSummary
+    from xclip.run.workers import ShardTask
 
 
 app = typer.Typer(
@@ -78,14 +86,38 @@ def attribute(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="list every failed item")] = False,
     shard: Annotated[str | None, typer.Option(help="I/N: attribute block I of N of the pairs into shard-I-of-N/; 'env' reads Slurm array or torchrun variables")] = None,
+    devices: Annotated[str | None, typer.Option(help="cuda:0,cuda:1,... or cpu,cpu or auto (every visible GPU): a worker process per device on its block of the pairs, merged into one run file")] = None,
+    worker: Annotated[str | None, typer.Option(WORKER_OPTION, hidden=True, help="run as a worker of --devices: progress and summary as JSON lines on stdout; the value is the parent's command")] = None,
 ) -> None:
     """Attribute every image-caption pair of a run config into an HDF5 run directory (resumable)."""
     from xclip.config import load_config
 
-    bar, update = progress_callback(quiet)
-    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = worker or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    device_overrides: list[str] = []
+    if devices is not None:
+        from xclip.run.workers import parse_devices, visible_gpus
+
+        with user_errors(DEVICE_FLAGS):
+            if shard is not None:
+                raise ConfigError("--devices and --shard do not go together: --devices splits the run into a shard per device itself")
+            chosen = parse_devices(devices, visible_gpus)
+        if len(chosen) > 1:
+            _attribute_on_devices(config, overrides or [], chosen, overwrite=overwrite, json_summary=json_summary, quiet=quiet,
+                                  verbose=verbose, command=command)
+            return
+        device_overrides = [f"model.device={chosen[0]}"]  # one device: the ordinary run on it
+    if worker is None:
+        bar, update = progress_callback(quiet)
+    else:  # the parent shows the progress and stops this process when it dies
+        import os
+        import signal
+
+        from xclip.run.workers import progress_line, watch_parent
+
+        bar, update = None, lambda stage, done, total: print(progress_line(stage, done, total), flush=True)
+        watch_parent(sys.stdin, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with user_errors(CONFIG_KEYS):
-        run_config = load_config(config, [*(overrides or []), *shard_overrides(shard)])
+        run_config = load_config(config, [*(overrides or []), *shard_overrides(shard), *device_overrides])
         from xclip.run import runner  # torch and the model's libraries: only once the config holds
 
         try:
@@ -94,6 +126,22 @@ def attribute(
         except KeyboardInterrupt:  # a second signal: stop at once; finished batches are on disk
             print_error("stopped by a second signal before the batch finished: rerun the same command to finish the remaining pairs")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+    if worker is not None:
+        from xclip.run.workers import summary_line
+
+        print(summary_line(summary.n_done, summary.n_skipped), flush=True)
+        raise typer.Exit(_exit_code(summary))
+    _report_run(summary, json_summary=json_summary, quiet=quiet, verbose=verbose)
+
+
+def _exit_code(summary: RunSummary) -> int:
+    if summary.is_interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED_ITEMS if summary.n_failed or summary.n_rejected else 0
+
+
+def _report_run(summary: RunSummary, *, json_summary: bool, quiet: bool, verbose: bool) -> None:
+    """An attribute run's run file (or --json summary) on stdout, its table and warnings on stderr, its exit."""
     result = run_summary(summary)
     if json_summary:
         print(json.dumps(result))
@@ -104,9 +152,33 @@ def attribute(
     print_run_warnings(summary, verbose)
     if summary.is_interrupted:
         stderr.print("[yellow]interrupted: rerun the same command to finish the remaining pairs[/]")
-        raise typer.Exit(EXIT_INTERRUPTED)
-    if summary.n_failed or summary.n_rejected:
-        raise typer.Exit(EXIT_FAILED_ITEMS)
+    if _exit_code(summary):
+        raise typer.Exit(_exit_code(summary))
+
+
+def _attribute_on_devices(config: Path, overrides: list[str], devices: list[str], *, overwrite: bool, json_summary: bool,
+                          quiet: bool, verbose: bool, command: str) -> None:
+    """`attribute --devices`: a worker per device, their progress as one, their shards merged into one run file."""
+    from xclip.run.workers import attribute_on_devices
+
+    bar, update = progress_callback(quiet)
+
+    def message(task: ShardTask, line: str) -> None:
+        stderr.print(f"[dim]{escape(task.name)}:[/] {escape(line)}", soft_wrap=True, highlight=False)
+
+    with user_errors(DEVICE_FLAGS), StopFlag(counts_only=True).installed() as stop, bar or nullcontext():
+        result = attribute_on_devices(
+            config, overrides, devices, overwrite=overwrite, command=command, on_progress=update, on_message=message,
+            stop_requests=lambda: stop.count, on_merge=(lambda done, total: update("shards", done, total)) if update else None,
+        )
+    if result.summary is not None:
+        _report_run(result.summary, json_summary=json_summary, quiet=quiet, verbose=verbose)
+        return
+    for unfinished in result.unfinished:
+        stderr.print(f"[yellow]{escape(unfinished.task.name)}[/]: {escape(describe_worker_end(unfinished))}", soft_wrap=True)
+    stderr.print(f"[yellow]not merged[/]: {len(result.workers) - len(result.unfinished)} of {len(result.workers)} shards finished and are kept; "
+                 "rerun the same command to resume every shard and merge them", soft_wrap=True)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -399,6 +471,35 @@ def compare(
     for path in written:
         print(path)
 
+
+
+@app.command()
+def words(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or its run.h5): full or summary-only")],
+    min_count: Annotated[int, typer.Option("--min-count", min=1, help="leave out words that occur fewer times")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="words in the table: the most frequent")] = 20,
+    flagged: Annotated[int, typer.Option(min=1, help="words in each list of flagged words (most diffuse, least consistent)")] = 8,
+    json_output: Annotated[bool, typer.Option("--json", help="print words.json on stdout instead of the tables")] = False,
+    output: Annotated[Path | None, typer.Option(help="folder for words.json and words.png (default: the run directory)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Audit every word of a run without annotations: how much of the map it carries, how concentrated its maps
+    are and where they sit, and the most diffuse and least consistent words, with links to their best and worst
+    pairs. Writes words.json and the chart words.png."""
+    from xclip.analysis.words import audit_words, write_words_report
+
+    bar, update = progress_callback(quiet)
+    with user_errors({**STORE_FLAGS, "min_count": "--min-count"}):
+        with bar or nullcontext():
+            audit = audit_words(run_dir, min_count=min_count, flagged=flagged,
+                                progress=(lambda done, total: update("pairs", done, total)) if update else None)
+        written = write_words_report(audit, output or (run_dir.parent if run_dir.suffix == ".h5" else run_dir))
+    if json_output:
+        print(json.dumps(audit.record(), indent=2))
+        return
+    print_words(audit, top)
+    for path in written:
+        print(path)
 
 @app.command()
 def synth(

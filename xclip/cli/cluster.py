@@ -56,10 +56,14 @@ def _shard_from_environment(env: Mapping[str, str]) -> tuple[int, int]:
 
 
 class StopFlag:
-    """SIGTERM, SIGUSR1 (Slurm's warning signals) and SIGINT ask the run to stop at the next batch boundary."""
+    """SIGTERM, SIGUSR1 (Slurm's warning signals) and SIGINT ask the run to stop at the next batch boundary; a
+    second one stops it at once (KeyboardInterrupt), unless ``counts_only``: then every signal is only counted
+    (``count``), for a process that passes them on to its workers (``xclip attribute --devices``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, counts_only: bool = False) -> None:
         self.signal: int | None = None
+        self.count = 0
+        self.counts_only = counts_only
 
     @contextmanager
     def installed(self) -> Iterator[StopFlag]:
@@ -73,6 +77,10 @@ class StopFlag:
                 signal.signal(sig, handler)
 
     def _handle(self, signum: int, _frame: object) -> None:
+        self.count += 1
+        if self.signal is not None and self.counts_only:
+            stderr.print(f"[yellow]signal {signal.Signals(signum).name} again: killing the workers (their written batches are kept)[/]")
+            return
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum

@@ -28,6 +28,7 @@ CONFIG_KEYS = {
     "image_resize": "image.resize",
     **STORE_FLAGS,
 }
+DEVICE_FLAGS = {**CONFIG_KEYS, "devices": "--devices"}
 FIGURE_FLAGS = {**STORE_FLAGS, "scale": "--scale", "dpi": "--dpi", "layout": "--layout", "upsample": "--upsample", "file_format": "--format"}
 RENDER_FLAGS = {**FIGURE_FLAGS, "span": "--span", "box": "--box", "limit": "--limit", "data_root": "--data-root"}
 EXPLAIN_FLAGS = {**CONFIG_KEYS, **FIGURE_FLAGS, "name_or_path": "--model", "image_resize": "--resize", "checkpoint": "--checkpoint", "dtype": "--dtype", "device": "--device"}

@@ -3,6 +3,7 @@ results that mean less than they seem. Results go to stdout; progress, warnings 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,9 +16,11 @@ from rich.text import Text
 
 if TYPE_CHECKING:
     from xclip.analysis.grounding import Evaluation
+    from xclip.analysis.words import WordAudit
     from xclip.attribution.panels import Calibration
     from xclip.run.explain import ExplainedPair
     from xclip.run.runner import RunSummary
+    from xclip.run.workers import WorkerResult
 
 INEXACT_PAIR_HINT = (
     "For exact maps of these pairs, attribute their captions and images again with a tighter "
@@ -118,6 +121,19 @@ def print_run_warnings(summary: RunSummary, verbose: bool) -> None:
     _print_inexact_pairs(stderr, accuracy, limit=limit)
 
 
+def describe_worker_end(worker: WorkerResult) -> str:
+    """How a worker of ``attribute --devices`` that did not finish its shard ended, in words."""
+    code = worker.exit_code
+    if code < 0:  # Popen's code of a process that a signal ended
+        import signal
+
+        ending = f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"killed by signal {-code}"
+    else:
+        ending = f"exit {code}"
+    said = f": {worker.last_message}" if worker.last_message and worker.outcome != "interrupted" else ""
+    return f"{worker.outcome} ({ending}){said}"
+
+
 # --- calibrate -----------------------------------------------------------------------------------------------
 def print_calibration(model_name: str, calibration: Calibration) -> None:
     """Each tower's calibrated breakpoints and the passes they cost against the default layout's."""
@@ -174,6 +190,9 @@ def print_run_description(report: dict[str, Any], top: int) -> None:
     failures and the inputs the model read in part."""
     console = Console()
     console.print(f"[bold]{report['file']}[/]  model {report['model']}  created {report['created']}")
+    if not report["stores_contributions"]:
+        console.print("this run keeps each pair's numbers and summary only (output.contributions: none): no maps or "
+                      "figures; attribute chosen pairs again with output.contributions=store to draw them", soft_wrap=True)
     counts = Table("group", "total", "done", "failed", "pending", title="items")
     for group, c in report["counts"].items():
         counts.add_row(group, *(str(c[k]) for k in ("total", "done", "failed", "pending")))
@@ -407,6 +426,54 @@ def print_comparison(report: dict[str, Any]) -> None:
                 cells += [_difference_cell(entry[f"{name}-{names[0]}"]) for name in names[1:]]
             table.add_row(escape(label), *cells)
         print_table(Console(), table)
+
+
+
+# --- words ---------------------------------------------------------------------------------------------------
+def print_words(audit: WordAudit, top: int) -> None:
+    """The ``top`` most frequent words of the audit, by the share of the map they carry; then the flagged words
+    with their best and worst pairs, and those pairs' viewer links as whole lines."""
+    console = Console()
+    shown = sorted(audit.words[:top], key=lambda w: -w.share if not math.isnan(w.share) else math.inf)
+    # two tables of the same rows, so that each fits 80 columns with no number cut
+    table = Table("word", "count", "pairs", "share", "signed share", "raises score", f"top-{audit.top_patches} share ± SD",
+                  "entropy",
+                  title=f"{len(shown)} most frequent of {len(audit.words)} words (at least {audit.min_count} times) in "
+                        f"{audit.n_pairs} pairs, by the share of the map they carry; a map spread evenly has top-"
+                        f"{audit.top_patches} share {audit.uniform_top_share:.3f} and entropy 1")
+    where = Table("word", "centroid (row, column)", "spread", "centroid dispersion",
+                  title="where their maps sit: positive mass on the patches, in [0, 1] of the grid (means; the "
+                        "dispersion of the centroid between images)")
+    for w in shown:
+        table.add_row(escape(w.word), str(w.count), str(w.pairs), _measure(w.share, ".3f"), _measure(w.signed_share, "+.3f"),
+                      _measure(w.raises_score, ".0%"), f"{_measure(w.top_share, '.3f')} ± {_measure(w.top_share_std, '.3f')}",
+                      _measure(w.entropy, ".3f"))
+        where.add_row(escape(w.word), f"({_measure(w.centroid[0], '.2f')}, {_measure(w.centroid[1], '.2f')})",
+                      _measure(w.spread, ".3f"), _measure(w.centroid_dispersion, ".3f"))
+    print_table(console, table)
+    print_table(console, where)
+    flagged = [("most diffuse", "entropy", name, audit.word(name).entropy) for name in audit.most_diffuse]
+    flagged += [("least consistent", "cancelled share", name, audit.word(name).cancelled_share) for name in audit.least_consistent]
+    if not flagged:
+        return
+    flags = Table("flag", "word", "by", "share", "best pair (share)", "worst pair (share)",
+                  title="candidates for words the model does not ground: most diffuse (highest mean entropy) and least "
+                        "consistent (most share cancelled between images: share - |signed share|)")
+    for flag, measure, name, value in flagged:
+        w = audit.word(name)
+        flags.add_row(flag, escape(name), f"{measure} {value:.3f}", _measure(w.share, ".3f"),
+                      f"{w.best.pair} ({w.best.share:+.3f})", f"{w.worst.pair} ({w.worst.share:+.3f})")
+    print_table(console, flags)
+    print("their pairs' links, with `xclip view` on its default port:")
+    for name in dict.fromkeys(name for _, _, name, _ in flagged):  # whole lines: a link cut by a border cannot be opened
+        w = audit.word(name)
+        print(f"  {name!r} best {w.best.pair}: http://127.0.0.1:8765/{w.best.link}   "
+              f"worst {w.worst.pair}: http://127.0.0.1:8765/{w.worst.link}")
+
+
+def _measure(value: float, spec: str) -> str:
+    """A word's measure, or - where it has none (NaN: no occurrence with a share, or with mass on the patches)."""
+    return "-" if math.isnan(value) else format(value, spec)
 
 
 # --- cells ---------------------------------------------------------------------------------------------------

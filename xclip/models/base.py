@@ -9,6 +9,7 @@ about quadrature or interactions.
 from __future__ import annotations
 
 import errno
+import io
 import stat
 import warnings
 from collections.abc import Sequence
@@ -25,8 +26,11 @@ from xclip.core.rules import DEFAULT_SETTINGS, IMAGE_REFERENCES, ImageReference
 from xclip.errors import ConfigError, InputError
 from xclip.core.geometry import ImageResize, Preprocessing, square_image
 from xclip.core.tokens import CaptionTokens
+from xclip.disk.archives import ArchiveMembers, MemberBytes, split_member_path
 
-ImageLike = Image.Image | str | Path
+# a member path (an image inside a tar or parquet file, see xclip.disk.archives) is read from its archive; bytes
+# already read from one come as MemberBytes
+ImageLike = Image.Image | str | Path | MemberBytes
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ def load_image(image: ImageLike) -> Image.Image:
 
 
 def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
-    """An upright RGB image and notes on what was done to get it, from a PIL image or a path.
+    """An upright RGB image and notes on what was done to get it, from a PIL image or a path (a member path of a
+    tar or parquet file too, or a member's bytes: see :mod:`xclip.disk.archives`).
 
     Handled on purpose: EXIF orientation is applied (users expect the image upright, and boxes are drawn on
     it); transparency is composited over white, as transformers' processors do; 16-bit greyscale is scaled to
@@ -117,40 +122,65 @@ def read_image(image: ImageLike) -> tuple[Image.Image, list[str]]:
     """
     if isinstance(image, Image.Image):
         return _to_rgb(image, image, [])
-    if not isinstance(image, (str, Path)):
+    if not isinstance(image, (str, Path, MemberBytes)):
         msg = f"images must be PIL images or paths, got {type(image).__name__}"
         raise InputError(msg)
+    if not isinstance(image, MemberBytes) and split_member_path(Path(image)) is not None:
+        try:
+            with ArchiveMembers(max_open=1) as archives:  # one image: callers reading many keep their own reader
+                image = archives.read(Path(image))
+        except OSError as e:
+            msg = f"cannot read image {image}: {e.strerror or e}"
+            raise InputError(msg) from e
+    if isinstance(image, MemberBytes):
+        if not image.data:
+            msg = f"image {image.path} is empty (0 bytes)"
+            raise InputError(msg)
+        return _decode(io.BytesIO(image.data), image.path)
     path = Path(image)
     try:
         status = path.stat()
-        if not stat.S_ISREG(status.st_mode):
-            kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
-                     stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
-            kind = next((name for is_kind, name in kinds.items() if is_kind(status.st_mode)), "of an unknown kind")
-            msg = f"image file {path} is not a regular file ({kind})"
-            raise InputError(msg)
-        if status.st_size == 0:
-            msg = f"image file {path} is empty (0 bytes)"
-            raise InputError(msg)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:  # Pillow refuses images of over Image.MAX_IMAGE_PIXELS
-                return _to_rgb(opened, path, [])
     except (FileNotFoundError, NotADirectoryError) as e:
         msg = f"image file not found: {image}"
         raise InputError(msg) from e
+    except OSError as e:
+        raise InputError(_unreadable(image, e)) from e
+    if not stat.S_ISREG(status.st_mode):
+        kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+                 stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
+        kind = next((name for is_kind, name in kinds.items() if is_kind(status.st_mode)), "of an unknown kind")
+        msg = f"image file {path} is not a regular file ({kind})"
+        raise InputError(msg)
+    if status.st_size == 0:
+        msg = f"image file {path} is empty (0 bytes)"
+        raise InputError(msg)
+    return _decode(path, image)
+
+
+def _decode(source: Path | io.BytesIO, name: object) -> tuple[Image.Image, list[str]]:
+    """:func:`read_image`'s decoding of a file or a member's bytes, ``name`` naming it in the messages."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as opened:  # Pillow refuses images of over Image.MAX_IMAGE_PIXELS
+                return _to_rgb(opened, name, [])
+    except (FileNotFoundError, NotADirectoryError) as e:  # removed between the stat and the open
+        msg = f"image file not found: {name}"
+        raise InputError(msg) from e
     except UnidentifiedImageError as e:
-        msg = f"cannot read image {image}: not an image format Pillow recognises, or the file is damaged"
+        msg = f"cannot read image {name}: not an image format Pillow recognises, or the file is damaged"
         raise InputError(msg) from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        msg = f"image {image} is refused as a decompression bomb: {e}"
+        msg = f"image {name} is refused as a decompression bomb: {e}"
         raise InputError(msg) from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow's decoders report damaged data with these
-        if isinstance(e, OSError) and e.errno == errno.ELOOP:
-            msg = f"image file {image} is a symlink loop (or its path runs through one)"
-        else:
-            msg = f"cannot read image {image}: {e}"
-        raise InputError(msg) from e
+        raise InputError(_unreadable(name, e)) from e
+
+
+def _unreadable(name: object, e: Exception) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return f"image file {name} is a symlink loop (or its path runs through one)"
+    return f"cannot read image {name}: {e}"
 
 
 def _to_rgb(image: Image.Image, source: object, notes: list[str]) -> tuple[Image.Image, list[str]]:
@@ -311,6 +341,10 @@ class DualEncoderAdapter:
         return float(self.model.logit_scale.detach().exp())
 
     # --- shared ---------------------------------------------------------------------------------------
+    def vocabulary(self) -> list[str]:
+        """Every token id's string, as captions' tokens are labelled (a summary run stores them once)."""
+        return self._token_strings(list(range(self.vocabulary_size)))
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

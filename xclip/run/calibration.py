@@ -202,6 +202,7 @@ def calibrate_run_config(
     """
     from xclip.run.data import read_dataset
     from xclip.attribution.from_config import load_attributor
+    from xclip.disk.archives import ArchiveMembers
 
     if config.attribution.n_steps is not None:
         msg = "calibration chooses the adaptive rule's panels: the config sets attribution.n_steps (a fixed rule)"
@@ -211,11 +212,14 @@ def calibrate_run_config(
     attributor, _ = load_attributor(config)
     model = attributor.model
     readable, unreadable = [], []
-    for image in images:
-        try:
-            readable.append(model.preprocess_image(image).image)
-        except InputError as e:
-            unreadable.append(f"{image}: {e}")
+    with ArchiveMembers() as archives:  # images inside tar or parquet files: each archive indexed once
+        for image in images:
+            try:
+                readable.append(model.preprocess_image(archives.image(image)).image)
+            except InputError as e:
+                unreadable.append(f"{image}: {e}")
+            except OSError as e:
+                unreadable.append(f"{image}: {e.strerror or e}")
     if not readable:
         msg = "none of the calibration images could be read:\n  " + "\n  ".join(unreadable)
         raise ConfigError(msg)

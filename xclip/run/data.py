@@ -2,8 +2,9 @@
 
 Every record is checked before a model loads. A record that names no usable caption-image pair (invalid JSON,
 a wrong type, an empty caption, bytes that are not UTF-8, a short CSV row) is *rejected*: it is reported with
-its file and line, and the run goes on with the other records. A file that cannot be read at all (missing,
-not UTF-8 where the whole file must be, an unterminated CSV quote, not COCO) is a :class:`ConfigError`.
+its file and line (a sample of a tar or parquet file: its file and key), and the run goes on with the other
+records. A file that cannot be read at all (missing, not UTF-8 where the whole file must be, an unterminated CSV
+quote, not COCO) is a :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from xclip.models.base import text_problem
-from xclip.config import DataConfig
+from xclip.config import SHARDED_FORMATS, DataConfig
 from xclip.errors import ConfigError
+from xclip.disk.archives import IMAGE_SUFFIXES
 from xclip.disk.textfiles import read_text, text_lines
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+from xclip.run.shards import Rejected, Sample, plan_shard, read_samples
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Dataset:
     images: list[Path]
     given_pairs: list[tuple[int, int]] | np.ndarray
     rejected: list[str] = field(default_factory=list)
+    shard_files: ShardFiles | None = None  # webdataset and parquet inputs: the files this shard read
 
     def digest(self, root: Path) -> str:
         """SHA-256 of what the data files say (captions, image paths relative to ``root``, pairs): equal for the
@@ -42,6 +44,16 @@ class Dataset:
         images = [str(path.relative_to(root.resolve())) for path in self.images]
         pairs = np.asarray(self.given_pairs, dtype=np.int64).tolist()
         return hashlib.sha256(json.dumps([self.captions, images, pairs]).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """The whole files of a webdataset or parquet input that one shard of a run read (see :mod:`xclip.run.shards`),
+    and what identifies them."""
+
+    names: list[str]  # this shard's files, relative to the data root
+    all_sha256: str  # every file of the input: names and sizes (equal in every shard of a run)
+    own_sha256: str  # this shard's files' samples: keys, captions, member paths and rejections, file by file
 
 
 class _Builder:
@@ -81,11 +93,22 @@ class _Builder:
         text = self.captions.setdefault(caption, len(self.captions))
         self.pairs.setdefault((text, image))
 
-    def build(self) -> Dataset:
+    def sample(self, sample: Sample) -> None:
+        """One sample of a tar or parquet file: its own image (a member path, taken as it is: the file was found
+        under the root), its caption."""
+        problem = text_problem(sample.caption)
+        if problem is not None:
+            self.reject(sample.where, problem)
+            return
+        image = self.images.setdefault(self.root / sample.image, len(self.images))
+        text = self.captions.setdefault(sample.caption, len(self.captions))
+        self.pairs.setdefault((text, image))
+
+    def build(self, shard_files: ShardFiles | None = None) -> Dataset:
         pairs = list(self.pairs)
         return Dataset(
             captions=list(self.captions), images=list(self.images), given_pairs=pairs,
-            rejected=self.rejected,
+            rejected=self.rejected, shard_files=shard_files,
         )
 
 
@@ -214,12 +237,31 @@ def _read_queries(config: DataConfig, builder: _Builder) -> None:
     builder.pairs = {(c, i): None for c in range(len(builder.captions)) for i in range(len(builder.images))}
 
 
-def read_dataset(config: DataConfig) -> Dataset:
+def _read_shard_files(config: DataConfig, shard: tuple[int, int], builder: _Builder) -> ShardFiles:
+    """The samples of this shard's whole files (see :mod:`xclip.run.shards`), each file's digested as it is read."""
+    plan = plan_shard(config, *shard)
+    own = hashlib.sha256()
+    for file, name in zip(plan.own, plan.names(plan.own)):
+        digest = hashlib.sha256()
+        for item in read_samples(file, plan.root):
+            if isinstance(item, Rejected):
+                builder.reject(item.where, item.reason)
+                digest.update(json.dumps(["rejected", item.where, item.reason]).encode())
+            else:
+                builder.sample(item)
+                digest.update(json.dumps([item.where, item.image, item.caption]).encode())
+        own.update(json.dumps([name, digest.hexdigest()]).encode())
+    return ShardFiles(plan.names(plan.own), plan.files_digest(), own.hexdigest())
+
+
+def read_dataset(config: DataConfig, shard: tuple[int, int] = (0, 1)) -> Dataset:
     """Read the configured input into a :class:`Dataset`.
 
     Formats: ``imagefolder`` (``metadata.jsonl`` with ``file_name`` and ``text``), ``csv`` (path and caption
     columns), ``sidecar`` (``name.txt`` next to each image, one caption per line), ``coco`` (COCO captions JSON),
-    ``queries`` (``data.queries`` crossed with every image under the root).
+    ``queries`` (``data.queries`` crossed with every image under the root), ``webdataset`` (tar shards) and
+    ``parquet`` (img2dataset's parquet with image bytes): of these two only the files of ``shard`` (index, number of
+    shards) are read, whole (see :mod:`xclip.run.shards`).
 
     Raises:
         ConfigError: a data file that cannot be read at all, an image path outside the data root, or no pair
@@ -247,11 +289,16 @@ def read_dataset(config: DataConfig) -> Dataset:
         _read_sidecar(root, builder)
     elif config.format == "queries":
         _read_queries(config, builder)
-    dataset = builder.build()
+    shard_files = _read_shard_files(config, shard, builder) if config.format in SHARDED_FORMATS else None
+    dataset = builder.build(shard_files)
     if not dataset.given_pairs:
         rejected = "".join(f"\n  {line}" for line in dataset.rejected[:10])
         more = f"\n  ... and {len(dataset.rejected) - 10} more" if len(dataset.rejected) > 10 else ""
-        msg = f"no image-caption pairs found for data.format {config.format!r} under {root}" + (
+        where = f"under {root}"
+        if shard_files is not None:
+            other_files = f" and {len(shard_files.names) - 3} more" if len(shard_files.names) > 3 else ""
+            where = f"in {', '.join(shard_files.names[:3])}{other_files}"
+        msg = f"no image-caption pairs found for data.format {config.format!r} {where}" + (
             f"; every record was rejected:{rejected}{more}" if dataset.rejected else ""
         )
         raise ConfigError(msg)

@@ -9,7 +9,6 @@ those of an equivalent ``xclip attribute`` run, and ``OUTPUT`` is a run director
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import yaml
 
 from xclip.config import load_config
+from xclip.disk.archives import ArchiveMembers, MemberBytes, is_present
 from xclip.errors import ConfigError
 from xclip.core.geometry import check_image_resize
 from xclip.attribution.inputs_read import input_notes
@@ -74,7 +74,7 @@ def explain(
     checkpoint; the shipped demo model (``xclip:demo``) when None. ``checkpoint``: a weights file for ``open_clip:ARCH``;
     ``image_resize``: how a non-square image becomes square (see :func:`xclip.load_model`)."""
     image = Path(image)
-    if not image.is_file():
+    if not is_present(image):  # a file, or a member of a tar or parquet file (part-00000.tar/000000001.jpg)
         msg = f"image {image} is not there"
         raise ConfigError(msg)
     if not captions:
@@ -84,8 +84,11 @@ def explain(
     inputs = output / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     copy = inputs / image.name
-    if not copy.exists() or copy.read_bytes() != image.read_bytes():
-        shutil.copyfile(image, copy)  # the run directory keeps its input: it renders after the original moved
+    with ArchiveMembers(max_open=1) as archives:
+        source = archives.image(image)
+        data = source.data if isinstance(source, MemberBytes) else source.read_bytes()
+    if not copy.exists() or copy.read_bytes() != data:
+        copy.write_bytes(data)  # the run directory keeps its input: it renders after the original moved
     metadata = inputs / "metadata.jsonl"
     metadata.write_text(json.dumps({"file_name": image.name, "text": list(captions)}, ensure_ascii=False) + "\n", encoding="utf-8")
     config = {

@@ -19,6 +19,7 @@ from xclip.disk.digests import sha256_of
 from xclip.errors import ConfigError
 from xclip.models.loading import checkpoint_file
 from xclip.models.names import model_directory
+from xclip.store.merge import SHARD_DATA_SHA256
 from xclip.store.reader import RunReader
 
 
@@ -26,12 +27,20 @@ from xclip.store.reader import RunReader
 class RunIdentity:
     """What a run's results depend on beyond its settings."""
 
-    data_digest: str  # see xclip.run.data.Dataset.digest
+    data_digest: str  # see xclip.run.data.Dataset.digest; of webdataset and parquet inputs ShardFiles.all_sha256
     weights_digest: str | None  # see weights_digest
+    # webdataset and parquet inputs: the samples of the shard's own files (xclip.run.data.ShardFiles.own_sha256)
+    shard_data_digest: str | None = None
 
 
 def identify_run(config: RunConfig, dataset: Dataset) -> RunIdentity:
-    """Digest the data files and the local checkpoint's weights (reads every weight file: call it once per run)."""
+    """Digest the data files and the local checkpoint's weights (reads every weight file: call it once per run).
+
+    Of webdataset and parquet inputs, whose shards read whole files, the data digest is that of every file's name
+    and size (equal in every shard, as merging checks), and the shard's own files are identified by their samples."""
+    files = dataset.shard_files
+    if files is not None:
+        return RunIdentity(files.all_sha256, weights_digest(config.model), files.own_sha256)
     return RunIdentity(data_digest=dataset.digest(config.data.root), weights_digest=weights_digest(config.model))
 
 
@@ -65,7 +74,7 @@ def check_resumable(stored_run: Path, config: RunConfig, identity: RunIdentity) 
         if stored.attrs.get("model_weights_sha256", "") != (identity.weights_digest or ""):
             msg = f"{directory} was made with other weights at {config.model.name}; pass overwrite=True to replace it"
             raise ConfigError(msg, setting="overwrite")
-        if stored.attrs["data_sha256"] != identity.data_digest:
+        if stored.attrs["data_sha256"] != identity.data_digest or stored.attrs.get(SHARD_DATA_SHA256) != identity.shard_data_digest:
             msg = (
                 f"the data files changed since {directory} was made (their captions, image paths or pairs differ): "
                 "restore them to resume the run, or pass overwrite=True to attribute the data as they are now"
@@ -100,6 +109,8 @@ def provenance(config: RunConfig, attributor: InteractionAttribution, command: s
         attributes["model_weights_sha256"] = identity.weights_digest
     attributes.update(model.library_versions())  # open_clip's tokenizer and transforms: their version matters
     attributes["data_sha256"] = identity.data_digest
+    if identity.shard_data_digest is not None:
+        attributes[SHARD_DATA_SHA256] = identity.shard_data_digest
     # lets readers find the images after the project moved as a whole
     attributes["data_root_from_run"] = os.path.relpath(config.data.root, config.run_directory)
     return attributes

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xclip.disk.archives import ArchiveMembers
 from xclip.models.base import DualEncoderAdapter
 from xclip.config import RunConfig
 from xclip.run.data import Dataset
@@ -25,7 +26,8 @@ def pairs_to_attribute(
     identity: RunIdentity,
     on_ranking: Callable[[int, int], None],
 ) -> np.ndarray:
-    """All shards' pairs: those of ``pairing.mode``, the first ``data.limit`` of them.
+    """All shards' pairs: those of ``pairing.mode``, the first ``data.limit`` of them (of a webdataset or parquet
+    input, read by whole files: this shard's files' pairs, the first ``data.limit`` of them).
 
     ``all`` of 5,000 x 25,000 is 2 GB as one integer array, where Python tuples would take ten times that. A
     top-k ranking is computed once per run and shared by its shards through a file in ``output.directory``.
@@ -49,12 +51,15 @@ def pairs_to_attribute(
 
 def shard_dataset(dataset: Dataset, pairs: np.ndarray, config: RunConfig) -> Dataset:
     """This shard's contiguous block of ``pairs``, with just the captions and images they use (with
-    ``data.limit`` or ``topk``, inputs without a pair are never attributed).
+    ``data.limit`` or ``topk``, inputs without a pair are never attributed). A webdataset or parquet input was
+    split by whole files as it was read: its shard's pairs are all its own.
 
     Returns:
         A dataset whose ``given_pairs`` index its own captions and images.
     """
     index, n_shards = config.runtime.shard_index, config.runtime.num_shards
+    if dataset.shard_files is not None:
+        index, n_shards = 0, 1
     size, extra = divmod(len(pairs), n_shards)  # the first `extra` shards take one pair more
     start = index * size + min(index, extra)
     block = pairs[start : start + size + (index < extra)]
@@ -65,6 +70,7 @@ def shard_dataset(dataset: Dataset, pairs: np.ndarray, config: RunConfig) -> Dat
         images=[dataset.images[i] for i in images],
         given_pairs=np.stack([caption_rows, image_rows], axis=1),
         rejected=dataset.rejected,
+        shard_files=dataset.shard_files,
     )
 
 
@@ -93,9 +99,11 @@ def _top_k(
 
 
 def _ranking_path(config: RunConfig, identity: RunIdentity) -> Path:
-    """Where the shards of one run share their top-k ranking: named by everything the ranking depends on."""
+    """Where the shards of one run share their top-k ranking: named by everything the ranking depends on (a
+    shard of a webdataset or parquet input ranks its own files' inputs: its shard index is kept)."""
     fingerprint = json.loads(config.result_fingerprint())
-    fingerprint["runtime"].pop("shard_index")
+    if identity.shard_data_digest is None:
+        fingerprint["runtime"].pop("shard_index")
     key = json.dumps([fingerprint, identity.data_digest, identity.weights_digest], sort_keys=True)
     return config.output.directory / f".topk-ranking-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
 
@@ -111,16 +119,17 @@ def _similarities(
         for start in range(0, len(dataset.captions), batch_size)
     ]
     image = []
-    for start in range(0, len(dataset.images), batch_size):
-        paths = dataset.images[start : start + batch_size]
-        try:
-            image.append(model.embed_image(model.preprocess(paths).pixel_values).float())
-        except (XclipError, ValueError):  # a bad image in the batch: embed its images one by one
-            for path in paths:
-                try:
-                    image.append(model.embed_image(model.preprocess([path]).pixel_values).float())
-                except (XclipError, ValueError):
-                    image.append(torch.full_like(text[0][:1], float("nan")))
-        on_ranking(min(start + batch_size, len(dataset.images)), len(dataset.images))
+    with ArchiveMembers() as archives:  # images inside tar or parquet files: each archive indexed once
+        for start in range(0, len(dataset.images), batch_size):
+            paths = dataset.images[start : start + batch_size]
+            try:
+                image.append(model.embed_image(model.preprocess([archives.image(p) for p in paths]).pixel_values).float())
+            except (XclipError, ValueError, OSError):  # a bad image in the batch: embed its images one by one
+                for path in paths:
+                    try:
+                        image.append(model.embed_image(model.preprocess([archives.image(path)]).pixel_values).float())
+                    except (XclipError, ValueError, OSError):
+                        image.append(torch.full_like(text[0][:1], float("nan")))
+            on_ranking(min(start + batch_size, len(dataset.images)), len(dataset.images))
     scores = torch.cat(text) @ torch.cat(image).T
     return scores.nan_to_num(nan=float("-inf"))

@@ -49,6 +49,7 @@ def render_run(run_dir: str | Path, *, pairs: list[int] | None = None, span: str
         msg = f"file_format must be one of {', '.join(FORMATS)}, got {file_format!r}"
         raise ConfigError(msg, setting="file_format")
     with RunReader(run_dir) as run:
+        run.require_contributions("drawing figures (xclip render)")
         out = out or run.path.parent / FIGURES_FOLDER
         candidates = _finished_pairs(run, pairs)
         report = RenderReport(written=[])

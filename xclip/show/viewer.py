@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from xclip.models.base import read_image
+from xclip.disk.archives import ArchiveMembers, MemberBytes
 from xclip.show.colours import COLORMAP, CONTOUR, colour_table, outline_mask
 from xclip.errors import ConfigError, XclipError
 from xclip.disk.files import write_atomically, write_text_atomically
@@ -64,7 +65,8 @@ from xclip.store.schema import (
     TERMS,
     Status,
 )
-from xclip.store.reader import MissingImage, RunReader
+from xclip.store.reader import MissingImage, RunReader, needs_contributions_message
+from xclip.attribution.summary import PairSummary
 
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = {"index.html": "text/html", "viewer.js": "text/javascript", "viewer.css": "text/css"}
@@ -139,6 +141,7 @@ class RunData:
     def __init__(self, run_dir: str | Path, data_root: Path | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.data_root = data_root
+        self._archives = ArchiveMembers()  # images inside tar and parquet files: each archive indexed once
         with RunReader(self.run_dir) as run:  # a clear error now rather than at the first request
             folders = [run.settings.data.root, run.data_root(data_root), run.path.parent.parent]
         # longest first, so that a data root inside the run's parent folder is cut whole
@@ -164,6 +167,7 @@ class RunData:
                 "grid": list(run.grid),
                 "n_prefix": run.n_prefix,
                 "has_pair_maps": run.has_pair_maps,
+                "stores_contributions": run.stores_contributions,
                 "colormap": COLORMAP,
                 "lut": ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in lut],
             }
@@ -235,15 +239,22 @@ class RunData:
             numbers = {name: _number(run.value(PAIRS, name, index)) for name in PAIR_NUMBERS}
             bound, tolerance = float(run.value(PAIRS, MAP_ERROR_BOUND, index)), run.settings.attribution.tolerance
             caption_read, image_read = inputs_read_of_pair(run, index)
-            interactions = run.interactions(index)
+            # a summary run has no map: its page shows the pair's numbers and its tokens' summary instead
+            interactions = run.interactions(index) if run.stores_contributions else None
+            summary = {} if interactions is not None else {
+                "token_table": _token_table(run.pair_summary(index), tokens.tokens, run.grid),
+                "summary_note": self.public(needs_contributions_message(f"the map of pair {index}", run.path)),
+            }
             return {
                 "index": index,
                 "caption": tokens.caption,
                 "image": self.public(run.image_path(i)),
                 "tokens": tokens.tokens,
                 "chips": caption_chips(tokens),
-                "interactions": interactions.astype(np.float64).tolist(),  # exactly the stored values
-                "map_peak": _token_map_peak(interactions, run.n_prefix),
+                # exactly the stored values (None in a summary run)
+                "interactions": None if interactions is None else interactions.astype(np.float64).tolist(),
+                "map_peak": None if interactions is None else _token_map_peak(interactions, run.n_prefix),
+                **summary,
                 # what the model read: the caption up to read_end (the rest is in no map), the crop it saw
                 "read_end": caption_read.read_end,
                 "unread": caption_read.unread_text,
@@ -264,7 +275,7 @@ class RunData:
         with RunReader(self.run_dir) as run:
             _, i = _finished_pair_inputs(run, index)
             geometry = run.preprocessing(i)
-            view = geometry.model_view(read_image(self._image_file(run, i, f" of pair {index}"))[0])
+            view = geometry.model_view(read_image(self._archives.image(self._image_file(run, i, f" of pair {index}")))[0])
         width, height = view.size
         display = view.convert("RGB").resize((DISPLAY_SIDE, max(1, round(DISPLAY_SIDE * height / width))), Image.Resampling.BICUBIC)
         lines = np.zeros((display.size[1], display.size[0], 4), dtype=np.uint8)
@@ -286,8 +297,8 @@ class RunData:
             if version is not None and version != _image_version(run.value(IMAGES, SHA256, image)):
                 msg = f"image {image} is not the picture this address names: reload the page"
                 raise NotFound(msg)
-            path = self._image_file(run, image)
-        with Image.open(path) as opened:
+            source = self._archives.image(self._image_file(run, image))
+        with Image.open(io.BytesIO(source.data) if isinstance(source, MemberBytes) else source) as opened:
             opened.draft("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE))  # a JPEG decodes at a fraction of its size: cheap
             picture = read_image(opened)[0]  # upright, over white, as the run read it
         picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BICUBIC)
@@ -345,6 +356,8 @@ class RunData:
         run being written gets a scale of its newly finished pairs too."""
         with self._lock, RunReader(self.run_dir) as run:
             done = np.flatnonzero(run.status(PAIRS) == Status.DONE)
+            if not run.stores_contributions:  # a summary run draws no maps
+                return {"value": None, "pairs": 0, "finished": int(len(done))}
             if self._run_scale is None or self._run_scale["finished"] != len(done):
                 sample = done if len(done) <= RUN_SCALE_SAMPLE else done[np.linspace(0, len(done) - 1, RUN_SCALE_SAMPLE).astype(int)]
                 peak = max((_token_map_peak(run.interactions(int(p)), run.n_prefix) for p in sample), default=0.0)
@@ -381,6 +394,27 @@ def _thumbnail_urls(run: RunReader, images: np.ndarray) -> dict[int, str | None]
 
 def _folder_prefix(folder: Path) -> str:
     return str(folder).rstrip(os.sep) + os.sep
+
+
+def _token_table(summary: PairSummary, tokens: list[str], grid: tuple[int, int]) -> list[dict[str, Any]]:
+    """A summary run's pair page: per caption position its token and the facts of its
+    :class:`~xclip.attribution.summary.TokenSummary`, with its share of the score (its value over the map's total)."""
+    token = summary.token
+    total = float(np.nansum(token.values))
+    return [
+        {
+            "token": text,
+            "value": _number(token.values[t]),
+            "score_share": _number(token.values[t] / total) if total else None,
+            "peak_patch": [int(token.peak_patch[t]) // grid[1], int(token.peak_patch[t]) % grid[1]],
+            "peak_value": _number(token.peak_value[t]),
+            "top_share": _number(token.top_share[t]),
+            "entropy": _number(token.entropy[t]),
+            "centroid": [_number(v) for v in token.centroid[t]],
+            "spread": _number(token.spread[t]),
+        }
+        for t, text in enumerate(tokens)
+    ]
 
 
 def _token_map_peak(interactions: np.ndarray, n_prefix: int) -> float:
@@ -552,7 +586,8 @@ def export_site(run_dir: str | Path, out: Path, pairs: list[int], data_root: Pat
         image, lines = data.image(index)
         images[index] = "data:image/png;base64," + base64.b64encode(image).decode()
         contours[index] = "data:image/png;base64," + base64.b64encode(lines).decode()
-    peak = max((_token_map_peak(d["interactions"], d["n_prefix"]) for d in details.values()), default=1.0)
+    peak = max((_token_map_peak(d["interactions"], d["n_prefix"]) for d in details.values() if d["interactions"] is not None),
+               default=1.0)
     rows = data.rows(pairs)
     out.mkdir(parents=True, exist_ok=True)
     _export_thumbnails(data, rows, out)

@@ -13,7 +13,7 @@ import numpy as np
 
 from xclip.store import schema
 from xclip.store.layout import HDF5_FILE_LOCKING, fixed_dataset
-from xclip.store.schema import GROUPS, IMAGES, ROOT, SCHEMA_VERSION, RunInputs, Sizes
+from xclip.store.schema import GROUPS, IMAGES, ROOT, SCHEMA_VERSION, RunInputs, RunKind, Sizes
 from xclip.store.space import estimated_size, refusing_a_full_disk, reserve
 
 
@@ -32,17 +32,24 @@ def create_run_file(
     embedding_dim: int,
     grid: tuple[int, int],
     n_prefix: int,
+    store_contributions: bool = True,
+    n_top_cells: int = 0,
+    vocabulary: Sequence[str] = (),
 ) -> None:
     """Create ``run.h5`` with every dataset at full size (mode ``w-``: never truncates an existing file).
 
     ``precision`` (output.precision) is that of contributions and maps: float16 halves the file, where embeddings
     and every number stay float32; a float64 run keeps everything in float64, so that a stored map is as exact
     as the API's. Without ``store_pair_maps`` readers compute a pair's map from its two inputs' contributions.
+    Without ``store_contributions`` (a summary run: no maps either) each pair keeps its numbers and its summary of
+    ``n_top_cells`` cells, and captions their token ids, read as strings through ``vocabulary`` (token strings by id).
     """
     table = np.asarray(pairs, dtype=np.int64).reshape(len(pairs), 2)
-    inputs = RunInputs(captions, images, table, rejected_records)
-    sizes = Sizes(max_text_positions, n_image_positions, embedding_dim)
-    with refusing_a_full_disk(path, estimated_size(inputs, sizes, precision, store_pair_maps)):
+    kind = RunKind(store_contributions, store_pair_maps and store_contributions)
+    inputs = RunInputs(captions, images, table, rejected_records, vocabulary if not store_contributions else ())
+    sizes = Sizes(max_text_positions, n_image_positions, embedding_dim, n_top_cells)
+    with refusing_a_full_disk(path, estimated_size(inputs, sizes, precision, kind.stores_pair_maps,
+                                                   store_contributions=store_contributions)):
         with h5py.File(path, "w-", locking=HDF5_FILE_LOCKING) as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             for key, value in attributes.items():
@@ -53,18 +60,20 @@ def create_run_file(
             f[IMAGES].attrs["grid"] = grid
             f[IMAGES].attrs["n_prefix"] = n_prefix
             for group in (*GROUPS, ROOT):
-                for column in schema.columns(group, with_maps=store_pair_maps):
-                    _create_column(f[group], group, column, inputs, sizes, precision)
+                for column in schema.columns_of(group, kind):
+                    _create_column(f[group], group, column, inputs, sizes, precision, kind)
         reserve(path)
 
 
 def _create_column(group: h5py.Group, group_name: str, column: schema.Column, inputs: RunInputs, sizes: Sizes,
-                   precision: str) -> None:
+                   precision: str, kind: RunKind) -> None:
     """A column's dataset: written now from the inputs when it is given, else allocated for the run to fill."""
-    shape = (inputs.n_rows(group_name), *column.row_shape(group_name, sizes))
+    dtype = column.storage_dtype(precision, kind)
     if column.given is not None:  # variable-length text is written only here: no string heap grows during a run
-        dataset = group.create_dataset(column.name, data=column.given(inputs), dtype=column.storage_dtype(precision), shape=shape)
+        data = column.given(inputs)
+        dataset = group.create_dataset(column.name, data=data, dtype=dtype, shape=(len(data), *column.row_shape(group_name, sizes)))
     else:
-        dataset = fixed_dataset(group, column.name, shape, column.storage_dtype(precision), column.fill)
+        shape = (inputs.n_rows(group_name), *column.row_shape(group_name, sizes))
+        dataset = fixed_dataset(group, column.name, shape, dtype, column.fill)
     for key, value in column.attributes:
         dataset.attrs[key] = value

@@ -61,6 +61,7 @@ def describe_run(run_dir: str | Path) -> dict[str, Any]:
             "created": run.attrs["created"],
             "xclip_version": run.attrs["xclip_version"],
             "config": run.config,
+            "stores_contributions": run.stores_contributions,
             "counts": counts,
             "rejected_records": rejected,
             "accuracy": describe_accuracy(run),

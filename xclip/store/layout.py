@@ -108,7 +108,7 @@ def _raised_by_h5py(error: BaseException) -> bool:
 
 def checksummed(f: h5py.File, group: str) -> list[str]:
     """The columns an item's checksum covers in ``group`` of this file, in the order it covers them."""
-    return [column.name for column in schema.columns(group) if column.is_checksummed and column.name in f[group]]
+    return [column.name for column in schema.columns_of(group, schema.kind_of(f)) if column.is_checksummed]
 
 
 def checksum(rows: Iterable[np.ndarray]) -> int:
@@ -131,4 +131,22 @@ def checked_rows(f: h5py.File, group: str, index: int, names: Iterable[str] = ()
             "altered bytes, a failing disk or an incomplete copy); attribute the run again with overwrite=True"
         )
         raise StoreError(msg, setting="overwrite")
+    return rows
+
+
+def checked_block(f: h5py.File, group: str, indices: np.ndarray, names: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """:func:`checked_rows` of several items at once, ``indices`` increasing: each column read once, as the rows
+    from the first item to the last (so pass items that lie close together), every item checked."""
+    covered = checksummed(f, group)
+    items = f[group]
+    first, last = int(indices[0]), int(indices[-1])
+    picked = np.asarray(indices) - first
+    rows = {name: items[name][first : last + 1][picked] for name in dict.fromkeys([*covered, schema.CHECKSUM, *names])}
+    for k, index in enumerate(indices):
+        if int(rows[schema.CHECKSUM][k]) != checksum(rows[name][k] for name in covered):
+            msg = (
+                f"{f.filename}: {group} {index} is damaged (its stored results do not match their checksum: zeroed or "
+                "altered bytes, a failing disk or an incomplete copy); attribute the run again with overwrite=True"
+            )
+            raise StoreError(msg, setting="overwrite")
     return rows

@@ -9,13 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from xclip.disk.files import install_file, is_disk_full, no_space, size_text
 from xclip.disk.locking import writer_lock
 from xclip.errors import ConfigError, StoreError
 from xclip.store import schema
 from xclip.store.layout import HDF5_FILE_LOCKING, fixed_dataset, open_for_reading, open_run_file
-from xclip.store.schema import DONE, GROUPS, INTERACTIONS, PAIRS, PENDING, ROOT, RUN_FILE, STATUS
+from xclip.store.schema import DONE, GROUPS, PAIRS, PENDING, ROOT, RUN_FILE, STATUS
+
+# the attribute a shard of a webdataset or parquet input records its own files' digest in (see xclip.run.identity)
+SHARD_DATA_SHA256 = "shard_data_sha256"
 
 
 def merge_shards(directory: Path, *, allow_partial: bool = False, overwrite: bool = False, block: int = 1024,
@@ -95,7 +99,7 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
                 "fingerprint": json.dumps(fingerprint, sort_keys=True),
                 "weights": f.attrs.get("model_weights_sha256", ""),
                 "data": f.attrs["data_sha256"],
-                "maps": INTERACTIONS in f[PAIRS],
+                "kind": schema.kind_of(f),
             }
             if not first:
                 first = {"path": path, **identity}
@@ -106,8 +110,8 @@ def _check_shards(shards: list[Path], allow_partial: bool) -> None:
             elif identity["weights"] != first["weights"]:
                 msg = f"{path} was made with other model weights than {first['path']} (weights sha256 differ)"
                 raise StoreError(msg)
-            elif identity["maps"] != first["maps"]:
-                msg = f"{path} {'stores' if identity['maps'] else 'does not store'} pair maps, {first['path']} does the opposite: shards of one run share output.pair_maps"
+            elif identity["kind"] != first["kind"]:
+                msg = f"{path} {_kind_text(identity['kind'])}, {first['path']} {_kind_text(first['kind'])}: shards of one run share output.contributions and output.pair_maps"
                 raise StoreError(msg)
             elif identity["data"] != first["data"]:
                 msg = f"{path} was made from other data files than {first['path']} (data sha256 differ: the files changed between the shards' runs)"
@@ -134,11 +138,16 @@ def _merge(directory: Path, shards: list[Path], block: int, progress: Callable[[
     try:
         with h5py.File(temporary, "w-", locking=HDF5_FILE_LOCKING) as merged:
             for key, value in sources[0].attrs.items():
-                merged.attrs[key] = value
+                if key != SHARD_DATA_SHA256:  # of the first shard's files alone
+                    merged.attrs[key] = value
             merged.attrs["merged_from"] = json.dumps([str(p.relative_to(directory)) for p in shards])
             merged.attrs["is_partial"] = bool(sum(int((src[PAIRS][STATUS][:] == PENDING).sum()) for src in sources))
-            for column in schema.columns(ROOT):  # every shard reads the whole data files: each holds the same
-                merged.create_dataset(column.name, data=sources[0][column.name][:], dtype=sources[0][column.name].dtype)
+            # every shard reads the whole data files and holds the same rows, but one of a webdataset or parquet input
+            # (which has its own files' digest) those of its own files
+            by_file = SHARD_DATA_SHA256 in sources[0].attrs
+            for column in schema.columns_of(ROOT, schema.kind_of(sources[0])):
+                rows = [src[column.name][:] for src in (sources if by_file else sources[:1])]
+                merged.create_dataset(column.name, data=np.concatenate(rows), dtype=sources[0][column.name].dtype)
             _create_merged_groups(merged, sources)
             offsets = dict.fromkeys(GROUPS, 0)
             for n_copied, src in enumerate(sources, start=1):
@@ -161,6 +170,12 @@ def _merge(directory: Path, shards: list[Path], block: int, progress: Callable[[
     return target
 
 
+def _kind_text(kind: schema.RunKind) -> str:
+    if not kind.stores_contributions:
+        return "keeps summaries only (output.contributions: none)"
+    return f"stores contributions {'and' if kind.stores_pair_maps else 'but no'} pair maps"
+
+
 def _create_merged_groups(merged: h5py.File, sources: list[h5py.File]) -> None:
     """Every group's columns at the shards' summed length, in the first shard's dtypes (float16 arrays stay
     float16) and fill values."""
@@ -170,9 +185,7 @@ def _create_merged_groups(merged: h5py.File, sources: list[h5py.File]) -> None:
         for key, value in first.attrs.items():
             items.attrs[key] = value
         total = sum(len(src[group][STATUS]) for src in sources)
-        for column in schema.columns(group):
-            if column.name not in first:  # pair maps, in runs that store none
-                continue
+        for column in schema.columns_of(group, schema.kind_of(sources[0])):
             dataset = first[column.name]
             shape = (total, *dataset.shape[1:])
             if column.dtype is schema.STRING:  # text of the file's creation
@@ -188,9 +201,7 @@ def _copy_rows(source: h5py.Group, merged: h5py.Group, group: str, offsets: dict
     at a time; indices of other groups' rows shifted by those groups' offsets."""
     n = len(source[STATUS])
     start = offsets[group]
-    for column in schema.columns(group):
-        if column.name not in source:
-            continue
+    for column in schema.columns_of(group, schema.kind_of(source.file)):
         shift = offsets[column.row_of] if column.row_of is not None else 0
         dataset = source[column.name]
         for row in range(0, n, block):

@@ -13,12 +13,14 @@ import h5py
 import numpy as np
 
 from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
+from xclip.attribution.summary import PairSummary, pair_summary_from_rows, summarise_map
 from xclip.core.geometry import Preprocessing, position_labels
 from xclip.core.tokens import CaptionTokens
+from xclip.disk.archives import is_present
 from xclip.disk.digests import FileIdentity, has_changed
 from xclip.errors import ConfigError
 from xclip.store import schema
-from xclip.store.layout import checked_rows, damaged_file_errors, open_run_file, run_file_path
+from xclip.store.layout import checked_block, checked_rows, damaged_file_errors, open_run_file, run_file_path
 from xclip.store.schema import (
     CAPTION_INDEX,
     CAPTIONS,
@@ -40,9 +42,13 @@ from xclip.store.schema import (
     SHA256,
     SPECIAL,
     STATUS,
+    SUMMARY_FIELDS,
     TEXT,
+    TOKEN_IDS,
     TOKENS,
     UNKNOWN,
+    VOCABULARY,
+    RunKind,
     Status,
 )
 
@@ -56,7 +62,9 @@ class RunReader:
     It never takes the writer lock, so it works on a run that is still being written (it shows what is
     finished). Every h5py error while reading becomes a :class:`StoreError` naming the file. A pair's map is
     read when the run stored maps (``output.pair_maps``), and computed from the two stored contribution arrays
-    otherwise, through :func:`xclip.interaction_map`: readers see the same map either way.
+    otherwise, through :func:`xclip.interaction_map`: readers see the same map either way. A summary run
+    (``output.contributions: none``) has neither: its pairs' numbers and summaries (:meth:`pair_summary`) are read,
+    and what needs a map or contributions raises :class:`NeedsContributions`.
     """
 
     _mode = "r"
@@ -69,7 +77,8 @@ class RunReader:
             self.config: dict[str, Any] = json.loads(self.attrs["config"])
             self.grid: tuple[int, int] = tuple(int(v) for v in self._file[IMAGES].attrs["grid"])  # type: ignore[assignment]
             self.n_prefix = int(self._file[IMAGES].attrs["n_prefix"])
-            self.has_pair_maps = INTERACTIONS in self._file[PAIRS]
+            self.kind: RunKind = schema.kind_of(self._file)
+        self.has_pair_maps = self.kind.stores_pair_maps
         self._fixed: dict[str, Any] = {}  # what a run never changes after creating the file, read once
 
     def __enter__(self):  # noqa: ANN204  (the subclass's own type; typing.Self needs Python 3.11)
@@ -80,6 +89,21 @@ class RunReader:
 
     def close(self) -> None:
         self._file.close()
+
+    @property
+    def stores_contributions(self) -> bool:
+        """The run stored its inputs' contributions (``output.contributions: store``), so that maps and figures can
+        be read; False for a summary run, which keeps each pair's numbers and :meth:`pair_summary` only."""
+        return self.kind.stores_contributions
+
+    def columns(self, group: str) -> tuple[schema.Column, ...]:
+        """The declared columns of ``group`` that this run's file has."""
+        return schema.columns_of(group, self.kind)
+
+    def require_contributions(self, what: str) -> None:
+        """Raise :class:`NeedsContributions` (``what`` needs them) unless the run stored contributions."""
+        if not self.stores_contributions:
+            raise NeedsContributions(needs_contributions_message(what, self.path))
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -203,16 +227,36 @@ class RunReader:
 
     def caption_tokens(self, caption: int) -> CaptionTokens:
         """A finished caption's positions as its own text: token strings, character spans, flags."""
+        return self.captions_tokens([caption])[0]
+
+    def captions_tokens(self, captions: Sequence[int] | np.ndarray) -> list[CaptionTokens]:
+        """:meth:`caption_tokens` of several finished captions, in the order given (repeats allowed): each column
+        read once for them all, where a caption at a time costs a few reads each (hours over a million captions)."""
+        distinct, order = np.unique(np.asarray(captions, dtype=np.int64), return_inverse=True)
+        if not len(distinct):
+            return []
         with self._reading():
             group = self._file[CAPTIONS]
-            n = int(group[N_POSITIONS][caption])
-            return CaptionTokens(
-                caption=self.caption(caption),
-                tokens=list(group[TOKENS].asstr()[caption, :n]),
-                offsets=[(int(a), int(b)) for a, b in group[OFFSETS][caption, :n]],
-                special=[bool(v) for v in group[SPECIAL][caption, :n]],
-                unknown=[bool(v) for v in group[UNKNOWN][caption, :n]],
+            lengths = group[N_POSITIONS][distinct]
+            width = int(lengths.max())
+            if TOKENS in group:
+                tokens = group[TOKENS].asstr()[distinct, :width]
+            else:  # a summary run keeps token ids and the tokenizer's strings once: the same strings
+                vocabulary = self._once(VOCABULARY, lambda: self._file[VOCABULARY].asstr()[:])
+                tokens = vocabulary[group[TOKEN_IDS][distinct, :width]]  # -1 past a caption's positions: cut below
+            texts = group[TEXT].asstr()[distinct]
+            offsets, special, unknown = (group[name][distinct, :width] for name in (OFFSETS, SPECIAL, UNKNOWN))
+        read = [
+            CaptionTokens(
+                caption=str(texts[k]),
+                tokens=[str(token) for token in tokens[k, :n]],
+                offsets=[(int(a), int(b)) for a, b in offsets[k, :n]],
+                special=[bool(v) for v in special[k, :n]],
+                unknown=[bool(v) for v in unknown[k, :n]],
             )
+            for k, n in enumerate(lengths)
+        ]
+        return [read[k] for k in order.reshape(-1)]
 
     def image_file(self, image: int) -> FileIdentity:
         """The file a finished image was read from: its size, modification time and content digest."""
@@ -232,6 +276,7 @@ class RunReader:
     def contributions(self, group: str, index: int) -> Contributions:
         """A finished caption's (``captions``) or image's (``images``) contributions, as the engine gave them (in
         float32, or float64 in a float64 run), checked against the item's checksum."""
+        self.require_contributions(f"the contributions of {group[:-1]} {index}")
         with self._reading():
             stored = _columns_of(Contributions, self._file[group], group)
             rows = checked_rows(self._file, group, index, [column.name for column in stored])
@@ -245,6 +290,7 @@ class RunReader:
 
     def interactions(self, pair: int) -> np.ndarray:
         """A finished pair's token x image-position map, ``(n_tokens, S)`` (CLS columns first)."""
+        self.require_contributions(f"the map of pair {pair}")
         caption, image = self.pair_inputs(pair)
         if self.has_pair_maps:
             with self._reading():
@@ -277,6 +323,7 @@ class RunReader:
         """
         import torch
 
+        self.require_contributions(f"the map of pair {index}")
         self._check_finished(index)
         caption, image = self.pair_inputs(index)
         tokens = self.caption_tokens(caption)
@@ -304,6 +351,54 @@ class RunReader:
             is_caption_truncated=is_truncated,
         )
 
+    def pair_summary(self, index: int) -> PairSummary:
+        """A finished pair's :class:`~xclip.attribution.summary.PairSummary`: read in a summary run; in a run with
+        contributions computed from its map (:meth:`interactions`) with the run's ``output.top_cells`` and
+        ``output.top_patches``, and rounded to the dtypes a summary run stores, so that both kinds of run give the
+        same summary of the same map.
+
+        Raises:
+            ConfigError: no finished pair has that index.
+            StoreError: the pair's stored results are damaged.
+        """
+        self._check_finished(index)
+        caption, _ = self.pair_inputs(index)
+        n = int(self.value(CAPTIONS, N_POSITIONS, caption))
+        output = self.settings.output
+        if self.stores_contributions:
+            summary = summarise_map(self.interactions(index), n, self.grid, self.n_prefix,
+                                    top_cells=output.top_cells, top_patches=output.top_patches)
+            return _as_summary_run_stores(summary, output.storage_precision(self.settings.model.dtype))
+        with self._reading():
+            rows = checked_rows(self._file, PAIRS, index, list(SUMMARY_FIELDS))
+        return pair_summary_from_rows(n, {field: rows[name] for name, field in SUMMARY_FIELDS.items()})
+
+    def pair_summaries(self, indices: Sequence[int] | np.ndarray) -> list[PairSummary]:
+        """:meth:`pair_summary` of finished pairs ``indices`` (increasing, distinct), equal to it pair by pair; a
+        summary run reads each column once for them all, as the rows from the first to the last, so pass pairs
+        that lie close together (a block of the run): what reads a million pairs' summaries in minutes, not hours.
+
+        Raises:
+            ConfigError: one of them is not a finished pair.
+            StoreError: a pair's stored results are damaged.
+        """
+        pairs = np.asarray(indices, dtype=np.int64)
+        if self.stores_contributions or not len(pairs):  # the map of each pair is computed: its read and product dominate
+            return [self.pair_summary(int(pair)) for pair in pairs]
+        if np.any(np.diff(pairs) <= 0):
+            raise ValueError("pair_summaries takes increasing, distinct pair indices")
+        for outside in (pairs[0], pairs[-1]):
+            if not 0 <= outside < self.n_items(PAIRS):
+                self._check_finished(int(outside))  # raises, naming it
+        status = self.values(PAIRS, STATUS, pairs)
+        if np.any(status != DONE):
+            self._check_finished(int(pairs[np.flatnonzero(status != DONE)[0]]))
+        n_positions = self.values(CAPTIONS, N_POSITIONS, self.values(PAIRS, CAPTION_INDEX, pairs))
+        with self._reading():
+            rows = checked_block(self._file, PAIRS, pairs, list(SUMMARY_FIELDS))
+        return [pair_summary_from_rows(int(n), {field: rows[name][k] for name, field in SUMMARY_FIELDS.items()})
+                for k, n in enumerate(n_positions)]
+
     def _check_finished(self, pair: int) -> None:
         n_pairs = self.n_items(PAIRS)
         status = Status(int(self.value(PAIRS, STATUS, pair))) if 0 <= pair < n_pairs else None
@@ -323,7 +418,7 @@ class RunReader:
         """
         stored = self.image_path(image)
         path = self.data_root(data_root) / stored
-        if not path.is_file():
+        if not is_present(path):  # a file, or a member of a tar or parquet file
             msg = f"image {path}{owner} is not there: was the data moved? give the images' new folder"
             raise MissingImage(msg, setting="data_root")
         if has_changed(path, self.image_file(image), verify=self.settings.data.verify):
@@ -346,10 +441,41 @@ class MissingImage(ConfigError):
     """A finished image's file is not where the run read it: the data moved (see :meth:`RunReader.image_source`)."""
 
 
+class NeedsContributions(ConfigError):
+    """What was asked of a run needs stored contributions (a map, a figure), and the run keeps summaries only."""
+
+
+def needs_contributions_message(what: str, path: Path) -> str:
+    """The one message of :class:`NeedsContributions`: what needs contributions, and how to get them for some pairs."""
+    return (
+        f"{what} needs stored contributions, and {path} keeps each pair's numbers and summary only "
+        "(output.contributions: none). To draw or read maps, attribute the pairs you want again with contributions, "
+        "into another directory: xclip attribute CONFIG output.contributions=store output.directory=OTHER data.limit=N "
+        "(the first N pairs; or a data file listing the pairs you want)"
+    )
+
+
+def _as_summary_run_stores(summary: PairSummary, precision: str) -> PairSummary:
+    """``summary`` with each array rounded through the dtype a summary run of ``precision`` stores it in."""
+    dtypes = {SUMMARY_FIELDS[column.name]: column.storage_dtype(precision, schema.SUMMARY_RUN)
+              for column in schema.columns_of(PAIRS, schema.SUMMARY_RUN) if column.name in SUMMARY_FIELDS}
+
+    def stored(name: str, array: np.ndarray) -> np.ndarray:
+        return array.astype(dtypes[name]).astype(array.dtype)
+
+    token = summary.token
+    return PairSummary(
+        token=type(token)(**{f.name: stored(f.name, getattr(token, f.name)) for f in dataclasses.fields(token)}),
+        top_cells=summary.top_cells,
+        top_cell_values=stored("top_cell_values", summary.top_cell_values),
+    )
+
+
 def _columns_of(result_type: type, items: h5py.Group, group: str) -> list[schema.Column]:
     """The columns of ``group`` that hold fields of ``result_type`` (its constructor's arguments), as the file has them."""
     fields = {field.name for field in dataclasses.fields(result_type)}
-    return [column for column in schema.columns(group) if column.result_field in fields and column.name in items]
+    kind = schema.kind_of(items.file)
+    return [column for column in schema.columns_of(group, kind) if column.result_field in fields]
 
 
 def _read_back(columns: list[schema.Column], rows: dict[str, np.ndarray], n_positions: int | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 RUN_FILE = "run.h5"
 
 CAPTIONS, IMAGES, PAIRS = "captions", "images", "pairs"
@@ -73,6 +73,15 @@ PREPROCESSING_COLUMNS = (
     "grid_rows", "grid_columns",
 )
 REJECTED_RECORDS = "rejected_records"
+# summary runs (output.contributions: none): the tokenizer's token strings, once, instead of each caption's
+VOCABULARY = "vocabulary"
+# summary runs: per pair and caption position, the facts of xclip.attribution.summary.TokenSummary, and the pair's
+# largest cells (PairSummary); each column's summary field is its SUMMARY_FIELDS entry
+TOKEN_VALUES, PEAK_PATCH, PEAK_VALUE, TOP_SHARE = "token_values", "peak_patch", "peak_value", "top_share"
+ENTROPY, CENTROID, SPREAD, TOP_CELLS, TOP_CELL_VALUES = "entropy", "centroid", "spread", "top_cells", "top_cell_values"
+SUMMARY_FIELDS = {TOKEN_VALUES: "values", PEAK_PATCH: "peak_patch", PEAK_VALUE: "peak_value", TOP_SHARE: "top_share",
+                  ENTROPY: "entropy", CENTROID: "centroid", SPREAD: "spread", TOP_CELLS: "top_cells",
+                  TOP_CELL_VALUES: "top_cell_values"}
 
 
 class Sizes(NamedTuple):
@@ -81,11 +90,12 @@ class Sizes(NamedTuple):
     text_positions: int  # L: the model's text context
     image_positions: int  # S: an image's prefix positions (CLS) and patches
     embedding_dim: int  # E
+    n_top_cells: int = 0  # k: the cells a summary run keeps of each pair's map (output.top_cells, at most L x S)
 
 
 # a row's dimensions: numbers, or these names of the run's sizes
 OWN_POSITIONS = "positions"  # the item's own: L for a caption, S for an image
-TEXT_POSITIONS, IMAGE_POSITIONS, EMBEDDING_DIM = Sizes._fields
+TEXT_POSITIONS, IMAGE_POSITIONS, EMBEDDING_DIM, N_TOP_CELLS = Sizes._fields
 
 # dtypes that depend on the run, beside numpy's own
 ARRAY = "array"  # contributions and maps: output.precision's float (float16 halves the file)
@@ -105,10 +115,29 @@ class RunInputs(NamedTuple):
     images: Sequence[str]  # paths relative to the data root
     pairs: np.ndarray  # (P, 2) int64: caption index, image index
     rejected_records: Sequence[str]
+    vocabulary: Sequence[str] = ()  # token strings by id: a summary run's, which stores no caption's own
 
     def n_rows(self, group: str) -> int:
-        """Rows of ``group``'s datasets (the root holds one per rejected record)."""
+        """Rows of ``group``'s datasets (the root's given text has its own lengths)."""
         return len({CAPTIONS: self.captions, IMAGES: self.images, PAIRS: self.pairs, ROOT: self.rejected_records}[group])
+
+
+class RunKind(NamedTuple):
+    """What a run keeps of its results, which decides the columns its file has."""
+
+    stores_contributions: bool = True  # output.contributions: store; else summaries only (none)
+    stores_pair_maps: bool = False  # output.pair_maps (only beside contributions)
+
+    def keeps(self, column: Column) -> bool:
+        if column.is_map and not self.stores_pair_maps:
+            return False
+        if column.is_contributions and not self.stores_contributions:
+            return False
+        return not (column.is_summary and self.stores_contributions)
+
+
+FULL_RUN = RunKind()  # contributions, no pair maps
+SUMMARY_RUN = RunKind(stores_contributions=False)
 
 
 @dataclass(frozen=True)
@@ -139,6 +168,10 @@ class Column:
     is_checksummed: bool = False
     row_of: str | None = None  # it holds row indices of that group (shifted when shards merge)
     is_map: bool = False  # only in runs that store pair maps (output.pair_maps)
+    is_contributions: bool = False  # only in runs that store contributions (output.contributions: store)
+    is_summary: bool = False  # only in runs that keep summaries instead (output.contributions: none)
+    # the dtype in summary runs where it differs: narrower text where a summary run's few bytes per pair matter
+    summary_dtype: Any = None
     attributes: tuple[tuple[str, str], ...] = ()  # the dataset's HDF5 attributes
 
     @property
@@ -153,17 +186,25 @@ class Column:
         own = sizes.text_positions if group == CAPTIONS else sizes.image_positions
         return tuple(d if isinstance(d, int) else own if d == OWN_POSITIONS else getattr(sizes, d) for d in self.shape)
 
-    def storage_dtype(self, precision: str) -> np.dtype:
-        """The dtype stored in a run of ``output.precision`` ``precision`` (float64, float32 or float16)."""
-        if isinstance(self.dtype, str) and self.dtype == ARRAY:
+    def storage_dtype(self, precision: str, kind: RunKind = FULL_RUN) -> np.dtype:
+        """The dtype stored in a run of ``output.precision`` ``precision`` (float64, float32 or float16) and ``kind``."""
+        dtype = self.summary_dtype if self.summary_dtype is not None and not kind.stores_contributions else self.dtype
+        if isinstance(dtype, str) and dtype == ARRAY:
             return np.dtype({"float64": "f8", "float32": "f4", "float16": "f2"}[precision])
-        if isinstance(self.dtype, str) and self.dtype == NUMBER:
+        if isinstance(dtype, str) and dtype == NUMBER:
             return np.dtype("f8" if precision == "float64" else "f4")
-        return np.dtype(self.dtype)
+        return np.dtype(dtype)
 
-    def n_bytes(self, group: str, n_rows: int, sizes: Sizes, precision: str) -> int:
+    def n_bytes(self, group: str, n_rows: int, sizes: Sizes, precision: str, kind: RunKind = FULL_RUN) -> int:
         """The bytes a fixed-size column takes in ``group`` (HDF5 allocates them when it creates the dataset)."""
-        return n_rows * prod(self.row_shape(group, sizes)) * self.storage_dtype(precision).itemsize
+        return n_rows * prod(self.row_shape(group, sizes)) * self.storage_dtype(precision, kind).itemsize
+
+
+def _summary_row(name: str) -> Callable[[Any, Any], Any]:
+    """A summary column's value: its field of the pair's summary rows, which a summary run writes beside the pair's
+    numbers (a mapping of PairSummaries' array names to the pair's padded rows)."""
+    field = SUMMARY_FIELDS[name]
+    return lambda _, summary: summary[field]
 
 
 _NAN = float("nan")
@@ -172,10 +213,11 @@ COLUMNS = (
     Column(TOKEN_IDS, (CAPTIONS,), "i4", (OWN_POSITIONS,), "token ids, -1 past n_positions",
            from_result=lambda result, token_ids: list(token_ids)[: len(result.labels)], fill=-1),
     Column(TOKENS, (CAPTIONS,), fixed_utf8(48), (OWN_POSITIONS,), "token strings",
-           from_result=lambda result, _: result.labels),
+           from_result=lambda result, _: result.labels, is_contributions=True),
+    # a caption holds at most MAX_CAPTION_CHARS (10,000) characters: int16 holds every span
     Column(OFFSETS, (CAPTIONS,), "i4", (OWN_POSITIONS, 2),
-           "each token's character span [start, end) in the caption; 0, 0 for special tokens",
-           from_result=lambda result, _: result.caption_tokens.offsets),
+           "each token's character span [start, end) in the caption; 0, 0 for special tokens (int16 in summary runs)",
+           from_result=lambda result, _: result.caption_tokens.offsets, summary_dtype="i2"),
     Column(SPECIAL, (CAPTIONS,), "?", (OWN_POSITIONS,), "special tokens (BOS, EOS, padding), which belong to no word",
            from_result=lambda result, _: result.caption_tokens.special),
     Column(UNKNOWN, (CAPTIONS,), "?", (OWN_POSITIONS,), "the tokenizer's unknown token (its span still names the word)",
@@ -190,8 +232,9 @@ COLUMNS = (
            "where the patches lie: original size, the crop box in original pixels, input size, grid (its columns attribute)",
            from_result=lambda result, _: result.geometry.to_row(), fill=_NAN,
            attributes=(("columns", json.dumps(PREPROCESSING_COLUMNS)),)),
-    Column(NOTES, (IMAGES,), fixed_utf8(200), (), "what was done to read the image (EXIF orientation applied, ...)",
-           from_result=lambda _, source: "; ".join(source.notes)),
+    Column(NOTES, (IMAGES,), fixed_utf8(200), (),
+           "what was done to read the image (EXIF orientation applied, ...); 100 bytes in summary runs",
+           from_result=lambda _, source: "; ".join(source.notes), summary_dtype=fixed_utf8(100)),
     Column(SHA256, (IMAGES,), "S64", (), "SHA-256 of the image file as it was read (hex)",
            from_result=lambda _, source: source.file.sha256),
     Column(FILE_SIZE, (IMAGES,), "i8", (), "its size in bytes then", from_result=lambda _, source: source.file.size),
@@ -199,11 +242,11 @@ COLUMNS = (
            from_result=lambda _, source: source.file.mtime_ns),
     Column(CONTRIBUTIONS, INPUTS, ARRAY, (OWN_POSITIONS, EMBEDDING_DIM),
            "contribution vectors, NaN past the item's positions (an image's CLS, then its patches row by row)",
-           result_field="values", fill=_NAN, is_checksummed=True),
+           result_field="values", fill=_NAN, is_checksummed=True, is_contributions=True),
     Column(EMBEDDING, INPUTS, NUMBER, (EMBEDDING_DIM,), "normalised embedding", result_field="embedding", fill=_NAN,
-           is_checksummed=True),
+           is_checksummed=True, is_contributions=True),
     Column(REFERENCE_EMBEDDING, INPUTS, NUMBER, (EMBEDDING_DIM,), "normalised embedding of the reference",
-           result_field="reference_embedding", fill=_NAN, is_checksummed=True),
+           result_field="reference_embedding", fill=_NAN, is_checksummed=True, is_contributions=True),
     Column(COMPLETENESS_ERROR, INPUTS, NUMBER, (), "norm of sum(contributions) minus the embedding difference",
            result_field="completeness_error", fill=_NAN),
     Column(RELATIVE_COMPLETENESS_ERROR, INPUTS, NUMBER, (), "completeness_error / difference_norm",
@@ -239,16 +282,49 @@ COLUMNS = (
     Column(MAP_ERROR_BOUND, (PAIRS,), NUMBER, (),
            "a bound on the pair map's relative (Frobenius) error, from its two inputs' bounds (NaN for a fixed rule)",
            result_field="map_error_bound", fill=_NAN, is_checksummed=True),
+    # summary runs: what each pair's map says (xclip.attribution.summary), written from the pair's summary rows
+    *(Column(name, (PAIRS,), dtype, shape, meaning, from_result=_summary_row(name), fill=fill, is_checksummed=True,
+             is_summary=True) for name, dtype, shape, fill, meaning in (
+        (TOKEN_VALUES, NUMBER, (TEXT_POSITIONS,), _NAN,
+         "per caption position: the sum of its row of the map (every image position), NaN past n_positions"),
+        (PEAK_PATCH, "i2", (TEXT_POSITIONS,), -1, "per position: its largest patch (row-major on the grid), -1 past n_positions"),
+        (PEAK_VALUE, NUMBER, (TEXT_POSITIONS,), _NAN, "per position: that patch's value"),
+        (TOP_SHARE, "f2", (TEXT_POSITIONS,), _NAN,
+         "per position: positive mass in its output.top_patches largest patches over its positive mass on patches (NaN: none)"),
+        (ENTROPY, "f2", (TEXT_POSITIONS,), _NAN,
+         "per position: entropy of its positive mass over patches / log(patches): 0 one patch, 1 even (NaN: none)"),
+        (CENTROID, "f2", (TEXT_POSITIONS, 2), _NAN,
+         "per position: mass-weighted mean (row, column) of patch centres, in [0, 1] of the grid (NaN: none)"),
+        (SPREAD, "f2", (TEXT_POSITIONS,), _NAN,
+         "per position: mass-weighted RMS distance of patch centres from the centroid, same units (NaN: none)"),
+        (TOP_CELLS, "i4", (N_TOP_CELLS,), -1,
+         "the map's output.top_cells largest cells as flat indices position * S + image position, largest first"),
+        (TOP_CELL_VALUES, NUMBER, (N_TOP_CELLS,), _NAN, "their values"),
+    )),
     Column(CHECKSUM, GROUPS, "u4", (), "CRC-32 of the item's checksummed columns as stored, checked when they are read"),
     Column(STATUS, GROUPS, "i1", (), "0 pending, 1 done, 2 failed", fill=PENDING),
-    Column(ERROR, INPUTS, fixed_utf8(400), (), "why it failed"),
+    Column(ERROR, INPUTS, fixed_utf8(400), (), "why it failed (its first 128 bytes in summary runs)",
+           summary_dtype=fixed_utf8(128)),
     Column(ERROR, (PAIRS,), fixed_utf8(100), (), "why it failed (names the failed caption or image)"),
     Column(REJECTED_RECORDS, (ROOT,), STRING, (), "records of the data files that name no usable pair, as file:line: reason",
            given=lambda inputs: list(inputs.rejected_records)),
+    Column(VOCABULARY, (ROOT,), STRING, (), "summary runs: the tokenizer's token strings by token id (captions' tokens)",
+           given=lambda inputs: list(inputs.vocabulary), is_summary=True),
 )
 
 
-def columns(group: str, *, with_maps: bool = True) -> tuple[Column, ...]:
+def columns(group: str, *, with_maps: bool = True, with_contributions: bool = True) -> tuple[Column, ...]:
     """The columns of ``group`` (one of :data:`GROUPS`, or :data:`ROOT`) in declaration order: the order the
-    datasets are created in and checksums cover them. ``with_maps=False``: as in a run that stores no pair maps."""
-    return tuple(column for column in COLUMNS if group in column.groups and (with_maps or not column.is_map))
+    datasets are created in and checksums cover them. ``with_maps=False``: as in a run that stores no pair maps;
+    ``with_contributions=False``: as in a summary run (which stores no maps either)."""
+    return columns_of(group, RunKind(with_contributions, with_maps and with_contributions))
+
+
+def columns_of(group: str, kind: RunKind) -> tuple[Column, ...]:
+    """The columns of ``group`` a run of ``kind`` has, in declaration order."""
+    return tuple(column for column in COLUMNS if group in column.groups and kind.keeps(column))
+
+
+def kind_of(f: h5py.File) -> RunKind:
+    """The kind of the run in the open run file ``f``, from the columns it has."""
+    return RunKind(stores_contributions=CONTRIBUTIONS in f[CAPTIONS], stores_pair_maps=INTERACTIONS in f[PAIRS])

@@ -20,7 +20,6 @@ import numpy as np
 
 from xclip.attribution.result import Contributions, PairNumbers
 from xclip.disk.digests import FileIdentity
-from xclip.store import schema
 from xclip.store.layout import checksum, checksummed, cut_utf8, sync
 from xclip.store.reader import RunReader
 from xclip.store.schema import CAPTIONS, CHECKSUM, DONE, ERROR, FAILED, IMAGE_INDEX, IMAGES, PAIRS, PENDING, STATUS
@@ -66,8 +65,11 @@ class RunWriter(RunReader):
     def write_images(self, indices: Sequence[int], sources: Sequence[ImageSource], items: Sequence[Contributions]) -> None:
         self._write(IMAGES, indices, items, sources)
 
-    def write_pairs(self, indices: Sequence[int], items: Sequence[PairNumbers]) -> None:
-        self._write(PAIRS, indices, items, [None] * len(items))
+    def write_pairs(self, indices: Sequence[int], items: Sequence[PairNumbers],
+                    summaries: Sequence[dict[str, np.ndarray]] | None = None) -> None:
+        """Pairs' numbers (their maps too, in a run that stores maps); in a summary run also each pair's summary
+        rows (:meth:`xclip.attribution.summary.PairSummaries.rows`)."""
+        self._write(PAIRS, indices, items, [None] * len(items) if summaries is None else summaries)
 
     def _write(self, group: str, indices: Sequence[int], results: Sequence[Any], beside: Sequence[Any]) -> None:
         """Items' results, one write per column for the whole batch, with each item's checksum of its rows as
@@ -80,8 +82,8 @@ class RunWriter(RunReader):
         selection: slice | np.ndarray = slice(int(rows[0]), int(rows[-1]) + 1) if is_contiguous else rows
         items = self._file[group]
         stored = {}
-        for column in schema.columns(group):
-            if column.is_result and column.name in items:
+        for column in self.columns(group):
+            if column.is_result:
                 dataset = items[column.name]
                 stored[column.name] = np.stack([_row(column.value(results[k], beside[k]), dataset, column.fill) for k in order])
                 dataset[selection] = stored[column.name]
@@ -118,29 +120,46 @@ def _row(value: Any, dataset: h5py.Dataset, fill: Any) -> np.ndarray:
     return row
 
 
+class WriteStep(NamedTuple):
+    """One group's part of a batch: mark ``failed`` items failed, ``write()`` the results of ``written``, then
+    commit them. ``write`` binds its arguments when it is made (a ``functools.partial``; a lambda would see the
+    next batch's lists)."""
+
+    group: str
+    failed: Sequence[tuple[int, str]]
+    written: Sequence[int]
+    write: Callable[[], None]
+
+
 class BackgroundWrites:
     """Stores a stage's batches from one background thread while the main thread computes the next batch, so
     that writing and fsyncing leave the critical path. One thread with one batch in flight keeps the store's
-    order (a batch's data reach the disk before its status) and bounds the results held in memory to two
-    batches. A failed write surfaces in the main thread at the next batch, or when the stage ends; the stage
-    always waits for the batch in flight, so an interrupted run keeps every batch it computed."""
+    order (a batch's data reach the disk before its status; a batch's steps are committed one after the other)
+    and bounds the results held in memory to two batches. A failed write surfaces in the main thread at the next
+    batch, or when the stage ends; the stage always waits for the batch in flight, so an interrupted run keeps
+    every batch it computed."""
 
-    def __init__(self, run: RunWriter, group: str) -> None:
-        self.run, self.group = run, group
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xclip-{group}-writes")
+    def __init__(self, run: RunWriter, name: str) -> None:
+        self.run, self.name = run, name
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xclip-{name}-writes")
         self._in_flight: Future[None] | None = None
 
     def submit(self, failed: Sequence[tuple[int, str]], written: Sequence[int], write: Callable[[], None]) -> None:
-        """Mark ``failed`` items failed, ``write()`` the results of ``written``, then commit them. ``write``
-        binds its arguments now (a ``functools.partial``; a lambda would see the next batch's lists)."""
-        self.wait()
-        self._in_flight = self._thread.submit(self._store, failed, written, write)
+        """One step of the group the writes are named after (see :class:`WriteStep`)."""
+        self.submit_steps([WriteStep(self.name, failed, written, write)])
 
-    def _store(self, failed: Sequence[tuple[int, str]], written: Sequence[int], write: Callable[[], None]) -> None:
-        for index, reason in failed:
-            self.run.fail(self.group, index, reason)
-        write()
-        self.run.commit(self.group, written)
+    def submit_steps(self, steps: Sequence[WriteStep]) -> None:
+        """Store ``steps`` in their order, each committed before the next is written (inputs before the pairs
+        that use them)."""
+        self.wait()
+        self._in_flight = self._thread.submit(self._store, list(steps))
+
+    def _store(self, steps: list[WriteStep]) -> None:
+        for step in steps:
+            for index, reason in step.failed:
+                self.run.fail(step.group, index, reason)
+            step.write()
+            self.run.commit(step.group, step.written)
 
     def wait(self) -> None:
         """Wait for the batch in flight; raises what its write raised."""

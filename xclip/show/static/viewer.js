@@ -265,6 +265,17 @@ const showPair = tracked(async (index, view = {}) => {
   $("terms").textContent = pair.terms.map((t) => format(t)).join(", ");
   $("terms").dataset.value = JSON.stringify(pair.terms);
   for (const tr of $("pairs").querySelectorAll("tbody tr")) tr.classList.toggle("current", Number(tr.dataset.index) === index);
+  // a summary run (output.contributions: none) keeps no map: its tokens' summary, and how to get the map
+  const hasMap = pair.interactions !== null;
+  for (const id of ["views", "scale", "map-hint", "caption", "selection"]) $(id).hidden = !hasMap;
+  $("summary-only").hidden = hasMap;
+  if (!hasMap) {
+    $("box-info").hidden = true;
+    $("unread").hidden = true;
+    showTokenTable(pair);
+    $("pair").dataset.index = index;
+    return;
+  }
   $("contours").src = imageUrl(index, "contours");
   for (const canvas of [$("map"), $("box-layer")]) {
     canvas.width = image.naturalWidth || DISPLAY;
@@ -277,6 +288,23 @@ const showPair = tracked(async (index, view = {}) => {
   await selectSpan(findSpan(view));
   $("pair").dataset.index = index; // drawn: what tests and scripts wait for
 });
+
+// a summary run's pair: one row per caption position, the facts its summary keeps
+function showTokenTable(pair) {
+  $("summary-note").textContent = pair.summary_note;
+  const pairText = (values) => `${format(values[0], 3)}, ${format(values[1], 3)}`;
+  $("token-table").querySelector("tbody").replaceChildren(...pair.token_table.map((row) => {
+    const tr = document.createElement("tr");
+    const cells = [row.token, format(row.value), format(row.score_share, 3), `${row.peak_patch[0]}, ${row.peak_patch[1]}`,
+      format(row.peak_value), format(row.top_share, 3), format(row.entropy, 3), pairText(row.centroid), format(row.spread, 3)];
+    tr.replaceChildren(...cells.map((text) => {
+      const td = document.createElement("td");
+      td.textContent = text;
+      return td;
+    }));
+    return tr;
+  }));
+}
 
 // resolves once `image` shows `url`, or failed to (it shows nothing then); a picture the browser holds already
 // may be complete at once
