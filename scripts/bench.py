@@ -38,6 +38,7 @@ from xclip.core.transformer import Positions  # noqa: E402
 from xclip.core.geometry import Preprocessing  # noqa: E402
 from xclip.models.random_models import ARCHITECTURES, build_random_model  # noqa: E402
 from xclip.analysis.synthetic import generate  # noqa: E402
+from xclip.attribution.summary import summarise_maps  # noqa: E402
 
 DEMO_SCENE_SEED = 20000  # held out: the demo model trained on seeds below 10000
 
@@ -224,6 +225,12 @@ def main() -> None:
     maps_s = timed(lambda: xclip.interaction_maps(many_captions, image_contributions, pairs), device, args.repeats)
     numbers_s = timed(lambda: xclip.pair_numbers(many_captions, image_contributions, pairs), device, args.repeats)
     maps = xclip.interaction_maps(many_captions, image_contributions, pairs)
+
+    def summaries() -> object:  # what a summary run (output.contributions: none) computes of each pair
+        stacked = torch.nn.utils.rnn.pad_sequence([m.interactions for m in xclip.interaction_maps(many_captions, image_contributions, pairs)], batch_first=True)
+        return summarise_maps(stacked, [m.interactions.shape[0] for m in maps], model.patch_grid, model.n_image_prefix, top_cells=16, top_patches=5)
+
+    summaries_s = timed(summaries, device, args.repeats)
     relative = [m.relative_completeness_error for m in maps]
     single_caption = model.tokenize(caption_texts[:1])
     single_image = first(images)
@@ -258,6 +265,7 @@ def main() -> None:
         **node_counts("image", image_contributions),
         "pair_maps_per_s": len(pairs) / maps_s,
         "pair_numbers_per_s": len(pairs) / numbers_s,  # a pair's score and terms without its map
+        "pair_summaries_per_s": len(pairs) / summaries_s,  # a pair's map, numbers and token summary (a summary run)
         "engine_seconds_per_pair_unbatched": pair_s,
         "completeness_error_relative_mean": sum(relative) / len(relative),
         "completeness_error_relative_max": max(relative),

@@ -1,6 +1,6 @@
 """What a large `all` run costs: N synthetic scenes x their distinct captions on the demo model, end to end.
 
-    python scripts/scale.py [--n 2000] [--contributions store|none] [--pair-maps none] [--kill-at 0.5] [--out scale.json]
+    python scripts/scale.py [--n 2000] [--contributions store|none] [--pair-maps none] [--kill-at 0.5] [--busy 4] [--out scale.json]
 
 Runs `xclip attribute` in a child process (so that its memory is its own) with `pairing.mode: all` and reports
 seconds, pairs per second, the child's resident memory sampled every half second (peak, and per tenth of the run,
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from contention import busy
 from memory import watch
 
 from xclip.analysis.synthetic import generate, write_scenes
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--kill-at", type=float, help="SIGKILL the run after this share of the expected time, then resume it")
     parser.add_argument("--expected-seconds", type=float, help="the uninterrupted run's time, for --kill-at (default: the pairs over 5,000 per second)")
+    parser.add_argument("--busy", type=int, default=0, help="run beside this many busy processes (a shared node)")
     parser.add_argument("--out", type=Path, help="write the JSON here too")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -68,10 +70,11 @@ def main() -> None:
         (root / "run.yaml").write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "xclip", "attribute", str(root / "run.yaml"), "--json", "-q"]
         invocations = []
-        if args.kill_at is not None:
-            expected = args.expected_seconds or n_captions * args.n / 5000
-            invocations.append(attribute(command, kill_after=args.kill_at * expected))
-        invocations.append(attribute(command, kill_after=None))
+        with busy(args.busy):
+            if args.kill_at is not None:
+                expected = args.expected_seconds or n_captions * args.n / 5000
+                invocations.append(attribute(command, kill_after=args.kill_at * expected))
+            invocations.append(attribute(command, kill_after=None))
         summary = invocations[-1]["summary"]
         n_bytes = (root / "run" / "run.h5").stat().st_size
     n_pairs = summary["pairs"]
@@ -81,6 +84,7 @@ def main() -> None:
         "n_captions": n_captions,
         "pairs": n_pairs,
         "contributions": args.contributions,
+        "busy_processes": args.busy,
         "pair_maps": args.pair_maps if args.contributions == "store" else "none",
         "seconds": round(seconds, 1),
         "pairs_per_second": round(n_pairs / seconds, 1),

@@ -27,7 +27,7 @@ def bench(tmp_path, *args: str) -> dict:
 @pytest.mark.slow  # runs scripts/bench.py
 def test_bench_reports_throughput_errors_and_speedup(tmp_path):
     report = bench(tmp_path, "--architecture", "tiny", "--batch-size", "2", "--end-to-end", "4", "--num-workers", "0")
-    for key in ("plain_images_per_s", "images_per_s", "captions_per_s", "pair_maps_per_s", "pair_numbers_per_s",
+    for key in ("plain_images_per_s", "images_per_s", "captions_per_s", "pair_maps_per_s", "pair_numbers_per_s", "pair_summaries_per_s",
                 "image_ratio_to_plain", "naive_seconds_per_pair", "peak_rss_gb"):
         assert report[key] > 0, key
     assert report["completeness_error_relative_max"] < 1e-2
@@ -58,7 +58,8 @@ def test_bench_on_the_demo_model_reports_the_nodes_trained_weights_need(tmp_path
 
 
 def test_plan_multiplies_measured_rates_and_the_layouts_bytes(tmp_path):
-    rates = {"captions_per_s": 10.0, "images_per_s": 2.0, "pair_maps_per_s": 100.0, "pair_numbers_per_s": 1000.0}
+    rates = {"captions_per_s": 10.0, "images_per_s": 2.0, "pair_maps_per_s": 100.0, "pair_numbers_per_s": 1000.0,
+             "pair_summaries_per_s": 50.0}
     bench_json = {"architecture": "vit-b-16", "device": "test", "dtype": "float32", "quadrature": "adaptive",
                   "text_positions": 77, "image_positions": 197, "embedding_dim": 512, **rates}
     (tmp_path / "bench.json").write_text(json.dumps(bench_json))
@@ -75,6 +76,8 @@ def test_plan_multiplies_measured_rates_and_the_layouts_bytes(tmp_path):
         "given pairs, maps stored": (2000, images + captions + 2000 / 100, (images + captions + 2000 / 100) / 4),
         "`all`, no maps": (10**6, 4 * images + captions + 10**6 / 1000, images + (captions + 10**6 / 1000) / 4),
         "`all`, maps stored": (10**6, 4 * images + captions + 10**6 / 100, images + (captions + 10**6 / 100) / 4),
+        "given pairs, summary only": (2000, images + captions + 2000 / 50, (images + captions + 2000 / 50) / 4),
+        "`all`, summary only": (10**6, 4 * images + captions + 10**6 / 50, images + (captions + 10**6 / 50) / 4),
     }
     assert set(rows) == set(expected)
     for name, (pairs, seconds, shard_seconds) in expected.items():
@@ -83,6 +86,21 @@ def test_plan_multiplies_measured_rates_and_the_layouts_bytes(tmp_path):
         assert float(rows[name][2].replace(",", "")) == pytest.approx(shard_seconds / 3600, abs=0.005)
     # the map of a pair: 77 x 197 float32
     assert "map 60.7 KB" in result.stdout
+    # disk: the items times the layout's bytes per item, which a summary run prints beside the full run's
+    def in_bytes(text: str) -> float:
+        number, unit = text.split()
+        return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+    items = result.stdout.split("summary run: ")[1].split(",")
+    caption, image, pair = (in_bytes(item.split(maxsplit=1)[1]) for item in items[:3])
+    assert in_bytes(rows["given pairs, summary only"][3]) == pytest.approx(2000 * caption + 500 * image + 2000 * pair, rel=0.02)
+    assert in_bytes(rows["`all`, summary only"][3]) == pytest.approx(2000 * caption + 4 * 500 * image + 10**6 * pair, rel=0.02)
+    assert pair < 4e3 and in_bytes(rows["given pairs, no maps"][3]) > 50 * in_bytes(rows["given pairs, summary only"][3])
+    given_only = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("plan.py")), str(tmp_path / "bench.json"), "--images", "500",
+         "--captions", "2000", "--shards", "4", "--pairing", "given"], capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "`all`" not in given_only and given_only.count("| given pairs") == 3
 
 
 @pytest.mark.slow  # runs scripts/bench.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from helpers import ROOT, DEMO_MODEL, demo_pairs, make_images, plant_map, section, write_demo_folder, write_pipeline_config
+from helpers import ROOT, DEMO_MODEL, code_blocks, demo_pairs, make_images, plant_map, section, write_demo_folder, write_pipeline_config
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -498,6 +499,48 @@ def test_shards_merge_into_the_unsharded_run(tmp_path, model_dirs, monkeypatch):
     assert report["counts"]["pairs"]["done"] == 12
     bad = runner.invoke(app, ["attribute", str(config), "--shard", "3/2"])
     assert bad.exit_code == 2 and "shard_index 3 must be below" in bad.output
+
+
+# what each launcher sets for its process of rank r of n (one node)
+LAUNCHER_VARIABLES = {
+    "torchrun": lambda rank, n: {"RANK": rank, "WORLD_SIZE": n, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": n},
+    "srun": lambda rank, n: {"SLURM_PROCID": rank, "SLURM_NTASKS": n, "SLURM_LOCALID": rank, "SLURM_NNODES": 1},
+}
+SCHEDULER_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                       "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+@pytest.mark.slow  # a run, then the launcher's ranks one after the other, merged
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_the_launcher_recipes_of_the_docs_work_as_pasted(tmp_path, model_dirs, monkeypatch, launcher):
+    (recipe,) = code_blocks(section("docs/cluster.md", "Shards and `xclip merge`"), "text")
+    lines = recipe.strip().splitlines()
+    words = shlex.split(next(line for line in lines if line.startswith(launcher)))
+    n_ranks = int(words[words.index("--nproc-per-node" if launcher == "torchrun" else "--ntasks") + 1])
+    command = words[words.index("xclip") + 1 :]  # what the launcher runs in each of its processes
+    assert command[0] == "attribute" and command[-2:] == ["--shard", "env"]
+    write_folder(tmp_path, n_images=4)
+    config = write_pipeline_config(tmp_path / "run.yaml", model_dirs["clip"], model={"device": "auto"}, pairing={"mode": "all"})
+    command = [str(config) if word.endswith(".yaml") else word for word in command]
+    assert runner.invoke(app, ["attribute", str(config), "-q", "output.directory=whole"]).exit_code == 0
+    for name in SCHEDULER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for rank in range(n_ranks):
+        for name, value in LAUNCHER_VARIABLES[launcher](rank, n_ranks).items():
+            monkeypatch.setenv(name, str(value))
+        result = runner.invoke(app, [*command, "-q"])
+        assert result.exit_code == 0, result.output
+        with RunReader(tmp_path / "run" / f"shard-{rank:05d}-of-{n_ranks:05d}") as shard:
+            assert shard.attrs["device"] == "cpu"  # the local rank names no GPU on a machine without one
+    merge = shlex.split(lines[-1])
+    assert merge[:2] == ["xclip", "merge"]
+    assert runner.invoke(app, ["merge", str(tmp_path / "run")]).exit_code == 0
+    with h5py.File(tmp_path / "whole" / "run.h5", "r") as whole, h5py.File(tmp_path / "run" / "run.h5", "r") as merged:
+        for side, name in (("caption", "captions/text"), ("image", "images/path")):
+            assert list(merged[name].asstr()[:][merged[f"pairs/{side}_index"][:]]) == list(
+                whole[name].asstr()[:][whole[f"pairs/{side}_index"][:]])
+        np.testing.assert_allclose(merged["pairs/score"][:], whole["pairs/score"][:], rtol=1e-12)
+        assert (merged["pairs/status"][:] == 1).all()
 
 
 def test_words_follow_the_captions_own_text():
