@@ -422,3 +422,19 @@ def test_summary_shards_of_a_damaged_webdataset_merge_into_the_one_process_summa
             ours, theirs = reader.pair_summary(int(index)), one.pair_summary(int(index))
             np.testing.assert_array_equal(ours.top_cells, theirs.top_cells)
             np.testing.assert_array_equal(ours.token.peak_patch, theirs.token.peak_patch)
+
+
+@pytest.mark.slow  # a run of the random CLIP, then every pair drawn
+def test_drawing_every_pair_of_a_tar_indexes_it_once(tmp_path, model_dirs, monkeypatch):
+    write_tar(tmp_path / "shards" / "part-00000.tar", [(f"{k:09d}", good_sample(k)) for k in range(5)])
+    config = shard_config(tmp_path, model_dirs["clip"], {"format": "webdataset", "shards": "shards/part-00000.tar"})
+    assert invoke("attribute", config, "-q")[0] == 0
+    import xclip.disk.archives as archives
+
+    listed = []
+    monkeypatch.setattr(archives, "list_tar", lambda path, listing=archives.list_tar: listed.append(path) or listing(path))
+    assert invoke("render", tmp_path / "run", "-q")[0] == 0
+    assert len(listed) == 1  # one index for the five figures, not one per figure
+    for k in range(5):
+        drawn = np.asarray(Image.open(tmp_path / "run" / "heatmaps" / f"pair{k:06d}.png"))
+        assert drawn.shape[0] > 100 and drawn.std() > 0

@@ -140,7 +140,7 @@ def score_methods(
 def _score_batch(run: RunReader, attribution: InteractionAttribution, pairs: list[AnnotatedPair], names: tuple[str, ...],
                  scores: MethodScores, *, target: Target, game: GameName, n_points: int, ig_steps: int, seed: int, is_annotated: bool) -> None:
     model = attribution.model
-    images = model.preprocess([run.image_source(pair.image_index, owner=f" of pair {pair.index}") for pair in pairs])
+    images = model.preprocess([run.image_picture(pair.image_index, owner=f" of pair {pair.index}") for pair in pairs])
     captions = model.tokenize([pair.caption for pair in pairs])
     text_cut, image_cut = attribution.text_cut(captions), attribution.image_cut(images)
     with torch.no_grad():  # the embeddings the games' full coalitions have: from the cut, not a second pass below it

@@ -95,6 +95,6 @@ def load_pair_view(run: RunReader, index: int, data_root: Path) -> PairView:
     """A stored pair's :class:`PairView`: the pair as :meth:`RunReader.pair` reads it, its image from
     ``data_root`` (checked as :meth:`RunReader.image_source` checks it)."""
     pair = run.pair(index)
-    image_path = run.image_source(pair.image_index, data_root, owner=f" of pair {index}")
-    return pair_view(pair, image_path, title=f"pair {index}", name=pair_stem(index),
+    picture = run.image_picture(pair.image_index, data_root, owner=f" of pair {index}")
+    return pair_view(pair, picture, title=f"pair {index}", name=pair_stem(index),
                      tolerance=run.settings.attribution.tolerance, keep_whole_original=False)

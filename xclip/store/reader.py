@@ -16,7 +16,7 @@ from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
 from xclip.attribution.summary import PairSummary, pair_summary_from_rows, summarise_map
 from xclip.core.geometry import Preprocessing, position_labels
 from xclip.core.tokens import CaptionTokens
-from xclip.disk.archives import is_present
+from xclip.disk.archives import ArchiveMembers, is_present
 from xclip.disk.digests import FileIdentity, has_changed
 from xclip.errors import ConfigError
 from xclip.store import schema
@@ -53,6 +53,8 @@ from xclip.store.schema import (
 )
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from xclip.config import RunConfig
 
 
@@ -80,6 +82,8 @@ class RunReader:
             self.kind: RunKind = schema.kind_of(self._file)
         self.has_pair_maps = self.kind.stores_pair_maps
         self._fixed: dict[str, Any] = {}  # what a run never changes after creating the file, read once
+        # images inside tar and parquet files: each archive indexed once for all the images this reader reads
+        self._archives = ArchiveMembers()
 
     def __enter__(self):  # noqa: ANN204  (the subclass's own type; typing.Self needs Python 3.11)
         return self
@@ -89,6 +93,7 @@ class RunReader:
 
     def close(self) -> None:
         self._file.close()
+        self._archives.close()
 
     @property
     def stores_contributions(self) -> bool:
@@ -421,11 +426,22 @@ class RunReader:
         if not is_present(path):  # a file, or a member of a tar or parquet file
             msg = f"image {path}{owner} is not there: was the data moved? give the images' new folder"
             raise MissingImage(msg, setting="data_root")
-        if has_changed(path, self.image_file(image), verify=self.settings.data.verify):
+        if has_changed(path, self.image_file(image), verify=self.settings.data.verify, archives=self._archives):
             msg = (f"image {stored}{owner} changed since it was attributed (its content differs from the digest in the "
                    "run file): its map is of the old picture; resume the run to attribute it again")
             raise ConfigError(msg)
         return path
+
+    def image_picture(self, image: int, data_root: Path | None = None, *, owner: str = "") -> Image.Image:
+        """The picture of :meth:`image_source`, read as the run read it (upright, RGB): a member of a tar or parquet
+        file through this reader's archive index, so that drawing many of one archive's images indexes it once.
+
+        Raises:
+            MissingImage, ConfigError: as :meth:`image_source`; InputError: the file no longer reads as an image.
+        """
+        from xclip.models.base import read_image  # torch: only when a picture is read
+
+        return read_image(self._archives.image(self.image_source(image, data_root, owner=owner)))[0]
 
     def data_root(self, override: Path | None = None) -> Path:
         """The images' folder: ``override``, the run's ``data.root``, or, when that is gone, the same folder
