@@ -50,8 +50,9 @@ def reference_summary(interactions: np.ndarray, n: int, grid: tuple[int, int], n
         patches = row[n_prefix:]
         out["values"].append(sum(row))
         peak = max(range(len(patches)), key=lambda k: (patches[k], -k))  # the first of equal largest
-        out["peak_patch"].append(peak)
-        out["peak_value"].append(patches[peak])
+        has_peak = any(v != 0 for v in patches)
+        out["peak_patch"].append(peak if has_peak else -1)
+        out["peak_value"].append(patches[peak] if has_peak else math.nan)
         mass = [max(v, 0.0) for v in patches]
         total = sum(mass)
         if total == 0:
@@ -104,7 +105,8 @@ def test_planted_rows_give_their_known_facts():
     summary = summarise_map(interactions, 4, grid, n_prefix, top_cells=3, top_patches=5)
     token = summary.token
     np.testing.assert_allclose(token.values, [1.5, 3.0, -11.1, 1.0])
-    assert token.peak_patch.tolist()[:3] == [6, 0, 3]
+    assert token.peak_patch.tolist() == [6, 0, 3, -1]  # a row that is 0 on every patch has no peak
+    assert math.isnan(token.peak_value[3])
     assert (token.entropy[0], token.top_share[0], token.spread[0]) == (0.0, 1.0, 0.0)
     assert token.centroid[0].tolist() == [1.5 / 3, 2.5 / 4]
     assert token.entropy[1] == pytest.approx(1.0, abs=1e-15)

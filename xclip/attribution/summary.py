@@ -21,8 +21,9 @@ class TokenSummary:
 
     Attributes:
         values: the token's share of the map: the sum of its row over every image position (prefix and patches).
-        peak_patch: index (0..n_patches-1, row-major on the grid) of the patch with the largest value in the row.
-        peak_value: that value.
+        peak_patch: index (0..n_patches-1, row-major on the grid) of the patch with the largest value in the row;
+            -1 where the row is 0 on every patch (BOS, whose contributions are zero).
+        peak_value: that value (NaN without a peak).
         top_share: the positive mass in the token's ``top_patches`` largest patches over its positive mass on all
             patches (NaN where the row has no positive mass on patches).
         entropy: entropy of the row's positive mass over patches divided by ``log(n_patches)``: 0 on one patch,
@@ -166,8 +167,11 @@ def summarise_maps(
 
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
     token_values = torch.where(is_token, token_values, nan)
-    peak_value = torch.where(is_token, peak_value, nan)
-    peak_patch = torch.where(is_token, peak_patch, -1)
+    # a row that is 0 on every patch (BOS, whose contributions are zero) has no peak: naming patch 0 would say
+    # more than the map does
+    has_peak = is_token & (patches != 0).any(-1)
+    peak_value = torch.where(has_peak, peak_value, nan)
+    peak_patch = torch.where(has_peak, peak_patch, -1)
     is_massed = is_token & has_mass
     top_share, entropy, spread = (torch.where(is_massed, x, nan) for x in (top_share, entropy, spread))
     centroid = torch.where(is_massed[..., None], centroid, nan)

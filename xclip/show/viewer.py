@@ -406,7 +406,7 @@ def _token_table(summary: PairSummary, tokens: list[str], grid: tuple[int, int])
             "token": text,
             "value": _number(token.values[t]),
             "score_share": _number(token.values[t] / total) if total else None,
-            "peak_patch": [int(token.peak_patch[t]) // grid[1], int(token.peak_patch[t]) % grid[1]],
+            "peak_patch": [int(token.peak_patch[t]) // grid[1], int(token.peak_patch[t]) % grid[1]] if token.peak_patch[t] >= 0 else None,
             "peak_value": _number(token.peak_value[t]),
             "top_share": _number(token.top_share[t]),
             "entropy": _number(token.entropy[t]),

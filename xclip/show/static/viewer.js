@@ -295,7 +295,7 @@ function showTokenTable(pair) {
   const pairText = (values) => `${format(values[0], 3)}, ${format(values[1], 3)}`;
   $("token-table").querySelector("tbody").replaceChildren(...pair.token_table.map((row) => {
     const tr = document.createElement("tr");
-    const cells = [row.token, format(row.value), format(row.score_share, 3), `${row.peak_patch[0]}, ${row.peak_patch[1]}`,
+    const cells = [row.token, format(row.value), format(row.score_share, 3), (row.peak_patch ? `${row.peak_patch[0]}, ${row.peak_patch[1]}` : "–"),
       format(row.peak_value), format(row.top_share, 3), format(row.entropy, 3), pairText(row.centroid), format(row.spread, 3)];
     tr.replaceChildren(...cells.map((text) => {
       const td = document.createElement("td");
