@@ -27,7 +27,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from xclip.store.schema import RunInputs, Sizes
+from xclip.store.schema import RunInputs, RunKind, Sizes
 from xclip.store.space import declared_bytes
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def fixed_bytes(shape: tuple[int, int, int], n_captions: int, n_images: int, n_p
     inputs = RunInputs(["c"] * n_captions, ["i"] * n_images, np.zeros((n_pairs, 2), dtype=np.int64), [])
     length, positions, embedding = shape
     sizes = Sizes(length, positions, embedding, min(TOP_CELLS, length * positions))
-    return declared_bytes(inputs, sizes, "float32", maps, store_contributions=contributions)
+    return declared_bytes(inputs, sizes, "float32", RunKind.of(contributions, maps))
 
 
 def table() -> str:

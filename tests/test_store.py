@@ -596,8 +596,8 @@ def test_the_size_estimated_before_creating_covers_the_file(tmp_path):
         with h5py.File(path, "r") as f:  # the declared columns are exactly the fixed-size datasets HDF5 allocated
             allocated = []
             f.visititems(lambda name, obj: allocated.append(obj.id.get_storage_size()) if isinstance(obj, h5py.Dataset) and obj.dtype.kind != "O" else None)
-        assert declared_bytes(inputs, sizes, precision, maps) == sum(allocated)
-        size, estimate = path.stat().st_size, estimated_size(inputs, sizes, precision, maps)
+        assert declared_bytes(inputs, sizes, precision, schema.RunKind.of(True, maps)) == sum(allocated)
+        size, estimate = path.stat().st_size, estimated_size(inputs, sizes, precision, schema.RunKind.of(True, maps))
         assert size <= estimate <= 1.2 * size + 1.5e6
         with pytest.raises(FileExistsError):  # mode w-: an existing file is refused, and left alone
             create_run_file(path, **arguments)
@@ -609,7 +609,7 @@ def _declared(*, with_maps: bool, given: bool | None = None) -> set[str]:
     """Paths of the declared datasets of a run with or without pair maps (only those ``given`` at creation, or
     only the others)."""
     return {column.name if group == schema.ROOT else f"{group}/{column.name}"
-            for group in (*schema.GROUPS, schema.ROOT) for column in schema.columns(group, with_maps=with_maps)
+            for group in (*schema.GROUPS, schema.ROOT) for column in schema.columns_of(group, schema.RunKind(stores_pair_maps=with_maps))
             if given is None or given == (column.given is not None)}
 
 

@@ -194,7 +194,7 @@ def test_a_summary_run_file_holds_what_the_docs_say(demo_runs):
         held = set()
         f.visititems(lambda name, obj: held.add(name) if isinstance(obj, h5py.Dataset) else None)
     declared = {column.name if group == schema.ROOT else f"{group}/{column.name}"
-                for group in (*schema.GROUPS, schema.ROOT) for column in schema.columns(group, with_contributions=False)}
+                for group in (*schema.GROUPS, schema.ROOT) for column in schema.columns_of(group, schema.RunKind(stores_contributions=False))}
     assert held == declared
     documented = {name for name, _, _ in rows}
     summary_only = {f"pairs/{name}" for name in schema.SUMMARY_FIELDS} | {schema.VOCABULARY}
@@ -218,7 +218,7 @@ def test_a_summary_run_of_the_demo_model_takes_at_most_2_kib_a_pair(tmp_path, de
         f.visititems(lambda _, obj: allocated.append(obj.id.get_storage_size())
                      if isinstance(obj, h5py.Dataset) and obj.dtype.kind != "O" else None)
     inputs = RunInputs(["c"] * 3, ["i"] * 3, np.zeros((9, 2), dtype=np.int64), [])
-    assert declared_bytes(inputs, Sizes(32, 65, 128, 16), "float32", False, store_contributions=False) == sum(allocated)
+    assert declared_bytes(inputs, Sizes(32, 65, 128, 16), "float32", schema.SUMMARY_RUN) == sum(allocated)
     # a 1:1 run of the demo model's shapes, its captions and paths as long as the demo's: the whole file per pair
     model = load_model(str(DEMO_MODEL), device="cpu")
     n = 2000
@@ -307,7 +307,6 @@ def test_summary_shards_merge_into_the_one_process_run(tmp_path):
     assert whole.n_done == 9
     with RunReader(merged) as joined, RunReader(tmp_path / "whole") as one:
         assert not joined.stores_contributions
-        order = np.lexsort((joined.column("pairs", "image_index"), joined.column("pairs", "caption_index")))
         texts = joined.captions()
         keys = [(texts[c], joined.image_paths()[i]) for c, i in zip(joined.column("pairs", "caption_index"), joined.column("pairs", "image_index"))]
         one_keys = [(one.captions()[c], one.image_paths()[i]) for c, i in zip(one.column("pairs", "caption_index"), one.column("pairs", "image_index"))]
@@ -316,7 +315,7 @@ def test_summary_shards_merge_into_the_one_process_run(tmp_path):
             # float32 runs: batches of other sizes round otherwise
             np.testing.assert_allclose(joined.pair_summary(p).token.values, one.pair_summary(q).token.values, atol=1e-6)
             assert float(joined.value("pairs", "score", p)) == pytest.approx(float(one.value("pairs", "score", q)), abs=1e-6)
-        assert len(order) == 9
+        assert joined.n_items("pairs") == 9
         assert joined.caption_tokens(0).tokens == one.caption_tokens(one.captions().index(texts[0])).tokens
 
 

@@ -270,4 +270,5 @@ def test_the_documented_commands_run(tmp_path, demo_run, monkeypatch):
     for folder in ("runs/demo", "runs/demo-words"):
         assert json.loads((tmp_path / folder / "words.json").read_text())["n_pairs"] == 40
         assert (tmp_path / folder / "words.png").is_file()
-    assert json.loads(outputs[2][outputs[2].index("{"):])["min_count"] == 5  # after the progress lines (stderr) and json.loads((tmp_path / "runs/demo-words/words.json").read_text())["min_count"] == 10
+    assert json.loads(outputs[2][outputs[2].index("{"):])["min_count"] == 5  # after the progress lines (stderr)
+    assert json.loads((tmp_path / "runs/demo-words/words.json").read_text())["min_count"] == 10

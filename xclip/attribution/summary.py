@@ -77,7 +77,7 @@ class PairSummaries:
         return len(self.n_positions)
 
     def rows(self, k: int) -> dict[str, np.ndarray]:
-        """The ``k``-th pair's padded arrays by name (:data:`SUMMARY_ARRAYS`): what a run file stores of it."""
+        """The ``k``-th pair's padded arrays by name (:data:`TOKEN_ARRAYS`, then ``top_cells`` and ``top_cell_values``): what a run file stores of it."""
         return {**{name: getattr(self.token, name)[k] for name in TOKEN_ARRAYS},
                 "top_cells": self.top_cells[k], "top_cell_values": self.top_cell_values[k]}
 
@@ -88,7 +88,6 @@ class PairSummaries:
 
 # a pair's arrays: per caption position (TokenSummary's fields), then the cells
 TOKEN_ARRAYS = tuple(field.name for field in fields(TokenSummary))
-SUMMARY_ARRAYS = (*TOKEN_ARRAYS, "top_cells", "top_cell_values")
 
 
 def pair_summary_from_rows(n_positions: int, rows: dict[str, Any]) -> PairSummary:

@@ -413,7 +413,9 @@ def evaluate(
     if annotations is None and baselines is None:
         print_error("nothing to evaluate: give --annotations (grounding), --baselines (faithfulness, and grounding with annotations) or both")
         raise typer.Exit(EXIT_USAGE)
-    folder = out or (run_dir.parent if run_dir.suffix == ".h5" else run_dir) / "evaluation"
+    from xclip.store.layout import run_file_path
+
+    folder = out or run_file_path(run_dir).parent / "evaluation"
     if annotations is not None:
         from xclip.run.evaluation import worst_misses, write_grounding_report
         from xclip.show.render import render_run
@@ -487,13 +489,14 @@ def words(
     are and where they sit, and the most diffuse and least consistent words, with links to their best and worst
     pairs. Writes words.json and the chart words.png."""
     from xclip.analysis.words import audit_words, write_words_report
+    from xclip.store.layout import run_file_path
 
     bar, update = progress_callback(quiet)
     with user_errors({**STORE_FLAGS, "min_count": "--min-count"}):
         with bar or nullcontext():
             audit = audit_words(run_dir, min_count=min_count, flagged=flagged,
                                 progress=(lambda done, total: update("pairs", done, total)) if update else None)
-        written = write_words_report(audit, output or (run_dir.parent if run_dir.suffix == ".h5" else run_dir))
+        written = write_words_report(audit, output or run_file_path(run_dir).parent)
     if json_output:
         print(json.dumps(audit.record(), indent=2))
         return

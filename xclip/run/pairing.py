@@ -17,6 +17,7 @@ from xclip.config import RunConfig
 from xclip.run.data import Dataset
 from xclip.errors import XclipError
 from xclip.run.identity import RunIdentity
+from xclip.run.shards import contiguous_block
 
 
 def pairs_to_attribute(
@@ -57,12 +58,9 @@ def shard_dataset(dataset: Dataset, pairs: np.ndarray, config: RunConfig) -> Dat
     Returns:
         A dataset whose ``given_pairs`` index its own captions and images.
     """
-    index, n_shards = config.runtime.shard_index, config.runtime.num_shards
-    if dataset.shard_files is not None:
-        index, n_shards = 0, 1
-    size, extra = divmod(len(pairs), n_shards)  # the first `extra` shards take one pair more
-    start = index * size + min(index, extra)
-    block = pairs[start : start + size + (index < extra)]
+    is_split_by_file = dataset.shard_files is not None  # its pairs are this shard's already
+    index, n_shards = (0, 1) if is_split_by_file else (config.runtime.shard_index, config.runtime.num_shards)
+    block = pairs[contiguous_block(len(pairs), index, n_shards)]
     captions, caption_rows = np.unique(block[:, 0], return_inverse=True)
     images, image_rows = np.unique(block[:, 1], return_inverse=True)
     return Dataset(
@@ -100,11 +98,10 @@ def _top_k(
 
 def _ranking_path(config: RunConfig, identity: RunIdentity) -> Path:
     """Where the shards of one run share their top-k ranking: named by everything the ranking depends on (a
-    shard of a webdataset or parquet input ranks its own files' inputs: its shard index is kept)."""
+    shard of a webdataset or parquet input ranks its own files' inputs, which its shard data digest names)."""
     fingerprint = json.loads(config.result_fingerprint())
-    if identity.shard_data_digest is None:
-        fingerprint["runtime"].pop("shard_index")
-    key = json.dumps([fingerprint, identity.data_digest, identity.weights_digest], sort_keys=True)
+    fingerprint["runtime"].pop("shard_index")
+    key = json.dumps([fingerprint, identity.data_digest, identity.shard_data_digest, identity.weights_digest], sort_keys=True)
     return config.output.directory / f".topk-ranking-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
 
 

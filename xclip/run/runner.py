@@ -3,6 +3,7 @@ callback, stopping is asked through ``should_stop``."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections import OrderedDict
@@ -217,8 +218,6 @@ AUTO_PAIR_MAPS_BYTES = 2 * 1024**3
 
 
 def _stores_pair_maps(config: RunConfig, n_pairs: int, model: DualEncoderAdapter) -> bool:
-    if config.output.contributions == "none":  # a summary run: the config refuses pair_maps store with it
-        return False
     if config.output.pair_maps != "auto":
         return config.output.pair_maps == "store"
     if config.data.format in SHARDED_FORMATS:  # a shard reads its own files only: no shard knows the run's size
@@ -595,14 +594,16 @@ class _FiniteCheck:
         return f"non-finite values in the {what}'s results: {self._cause}"
 
     def all_finite(self, results: Sequence[Contributions | PairNumbers]) -> bool:
-        """Whether every number of every result is finite: one check over the whole batch."""
-        arrays = [array.reshape(-1) for result in results for array in _checked_arrays(result)]
-        return not arrays or bool(torch.isfinite(torch.cat(arrays)).all())
+        """Whether every number of every result is finite: one check over the whole batch's tensors (a batch's
+        results lie on one device), its Python numbers checked as such."""
+        tensors = [array.reshape(-1) for result in results for array in _checked_tensors(result)]
+        numbers = [result.completeness_error for result in results if type(result) is PairNumbers]  # a map's: from its tensors
+        return all(math.isfinite(n) for n in numbers) and (not tensors or bool(torch.isfinite(torch.cat(tensors)).all()))
 
 
-def _checked_arrays(result: Contributions | PairNumbers) -> tuple[torch.Tensor, ...]:
+def _checked_tensors(result: Contributions | PairNumbers) -> tuple[torch.Tensor, ...]:
     if isinstance(result, Contributions):
         return result.values, result.embedding
     if isinstance(result, InteractionMap):
         return result.interactions, result.terms
-    return result.terms, torch.tensor(result.completeness_error)
+    return (result.terms,)

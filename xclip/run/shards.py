@@ -82,9 +82,15 @@ def plan_shard(config: DataConfig, shard_index: int = 0, num_shards: int = 1) ->
         msg = (f"runtime.num_shards {num_shards} exceeds the {len(files)} file(s) of data.{key}: each shard reads whole "
                f"files, so split the run into at most {len(files)} shards")
         raise ConfigError(msg)
-    size, extra = divmod(len(files), num_shards)  # the first `extra` shards take one file more
-    start = shard_index * size + min(shard_index, extra)
-    return ShardPlan(root, files, files[start : start + size + (shard_index < extra)])
+    return ShardPlan(root, files, files[contiguous_block(len(files), shard_index, num_shards)])
+
+
+def contiguous_block(n_items: int, index: int, count: int) -> slice:
+    """Block ``index`` of ``count`` contiguous blocks of ``n_items`` items: sizes differ by one at most, the first
+    blocks taking the extra items (how shards split pairs, and files of webdataset and parquet inputs)."""
+    size, extra = divmod(n_items, count)
+    start = index * size + min(index, extra)
+    return slice(start, start + size + (index < extra))
 
 
 def expand_patterns(patterns: list[str], key: str) -> list[Path]:

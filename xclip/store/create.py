@@ -45,11 +45,10 @@ def create_run_file(
     ``n_top_cells`` cells, and captions their token ids, read as strings through ``vocabulary`` (token strings by id).
     """
     table = np.asarray(pairs, dtype=np.int64).reshape(len(pairs), 2)
-    kind = RunKind(store_contributions, store_pair_maps and store_contributions)
+    kind = RunKind.of(store_contributions, store_pair_maps)
     inputs = RunInputs(captions, images, table, rejected_records, vocabulary if not store_contributions else ())
     sizes = Sizes(max_text_positions, n_image_positions, embedding_dim, n_top_cells)
-    with refusing_a_full_disk(path, estimated_size(inputs, sizes, precision, kind.stores_pair_maps,
-                                                   store_contributions=store_contributions)):
+    with refusing_a_full_disk(path, estimated_size(inputs, sizes, precision, kind)):
         with h5py.File(path, "w-", locking=HDF5_FILE_LOCKING) as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             for key, value in attributes.items():

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 from xclip.attribution.result import Contributions, InteractionMap, PairNumbers
@@ -283,7 +282,7 @@ class RunReader:
         float32, or float64 in a float64 run), checked against the item's checksum."""
         self.require_contributions(f"the contributions of {group[:-1]} {index}")
         with self._reading():
-            stored = _columns_of(Contributions, self._file[group], group)
+            stored = _columns_of(Contributions, self.columns(group))
             rows = checked_rows(self._file, group, index, [column.name for column in stored])
             if group == CAPTIONS:
                 tokens = self.caption_tokens(index)
@@ -334,7 +333,7 @@ class RunReader:
         tokens = self.caption_tokens(caption)
         scale = self.logit_scale
         with self._reading():
-            stored = _columns_of(PairNumbers, self._file[PAIRS], PAIRS)
+            stored = _columns_of(PairNumbers, self.columns(PAIRS))
             rows = checked_rows(self._file, PAIRS, index, [column.name for column in stored])
             interactions = self._stored_map(rows[INTERACTIONS], caption) if self.has_pair_maps else self._computed_map(caption, image)
             norms = [float(self._file[group][DIFFERENCE_NORM][item]) for group, item in ((CAPTIONS, caption), (IMAGES, image))]
@@ -487,11 +486,10 @@ def _as_summary_run_stores(summary: PairSummary, precision: str) -> PairSummary:
     )
 
 
-def _columns_of(result_type: type, items: h5py.Group, group: str) -> list[schema.Column]:
-    """The columns of ``group`` that hold fields of ``result_type`` (its constructor's arguments), as the file has them."""
+def _columns_of(result_type: type, columns: tuple[schema.Column, ...]) -> list[schema.Column]:
+    """Of a group's ``columns``, those that hold fields of ``result_type`` (its constructor's arguments)."""
     fields = {field.name for field in dataclasses.fields(result_type)}
-    kind = schema.kind_of(items.file)
-    return [column for column in schema.columns_of(group, kind) if column.result_field in fields]
+    return [column for column in columns if column.result_field in fields]
 
 
 def _read_back(columns: list[schema.Column], rows: dict[str, np.ndarray], n_positions: int | None = None) -> dict[str, Any]:

@@ -128,6 +128,12 @@ class RunKind(NamedTuple):
     stores_contributions: bool = True  # output.contributions: store; else summaries only (none)
     stores_pair_maps: bool = False  # output.pair_maps (only beside contributions)
 
+    @classmethod
+    def of(cls, store_contributions: bool, store_pair_maps: bool) -> RunKind:
+        """The kind a run's settings ask for: pair maps are kept only beside contributions (a summary run's pairs
+        keep their summaries instead)."""
+        return cls(store_contributions, store_pair_maps and store_contributions)
+
     def keeps(self, column: Column) -> bool:
         if column.is_map and not self.stores_pair_maps:
             return False
@@ -311,13 +317,6 @@ COLUMNS = (
     Column(VOCABULARY, (ROOT,), STRING, (), "summary runs: the tokenizer's token strings by token id (captions' tokens)",
            given=lambda inputs: list(inputs.vocabulary), is_summary=True),
 )
-
-
-def columns(group: str, *, with_maps: bool = True, with_contributions: bool = True) -> tuple[Column, ...]:
-    """The columns of ``group`` (one of :data:`GROUPS`, or :data:`ROOT`) in declaration order: the order the
-    datasets are created in and checksums cover them. ``with_maps=False``: as in a run that stores no pair maps;
-    ``with_contributions=False``: as in a summary run (which stores no maps either)."""
-    return columns_of(group, RunKind(with_contributions, with_maps and with_contributions))
 
 
 def columns_of(group: str, kind: RunKind) -> tuple[Column, ...]:

@@ -16,25 +16,21 @@ from xclip.store import schema
 from xclip.store.schema import GROUPS, ROOT, RUN_FILE, STRING, RunInputs, RunKind, Sizes
 
 
-def declared_bytes(inputs: RunInputs, sizes: Sizes, precision: str, store_pair_maps: bool, *,
-                   store_contributions: bool = True) -> int:
+def declared_bytes(inputs: RunInputs, sizes: Sizes, precision: str, kind: RunKind) -> int:
     """The bytes the fixed-size columns of such a run take: what HDF5 allocates for them when it creates them
-    (``store_contributions=False``: a summary run's, whose ``sizes`` give its ``n_top_cells``)."""
-    kind = RunKind(store_contributions, store_pair_maps and store_contributions)
+    (a summary run's ``sizes`` give its ``n_top_cells``)."""
     return sum(column.n_bytes(group, inputs.n_rows(group), sizes, precision, kind)
                for group in (*GROUPS, ROOT) for column in schema.columns_of(group, kind)
                if column.dtype is not STRING)
 
 
-def estimated_size(inputs: RunInputs, sizes: Sizes, precision: str, store_pair_maps: bool, *,
-                   store_contributions: bool = True) -> int:
+def estimated_size(inputs: RunInputs, sizes: Sizes, precision: str, kind: RunKind) -> int:
     """The size of the run file of ``inputs``, before HDF5 writes a byte: its fixed-size columns exactly, and a
     margin (1 MB and 10 %) for the text given at creation and HDF5's own metadata. :func:`reserve` checks the
     real size after creation."""
-    kind = RunKind(store_contributions, store_pair_maps and store_contributions)
     text = sum(len(str(value).encode()) + 16 for group in (*GROUPS, ROOT) for column in schema.columns_of(group, kind)
                if column.dtype is STRING and column.given is not None for value in column.given(inputs))
-    return int(1.1 * (declared_bytes(inputs, sizes, precision, store_pair_maps, store_contributions=store_contributions)
+    return int(1.1 * (declared_bytes(inputs, sizes, precision, kind)
                       + text)) + 10**6
 
 
