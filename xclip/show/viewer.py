@@ -272,7 +272,7 @@ class RunData:
 
     def image(self, index: int) -> tuple[bytes, bytes]:
         """The pair's image as the model saw it, at the page's size, and its contours (PNG with alpha)."""
-        with RunReader(self.run_dir) as run:
+        with RunReader(self.run_dir, archives=self._archives) as run:
             _, i = _finished_pair_inputs(run, index)
             geometry = run.preprocessing(i)
             view = geometry.model_view(read_image(self._archives.image(self._image_file(run, i, f" of pair {index}")))[0])
@@ -289,7 +289,7 @@ class RunData:
             version: the content key its address names (:func:`_image_version`); another one is not found,
                 so that a browser never keeps this picture under another picture's address.
         """
-        with RunReader(self.run_dir) as run:
+        with RunReader(self.run_dir, archives=self._archives) as run:
             n_images = run.n_items(IMAGES)
             if not 0 <= image < n_images or run.value(IMAGES, STATUS, image) != Status.DONE:
                 msg = f"image {image} is not a finished image of this run ({n_images} images)"

@@ -70,7 +70,7 @@ class RunReader:
 
     _mode = "r"
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, *, archives: ArchiveMembers | None = None) -> None:
         self.path = run_file_path(run_dir)
         self._file = open_run_file(self.path, self._mode)
         with self._reading():
@@ -81,8 +81,10 @@ class RunReader:
             self.kind: RunKind = schema.kind_of(self._file)
         self.has_pair_maps = self.kind.stores_pair_maps
         self._fixed: dict[str, Any] = {}  # what a run never changes after creating the file, read once
-        # images inside tar and parquet files: each archive indexed once for all the images this reader reads
-        self._archives = ArchiveMembers()
+        # images inside tar and parquet files: each archive indexed once for all the images this reader reads, or
+        # for all its caller's readers (``archives``, which the caller keeps and closes: the viewer's)
+        self._archives = archives or ArchiveMembers()
+        self._owns_archives = archives is None
 
     def __enter__(self):  # noqa: ANN204  (the subclass's own type; typing.Self needs Python 3.11)
         return self
@@ -92,7 +94,8 @@ class RunReader:
 
     def close(self) -> None:
         self._file.close()
-        self._archives.close()
+        if self._owns_archives:
+            self._archives.close()
 
     @property
     def stores_contributions(self) -> bool:
