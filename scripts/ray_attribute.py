@@ -16,7 +16,6 @@ Exit codes as `xclip attribute`'s: 0, 3 (failed items), 75 (interrupted), 1 or 2
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from xclip.errors import XclipError
 from xclip.run.workers import (
+    EXIT_FINISHED,
     EXIT_INTERRUPTED,
     WORKER_OPTION,
     ShardTask,
@@ -33,7 +33,9 @@ from xclip.run.workers import (
     load_spread_config,
     needs_rerun,
     outcome_of,
+    parse_report,
     plan_shards,
+    worker_environment,
     worker_threads,
 )
 
@@ -42,7 +44,7 @@ def attribute_shard(arguments: list[str], threads: int | None, command: str) -> 
     """One task: `xclip attribute` with ``arguments`` as a worker (``--worker``, as under `--devices`) in a child
     process of the Ray worker, so that a crash of the run takes only the child, and the child stops at a batch
     when the Ray worker dies (its stdin closes); its exit code, its summary and its error."""
-    environment = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}  # Ray's GPU choice stays in CUDA_VISIBLE_DEVICES
+    environment = worker_environment(threads, os.environ)  # Ray's GPU choice stays in CUDA_VISIBLE_DEVICES
     stdin, parent_end = os.pipe()  # held open, never written: it closes when this process dies
     try:
         child = subprocess.run([sys.executable, "-m", "xclip", *arguments, WORKER_OPTION, command], stdin=stdin,
@@ -50,7 +52,7 @@ def attribute_shard(arguments: list[str], threads: int | None, command: str) -> 
     finally:
         os.close(stdin)
         os.close(parent_end)
-    reports = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    reports = [report for line in child.stdout.splitlines() if (report := parse_report(line)) is not None]
     summary = reports[-1] if reports and "skipped" in reports[-1] else {}
     return child.returncode, summary, _error_of(child.returncode, child.stderr.strip().splitlines())
 
@@ -59,7 +61,7 @@ def _error_of(code: int, lines: list[str]) -> str:
     """What a run that did not finish said about it: its error message, or a traceback's exception; nothing for a
     run that finished (its warnings are the merged run's) or that a signal ended."""
     errors = [line for line in lines if line.startswith("Error:")]
-    if code in (0, 3) or code < 0:
+    if code in EXIT_FINISHED or code < 0:
         return ""
     if errors:
         return errors[-1]

@@ -9,6 +9,10 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+# the exit codes of every command: done, an error, a refused request (usage, config), done with failed items, interrupted
+# (a rerun resumes); Slurm's requeue and the --devices workers read them
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -12,9 +12,7 @@ from contextlib import contextmanager
 import typer
 
 from xclip.core.rules import AttributionSettings
-from xclip.errors import ConfigError, RunUnavailable, XclipError
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+from xclip.errors import EXIT_ERROR, EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, RunUnavailable, XclipError  # noqa: F401  (the commands take the exit codes from here)
 
 # advice a run file gives any reader: start it again with `xclip attribute --overwrite`
 STORE_FLAGS = {"overwrite": "--overwrite"}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
-from xclip.errors import ConfigError
+from xclip.errors import EXIT_FAILED_ITEMS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError
 from xclip.threads import available_cpus
 
 if TYPE_CHECKING:  # the CLI imports this module at start: the config's, the store's and torch's modules only when used
@@ -36,8 +36,7 @@ Message = Callable[["ShardTask", str], None]  # a line a worker wrote on stderr
 # the hidden option of `xclip attribute` that makes it a worker: progress and its summary as JSON lines on stdout;
 # its value is the parent's command line, which the shard's run file and writer lock record
 WORKER_OPTION = "--worker"
-EXIT_FINISHED = (0, 3)  # every pair done, or done and failed: the shard is finished (see xclip.cli.errors)
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 75
+EXIT_FINISHED = (EXIT_OK, EXIT_FAILED_ITEMS)  # every pair done, or done and failed: the shard is finished
 Outcome = Literal["finished", "interrupted", "refused", "failed"]
 
 
@@ -273,12 +272,12 @@ def _check_output(config: RunConfig, n_shards: int, overwrite: bool) -> None:
         raise ConfigError(msg, setting="overwrite")
 
 
-def _worker_environment(task: ShardTask, environ: Mapping[str, str]) -> dict[str, str]:
-    """The parent's environment, with OpenMP's pools sized to the worker's threads (torch, MKL and OpenMP read
+def worker_environment(threads: int | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """The parent's environment, with OpenMP's pools sized to the worker's ``threads`` (torch, MKL and OpenMP read
     ``OMP_NUM_THREADS`` when torch loads, before ``runtime.threads`` applies) and Python's output unbuffered."""
     environment = {**environ, "PYTHONUNBUFFERED": "1"}
-    if task.threads is not None:
-        environment["OMP_NUM_THREADS"] = str(task.threads)
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
     return environment
 
 
@@ -292,7 +291,7 @@ def _run_workers(tasks: list[ShardTask], arguments: list[list[str]], on_progress
             process = subprocess.Popen(
                 [sys.executable, "-m", "xclip", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", start_new_session=True,
-                env=_worker_environment(task, os.environ),
+                env=worker_environment(task.threads, os.environ),
             )
             processes.append(process)
             for stream, kind in ((process.stdout, "out"), (process.stderr, "err")):
@@ -339,7 +338,7 @@ def _relay(tasks: list[ShardTask], processes: list[subprocess.Popen[str]], event
             last_message[worker] = line
             on_message(tasks[worker], line)
         else:
-            report = _parse(line)
+            report = parse_report(line)
             if report is None:  # something a library printed on stdout
                 on_message(tasks[worker], line)
             elif "stage" in report:
@@ -357,7 +356,7 @@ def _relay(tasks: list[ShardTask], processes: list[subprocess.Popen[str]], event
     return results
 
 
-def _parse(line: str) -> dict | None:
+def parse_report(line: str) -> dict | None:
     """A worker's JSON report, or None for any other line."""
     try:
         report = json.loads(line)
